@@ -1,0 +1,75 @@
+//! Time as a dependency, so tests can move it.
+
+use std::fmt::Debug;
+use std::sync::Mutex;
+
+use time::{Duration, OffsetDateTime};
+
+/// A source of the current time. Production uses [`SystemClock`]; tests use [`ManualClock`].
+pub trait Clock: Send + Sync + Debug {
+    /// The current time in UTC, truncated to microseconds (what the databases keep).
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// Truncates to whole microseconds, the precision of PostgreSQL's `timestamptz`, so that
+/// a timestamp read back from any store equals the one written.
+pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    let nanos = t.nanosecond();
+    t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
+}
+
+/// The operating system's clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        truncate_to_micros(OffsetDateTime::now_utc())
+    }
+}
+
+/// A clock that only moves when told to.
+///
+/// ```
+/// use usage_core::{Clock, ManualClock};
+/// use time::{Duration, macros::datetime};
+///
+/// let clock = ManualClock::new(datetime!(2026-11-30 23:59 UTC));
+/// clock.advance(Duration::minutes(1));
+/// assert_eq!(clock.now(), datetime!(2026-12-01 00:00 UTC));
+/// ```
+#[derive(Debug)]
+pub struct ManualClock {
+    now: Mutex<OffsetDateTime>,
+}
+
+impl ManualClock {
+    /// A clock standing at `now`.
+    pub fn new(now: OffsetDateTime) -> Self {
+        Self {
+            now: Mutex::new(truncate_to_micros(now)),
+        }
+    }
+
+    /// Moves the clock to `now`.
+    pub fn set(&self, now: OffsetDateTime) {
+        *self.lock() = truncate_to_micros(now);
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.lock();
+        *now = truncate_to_micros(*now + by);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OffsetDateTime> {
+        // A poisoned clock still holds a valid time.
+        self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.lock()
+    }
+}

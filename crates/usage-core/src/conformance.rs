@@ -1,0 +1,486 @@
+//! The repository conformance suite: one set of cases that every [`Store`] must pass.
+//!
+//! A backend's tests expand [`repository_conformance_tests!`](crate::repository_conformance_tests)
+//! with an async function that returns a fresh, migrated, empty [`TestStore`]:
+//!
+//! ```ignore
+//! async fn fresh_store() -> usage_core::conformance::TestStore {
+//!     TestStore::new(Arc::new(MemoryStore::new()), ())
+//! }
+//! usage_core::repository_conformance_tests!(fresh_store);
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use time::macros::{date, datetime};
+use time::{Duration, OffsetDateTime};
+
+use crate::event::new_event_id;
+use crate::repo::{
+    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome,
+    User,
+};
+use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
+
+/// A store under test and whatever must live as long as it (a temporary database).
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    _guard: Box<dyn Any + Send>,
+}
+
+impl TestStore {
+    pub fn new(store: Arc<dyn Store>, guard: impl Any + Send) -> Self {
+        Self { store, _guard: Box::new(guard) }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each on a fresh store made by
+/// `$make` (an async fn returning [`TestStore`]).
+#[macro_export]
+macro_rules! repository_conformance_tests {
+    ($make:path) => {
+        $crate::repository_conformance_tests!(@cases $make;
+            users_crud,
+            users_unique_id_and_email,
+            api_keys_crud,
+            api_keys_unique_hash_and_known_user,
+            usage_batch_counts_inserted_rows,
+            usage_replayed_batch_counts_once,
+            usage_concurrent_batches_sum_exactly,
+            usage_period_boundaries,
+            usage_batch_with_unknown_user_changes_nothing,
+            daily_aggregation_is_idempotent,
+            overage_charge_ledger,
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let test_store = $make().await;
+                $crate::conformance::$case(test_store.store.clone()).await;
+            }
+        )*
+    };
+}
+
+const T0: OffsetDateTime = datetime!(2026-11-10 12:00 UTC);
+
+fn user(email: &str, plan: Plan) -> User {
+    User {
+        id: UserId::generate(),
+        email: email.to_owned(),
+        plan,
+        stripe_customer_id: None,
+        created_at: T0,
+    }
+}
+
+fn key_for(user_id: &UserId, hash: &str, created_at: OffsetDateTime) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: ApiKeyId::generate(),
+        user_id: user_id.clone(),
+        name: "default".to_owned(),
+        prefix: "eco_live_abcd".to_owned(),
+        key_hash: hash.to_owned(),
+        created_at,
+        last_used_at: None,
+        revoked_at: None,
+        expires_at: None,
+    }
+}
+
+/// A user with one key, ready to record events.
+async fn caller(store: &Arc<dyn Store>, email: &str, plan: Plan) -> (UserId, ApiKeyId) {
+    let u = user(email, plan);
+    store.create_user(&u).await.unwrap();
+    let k = key_for(&u.id, &format!("{:064x}", rand::random::<u128>()), T0);
+    store.create_api_key(&k).await.unwrap();
+    (u.id, k.id)
+}
+
+fn event(user_id: &UserId, key_id: &ApiKeyId, at: OffsetDateTime) -> UsageEvent {
+    UsageEvent {
+        event_id: new_event_id(at),
+        user_id: user_id.clone(),
+        api_key_id: key_id.clone(),
+        endpoint: "/api/v1/ping".to_owned(),
+        method: "GET".to_owned(),
+        status_code: 200,
+        response_time_ms: 3,
+        created_at: at,
+    }
+}
+
+fn events(user_id: &UserId, key_id: &ApiKeyId, n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
+    (0..n)
+        .map(|i| event(user_id, key_id, start + Duration::milliseconds(i as i64)))
+        .collect()
+}
+
+pub async fn users_crud(store: Arc<dyn Store>) {
+    let mut u = user("ada@example.com", Plan::Free);
+    u.stripe_customer_id = Some("cus_123".to_owned());
+    store.create_user(&u).await.unwrap();
+
+    assert_eq!(store.user_by_id(&u.id).await.unwrap(), Some(u.clone()));
+    assert_eq!(store.user_by_email("ada@example.com").await.unwrap(), Some(u.clone()));
+    assert_eq!(store.user_by_email("bob@example.com").await.unwrap(), None);
+    assert_eq!(store.user_by_id(&UserId::generate()).await.unwrap(), None);
+
+    let upgraded = store.set_plan(&u.id, Plan::Pro).await.unwrap();
+    assert_eq!(upgraded.plan, Plan::Pro);
+    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().plan, Plan::Pro);
+
+    let missing = store.set_plan(&UserId::generate(), Plan::Pro).await;
+    assert_eq!(missing, Err(RepoError::NotFound { entity: "user" }));
+}
+
+pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
+    let u = user("ada@example.com", Plan::Free);
+    store.create_user(&u).await.unwrap();
+
+    let same_email = user("ada@example.com", Plan::Pro);
+    assert_eq!(
+        store.create_user(&same_email).await,
+        Err(RepoError::Conflict { entity: "user", field: "email" })
+    );
+    let mut same_id = user("other@example.com", Plan::Pro);
+    same_id.id = u.id.clone();
+    assert_eq!(
+        store.create_user(&same_id).await,
+        Err(RepoError::Conflict { entity: "user", field: "id" })
+    );
+    // Nothing of the refused writes was kept.
+    assert_eq!(store.user_by_email("other@example.com").await.unwrap(), None);
+    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().email, "ada@example.com");
+}
+
+pub async fn api_keys_crud(store: Arc<dyn Store>) {
+    let ada = user("ada@example.com", Plan::Pro);
+    let bob = user("bob@example.com", Plan::Free);
+    store.create_user(&ada).await.unwrap();
+    store.create_user(&bob).await.unwrap();
+
+    let older = key_for(&ada.id, &"a".repeat(64), T0);
+    let mut newer = key_for(&ada.id, &"b".repeat(64), T0 + Duration::hours(1));
+    newer.expires_at = Some(T0 + Duration::days(30));
+    let bobs = key_for(&bob.id, &"c".repeat(64), T0);
+    for k in [&older, &newer, &bobs] {
+        store.create_api_key(k).await.unwrap();
+    }
+
+    assert_eq!(store.api_key_by_hash(&"b".repeat(64)).await.unwrap(), Some(newer.clone()));
+    assert_eq!(store.api_key_by_hash(&"d".repeat(64)).await.unwrap(), None);
+    let listed = store.api_keys_for_user(&ada.id).await.unwrap();
+    assert_eq!(listed, vec![newer.clone(), older.clone()], "newest first, only ada's");
+
+    // Bob cannot revoke Ada's key; Ada can, once (a second revoke keeps the first time).
+    let at = T0 + Duration::hours(2);
+    assert_eq!(store.revoke_api_key(&bob.id, &older.id, at).await.unwrap(), None);
+    let revoked = store.revoke_api_key(&ada.id, &older.id, at).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(at));
+    assert!(!revoked.is_active(at));
+    let again = store
+        .revoke_api_key(&ada.id, &older.id, at + Duration::hours(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(at));
+    assert_eq!(
+        store.revoke_api_key(&ada.id, &ApiKeyId::generate(), at).await.unwrap(),
+        None
+    );
+
+    // last_used_at only moves forward.
+    let later = T0 + Duration::hours(3);
+    store.touch_api_keys(&[(newer.id.clone(), later)]).await.unwrap();
+    store.touch_api_keys(&[(newer.id.clone(), T0)]).await.unwrap();
+    let touched = store.api_key_by_hash(&"b".repeat(64)).await.unwrap().unwrap();
+    assert_eq!(touched.last_used_at, Some(later));
+    assert!(touched.is_active(later));
+    assert!(!touched.is_active(T0 + Duration::days(30)));
+}
+
+pub async fn api_keys_unique_hash_and_known_user(store: Arc<dyn Store>) {
+    let ada = user("ada@example.com", Plan::Pro);
+    store.create_user(&ada).await.unwrap();
+    let k = key_for(&ada.id, &"a".repeat(64), T0);
+    store.create_api_key(&k).await.unwrap();
+
+    let same_hash = key_for(&ada.id, &"a".repeat(64), T0);
+    assert_eq!(
+        store.create_api_key(&same_hash).await,
+        Err(RepoError::Conflict { entity: "API key", field: "key_hash" })
+    );
+    let orphan = key_for(&UserId::generate(), &"e".repeat(64), T0);
+    assert_eq!(
+        store.create_api_key(&orphan).await,
+        Err(RepoError::NotFound { entity: "user" })
+    );
+    assert_eq!(store.api_keys_for_user(&ada.id).await.unwrap().len(), 1);
+}
+
+pub async fn usage_batch_counts_inserted_rows(store: Arc<dyn Store>) {
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Enterprise).await;
+    let mut batch = events(&ada, &ada_key, 7, T0);
+    batch.extend(events(&bob, &bob_key, 3, T0));
+    let included: IncludedCalls = HashMap::from([(ada.clone(), 5)]);
+
+    let outcome = store.record_usage(&batch, &included).await.unwrap();
+    assert_eq!(outcome, RecordOutcome { inserted: 10, duplicates: 0 });
+
+    let period = BillingPeriod::containing(T0);
+    let ada_rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!((ada_rec.api_calls, ada_rec.overage_calls), (7, 2));
+    assert_eq!(ada_rec.overage_invoiced_calls, 0);
+    assert_eq!(ada_rec.period_end, period.end());
+    let bob_rec = store.usage_record(&bob, period.start()).await.unwrap().unwrap();
+    assert_eq!((bob_rec.api_calls, bob_rec.overage_calls), (3, 0));
+    assert_eq!(
+        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        7
+    );
+
+    // A second batch adds to the same counter and recomputes overage.
+    store
+        .record_usage(&events(&ada, &ada_key, 4, T0 + Duration::minutes(1)), &included)
+        .await
+        .unwrap();
+    let ada_rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!((ada_rec.api_calls, ada_rec.overage_calls), (11, 6));
+
+    // An empty batch is a no-op.
+    let empty = store.record_usage(&[], &included).await.unwrap();
+    assert_eq!(empty, RecordOutcome::default());
+}
+
+pub async fn usage_replayed_batch_counts_once(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let included = IncludedCalls::new();
+    let batch = events(&ada, &key, 20, T0);
+
+    store.record_usage(&batch, &included).await.unwrap();
+    let replay = store.record_usage(&batch, &included).await.unwrap();
+    assert_eq!(replay, RecordOutcome { inserted: 0, duplicates: 20 });
+
+    // A retry that overlaps half the first batch counts only the new half.
+    let mut overlapping = batch[10..].to_vec();
+    overlapping.extend(events(&ada, &key, 10, T0 + Duration::seconds(5)));
+    let partial = store.record_usage(&overlapping, &included).await.unwrap();
+    assert_eq!(partial, RecordOutcome { inserted: 10, duplicates: 10 });
+
+    let period = BillingPeriod::containing(T0);
+    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!(rec.api_calls, 30);
+    assert_eq!(
+        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        30
+    );
+}
+
+pub async fn usage_concurrent_batches_sum_exactly(store: Arc<dyn Store>) {
+    const TASKS: usize = 16;
+    const BATCHES: usize = 5;
+    const PER_BATCH: usize = 20;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        let (ada, key) = (ada.clone(), key.clone());
+        handles.push(tokio::spawn(async move {
+            let mut stored = 0;
+            for b in 0..BATCHES {
+                let start = T0 + Duration::seconds((t * BATCHES + b) as i64);
+                let batch = events(&ada, &key, PER_BATCH, start);
+                // Every batch is also replayed by the same task: it must count once.
+                stored += store.record_usage(&batch, &IncludedCalls::new()).await.unwrap().inserted;
+                stored += store.record_usage(&batch, &IncludedCalls::new()).await.unwrap().inserted;
+            }
+            stored
+        }));
+    }
+    let mut inserted = 0;
+    for h in handles {
+        inserted += h.await.unwrap();
+    }
+    let expected = (TASKS * BATCHES * PER_BATCH) as u64;
+    assert_eq!(inserted, expected);
+    let period = BillingPeriod::containing(T0);
+    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!(rec.api_calls, expected);
+    assert_eq!(
+        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        expected
+    );
+}
+
+pub async fn usage_period_boundaries(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let last = datetime!(2026-11-30 23:59:59.999 UTC);
+    let first = datetime!(2026-12-01 00:00 UTC);
+    let batch = vec![event(&ada, &key, last), event(&ada, &key, first)];
+    store.record_usage(&batch, &IncludedCalls::new()).await.unwrap();
+
+    let nov = BillingPeriod::containing(last);
+    let dec = BillingPeriod::containing(first);
+    let nov_rec = store.usage_record(&ada, nov.start()).await.unwrap().unwrap();
+    let dec_rec = store.usage_record(&ada, dec.start()).await.unwrap().unwrap();
+    assert_eq!((nov_rec.api_calls, dec_rec.api_calls), (1, 1));
+    assert_eq!(nov_rec.period_end, dec.start());
+    assert_eq!(store.count_usage_events(&ada, nov.start(), nov.end()).await.unwrap(), 1);
+    assert_eq!(store.count_usage_events(&ada, dec.start(), dec.end()).await.unwrap(), 1);
+    assert_eq!(store.count_usage_events(&ada, last, first).await.unwrap(), 1);
+}
+
+pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let mut batch = events(&ada, &key, 3, T0);
+    batch.push(event(&UserId::generate(), &key, T0));
+    let result = store.record_usage(&batch, &IncludedCalls::new()).await;
+    assert!(matches!(result, Err(RepoError::NotFound { .. })), "{result:?}");
+
+    let period = BillingPeriod::containing(T0);
+    assert_eq!(store.usage_record(&ada, period.start()).await.unwrap(), None);
+    assert_eq!(store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(), 0);
+    // The valid part can be retried on its own and counts once.
+    let outcome = store.record_usage(&batch[..3], &IncludedCalls::new()).await.unwrap();
+    assert_eq!(outcome.inserted, 3);
+}
+
+pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let day = date!(2026 - 11 - 20);
+    let at = day.midnight().assume_utc();
+    let mut batch = Vec::new();
+    for (i, (endpoint, method, status, ms)) in [
+        ("/api/v1/ping", "GET", 200, 10),
+        ("/api/v1/ping", "GET", 200, 20),
+        ("/api/v1/ping", "GET", 500, 30),
+        ("/api/v1/items/{id}", "GET", 404, 5),
+        ("/api/v1/items", "POST", 201, 15),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = event(&ada, &key, at + Duration::hours(i as i64));
+        e.endpoint = endpoint.to_owned();
+        e.method = method.to_owned();
+        e.status_code = status;
+        e.response_time_ms = ms;
+        batch.push(e);
+    }
+    // Calls on the days around must not count: the last microsecond before, the first after.
+    batch.push(event(&ada, &key, at - Duration::microseconds(1)));
+    batch.push(event(&ada, &key, at + Duration::days(1)));
+    batch.push(event(&bob, &bob_key, at + Duration::hours(23)));
+    store.record_usage(&batch, &IncludedCalls::new()).await.unwrap();
+
+    let now = at + Duration::days(1) + Duration::minutes(5);
+    assert_eq!(store.aggregate_usage_day(day, now).await.unwrap(), 2);
+    let first = store.daily_usage(&ada, day, day).await.unwrap();
+    assert_eq!(store.aggregate_usage_day(day, now).await.unwrap(), 2);
+    let second = store.daily_usage(&ada, day, day).await.unwrap();
+    assert_eq!(first, second);
+
+    assert_eq!(first.len(), 1);
+    let row = &first[0];
+    assert_eq!((row.api_calls, row.error_calls), (5, 2));
+    assert_eq!(row.total_response_time_ms, 80);
+    assert!((row.avg_response_time_ms - 16.0).abs() < 1e-9);
+    let top: Vec<(&str, &str, u64)> = row
+        .top_endpoints
+        .iter()
+        .map(|EndpointCount { endpoint, method, calls }| (endpoint.as_str(), method.as_str(), *calls))
+        .collect();
+    assert_eq!(
+        top,
+        vec![
+            ("/api/v1/ping", "GET", 3),
+            ("/api/v1/items", "POST", 1),
+            ("/api/v1/items/{id}", "GET", 1),
+        ]
+    );
+    // Days around were not aggregated; a range read returns only rows that exist.
+    let around = store.daily_usage(&ada, date!(2026 - 11 - 01), date!(2026 - 11 - 30)).await.unwrap();
+    assert_eq!(around, first);
+    assert_eq!(store.daily_usage(&bob, day, day).await.unwrap()[0].api_calls, 1);
+}
+
+pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let included: IncludedCalls = HashMap::from([(ada.clone(), 10)]);
+    store.record_usage(&events(&ada, &key, 25, T0), &included).await.unwrap();
+    let period = BillingPeriod::containing(T0);
+
+    let new = NewOverageCharge {
+        user_id: ada.clone(),
+        period_start: period.start(),
+        calls_from: 0,
+        calls_to: 15,
+        amount_cents: 2,
+        idempotency_key: format!("overage:{ada}:2026-11:0-15"),
+        created_at: T0,
+    };
+    let charge = store.create_overage_charge(&new).await.unwrap();
+    assert_eq!(charge.status, ChargeStatus::Pending);
+    assert_eq!((charge.calls_from, charge.calls_to, charge.attempts), (0, 15, 0));
+    assert_eq!(
+        store.create_overage_charge(&new).await,
+        Err(RepoError::Conflict { entity: "overage charge", field: "idempotency_key" })
+    );
+    let orphan = NewOverageCharge {
+        user_id: UserId::generate(),
+        idempotency_key: "orphan".to_owned(),
+        ..new.clone()
+    };
+    assert_eq!(
+        store.create_overage_charge(&orphan).await,
+        Err(RepoError::NotFound { entity: "user" })
+    );
+
+    let failed = store
+        .fail_overage_charge(charge.id, "card_declined", T0 + Duration::minutes(1))
+        .await
+        .unwrap();
+    assert_eq!(failed.status, ChargeStatus::Failed);
+    assert_eq!((failed.attempts, failed.last_error.as_deref()), (1, Some("card_declined")));
+
+    let done_at = T0 + Duration::minutes(2);
+    let done = store.complete_overage_charge(charge.id, "ii_123", done_at).await.unwrap();
+    assert_eq!(done.status, ChargeStatus::Succeeded);
+    assert_eq!(done.stripe_invoice_item_id.as_deref(), Some("ii_123"));
+    assert_eq!(done.attempts, 2);
+    assert_eq!(done.updated_at, done_at);
+    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!((rec.overage_calls, rec.overage_invoiced_calls), (15, 15));
+
+    // Completing again is harmless; an older charge never lowers the invoiced count.
+    let earlier = NewOverageCharge {
+        calls_to: 5,
+        idempotency_key: "earlier".to_owned(),
+        ..new.clone()
+    };
+    let earlier = store.create_overage_charge(&earlier).await.unwrap();
+    store.complete_overage_charge(earlier.id, "ii_100", done_at).await.unwrap();
+    store.complete_overage_charge(charge.id, "ii_123", done_at).await.unwrap();
+    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    assert_eq!(rec.overage_invoiced_calls, 15);
+
+    assert_eq!(
+        store.overage_charge_by_key(&new.idempotency_key).await.unwrap().map(|c| c.id),
+        Some(charge.id)
+    );
+    let all = store.overage_charges_for_user(&ada).await.unwrap();
+    assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), vec![charge.id, earlier.id]);
+    assert_eq!(
+        store.complete_overage_charge(i64::MAX, "ii_x", done_at).await,
+        Err(RepoError::NotFound { entity: "overage charge" })
+    );
+}

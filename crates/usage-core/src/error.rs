@@ -1,0 +1,22 @@
+use thiserror::Error;
+
+/// Invalid domain input, with a message that names the parameter and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DomainError {
+    /// A plan name that is not one of the known plans.
+    #[error("plan must be one of free, pro, enterprise (got {0:?})")]
+    UnknownPlan(String),
+    /// An email address that does not look like `local@domain.tld`.
+    #[error("email must look like name@example.com (got {0:?})")]
+    InvalidEmail(String),
+    /// An id without the expected prefix or with characters outside base62.
+    #[error("{kind} id must look like {prefix}<letters and digits> (got {value:?})")]
+    InvalidId {
+        /// What the id names ("user", "API key").
+        kind: &'static str,
+        /// The prefix the id must start with.
+        prefix: &'static str,
+        /// The rejected value.
+        value: String,
+    },
+}

@@ -1,0 +1,37 @@
+//! Domain of nexus-usage: plans and billing periods, usage events, money, the
+//! repository traits every other crate works through, and in-memory repositories
+//! for tests.
+//!
+//! This crate knows no database and no web framework: stores implement
+//! [`repo::Store`], services take `Arc<dyn ...Repository>`.
+//!
+//! ```
+//! use usage_core::{BillingPeriod, Plan, PlanCatalog};
+//! use time::macros::datetime;
+//!
+//! let period = BillingPeriod::containing(datetime!(2026-11-30 23:59:59.999 UTC));
+//! assert_eq!(period.end(), datetime!(2026-12-01 00:00 UTC));
+//! assert_eq!(PlanCatalog::default().terms(Plan::Free).monthly_calls, Some(1_000));
+//! ```
+#![warn(missing_docs)]
+
+pub mod clock;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+pub mod event;
+pub mod ids;
+pub mod memory;
+pub mod money;
+pub mod period;
+pub mod plan;
+pub mod repo;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::DomainError;
+pub use event::UsageEvent;
+pub use ids::{ApiKeyId, UserId};
+pub use money::{Cents, MicroUsd};
+pub use period::BillingPeriod;
+pub use plan::{OverLimit, Plan, PlanCatalog, PlanTerms};
+pub use repo::{RepoError, Store};

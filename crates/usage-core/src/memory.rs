@@ -1,0 +1,397 @@
+//! In-memory repositories, for tests and for trying the library crates alone.
+//! They follow the same contract as the database stores (see the conformance suite).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::repo::{
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
+    EndpointCount, IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    RecordOutcome, TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+};
+use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
+
+#[derive(Debug, Default)]
+struct State {
+    users: BTreeMap<UserId, User>,
+    keys: BTreeMap<ApiKeyId, ApiKeyRecord>,
+    event_ids: HashSet<Uuid>,
+    events: Vec<UsageEvent>,
+    records: BTreeMap<(UserId, OffsetDateTime), UsageRecord>,
+    daily: BTreeMap<(UserId, Date), DailyUsage>,
+    charges: Vec<OverageCharge>,
+}
+
+/// All repositories in one process-local map. Cheap to create; one per test.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No operation leaves the state half-written before a panic could poison it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl UserRepository for MemoryStore {
+    async fn create_user(&self, user: &User) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if state.users.contains_key(&user.id) {
+            return Err(RepoError::Conflict { entity: "user", field: "id" });
+        }
+        if state.users.values().any(|u| u.email == user.email) {
+            return Err(RepoError::Conflict { entity: "user", field: "email" });
+        }
+        state.users.insert(user.id.clone(), user.clone());
+        Ok(())
+    }
+
+    async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError> {
+        Ok(self.state().users.get(id).cloned())
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
+        Ok(self.state().users.values().find(|u| u.email == email).cloned())
+    }
+
+    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
+        let mut state = self.state();
+        let user = state.users.get_mut(id).ok_or(RepoError::NotFound { entity: "user" })?;
+        user.plan = plan;
+        Ok(user.clone())
+    }
+}
+
+#[async_trait]
+impl ApiKeyRepository for MemoryStore {
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(&key.user_id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        if state.keys.contains_key(&key.id) {
+            return Err(RepoError::Conflict { entity: "API key", field: "id" });
+        }
+        if state.keys.values().any(|k| k.key_hash == key.key_hash) {
+            return Err(RepoError::Conflict { entity: "API key", field: "key_hash" });
+        }
+        state.keys.insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+        Ok(self.state().keys.values().find(|k| k.key_hash == key_hash).cloned())
+    }
+
+    async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+        let mut keys: Vec<_> = self
+            .state()
+            .keys
+            .values()
+            .filter(|k| &k.user_id == user_id)
+            .cloned()
+            .collect();
+        keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        Ok(keys)
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let mut state = self.state();
+        Ok(state.keys.get_mut(key_id).filter(|k| &k.user_id == user_id).map(|k| {
+            k.revoked_at.get_or_insert(at);
+            k.clone()
+        }))
+    }
+
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
+        let mut state = self.state();
+        for (id, at) in used {
+            if let Some(key) = state.keys.get_mut(id) {
+                key.last_used_at = Some(key.last_used_at.map_or(*at, |old| old.max(*at)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UsageRepository for MemoryStore {
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError> {
+        let mut state = self.state();
+        // Check every reference first so a failing batch changes nothing, as a rolled-back
+        // transaction would.
+        for e in events {
+            if !state.users.contains_key(&e.user_id) {
+                return Err(RepoError::NotFound { entity: "user" });
+            }
+            if !state.keys.contains_key(&e.api_key_id) {
+                return Err(RepoError::NotFound { entity: "API key" });
+            }
+        }
+        let mut outcome = RecordOutcome::default();
+        let mut added: HashMap<(UserId, BillingPeriod), u64> = HashMap::new();
+        for e in events {
+            if !state.event_ids.insert(e.event_id) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.inserted += 1;
+            state.events.push(e.clone());
+            let period = BillingPeriod::containing(e.created_at);
+            *added.entry((e.user_id.clone(), period)).or_default() += 1;
+        }
+        let now = events.iter().map(|e| e.created_at).max();
+        for ((user_id, period), calls) in added {
+            let record = state
+                .records
+                .entry((user_id.clone(), period.start()))
+                .or_insert_with(|| UsageRecord {
+                    user_id: user_id.clone(),
+                    period_start: period.start(),
+                    period_end: period.end(),
+                    api_calls: 0,
+                    overage_calls: 0,
+                    overage_invoiced_calls: 0,
+                    updated_at: period.start(),
+                });
+            record.api_calls += calls;
+            record.overage_calls = included
+                .get(&user_id)
+                .map_or(0, |limit| record.api_calls.saturating_sub(*limit));
+            record.updated_at = now.unwrap_or(record.updated_at);
+        }
+        Ok(outcome)
+    }
+
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError> {
+        Ok(self.state().records.get(&(user_id.clone(), period_start)).cloned())
+    }
+
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let state = self.state();
+        let n = state
+            .events
+            .iter()
+            .filter(|e| &e.user_id == user_id && from <= e.created_at && e.created_at < to)
+            .count();
+        Ok(n as u64)
+    }
+}
+
+/// Builds one user's daily row from that day's events (used by the memory store; the
+/// database stores do the same in SQL).
+fn daily_row(user_id: &UserId, date: Date, events: &[&UsageEvent]) -> DailyUsage {
+    let mut per_endpoint: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut error_calls = 0;
+    let mut total_ms = 0u64;
+    for e in events {
+        *per_endpoint.entry((&e.endpoint, &e.method)).or_default() += 1;
+        error_calls += u64::from(e.status_code >= 400);
+        total_ms += u64::from(e.response_time_ms);
+    }
+    let mut top: Vec<EndpointCount> = per_endpoint
+        .into_iter()
+        .map(|((endpoint, method), calls)| EndpointCount {
+            endpoint: endpoint.to_owned(),
+            method: method.to_owned(),
+            calls,
+        })
+        .collect();
+    // Stable sort keeps (endpoint, method) order among ties.
+    top.sort_by(|a, b| b.calls.cmp(&a.calls));
+    top.truncate(TOP_ENDPOINTS);
+    let api_calls = events.len() as u64;
+    DailyUsage {
+        user_id: user_id.clone(),
+        date,
+        api_calls,
+        error_calls,
+        total_response_time_ms: total_ms,
+        avg_response_time_ms: total_ms as f64 / api_calls.max(1) as f64,
+        top_endpoints: top,
+    }
+}
+
+#[async_trait]
+impl DailyUsageRepository for MemoryStore {
+    async fn aggregate_usage_day(&self, date: Date, _now: OffsetDateTime) -> Result<u64, RepoError> {
+        let mut state = self.state();
+        let mut by_user: BTreeMap<&UserId, Vec<&UsageEvent>> = BTreeMap::new();
+        for e in state.events.iter().filter(|e| e.created_at.date() == date) {
+            by_user.entry(&e.user_id).or_default().push(e);
+        }
+        let rows: Vec<DailyUsage> = by_user
+            .into_iter()
+            .map(|(user_id, events)| daily_row(user_id, date, &events))
+            .collect();
+        state.daily.retain(|(_, d), _| *d != date);
+        let users = rows.len() as u64;
+        for row in rows {
+            state.daily.insert((row.user_id.clone(), date), row);
+        }
+        Ok(users)
+    }
+
+    async fn daily_usage(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        Ok(self
+            .state()
+            .daily
+            .range((user_id.clone(), from)..=(user_id.clone(), to))
+            .map(|(_, row)| row.clone())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl OverageChargeRepository for MemoryStore {
+    async fn create_overage_charge(
+        &self,
+        charge: &NewOverageCharge,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(&charge.user_id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        if state.charges.iter().any(|c| c.idempotency_key == charge.idempotency_key) {
+            return Err(RepoError::Conflict {
+                entity: "overage charge",
+                field: "idempotency_key",
+            });
+        }
+        let stored = OverageCharge {
+            id: state.charges.len() as i64 + 1,
+            user_id: charge.user_id.clone(),
+            period_start: charge.period_start,
+            calls_from: charge.calls_from,
+            calls_to: charge.calls_to,
+            amount_cents: charge.amount_cents,
+            idempotency_key: charge.idempotency_key.clone(),
+            status: ChargeStatus::Pending,
+            stripe_invoice_item_id: None,
+            attempts: 0,
+            last_error: None,
+            created_at: charge.created_at,
+            updated_at: charge.created_at,
+        };
+        state.charges.push(stored.clone());
+        Ok(stored)
+    }
+
+    async fn overage_charge_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        Ok(self
+            .state()
+            .charges
+            .iter()
+            .find(|c| c.idempotency_key == idempotency_key)
+            .cloned())
+    }
+
+    async fn complete_overage_charge(
+        &self,
+        id: i64,
+        stripe_invoice_item_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut state = self.state();
+        let charge = state
+            .charges
+            .iter_mut()
+            .find(|c| c.id == id)
+            .ok_or(RepoError::NotFound { entity: "overage charge" })?;
+        charge.status = ChargeStatus::Succeeded;
+        charge.stripe_invoice_item_id = Some(stripe_invoice_item_id.to_owned());
+        charge.attempts += 1;
+        charge.last_error = None;
+        charge.updated_at = at;
+        let charge = charge.clone();
+        if let Some(record) = state
+            .records
+            .get_mut(&(charge.user_id.clone(), charge.period_start))
+        {
+            record.overage_invoiced_calls = record.overage_invoiced_calls.max(charge.calls_to);
+            record.updated_at = at;
+        }
+        Ok(charge)
+    }
+
+    async fn fail_overage_charge(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut state = self.state();
+        let charge = state
+            .charges
+            .iter_mut()
+            .find(|c| c.id == id)
+            .ok_or(RepoError::NotFound { entity: "overage charge" })?;
+        charge.status = ChargeStatus::Failed;
+        charge.attempts += 1;
+        charge.last_error = Some(error.to_owned());
+        charge.updated_at = at;
+        Ok(charge.clone())
+    }
+
+    async fn overage_charges_for_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OverageCharge>, RepoError> {
+        Ok(self
+            .state()
+            .charges
+            .iter()
+            .filter(|c| &c.user_id == user_id)
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn ping(&self) -> Result<(), RepoError> {
+        Ok(())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,362 @@
+//! The repository traits every service works through, and the records they exchange.
+//!
+//! Implementations: [`crate::memory::MemoryStore`] here, and the PostgreSQL and SQLite
+//! stores of `usage-store`. All of them pass the same conformance suite
+//! (`usage_core::conformance`, feature `conformance`).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use thiserror::Error;
+use time::{Date, OffsetDateTime};
+
+use crate::{ApiKeyId, Plan, UsageEvent, UserId};
+
+/// What can go wrong in a repository, in terms the services can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RepoError {
+    /// The record (or one it refers to) does not exist.
+    #[error("{entity} not found")]
+    NotFound {
+        /// What was missing: "user", "API key", "overage charge".
+        entity: &'static str,
+    },
+    /// A unique constraint refused the write.
+    #[error("{entity} with this {field} already exists")]
+    Conflict {
+        /// What was being written.
+        entity: &'static str,
+        /// The field that must be unique.
+        field: &'static str,
+    },
+    /// The database could not be reached or gave up (pool timeout, connection lost).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database failure. The text is for logs, never for clients.
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+/// A user of the metered API (`eco_users`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    /// `eco_usr_...`
+    pub id: UserId,
+    /// Normalised email, unique.
+    pub email: String,
+    /// Current plan.
+    pub plan: Plan,
+    /// Stripe customer to bill overage to.
+    pub stripe_customer_id: Option<String>,
+    /// When the user was created.
+    pub created_at: OffsetDateTime,
+}
+
+/// A stored API key (`eco_api_keys`): never the key itself, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// `eco_key_...`
+    pub id: ApiKeyId,
+    /// Owner.
+    pub user_id: UserId,
+    /// A name chosen by the owner.
+    pub name: String,
+    /// The first characters of the key, for display.
+    pub prefix: String,
+    /// Lower-case hex SHA-256 of the key, unique.
+    pub key_hash: String,
+    /// When the key was created.
+    pub created_at: OffsetDateTime,
+    /// Last time a call came with this key (updated lazily).
+    pub last_used_at: Option<OffsetDateTime>,
+    /// When the key was revoked.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// When the key stops working by itself.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl ApiKeyRecord {
+    /// Whether a call at `now` may use this key.
+    pub fn is_active(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+/// One user's counters for one billing period (`eco_usage_records`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Whose.
+    pub user_id: UserId,
+    /// First instant of the period.
+    pub period_start: OffsetDateTime,
+    /// First instant after the period.
+    pub period_end: OffsetDateTime,
+    /// Admitted calls stored so far.
+    pub api_calls: u64,
+    /// Calls past the plan's limit among them.
+    pub overage_calls: u64,
+    /// Overage calls already billed.
+    pub overage_invoiced_calls: u64,
+    /// Last change.
+    pub updated_at: OffsetDateTime,
+}
+
+/// What [`UsageRepository::record_usage`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecordOutcome {
+    /// Events newly stored (and counted).
+    pub inserted: u64,
+    /// Events already stored before (same event id), neither stored nor counted again.
+    pub duplicates: u64,
+}
+
+/// Calls each user's plan includes per period, for computing `overage_calls` when a batch
+/// is counted. A user absent from the map is unlimited.
+pub type IncludedCalls = HashMap<UserId, u64>;
+
+/// One route pattern and method among a day's most called (`top_endpoints`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointCount {
+    /// Route pattern.
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Calls that day.
+    pub calls: u64,
+}
+
+/// One user's usage on one UTC day (`eco_usage_daily`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DailyUsage {
+    /// Whose.
+    pub user_id: UserId,
+    /// The UTC day.
+    pub date: Date,
+    /// Calls that day.
+    pub api_calls: u64,
+    /// Calls answered with status >= 400.
+    pub error_calls: u64,
+    /// Sum of response times.
+    pub total_response_time_ms: u64,
+    /// Mean response time.
+    pub avg_response_time_ms: f64,
+    /// The five most called endpoints, most calls first (ties by endpoint, method).
+    pub top_endpoints: Vec<EndpointCount>,
+}
+
+/// How many endpoints `top_endpoints` keeps.
+pub const TOP_ENDPOINTS: usize = 5;
+
+/// State of an overage charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChargeStatus {
+    /// Recorded, not yet confirmed by Stripe.
+    Pending,
+    /// Stripe created the invoice item; the calls are invoiced.
+    Succeeded,
+    /// Stripe refused it or it could not be sent; `last_error` says why.
+    Failed,
+}
+
+impl ChargeStatus {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeStatus::Pending => "pending",
+            ChargeStatus::Succeeded => "succeeded",
+            ChargeStatus::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn from_stored(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Succeeded, Self::Failed]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
+/// A charge to record before it is sent to Stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOverageCharge {
+    /// Who is charged.
+    pub user_id: UserId,
+    /// Which period's overage.
+    pub period_start: OffsetDateTime,
+    /// First overage call billed (exclusive lower bound: the invoiced count before).
+    pub calls_from: u64,
+    /// Overage count up to which this charge bills (inclusive).
+    pub calls_to: u64,
+    /// Amount billed.
+    pub amount_cents: i64,
+    /// Deterministic key sent to Stripe, unique.
+    pub idempotency_key: String,
+    /// When the charge was recorded.
+    pub created_at: OffsetDateTime,
+}
+
+/// A recorded overage charge (`eco_overage_charges`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverageCharge {
+    /// Row id.
+    pub id: i64,
+    /// Who is charged.
+    pub user_id: UserId,
+    /// Which period's overage.
+    pub period_start: OffsetDateTime,
+    /// Exclusive lower bound of the billed overage calls.
+    pub calls_from: u64,
+    /// Inclusive upper bound of the billed overage calls.
+    pub calls_to: u64,
+    /// Amount billed.
+    pub amount_cents: i64,
+    /// Key sent to Stripe.
+    pub idempotency_key: String,
+    /// State.
+    pub status: ChargeStatus,
+    /// Stripe's id for the created item.
+    pub stripe_invoice_item_id: Option<String>,
+    /// Times the charge was sent.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When recorded.
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    pub updated_at: OffsetDateTime,
+}
+
+/// Users (`eco_users`).
+#[async_trait]
+pub trait UserRepository: Send + Sync {
+    /// Stores a new user. `Conflict` on a taken id or email.
+    async fn create_user(&self, user: &User) -> Result<(), RepoError>;
+    /// The user with this id.
+    async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError>;
+    /// The user with this (normalised) email.
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError>;
+    /// Changes a user's plan and returns the updated user. `NotFound` for an unknown id.
+    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError>;
+}
+
+/// API keys (`eco_api_keys`).
+#[async_trait]
+pub trait ApiKeyRepository: Send + Sync {
+    /// Stores a new key. `Conflict` on a taken id or hash; `NotFound` for an unknown user.
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError>;
+    /// The key with this SHA-256 (hex), whatever its state.
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError>;
+    /// A user's keys, newest first.
+    async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError>;
+    /// Revokes one of `user_id`'s keys at `at` (kept if already revoked) and returns it;
+    /// `None` when the user has no key with this id.
+    async fn revoke_api_key(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError>;
+    /// Moves `last_used_at` forward (never back) for each key.
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError>;
+}
+
+/// Raw usage events (`eco_api_usage`) and the period counters (`eco_usage_records`).
+#[async_trait]
+pub trait UsageRepository: Send + Sync {
+    /// Stores a batch of events and adds to each (user, period) counter the number of
+    /// events actually inserted, in one transaction. Events whose id is already stored
+    /// are skipped and not counted, so a retried batch counts once.
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError>;
+    /// A user's counters for the period starting at `period_start`.
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError>;
+    /// Stored events of a user with `from <= created_at < to`.
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError>;
+}
+
+/// Daily aggregates (`eco_usage_daily`).
+#[async_trait]
+pub trait DailyUsageRepository: Send + Sync {
+    /// Rebuilds every user's row for the UTC day `date` from the raw events, replacing
+    /// what was there; returns the number of users with calls that day. Idempotent.
+    async fn aggregate_usage_day(&self, date: Date, now: OffsetDateTime) -> Result<u64, RepoError>;
+    /// A user's daily rows with `from <= date <= to`, oldest first (days without calls
+    /// have no row).
+    async fn daily_usage(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError>;
+}
+
+/// The overage charge ledger (`eco_overage_charges`).
+#[async_trait]
+pub trait OverageChargeRepository: Send + Sync {
+    /// Records a pending charge. `Conflict` when the idempotency key is taken;
+    /// `NotFound` for an unknown user.
+    async fn create_overage_charge(
+        &self,
+        charge: &NewOverageCharge,
+    ) -> Result<OverageCharge, RepoError>;
+    /// The charge with this idempotency key.
+    async fn overage_charge_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<OverageCharge>, RepoError>;
+    /// Marks a charge succeeded and, in the same transaction, raises the period's
+    /// `overage_invoiced_calls` to the charge's `calls_to` (never lowers it).
+    /// Idempotent. `NotFound` for an unknown charge id.
+    async fn complete_overage_charge(
+        &self,
+        id: i64,
+        stripe_invoice_item_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError>;
+    /// Counts a failed attempt and records why. `NotFound` for an unknown charge id.
+    async fn fail_overage_charge(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError>;
+    /// A user's charges, oldest first.
+    async fn overage_charges_for_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OverageCharge>, RepoError>;
+}
+
+/// Everything a backend provides: all repositories plus a health check.
+///
+/// Services take the narrower traits (`Arc<dyn UserRepository>`); an `Arc<dyn Store>`
+/// coerces to any of them.
+#[async_trait]
+pub trait Store:
+    UserRepository
+    + ApiKeyRepository
+    + UsageRepository
+    + DailyUsageRepository
+    + OverageChargeRepository
+    + Send
+    + Sync
+{
+    /// Succeeds when the database answers a trivial query.
+    async fn ping(&self) -> Result<(), RepoError>;
+    /// Which backend this is ("memory", "sqlite", "postgres"), for logs.
+    fn backend_name(&self) -> &'static str;
+}

@@ -1,0 +1,11 @@
+//! The repository conformance suite against the in-memory store.
+use std::sync::Arc;
+
+use usage_core::conformance::TestStore;
+use usage_core::memory::MemoryStore;
+
+async fn fresh_store() -> TestStore {
+    TestStore::new(Arc::new(MemoryStore::new()), ())
+}
+
+usage_core::repository_conformance_tests!(fresh_store);
