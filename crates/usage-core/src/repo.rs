@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::{Date, OffsetDateTime};
 
@@ -116,7 +116,7 @@ pub struct RecordOutcome {
 pub type IncludedCalls = HashMap<UserId, u64>;
 
 /// One route pattern and method among a day's most called (`top_endpoints`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointCount {
     /// Route pattern.
     pub endpoint: String,

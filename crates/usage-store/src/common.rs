@@ -1,0 +1,92 @@
+//! Logic both backends share: turning inserted events into counter increments, and
+//! converting between domain and column types.
+
+use std::collections::BTreeMap;
+
+use time::OffsetDateTime;
+use usage_core::repo::{EndpointCount, IncludedCalls};
+use usage_core::{BillingPeriod, RepoError, UserId};
+
+/// Largest number of rows in one INSERT statement (PostgreSQL allows 65,535 bind
+/// parameters; eight columns a row).
+pub(crate) const INSERT_CHUNK: usize = 1_000;
+
+/// How many times a transaction that hit a deadlock or serialization failure is retried.
+pub(crate) const TRANSACTION_ATTEMPTS: usize = 5;
+
+/// One (user, period) counter increment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CounterDelta {
+    pub user_id: UserId,
+    pub period: BillingPeriod,
+    pub calls: i64,
+    /// Calls the user's plan includes; `None` is unlimited.
+    pub included: Option<i64>,
+}
+
+/// Groups the (user, time) of newly inserted events into one increment per (user, period),
+/// sorted so that concurrent transactions lock counter rows in the same order.
+pub(crate) fn counter_deltas(
+    inserted: impl IntoIterator<Item = (UserId, OffsetDateTime)>,
+    included: &IncludedCalls,
+) -> Vec<CounterDelta> {
+    let mut grouped: BTreeMap<(UserId, BillingPeriod), i64> = BTreeMap::new();
+    for (user_id, at) in inserted {
+        *grouped.entry((user_id, BillingPeriod::containing(at))).or_default() += 1;
+    }
+    grouped
+        .into_iter()
+        .map(|((user_id, period), calls)| CounterDelta {
+            included: included.get(&user_id).map(|&n| to_i64(n)),
+            user_id,
+            period,
+            calls,
+        })
+        .collect()
+}
+
+/// A count for a BIGINT column (saturating: counts never come near i64::MAX).
+pub(crate) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A count read from a BIGINT column (the schema's CHECKs keep them non-negative).
+pub(crate) fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Parses the JSON of `top_endpoints`.
+pub(crate) fn parse_top_endpoints(json: &str) -> Result<Vec<EndpointCount>, RepoError> {
+    serde_json::from_str(json)
+        .map_err(|e| RepoError::Backend(format!("top_endpoints is not valid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn deltas_are_grouped_per_user_and_period_and_sorted() {
+        let (a, b) = (UserId::parse("eco_usr_a").unwrap(), UserId::parse("eco_usr_b").unwrap());
+        let nov = datetime!(2026-11-30 23:59:59.999 UTC);
+        let dec = datetime!(2026-12-01 00:00 UTC);
+        let included = IncludedCalls::from([(a.clone(), 10)]);
+        let deltas = counter_deltas(
+            [(b.clone(), nov), (a.clone(), dec), (a.clone(), nov), (a.clone(), nov)],
+            &included,
+        );
+        let summary: Vec<_> = deltas
+            .iter()
+            .map(|d| (d.user_id.as_str(), d.period.start(), d.calls, d.included))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("eco_usr_a", datetime!(2026-11-01 00:00 UTC), 2, Some(10)),
+                ("eco_usr_a", datetime!(2026-12-01 00:00 UTC), 1, Some(10)),
+                ("eco_usr_b", datetime!(2026-11-01 00:00 UTC), 1, None),
+            ]
+        );
+    }
+}

@@ -1,0 +1,774 @@
+//! PostgreSQL through diesel-async and a bb8 pool.
+
+mod schema;
+
+use async_trait::async_trait;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Date as SqlDate, Nullable, Text, Timestamptz};
+use diesel::{ConnectionError, OptionalExtension};
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use time::{Date, OffsetDateTime};
+use usage_core::repo::{
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
+    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+};
+use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
+use uuid::Uuid;
+
+use self::schema::{
+    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records,
+    eco_users,
+};
+use crate::common::{INSERT_CHUNK, TRANSACTION_ATTEMPTS, counter_deltas, to_i64, to_u64};
+use crate::error::{is_retryable, repo_error};
+use crate::{PoolOptions, StoreError, redact};
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
+
+/// Serialises migrations of instances starting at once (any constant works; this one
+/// spells "usage" in ASCII).
+const MIGRATION_LOCK_ID: i64 = 0x7573_6167_65;
+
+/// Applies pending migrations, holding an advisory lock so that concurrent starts of
+/// several instances migrate once.
+pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
+    let owned_url = url.to_owned();
+    let failed = |reason: String| StoreError::Migration { url: redact(url), reason };
+    // The sync migration harness blocks on its own runtime, so it runs on a blocking thread.
+    tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
+        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(
+            &owned_url,
+        )
+            .map_err(|e| StoreError::Connect { url: redact(&owned_url), reason: e.to_string() })?;
+        let lock = format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})");
+        diesel::RunQueryDsl::execute(diesel::sql_query(lock), &mut conn)
+            .map_err(|e| StoreError::Migration { url: redact(&owned_url), reason: e.to_string() })?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| StoreError::Migration { url: redact(&owned_url), reason: e.to_string() });
+        // The lock also goes with the connection; unlock explicitly all the same.
+        let unlock = format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})");
+        let _ = diesel::RunQueryDsl::execute(diesel::sql_query(unlock), &mut conn);
+        applied
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+}
+
+/// All repositories on one PostgreSQL database.
+pub struct PgStore {
+    pool: Pool<AsyncPgConnection>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("pool", &self.pool.state()).finish()
+    }
+}
+
+impl PgStore {
+    /// Opens a pool of up to `max_connections`, each with `statement_timeout` set, and
+    /// checks that the database answers.
+    pub async fn open(url: &str, options: &PoolOptions) -> Result<Self, StoreError> {
+        let timeout_ms = options.statement_timeout.as_millis();
+        let mut config = ManagerConfig::<AsyncPgConnection>::default();
+        config.custom_setup = Box::new(move |url| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                conn.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
+                    .await
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            })
+        });
+        let manager = AsyncDieselConnectionManager::new_with_config(url, config);
+        let pool = Pool::builder()
+            .max_size(options.max_connections)
+            .connection_timeout(options.connect_timeout)
+            .idle_timeout(Some(std::time::Duration::from_secs(300)))
+            .build(manager)
+            .await
+            .map_err(|e| StoreError::Connect { url: redact(url), reason: e.to_string() })?;
+        let store = Self { pool };
+        store
+            .ping()
+            .await
+            .map_err(|e| StoreError::Connect { url: redact(url), reason: e.to_string() })?;
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<PooledConnection<'_, AsyncPgConnection>, RepoError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| RepoError::Unavailable(e.to_string()))
+    }
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = eco_users, check_for_backend(diesel::pg::Pg))]
+struct UserRow {
+    id: String,
+    email: String,
+    plan: String,
+    stripe_customer_id: Option<String>,
+    created_at: OffsetDateTime,
+}
+
+impl UserRow {
+    fn from_domain(u: &User) -> Self {
+        Self {
+            id: u.id.to_string(),
+            email: u.email.clone(),
+            plan: u.plan.as_str().to_owned(),
+            stripe_customer_id: u.stripe_customer_id.clone(),
+            created_at: u.created_at,
+        }
+    }
+
+    fn into_domain(self) -> Result<User, RepoError> {
+        Ok(User {
+            id: UserId::from_stored(self.id),
+            email: self.email,
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            created_at: self.created_at,
+        })
+    }
+}
+
+pub(crate) fn parse_plan(stored: &str) -> Result<Plan, RepoError> {
+    stored
+        .parse()
+        .map_err(|_| RepoError::Backend(format!("unknown plan {stored:?} in eco_users")))
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = eco_api_keys, check_for_backend(diesel::pg::Pg))]
+struct ApiKeyRow {
+    id: String,
+    user_id: String,
+    name: String,
+    prefix: String,
+    key_hash: String,
+    created_at: OffsetDateTime,
+    last_used_at: Option<OffsetDateTime>,
+    revoked_at: Option<OffsetDateTime>,
+    expires_at: Option<OffsetDateTime>,
+}
+
+impl ApiKeyRow {
+    fn from_domain(k: &ApiKeyRecord) -> Self {
+        Self {
+            id: k.id.to_string(),
+            user_id: k.user_id.to_string(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            key_hash: k.key_hash.clone(),
+            created_at: k.created_at,
+            last_used_at: k.last_used_at,
+            revoked_at: k.revoked_at,
+            expires_at: k.expires_at,
+        }
+    }
+
+    fn into_domain(self) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: ApiKeyId::from_stored(self.id),
+            user_id: UserId::from_stored(self.user_id),
+            name: self.name,
+            prefix: self.prefix,
+            key_hash: self.key_hash,
+            created_at: self.created_at,
+            last_used_at: self.last_used_at,
+            revoked_at: self.revoked_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = eco_api_usage, check_for_backend(diesel::pg::Pg))]
+struct NewUsageRow<'a> {
+    event_id: Uuid,
+    user_id: &'a str,
+    api_key_id: &'a str,
+    endpoint: &'a str,
+    method: &'a str,
+    status_code: i32,
+    response_time_ms: i32,
+    created_at: OffsetDateTime,
+}
+
+impl<'a> NewUsageRow<'a> {
+    fn from_domain(e: &'a UsageEvent) -> Self {
+        Self {
+            event_id: e.event_id,
+            user_id: e.user_id.as_str(),
+            api_key_id: e.api_key_id.as_str(),
+            endpoint: &e.endpoint,
+            method: &e.method,
+            status_code: i32::from(e.status_code),
+            response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
+            created_at: e.created_at,
+        }
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_records, check_for_backend(diesel::pg::Pg))]
+struct UsageRecordRow {
+    user_id: String,
+    period_start: OffsetDateTime,
+    period_end: OffsetDateTime,
+    api_calls: i64,
+    overage_calls: i64,
+    overage_invoiced_calls: i64,
+    updated_at: OffsetDateTime,
+}
+
+impl UsageRecordRow {
+    fn into_domain(self) -> UsageRecord {
+        UsageRecord {
+            user_id: UserId::from_stored(self.user_id),
+            period_start: self.period_start,
+            period_end: self.period_end,
+            api_calls: to_u64(self.api_calls),
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_daily, check_for_backend(diesel::pg::Pg))]
+struct DailyRow {
+    user_id: String,
+    date: Date,
+    api_calls: i64,
+    error_calls: i64,
+    total_response_time_ms: i64,
+    avg_response_time_ms: f64,
+    top_endpoints: serde_json::Value,
+}
+
+impl DailyRow {
+    fn into_domain(self) -> Result<DailyUsage, RepoError> {
+        Ok(DailyUsage {
+            user_id: UserId::from_stored(self.user_id),
+            date: self.date,
+            api_calls: to_u64(self.api_calls),
+            error_calls: to_u64(self.error_calls),
+            total_response_time_ms: to_u64(self.total_response_time_ms),
+            avg_response_time_ms: self.avg_response_time_ms,
+            top_endpoints: serde_json::from_value(self.top_endpoints)
+                .map_err(|e| RepoError::Backend(format!("top_endpoints: {e}")))?,
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = eco_overage_charges, check_for_backend(diesel::pg::Pg))]
+struct NewChargeRow<'a> {
+    user_id: &'a str,
+    period_start: OffsetDateTime,
+    calls_from: i64,
+    calls_to: i64,
+    amount_cents: i64,
+    idempotency_key: &'a str,
+    status: &'static str,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_overage_charges, check_for_backend(diesel::pg::Pg))]
+struct ChargeRow {
+    id: i64,
+    user_id: String,
+    period_start: OffsetDateTime,
+    calls_from: i64,
+    calls_to: i64,
+    amount_cents: i64,
+    idempotency_key: String,
+    status: String,
+    stripe_invoice_item_id: Option<String>,
+    attempts: i32,
+    last_error: Option<String>,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl ChargeRow {
+    fn into_domain(self) -> Result<OverageCharge, RepoError> {
+        Ok(OverageCharge {
+            id: self.id,
+            user_id: UserId::from_stored(self.user_id),
+            period_start: self.period_start,
+            calls_from: to_u64(self.calls_from),
+            calls_to: to_u64(self.calls_to),
+            amount_cents: self.amount_cents,
+            idempotency_key: self.idempotency_key,
+            status: ChargeStatus::from_stored(&self.status).ok_or_else(|| {
+                RepoError::Backend(format!("unknown charge status {:?}", self.status))
+            })?,
+            stripe_invoice_item_id: self.stripe_invoice_item_id,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            last_error: self.last_error,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[async_trait]
+impl UserRepository for PgStore {
+    async fn create_user(&self, user: &User) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_users::table)
+            .values(UserRow::from_domain(user))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        Ok(())
+    }
+
+    async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_users::table
+            .find(id.as_str())
+            .select(UserRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "user"))?
+            .map(UserRow::into_domain)
+            .transpose()
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_users::table
+            .filter(eco_users::email.eq(email))
+            .select(UserRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "user"))?
+            .map(UserRow::into_domain)
+            .transpose()
+    }
+
+    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::plan.eq(plan.as_str()))
+            .returning(UserRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?
+            .into_domain()
+    }
+}
+
+/// `COALESCE(revoked_at, at)`: a second revocation keeps the first time.
+fn keep_or(
+    at: OffsetDateTime,
+) -> diesel::expression::SqlLiteral<Nullable<Timestamptz>, impl diesel::query_builder::QueryFragment<diesel::pg::Pg>> {
+    diesel::dsl::sql::<Nullable<Timestamptz>>("COALESCE(revoked_at, ")
+        .bind::<Timestamptz, _>(at)
+        .sql(")")
+}
+
+#[async_trait]
+impl ApiKeyRepository for PgStore {
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_api_keys::table)
+            .values(ApiKeyRow::from_domain(key))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        Ok(eco_api_keys::table
+            .filter(eco_api_keys::key_hash.eq(key_hash))
+            .select(ApiKeyRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "API key"))?
+            .map(ApiKeyRow::into_domain))
+    }
+
+    async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ApiKeyRow> = eco_api_keys::table
+            .filter(eco_api_keys::user_id.eq(user_id.as_str()))
+            .order((eco_api_keys::created_at.desc(), eco_api_keys::id.desc()))
+            .select(ApiKeyRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "API key"))?;
+        Ok(rows.into_iter().map(ApiKeyRow::into_domain).collect())
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::update(
+            eco_api_keys::table
+                .filter(eco_api_keys::id.eq(key_id.as_str()))
+                .filter(eco_api_keys::user_id.eq(user_id.as_str())),
+        )
+        .set(eco_api_keys::revoked_at.eq(keep_or(at)))
+        .returning(ApiKeyRow::as_returning())
+        .get_result(&mut conn)
+        .await
+        .optional()
+        .map_err(|e| repo_error(e, "API key"))?
+        .map(ApiKeyRow::into_domain))
+    }
+
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        for (id, at) in used {
+            diesel::sql_query(
+                "UPDATE eco_api_keys SET last_used_at = GREATEST(last_used_at, $2) WHERE id = $1",
+            )
+            .bind::<Text, _>(id.as_str())
+            .bind::<Timestamptz, _>(*at)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "API key"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds a batch's inserted events to one (user, period) counter. `$5` is the plan's
+/// included calls, NULL for unlimited.
+const UPSERT_COUNTER: &str = "\
+INSERT INTO eco_usage_records
+    (user_id, period_start, period_end, api_calls, overage_calls, updated_at)
+VALUES ($1, $2, $3, $4, CASE WHEN $5::bigint IS NULL THEN 0 ELSE GREATEST(0, $4 - $5) END, now())
+ON CONFLICT (user_id, period_start) DO UPDATE SET
+    api_calls = eco_usage_records.api_calls + EXCLUDED.api_calls,
+    overage_calls = CASE WHEN $5::bigint IS NULL THEN 0
+        ELSE GREATEST(0, eco_usage_records.api_calls + EXCLUDED.api_calls - $5) END,
+    updated_at = EXCLUDED.updated_at";
+
+#[async_trait]
+impl UsageRepository for PgStore {
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError> {
+        if events.is_empty() {
+            return Ok(RecordOutcome::default());
+        }
+        let mut rows: Vec<NewUsageRow<'_>> = events.iter().map(NewUsageRow::from_domain).collect();
+        // One lock order for every writer: no deadlock between overlapping retries.
+        rows.sort_by_key(|r| r.event_id);
+        let rows = &rows;
+        let mut attempt = 1;
+        loop {
+            let mut conn = self.conn().await?;
+            let result = conn
+                .transaction(async |conn| -> Result<u64, diesel::result::Error> {
+                    let mut inserted: Vec<(String, OffsetDateTime)> = Vec::with_capacity(rows.len());
+                    for chunk in rows.chunks(INSERT_CHUNK) {
+                        let mut got = diesel::insert_into(eco_api_usage::table)
+                            .values(chunk)
+                            .on_conflict(eco_api_usage::event_id)
+                            .do_nothing()
+                            .returning((eco_api_usage::user_id, eco_api_usage::created_at))
+                            .get_results(conn)
+                            .await?;
+                        inserted.append(&mut got);
+                    }
+                    let count = inserted.len() as u64;
+                    let inserted = inserted
+                        .into_iter()
+                        .map(|(user, at)| (UserId::from_stored(user), at));
+                    for delta in counter_deltas(inserted, included) {
+                        diesel::sql_query(UPSERT_COUNTER)
+                            .bind::<Text, _>(delta.user_id.as_str())
+                            .bind::<Timestamptz, _>(delta.period.start())
+                            .bind::<Timestamptz, _>(delta.period.end())
+                            .bind::<BigInt, _>(delta.calls)
+                            .bind::<Nullable<BigInt>, _>(delta.included)
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok(count)
+                })
+                .await;
+            match result {
+                Ok(inserted) => {
+                    return Ok(RecordOutcome {
+                        inserted,
+                        duplicates: events.len() as u64 - inserted,
+                    });
+                }
+                Err(e) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "retrying usage batch");
+                    attempt += 1;
+                }
+                Err(e) => return Err(repo_error(e, "user")),
+            }
+        }
+    }
+
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        Ok(eco_usage_records::table
+            .filter(eco_usage_records::user_id.eq(user_id.as_str()))
+            .filter(eco_usage_records::period_start.eq(period_start))
+            .select(UsageRecordRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "usage record"))?
+            .map(UsageRecordRow::into_domain))
+    }
+
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let n: i64 = eco_api_usage::table
+            .filter(eco_api_usage::user_id.eq(user_id.as_str()))
+            .filter(eco_api_usage::created_at.ge(from))
+            .filter(eco_api_usage::created_at.lt(to))
+            .count()
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(to_u64(n))
+    }
+}
+
+#[async_trait]
+impl DailyUsageRepository for PgStore {
+    async fn aggregate_usage_day(&self, date: Date, now: OffsetDateTime) -> Result<u64, RepoError> {
+        // Set-based: one statement over the day's index range, whatever the row count.
+        let rebuild = format!(
+            "WITH per_endpoint AS (
+                SELECT user_id, endpoint, method, count(*) AS calls,
+                       count(*) FILTER (WHERE status_code >= 400) AS errors,
+                       sum(response_time_ms)::bigint AS total_ms
+                FROM eco_api_usage
+                WHERE created_at >= $2 AND created_at < $3
+                GROUP BY user_id, endpoint, method
+            ), ranked AS (
+                SELECT *, row_number() OVER (
+                    PARTITION BY user_id
+                    ORDER BY calls DESC, endpoint COLLATE \"C\", method COLLATE \"C\") AS rank
+                FROM per_endpoint
+            )
+            INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+                total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+            SELECT user_id, $1, sum(calls)::bigint, sum(errors)::bigint, sum(total_ms)::bigint,
+                   sum(total_ms)::float8 / sum(calls),
+                   jsonb_agg(jsonb_build_object('endpoint', endpoint, 'method', method,
+                                                'calls', calls) ORDER BY rank)
+                       FILTER (WHERE rank <= {TOP_ENDPOINTS}),
+                   $4
+            FROM ranked
+            GROUP BY user_id"
+        );
+        let start = date.midnight().assume_utc();
+        let end = start + time::Duration::days(1);
+        let mut conn = self.conn().await?;
+        let users = conn
+            .transaction(async |conn| -> Result<usize, diesel::result::Error> {
+                diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(date)))
+                    .execute(conn)
+                    .await?;
+                diesel::sql_query(&rebuild)
+                    .bind::<SqlDate, _>(date)
+                    .bind::<Timestamptz, _>(start)
+                    .bind::<Timestamptz, _>(end)
+                    .bind::<Timestamptz, _>(now)
+                    .execute(conn)
+                    .await
+            })
+            .await
+            .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(users as u64)
+    }
+
+    async fn daily_usage(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DailyRow> = eco_usage_daily::table
+            .filter(eco_usage_daily::user_id.eq(user_id.as_str()))
+            .filter(eco_usage_daily::date.between(from, to))
+            .order(eco_usage_daily::date.asc())
+            .select(DailyRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "daily usage"))?;
+        rows.into_iter().map(DailyRow::into_domain).collect()
+    }
+}
+
+#[async_trait]
+impl OverageChargeRepository for PgStore {
+    async fn create_overage_charge(
+        &self,
+        charge: &NewOverageCharge,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_overage_charges::table)
+            .values(NewChargeRow {
+                user_id: charge.user_id.as_str(),
+                period_start: charge.period_start,
+                calls_from: to_i64(charge.calls_from),
+                calls_to: to_i64(charge.calls_to),
+                amount_cents: charge.amount_cents,
+                idempotency_key: &charge.idempotency_key,
+                status: ChargeStatus::Pending.as_str(),
+                created_at: charge.created_at,
+                updated_at: charge.created_at,
+            })
+            .returning(ChargeRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?
+            .into_domain()
+    }
+
+    async fn overage_charge_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_overage_charges::table
+            .filter(eco_overage_charges::idempotency_key.eq(idempotency_key))
+            .select(ChargeRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "overage charge"))?
+            .map(ChargeRow::into_domain)
+            .transpose()
+    }
+
+    async fn complete_overage_charge(
+        &self,
+        id: i64,
+        stripe_invoice_item_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| -> Result<ChargeRow, diesel::result::Error> {
+            let charge: ChargeRow = diesel::update(c::eco_overage_charges.find(id))
+                .set((
+                    c::status.eq(ChargeStatus::Succeeded.as_str()),
+                    c::stripe_invoice_item_id.eq(stripe_invoice_item_id),
+                    c::attempts.eq(c::attempts + 1),
+                    c::last_error.eq(None::<String>),
+                    c::updated_at.eq(at),
+                ))
+                .returning(ChargeRow::as_returning())
+                .get_result(conn)
+                .await?;
+            diesel::sql_query(
+                "UPDATE eco_usage_records
+                 SET overage_invoiced_calls = GREATEST(overage_invoiced_calls, $3), updated_at = $4
+                 WHERE user_id = $1 AND period_start = $2",
+            )
+            .bind::<Text, _>(&charge.user_id)
+            .bind::<Timestamptz, _>(charge.period_start)
+            .bind::<BigInt, _>(charge.calls_to)
+            .bind::<Timestamptz, _>(at)
+            .execute(conn)
+            .await?;
+            Ok(charge)
+        })
+        .await
+        .map_err(|e| repo_error(e, "overage charge"))?
+        .into_domain()
+    }
+
+    async fn fail_overage_charge(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        diesel::update(c::eco_overage_charges.find(id))
+            .set((
+                c::status.eq(ChargeStatus::Failed.as_str()),
+                c::attempts.eq(c::attempts + 1),
+                c::last_error.eq(error),
+                c::updated_at.eq(at),
+            ))
+            .returning(ChargeRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "overage charge"))?
+            .into_domain()
+    }
+
+    async fn overage_charges_for_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OverageCharge>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ChargeRow> = eco_overage_charges::table
+            .filter(eco_overage_charges::user_id.eq(user_id.as_str()))
+            .order(eco_overage_charges::id.asc())
+            .select(ChargeRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "overage charge"))?;
+        rows.into_iter().map(ChargeRow::into_domain).collect()
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        conn.batch_execute("SELECT 1")
+            .await
+            .map_err(|e| RepoError::Unavailable(e.to_string()))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "postgres"
+    }
+}

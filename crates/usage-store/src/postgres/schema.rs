@@ -1,0 +1,83 @@
+// The PostgreSQL tables, as in migrations/postgres.
+
+diesel::table! {
+    eco_users (id) {
+        id -> Text,
+        email -> Text,
+        plan -> Text,
+        stripe_customer_id -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    eco_api_keys (id) {
+        id -> Text,
+        user_id -> Text,
+        name -> Text,
+        prefix -> Text,
+        key_hash -> Text,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+        expires_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    eco_api_usage (id) {
+        id -> BigInt,
+        event_id -> Uuid,
+        user_id -> Text,
+        api_key_id -> Text,
+        endpoint -> Text,
+        method -> Text,
+        status_code -> Integer,
+        response_time_ms -> Integer,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    eco_usage_records (id) {
+        id -> BigInt,
+        user_id -> Text,
+        period_start -> Timestamptz,
+        period_end -> Timestamptz,
+        api_calls -> BigInt,
+        overage_calls -> BigInt,
+        overage_invoiced_calls -> BigInt,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    eco_usage_daily (user_id, date) {
+        user_id -> Text,
+        date -> Date,
+        api_calls -> BigInt,
+        error_calls -> BigInt,
+        total_response_time_ms -> BigInt,
+        avg_response_time_ms -> Double,
+        top_endpoints -> Jsonb,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    eco_overage_charges (id) {
+        id -> BigInt,
+        user_id -> Text,
+        period_start -> Timestamptz,
+        calls_from -> BigInt,
+        calls_to -> BigInt,
+        amount_cents -> BigInt,
+        idempotency_key -> Text,
+        status -> Text,
+        stripe_invoice_item_id -> Nullable<Text>,
+        attempts -> Integer,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}

@@ -1,0 +1,865 @@
+//! SQLite through diesel: bundled library, WAL, busy timeout, foreign keys, an r2d2 pool,
+//! and every call on a blocking thread behind the async traits.
+
+mod schema;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
+use usage_core::repo::{
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
+    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+};
+use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
+
+use self::schema::{
+    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records,
+    eco_users,
+};
+use crate::common::{counter_deltas, parse_top_endpoints, to_i64, to_u64};
+use crate::error::repo_error;
+use crate::postgres::parse_plan;
+use crate::{PoolOptions, StoreError};
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
+
+/// Readers run in parallel under WAL; more connections than this only wait on the
+/// single writer.
+const MAX_SQLITE_CONNECTIONS: u32 = 8;
+
+const TIMESTAMP: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+const DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day]");
+
+/// A timestamp as stored: fixed width and UTC, so text order is time order.
+fn ts(t: OffsetDateTime) -> String {
+    t.to_offset(UtcOffset::UTC)
+        .format(TIMESTAMP)
+        .unwrap_or_else(|_| String::from("0000-00-00T00:00:00.000000Z"))
+}
+
+fn parse_ts(s: &str) -> Result<OffsetDateTime, RepoError> {
+    PrimitiveDateTime::parse(s, TIMESTAMP)
+        .map(PrimitiveDateTime::assume_utc)
+        .map_err(|e| RepoError::Backend(format!("bad stored timestamp {s:?}: {e}")))
+}
+
+fn parse_ts_opt(s: Option<String>) -> Result<Option<OffsetDateTime>, RepoError> {
+    s.as_deref().map(parse_ts).transpose()
+}
+
+fn date_text(d: Date) -> String {
+    d.format(DATE).unwrap_or_default()
+}
+
+fn parse_date(s: &str) -> Result<Date, RepoError> {
+    Date::parse(s, DATE).map_err(|e| RepoError::Backend(format!("bad stored date {s:?}: {e}")))
+}
+
+/// Sets the pragmas on every new connection.
+#[derive(Debug)]
+struct ConnectionSetup {
+    busy_timeout: Duration,
+}
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSetup {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&pragmas(self.busy_timeout))
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+fn pragmas(busy_timeout: Duration) -> String {
+    format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+        busy_timeout.as_millis()
+    )
+}
+
+fn path_str(path: &Path) -> Result<&str, StoreError> {
+    path.to_str().ok_or_else(|| StoreError::Connect {
+        url: path.display().to_string(),
+        reason: "the path is not valid UTF-8".to_owned(),
+    })
+}
+
+/// Applies pending migrations, creating the file and its directory when missing.
+pub(crate) async fn migrate(path: &Path) -> Result<usize, StoreError> {
+    let path = path.to_owned();
+    let shown = format!("sqlite://{}", path.display());
+    let failed = |reason: String| StoreError::Migration { url: shown.clone(), reason };
+    tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
+        let url = format!("sqlite://{}", path.display());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Connect {
+                url: url.clone(),
+                reason: format!("cannot create directory {}: {e}", dir.display()),
+            })?;
+        }
+        let mut conn = SqliteConnection::establish(path_str(&path)?)
+            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+        conn.batch_execute(&pragmas(Duration::from_secs(30)))
+            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| StoreError::Migration { url, reason: e.to_string() })
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+}
+
+/// All repositories on one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: Pool<ConnectionManager<SqliteConnection>>,
+}
+
+type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+
+impl SqliteStore {
+    /// Opens a pool on the file at `path` and checks that it answers.
+    pub async fn open(path: &Path, options: &PoolOptions) -> Result<Self, StoreError> {
+        let url = format!("sqlite://{}", path.display());
+        let manager = ConnectionManager::<SqliteConnection>::new(path_str(path)?);
+        let builder = Pool::builder()
+            .max_size(options.max_connections.clamp(1, MAX_SQLITE_CONNECTIONS))
+            .min_idle(Some(1))
+            .connection_timeout(options.connect_timeout)
+            .connection_customizer(Box::new(ConnectionSetup {
+                busy_timeout: options.statement_timeout,
+            }));
+        // Building opens the first connection, which blocks.
+        let pool = tokio::task::spawn_blocking(move || builder.build(manager))
+            .await
+            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?
+            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+        let store = Self { pool };
+        store
+            .ping()
+            .await
+            .map_err(|e| StoreError::Connect { url, reason: e.to_string() })?;
+        Ok(store)
+    }
+
+    /// Runs `work` on a pooled connection on a blocking thread. `missing` names what a
+    /// foreign-key failure means (SQLite does not say which key failed).
+    async fn run<T, F>(&self, missing: &'static str, work: F) -> Result<T, RepoError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, RepoError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(|e| RepoError::Unavailable(e.to_string()))?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| RepoError::Backend(format!("{missing} query task failed: {e}")))?
+    }
+}
+
+/// diesel errors of SQLite to repository errors.
+fn db(missing: &'static str) -> impl Fn(diesel::result::Error) -> RepoError {
+    move |e| repo_error(e, missing)
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = eco_users, check_for_backend(diesel::sqlite::Sqlite))]
+struct UserRow {
+    id: String,
+    email: String,
+    plan: String,
+    stripe_customer_id: Option<String>,
+    created_at: String,
+}
+
+impl UserRow {
+    fn into_domain(self) -> Result<User, RepoError> {
+        Ok(User {
+            id: UserId::from_stored(self.id),
+            email: self.email,
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            created_at: parse_ts(&self.created_at)?,
+        })
+    }
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = eco_api_keys, check_for_backend(diesel::sqlite::Sqlite))]
+struct ApiKeyRow {
+    id: String,
+    user_id: String,
+    name: String,
+    prefix: String,
+    key_hash: String,
+    created_at: String,
+    last_used_at: Option<String>,
+    revoked_at: Option<String>,
+    expires_at: Option<String>,
+}
+
+impl ApiKeyRow {
+    fn from_domain(k: &ApiKeyRecord) -> Self {
+        Self {
+            id: k.id.to_string(),
+            user_id: k.user_id.to_string(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            key_hash: k.key_hash.clone(),
+            created_at: ts(k.created_at),
+            last_used_at: k.last_used_at.map(ts),
+            revoked_at: k.revoked_at.map(ts),
+            expires_at: k.expires_at.map(ts),
+        }
+    }
+
+    fn into_domain(self) -> Result<ApiKeyRecord, RepoError> {
+        Ok(ApiKeyRecord {
+            id: ApiKeyId::from_stored(self.id),
+            user_id: UserId::from_stored(self.user_id),
+            name: self.name,
+            prefix: self.prefix,
+            key_hash: self.key_hash,
+            created_at: parse_ts(&self.created_at)?,
+            last_used_at: parse_ts_opt(self.last_used_at)?,
+            revoked_at: parse_ts_opt(self.revoked_at)?,
+            expires_at: parse_ts_opt(self.expires_at)?,
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = eco_api_usage, check_for_backend(diesel::sqlite::Sqlite))]
+struct NewUsageRow {
+    event_id: String,
+    user_id: String,
+    api_key_id: String,
+    endpoint: String,
+    method: String,
+    status_code: i32,
+    response_time_ms: i32,
+    created_at: String,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_records, check_for_backend(diesel::sqlite::Sqlite))]
+struct UsageRecordRow {
+    user_id: String,
+    period_start: String,
+    period_end: String,
+    api_calls: i64,
+    overage_calls: i64,
+    overage_invoiced_calls: i64,
+    updated_at: String,
+}
+
+impl UsageRecordRow {
+    fn into_domain(self) -> Result<UsageRecord, RepoError> {
+        Ok(UsageRecord {
+            user_id: UserId::from_stored(self.user_id),
+            period_start: parse_ts(&self.period_start)?,
+            period_end: parse_ts(&self.period_end)?,
+            api_calls: to_u64(self.api_calls),
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+            updated_at: parse_ts(&self.updated_at)?,
+        })
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_daily, check_for_backend(diesel::sqlite::Sqlite))]
+struct DailyRow {
+    user_id: String,
+    date: String,
+    api_calls: i64,
+    error_calls: i64,
+    total_response_time_ms: i64,
+    avg_response_time_ms: f64,
+    top_endpoints: String,
+}
+
+impl DailyRow {
+    fn into_domain(self) -> Result<DailyUsage, RepoError> {
+        Ok(DailyUsage {
+            user_id: UserId::from_stored(self.user_id),
+            date: parse_date(&self.date)?,
+            api_calls: to_u64(self.api_calls),
+            error_calls: to_u64(self.error_calls),
+            total_response_time_ms: to_u64(self.total_response_time_ms),
+            avg_response_time_ms: self.avg_response_time_ms,
+            top_endpoints: parse_top_endpoints(&self.top_endpoints)?,
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = eco_overage_charges, check_for_backend(diesel::sqlite::Sqlite))]
+struct NewChargeRow {
+    user_id: String,
+    period_start: String,
+    calls_from: i64,
+    calls_to: i64,
+    amount_cents: i64,
+    idempotency_key: String,
+    status: &'static str,
+    created_at: String,
+    updated_at: String,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_overage_charges, check_for_backend(diesel::sqlite::Sqlite))]
+struct ChargeRow {
+    id: i64,
+    user_id: String,
+    period_start: String,
+    calls_from: i64,
+    calls_to: i64,
+    amount_cents: i64,
+    idempotency_key: String,
+    status: String,
+    stripe_invoice_item_id: Option<String>,
+    attempts: i32,
+    last_error: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl ChargeRow {
+    fn into_domain(self) -> Result<OverageCharge, RepoError> {
+        Ok(OverageCharge {
+            id: self.id,
+            user_id: UserId::from_stored(self.user_id),
+            period_start: parse_ts(&self.period_start)?,
+            calls_from: to_u64(self.calls_from),
+            calls_to: to_u64(self.calls_to),
+            amount_cents: self.amount_cents,
+            idempotency_key: self.idempotency_key,
+            status: ChargeStatus::from_stored(&self.status).ok_or_else(|| {
+                RepoError::Backend(format!("unknown charge status {:?}", self.status))
+            })?,
+            stripe_invoice_item_id: self.stripe_invoice_item_id,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            last_error: self.last_error,
+            created_at: parse_ts(&self.created_at)?,
+            updated_at: parse_ts(&self.updated_at)?,
+        })
+    }
+}
+
+#[async_trait]
+impl UserRepository for SqliteStore {
+    async fn create_user(&self, user: &User) -> Result<(), RepoError> {
+        let row = UserRow {
+            id: user.id.to_string(),
+            email: user.email.clone(),
+            plan: user.plan.as_str().to_owned(),
+            stripe_customer_id: user.stripe_customer_id.clone(),
+            created_at: ts(user.created_at),
+        };
+        self.run("user", move |conn| {
+            diesel::insert_into(eco_users::table)
+                .values(row)
+                .execute(conn)
+                .map_err(db("user"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError> {
+        let id = id.to_string();
+        self.run("user", move |conn| {
+            eco_users::table
+                .find(id)
+                .select(UserRow::as_select())
+                .first(conn)
+                .optional()
+                .map_err(db("user"))?
+                .map(UserRow::into_domain)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
+        let email = email.to_owned();
+        self.run("user", move |conn| {
+            eco_users::table
+                .filter(eco_users::email.eq(email))
+                .select(UserRow::as_select())
+                .first(conn)
+                .optional()
+                .map_err(db("user"))?
+                .map(UserRow::into_domain)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
+        let id = id.to_string();
+        self.run("user", move |conn| {
+            diesel::update(eco_users::table.find(id))
+                .set(eco_users::plan.eq(plan.as_str()))
+                .returning(UserRow::as_returning())
+                .get_result(conn)
+                .map_err(db("user"))?
+                .into_domain()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ApiKeyRepository for SqliteStore {
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+        let row = ApiKeyRow::from_domain(key);
+        self.run("user", move |conn| {
+            diesel::insert_into(eco_api_keys::table)
+                .values(row)
+                .execute(conn)
+                .map_err(db("user"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let key_hash = key_hash.to_owned();
+        self.run("API key", move |conn| {
+            eco_api_keys::table
+                .filter(eco_api_keys::key_hash.eq(key_hash))
+                .select(ApiKeyRow::as_select())
+                .first(conn)
+                .optional()
+                .map_err(db("API key"))?
+                .map(ApiKeyRow::into_domain)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+        let user_id = user_id.to_string();
+        self.run("API key", move |conn| {
+            eco_api_keys::table
+                .filter(eco_api_keys::user_id.eq(user_id))
+                .order((eco_api_keys::created_at.desc(), eco_api_keys::id.desc()))
+                .select(ApiKeyRow::as_select())
+                .load(conn)
+                .map_err(db("API key"))?
+                .into_iter()
+                .map(ApiKeyRow::into_domain)
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let (user_id, key_id, at) = (user_id.to_string(), key_id.to_string(), ts(at));
+        self.run("API key", move |conn| {
+            let keep_first = diesel::dsl::sql::<Nullable<Text>>("COALESCE(revoked_at, ")
+                .bind::<Text, _>(at)
+                .sql(")");
+            diesel::update(
+                eco_api_keys::table
+                    .filter(eco_api_keys::id.eq(key_id))
+                    .filter(eco_api_keys::user_id.eq(user_id)),
+            )
+            .set(eco_api_keys::revoked_at.eq(keep_first))
+            .returning(ApiKeyRow::as_returning())
+            .get_result(conn)
+            .optional()
+            .map_err(db("API key"))?
+            .map(ApiKeyRow::into_domain)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
+        let used: Vec<(String, String)> =
+            used.iter().map(|(id, at)| (id.to_string(), ts(*at))).collect();
+        self.run("API key", move |conn| {
+            conn.immediate_transaction(|conn| {
+                for (id, at) in used {
+                    diesel::sql_query(
+                        "UPDATE eco_api_keys SET last_used_at = ?2 \
+                         WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+                    )
+                    .bind::<Text, _>(id)
+                    .bind::<Text, _>(at)
+                    .execute(conn)?;
+                }
+                Ok(())
+            })
+            .map_err(db("API key"))
+        })
+        .await
+    }
+}
+
+/// Adds a batch's inserted events to one (user, period) counter; see the PostgreSQL twin.
+const UPSERT_COUNTER: &str = "\
+INSERT INTO eco_usage_records
+    (user_id, period_start, period_end, api_calls, overage_calls, updated_at)
+VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 IS NULL THEN 0 ELSE MAX(0, ?4 - ?5) END, ?6)
+ON CONFLICT (user_id, period_start) DO UPDATE SET
+    api_calls = api_calls + excluded.api_calls,
+    overage_calls = CASE WHEN ?5 IS NULL THEN 0
+        ELSE MAX(0, api_calls + excluded.api_calls - ?5) END,
+    updated_at = excluded.updated_at";
+
+#[async_trait]
+impl UsageRepository for SqliteStore {
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError> {
+        if events.is_empty() {
+            return Ok(RecordOutcome::default());
+        }
+        let rows: Vec<(NewUsageRow, UserId, OffsetDateTime)> = events
+            .iter()
+            .map(|e| {
+                let row = NewUsageRow {
+                    event_id: e.event_id.hyphenated().to_string(),
+                    user_id: e.user_id.to_string(),
+                    api_key_id: e.api_key_id.to_string(),
+                    endpoint: e.endpoint.clone(),
+                    method: e.method.clone(),
+                    status_code: i32::from(e.status_code),
+                    response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
+                    created_at: ts(e.created_at),
+                };
+                (row, e.user_id.clone(), e.created_at)
+            })
+            .collect();
+        let included = included.clone();
+        let total = events.len() as u64;
+        let inserted = self
+            .run("user or API key", move |conn| {
+                // IMMEDIATE takes the write lock up front: no lock upgrade to fail midway.
+                conn.immediate_transaction(|conn| {
+                    let mut inserted = Vec::with_capacity(rows.len());
+                    for (row, user_id, at) in rows {
+                        let n = diesel::insert_into(eco_api_usage::table)
+                            .values(row)
+                            .on_conflict(eco_api_usage::event_id)
+                            .do_nothing()
+                            .execute(conn)?;
+                        if n == 1 {
+                            inserted.push((user_id, at));
+                        }
+                    }
+                    let count = inserted.len() as u64;
+                    let now = ts(OffsetDateTime::now_utc());
+                    for delta in counter_deltas(inserted, &included) {
+                        diesel::sql_query(UPSERT_COUNTER)
+                            .bind::<Text, _>(delta.user_id.as_str())
+                            .bind::<Text, _>(ts(delta.period.start()))
+                            .bind::<Text, _>(ts(delta.period.end()))
+                            .bind::<BigInt, _>(delta.calls)
+                            .bind::<Nullable<BigInt>, _>(delta.included)
+                            .bind::<Text, _>(&now)
+                            .execute(conn)?;
+                    }
+                    Ok(count)
+                })
+                .map_err(db("user or API key"))
+            })
+            .await?;
+        Ok(RecordOutcome {
+            inserted,
+            duplicates: total - inserted,
+        })
+    }
+
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError> {
+        let (user_id, start) = (user_id.to_string(), ts(period_start));
+        self.run("usage record", move |conn| {
+            eco_usage_records::table
+                .filter(eco_usage_records::user_id.eq(user_id))
+                .filter(eco_usage_records::period_start.eq(start))
+                .select(UsageRecordRow::as_select())
+                .first(conn)
+                .optional()
+                .map_err(db("usage record"))?
+                .map(UsageRecordRow::into_domain)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let (user_id, from, to) = (user_id.to_string(), ts(from), ts(to));
+        self.run("usage event", move |conn| {
+            let n: i64 = eco_api_usage::table
+                .filter(eco_api_usage::user_id.eq(user_id))
+                .filter(eco_api_usage::created_at.ge(from))
+                .filter(eco_api_usage::created_at.lt(to))
+                .count()
+                .get_result(conn)
+                .map_err(db("usage event"))?;
+            Ok(to_u64(n))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DailyUsageRepository for SqliteStore {
+    async fn aggregate_usage_day(&self, date: Date, now: OffsetDateTime) -> Result<u64, RepoError> {
+        let rebuild = format!(
+            "WITH per_endpoint AS (
+                SELECT user_id, endpoint, method, count(*) AS calls,
+                       sum(status_code >= 400) AS errors,
+                       sum(response_time_ms) AS total_ms
+                FROM eco_api_usage
+                WHERE created_at >= ?2 AND created_at < ?3
+                GROUP BY user_id, endpoint, method
+            ), ranked AS (
+                SELECT *, row_number() OVER (
+                    PARTITION BY user_id ORDER BY calls DESC, endpoint, method) AS rank
+                FROM per_endpoint
+            )
+            INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+                total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+            SELECT user_id, ?1, sum(calls), sum(errors), sum(total_ms),
+                   CAST(sum(total_ms) AS REAL) / sum(calls),
+                   json_group_array(json_object('endpoint', endpoint, 'method', method,
+                                                'calls', calls) ORDER BY rank)
+                       FILTER (WHERE rank <= {TOP_ENDPOINTS}),
+                   ?4
+            FROM ranked
+            GROUP BY user_id"
+        );
+        let start = date.midnight().assume_utc();
+        let (day, from, to, now) =
+            (date_text(date), ts(start), ts(start + time::Duration::days(1)), ts(now));
+        self.run("usage event", move |conn| {
+            conn.immediate_transaction(|conn| {
+                diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))
+                    .execute(conn)?;
+                diesel::sql_query(&rebuild)
+                    .bind::<Text, _>(&day)
+                    .bind::<Text, _>(&from)
+                    .bind::<Text, _>(&to)
+                    .bind::<Text, _>(&now)
+                    .execute(conn)
+            })
+            .map(|users| users as u64)
+            .map_err(db("usage event"))
+        })
+        .await
+    }
+
+    async fn daily_usage(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let (user_id, from, to) = (user_id.to_string(), date_text(from), date_text(to));
+        self.run("daily usage", move |conn| {
+            eco_usage_daily::table
+                .filter(eco_usage_daily::user_id.eq(user_id))
+                .filter(eco_usage_daily::date.between(from, to))
+                .order(eco_usage_daily::date.asc())
+                .select(DailyRow::as_select())
+                .load(conn)
+                .map_err(db("daily usage"))?
+                .into_iter()
+                .map(DailyRow::into_domain)
+                .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OverageChargeRepository for SqliteStore {
+    async fn create_overage_charge(
+        &self,
+        charge: &NewOverageCharge,
+    ) -> Result<OverageCharge, RepoError> {
+        let row = NewChargeRow {
+            user_id: charge.user_id.to_string(),
+            period_start: ts(charge.period_start),
+            calls_from: to_i64(charge.calls_from),
+            calls_to: to_i64(charge.calls_to),
+            amount_cents: charge.amount_cents,
+            idempotency_key: charge.idempotency_key.clone(),
+            status: ChargeStatus::Pending.as_str(),
+            created_at: ts(charge.created_at),
+            updated_at: ts(charge.created_at),
+        };
+        self.run("user", move |conn| {
+            diesel::insert_into(eco_overage_charges::table)
+                .values(row)
+                .returning(ChargeRow::as_returning())
+                .get_result(conn)
+                .map_err(db("user"))?
+                .into_domain()
+        })
+        .await
+    }
+
+    async fn overage_charge_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        let key = idempotency_key.to_owned();
+        self.run("overage charge", move |conn| {
+            eco_overage_charges::table
+                .filter(eco_overage_charges::idempotency_key.eq(key))
+                .select(ChargeRow::as_select())
+                .first(conn)
+                .optional()
+                .map_err(db("overage charge"))?
+                .map(ChargeRow::into_domain)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn complete_overage_charge(
+        &self,
+        id: i64,
+        stripe_invoice_item_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let (item, at) = (stripe_invoice_item_id.to_owned(), ts(at));
+        self.run("overage charge", move |conn| {
+            conn.immediate_transaction(|conn| {
+                let charge: ChargeRow = diesel::update(c::eco_overage_charges.find(id))
+                    .set((
+                        c::status.eq(ChargeStatus::Succeeded.as_str()),
+                        c::stripe_invoice_item_id.eq(&item),
+                        c::attempts.eq(c::attempts + 1),
+                        c::last_error.eq(None::<String>),
+                        c::updated_at.eq(&at),
+                    ))
+                    .returning(ChargeRow::as_returning())
+                    .get_result(conn)?;
+                diesel::sql_query(
+                    "UPDATE eco_usage_records
+                     SET overage_invoiced_calls = MAX(overage_invoiced_calls, ?3), updated_at = ?4
+                     WHERE user_id = ?1 AND period_start = ?2",
+                )
+                .bind::<Text, _>(&charge.user_id)
+                .bind::<Text, _>(&charge.period_start)
+                .bind::<BigInt, _>(charge.calls_to)
+                .bind::<Text, _>(&at)
+                .execute(conn)?;
+                Ok(charge)
+            })
+            .map_err(db("overage charge"))?
+            .into_domain()
+        })
+        .await
+    }
+
+    async fn fail_overage_charge(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let (error, at) = (error.to_owned(), ts(at));
+        self.run("overage charge", move |conn| {
+            diesel::update(c::eco_overage_charges.find(id))
+                .set((
+                    c::status.eq(ChargeStatus::Failed.as_str()),
+                    c::attempts.eq(c::attempts + 1),
+                    c::last_error.eq(error),
+                    c::updated_at.eq(at),
+                ))
+                .returning(ChargeRow::as_returning())
+                .get_result(conn)
+                .map_err(db("overage charge"))?
+                .into_domain()
+        })
+        .await
+    }
+
+    async fn overage_charges_for_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OverageCharge>, RepoError> {
+        let user_id = user_id.to_string();
+        self.run("overage charge", move |conn| {
+            eco_overage_charges::table
+                .filter(eco_overage_charges::user_id.eq(user_id))
+                .order(eco_overage_charges::id.asc())
+                .select(ChargeRow::as_select())
+                .load(conn)
+                .map_err(db("overage charge"))?
+                .into_iter()
+                .map(ChargeRow::into_domain)
+                .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), RepoError> {
+        self.run("database", |conn| {
+            conn.batch_execute("SELECT 1")
+                .map_err(|e| RepoError::Unavailable(e.to_string()))
+        })
+        .await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn stored_timestamps_are_fixed_width_and_sort_as_time() {
+        let a = datetime!(2026-11-30 23:59:59.999 UTC);
+        let b = datetime!(2026-12-01 00:00 +01:00); // earlier than a
+        assert_eq!(ts(a), "2026-11-30T23:59:59.999000Z");
+        assert_eq!(ts(b), "2026-11-30T23:00:00.000000Z");
+        assert!(ts(b) < ts(a));
+        assert_eq!(parse_ts(&ts(a)).unwrap(), a);
+    }
+}

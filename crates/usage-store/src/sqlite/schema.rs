@@ -1,0 +1,83 @@
+// The SQLite tables, as in migrations/sqlite. Timestamps and dates are TEXT (see there).
+
+diesel::table! {
+    eco_users (id) {
+        id -> Text,
+        email -> Text,
+        plan -> Text,
+        stripe_customer_id -> Nullable<Text>,
+        created_at -> Text,
+    }
+}
+
+diesel::table! {
+    eco_api_keys (id) {
+        id -> Text,
+        user_id -> Text,
+        name -> Text,
+        prefix -> Text,
+        key_hash -> Text,
+        created_at -> Text,
+        last_used_at -> Nullable<Text>,
+        revoked_at -> Nullable<Text>,
+        expires_at -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    eco_api_usage (id) {
+        id -> BigInt,
+        event_id -> Text,
+        user_id -> Text,
+        api_key_id -> Text,
+        endpoint -> Text,
+        method -> Text,
+        status_code -> Integer,
+        response_time_ms -> Integer,
+        created_at -> Text,
+    }
+}
+
+diesel::table! {
+    eco_usage_records (id) {
+        id -> BigInt,
+        user_id -> Text,
+        period_start -> Text,
+        period_end -> Text,
+        api_calls -> BigInt,
+        overage_calls -> BigInt,
+        overage_invoiced_calls -> BigInt,
+        updated_at -> Text,
+    }
+}
+
+diesel::table! {
+    eco_usage_daily (user_id, date) {
+        user_id -> Text,
+        date -> Text,
+        api_calls -> BigInt,
+        error_calls -> BigInt,
+        total_response_time_ms -> BigInt,
+        avg_response_time_ms -> Double,
+        top_endpoints -> Text,
+        updated_at -> Text,
+    }
+}
+
+diesel::table! {
+    eco_overage_charges (id) {
+        id -> BigInt,
+        user_id -> Text,
+        period_start -> Text,
+        calls_from -> BigInt,
+        calls_to -> BigInt,
+        amount_cents -> BigInt,
+        idempotency_key -> Text,
+        status -> Text,
+        stripe_invoice_item_id -> Nullable<Text>,
+        attempts -> Integer,
+        last_error -> Nullable<Text>,
+        created_at -> Text,
+        updated_at -> Text,
+    }
+}

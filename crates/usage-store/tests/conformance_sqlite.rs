@@ -1,0 +1,23 @@
+//! The repository conformance suite against SQLite files in temporary directories.
+use usage_core::conformance::TestStore;
+use usage_store::PoolOptions;
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn fresh_store() -> TestStore {
+    let dir = std::env::temp_dir().join(format!("usage-sqlite-{}", uuid::Uuid::now_v7()));
+    let url = format!("sqlite://{}/usage.db", dir.display());
+    let applied = usage_store::migrate(&url).await.expect("migrate");
+    assert!(applied > 0);
+    let store = usage_store::open(&url, &PoolOptions::default()).await.expect("open");
+    assert_eq!(store.backend_name(), "sqlite");
+    TestStore::new(store, TempDir(dir))
+}
+
+usage_core::repository_conformance_tests!(fresh_store);
