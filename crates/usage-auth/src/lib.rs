@@ -1,0 +1,51 @@
+//! Credentials of nexus-usage: API keys and user JWTs.
+//!
+//! - [`keys`]: generating `eco_live_` keys, storing only their SHA-256, issuing and
+//!   revoking them through [`usage_core::repo::ApiKeyRepository`].
+//! - [`jwt`]: minting and verifying HS256 user tokens with a pinned algorithm.
+#![warn(missing_docs)]
+
+pub mod jwt;
+pub mod keys;
+
+use thiserror::Error;
+use usage_core::{RepoError, UserId};
+
+/// Why a credential operation failed.
+#[derive(Debug, Error)]
+pub enum AuthError {
+    /// No user has this id.
+    #[error("no user with id {0}")]
+    UnknownUser(UserId),
+    /// A key name outside the allowed form.
+    #[error("name must be 1 to {max} printable characters (got {len} characters)")]
+    InvalidKeyName {
+        /// Longest name allowed.
+        max: usize,
+        /// Length given.
+        len: usize,
+    },
+    /// A token lifetime outside the allowed range.
+    #[error("ttl-secs must be between 1 and {max} (got {got})")]
+    InvalidTtl {
+        /// Longest lifetime allowed, in seconds.
+        max: u64,
+        /// Lifetime given.
+        got: u64,
+    },
+    /// The JWT secret is too short to be safe.
+    #[error("JWT_SECRET must be at least {min} bytes long")]
+    WeakSecret {
+        /// Shortest secret accepted.
+        min: usize,
+    },
+    /// A token could not be signed.
+    #[error("cannot sign the token: {0}")]
+    Signing(String),
+    /// A token was refused. The reason is for logs only, never for the client.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    /// The store failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}

@@ -9,6 +9,9 @@ pub enum DomainError {
     /// An email address that does not look like `local@domain.tld`.
     #[error("email must look like name@example.com (got {0:?})")]
     InvalidEmail(String),
+    /// A Stripe customer id that is not `cus_` followed by letters and digits.
+    #[error("stripe customer id must look like cus_<letters and digits> (got {0:?})")]
+    InvalidStripeCustomerId(String),
     /// An id without the expected prefix or with characters outside base62.
     #[error("{kind} id must look like {prefix}<letters and digits> (got {value:?})")]
     InvalidId {

@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod accounts;
 pub mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;

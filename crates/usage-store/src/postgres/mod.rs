@@ -44,7 +44,10 @@ pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
         let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(
             &owned_url,
         )
-            .map_err(|e| StoreError::Connect { url: redact(&owned_url), reason: e.to_string() })?;
+            .map_err(|e| StoreError::Connect {
+                url: redact(&owned_url),
+                reason: format!("{e} (is PostgreSQL running there and accepting connections?)"),
+            })?;
         let lock = format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})");
         diesel::RunQueryDsl::execute(diesel::sql_query(lock), &mut conn)
             .map_err(|e| StoreError::Migration { url: redact(&owned_url), reason: e.to_string() })?;
@@ -97,10 +100,14 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::Connect { url: redact(url), reason: e.to_string() })?;
         let store = Self { pool };
+        // The driver's message alone ("error connecting to server") does not say what to check.
         store
             .ping()
             .await
-            .map_err(|e| StoreError::Connect { url: redact(url), reason: e.to_string() })?;
+            .map_err(|e| StoreError::Connect {
+                url: redact(url),
+                reason: format!("{e} (is PostgreSQL running there and accepting connections?)"),
+            })?;
         Ok(store)
     }
 

@@ -1,0 +1,204 @@
+//! The command line. Every option can also come from the environment variable named
+//! in its help.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use usage_core::{Plan, UserId};
+
+/// Usage metering, API keys, monthly quotas and overage billing for SaaS APIs.
+///
+/// With no command, serves HTTP (as `serve`). Commands that create something print only
+/// its id, key or token on stdout, so they compose in scripts.
+#[derive(Debug, Parser)]
+#[command(name = "usage-server", version, propagate_version = true)]
+pub struct Cli {
+    /// Options every command reads.
+    #[command(flatten)]
+    pub global: GlobalOptions,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options shared by every command.
+#[derive(Debug, Args)]
+pub struct GlobalOptions {
+    /// Database: sqlite://PATH (created on first start) or postgres://USER:PASS@HOST/DB.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/usage.db", global = true)]
+    pub database_url: String,
+
+    /// Secret for signing user JWTs (HS256, at least 32 bytes). Unset on SQLite: generated
+    /// once and kept beside the database file. Required with PostgreSQL.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Audience (`aud`) user tokens are minted for and must carry.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "authenticated", global = true)]
+    pub jwt_audience: String,
+
+    /// Issuer (`iss`) user tokens are minted with and, when set, must carry.
+    #[arg(long, env = "JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// Monthly calls of the free plan.
+    #[arg(long, env = "FREE_MONTHLY_CALLS", default_value_t = 1_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub free_monthly_calls: u64,
+
+    /// Monthly calls included in the pro plan.
+    #[arg(long, env = "PRO_MONTHLY_CALLS", default_value_t = 100_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub pro_monthly_calls: u64,
+
+    /// Monthly price of the pro plan, in cents.
+    #[arg(long, env = "PRO_PRICE_CENTS", default_value_t = 4_900, global = true,
+          value_parser = clap::value_parser!(i64).range(0..=100_000_000))]
+    pub pro_price_cents: i64,
+
+    /// Monthly price of the enterprise plan, in cents.
+    #[arg(long, env = "ENTERPRISE_PRICE_CENTS", default_value_t = 50_000, global = true,
+          value_parser = clap::value_parser!(i64).range(0..=100_000_000))]
+    pub enterprise_price_cents: i64,
+
+    /// Price of one overage call, in micro-dollars (1,000 = $0.001).
+    #[arg(long, env = "OVERAGE_PRICE_MICROUSD", default_value_t = 1_000, global = true,
+          value_parser = clap::value_parser!(i64).range(0..=100_000_000))]
+    pub overage_price_microusd: i64,
+
+    /// Most database connections open at once.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub database_max_connections: u32,
+
+    /// Seconds to wait for a database connection before answering 503.
+    #[arg(long, env = "DATABASE_CONNECT_TIMEOUT_SECS", default_value_t = 5, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub database_connect_timeout_secs: u64,
+
+    /// Address `serve` listens on.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080", global = true)]
+    pub bind: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written (always to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate the database if needed, then serve HTTP on --bind.
+    Serve,
+    /// Apply pending database migrations.
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print a user JWT signed with the configured secret.
+    Token(TokenArgs),
+}
+
+/// `users ...`
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user; prints the new user id.
+    Create {
+        /// The user's email address.
+        #[arg(long)]
+        email: String,
+        /// Plan: free, pro or enterprise.
+        #[arg(long, value_parser = parse_plan)]
+        plan: Plan,
+        /// Stripe customer to bill overage to (cus_...).
+        #[arg(long)]
+        stripe_customer_id: Option<String>,
+    },
+    /// Change a user's plan.
+    SetPlan {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// Plan: free, pro or enterprise.
+        #[arg(long, value_parser = parse_plan)]
+        plan: Plan,
+    },
+}
+
+/// `keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for a user; prints the key (shown only this once).
+    Create {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+}
+
+/// Options of `token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user id (eco_usr_...) the token is for.
+    #[arg(long, value_parser = parse_user_id)]
+    pub user: UserId,
+    /// Lifetime in seconds (1 to 31536000).
+    #[arg(long, default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=usage_auth::jwt::MAX_TTL_SECS))]
+    pub ttl_secs: u64,
+}
+
+fn parse_plan(s: &str) -> Result<Plan, String> {
+    s.parse().map_err(|e: usage_core::DomainError| e.to_string())
+}
+
+fn parse_user_id(s: &str) -> Result<UserId, String> {
+    UserId::parse(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_command_means_serve_with_defaults() {
+        let cli = Cli::try_parse_from(["usage-server"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.global.free_monthly_calls, 1_000);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        let err = Cli::try_parse_from(["usage-server", "users", "create", "--email", "a@b.co", "--plan", "gold"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plan must be one of free, pro, enterprise"), "{err}");
+        let err = Cli::try_parse_from(["usage-server", "token", "--user", "bob"]).unwrap_err().to_string();
+        assert!(err.contains("user id must look like eco_usr_"), "{err}");
+        let err = Cli::try_parse_from(["usage-server", "token", "--user", "eco_usr_a", "--ttl-secs", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ttl-secs"), "{err}");
+    }
+}

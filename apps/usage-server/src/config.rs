@@ -1,0 +1,142 @@
+//! Configuration, read once from the command line and environment, typed, passed in.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use usage_auth::jwt::JwtConfig;
+use usage_core::plan::{OverLimit, PlanTerms};
+use usage_core::{Cents, MicroUsd, PlanCatalog};
+use usage_store::{DatabaseUrl, PoolOptions};
+
+use crate::ServerError;
+use crate::cli::GlobalOptions;
+
+/// Name of the generated secret kept beside a SQLite database.
+const SECRET_FILE: &str = "jwt_secret";
+
+/// Everything the commands need, resolved from [`GlobalOptions`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// Pool settings.
+    pub pool: PoolOptions,
+    /// Plans and prices.
+    pub plans: PlanCatalog,
+    /// `BIND_ADDR`.
+    pub bind: std::net::SocketAddr,
+    jwt_secret: Option<String>,
+    jwt_audience: String,
+    jwt_issuer: Option<String>,
+}
+
+impl Config {
+    /// Resolves the options.
+    pub fn from_options(options: &GlobalOptions) -> Self {
+        Self {
+            database_url: options.database_url.clone(),
+            pool: PoolOptions {
+                max_connections: options.database_max_connections,
+                connect_timeout: Duration::from_secs(options.database_connect_timeout_secs),
+                ..PoolOptions::default()
+            },
+            plans: PlanCatalog {
+                free: PlanTerms {
+                    monthly_calls: Some(options.free_monthly_calls),
+                    price: Cents(0),
+                    over_limit: OverLimit::Block,
+                },
+                pro: PlanTerms {
+                    monthly_calls: Some(options.pro_monthly_calls),
+                    price: Cents(options.pro_price_cents),
+                    over_limit: OverLimit::Overage,
+                },
+                enterprise: PlanTerms {
+                    monthly_calls: None,
+                    price: Cents(options.enterprise_price_cents),
+                    over_limit: OverLimit::Overage,
+                },
+                overage_price: MicroUsd(options.overage_price_microusd),
+            },
+            bind: options.bind,
+            jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
+            jwt_audience: options.jwt_audience.clone(),
+            jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The JWT settings. Without `JWT_SECRET`, a SQLite deployment uses (and on first use
+    /// creates, mode 0600) a random secret beside its database file, so that `serve` and
+    /// `token` agree; PostgreSQL deployments must configure one.
+    pub fn jwt(&self) -> Result<JwtConfig, ServerError> {
+        let secret = match (&self.jwt_secret, DatabaseUrl::parse(&self.database_url)?) {
+            (Some(secret), _) => secret.clone(),
+            (None, DatabaseUrl::Sqlite(db_path)) => read_or_create_secret(&secret_path(&db_path))?,
+            (None, DatabaseUrl::Postgres(_)) => return Err(ServerError::MissingJwtSecret),
+        };
+        Ok(JwtConfig {
+            secret: secret.into_bytes(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        })
+    }
+}
+
+fn secret_path(db_path: &Path) -> PathBuf {
+    db_path.parent().unwrap_or(Path::new(".")).join(SECRET_FILE)
+}
+
+fn read_or_create_secret(path: &Path) -> Result<String, ServerError> {
+    let failed = |e: std::io::Error| ServerError::SecretFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(failed)?;
+    }
+    // create_new: of two processes starting at once, one writes and the other reads.
+    match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(mut file) => {
+            let secret = usage_core::ids::random_base62(64);
+            file.write_all(secret.as_bytes()).and_then(|()| file.sync_all()).map_err(failed)?;
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // The writer may not have finished; a short wait covers it.
+            for _ in 0..50 {
+                let secret = fs::read_to_string(path).map_err(failed)?.trim().to_owned();
+                if !secret.is_empty() {
+                    return Ok(secret);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(ServerError::SecretFile {
+                path: path.display().to_string(),
+                reason: "the file is empty".to_owned(),
+            })
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secret_is_created_once_with_mode_0600_and_reused() {
+        let dir = std::env::temp_dir().join(format!("usage-secret-{}", std::process::id()));
+        let path = dir.join("nested").join(SECRET_FILE);
+        let first = read_or_create_secret(&path).unwrap();
+        let second = read_or_create_secret(&path).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(first.len(), 64);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

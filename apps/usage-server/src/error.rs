@@ -1,0 +1,137 @@
+//! Errors of the server, and their mapping to the contract's JSON errors, in one place.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use thiserror::Error;
+use usage_auth::AuthError;
+use usage_core::RepoError;
+use usage_core::accounts::AccountError;
+use usage_store::StoreError;
+
+/// Why a command or the server failed. Shown to the operator as one line.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Opening or migrating the database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A user operation.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    /// A key or token operation.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A repository operation.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// PostgreSQL deployments must share one configured secret.
+    #[error(
+        "JWT_SECRET is required with PostgreSQL (every instance must sign and verify with the same secret)"
+    )]
+    MissingJwtSecret,
+    /// The generated secret beside the SQLite file could not be kept.
+    #[error("cannot use the JWT secret file {path}: {reason}")]
+    SecretFile {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The listen address is taken or not allowed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        reason: String,
+    },
+    /// The HTTP server stopped with an error.
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// The contract's error body.
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+/// An error answered to an HTTP client: a status, a snake_case code and a sentence.
+/// Internal causes are logged where they happen, never sent.
+#[derive(Debug, Error)]
+#[error("{message}")]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    /// 404.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "No such resource.")
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "This method is not allowed on this resource.",
+        )
+    }
+
+    /// 503 for a database that does not answer.
+    pub fn database_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "The database is unavailable; try again shortly.",
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header(("Retry-After", "5"));
+        }
+        response.json(ErrorBody { error: self.code, message: &self.message })
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(err: RepoError) -> Self {
+        match err {
+            RepoError::NotFound { .. } => ApiError::not_found(),
+            RepoError::Unavailable(_) => {
+                tracing::warn!(error = %err, "database unavailable");
+                ApiError::database_unavailable()
+            }
+            RepoError::Conflict { entity, field } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("A {entity} with this {field} already exists."),
+            ),
+            RepoError::Backend(_) => {
+                tracing::error!(error = %err, "database error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_error",
+                    "The database could not complete the request; try again shortly.",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The nexus-usage server: configuration, routes, commands. It composes the library
+//! crates and holds no business logic; `main.rs` only parses the command line and calls
+//! [`run`], so tests and other programs can start the same server.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+mod error;
+mod http;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use usage_auth::jwt::JwtKeys;
+use usage_auth::keys::KeyIssuer;
+use usage_core::accounts::Accounts;
+use usage_core::{Clock, Store, SystemClock};
+
+use crate::cli::{Cli, Command, KeysCommand, UsersCommand};
+use crate::config::Config;
+pub use crate::error::{ApiError, ServerError};
+
+/// Runs the command of `cli` to completion.
+pub async fn run(cli: Cli) -> Result<(), ServerError> {
+    let config = Config::from_options(&cli.global);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => http::serve(config).await,
+        Command::Migrate => {
+            let applied = usage_store::migrate(&config.database_url).await?;
+            eprintln!("applied {applied} migration(s) to {}", usage_store::redact(&config.database_url));
+            Ok(())
+        }
+        Command::Users(UsersCommand::Create { email, plan, stripe_customer_id }) => {
+            let store = open_migrated(&config).await?;
+            let user = Accounts::new(store, clock)
+                .create_user(&email, plan, stripe_customer_id.as_deref())
+                .await?;
+            println!("{}", user.id);
+            Ok(())
+        }
+        Command::Users(UsersCommand::SetPlan { user, plan }) => {
+            let store = open_migrated(&config).await?;
+            let user = Accounts::new(store, clock).set_plan(&user, plan).await?;
+            eprintln!("{} is now on the {} plan", user.id, user.plan);
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Create { user, name }) => {
+            let store = open_migrated(&config).await?;
+            let issued = KeyIssuer::new(store.clone(), store, clock).issue(&user, &name).await?;
+            println!("{}", issued.plaintext);
+            Ok(())
+        }
+        Command::Token(args) => {
+            let keys = JwtKeys::new(&config.jwt()?)?;
+            let store = open_migrated(&config).await?;
+            // A token for a user that does not exist would only fail later, less clearly.
+            Accounts::new(store, clock.clone()).user(&args.user).await?;
+            println!("{}", keys.mint(&args.user, args.ttl_secs, clock.now())?);
+            Ok(())
+        }
+    }
+}
+
+/// Opens the database, applying pending migrations first so that every command works on
+/// a fresh SQLite file.
+async fn open_migrated(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    usage_store::migrate(&config.database_url).await?;
+    Ok(usage_store::open(&config.database_url, &config.pool).await?)
+}

@@ -1,0 +1,195 @@
+//! User JWTs: HS256 with a pinned algorithm, `exp` required, `aud` checked.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use usage_core::UserId;
+
+use crate::AuthError;
+
+/// Shortest secret accepted (HS256 wants at least 256 bits of key).
+pub const MIN_SECRET_LEN: usize = 32;
+/// Longest token lifetime `mint` accepts: one year.
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+/// Clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// JWT settings, read once from configuration.
+#[derive(Clone)]
+pub struct JwtConfig {
+    /// `JWT_SECRET`.
+    pub secret: Vec<u8>,
+    /// `JWT_AUDIENCE` (default `authenticated`).
+    pub audience: String,
+    /// `JWT_ISSUER`, checked when set.
+    pub issuer: Option<String>,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"***")
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+/// The claims nexus-usage reads and writes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    iat: i64,
+    aud: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+}
+
+/// Signs and verifies user tokens.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    audience: String,
+    issuer: Option<String>,
+}
+
+impl std::fmt::Debug for JwtKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKeys").field("audience", &self.audience).finish_non_exhaustive()
+    }
+}
+
+impl JwtKeys {
+    /// Keys for `config`; refuses a secret shorter than [`MIN_SECRET_LEN`].
+    pub fn new(config: &JwtConfig) -> Result<Self, AuthError> {
+        if config.secret.len() < MIN_SECRET_LEN {
+            return Err(AuthError::WeakSecret { min: MIN_SECRET_LEN });
+        }
+        // The algorithm is pinned here, never taken from a token's header.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.leeway = LEEWAY_SECS;
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self {
+            encoding: EncodingKey::from_secret(&config.secret),
+            decoding: DecodingKey::from_secret(&config.secret),
+            validation,
+            audience: config.audience.clone(),
+            issuer: config.issuer.clone(),
+        })
+    }
+
+    /// A token for `user_id`, valid for `ttl_secs` from `now`.
+    ///
+    /// ```
+    /// use usage_auth::jwt::{JwtConfig, JwtKeys};
+    /// let keys = JwtKeys::new(&JwtConfig {
+    ///     secret: b"0123456789abcdef0123456789abcdef".to_vec(),
+    ///     audience: "authenticated".into(),
+    ///     issuer: None,
+    /// }).unwrap();
+    /// let user = usage_core::UserId::generate();
+    /// let token = keys.mint(&user, 3600, time::OffsetDateTime::now_utc()).unwrap();
+    /// assert_eq!(keys.verify(&token).unwrap(), user);
+    /// ```
+    pub fn mint(&self, user_id: &UserId, ttl_secs: u64, now: OffsetDateTime) -> Result<String, AuthError> {
+        if !(1..=MAX_TTL_SECS).contains(&ttl_secs) {
+            return Err(AuthError::InvalidTtl { max: MAX_TTL_SECS, got: ttl_secs });
+        }
+        let ttl = Duration::seconds(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
+        let claims = Claims {
+            sub: user_id.to_string(),
+            iat: now.unix_timestamp(),
+            exp: (now + ttl).unix_timestamp(),
+            aud: self.audience.clone(),
+            iss: self.issuer.clone(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::Signing(e.to_string()))
+    }
+
+    /// The user a valid token names. Any fault (signature, algorithm, expiry, audience,
+    /// issuer, shape of `sub`) is an [`AuthError::InvalidToken`].
+    pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        UserId::parse(&data.claims.sub).map_err(|e| AuthError::InvalidToken(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(secret: &[u8], audience: &str) -> JwtKeys {
+        JwtKeys::new(&JwtConfig {
+            secret: secret.to_vec(),
+            audience: audience.to_owned(),
+            issuer: None,
+        })
+        .unwrap()
+    }
+
+    const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let k = keys(SECRET, "authenticated");
+        let user = UserId::generate();
+        let now = OffsetDateTime::now_utc();
+        let token = k.mint(&user, 60, now).unwrap();
+        assert_eq!(k.verify(&token).unwrap(), user);
+
+        let other_secret = keys(b"another-secret-another-secret-12345", "authenticated");
+        assert!(other_secret.verify(&token).is_err());
+        let other_aud = keys(SECRET, "service");
+        assert!(other_aud.verify(&token).is_err());
+
+        let expired = k.mint(&user, 1, now - Duration::hours(1)).unwrap();
+        assert!(matches!(k.verify(&expired), Err(AuthError::InvalidToken(_))));
+        assert!(k.verify("not.a.jwt").is_err());
+        assert!(k.mint(&user, 0, now).is_err());
+        assert!(k.mint(&user, MAX_TTL_SECS + 1, now).is_err());
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let k = keys(SECRET, "authenticated");
+        let user = UserId::generate();
+        let exp = OffsetDateTime::now_utc().unix_timestamp() + 600;
+        let header = base64_url(br#"{"alg":"none","typ":"JWT"}"#);
+        let payload = base64_url(format!(r#"{{"sub":"{user}","exp":{exp},"aud":"authenticated"}}"#).as_bytes());
+        assert!(k.verify(&format!("{header}.{payload}.")).is_err());
+    }
+
+    /// Minimal unpadded base64url, enough to forge test tokens.
+    fn base64_url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let err = JwtKeys::new(&JwtConfig {
+            secret: b"short".to_vec(),
+            audience: "authenticated".into(),
+            issuer: None,
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "JWT_SECRET must be at least 32 bytes long");
+    }
+}

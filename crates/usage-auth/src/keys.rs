@@ -1,0 +1,202 @@
+//! API keys: `eco_live_` followed by 40 random base62 characters. Only the SHA-256 of a
+//! key is stored; the key itself is shown once, at creation.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use usage_core::ids::random_base62;
+use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, UserRepository};
+use usage_core::{ApiKeyId, Clock, RepoError, UserId};
+
+use crate::AuthError;
+
+/// Every key starts with this.
+pub const KEY_PREFIX: &str = "eco_live_";
+/// Random characters after the prefix (about 238 bits).
+pub const KEY_RANDOM_LEN: usize = 40;
+/// Characters of the key kept for display: the prefix and four random ones.
+pub const DISPLAY_PREFIX_LEN: usize = KEY_PREFIX.len() + 4;
+/// Longest key name.
+pub const MAX_KEY_NAME_LEN: usize = 64;
+
+/// A freshly generated key and what is stored of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GeneratedKey {
+    /// The key itself, to show once.
+    pub plaintext: String,
+    /// Its first characters, for display.
+    pub prefix: String,
+    /// Lower-case hex SHA-256 of the key.
+    pub hash: String,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key itself.
+        f.debug_struct("GeneratedKey")
+            .field("prefix", &self.prefix)
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates a new key from the thread's CSPRNG.
+///
+/// ```
+/// let key = usage_auth::keys::generate_api_key();
+/// assert!(key.plaintext.starts_with("eco_live_"));
+/// assert_eq!(key.hash, usage_auth::keys::hash_api_key(&key.plaintext));
+/// ```
+pub fn generate_api_key() -> GeneratedKey {
+    let plaintext = format!("{KEY_PREFIX}{}", random_base62(KEY_RANDOM_LEN));
+    GeneratedKey {
+        prefix: plaintext[..DISPLAY_PREFIX_LEN].to_owned(),
+        hash: hash_api_key(&plaintext),
+        plaintext,
+    }
+}
+
+/// Lower-case hex SHA-256 of a key, as stored in `eco_api_keys.key_hash`.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Whether `candidate` has the shape of an API key (prefix, then at least 32 base62
+/// characters), so that JWTs and junk are told apart without a lookup.
+pub fn looks_like_api_key(candidate: &str) -> bool {
+    candidate.strip_prefix(KEY_PREFIX).is_some_and(|rest| {
+        (32..=128).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// Checks a key name: 1 to 64 characters, no control characters; trims spaces.
+pub fn validate_key_name(name: &str) -> Result<String, AuthError> {
+    let name = name.trim();
+    let len = name.chars().count();
+    if len == 0 || len > MAX_KEY_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(AuthError::InvalidKeyName { max: MAX_KEY_NAME_LEN, len });
+    }
+    Ok(name.to_owned())
+}
+
+/// A key just issued: its record and the plaintext to show once.
+#[derive(Debug, Clone)]
+pub struct IssuedKey {
+    /// What is stored.
+    pub record: ApiKeyRecord,
+    /// The key itself.
+    pub plaintext: String,
+}
+
+/// Issues keys to users and stores them.
+#[derive(Clone)]
+pub struct KeyIssuer {
+    users: Arc<dyn UserRepository>,
+    keys: Arc<dyn ApiKeyRepository>,
+    clock: Arc<dyn Clock>,
+}
+
+impl KeyIssuer {
+    /// An issuer over these repositories.
+    pub fn new(
+        users: Arc<dyn UserRepository>,
+        keys: Arc<dyn ApiKeyRepository>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self { users, keys, clock }
+    }
+
+    /// Creates and stores a new key for `user_id`.
+    pub async fn issue(&self, user_id: &UserId, name: &str) -> Result<IssuedKey, AuthError> {
+        let name = validate_key_name(name)?;
+        if self.users.user_by_id(user_id).await?.is_none() {
+            return Err(AuthError::UnknownUser(user_id.clone()));
+        }
+        let key = generate_api_key();
+        let record = ApiKeyRecord {
+            id: ApiKeyId::generate(),
+            user_id: user_id.clone(),
+            name,
+            prefix: key.prefix,
+            key_hash: key.hash,
+            created_at: self.clock.now(),
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        match self.keys.create_api_key(&record).await {
+            Ok(()) => Ok(IssuedKey { record, plaintext: key.plaintext }),
+            // The user was deleted between the check and the insert.
+            Err(RepoError::NotFound { .. }) => Err(AuthError::UnknownUser(user_id.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usage_core::memory::MemoryStore;
+    use usage_core::repo::User;
+    use usage_core::{Plan, SystemClock};
+
+    #[test]
+    fn generated_keys_have_the_contract_shape_and_differ() {
+        let a = generate_api_key();
+        let b = generate_api_key();
+        assert_ne!(a.plaintext, b.plaintext);
+        assert!(looks_like_api_key(&a.plaintext));
+        assert_eq!(a.plaintext.len(), KEY_PREFIX.len() + KEY_RANDOM_LEN);
+        assert!(a.plaintext.starts_with(&a.prefix));
+        assert_eq!(a.hash.len(), 64);
+        assert!(!format!("{a:?}").contains(&a.plaintext), "Debug must not print the key");
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        // Known SHA-256 of "abc".
+        assert_eq!(
+            hash_api_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn shapes_that_are_not_keys() {
+        for bad in ["", "eco_live_", "eco_live_short", "eyJhbGciOi.x.y", "eco_test_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+            assert!(!looks_like_api_key(bad), "{bad}");
+        }
+        assert!(!looks_like_api_key(&format!("eco_live_{}-", "a".repeat(40))));
+    }
+
+    #[test]
+    fn key_names_are_checked() {
+        assert_eq!(validate_key_name("  ci  ").unwrap(), "ci");
+        assert!(validate_key_name("").is_err());
+        assert!(validate_key_name("a\nb").is_err());
+        assert!(validate_key_name(&"x".repeat(65)).is_err());
+        assert!(validate_key_name(&"é".repeat(64)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn issues_keys_only_to_known_users() {
+        let store = Arc::new(MemoryStore::new());
+        let issuer = KeyIssuer::new(store.clone(), store.clone(), Arc::new(SystemClock));
+        let user = User {
+            id: UserId::generate(),
+            email: "ada@example.com".into(),
+            plan: Plan::Pro,
+            stripe_customer_id: None,
+            created_at: SystemClock.now(),
+        };
+        store.create_user(&user).await.unwrap();
+
+        let issued = issuer.issue(&user.id, "ci").await.unwrap();
+        let stored = store.api_key_by_hash(&hash_api_key(&issued.plaintext)).await.unwrap();
+        assert_eq!(stored, Some(issued.record.clone()));
+        assert_eq!(issued.record.name, "ci");
+
+        let missing = issuer.issue(&UserId::generate(), "ci").await;
+        assert!(matches!(missing, Err(AuthError::UnknownUser(_))));
+    }
+}

@@ -1,0 +1,144 @@
+//! Creating users and changing their plans: the checks around [`UserRepository`].
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::ids::normalize_email;
+use crate::repo::{User, UserRepository};
+use crate::{Clock, DomainError, Plan, RepoError, UserId};
+
+/// Why an account operation was refused.
+#[derive(Debug, Error)]
+pub enum AccountError {
+    /// A parameter is malformed; the message names it.
+    #[error(transparent)]
+    Invalid(#[from] DomainError),
+    /// Another user has this email.
+    #[error("a user with email {0} already exists")]
+    EmailTaken(String),
+    /// No user has this id.
+    #[error("no user with id {0}")]
+    UnknownUser(UserId),
+    /// The store failed.
+    #[error(transparent)]
+    Repo(RepoError),
+}
+
+/// Checks a Stripe customer id (`cus_` then letters and digits).
+pub fn validate_stripe_customer_id(id: &str) -> Result<(), DomainError> {
+    let ok = id
+        .strip_prefix("cus_")
+        .is_some_and(|rest| !rest.is_empty() && rest.len() <= 250 && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::InvalidStripeCustomerId(id.to_owned()))
+    }
+}
+
+/// User accounts over a [`UserRepository`].
+#[derive(Clone)]
+pub struct Accounts {
+    users: Arc<dyn UserRepository>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Accounts {
+    /// Accounts stored in `users`, timestamped by `clock`.
+    pub fn new(users: Arc<dyn UserRepository>, clock: Arc<dyn Clock>) -> Self {
+        Self { users, clock }
+    }
+
+    /// Creates a user with a new `eco_usr_` id.
+    ///
+    /// ```
+    /// # tokio_test_block(async {
+    /// use std::sync::Arc;
+    /// use usage_core::{accounts::Accounts, memory::MemoryStore, Plan, SystemClock};
+    /// let accounts = Accounts::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock));
+    /// let user = accounts.create_user("Ada@Example.com", Plan::Pro, None).await.unwrap();
+    /// assert_eq!(user.email, "ada@example.com");
+    /// assert!(accounts.create_user("ada@example.com", Plan::Free, None).await.is_err());
+    /// # });
+    /// # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
+    /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    /// # }
+    /// ```
+    pub async fn create_user(
+        &self,
+        email: &str,
+        plan: Plan,
+        stripe_customer_id: Option<&str>,
+    ) -> Result<User, AccountError> {
+        let email = normalize_email(email)?;
+        if let Some(id) = stripe_customer_id {
+            validate_stripe_customer_id(id)?;
+        }
+        let user = User {
+            id: UserId::generate(),
+            email: email.clone(),
+            plan,
+            stripe_customer_id: stripe_customer_id.map(str::to_owned),
+            created_at: self.clock.now(),
+        };
+        match self.users.create_user(&user).await {
+            Ok(()) => Ok(user),
+            Err(RepoError::Conflict { field: "email", .. }) => Err(AccountError::EmailTaken(email)),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// Moves a user to another plan.
+    pub async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, AccountError> {
+        match self.users.set_plan(id, plan).await {
+            Ok(user) => Ok(user),
+            Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// The user with this id, or `UnknownUser`.
+    pub async fn user(&self, id: &UserId) -> Result<User, AccountError> {
+        match self.users.user_by_id(id).await {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+    use crate::ManualClock;
+    use time::macros::datetime;
+
+    fn accounts() -> Accounts {
+        Accounts::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
+        )
+    }
+
+    #[tokio::test]
+    async fn creates_users_and_refuses_bad_input() {
+        let accounts = accounts();
+        let ada = accounts.create_user("ada@example.com", Plan::Free, Some("cus_Abc123")).await.unwrap();
+        assert_eq!(ada.created_at, datetime!(2026-11-22 10:00 UTC));
+        assert_eq!(ada.stripe_customer_id.as_deref(), Some("cus_Abc123"));
+
+        let taken = accounts.create_user("ADA@example.com", Plan::Pro, None).await;
+        assert!(matches!(taken, Err(AccountError::EmailTaken(e)) if e == "ada@example.com"));
+        let bad_email = accounts.create_user("ada", Plan::Pro, None).await.unwrap_err();
+        assert!(bad_email.to_string().starts_with("email must look like"), "{bad_email}");
+        let bad_customer = accounts.create_user("bob@example.com", Plan::Pro, Some("acct_1")).await;
+        assert!(matches!(bad_customer, Err(AccountError::Invalid(_))));
+
+        let pro = accounts.set_plan(&ada.id, Plan::Pro).await.unwrap();
+        assert_eq!(pro.plan, Plan::Pro);
+        let missing = accounts.set_plan(&UserId::generate(), Plan::Pro).await;
+        assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
+    }
+}
