@@ -25,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct GlobalOptions {
     /// Database: sqlite://PATH (created on first start) or postgres://USER:PASS@HOST/DB.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/usage.db", global = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://data/usage.db",
+        global = true
+    )]
     pub database_url: String,
 
     /// Secret for signing user JWTs (HS256, at least 32 bytes). Unset on SQLite: generated
@@ -34,7 +39,12 @@ pub struct GlobalOptions {
     pub jwt_secret: Option<String>,
 
     /// Audience (`aud`) user tokens are minted for and must carry.
-    #[arg(long, env = "JWT_AUDIENCE", default_value = "authenticated", global = true)]
+    #[arg(
+        long,
+        env = "JWT_AUDIENCE",
+        default_value = "authenticated",
+        global = true
+    )]
     pub jwt_audience: String,
 
     /// Issuer (`iss`) user tokens are minted with and, when set, must carry.
@@ -77,7 +87,12 @@ pub struct GlobalOptions {
     pub database_connect_timeout_secs: u64,
 
     /// Address `serve` listens on.
-    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "BIND_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     pub bind: SocketAddr,
 
     /// Log format.
@@ -164,7 +179,8 @@ pub struct TokenArgs {
 }
 
 fn parse_plan(s: &str) -> Result<Plan, String> {
-    s.parse().map_err(|e: usage_core::DomainError| e.to_string())
+    s.parse()
+        .map_err(|e: usage_core::DomainError| e.to_string())
 }
 
 fn parse_user_id(s: &str) -> Result<UserId, String> {
@@ -190,15 +206,35 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_reason() {
-        let err = Cli::try_parse_from(["usage-server", "users", "create", "--email", "a@b.co", "--plan", "gold"])
+        let err = Cli::try_parse_from([
+            "usage-server",
+            "users",
+            "create",
+            "--email",
+            "a@b.co",
+            "--plan",
+            "gold",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("plan must be one of free, pro, enterprise"),
+            "{err}"
+        );
+        let err = Cli::try_parse_from(["usage-server", "token", "--user", "bob"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("plan must be one of free, pro, enterprise"), "{err}");
-        let err = Cli::try_parse_from(["usage-server", "token", "--user", "bob"]).unwrap_err().to_string();
         assert!(err.contains("user id must look like eco_usr_"), "{err}");
-        let err = Cli::try_parse_from(["usage-server", "token", "--user", "eco_usr_a", "--ttl-secs", "0"])
-            .unwrap_err()
-            .to_string();
+        let err = Cli::try_parse_from([
+            "usage-server",
+            "token",
+            "--user",
+            "eco_usr_a",
+            "--ttl-secs",
+            "0",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--ttl-secs"), "{err}");
     }
 }

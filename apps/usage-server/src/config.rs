@@ -98,10 +98,17 @@ fn read_or_create_secret(path: &Path) -> Result<String, ServerError> {
         fs::create_dir_all(dir).map_err(failed)?;
     }
     // create_new: of two processes starting at once, one writes and the other reads.
-    match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
         Ok(mut file) => {
             let secret = usage_core::ids::random_base62(64);
-            file.write_all(secret.as_bytes()).and_then(|()| file.sync_all()).map_err(failed)?;
+            file.write_all(secret.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(failed)?;
             Ok(secret)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -70,7 +70,11 @@ pub struct ApiError {
 impl ApiError {
     /// An error with this status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     /// 404.
@@ -107,7 +111,10 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "5"));
         }
-        response.json(ErrorBody { error: self.code, message: &self.message })
+        response.json(ErrorBody {
+            error: self.code,
+            message: &self.message,
+        })
     }
 }
 

@@ -36,7 +36,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .default_service(web::to(not_found))
     })
     .bind(config.bind)
-    .map_err(|e| ServerError::Bind { addr: config.bind, reason: e.to_string() })?;
+    .map_err(|e| ServerError::Bind {
+        addr: config.bind,
+        reason: e.to_string(),
+    })?;
     for addr in server.addrs() {
         tracing::info!("listening on http://{addr}");
     }

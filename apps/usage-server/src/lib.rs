@@ -28,10 +28,17 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         Command::Serve => http::serve(config).await,
         Command::Migrate => {
             let applied = usage_store::migrate(&config.database_url).await?;
-            eprintln!("applied {applied} migration(s) to {}", usage_store::redact(&config.database_url));
+            eprintln!(
+                "applied {applied} migration(s) to {}",
+                usage_store::redact(&config.database_url)
+            );
             Ok(())
         }
-        Command::Users(UsersCommand::Create { email, plan, stripe_customer_id }) => {
+        Command::Users(UsersCommand::Create {
+            email,
+            plan,
+            stripe_customer_id,
+        }) => {
             let store = open_migrated(&config).await?;
             let user = Accounts::new(store, clock)
                 .create_user(&email, plan, stripe_customer_id.as_deref())
@@ -47,7 +54,9 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Keys(KeysCommand::Create { user, name }) => {
             let store = open_migrated(&config).await?;
-            let issued = KeyIssuer::new(store.clone(), store, clock).issue(&user, &name).await?;
+            let issued = KeyIssuer::new(store.clone(), store, clock)
+                .issue(&user, &name)
+                .await?;
             println!("{}", issued.plaintext);
             Ok(())
         }

@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         Some(_) => "warn",
     };
     usage_server::telemetry::init(cli.global.log_format, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -34,7 +37,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the driver put in its message.
-            let message = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            let message = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }

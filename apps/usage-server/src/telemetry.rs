@@ -9,7 +9,8 @@ use crate::cli::LogFormat;
 
 /// Installs the global subscriber; does nothing if one is already installed.
 pub fn init(format: LogFormat, default_directive: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

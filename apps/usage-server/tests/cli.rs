@@ -1,5 +1,6 @@
 //! The command line as a newcomer uses it: the README walkthrough on SQLite and on
 //! PostgreSQL, and bad input answered with one clear line and a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -34,7 +35,14 @@ fn uuid_like() -> String {
 fn run(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir).args(args);
-    for var in ["DATABASE_URL", "JWT_SECRET", "JWT_AUDIENCE", "JWT_ISSUER", "BIND_ADDR", "RUST_LOG"] {
+    for var in [
+        "DATABASE_URL",
+        "JWT_SECRET",
+        "JWT_AUDIENCE",
+        "JWT_ISSUER",
+        "BIND_ADDR",
+        "RUST_LOG",
+    ] {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());
@@ -61,45 +69,114 @@ fn assert_one_line_error(out: &Output, code: i32, expected: &str) {
     assert!(out.stdout.is_empty(), "nothing on stdout on failure");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line on stderr, got {stderr:?}");
-    assert!(lines[0].contains(expected), "{:?} does not contain {expected:?}", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "{:?} does not contain {expected:?}",
+        lines[0]
+    );
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
 }
 
 /// The walkthrough: create a user, a key, a token; check each against the database.
-async fn walkthrough(dir: &Path, env: &[(&str, &str)], database_url: &str, secret: impl Fn() -> Vec<u8>) {
-    let user = stdout_line(&run(dir, env, &["users", "create", "--email", "ada@example.com", "--plan", "pro"]));
+async fn walkthrough(
+    dir: &Path,
+    env: &[(&str, &str)],
+    database_url: &str,
+    secret: impl Fn() -> Vec<u8>,
+) {
+    let user = stdout_line(&run(
+        dir,
+        env,
+        &[
+            "users",
+            "create",
+            "--email",
+            "ada@example.com",
+            "--plan",
+            "pro",
+        ],
+    ));
     let user_id = UserId::parse(&user).expect("a user id");
-    let key = stdout_line(&run(dir, env, &["keys", "create", "--user", &user, "--name", "ci"]));
+    let key = stdout_line(&run(
+        dir,
+        env,
+        &["keys", "create", "--user", &user, "--name", "ci"],
+    ));
     assert!(usage_auth::keys::looks_like_api_key(&key), "{key}");
-    let token = stdout_line(&run(dir, env, &["token", "--user", &user, "--ttl-secs", "600"]));
-    let set = run(dir, env, &["users", "set-plan", "--user", &user, "--plan", "enterprise"]);
+    let token = stdout_line(&run(
+        dir,
+        env,
+        &["token", "--user", &user, "--ttl-secs", "600"],
+    ));
+    let set = run(
+        dir,
+        env,
+        &["users", "set-plan", "--user", &user, "--plan", "enterprise"],
+    );
     assert!(set.status.success() && set.stdout.is_empty());
 
-    let jwt = JwtKeys::new(&JwtConfig { secret: secret(), audience: "authenticated".into(), issuer: None })
-        .unwrap();
+    let jwt = JwtKeys::new(&JwtConfig {
+        secret: secret(),
+        audience: "authenticated".into(),
+        issuer: None,
+    })
+    .unwrap();
     assert_eq!(jwt.verify(&token).unwrap(), user_id);
 
-    let store = usage_store::open(database_url, &PoolOptions::default()).await.unwrap();
+    let store = usage_store::open(database_url, &PoolOptions::default())
+        .await
+        .unwrap();
     let stored_user = store.user_by_id(&user_id).await.unwrap().unwrap();
-    assert_eq!((stored_user.email.as_str(), stored_user.plan), ("ada@example.com", Plan::Enterprise));
-    let stored_key = store.api_key_by_hash(&hash_api_key(&key)).await.unwrap().unwrap();
-    assert_eq!((stored_key.user_id, stored_key.name.as_str()), (user_id, "ci"));
+    assert_eq!(
+        (stored_user.email.as_str(), stored_user.plan),
+        ("ada@example.com", Plan::Enterprise)
+    );
+    let stored_key = store
+        .api_key_by_hash(&hash_api_key(&key))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored_key.user_id, stored_key.name.as_str()),
+        (user_id, "ci")
+    );
     assert!(key.starts_with(&stored_key.prefix));
 
     // The same email again is refused clearly.
-    let again = run(dir, env, &["users", "create", "--email", "ADA@example.com", "--plan", "free"]);
-    assert_one_line_error(&again, 1, "a user with email ada@example.com already exists");
+    let again = run(
+        dir,
+        env,
+        &[
+            "users",
+            "create",
+            "--email",
+            "ADA@example.com",
+            "--plan",
+            "free",
+        ],
+    );
+    assert_one_line_error(
+        &again,
+        1,
+        "a user with email ada@example.com already exists",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_on_the_sqlite_default() {
     let dir = TempDir::new();
     let secret_file = dir.0.join("data/jwt_secret");
-    walkthrough(&dir.0, &[], &format!("sqlite://{}/data/usage.db", dir.0.display()), || {
-        std::fs::read(&secret_file).unwrap()
-    })
+    walkthrough(
+        &dir.0,
+        &[],
+        &format!("sqlite://{}/data/usage.db", dir.0.display()),
+        || std::fs::read(&secret_file).unwrap(),
+    )
     .await;
-    assert!(dir.0.join("data/usage.db").exists(), "the default database was created");
+    assert!(
+        dir.0.join("data/usage.db").exists(),
+        "the default database was created"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,9 +186,16 @@ async fn walkthrough_on_postgres() {
     let secret = "a-shared-secret-of-at-least-32-bytes!";
     let env = [("DATABASE_URL", db.url()), ("JWT_SECRET", secret)];
     walkthrough(&dir.0, &env, db.url(), || secret.as_bytes().to_vec()).await;
-    assert!(!dir.0.join("data").exists(), "nothing written beside a PostgreSQL deployment");
+    assert!(
+        !dir.0.join("data").exists(),
+        "nothing written beside a PostgreSQL deployment"
+    );
 
-    let no_secret = run(&dir.0, &[("DATABASE_URL", db.url())], &["token", "--user", "eco_usr_x"]);
+    let no_secret = run(
+        &dir.0,
+        &[("DATABASE_URL", db.url())],
+        &["token", "--user", "eco_usr_x"],
+    );
     assert_one_line_error(&no_secret, 1, "JWT_SECRET is required with PostgreSQL");
 }
 
@@ -120,19 +204,99 @@ fn bad_input_gets_one_clear_line() {
     let dir = TempDir::new();
     let d = &dir.0;
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["users", "create", "--email", "a@b.co", "--plan", "gold"], 2, "plan must be one of free, pro, enterprise"),
-        (&["users", "create", "--email", "not-an-email", "--plan", "pro"], 1, "email must look like name@example.com"),
+        (
+            &["users", "create", "--email", "a@b.co", "--plan", "gold"],
+            2,
+            "plan must be one of free, pro, enterprise",
+        ),
+        (
+            &[
+                "users",
+                "create",
+                "--email",
+                "not-an-email",
+                "--plan",
+                "pro",
+            ],
+            1,
+            "email must look like name@example.com",
+        ),
         (&["users", "create", "--plan", "pro"], 2, "--email"),
-        (&["users", "create", "--email", "a@b.co", "--plan", "pro", "--stripe-customer-id", "acct_1"], 1, "stripe customer id must look like cus_"),
-        (&["users", "set-plan", "--user", "eco_usr_missing", "--plan", "pro"], 1, "no user with id eco_usr_missing"),
-        (&["users", "set-plan", "--user", "usr_1", "--plan", "pro"], 2, "user id must look like eco_usr_"),
-        (&["keys", "create", "--user", "eco_usr_missing"], 1, "no user with id eco_usr_missing"),
-        (&["keys", "create", "--user", "eco_usr_missing", "--name", ""], 1, "name must be 1 to 64 printable characters"),
-        (&["token", "--user", "eco_usr_missing"], 1, "no user with id eco_usr_missing"),
-        (&["token", "--user", "eco_usr_x", "--ttl-secs", "0"], 2, "--ttl-secs"),
-        (&["--database-url", "mysql://x/y", "migrate"], 1, "DATABASE_URL must start with postgres:// or sqlite://"),
-        (&["--database-url", "postgres://app:hunter2@127.0.0.1:1/usage", "users", "create", "--email", "a@b.co", "--plan", "pro"], 1, "cannot connect to postgres://app:***@127.0.0.1:1/usage"),
-        (&["--free-monthly-calls", "0", "migrate"], 2, "--free-monthly-calls"),
+        (
+            &[
+                "users",
+                "create",
+                "--email",
+                "a@b.co",
+                "--plan",
+                "pro",
+                "--stripe-customer-id",
+                "acct_1",
+            ],
+            1,
+            "stripe customer id must look like cus_",
+        ),
+        (
+            &[
+                "users",
+                "set-plan",
+                "--user",
+                "eco_usr_missing",
+                "--plan",
+                "pro",
+            ],
+            1,
+            "no user with id eco_usr_missing",
+        ),
+        (
+            &["users", "set-plan", "--user", "usr_1", "--plan", "pro"],
+            2,
+            "user id must look like eco_usr_",
+        ),
+        (
+            &["keys", "create", "--user", "eco_usr_missing"],
+            1,
+            "no user with id eco_usr_missing",
+        ),
+        (
+            &["keys", "create", "--user", "eco_usr_missing", "--name", ""],
+            1,
+            "name must be 1 to 64 printable characters",
+        ),
+        (
+            &["token", "--user", "eco_usr_missing"],
+            1,
+            "no user with id eco_usr_missing",
+        ),
+        (
+            &["token", "--user", "eco_usr_x", "--ttl-secs", "0"],
+            2,
+            "--ttl-secs",
+        ),
+        (
+            &["--database-url", "mysql://x/y", "migrate"],
+            1,
+            "DATABASE_URL must start with postgres:// or sqlite://",
+        ),
+        (
+            &[
+                "--database-url",
+                "postgres://app:hunter2@127.0.0.1:1/usage",
+                "users",
+                "create",
+                "--email",
+                "a@b.co",
+                "--plan",
+                "pro",
+            ],
+            1,
+            "cannot connect to postgres://app:***@127.0.0.1:1/usage",
+        ),
+        (
+            &["--free-monthly-calls", "0", "migrate"],
+            2,
+            "--free-monthly-calls",
+        ),
         (&["--bind", "not-an-address"], 2, "--bind"),
     ];
     for (args, code, expected) in cases {
@@ -142,8 +306,16 @@ fn bad_input_gets_one_clear_line() {
         assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     }
     let from_env = run(d, &[("PRO_MONTHLY_CALLS", "lots")], &["migrate"]);
-    assert_one_line_error(&from_env, 2, "invalid value 'lots' for '--pro-monthly-calls");
-    let weak = run(d, &[("JWT_SECRET", "short")], &["token", "--user", "eco_usr_x"]);
+    assert_one_line_error(
+        &from_env,
+        2,
+        "invalid value 'lots' for '--pro-monthly-calls",
+    );
+    let weak = run(
+        d,
+        &[("JWT_SECRET", "short")],
+        &["token", "--user", "eco_usr_x"],
+    );
     assert_one_line_error(&weak, 1, "JWT_SECRET must be at least 32 bytes long");
 }
 
@@ -152,10 +324,24 @@ fn help_explains_the_commands() {
     let out = run(Path::new("."), &[], &["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in ["serve", "migrate", "users", "keys", "token", "DATABASE_URL", "sqlite://data/usage.db"] {
-        assert!(help.contains(word), "--help does not mention {word}:\n{help}");
+    for word in [
+        "serve",
+        "migrate",
+        "users",
+        "keys",
+        "token",
+        "DATABASE_URL",
+        "sqlite://data/usage.db",
+    ] {
+        assert!(
+            help.contains(word),
+            "--help does not mention {word}:\n{help}"
+        );
     }
     let out = run(Path::new("."), &[], &["users", "create", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--stripe-customer-id") && help.contains("free, pro or enterprise"), "{help}");
+    assert!(
+        help.contains("--stripe-customer-id") && help.contains("free, pro or enterprise"),
+        "{help}"
+    );
 }

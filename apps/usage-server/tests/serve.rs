@@ -1,4 +1,5 @@
 //! `serve` on both backends: health and readiness, JSON errors, clean stop on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,13 +34,21 @@ impl Server {
                 }
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
+        let base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server did not start listening");
         Self { child, base }
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -75,7 +84,11 @@ async fn check_operations(server: &Server, backend: &str) {
     assert_eq!(body["error"], "not_found");
     assert!(body["message"].is_string());
 
-    let wrong_method = client.delete(format!("{}/healthz", server.base)).send().await.unwrap();
+    let wrong_method = client
+        .delete(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong_method.status(), 405);
     let body: serde_json::Value = wrong_method.json().await.unwrap();
     assert_eq!(body["error"], "method_not_allowed");
@@ -83,7 +96,10 @@ async fn check_operations(server: &Server, backend: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serves_on_sqlite_and_stops_on_sigterm() {
-    let dir = std::env::temp_dir().join(format!("usage-serve-{}", usage_core::ids::random_base62(12)));
+    let dir = std::env::temp_dir().join(format!(
+        "usage-serve-{}",
+        usage_core::ids::random_base62(12)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let server = Server::start(&[], &dir);
     check_operations(&server, "sqlite").await;
@@ -96,7 +112,10 @@ async fn serves_on_sqlite_and_stops_on_sigterm() {
 async fn serves_on_postgres_and_reports_an_unready_database() {
     let db = usage_testdb::fresh_database();
     let secret = "a-shared-secret-of-at-least-32-bytes!";
-    let server = Server::start(&[("DATABASE_URL", db.url()), ("JWT_SECRET", secret)], &std::env::temp_dir());
+    let server = Server::start(
+        &[("DATABASE_URL", db.url()), ("JWT_SECRET", secret)],
+        &std::env::temp_dir(),
+    );
     check_operations(&server, "postgres").await;
 
     // Take the database away under the running server: ready turns to 503, health stays.
@@ -104,12 +123,20 @@ async fn serves_on_postgres_and_reports_an_unready_database() {
         .psql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", db.name()))
         .unwrap();
     let client = reqwest::Client::new();
-    let ready = client.get(format!("{}/readyz", server.base)).send().await.unwrap();
+    let ready = client
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
     assert!(ready.headers().contains_key("retry-after"));
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["error"], "database_unavailable");
-    let health = client.get(format!("{}/healthz", server.base)).send().await.unwrap();
+    let health = client
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     assert!(server.stop().success());
 }

@@ -58,7 +58,9 @@ pub struct JwtKeys {
 
 impl std::fmt::Debug for JwtKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtKeys").field("audience", &self.audience).finish_non_exhaustive()
+        f.debug_struct("JwtKeys")
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,7 +68,9 @@ impl JwtKeys {
     /// Keys for `config`; refuses a secret shorter than [`MIN_SECRET_LEN`].
     pub fn new(config: &JwtConfig) -> Result<Self, AuthError> {
         if config.secret.len() < MIN_SECRET_LEN {
-            return Err(AuthError::WeakSecret { min: MIN_SECRET_LEN });
+            return Err(AuthError::WeakSecret {
+                min: MIN_SECRET_LEN,
+            });
         }
         // The algorithm is pinned here, never taken from a token's header.
         let mut validation = Validation::new(Algorithm::HS256);
@@ -98,9 +102,17 @@ impl JwtKeys {
     /// let token = keys.mint(&user, 3600, time::OffsetDateTime::now_utc()).unwrap();
     /// assert_eq!(keys.verify(&token).unwrap(), user);
     /// ```
-    pub fn mint(&self, user_id: &UserId, ttl_secs: u64, now: OffsetDateTime) -> Result<String, AuthError> {
+    pub fn mint(
+        &self,
+        user_id: &UserId,
+        ttl_secs: u64,
+        now: OffsetDateTime,
+    ) -> Result<String, AuthError> {
         if !(1..=MAX_TTL_SECS).contains(&ttl_secs) {
-            return Err(AuthError::InvalidTtl { max: MAX_TTL_SECS, got: ttl_secs });
+            return Err(AuthError::InvalidTtl {
+                max: MAX_TTL_SECS,
+                got: ttl_secs,
+            });
         }
         let ttl = Duration::seconds(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
         let claims = Claims {
@@ -152,7 +164,10 @@ mod tests {
         assert!(other_aud.verify(&token).is_err());
 
         let expired = k.mint(&user, 1, now - Duration::hours(1)).unwrap();
-        assert!(matches!(k.verify(&expired), Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            k.verify(&expired),
+            Err(AuthError::InvalidToken(_))
+        ));
         assert!(k.verify("not.a.jwt").is_err());
         assert!(k.mint(&user, 0, now).is_err());
         assert!(k.mint(&user, MAX_TTL_SECS + 1, now).is_err());
@@ -164,7 +179,9 @@ mod tests {
         let user = UserId::generate();
         let exp = OffsetDateTime::now_utc().unix_timestamp() + 600;
         let header = base64_url(br#"{"alg":"none","typ":"JWT"}"#);
-        let payload = base64_url(format!(r#"{{"sub":"{user}","exp":{exp},"aud":"authenticated"}}"#).as_bytes());
+        let payload = base64_url(
+            format!(r#"{{"sub":"{user}","exp":{exp},"aud":"authenticated"}}"#).as_bytes(),
+        );
         assert!(k.verify(&format!("{header}.{payload}.")).is_err());
     }
 
@@ -174,7 +191,10 @@ mod tests {
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
             for i in 0..=chunk.len() {
                 out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }

@@ -74,7 +74,10 @@ pub fn validate_key_name(name: &str) -> Result<String, AuthError> {
     let name = name.trim();
     let len = name.chars().count();
     if len == 0 || len > MAX_KEY_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(AuthError::InvalidKeyName { max: MAX_KEY_NAME_LEN, len });
+        return Err(AuthError::InvalidKeyName {
+            max: MAX_KEY_NAME_LEN,
+            len,
+        });
     }
     Ok(name.to_owned())
 }
@@ -125,7 +128,10 @@ impl KeyIssuer {
             expires_at: None,
         };
         match self.keys.create_api_key(&record).await {
-            Ok(()) => Ok(IssuedKey { record, plaintext: key.plaintext }),
+            Ok(()) => Ok(IssuedKey {
+                record,
+                plaintext: key.plaintext,
+            }),
             // The user was deleted between the check and the insert.
             Err(RepoError::NotFound { .. }) => Err(AuthError::UnknownUser(user_id.clone())),
             Err(e) => Err(e.into()),
@@ -149,7 +155,10 @@ mod tests {
         assert_eq!(a.plaintext.len(), KEY_PREFIX.len() + KEY_RANDOM_LEN);
         assert!(a.plaintext.starts_with(&a.prefix));
         assert_eq!(a.hash.len(), 64);
-        assert!(!format!("{a:?}").contains(&a.plaintext), "Debug must not print the key");
+        assert!(
+            !format!("{a:?}").contains(&a.plaintext),
+            "Debug must not print the key"
+        );
     }
 
     #[test]
@@ -163,10 +172,19 @@ mod tests {
 
     #[test]
     fn shapes_that_are_not_keys() {
-        for bad in ["", "eco_live_", "eco_live_short", "eyJhbGciOi.x.y", "eco_test_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        for bad in [
+            "",
+            "eco_live_",
+            "eco_live_short",
+            "eyJhbGciOi.x.y",
+            "eco_test_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
             assert!(!looks_like_api_key(bad), "{bad}");
         }
-        assert!(!looks_like_api_key(&format!("eco_live_{}-", "a".repeat(40))));
+        assert!(!looks_like_api_key(&format!(
+            "eco_live_{}-",
+            "a".repeat(40)
+        )));
     }
 
     #[test]
@@ -192,7 +210,10 @@ mod tests {
         store.create_user(&user).await.unwrap();
 
         let issued = issuer.issue(&user.id, "ci").await.unwrap();
-        let stored = store.api_key_by_hash(&hash_api_key(&issued.plaintext)).await.unwrap();
+        let stored = store
+            .api_key_by_hash(&hash_api_key(&issued.plaintext))
+            .await
+            .unwrap();
         assert_eq!(stored, Some(issued.record.clone()));
         assert_eq!(issued.record.name, "ci");
 

@@ -27,9 +27,9 @@ pub enum AccountError {
 
 /// Checks a Stripe customer id (`cus_` then letters and digits).
 pub fn validate_stripe_customer_id(id: &str) -> Result<(), DomainError> {
-    let ok = id
-        .strip_prefix("cus_")
-        .is_some_and(|rest| !rest.is_empty() && rest.len() <= 250 && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let ok = id.strip_prefix("cus_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 250 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
     if ok {
         Ok(())
     } else {
@@ -111,8 +111,8 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MemoryStore;
     use crate::ManualClock;
+    use crate::memory::MemoryStore;
     use time::macros::datetime;
 
     fn accounts() -> Accounts {
@@ -125,15 +125,28 @@ mod tests {
     #[tokio::test]
     async fn creates_users_and_refuses_bad_input() {
         let accounts = accounts();
-        let ada = accounts.create_user("ada@example.com", Plan::Free, Some("cus_Abc123")).await.unwrap();
+        let ada = accounts
+            .create_user("ada@example.com", Plan::Free, Some("cus_Abc123"))
+            .await
+            .unwrap();
         assert_eq!(ada.created_at, datetime!(2026-11-22 10:00 UTC));
         assert_eq!(ada.stripe_customer_id.as_deref(), Some("cus_Abc123"));
 
-        let taken = accounts.create_user("ADA@example.com", Plan::Pro, None).await;
+        let taken = accounts
+            .create_user("ADA@example.com", Plan::Pro, None)
+            .await;
         assert!(matches!(taken, Err(AccountError::EmailTaken(e)) if e == "ada@example.com"));
-        let bad_email = accounts.create_user("ada", Plan::Pro, None).await.unwrap_err();
-        assert!(bad_email.to_string().starts_with("email must look like"), "{bad_email}");
-        let bad_customer = accounts.create_user("bob@example.com", Plan::Pro, Some("acct_1")).await;
+        let bad_email = accounts
+            .create_user("ada", Plan::Pro, None)
+            .await
+            .unwrap_err();
+        assert!(
+            bad_email.to_string().starts_with("email must look like"),
+            "{bad_email}"
+        );
+        let bad_customer = accounts
+            .create_user("bob@example.com", Plan::Pro, Some("acct_1"))
+            .await;
         assert!(matches!(bad_customer, Err(AccountError::Invalid(_))));
 
         let pro = accounts.set_plan(&ada.id, Plan::Pro).await.unwrap();

@@ -20,8 +20,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome,
-    User,
+    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome, User,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -33,7 +32,10 @@ pub struct TestStore {
 
 impl TestStore {
     pub fn new(store: Arc<dyn Store>, guard: impl Any + Send) -> Self {
-        Self { store, _guard: Box::new(guard) }
+        Self {
+            store,
+            _guard: Box::new(guard),
+        }
     }
 }
 
@@ -127,13 +129,19 @@ pub async fn users_crud(store: Arc<dyn Store>) {
     store.create_user(&u).await.unwrap();
 
     assert_eq!(store.user_by_id(&u.id).await.unwrap(), Some(u.clone()));
-    assert_eq!(store.user_by_email("ada@example.com").await.unwrap(), Some(u.clone()));
+    assert_eq!(
+        store.user_by_email("ada@example.com").await.unwrap(),
+        Some(u.clone())
+    );
     assert_eq!(store.user_by_email("bob@example.com").await.unwrap(), None);
     assert_eq!(store.user_by_id(&UserId::generate()).await.unwrap(), None);
 
     let upgraded = store.set_plan(&u.id, Plan::Pro).await.unwrap();
     assert_eq!(upgraded.plan, Plan::Pro);
-    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().plan, Plan::Pro);
+    assert_eq!(
+        store.user_by_id(&u.id).await.unwrap().unwrap().plan,
+        Plan::Pro
+    );
 
     let missing = store.set_plan(&UserId::generate(), Plan::Pro).await;
     assert_eq!(missing, Err(RepoError::NotFound { entity: "user" }));
@@ -146,17 +154,29 @@ pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
     let same_email = user("ada@example.com", Plan::Pro);
     assert_eq!(
         store.create_user(&same_email).await,
-        Err(RepoError::Conflict { entity: "user", field: "email" })
+        Err(RepoError::Conflict {
+            entity: "user",
+            field: "email"
+        })
     );
     let mut same_id = user("other@example.com", Plan::Pro);
     same_id.id = u.id.clone();
     assert_eq!(
         store.create_user(&same_id).await,
-        Err(RepoError::Conflict { entity: "user", field: "id" })
+        Err(RepoError::Conflict {
+            entity: "user",
+            field: "id"
+        })
     );
     // Nothing of the refused writes was kept.
-    assert_eq!(store.user_by_email("other@example.com").await.unwrap(), None);
-    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().email, "ada@example.com");
+    assert_eq!(
+        store.user_by_email("other@example.com").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.user_by_id(&u.id).await.unwrap().unwrap().email,
+        "ada@example.com"
+    );
 }
 
 pub async fn api_keys_crud(store: Arc<dyn Store>) {
@@ -173,15 +193,29 @@ pub async fn api_keys_crud(store: Arc<dyn Store>) {
         store.create_api_key(k).await.unwrap();
     }
 
-    assert_eq!(store.api_key_by_hash(&"b".repeat(64)).await.unwrap(), Some(newer.clone()));
+    assert_eq!(
+        store.api_key_by_hash(&"b".repeat(64)).await.unwrap(),
+        Some(newer.clone())
+    );
     assert_eq!(store.api_key_by_hash(&"d".repeat(64)).await.unwrap(), None);
     let listed = store.api_keys_for_user(&ada.id).await.unwrap();
-    assert_eq!(listed, vec![newer.clone(), older.clone()], "newest first, only ada's");
+    assert_eq!(
+        listed,
+        vec![newer.clone(), older.clone()],
+        "newest first, only ada's"
+    );
 
     // Bob cannot revoke Ada's key; Ada can, once (a second revoke keeps the first time).
     let at = T0 + Duration::hours(2);
-    assert_eq!(store.revoke_api_key(&bob.id, &older.id, at).await.unwrap(), None);
-    let revoked = store.revoke_api_key(&ada.id, &older.id, at).await.unwrap().unwrap();
+    assert_eq!(
+        store.revoke_api_key(&bob.id, &older.id, at).await.unwrap(),
+        None
+    );
+    let revoked = store
+        .revoke_api_key(&ada.id, &older.id, at)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(revoked.revoked_at, Some(at));
     assert!(!revoked.is_active(at));
     let again = store
@@ -191,15 +225,28 @@ pub async fn api_keys_crud(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(again.revoked_at, Some(at));
     assert_eq!(
-        store.revoke_api_key(&ada.id, &ApiKeyId::generate(), at).await.unwrap(),
+        store
+            .revoke_api_key(&ada.id, &ApiKeyId::generate(), at)
+            .await
+            .unwrap(),
         None
     );
 
     // last_used_at only moves forward.
     let later = T0 + Duration::hours(3);
-    store.touch_api_keys(&[(newer.id.clone(), later)]).await.unwrap();
-    store.touch_api_keys(&[(newer.id.clone(), T0)]).await.unwrap();
-    let touched = store.api_key_by_hash(&"b".repeat(64)).await.unwrap().unwrap();
+    store
+        .touch_api_keys(&[(newer.id.clone(), later)])
+        .await
+        .unwrap();
+    store
+        .touch_api_keys(&[(newer.id.clone(), T0)])
+        .await
+        .unwrap();
+    let touched = store
+        .api_key_by_hash(&"b".repeat(64))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(touched.last_used_at, Some(later));
     assert!(touched.is_active(later));
     assert!(!touched.is_active(T0 + Duration::days(30)));
@@ -214,7 +261,10 @@ pub async fn api_keys_unique_hash_and_known_user(store: Arc<dyn Store>) {
     let same_hash = key_for(&ada.id, &"a".repeat(64), T0);
     assert_eq!(
         store.create_api_key(&same_hash).await,
-        Err(RepoError::Conflict { entity: "API key", field: "key_hash" })
+        Err(RepoError::Conflict {
+            entity: "API key",
+            field: "key_hash"
+        })
     );
     let orphan = key_for(&UserId::generate(), &"e".repeat(64), T0);
     assert_eq!(
@@ -232,26 +282,50 @@ pub async fn usage_batch_counts_inserted_rows(store: Arc<dyn Store>) {
     let included: IncludedCalls = HashMap::from([(ada.clone(), 5)]);
 
     let outcome = store.record_usage(&batch, &included).await.unwrap();
-    assert_eq!(outcome, RecordOutcome { inserted: 10, duplicates: 0 });
+    assert_eq!(
+        outcome,
+        RecordOutcome {
+            inserted: 10,
+            duplicates: 0
+        }
+    );
 
     let period = BillingPeriod::containing(T0);
-    let ada_rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    let ada_rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((ada_rec.api_calls, ada_rec.overage_calls), (7, 2));
     assert_eq!(ada_rec.overage_invoiced_calls, 0);
     assert_eq!(ada_rec.period_end, period.end());
-    let bob_rec = store.usage_record(&bob, period.start()).await.unwrap().unwrap();
+    let bob_rec = store
+        .usage_record(&bob, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((bob_rec.api_calls, bob_rec.overage_calls), (3, 0));
     assert_eq!(
-        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        store
+            .count_usage_events(&ada, period.start(), period.end())
+            .await
+            .unwrap(),
         7
     );
 
     // A second batch adds to the same counter and recomputes overage.
     store
-        .record_usage(&events(&ada, &ada_key, 4, T0 + Duration::minutes(1)), &included)
+        .record_usage(
+            &events(&ada, &ada_key, 4, T0 + Duration::minutes(1)),
+            &included,
+        )
         .await
         .unwrap();
-    let ada_rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    let ada_rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((ada_rec.api_calls, ada_rec.overage_calls), (11, 6));
 
     // An empty batch is a no-op.
@@ -266,19 +340,38 @@ pub async fn usage_replayed_batch_counts_once(store: Arc<dyn Store>) {
 
     store.record_usage(&batch, &included).await.unwrap();
     let replay = store.record_usage(&batch, &included).await.unwrap();
-    assert_eq!(replay, RecordOutcome { inserted: 0, duplicates: 20 });
+    assert_eq!(
+        replay,
+        RecordOutcome {
+            inserted: 0,
+            duplicates: 20
+        }
+    );
 
     // A retry that overlaps half the first batch counts only the new half.
     let mut overlapping = batch[10..].to_vec();
     overlapping.extend(events(&ada, &key, 10, T0 + Duration::seconds(5)));
     let partial = store.record_usage(&overlapping, &included).await.unwrap();
-    assert_eq!(partial, RecordOutcome { inserted: 10, duplicates: 10 });
+    assert_eq!(
+        partial,
+        RecordOutcome {
+            inserted: 10,
+            duplicates: 10
+        }
+    );
 
     let period = BillingPeriod::containing(T0);
-    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    let rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.api_calls, 30);
     assert_eq!(
-        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        store
+            .count_usage_events(&ada, period.start(), period.end())
+            .await
+            .unwrap(),
         30
     );
 }
@@ -299,8 +392,16 @@ pub async fn usage_concurrent_batches_sum_exactly(store: Arc<dyn Store>) {
                 let start = T0 + Duration::seconds((t * BATCHES + b) as i64);
                 let batch = events(&ada, &key, PER_BATCH, start);
                 // Every batch is also replayed by the same task: it must count once.
-                stored += store.record_usage(&batch, &IncludedCalls::new()).await.unwrap().inserted;
-                stored += store.record_usage(&batch, &IncludedCalls::new()).await.unwrap().inserted;
+                stored += store
+                    .record_usage(&batch, &IncludedCalls::new())
+                    .await
+                    .unwrap()
+                    .inserted;
+                stored += store
+                    .record_usage(&batch, &IncludedCalls::new())
+                    .await
+                    .unwrap()
+                    .inserted;
             }
             stored
         }));
@@ -312,10 +413,17 @@ pub async fn usage_concurrent_batches_sum_exactly(store: Arc<dyn Store>) {
     let expected = (TASKS * BATCHES * PER_BATCH) as u64;
     assert_eq!(inserted, expected);
     let period = BillingPeriod::containing(T0);
-    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    let rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.api_calls, expected);
     assert_eq!(
-        store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(),
+        store
+            .count_usage_events(&ada, period.start(), period.end())
+            .await
+            .unwrap(),
         expected
     );
 }
@@ -325,17 +433,43 @@ pub async fn usage_period_boundaries(store: Arc<dyn Store>) {
     let last = datetime!(2026-11-30 23:59:59.999 UTC);
     let first = datetime!(2026-12-01 00:00 UTC);
     let batch = vec![event(&ada, &key, last), event(&ada, &key, first)];
-    store.record_usage(&batch, &IncludedCalls::new()).await.unwrap();
+    store
+        .record_usage(&batch, &IncludedCalls::new())
+        .await
+        .unwrap();
 
     let nov = BillingPeriod::containing(last);
     let dec = BillingPeriod::containing(first);
-    let nov_rec = store.usage_record(&ada, nov.start()).await.unwrap().unwrap();
-    let dec_rec = store.usage_record(&ada, dec.start()).await.unwrap().unwrap();
+    let nov_rec = store
+        .usage_record(&ada, nov.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let dec_rec = store
+        .usage_record(&ada, dec.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((nov_rec.api_calls, dec_rec.api_calls), (1, 1));
     assert_eq!(nov_rec.period_end, dec.start());
-    assert_eq!(store.count_usage_events(&ada, nov.start(), nov.end()).await.unwrap(), 1);
-    assert_eq!(store.count_usage_events(&ada, dec.start(), dec.end()).await.unwrap(), 1);
-    assert_eq!(store.count_usage_events(&ada, last, first).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .count_usage_events(&ada, nov.start(), nov.end())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .count_usage_events(&ada, dec.start(), dec.end())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.count_usage_events(&ada, last, first).await.unwrap(),
+        1
+    );
 }
 
 pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>) {
@@ -343,13 +477,28 @@ pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>
     let mut batch = events(&ada, &key, 3, T0);
     batch.push(event(&UserId::generate(), &key, T0));
     let result = store.record_usage(&batch, &IncludedCalls::new()).await;
-    assert!(matches!(result, Err(RepoError::NotFound { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(RepoError::NotFound { .. })),
+        "{result:?}"
+    );
 
     let period = BillingPeriod::containing(T0);
-    assert_eq!(store.usage_record(&ada, period.start()).await.unwrap(), None);
-    assert_eq!(store.count_usage_events(&ada, period.start(), period.end()).await.unwrap(), 0);
+    assert_eq!(
+        store.usage_record(&ada, period.start()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .count_usage_events(&ada, period.start(), period.end())
+            .await
+            .unwrap(),
+        0
+    );
     // The valid part can be retried on its own and counts once.
-    let outcome = store.record_usage(&batch[..3], &IncludedCalls::new()).await.unwrap();
+    let outcome = store
+        .record_usage(&batch[..3], &IncludedCalls::new())
+        .await
+        .unwrap();
     assert_eq!(outcome.inserted, 3);
 }
 
@@ -380,7 +529,10 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
     batch.push(event(&ada, &key, at - Duration::microseconds(1)));
     batch.push(event(&ada, &key, at + Duration::days(1)));
     batch.push(event(&bob, &bob_key, at + Duration::hours(23)));
-    store.record_usage(&batch, &IncludedCalls::new()).await.unwrap();
+    store
+        .record_usage(&batch, &IncludedCalls::new())
+        .await
+        .unwrap();
 
     let now = at + Duration::days(1) + Duration::minutes(5);
     assert_eq!(store.aggregate_usage_day(day, now).await.unwrap(), 2);
@@ -397,7 +549,13 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
     let top: Vec<(&str, &str, u64)> = row
         .top_endpoints
         .iter()
-        .map(|EndpointCount { endpoint, method, calls }| (endpoint.as_str(), method.as_str(), *calls))
+        .map(
+            |EndpointCount {
+                 endpoint,
+                 method,
+                 calls,
+             }| (endpoint.as_str(), method.as_str(), *calls),
+        )
         .collect();
     assert_eq!(
         top,
@@ -408,15 +566,24 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
         ]
     );
     // Days around were not aggregated; a range read returns only rows that exist.
-    let around = store.daily_usage(&ada, date!(2026 - 11 - 01), date!(2026 - 11 - 30)).await.unwrap();
+    let around = store
+        .daily_usage(&ada, date!(2026 - 11 - 01), date!(2026 - 11 - 30))
+        .await
+        .unwrap();
     assert_eq!(around, first);
-    assert_eq!(store.daily_usage(&bob, day, day).await.unwrap()[0].api_calls, 1);
+    assert_eq!(
+        store.daily_usage(&bob, day, day).await.unwrap()[0].api_calls,
+        1
+    );
 }
 
 pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
     let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
     let included: IncludedCalls = HashMap::from([(ada.clone(), 10)]);
-    store.record_usage(&events(&ada, &key, 25, T0), &included).await.unwrap();
+    store
+        .record_usage(&events(&ada, &key, 25, T0), &included)
+        .await
+        .unwrap();
     let period = BillingPeriod::containing(T0);
 
     let new = NewOverageCharge {
@@ -430,10 +597,16 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
     };
     let charge = store.create_overage_charge(&new).await.unwrap();
     assert_eq!(charge.status, ChargeStatus::Pending);
-    assert_eq!((charge.calls_from, charge.calls_to, charge.attempts), (0, 15, 0));
+    assert_eq!(
+        (charge.calls_from, charge.calls_to, charge.attempts),
+        (0, 15, 0)
+    );
     assert_eq!(
         store.create_overage_charge(&new).await,
-        Err(RepoError::Conflict { entity: "overage charge", field: "idempotency_key" })
+        Err(RepoError::Conflict {
+            entity: "overage charge",
+            field: "idempotency_key"
+        })
     );
     let orphan = NewOverageCharge {
         user_id: UserId::generate(),
@@ -450,15 +623,25 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(failed.status, ChargeStatus::Failed);
-    assert_eq!((failed.attempts, failed.last_error.as_deref()), (1, Some("card_declined")));
+    assert_eq!(
+        (failed.attempts, failed.last_error.as_deref()),
+        (1, Some("card_declined"))
+    );
 
     let done_at = T0 + Duration::minutes(2);
-    let done = store.complete_overage_charge(charge.id, "ii_123", done_at).await.unwrap();
+    let done = store
+        .complete_overage_charge(charge.id, "ii_123", done_at)
+        .await
+        .unwrap();
     assert_eq!(done.status, ChargeStatus::Succeeded);
     assert_eq!(done.stripe_invoice_item_id.as_deref(), Some("ii_123"));
     assert_eq!(done.attempts, 2);
     assert_eq!(done.updated_at, done_at);
-    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    let rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((rec.overage_calls, rec.overage_invoiced_calls), (15, 15));
 
     // Completing again is harmless; an older charge never lowers the invoiced count.
@@ -468,19 +651,40 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
         ..new.clone()
     };
     let earlier = store.create_overage_charge(&earlier).await.unwrap();
-    store.complete_overage_charge(earlier.id, "ii_100", done_at).await.unwrap();
-    store.complete_overage_charge(charge.id, "ii_123", done_at).await.unwrap();
-    let rec = store.usage_record(&ada, period.start()).await.unwrap().unwrap();
+    store
+        .complete_overage_charge(earlier.id, "ii_100", done_at)
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(charge.id, "ii_123", done_at)
+        .await
+        .unwrap();
+    let rec = store
+        .usage_record(&ada, period.start())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.overage_invoiced_calls, 15);
 
     assert_eq!(
-        store.overage_charge_by_key(&new.idempotency_key).await.unwrap().map(|c| c.id),
+        store
+            .overage_charge_by_key(&new.idempotency_key)
+            .await
+            .unwrap()
+            .map(|c| c.id),
         Some(charge.id)
     );
     let all = store.overage_charges_for_user(&ada).await.unwrap();
-    assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), vec![charge.id, earlier.id]);
     assert_eq!(
-        store.complete_overage_charge(i64::MAX, "ii_x", done_at).await,
-        Err(RepoError::NotFound { entity: "overage charge" })
+        all.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![charge.id, earlier.id]
+    );
+    assert_eq!(
+        store
+            .complete_overage_charge(i64::MAX, "ii_x", done_at)
+            .await,
+        Err(RepoError::NotFound {
+            entity: "overage charge"
+        })
     );
 }

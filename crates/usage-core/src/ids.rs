@@ -127,7 +127,14 @@ mod tests {
 
     #[test]
     fn ids_with_wrong_prefix_or_characters_are_rejected() {
-        for bad in ["", "eco_usr_", "eco_key_abc", "eco_usr_a-b", "eco_usr_ä", "usr_abc"] {
+        for bad in [
+            "",
+            "eco_usr_",
+            "eco_key_abc",
+            "eco_usr_a-b",
+            "eco_usr_ä",
+            "usr_abc",
+        ] {
             assert!(UserId::parse(bad).is_err(), "{bad:?} was accepted");
         }
         let long = format!("eco_usr_{}", "a".repeat(80));
@@ -137,9 +144,21 @@ mod tests {
 
     #[test]
     fn emails_are_checked() {
-        for bad in ["", "a", "a@b", "@b.com", "a@.com", "a@b..com", "a b@c.com", "a@b@c.com"] {
+        for bad in [
+            "",
+            "a",
+            "a@b",
+            "@b.com",
+            "a@.com",
+            "a@b..com",
+            "a b@c.com",
+            "a@b@c.com",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?} was accepted");
         }
-        assert_eq!(normalize_email("x.y+z@sub.example.org").unwrap(), "x.y+z@sub.example.org");
+        assert_eq!(
+            normalize_email("x.y+z@sub.example.org").unwrap(),
+            "x.y+z@sub.example.org"
+        );
     }
 }

@@ -9,9 +9,9 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
-    EndpointCount, IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    RecordOutcome, TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointCount,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
+    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -49,10 +49,16 @@ impl UserRepository for MemoryStore {
     async fn create_user(&self, user: &User) -> Result<(), RepoError> {
         let mut state = self.state();
         if state.users.contains_key(&user.id) {
-            return Err(RepoError::Conflict { entity: "user", field: "id" });
+            return Err(RepoError::Conflict {
+                entity: "user",
+                field: "id",
+            });
         }
         if state.users.values().any(|u| u.email == user.email) {
-            return Err(RepoError::Conflict { entity: "user", field: "email" });
+            return Err(RepoError::Conflict {
+                entity: "user",
+                field: "email",
+            });
         }
         state.users.insert(user.id.clone(), user.clone());
         Ok(())
@@ -63,12 +69,20 @@ impl UserRepository for MemoryStore {
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
-        Ok(self.state().users.values().find(|u| u.email == email).cloned())
+        Ok(self
+            .state()
+            .users
+            .values()
+            .find(|u| u.email == email)
+            .cloned())
     }
 
     async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
         let mut state = self.state();
-        let user = state.users.get_mut(id).ok_or(RepoError::NotFound { entity: "user" })?;
+        let user = state
+            .users
+            .get_mut(id)
+            .ok_or(RepoError::NotFound { entity: "user" })?;
         user.plan = plan;
         Ok(user.clone())
     }
@@ -82,17 +96,28 @@ impl ApiKeyRepository for MemoryStore {
             return Err(RepoError::NotFound { entity: "user" });
         }
         if state.keys.contains_key(&key.id) {
-            return Err(RepoError::Conflict { entity: "API key", field: "id" });
+            return Err(RepoError::Conflict {
+                entity: "API key",
+                field: "id",
+            });
         }
         if state.keys.values().any(|k| k.key_hash == key.key_hash) {
-            return Err(RepoError::Conflict { entity: "API key", field: "key_hash" });
+            return Err(RepoError::Conflict {
+                entity: "API key",
+                field: "key_hash",
+            });
         }
         state.keys.insert(key.id.clone(), key.clone());
         Ok(())
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
-        Ok(self.state().keys.values().find(|k| k.key_hash == key_hash).cloned())
+        Ok(self
+            .state()
+            .keys
+            .values()
+            .find(|k| k.key_hash == key_hash)
+            .cloned())
     }
 
     async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
@@ -103,7 +128,11 @@ impl ApiKeyRepository for MemoryStore {
             .filter(|k| &k.user_id == user_id)
             .cloned()
             .collect();
-        keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        keys.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.id.cmp(&a.id))
+        });
         Ok(keys)
     }
 
@@ -114,10 +143,14 @@ impl ApiKeyRepository for MemoryStore {
         at: OffsetDateTime,
     ) -> Result<Option<ApiKeyRecord>, RepoError> {
         let mut state = self.state();
-        Ok(state.keys.get_mut(key_id).filter(|k| &k.user_id == user_id).map(|k| {
-            k.revoked_at.get_or_insert(at);
-            k.clone()
-        }))
+        Ok(state
+            .keys
+            .get_mut(key_id)
+            .filter(|k| &k.user_id == user_id)
+            .map(|k| {
+                k.revoked_at.get_or_insert(at);
+                k.clone()
+            }))
     }
 
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
@@ -189,7 +222,11 @@ impl UsageRepository for MemoryStore {
         user_id: &UserId,
         period_start: OffsetDateTime,
     ) -> Result<Option<UsageRecord>, RepoError> {
-        Ok(self.state().records.get(&(user_id.clone(), period_start)).cloned())
+        Ok(self
+            .state()
+            .records
+            .get(&(user_id.clone(), period_start))
+            .cloned())
     }
 
     async fn count_usage_events(
@@ -228,7 +265,7 @@ fn daily_row(user_id: &UserId, date: Date, events: &[&UsageEvent]) -> DailyUsage
         })
         .collect();
     // Stable sort keeps (endpoint, method) order among ties.
-    top.sort_by(|a, b| b.calls.cmp(&a.calls));
+    top.sort_by_key(|e| std::cmp::Reverse(e.calls));
     top.truncate(TOP_ENDPOINTS);
     let api_calls = events.len() as u64;
     DailyUsage {
@@ -244,7 +281,11 @@ fn daily_row(user_id: &UserId, date: Date, events: &[&UsageEvent]) -> DailyUsage
 
 #[async_trait]
 impl DailyUsageRepository for MemoryStore {
-    async fn aggregate_usage_day(&self, date: Date, _now: OffsetDateTime) -> Result<u64, RepoError> {
+    async fn aggregate_usage_day(
+        &self,
+        date: Date,
+        _now: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
         let mut state = self.state();
         let mut by_user: BTreeMap<&UserId, Vec<&UsageEvent>> = BTreeMap::new();
         for e in state.events.iter().filter(|e| e.created_at.date() == date) {
@@ -287,7 +328,11 @@ impl OverageChargeRepository for MemoryStore {
         if !state.users.contains_key(&charge.user_id) {
             return Err(RepoError::NotFound { entity: "user" });
         }
-        if state.charges.iter().any(|c| c.idempotency_key == charge.idempotency_key) {
+        if state
+            .charges
+            .iter()
+            .any(|c| c.idempotency_key == charge.idempotency_key)
+        {
             return Err(RepoError::Conflict {
                 entity: "overage charge",
                 field: "idempotency_key",
@@ -335,7 +380,9 @@ impl OverageChargeRepository for MemoryStore {
             .charges
             .iter_mut()
             .find(|c| c.id == id)
-            .ok_or(RepoError::NotFound { entity: "overage charge" })?;
+            .ok_or(RepoError::NotFound {
+                entity: "overage charge",
+            })?;
         charge.status = ChargeStatus::Succeeded;
         charge.stripe_invoice_item_id = Some(stripe_invoice_item_id.to_owned());
         charge.attempts += 1;
@@ -363,7 +410,9 @@ impl OverageChargeRepository for MemoryStore {
             .charges
             .iter_mut()
             .find(|c| c.id == id)
-            .ok_or(RepoError::NotFound { entity: "overage charge" })?;
+            .ok_or(RepoError::NotFound {
+                entity: "overage charge",
+            })?;
         charge.status = ChargeStatus::Failed;
         charge.attempts += 1;
         charge.last_error = Some(error.to_owned());

@@ -118,11 +118,20 @@ impl PlanCatalog {
         }
     }
 
-    /// Calls past the plan's limit among `api_calls` (0 for an unlimited plan).
+    /// Billable calls past the plan's limit among `api_calls`: 0 for an unlimited plan,
+    /// and for a blocking plan (calls past its limit are refused, never billed).
     pub fn overage_calls(&self, plan: Plan, api_calls: u64) -> u64 {
-        self.terms(plan)
-            .monthly_calls
+        self.included_calls_if_billed(plan)
             .map_or(0, |limit| api_calls.saturating_sub(limit))
+    }
+
+    /// The limit past which calls are billed as overage, for plans that have one.
+    pub fn included_calls_if_billed(&self, plan: Plan) -> Option<u64> {
+        let terms = self.terms(plan);
+        match terms.over_limit {
+            OverLimit::Overage => terms.monthly_calls,
+            OverLimit::Block => None,
+        }
     }
 }
 
@@ -136,7 +145,10 @@ mod tests {
             assert_eq!(plan.as_str().parse::<Plan>(), Ok(plan));
         }
         let err = "gold".parse::<Plan>().unwrap_err();
-        assert_eq!(err.to_string(), "plan must be one of free, pro, enterprise (got \"gold\")");
+        assert_eq!(
+            err.to_string(),
+            "plan must be one of free, pro, enterprise (got \"gold\")"
+        );
         assert!("Pro".parse::<Plan>().is_err());
     }
 
@@ -146,5 +158,10 @@ mod tests {
         assert_eq!(catalog.overage_calls(Plan::Pro, 99_999), 0);
         assert_eq!(catalog.overage_calls(Plan::Pro, 105_000), 5_000);
         assert_eq!(catalog.overage_calls(Plan::Enterprise, u64::MAX), 0);
+        assert_eq!(
+            catalog.overage_calls(Plan::Free, 1_200),
+            0,
+            "free is blocked, never billed"
+        );
     }
 }

@@ -1,4 +1,5 @@
 //! The repository conformance suite against the in-memory store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::sync::Arc;
 
 use usage_core::conformance::TestStore;

@@ -32,7 +32,9 @@ pub(crate) fn counter_deltas(
 ) -> Vec<CounterDelta> {
     let mut grouped: BTreeMap<(UserId, BillingPeriod), i64> = BTreeMap::new();
     for (user_id, at) in inserted {
-        *grouped.entry((user_id, BillingPeriod::containing(at))).or_default() += 1;
+        *grouped
+            .entry((user_id, BillingPeriod::containing(at)))
+            .or_default() += 1;
     }
     grouped
         .into_iter()
@@ -68,12 +70,20 @@ mod tests {
 
     #[test]
     fn deltas_are_grouped_per_user_and_period_and_sorted() {
-        let (a, b) = (UserId::parse("eco_usr_a").unwrap(), UserId::parse("eco_usr_b").unwrap());
+        let (a, b) = (
+            UserId::parse("eco_usr_a").unwrap(),
+            UserId::parse("eco_usr_b").unwrap(),
+        );
         let nov = datetime!(2026-11-30 23:59:59.999 UTC);
         let dec = datetime!(2026-12-01 00:00 UTC);
         let included = IncludedCalls::from([(a.clone(), 10)]);
         let deltas = counter_deltas(
-            [(b.clone(), nov), (a.clone(), dec), (a.clone(), nov), (a.clone(), nov)],
+            [
+                (b.clone(), nov),
+                (a.clone(), dec),
+                (a.clone(), nov),
+                (a.clone(), nov),
+            ],
             &included,
         );
         let summary: Vec<_> = deltas

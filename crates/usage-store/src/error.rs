@@ -11,8 +11,18 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
         ("eco_users_pkey", "eco_users.id", "user", "id"),
         ("eco_users_email_key", "eco_users.email", "user", "email"),
         ("eco_api_keys_pkey", "eco_api_keys.id", "API key", "id"),
-        ("eco_api_keys_key_hash_key", "eco_api_keys.key_hash", "API key", "key_hash"),
-        ("eco_api_usage_event_id_key", "eco_api_usage.event_id", "usage event", "event_id"),
+        (
+            "eco_api_keys_key_hash_key",
+            "eco_api_keys.key_hash",
+            "API key",
+            "key_hash",
+        ),
+        (
+            "eco_api_usage_event_id_key",
+            "eco_api_usage.event_id",
+            "usage event",
+            "event_id",
+        ),
         (
             "eco_overage_charges_idempotency_key_key",
             "eco_overage_charges.idempotency_key",
@@ -84,7 +94,10 @@ mod tests {
             unique_target("UNIQUE constraint failed: eco_api_keys.key_hash"),
             ("API key", "key_hash")
         );
-        assert_eq!(referenced_entity("eco_api_usage_api_key_id_fkey"), "API key");
+        assert_eq!(
+            referenced_entity("eco_api_usage_api_key_id_fkey"),
+            "API key"
+        );
         assert_eq!(referenced_entity("eco_api_keys_user_id_fkey"), "user");
     }
 }

@@ -1,4 +1,5 @@
 //! The repository conformance suite against SQLite files in temporary directories.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use usage_core::conformance::TestStore;
 use usage_store::PoolOptions;
 
@@ -15,7 +16,9 @@ async fn fresh_store() -> TestStore {
     let url = format!("sqlite://{}/usage.db", dir.display());
     let applied = usage_store::migrate(&url).await.expect("migrate");
     assert!(applied > 0);
-    let store = usage_store::open(&url, &PoolOptions::default()).await.expect("open");
+    let store = usage_store::open(&url, &PoolOptions::default())
+        .await
+        .expect("open");
     assert_eq!(store.backend_name(), "sqlite");
     TestStore::new(store, TempDir(dir))
 }

@@ -74,9 +74,10 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Best effort: the whole server goes away with the process anyway.
-        let _ = self
-            .server
-            .psql(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
+        let _ = self.server.psql(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ));
     }
 }
 
@@ -173,10 +174,20 @@ impl TestServer {
         initdb
             .arg("-D")
             .arg(&data_dir)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .stdin(Stdio::null());
         as_user(&mut initdb, run_as);
-        let out = initdb.output().map_err(|e| format!("cannot run initdb: {e}"))?;
+        let out = initdb
+            .output()
+            .map_err(|e| format!("cannot run initdb: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "initdb failed: {}",
@@ -295,7 +306,11 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| ["initdb", "postgres", "psql"].iter().all(|t| dir.join(t).is_file());
+    let has_tools = |dir: &Path| {
+        ["initdb", "postgres", "psql"]
+            .iter()
+            .all(|t| dir.join(t).is_file())
+    };
     if let Some(dir) = std::env::var_os("PG_BIN_DIR").map(PathBuf::from) {
         return has_tools(&dir).then_some(dir);
     }
@@ -356,7 +371,9 @@ mod tests {
         let name = a.name().to_owned();
         let count = |n: &str| {
             server()
-                .psql(&format!("SELECT count(*) FROM pg_database WHERE datname = '{n}'"))
+                .psql(&format!(
+                    "SELECT count(*) FROM pg_database WHERE datname = '{n}'"
+                ))
                 .unwrap()
         };
         assert_eq!(count(&name), "1");

@@ -13,16 +13,15 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncC
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
-    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, IncludedCalls,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome, TOP_ENDPOINTS,
+    UsageRecord, UsageRepository, User, UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
 
 use self::schema::{
-    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records,
-    eco_users,
+    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{INSERT_CHUNK, TRANSACTION_ATTEMPTS, counter_deltas, to_i64, to_u64};
 use crate::error::{is_retryable, repo_error};
@@ -32,29 +31,40 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postg
 
 /// Serialises migrations of instances starting at once (any constant works; this one
 /// spells "usage" in ASCII).
-const MIGRATION_LOCK_ID: i64 = 0x7573_6167_65;
+const MIGRATION_LOCK_ID: i64 = 0x0075_7361_6765;
 
 /// Applies pending migrations, holding an advisory lock so that concurrent starts of
 /// several instances migrate once.
 pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
     let owned_url = url.to_owned();
-    let failed = |reason: String| StoreError::Migration { url: redact(url), reason };
+    let failed = |reason: String| StoreError::Migration {
+        url: redact(url),
+        reason,
+    };
     // The sync migration harness blocks on its own runtime, so it runs on a blocking thread.
     tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
-        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(
-            &owned_url,
-        )
+        let mut conn =
+            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(
+                &owned_url,
+            )
             .map_err(|e| StoreError::Connect {
                 url: redact(&owned_url),
                 reason: format!("{e} (is PostgreSQL running there and accepting connections?)"),
             })?;
         let lock = format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})");
-        diesel::RunQueryDsl::execute(diesel::sql_query(lock), &mut conn)
-            .map_err(|e| StoreError::Migration { url: redact(&owned_url), reason: e.to_string() })?;
+        diesel::RunQueryDsl::execute(diesel::sql_query(lock), &mut conn).map_err(|e| {
+            StoreError::Migration {
+                url: redact(&owned_url),
+                reason: e.to_string(),
+            }
+        })?;
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
             .map(|v| v.len())
-            .map_err(|e| StoreError::Migration { url: redact(&owned_url), reason: e.to_string() });
+            .map_err(|e| StoreError::Migration {
+                url: redact(&owned_url),
+                reason: e.to_string(),
+            });
         // The lock also goes with the connection; unlock explicitly all the same.
         let unlock = format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})");
         let _ = diesel::RunQueryDsl::execute(diesel::sql_query(unlock), &mut conn);
@@ -71,7 +81,9 @@ pub struct PgStore {
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgStore").field("pool", &self.pool.state()).finish()
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.state())
+            .finish()
     }
 }
 
@@ -98,16 +110,16 @@ impl PgStore {
             .idle_timeout(Some(std::time::Duration::from_secs(300)))
             .build(manager)
             .await
-            .map_err(|e| StoreError::Connect { url: redact(url), reason: e.to_string() })?;
-        let store = Self { pool };
-        // The driver's message alone ("error connecting to server") does not say what to check.
-        store
-            .ping()
-            .await
             .map_err(|e| StoreError::Connect {
                 url: redact(url),
-                reason: format!("{e} (is PostgreSQL running there and accepting connections?)"),
+                reason: e.to_string(),
             })?;
+        let store = Self { pool };
+        // The driver's message alone ("error connecting to server") does not say what to check.
+        store.ping().await.map_err(|e| StoreError::Connect {
+            url: redact(url),
+            reason: format!("{e} (is PostgreSQL running there and accepting connections?)"),
+        })?;
         Ok(store)
     }
 
@@ -389,7 +401,10 @@ impl UserRepository for PgStore {
 /// `COALESCE(revoked_at, at)`: a second revocation keeps the first time.
 fn keep_or(
     at: OffsetDateTime,
-) -> diesel::expression::SqlLiteral<Nullable<Timestamptz>, impl diesel::query_builder::QueryFragment<diesel::pg::Pg>> {
+) -> diesel::expression::SqlLiteral<
+    Nullable<Timestamptz>,
+    impl diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+> {
     diesel::dsl::sql::<Nullable<Timestamptz>>("COALESCE(revoked_at, ")
         .bind::<Timestamptz, _>(at)
         .sql(")")
@@ -499,7 +514,8 @@ impl UsageRepository for PgStore {
             let mut conn = self.conn().await?;
             let result = conn
                 .transaction(async |conn| -> Result<u64, diesel::result::Error> {
-                    let mut inserted: Vec<(String, OffsetDateTime)> = Vec::with_capacity(rows.len());
+                    let mut inserted: Vec<(String, OffsetDateTime)> =
+                        Vec::with_capacity(rows.len());
                     for chunk in rows.chunks(INSERT_CHUNK) {
                         let mut got = diesel::insert_into(eco_api_usage::table)
                             .values(chunk)

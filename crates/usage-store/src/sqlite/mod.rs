@@ -16,15 +16,14 @@ use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
-    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, IncludedCalls,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome, TOP_ENDPOINTS,
+    UsageRecord, UsageRepository, User, UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 
 use self::schema::{
-    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records,
-    eco_users,
+    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{counter_deltas, parse_top_endpoints, to_i64, to_u64};
 use crate::error::repo_error;
@@ -98,7 +97,10 @@ fn path_str(path: &Path) -> Result<&str, StoreError> {
 pub(crate) async fn migrate(path: &Path) -> Result<usize, StoreError> {
     let path = path.to_owned();
     let shown = format!("sqlite://{}", path.display());
-    let failed = |reason: String| StoreError::Migration { url: shown.clone(), reason };
+    let failed = |reason: String| StoreError::Migration {
+        url: shown.clone(),
+        reason,
+    };
     tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
         let url = format!("sqlite://{}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -107,13 +109,22 @@ pub(crate) async fn migrate(path: &Path) -> Result<usize, StoreError> {
                 reason: format!("cannot create directory {}: {e}", dir.display()),
             })?;
         }
-        let mut conn = SqliteConnection::establish(path_str(&path)?)
-            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+        let mut conn =
+            SqliteConnection::establish(path_str(&path)?).map_err(|e| StoreError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         conn.batch_execute(&pragmas(Duration::from_secs(30)))
-            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+            .map_err(|e| StoreError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         conn.run_pending_migrations(MIGRATIONS)
             .map(|v| v.len())
-            .map_err(|e| StoreError::Migration { url, reason: e.to_string() })
+            .map_err(|e| StoreError::Migration {
+                url,
+                reason: e.to_string(),
+            })
     })
     .await
     .map_err(|e| failed(e.to_string()))?
@@ -142,13 +153,19 @@ impl SqliteStore {
         // Building opens the first connection, which blocks.
         let pool = tokio::task::spawn_blocking(move || builder.build(manager))
             .await
-            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?
-            .map_err(|e| StoreError::Connect { url: url.clone(), reason: e.to_string() })?;
+            .map_err(|e| StoreError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| StoreError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         let store = Self { pool };
-        store
-            .ping()
-            .await
-            .map_err(|e| StoreError::Connect { url, reason: e.to_string() })?;
+        store.ping().await.map_err(|e| StoreError::Connect {
+            url,
+            reason: e.to_string(),
+        })?;
         Ok(store)
     }
 
@@ -161,7 +178,9 @@ impl SqliteStore {
     {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get().map_err(|e| RepoError::Unavailable(e.to_string()))?;
+            let mut conn = pool
+                .get()
+                .map_err(|e| RepoError::Unavailable(e.to_string()))?;
             work(&mut conn)
         })
         .await
@@ -496,8 +515,10 @@ impl ApiKeyRepository for SqliteStore {
     }
 
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
-        let used: Vec<(String, String)> =
-            used.iter().map(|(id, at)| (id.to_string(), ts(*at))).collect();
+        let used: Vec<(String, String)> = used
+            .iter()
+            .map(|(id, at)| (id.to_string(), ts(*at)))
+            .collect();
         self.run("API key", move |conn| {
             conn.immediate_transaction(|conn| {
                 for (id, at) in used {
@@ -663,8 +684,12 @@ impl DailyUsageRepository for SqliteStore {
             GROUP BY user_id"
         );
         let start = date.midnight().assume_utc();
-        let (day, from, to, now) =
-            (date_text(date), ts(start), ts(start + time::Duration::days(1)), ts(now));
+        let (day, from, to, now) = (
+            date_text(date),
+            ts(start),
+            ts(start + time::Duration::days(1)),
+            ts(now),
+        );
         self.run("usage event", move |conn| {
             conn.immediate_transaction(|conn| {
                 diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))

@@ -1,0 +1,45 @@
+# Everyday recipes. Every one is a plain cargo or bash command underneath, so nothing
+# here is needed to build, run or test (see README.md).
+
+default:
+    @just --list
+
+# --- run ---
+
+# Serve on the embedded SQLite default (sqlite://data/usage.db)
+run *ARGS:
+    cargo run --release -p usage-server -- {{ARGS}}
+
+# Apply pending migrations to $DATABASE_URL (default: the SQLite file)
+migrate:
+    cargo run --release -p usage-server -- migrate
+
+# --- check ---
+
+# Format every crate
+fmt:
+    cargo fmt --all
+
+# Fail if formatting is off
+fmt-check:
+    cargo fmt --all -- --check
+
+# Clippy with warnings as errors
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Only usage-store may depend on diesel
+check-deps:
+    bash scripts/check-diesel-boundary.sh
+
+# Every test (PostgreSQL tests start their own server)
+test:
+    cargo test --workspace
+
+# Build the API docs of every crate
+doc:
+    cargo doc --workspace --no-deps
+
+# What CI runs
+ci:
+    bash .ci/run
