@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod accounts;
+pub mod caller;
 pub mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -23,11 +24,17 @@ mod error;
 pub mod event;
 pub mod ids;
 pub mod memory;
+#[cfg(feature = "actix")]
+pub mod middleware;
 pub mod money;
 pub mod period;
 pub mod plan;
+pub mod quota;
+pub mod rate;
 pub mod repo;
+pub mod tracker;
 
+pub use caller::{ApiKeyAuthenticator, Caller};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::DomainError;
 pub use event::UsageEvent;

@@ -1,0 +1,177 @@
+//! An optional short-window rate limit per user: requests per second with a burst,
+//! by GCRA (the generic cell rate algorithm), on the injectable [`Clock`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{Clock, Plan, UserId};
+
+/// A rate: `per_second` requests sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained requests per second (at least 1).
+    pub per_second: u32,
+    /// Requests allowed at once after a quiet period (at least 1).
+    pub burst: u32,
+}
+
+/// The short-window limit of each plan; `None` is no limit (the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanRateLimits {
+    /// Free plan.
+    pub free: Option<RateLimit>,
+    /// Pro plan.
+    pub pro: Option<RateLimit>,
+    /// Enterprise plan.
+    pub enterprise: Option<RateLimit>,
+}
+
+impl PlanRateLimits {
+    /// The limit of `plan`.
+    pub fn of(&self, plan: Plan) -> Option<RateLimit> {
+        match plan {
+            Plan::Free => self.free,
+            Plan::Pro => self.pro,
+            Plan::Enterprise => self.enterprise,
+        }
+    }
+
+    /// Whether any plan has a limit.
+    pub fn any(&self) -> bool {
+        self.free.is_some() || self.pro.is_some() || self.enterprise.is_some()
+    }
+}
+
+/// The short-window decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    /// The plan has no short-window limit.
+    Unlimited,
+    /// Within the limit.
+    Allowed {
+        /// The burst size.
+        limit: u32,
+        /// Requests that could still go at once.
+        remaining: u32,
+    },
+    /// Over the limit; not counted.
+    Limited {
+        /// The limit that was hit.
+        rate: RateLimit,
+        /// When the next request would be allowed.
+        retry_after: Duration,
+    },
+}
+
+/// Entries kept before stale ones (already back to a full burst) are swept.
+const SWEEP_AT: usize = 100_000;
+
+/// GCRA state per user: the theoretical arrival time, in microseconds since the epoch.
+pub struct RateLimiter {
+    limits: PlanRateLimits,
+    clock: Arc<dyn Clock>,
+    tat: Mutex<HashMap<UserId, i128>>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// A limiter applying `limits`.
+    pub fn new(limits: PlanRateLimits, clock: Arc<dyn Clock>) -> Self {
+        Self { limits, clock, tat: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks (and, when allowed, counts) one request of `user_id` on `plan`.
+    pub fn check(&self, user_id: &UserId, plan: Plan) -> RateDecision {
+        let Some(rate) = self.limits.of(plan) else {
+            return RateDecision::Unlimited;
+        };
+        let interval = 1_000_000 / i128::from(rate.per_second.max(1));
+        let burst = i128::from(rate.burst.max(1));
+        let tolerance = interval * burst;
+        let now = self.clock.now().unix_timestamp_nanos() / 1_000;
+
+        let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
+        if tat.len() >= SWEEP_AT {
+            tat.retain(|_, t| *t > now);
+        }
+        let current = tat.get(user_id).copied().unwrap_or(now).max(now);
+        let next = current + interval;
+        if next - now > tolerance {
+            let wait = next - now - tolerance;
+            return RateDecision::Limited {
+                rate,
+                retry_after: Duration::from_micros(u64::try_from(wait).unwrap_or(u64::MAX)),
+            };
+        }
+        match tat.get_mut(user_id) {
+            Some(t) => *t = next,
+            None => {
+                tat.insert(user_id.clone(), next);
+            }
+        }
+        let remaining = (tolerance - (next - now)) / interval;
+        RateDecision::Allowed {
+            limit: rate.burst,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+    use time::macros::datetime;
+
+    fn limiter(clock: Arc<ManualClock>) -> RateLimiter {
+        let limits = PlanRateLimits {
+            free: Some(RateLimit { per_second: 2, burst: 3 }),
+            ..PlanRateLimits::default()
+        };
+        RateLimiter::new(limits, clock)
+    }
+
+    #[test]
+    fn burst_then_sustained_rate() {
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let limiter = limiter(clock.clone());
+        let user = UserId::generate();
+        let remaining: Vec<_> = (0..3)
+            .map(|_| match limiter.check(&user, Plan::Free) {
+                RateDecision::Allowed { remaining, .. } => remaining,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(remaining, vec![2, 1, 0]);
+        let RateDecision::Limited { retry_after, .. } = limiter.check(&user, Plan::Free) else {
+            panic!("the fourth request at once must be limited");
+        };
+        assert_eq!(retry_after, Duration::from_millis(500));
+        // Half a second later exactly one more fits (2 per second).
+        clock.advance(time::Duration::milliseconds(500));
+        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Allowed { remaining: 0, .. }));
+        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Limited { .. }));
+        // After a quiet period the full burst is back.
+        clock.advance(time::Duration::seconds(10));
+        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Allowed { remaining: 2, .. }));
+    }
+
+    #[test]
+    fn users_and_plans_are_separate() {
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let limiter = limiter(clock);
+        let (a, b) = (UserId::generate(), UserId::generate());
+        for _ in 0..3 {
+            limiter.check(&a, Plan::Free);
+        }
+        assert!(matches!(limiter.check(&a, Plan::Free), RateDecision::Limited { .. }));
+        assert!(matches!(limiter.check(&b, Plan::Free), RateDecision::Allowed { .. }));
+        assert_eq!(limiter.check(&a, Plan::Pro), RateDecision::Unlimited);
+    }
+}

@@ -1,0 +1,314 @@
+//! The usage tracker: admitted calls go onto a bounded queue without blocking the
+//! request; a background task writes them in batches, retrying failed batches (same
+//! event ids, so a retry never counts twice) until they are stored.
+//!
+//! When the queue is full, [`UsageTracker::track`] waits for room: the request that
+//! produced the call is held back (back-pressure) rather than its call being dropped.
+//! Each such wait is counted ([`TrackerStats::queue_full_waits`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::repo::{ApiKeyRepository, IncludedCalls, UsageRepository};
+use crate::{ApiKeyId, UsageEvent};
+
+/// Tracker settings.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    /// Write a batch as soon as this many calls wait (`USAGE_BATCH_SIZE`, default 100).
+    pub batch_size: usize,
+    /// Write whatever waits at least this often (`USAGE_FLUSH_INTERVAL_MS`, default 5 s).
+    pub flush_interval: Duration,
+    /// Calls the queue holds before `track` waits (`USAGE_QUEUE_CAPACITY`).
+    pub queue_capacity: usize,
+    /// First wait after a failed write; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    /// Longest wait between retries.
+    pub retry_max: Duration,
+    /// At shutdown, how long to keep retrying a failing store before giving up.
+    pub shutdown_retry_for: Duration,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            flush_interval: Duration::from_millis(5_000),
+            queue_capacity: 100_000,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            shutdown_retry_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One finished call to record.
+#[derive(Debug, Clone)]
+pub struct TrackedCall {
+    /// The event to store.
+    pub event: UsageEvent,
+    /// Calls the caller's plan includes before overage; `None` when overage does not
+    /// apply (unlimited or blocking plans).
+    pub included_calls: Option<u64>,
+}
+
+/// Live figures of the tracker, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TrackerStats {
+    /// Calls handed to `track`.
+    pub tracked: AtomicU64,
+    /// Times `track` found the queue full and waited.
+    pub queue_full_waits: AtomicU64,
+    /// Calls taken off the queue but not yet stored (the batch in hand).
+    pub in_batch: AtomicU64,
+    /// Events newly stored.
+    pub flushed: AtomicU64,
+    /// Events the store already had (replays), not counted again.
+    pub duplicates: AtomicU64,
+    /// Failed batch writes (each retried).
+    pub flush_failures: AtomicU64,
+    /// Successful batch writes.
+    pub flushes: AtomicU64,
+    /// Total time of successful batch writes, in microseconds.
+    pub flush_micros: AtomicU64,
+}
+
+/// What the tracker did by the time it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlushReport {
+    /// Events stored during the final flush.
+    pub flushed_at_shutdown: u64,
+    /// Events stored over the tracker's life.
+    pub flushed_total: u64,
+    /// Events that could not be stored before the shutdown retry time ran out.
+    pub unwritten: u64,
+}
+
+/// The tracker was shut down and takes no more calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the usage tracker has shut down")]
+pub struct TrackerClosed;
+
+/// Where calls are handed over. Cheap to clone; every clone feeds the same queue.
+#[derive(Debug, Clone)]
+pub struct UsageTracker {
+    tx: mpsc::Sender<TrackedCall>,
+    stats: Arc<TrackerStats>,
+}
+
+/// Owns the background writer; [`TrackerWorker::shutdown`] drains and stops it.
+#[derive(Debug)]
+pub struct TrackerWorker {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<FlushReport>,
+}
+
+impl UsageTracker {
+    /// Starts the background writer on the current tokio runtime.
+    pub fn start(
+        usage: Arc<dyn UsageRepository>,
+        keys: Arc<dyn ApiKeyRepository>,
+        config: TrackerConfig,
+    ) -> (Self, TrackerWorker) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (stop, stop_rx) = watch::channel(false);
+        let stats = Arc::new(TrackerStats::default());
+        let writer = Writer {
+            usage,
+            keys,
+            config,
+            stats: Arc::clone(&stats),
+        };
+        let task = tokio::spawn(writer.run(rx, stop_rx));
+        (Self { tx, stats }, TrackerWorker { stop, task })
+    }
+
+    /// Queues a finished call. Returns at once unless the queue is full, in which case it
+    /// waits for room (never drops the call).
+    pub async fn track(&self, call: TrackedCall) -> Result<(), TrackerClosed> {
+        self.stats.tracked.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(call) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(call)) => {
+                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                self.tx.send(call).await.map_err(|_| TrackerClosed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrackerClosed),
+        }
+    }
+
+    /// Calls waiting: in the queue, plus the batch being written.
+    pub fn queue_depth(&self) -> u64 {
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        queued as u64 + self.stats.in_batch.load(Ordering::Relaxed)
+    }
+
+    /// Live figures.
+    pub fn stats(&self) -> &TrackerStats {
+        &self.stats
+    }
+}
+
+impl TrackerWorker {
+    /// Stops taking calls, writes every call still queued, and reports. Call it after the
+    /// HTTP server has finished its in-flight requests.
+    pub async fn shutdown(self) -> FlushReport {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "usage tracker task failed");
+            FlushReport::default()
+        })
+    }
+}
+
+struct Writer {
+    usage: Arc<dyn UsageRepository>,
+    keys: Arc<dyn ApiKeyRepository>,
+    config: TrackerConfig,
+    stats: Arc<TrackerStats>,
+}
+
+impl Writer {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<TrackedCall>,
+        mut stop: watch::Receiver<bool>,
+    ) -> FlushReport {
+        let batch_size = self.config.batch_size.max(1);
+        let mut batch: Vec<TrackedCall> = Vec::with_capacity(batch_size);
+        let mut deadline = Instant::now() + self.config.flush_interval;
+        loop {
+            let room = batch_size - batch.len();
+            tokio::select! {
+                biased;
+                // A stop request, or the worker handle dropped.
+                _ = stop.changed() => break,
+                received = rx.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        break; // every sender is gone
+                    }
+                    self.stats.in_batch.store(batch.len() as u64, Ordering::Relaxed);
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    self.write(&mut batch, &mut stop, None).await;
+                    deadline = Instant::now() + self.config.flush_interval;
+                }
+            }
+            if batch.len() >= batch_size {
+                self.write(&mut batch, &mut stop, None).await;
+                deadline = Instant::now() + self.config.flush_interval;
+            }
+        }
+
+        // Drain: no new calls are taken; everything queued is written.
+        rx.close();
+        let before = self.stats.flushed.load(Ordering::Relaxed);
+        let give_up_at = Instant::now() + self.config.shutdown_retry_for;
+        let mut unwritten = 0;
+        loop {
+            let room = batch_size - batch.len();
+            let received = rx.recv_many(&mut batch, room).await;
+            if received == 0 && batch.is_empty() {
+                break;
+            }
+            if batch.len() >= batch_size || received == 0 {
+                unwritten += self.write(&mut batch, &mut stop, Some(give_up_at)).await;
+            }
+        }
+        // Whatever was still queued after giving up is unwritten too.
+        while let Ok(_call) = rx.try_recv() {
+            unwritten += 1;
+        }
+        let flushed_total = self.stats.flushed.load(Ordering::Relaxed);
+        let report = FlushReport {
+            flushed_at_shutdown: flushed_total - before,
+            flushed_total,
+            unwritten,
+        };
+        if unwritten > 0 {
+            tracing::error!(unwritten, "usage events could not be stored before shutdown");
+        }
+        report
+    }
+
+    /// Writes `batch` until it is stored, then clears it. Once a stop is requested,
+    /// retries only until `give_up_at` (set then if not given). Returns the number of
+    /// events given up on.
+    async fn write(
+        &self,
+        batch: &mut Vec<TrackedCall>,
+        stop: &mut watch::Receiver<bool>,
+        mut give_up_at: Option<Instant>,
+    ) -> u64 {
+        if batch.is_empty() {
+            return 0;
+        }
+        let events: Vec<UsageEvent> = batch.iter().map(|c| c.event.clone()).collect();
+        let included: IncludedCalls = batch
+            .iter()
+            .filter_map(|c| c.included_calls.map(|n| (c.event.user_id.clone(), n)))
+            .collect();
+        let mut backoff = self.config.retry_initial;
+        let mut given_up = 0;
+        loop {
+            let started = Instant::now();
+            match self.usage.record_usage(&events, &included).await {
+                Ok(outcome) => {
+                    let s = &self.stats;
+                    s.flushed.fetch_add(outcome.inserted, Ordering::Relaxed);
+                    s.duplicates.fetch_add(outcome.duplicates, Ordering::Relaxed);
+                    s.flushes.fetch_add(1, Ordering::Relaxed);
+                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    s.flush_micros.fetch_add(micros, Ordering::Relaxed);
+                    self.touch_keys(&events).await;
+                    break;
+                }
+                Err(e) => {
+                    self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+                    // A stop request, or the worker handle dropped.
+                    let stopping = *stop.borrow() || stop.has_changed().is_err();
+                    if give_up_at.is_none() && stopping {
+                        give_up_at = Some(Instant::now() + self.config.shutdown_retry_for);
+                    }
+                    if give_up_at.is_some_and(|at| Instant::now() + backoff > at) {
+                        tracing::error!(error = %e, events = events.len(), "giving up on a usage batch at shutdown");
+                        given_up = events.len() as u64;
+                        break;
+                    }
+                    tracing::warn!(error = %e, events = events.len(), retry_in_ms = backoff.as_millis() as u64,
+                        "writing usage batch failed; will retry");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        // Wake early on a stop request to start the shutdown deadline.
+                        _ = stop.changed(), if give_up_at.is_none() => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.retry_max);
+                }
+            }
+        }
+        batch.clear();
+        self.stats.in_batch.store(0, Ordering::Relaxed);
+        given_up
+    }
+
+    /// Moves `last_used_at` of the batch's keys; best effort (not billable data).
+    async fn touch_keys(&self, events: &[UsageEvent]) {
+        let mut last: HashMap<&ApiKeyId, OffsetDateTime> = HashMap::new();
+        for e in events {
+            let at = last.entry(&e.api_key_id).or_insert(e.created_at);
+            *at = (*at).max(e.created_at);
+        }
+        let used: Vec<(ApiKeyId, OffsetDateTime)> =
+            last.into_iter().map(|(k, at)| (k.clone(), at)).collect();
+        if let Err(e) = self.keys.touch_api_keys(&used).await {
+            tracing::warn!(error = %e, "updating last_used_at failed");
+        }
+    }
+}

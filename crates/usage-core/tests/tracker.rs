@@ -1,0 +1,265 @@
+//! The usage tracker with in-memory repositories: batches by size and by time, retries
+//! a failing store without losing or doubling events, waits when its queue is full, and
+//! writes everything at shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use time::macros::datetime;
+use usage_core::event::new_event_id;
+use usage_core::memory::MemoryStore;
+use usage_core::repo::{
+    ApiKeyRecord, ApiKeyRepository, IncludedCalls, RecordOutcome, UsageRecord, UsageRepository,
+    User, UserRepository,
+};
+use usage_core::tracker::{TrackedCall, TrackerConfig, UsageTracker};
+use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, UsageEvent, UserId};
+
+/// The memory store, failing the next `fail_next` writes as a database outage would.
+struct FlakyStore {
+    inner: MemoryStore,
+    fail_next: AtomicU32,
+}
+
+#[async_trait]
+impl UsageRepository for FlakyStore {
+    async fn record_usage(&self, events: &[UsageEvent], included: &IncludedCalls) -> Result<RecordOutcome, RepoError> {
+        let failing = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(RepoError::Unavailable("database is down".into()));
+        }
+        self.inner.record_usage(events, included).await
+    }
+
+    async fn usage_record(&self, user_id: &UserId, start: OffsetDateTime) -> Result<Option<UsageRecord>, RepoError> {
+        self.inner.usage_record(user_id, start).await
+    }
+
+    async fn count_usage_events(&self, user_id: &UserId, from: OffsetDateTime, to: OffsetDateTime) -> Result<u64, RepoError> {
+        self.inner.count_usage_events(user_id, from, to).await
+    }
+}
+
+struct Fixture {
+    store: Arc<FlakyStore>,
+    user: UserId,
+    key: ApiKeyId,
+}
+
+const T0: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+
+async fn fixture() -> Fixture {
+    let store = Arc::new(FlakyStore { inner: MemoryStore::new(), fail_next: AtomicU32::new(0) });
+    let user = User {
+        id: UserId::generate(),
+        email: "ada@example.com".into(),
+        plan: Plan::Pro,
+        stripe_customer_id: None,
+        created_at: T0,
+    };
+    store.inner.create_user(&user).await.unwrap();
+    let key = ApiKeyRecord {
+        id: ApiKeyId::generate(),
+        user_id: user.id.clone(),
+        name: "k".into(),
+        prefix: "eco_live_abcd".into(),
+        key_hash: "f".repeat(64),
+        created_at: T0,
+        last_used_at: None,
+        revoked_at: None,
+        expires_at: None,
+    };
+    store.inner.create_api_key(&key).await.unwrap();
+    Fixture { store, user: user.id, key: key.id }
+}
+
+impl Fixture {
+    fn start(&self, config: TrackerConfig) -> (UsageTracker, usage_core::tracker::TrackerWorker) {
+        UsageTracker::start(self.store.clone(), Arc::new(KeysOf(self.store.clone())), config)
+    }
+
+    fn call(&self, at: OffsetDateTime) -> TrackedCall {
+        TrackedCall {
+            event: UsageEvent {
+                event_id: new_event_id(at),
+                user_id: self.user.clone(),
+                api_key_id: self.key.clone(),
+                endpoint: "/api/v1/ping".into(),
+                method: "GET".into(),
+                status_code: 200,
+                response_time_ms: 2,
+                created_at: at,
+            },
+            included_calls: Some(10),
+        }
+    }
+
+    async fn stored(&self, at: OffsetDateTime) -> u64 {
+        let period = BillingPeriod::containing(at);
+        self.store.inner.count_usage_events(&self.user, period.start(), period.end()).await.unwrap()
+    }
+
+    async fn counter(&self, at: OffsetDateTime) -> Option<UsageRecord> {
+        self.store.inner.usage_record(&self.user, BillingPeriod::containing(at).start()).await.unwrap()
+    }
+}
+
+/// Key repository view of the flaky store (touching keys goes to the memory store).
+struct KeysOf(Arc<FlakyStore>);
+
+#[async_trait]
+impl ApiKeyRepository for KeysOf {
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+        self.0.inner.create_api_key(key).await
+    }
+    async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+        self.0.inner.api_key_by_hash(hash).await
+    }
+    async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+        self.0.inner.api_keys_for_user(user).await
+    }
+    async fn revoke_api_key(&self, user: &UserId, key: &ApiKeyId, at: OffsetDateTime) -> Result<Option<ApiKeyRecord>, RepoError> {
+        self.0.inner.revoke_api_key(user, key, at).await
+    }
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
+        self.0.inner.touch_api_keys(used).await
+    }
+}
+
+/// Waits (real time, bounded) until `check` holds.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn config(batch_size: usize, flush_interval: Duration) -> TrackerConfig {
+    TrackerConfig {
+        batch_size,
+        flush_interval,
+        retry_initial: Duration::from_millis(5),
+        retry_max: Duration::from_millis(20),
+        ..TrackerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn writes_full_batches_and_the_rest_at_shutdown() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(10, Duration::from_secs(3600)));
+    for i in 0..25 {
+        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+    }
+    eventually("two full batches stored", async || f.stored(T0).await == 20).await;
+    // The last 5 wait for a full batch or the interval; neither comes before shutdown.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.stored(T0).await, 20);
+    assert_eq!(tracker.queue_depth(), 5);
+
+    let report = worker.shutdown().await;
+    assert_eq!((report.flushed_at_shutdown, report.flushed_total, report.unwritten), (5, 25, 0));
+    assert_eq!(f.stored(T0).await, 25);
+    let counter = f.counter(T0).await.unwrap();
+    assert_eq!((counter.api_calls, counter.overage_calls), (25, 15));
+    assert!(tracker.track(f.call(T0)).await.is_err(), "no calls taken after shutdown");
+    let key = f.store.inner.api_keys_for_user(&f.user).await.unwrap().remove(0);
+    assert_eq!(key.last_used_at, Some(T0 + time::Duration::milliseconds(24)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_by_time_when_the_batch_does_not_fill() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(100, Duration::from_millis(5_000)));
+    for i in 0..3 {
+        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(4_900)).await;
+    assert_eq!(f.stored(T0).await, 0, "not before the interval");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.stored(T0).await, 3, "written once the interval passed");
+    assert_eq!(tracker.stats().flushes.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.shutdown().await.flushed_at_shutdown, 0);
+}
+
+#[tokio::test]
+async fn a_failing_store_is_retried_until_every_event_is_stored_once() {
+    let f = fixture().await;
+    f.store.fail_next.store(3, Ordering::SeqCst);
+    let (tracker, worker) = f.start(config(10, Duration::from_secs(3600)));
+    for i in 0..10 {
+        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+    }
+    eventually("the batch stored after three failures", async || f.stored(T0).await == 10).await;
+    assert_eq!(tracker.stats().flush_failures.load(Ordering::Relaxed), 3);
+    assert_eq!(f.counter(T0).await.unwrap().api_calls, 10);
+    let report = worker.shutdown().await;
+    assert_eq!((report.flushed_total, report.unwritten), (10, 0));
+}
+
+#[tokio::test]
+async fn a_full_queue_holds_the_caller_back_and_loses_nothing() {
+    let f = fixture().await;
+    f.store.fail_next.store(u32::MAX, Ordering::SeqCst); // down until further notice
+    let (tracker, worker) = f.start(TrackerConfig { queue_capacity: 2, ..config(1, Duration::from_secs(3600)) });
+    // One call is taken into the (failing) batch, then two fill the queue.
+    tracker.track(f.call(T0)).await.unwrap();
+    eventually("the writer is retrying", async || tracker.stats().flush_failures.load(Ordering::Relaxed) > 0).await;
+    for i in 1..3 {
+        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+    }
+    assert_eq!(tracker.stats().queue_full_waits.load(Ordering::Relaxed), 0);
+    assert_eq!(tracker.queue_depth(), 3);
+    let blocked = {
+        let (tracker, call) = (tracker.clone(), f.call(T0 + time::Duration::seconds(1)));
+        tokio::spawn(async move { tracker.track(call).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!blocked.is_finished(), "the fourth call waits for room");
+    assert_eq!(tracker.stats().queue_full_waits.load(Ordering::Relaxed), 1);
+
+    f.store.fail_next.store(0, Ordering::SeqCst); // the database is back
+    blocked.await.unwrap().unwrap();
+    eventually("all four stored", async || f.stored(T0).await == 4).await;
+    assert_eq!(worker.shutdown().await.unwritten, 0);
+    assert_eq!(f.counter(T0).await.unwrap().api_calls, 4);
+}
+
+#[tokio::test]
+async fn calls_across_month_end_count_in_their_own_periods() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(100, Duration::from_secs(3600)));
+    let last = datetime!(2026-11-30 23:59:59.999 UTC);
+    let first = datetime!(2026-12-01 00:00 UTC);
+    for at in [last, last, first] {
+        tracker.track(f.call(at)).await.unwrap();
+    }
+    worker.shutdown().await;
+    assert_eq!(f.counter(last).await.unwrap().api_calls, 2);
+    assert_eq!(f.counter(first).await.unwrap().api_calls, 1);
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_a_dead_store_and_says_how_many_were_not_written() {
+    let f = fixture().await;
+    f.store.fail_next.store(u32::MAX, Ordering::SeqCst);
+    let (tracker, worker) = f.start(TrackerConfig {
+        shutdown_retry_for: Duration::from_millis(100),
+        ..config(2, Duration::from_secs(3600))
+    });
+    for i in 0..5 {
+        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+    }
+    let report = worker.shutdown().await;
+    assert_eq!((report.flushed_total, report.unwritten), (0, 5));
+}
