@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use usage_core::{Plan, UserId};
+use usage_core::{ApiKeyId, Plan, UserId};
 
 /// Usage metering, API keys, monthly quotas and overage billing for SaaS APIs.
 ///
@@ -95,6 +95,72 @@ pub struct GlobalOptions {
     )]
     pub bind: SocketAddr,
 
+    /// Write a batch of usage events once this many are waiting.
+    #[arg(long, env = "USAGE_BATCH_SIZE", default_value_t = 100, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub usage_batch_size: u64,
+
+    /// Write waiting usage events at least this often (milliseconds).
+    #[arg(long, env = "USAGE_FLUSH_INTERVAL_MS", default_value_t = 5_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub usage_flush_interval_ms: u64,
+
+    /// Usage events the in-memory queue holds; past it, requests wait for room.
+    #[arg(long, env = "USAGE_QUEUE_CAPACITY", default_value_t = 100_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub usage_queue_capacity: u64,
+
+    /// Longest wait between retries of a failed usage write (milliseconds).
+    #[arg(long, env = "USAGE_RETRY_MAX_MS", default_value_t = 30_000, global = true,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub usage_retry_max_ms: u64,
+
+    /// How long a verified (or unknown) API key is remembered (milliseconds). Revocations
+    /// made by another process reach this one within this time.
+    #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 10_000, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub api_key_cache_ttl_ms: u64,
+
+    /// Most API keys remembered.
+    #[arg(long, env = "API_KEY_CACHE_CAPACITY", default_value_t = 100_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub api_key_cache_capacity: u64,
+
+    /// Short-window limit of the free plan: requests per second (off when unset).
+    #[arg(long, env = "RATE_LIMIT_FREE_PER_SEC", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_free_per_sec: Option<u32>,
+
+    /// Burst of the free plan's short-window limit (default: one second's worth).
+    #[arg(long, env = "RATE_LIMIT_FREE_BURST", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_free_burst: Option<u32>,
+
+    /// Short-window limit of the pro plan: requests per second (off when unset).
+    #[arg(long, env = "RATE_LIMIT_PRO_PER_SEC", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_pro_per_sec: Option<u32>,
+
+    /// Burst of the pro plan's short-window limit (default: one second's worth).
+    #[arg(long, env = "RATE_LIMIT_PRO_BURST", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_pro_burst: Option<u32>,
+
+    /// Short-window limit of the enterprise plan: requests per second (off when unset).
+    #[arg(long, env = "RATE_LIMIT_ENTERPRISE_PER_SEC", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_enterprise_per_sec: Option<u32>,
+
+    /// Burst of the enterprise plan's short-window limit (default: one second's worth).
+    #[arg(long, env = "RATE_LIMIT_ENTERPRISE_BURST", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_enterprise_burst: Option<u32>,
+
+    /// Benchmark baseline only: serve /api/v1/ping WITHOUT the usage middleware (no key
+    /// check, no quota, nothing recorded).
+    #[arg(long, hide = true, global = true)]
+    pub bench_unmetered: bool,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -164,6 +230,16 @@ pub enum KeysCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
+    /// Revoke a user's API key. A running server stops accepting it within
+    /// API_KEY_CACHE_TTL_MS.
+    Revoke {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// The key id (eco_key_...), not the key itself.
+        #[arg(long, value_parser = parse_key_id)]
+        key: ApiKeyId,
+    },
 }
 
 /// Options of `token`.
@@ -185,6 +261,10 @@ fn parse_plan(s: &str) -> Result<Plan, String> {
 
 fn parse_user_id(s: &str) -> Result<UserId, String> {
     UserId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_key_id(s: &str) -> Result<ApiKeyId, String> {
+    ApiKeyId::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use usage_auth::jwt::JwtConfig;
+use usage_auth::verify::KeyCacheConfig;
 use usage_core::plan::{OverLimit, PlanTerms};
+use usage_core::rate::{PlanRateLimits, RateLimit};
+use usage_core::tracker::TrackerConfig;
 use usage_core::{Cents, MicroUsd, PlanCatalog};
 use usage_store::{DatabaseUrl, PoolOptions};
 
@@ -28,6 +31,14 @@ pub struct Config {
     pub plans: PlanCatalog,
     /// `BIND_ADDR`.
     pub bind: std::net::SocketAddr,
+    /// The usage tracker.
+    pub tracker: TrackerConfig,
+    /// The API key verification cache.
+    pub key_cache: KeyCacheConfig,
+    /// Short-window limits per plan (none by default).
+    pub rate_limits: PlanRateLimits,
+    /// Benchmark baseline: the sample route without the middleware.
+    pub bench_unmetered: bool,
     jwt_secret: Option<String>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
@@ -62,6 +73,30 @@ impl Config {
                 overage_price: MicroUsd(options.overage_price_microusd),
             },
             bind: options.bind,
+            tracker: TrackerConfig {
+                batch_size: usize::try_from(options.usage_batch_size).unwrap_or(usize::MAX),
+                flush_interval: Duration::from_millis(options.usage_flush_interval_ms),
+                queue_capacity: usize::try_from(options.usage_queue_capacity).unwrap_or(usize::MAX),
+                retry_max: Duration::from_millis(options.usage_retry_max_ms),
+                retry_initial: Duration::from_millis(options.usage_retry_max_ms.min(100)),
+                ..TrackerConfig::default()
+            },
+            key_cache: KeyCacheConfig {
+                ttl: Duration::from_millis(options.api_key_cache_ttl_ms),
+                capacity: usize::try_from(options.api_key_cache_capacity).unwrap_or(usize::MAX),
+            },
+            rate_limits: PlanRateLimits {
+                free: rate(
+                    options.rate_limit_free_per_sec,
+                    options.rate_limit_free_burst,
+                ),
+                pro: rate(options.rate_limit_pro_per_sec, options.rate_limit_pro_burst),
+                enterprise: rate(
+                    options.rate_limit_enterprise_per_sec,
+                    options.rate_limit_enterprise_burst,
+                ),
+            },
+            bench_unmetered: options.bench_unmetered,
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
@@ -83,6 +118,14 @@ impl Config {
             issuer: self.jwt_issuer.clone(),
         })
     }
+}
+
+/// A limit when a rate is set; the burst defaults to one second's worth.
+fn rate(per_second: Option<u32>, burst: Option<u32>) -> Option<RateLimit> {
+    per_second.map(|per_second| RateLimit {
+        per_second,
+        burst: burst.unwrap_or(per_second),
+    })
 }
 
 fn secret_path(db_path: &Path) -> PathBuf {

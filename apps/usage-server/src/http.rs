@@ -1,23 +1,32 @@
-//! The HTTP server: operations endpoints now; the metered API and user endpoints are
-//! mounted here from their crates as they arrive.
+//! The HTTP server: the metered API under `/api/v1/` behind the usage middleware, and
+//! the operations endpoints.
 
 use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use serde_json::json;
 use usage_auth::jwt::JwtKeys;
-use usage_core::Store;
+use usage_auth::verify::KeyVerifier;
+use usage_core::middleware::{Metering, MeteringDeps, MeteringStats};
+use usage_core::quota::QuotaBook;
+use usage_core::rate::RateLimiter;
+use usage_core::tracker::UsageTracker;
+use usage_core::{Caller, Clock, Store, SystemClock};
 
 use crate::config::Config;
+use crate::metrics;
 use crate::{ApiError, ServerError};
 
 /// What the handlers share.
-struct AppState {
-    store: Arc<dyn Store>,
+pub(crate) struct AppState {
+    pub store: Arc<dyn Store>,
+    pub tracker: UsageTracker,
+    pub metering: Arc<MeteringStats>,
 }
 
-/// Migrates, opens the pool, and serves on `config.bind` until SIGTERM or Ctrl-C
-/// (actix-web finishes in-flight requests before it returns).
+/// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
+/// until SIGTERM or Ctrl-C. Then: stop accepting, finish in-flight requests, write every
+/// recorded call, exit.
 pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     // Fail at start, not at the first request, when the JWT settings are unusable.
     JwtKeys::new(&config.jwt()?)?;
@@ -28,12 +37,57 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let store = usage_store::open(&config.database_url, &config.pool).await?;
     tracing::info!(backend = store.backend_name(), "database ready");
 
-    let state = web::Data::new(AppState { store });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (tracker, tracker_worker) =
+        UsageTracker::start(store.clone(), store.clone(), config.tracker.clone());
+    let verifier = Arc::new(KeyVerifier::new(
+        store.clone(),
+        store.clone(),
+        clock.clone(),
+        config.key_cache,
+    ));
+    let quota = Arc::new(QuotaBook::new(
+        store.clone(),
+        config.plans.clone(),
+        clock.clone(),
+    ));
+    let rate = config
+        .rate_limits
+        .any()
+        .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
+    let metering = Metering::new(MeteringDeps {
+        authenticator: verifier,
+        quota,
+        rate,
+        tracker: tracker.clone(),
+        clock,
+    });
+    let state = web::Data::new(AppState {
+        store,
+        tracker,
+        metering: metering.stats(),
+    });
+    let unmetered = config.bench_unmetered;
+    if unmetered {
+        tracing::warn!(
+            "--bench-unmetered: /api/v1/ping is served WITHOUT key check, quota or tracking"
+        );
+    }
+
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(state.clone())
             .configure(operations_routes)
-            .default_service(web::to(not_found))
+            .default_service(web::to(not_found));
+        if unmetered {
+            app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
+        } else {
+            app.service(
+                web::scope("/api/v1")
+                    .wrap(metering.clone())
+                    .configure(metered_routes),
+            )
+        }
     })
     .bind(config.bind)
     .map_err(|e| ServerError::Bind {
@@ -43,9 +97,26 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     for addr in server.addrs() {
         tracing::info!("listening on http://{addr}");
     }
-    server.run().await.map_err(ServerError::Http)?;
+    let served = server.run().await;
+
+    // No request is in flight any more: write everything still queued.
+    let report = tracker_worker.shutdown().await;
+    tracing::info!(
+        flushed_at_shutdown = report.flushed_at_shutdown,
+        flushed_total = report.flushed_total,
+        unwritten = report.unwritten,
+        "usage tracker stopped: {} event(s) written at shutdown",
+        report.flushed_at_shutdown
+    );
+    served.map_err(ServerError::Http)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The metered sample API; a real service mounts its own routes here.
+fn metered_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ping", web::get().to(ping))
+        .default_service(web::to(not_found));
 }
 
 fn operations_routes(cfg: &mut web::ServiceConfig) {
@@ -58,7 +129,24 @@ fn operations_routes(cfg: &mut web::ServiceConfig) {
         web::resource("/readyz")
             .route(web::get().to(readyz))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics_text))
+            .default_service(web::to(method_not_allowed)),
     );
+}
+
+async fn ping(caller: web::ReqData<Caller>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "ok": true,
+        "user_id": caller.user_id,
+        "key_id": caller.api_key_id,
+    }))
+}
+
+async fn ping_unmetered() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"ok": true, "user_id": null, "key_id": null}))
 }
 
 async fn healthz() -> HttpResponse {
@@ -71,6 +159,12 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
         ApiError::database_unavailable()
     })?;
     Ok(HttpResponse::Ok().json(json!({"status": "ready", "database": state.store.backend_name()})))
+}
+
+async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics::render(&state.metering, &state.tracker))
 }
 
 async fn not_found() -> HttpResponse {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 mod error;
 mod http;
+mod metrics;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -58,6 +59,14 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
                 .issue(&user, &name)
                 .await?;
             println!("{}", issued.plaintext);
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Revoke { user, key }) => {
+            let store = open_migrated(&config).await?;
+            let revoked = KeyIssuer::new(store.clone(), store, clock)
+                .revoke(&user, &key)
+                .await?;
+            eprintln!("{} is revoked", revoked.id);
             Ok(())
         }
         Command::Token(args) => {

@@ -139,6 +139,22 @@ impl KeyIssuer {
     }
 }
 
+impl KeyIssuer {
+    /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
+    /// A running server that holds the key in its verification cache stops accepting it
+    /// within the cache's TTL; the server's own revocation path also evicts it at once.
+    pub async fn revoke(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+    ) -> Result<ApiKeyRecord, AuthError> {
+        self.keys
+            .revoke_api_key(user_id, key_id, self.clock.now())
+            .await?
+            .ok_or_else(|| AuthError::UnknownKey(key_id.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

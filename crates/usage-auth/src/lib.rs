@@ -7,6 +7,7 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod verify;
 
 use thiserror::Error;
 use usage_core::{RepoError, UserId};
@@ -17,6 +18,9 @@ pub enum AuthError {
     /// No user has this id.
     #[error("no user with id {0}")]
     UnknownUser(UserId),
+    /// The user has no key with this id.
+    #[error("no API key with id {0} for this user")]
+    UnknownKey(usage_core::ApiKeyId),
     /// A key name outside the allowed form.
     #[error("name must be 1 to {max} printable characters (got {len} characters)")]
     InvalidKeyName {

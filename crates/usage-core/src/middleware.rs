@@ -211,7 +211,9 @@ impl Inner {
         };
         stats.admitted.fetch_add(1, Ordering::Relaxed);
 
-        let endpoint = req.match_pattern().unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+        let endpoint = req
+            .match_pattern()
+            .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
         let method = req.method().as_str().to_owned();
         req.extensions_mut().insert(caller.clone());
 
@@ -272,7 +274,10 @@ fn quota_headers(headers: &mut HeaderMap, status: &QuotaStatus) {
     };
     headers.insert(LIMIT.clone(), HeaderValue::from(limit));
     headers.insert(REMAINING.clone(), HeaderValue::from(remaining));
-    headers.insert(RESET.clone(), HeaderValue::from(status.reset_at.unix_timestamp()));
+    headers.insert(
+        RESET.clone(),
+        HeaderValue::from(status.reset_at.unix_timestamp()),
+    );
 }
 
 fn reject<B>(req: ServiceRequest, response: HttpResponse) -> ServiceResponse<EitherBody<B>> {

@@ -61,13 +61,19 @@ pub struct QuotaBook {
 
 impl std::fmt::Debug for QuotaBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuotaBook").field("catalog", &self.catalog).finish_non_exhaustive()
+        f.debug_struct("QuotaBook")
+            .field("catalog", &self.catalog)
+            .finish_non_exhaustive()
     }
 }
 
 impl QuotaBook {
     /// A book reading stored counters from `usage`.
-    pub fn new(usage: Arc<dyn UsageRepository>, catalog: PlanCatalog, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        usage: Arc<dyn UsageRepository>,
+        catalog: PlanCatalog,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
             usage,
@@ -90,17 +96,19 @@ impl QuotaBook {
             used,
             reset_at: period.end(),
         };
-        self.with_count(user_id, period, |count| match (terms.monthly_calls, terms.over_limit) {
-            (Some(limit), OverLimit::Block) => {
-                // Check and increment in one step: no call slips past the limit.
-                match count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                    (used < limit).then_some(used + 1)
-                }) {
-                    Ok(before) => QuotaDecision::Admitted(status(before + 1)),
-                    Err(used) => QuotaDecision::Rejected(status(used)),
+        self.with_count(user_id, period, |count| {
+            match (terms.monthly_calls, terms.over_limit) {
+                (Some(limit), OverLimit::Block) => {
+                    // Check and increment in one step: no call slips past the limit.
+                    match count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                        (used < limit).then_some(used + 1)
+                    }) {
+                        Ok(before) => QuotaDecision::Admitted(status(before + 1)),
+                        Err(used) => QuotaDecision::Rejected(status(used)),
+                    }
                 }
+                _ => QuotaDecision::Admitted(status(count.fetch_add(1, Ordering::AcqRel) + 1)),
             }
-            _ => QuotaDecision::Admitted(status(count.fetch_add(1, Ordering::AcqRel) + 1)),
         })
         .await
     }
@@ -132,16 +140,26 @@ impl QuotaBook {
     }
 
     fn slot(&self, user_id: &UserId, period: BillingPeriod) -> Arc<Slot> {
-        if let Some(slot) = self.read_slots().get(user_id).filter(|s| s.period == period) {
+        if let Some(slot) = self
+            .read_slots()
+            .get(user_id)
+            .filter(|s| s.period == period)
+        {
             return Arc::clone(slot);
         }
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(user_id.clone()).or_insert_with(|| {
-            Arc::new(Slot { period, count: OnceCell::new() })
+            Arc::new(Slot {
+                period,
+                count: OnceCell::new(),
+            })
         });
         if slot.period != period {
             // A new month: start from the stored counter of the new period.
-            *slot = Arc::new(Slot { period, count: OnceCell::new() });
+            *slot = Arc::new(Slot {
+                period,
+                count: OnceCell::new(),
+            });
         }
         Arc::clone(slot)
     }
@@ -162,13 +180,23 @@ mod tests {
     fn catalog(free: u64, pro: u64) -> PlanCatalog {
         let d = PlanCatalog::default();
         PlanCatalog {
-            free: PlanTerms { monthly_calls: Some(free), ..d.free },
-            pro: PlanTerms { monthly_calls: Some(pro), ..d.pro },
+            free: PlanTerms {
+                monthly_calls: Some(free),
+                ..d.free
+            },
+            pro: PlanTerms {
+                monthly_calls: Some(pro),
+                ..d.pro
+            },
             ..d
         }
     }
 
-    async fn user_with_stored_calls(store: &MemoryStore, at: OffsetDateTime, calls: usize) -> UserId {
+    async fn user_with_stored_calls(
+        store: &MemoryStore,
+        at: OffsetDateTime,
+        calls: usize,
+    ) -> UserId {
         let user = User {
             id: UserId::generate(),
             email: format!("{}@example.com", crate::ids::random_base62(8)).to_lowercase(),
@@ -201,7 +229,10 @@ mod tests {
                 created_at: at + time::Duration::milliseconds(i as i64),
             })
             .collect();
-        store.record_usage(&events, &IncludedCalls::new()).await.unwrap();
+        store
+            .record_usage(&events, &IncludedCalls::new())
+            .await
+            .unwrap();
         user.id
     }
 
@@ -218,7 +249,10 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut admitted = 0;
                 for _ in 0..10 {
-                    if matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(_)) {
+                    if matches!(
+                        book.admit(&user, Plan::Free).await.unwrap(),
+                        QuotaDecision::Admitted(_)
+                    ) {
                         admitted += 1;
                     }
                 }
@@ -230,7 +264,11 @@ mod tests {
             admitted += t.await.unwrap();
         }
         assert_eq!(admitted, 100, "exactly the limit, not one more");
-        assert_eq!(book.used(&user).await.unwrap(), 100, "rejected calls are not counted");
+        assert_eq!(
+            book.used(&user).await.unwrap(),
+            100,
+            "rejected calls are not counted"
+        );
         let QuotaDecision::Rejected(status) = book.admit(&user, Plan::Free).await.unwrap() else {
             panic!("over the limit");
         };
@@ -246,15 +284,25 @@ mod tests {
         let book = QuotaBook::new(store, catalog(10, 1_000), clock.clone());
 
         // 8 stored before this instance started: 2 left.
-        assert!(matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 9));
-        assert!(matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.remaining() == Some(0)));
-        assert!(matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Rejected(_)));
+        assert!(
+            matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 9)
+        );
+        assert!(
+            matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.remaining() == Some(0))
+        );
+        assert!(matches!(
+            book.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Rejected(_)
+        ));
 
         clock.set(datetime!(2026-12-01 00:00 UTC));
         let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Free).await.unwrap() else {
             panic!("a new month starts from zero");
         };
-        assert_eq!((status.used, status.reset_at), (1, datetime!(2027-01-01 00:00 UTC)));
+        assert_eq!(
+            (status.used, status.reset_at),
+            (1, datetime!(2027-01-01 00:00 UTC))
+        );
     }
 
     #[tokio::test]
@@ -265,7 +313,8 @@ mod tests {
         let book = QuotaBook::new(store, catalog(1, 2), clock);
         let mut last = None;
         for _ in 0..5 {
-            let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Pro).await.unwrap() else {
+            let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Pro).await.unwrap()
+            else {
                 panic!("pro is never blocked");
             };
             last = Some(status);
@@ -275,7 +324,8 @@ mod tests {
         assert_eq!(book.catalog().overage_calls(Plan::Pro, last.used), 3);
 
         let other = UserId::generate();
-        let QuotaDecision::Admitted(status) = book.admit(&other, Plan::Enterprise).await.unwrap() else {
+        let QuotaDecision::Admitted(status) = book.admit(&other, Plan::Enterprise).await.unwrap()
+        else {
             panic!("enterprise is never blocked");
         };
         assert_eq!((status.limit, status.remaining()), (None, None));

@@ -76,14 +76,20 @@ pub struct RateLimiter {
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("RateLimiter")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
 impl RateLimiter {
     /// A limiter applying `limits`.
     pub fn new(limits: PlanRateLimits, clock: Arc<dyn Clock>) -> Self {
-        Self { limits, clock, tat: Mutex::new(HashMap::new()) }
+        Self {
+            limits,
+            clock,
+            tat: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Checks (and, when allowed, counts) one request of `user_id` on `plan`.
@@ -131,7 +137,10 @@ mod tests {
 
     fn limiter(clock: Arc<ManualClock>) -> RateLimiter {
         let limits = PlanRateLimits {
-            free: Some(RateLimit { per_second: 2, burst: 3 }),
+            free: Some(RateLimit {
+                per_second: 2,
+                burst: 3,
+            }),
             ..PlanRateLimits::default()
         };
         RateLimiter::new(limits, clock)
@@ -155,11 +164,20 @@ mod tests {
         assert_eq!(retry_after, Duration::from_millis(500));
         // Half a second later exactly one more fits (2 per second).
         clock.advance(time::Duration::milliseconds(500));
-        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Allowed { remaining: 0, .. }));
-        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Limited { .. }));
+        assert!(matches!(
+            limiter.check(&user, Plan::Free),
+            RateDecision::Allowed { remaining: 0, .. }
+        ));
+        assert!(matches!(
+            limiter.check(&user, Plan::Free),
+            RateDecision::Limited { .. }
+        ));
         // After a quiet period the full burst is back.
         clock.advance(time::Duration::seconds(10));
-        assert!(matches!(limiter.check(&user, Plan::Free), RateDecision::Allowed { remaining: 2, .. }));
+        assert!(matches!(
+            limiter.check(&user, Plan::Free),
+            RateDecision::Allowed { remaining: 2, .. }
+        ));
     }
 
     #[test]
@@ -170,8 +188,14 @@ mod tests {
         for _ in 0..3 {
             limiter.check(&a, Plan::Free);
         }
-        assert!(matches!(limiter.check(&a, Plan::Free), RateDecision::Limited { .. }));
-        assert!(matches!(limiter.check(&b, Plan::Free), RateDecision::Allowed { .. }));
+        assert!(matches!(
+            limiter.check(&a, Plan::Free),
+            RateDecision::Limited { .. }
+        ));
+        assert!(matches!(
+            limiter.check(&b, Plan::Free),
+            RateDecision::Allowed { .. }
+        ));
         assert_eq!(limiter.check(&a, Plan::Pro), RateDecision::Unlimited);
     }
 }

@@ -233,7 +233,10 @@ impl Writer {
             unwritten,
         };
         if unwritten > 0 {
-            tracing::error!(unwritten, "usage events could not be stored before shutdown");
+            tracing::error!(
+                unwritten,
+                "usage events could not be stored before shutdown"
+            );
         }
         report
     }
@@ -263,7 +266,8 @@ impl Writer {
                 Ok(outcome) => {
                     let s = &self.stats;
                     s.flushed.fetch_add(outcome.inserted, Ordering::Relaxed);
-                    s.duplicates.fetch_add(outcome.duplicates, Ordering::Relaxed);
+                    s.duplicates
+                        .fetch_add(outcome.duplicates, Ordering::Relaxed);
                     s.flushes.fetch_add(1, Ordering::Relaxed);
                     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                     s.flush_micros.fetch_add(micros, Ordering::Relaxed);

@@ -27,7 +27,11 @@ struct FlakyStore {
 
 #[async_trait]
 impl UsageRepository for FlakyStore {
-    async fn record_usage(&self, events: &[UsageEvent], included: &IncludedCalls) -> Result<RecordOutcome, RepoError> {
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError> {
         let failing = self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -38,11 +42,20 @@ impl UsageRepository for FlakyStore {
         self.inner.record_usage(events, included).await
     }
 
-    async fn usage_record(&self, user_id: &UserId, start: OffsetDateTime) -> Result<Option<UsageRecord>, RepoError> {
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError> {
         self.inner.usage_record(user_id, start).await
     }
 
-    async fn count_usage_events(&self, user_id: &UserId, from: OffsetDateTime, to: OffsetDateTime) -> Result<u64, RepoError> {
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
         self.inner.count_usage_events(user_id, from, to).await
     }
 }
@@ -56,7 +69,10 @@ struct Fixture {
 const T0: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
 
 async fn fixture() -> Fixture {
-    let store = Arc::new(FlakyStore { inner: MemoryStore::new(), fail_next: AtomicU32::new(0) });
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::new(),
+        fail_next: AtomicU32::new(0),
+    });
     let user = User {
         id: UserId::generate(),
         email: "ada@example.com".into(),
@@ -77,12 +93,20 @@ async fn fixture() -> Fixture {
         expires_at: None,
     };
     store.inner.create_api_key(&key).await.unwrap();
-    Fixture { store, user: user.id, key: key.id }
+    Fixture {
+        store,
+        user: user.id,
+        key: key.id,
+    }
 }
 
 impl Fixture {
     fn start(&self, config: TrackerConfig) -> (UsageTracker, usage_core::tracker::TrackerWorker) {
-        UsageTracker::start(self.store.clone(), Arc::new(KeysOf(self.store.clone())), config)
+        UsageTracker::start(
+            self.store.clone(),
+            Arc::new(KeysOf(self.store.clone())),
+            config,
+        )
     }
 
     fn call(&self, at: OffsetDateTime) -> TrackedCall {
@@ -103,11 +127,19 @@ impl Fixture {
 
     async fn stored(&self, at: OffsetDateTime) -> u64 {
         let period = BillingPeriod::containing(at);
-        self.store.inner.count_usage_events(&self.user, period.start(), period.end()).await.unwrap()
+        self.store
+            .inner
+            .count_usage_events(&self.user, period.start(), period.end())
+            .await
+            .unwrap()
     }
 
     async fn counter(&self, at: OffsetDateTime) -> Option<UsageRecord> {
-        self.store.inner.usage_record(&self.user, BillingPeriod::containing(at).start()).await.unwrap()
+        self.store
+            .inner
+            .usage_record(&self.user, BillingPeriod::containing(at).start())
+            .await
+            .unwrap()
     }
 }
 
@@ -125,7 +157,12 @@ impl ApiKeyRepository for KeysOf {
     async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
         self.0.inner.api_keys_for_user(user).await
     }
-    async fn revoke_api_key(&self, user: &UserId, key: &ApiKeyId, at: OffsetDateTime) -> Result<Option<ApiKeyRecord>, RepoError> {
+    async fn revoke_api_key(
+        &self,
+        user: &UserId,
+        key: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError> {
         self.0.inner.revoke_api_key(user, key, at).await
     }
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
@@ -159,7 +196,10 @@ async fn writes_full_batches_and_the_rest_at_shutdown() {
     let f = fixture().await;
     let (tracker, worker) = f.start(config(10, Duration::from_secs(3600)));
     for i in 0..25 {
-        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
     }
     eventually("two full batches stored", async || f.stored(T0).await == 20).await;
     // The last 5 wait for a full batch or the interval; neither comes before shutdown.
@@ -168,13 +208,32 @@ async fn writes_full_batches_and_the_rest_at_shutdown() {
     assert_eq!(tracker.queue_depth(), 5);
 
     let report = worker.shutdown().await;
-    assert_eq!((report.flushed_at_shutdown, report.flushed_total, report.unwritten), (5, 25, 0));
+    assert_eq!(
+        (
+            report.flushed_at_shutdown,
+            report.flushed_total,
+            report.unwritten
+        ),
+        (5, 25, 0)
+    );
     assert_eq!(f.stored(T0).await, 25);
     let counter = f.counter(T0).await.unwrap();
     assert_eq!((counter.api_calls, counter.overage_calls), (25, 15));
-    assert!(tracker.track(f.call(T0)).await.is_err(), "no calls taken after shutdown");
-    let key = f.store.inner.api_keys_for_user(&f.user).await.unwrap().remove(0);
-    assert_eq!(key.last_used_at, Some(T0 + time::Duration::milliseconds(24)));
+    assert!(
+        tracker.track(f.call(T0)).await.is_err(),
+        "no calls taken after shutdown"
+    );
+    let key = f
+        .store
+        .inner
+        .api_keys_for_user(&f.user)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        key.last_used_at,
+        Some(T0 + time::Duration::milliseconds(24))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -182,7 +241,10 @@ async fn writes_by_time_when_the_batch_does_not_fill() {
     let f = fixture().await;
     let (tracker, worker) = f.start(config(100, Duration::from_millis(5_000)));
     for i in 0..3 {
-        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(4_900)).await;
     assert_eq!(f.stored(T0).await, 0, "not before the interval");
@@ -198,9 +260,15 @@ async fn a_failing_store_is_retried_until_every_event_is_stored_once() {
     f.store.fail_next.store(3, Ordering::SeqCst);
     let (tracker, worker) = f.start(config(10, Duration::from_secs(3600)));
     for i in 0..10 {
-        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
     }
-    eventually("the batch stored after three failures", async || f.stored(T0).await == 10).await;
+    eventually("the batch stored after three failures", async || {
+        f.stored(T0).await == 10
+    })
+    .await;
     assert_eq!(tracker.stats().flush_failures.load(Ordering::Relaxed), 3);
     assert_eq!(f.counter(T0).await.unwrap().api_calls, 10);
     let report = worker.shutdown().await;
@@ -211,12 +279,21 @@ async fn a_failing_store_is_retried_until_every_event_is_stored_once() {
 async fn a_full_queue_holds_the_caller_back_and_loses_nothing() {
     let f = fixture().await;
     f.store.fail_next.store(u32::MAX, Ordering::SeqCst); // down until further notice
-    let (tracker, worker) = f.start(TrackerConfig { queue_capacity: 2, ..config(1, Duration::from_secs(3600)) });
+    let (tracker, worker) = f.start(TrackerConfig {
+        queue_capacity: 2,
+        ..config(1, Duration::from_secs(3600))
+    });
     // One call is taken into the (failing) batch, then two fill the queue.
     tracker.track(f.call(T0)).await.unwrap();
-    eventually("the writer is retrying", async || tracker.stats().flush_failures.load(Ordering::Relaxed) > 0).await;
+    eventually("the writer is retrying", async || {
+        tracker.stats().flush_failures.load(Ordering::Relaxed) > 0
+    })
+    .await;
     for i in 1..3 {
-        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
     }
     assert_eq!(tracker.stats().queue_full_waits.load(Ordering::Relaxed), 0);
     assert_eq!(tracker.queue_depth(), 3);
@@ -258,7 +335,10 @@ async fn shutdown_gives_up_on_a_dead_store_and_says_how_many_were_not_written() 
         ..config(2, Duration::from_secs(3600))
     });
     for i in 0..5 {
-        tracker.track(f.call(T0 + time::Duration::milliseconds(i))).await.unwrap();
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
     }
     let report = worker.shutdown().await;
     assert_eq!((report.flushed_total, report.unwritten), (0, 5));

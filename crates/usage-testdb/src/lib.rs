@@ -69,6 +69,11 @@ impl TestDatabase {
     pub fn server(&self) -> &'static TestServer {
         self.server
     }
+
+    /// Runs SQL (one or more statements) as the superuser on this database.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        self.server.psql_on(&self.name, sql)
+    }
 }
 
 impl Drop for TestDatabase {
@@ -132,11 +137,16 @@ impl TestServer {
         &self.data_dir
     }
 
-    /// Runs one SQL statement as the superuser on the `postgres` database.
+    /// Runs SQL as the superuser on the `postgres` database.
     pub fn psql(&self, sql: &str) -> Result<String, String> {
+        self.psql_on("postgres", sql)
+    }
+
+    /// Runs SQL as the superuser on database `database`.
+    pub fn psql_on(&self, database: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin_dir.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", database])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .env("PGCONNECT_TIMEOUT", "10")
             .output()

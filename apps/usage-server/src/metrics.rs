@@ -1,0 +1,92 @@
+//! `/metrics` in the Prometheus text format, from the live counters of the middleware
+//! and the tracker.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use usage_core::middleware::MeteringStats;
+use usage_core::tracker::UsageTracker;
+
+/// Renders every metric.
+pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String {
+    let mut out = String::with_capacity(2_048);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+
+    family(
+        &mut out,
+        "usage_requests_total",
+        "counter",
+        "Metered API requests by outcome.",
+    );
+    for (outcome, value) in [
+        ("admitted", load(&metering.admitted)),
+        ("unauthorized", load(&metering.unauthorized)),
+        ("quota_exceeded", load(&metering.quota_rejected)),
+        ("rate_limited", load(&metering.rate_limited)),
+        ("unavailable", load(&metering.unavailable)),
+    ] {
+        let _ = writeln!(out, "usage_requests_total{{outcome=\"{outcome}\"}} {value}");
+    }
+    let stats = tracker.stats();
+    let flush_seconds = load(&stats.flush_micros) as f64 / 1e6;
+    let samples: [(&str, &str, &str, String); 8] = [
+        (
+            "usage_quota_rejections_total",
+            "counter",
+            "Calls refused by the monthly quota.",
+            load(&metering.quota_rejected).to_string(),
+        ),
+        (
+            "usage_tracker_queue_depth",
+            "gauge",
+            "Admitted calls waiting to be written.",
+            tracker.queue_depth().to_string(),
+        ),
+        (
+            "usage_tracker_queue_full_total",
+            "counter",
+            "Times a request waited because the tracker queue was full.",
+            load(&stats.queue_full_waits).to_string(),
+        ),
+        (
+            "usage_tracker_events_flushed_total",
+            "counter",
+            "Usage events written to the database.",
+            load(&stats.flushed).to_string(),
+        ),
+        (
+            "usage_tracker_events_duplicate_total",
+            "counter",
+            "Replayed usage events the database already had.",
+            load(&stats.duplicates).to_string(),
+        ),
+        (
+            "usage_tracker_flush_failures_total",
+            "counter",
+            "Failed batch writes (each retried).",
+            load(&stats.flush_failures).to_string(),
+        ),
+        (
+            "usage_tracker_flush_duration_seconds_sum",
+            "counter",
+            "Total time of successful batch writes.",
+            format!("{flush_seconds:.6}"),
+        ),
+        (
+            "usage_tracker_flush_duration_seconds_count",
+            "counter",
+            "Successful batch writes.",
+            load(&stats.flushes).to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in samples {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}

@@ -1,0 +1,249 @@
+//! What the server's integration tests share: a database of either backend, the CLI,
+//! and a server process on a kernel-chosen port.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use usage_core::{BillingPeriod, Store, UserId};
+use usage_store::PoolOptions;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_usage-server");
+pub const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// Variables of ours that must not leak in from the environment running the tests.
+const OUR_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "JWT_SECRET",
+    "JWT_AUDIENCE",
+    "JWT_ISSUER",
+    "BIND_ADDR",
+    "RUST_LOG",
+    "FREE_MONTHLY_CALLS",
+    "PRO_MONTHLY_CALLS",
+    "USAGE_BATCH_SIZE",
+    "USAGE_FLUSH_INTERVAL_MS",
+    "USAGE_QUEUE_CAPACITY",
+    "API_KEY_CACHE_TTL_MS",
+    "LOG_FORMAT",
+];
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "usage-{label}-{}",
+            usage_core::ids::random_base62(12)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh database of one backend, and a working directory for the processes.
+pub struct Db {
+    pub url: String,
+    pub dir: TempDir,
+    pub pg: Option<usage_testdb::TestDatabase>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Db {
+    pub fn new(backend: Backend) -> Self {
+        let dir = TempDir::new("server");
+        match backend {
+            Backend::Sqlite => Self {
+                url: format!("sqlite://{}/data/usage.db", dir.0.display()),
+                dir,
+                pg: None,
+            },
+            Backend::Postgres => {
+                let pg = usage_testdb::fresh_database();
+                Self {
+                    url: pg.url().to_owned(),
+                    dir,
+                    pg: Some(pg),
+                }
+            }
+        }
+    }
+
+    /// Runs the CLI against this database with extra environment.
+    pub fn cli(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(&self.dir.0).args(args);
+        for var in OUR_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env("DATABASE_URL", &self.url).env("JWT_SECRET", SECRET);
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("run usage-server")
+    }
+
+    /// Runs the CLI and returns its one line of output.
+    pub fn create(&self, args: &[&str]) -> String {
+        let out = self.cli(&[], args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A user on `plan` and one API key: (user id, key).
+    pub fn user_with_key(&self, email: &str, plan: &str) -> (String, String) {
+        let user = self.create(&["users", "create", "--email", email, "--plan", plan]);
+        let key = self.create(&["keys", "create", "--user", &user]);
+        (user, key)
+    }
+
+    pub fn start(&self, env: &[(&str, &str)]) -> Server {
+        Server::start(self, env)
+    }
+
+    pub async fn store(&self) -> Arc<dyn Store> {
+        usage_store::open(&self.url, &PoolOptions::default())
+            .await
+            .unwrap()
+    }
+
+    /// Stored events and the period counter of `user` for the current period.
+    pub async fn stored(&self, user: &str) -> (u64, u64, u64) {
+        let store = self.store().await;
+        let user = UserId::parse(user).unwrap();
+        let period = BillingPeriod::containing(time::OffsetDateTime::now_utc());
+        let events = store
+            .count_usage_events(&user, period.start(), period.end())
+            .await
+            .unwrap();
+        let record = store.usage_record(&user, period.start()).await.unwrap();
+        let (calls, overage) = record.map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+        (events, calls, overage)
+    }
+}
+
+/// A running server; killed if a test fails before stopping it.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(db: &Db, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(&db.dir.0)
+            .args(["serve", "--bind", "127.0.0.1:0"]);
+        for var in OUR_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env("DATABASE_URL", &db.url).env("JWT_SECRET", SECRET);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start usage-server");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => base,
+            Err(_) => panic!("server did not start: {:?}", log.lock().unwrap()),
+        };
+        Self { child, base, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.log.lock().unwrap().clone());
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A counter's value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `check` holds.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn dir_of(db: &Db) -> &Path {
+    &db.dir.0
+}

@@ -1,0 +1,387 @@
+//! Verifying API keys on the hot path: hash the presented key, look the hash up, and keep
+//! the answer (positive or negative) in a bounded in-process cache for a short time so
+//! the database is off the hot path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use usage_core::repo::{ApiKeyRepository, UserRepository};
+use usage_core::{ApiKeyAuthenticator, ApiKeyId, Caller, Clock, RepoError, UserId};
+
+use crate::keys::looks_like_api_key;
+
+/// Cache settings.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCacheConfig {
+    /// How long an answer is reused (`API_KEY_CACHE_TTL_MS`). Revocations and plan
+    /// changes made by another process reach this one within this time.
+    pub ttl: Duration,
+    /// Most keys remembered (`API_KEY_CACHE_CAPACITY`).
+    pub capacity: usize,
+}
+
+impl Default for KeyCacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// `None`: no active key with this hash (unknown, revoked, or its user is gone).
+    caller: Option<Caller>,
+    key_expires_at: Option<OffsetDateTime>,
+    cached_until: OffsetDateTime,
+}
+
+/// The verifier the metering middleware uses ([`ApiKeyAuthenticator`]).
+pub struct KeyVerifier {
+    keys: Arc<dyn ApiKeyRepository>,
+    users: Arc<dyn UserRepository>,
+    clock: Arc<dyn Clock>,
+    config: KeyCacheConfig,
+    cache: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+impl std::fmt::Debug for KeyVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyVerifier")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyVerifier {
+    /// A verifier over these repositories.
+    pub fn new(
+        keys: Arc<dyn ApiKeyRepository>,
+        users: Arc<dyn UserRepository>,
+        clock: Arc<dyn Clock>,
+        config: KeyCacheConfig,
+    ) -> Self {
+        Self {
+            keys,
+            users,
+            clock,
+            config,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets the cached answer for a key, so that its revocation takes effect at once.
+    pub fn forget_key(&self, key_id: &ApiKeyId) {
+        self.lock()
+            .retain(|_, e| e.caller.as_ref().is_none_or(|c| &c.api_key_id != key_id));
+    }
+
+    /// Forgets every cached key of a user, so that a plan change takes effect at once.
+    pub fn forget_user(&self, user_id: &UserId) {
+        self.lock()
+            .retain(|_, e| e.caller.as_ref().is_none_or(|c| &c.user_id != user_id));
+    }
+
+    /// Keys currently cached.
+    pub fn cached(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Entry>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn look_up(&self, digest: &[u8; 32], now: OffsetDateTime) -> Result<Entry, RepoError> {
+        let ttl = time::Duration::try_from(self.config.ttl).unwrap_or(time::Duration::ZERO);
+        let record = self.keys.api_key_by_hash(&hex::encode(digest)).await?;
+        let mut entry = Entry {
+            caller: None,
+            key_expires_at: None,
+            cached_until: now + ttl,
+        };
+        if let Some(key) = record.filter(|k| k.is_active(now)) {
+            if let Some(user) = self.users.user_by_id(&key.user_id).await? {
+                entry.caller = Some(Caller {
+                    user_id: user.id,
+                    api_key_id: key.id,
+                    plan: user.plan,
+                });
+                entry.key_expires_at = key.expires_at;
+            }
+        }
+        Ok(entry)
+    }
+}
+
+#[async_trait]
+impl ApiKeyAuthenticator for KeyVerifier {
+    async fn authenticate(&self, presented_key: &str) -> Result<Option<Caller>, RepoError> {
+        // Junk never reaches the database, nor fills the cache.
+        if !looks_like_api_key(presented_key) {
+            return Ok(None);
+        }
+        let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
+        let now = self.clock.now();
+        let cached = self
+            .lock()
+            .get(&digest)
+            .filter(|e| now < e.cached_until)
+            .cloned();
+        let entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let entry = self.look_up(&digest, now).await?;
+                let mut cache = self.lock();
+                if cache.len() >= self.config.capacity {
+                    cache.retain(|_, e| now < e.cached_until);
+                    if cache.len() >= self.config.capacity {
+                        // Still full of fresh entries (a flood of distinct keys): start over
+                        // rather than grow without bound.
+                        cache.clear();
+                    }
+                }
+                cache.insert(digest, entry.clone());
+                entry
+            }
+        };
+        // A cached key can expire while cached.
+        Ok(entry
+            .caller
+            .filter(|_| entry.key_expires_at.is_none_or(|at| now < at)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::keys::KeyIssuer;
+    use time::macros::datetime;
+    use usage_core::memory::MemoryStore;
+    use usage_core::repo::{ApiKeyRecord, User};
+    use usage_core::{ManualClock, Plan};
+
+    /// Counts lookups by hash, to see what the cache saves.
+    struct CountingKeys {
+        inner: Arc<MemoryStore>,
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ApiKeyRepository for CountingKeys {
+        async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+            self.inner.create_api_key(key).await
+        }
+        async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.inner.api_key_by_hash(hash).await
+        }
+        async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+            self.inner.api_keys_for_user(user).await
+        }
+        async fn revoke_api_key(
+            &self,
+            user: &UserId,
+            key: &ApiKeyId,
+            at: OffsetDateTime,
+        ) -> Result<Option<ApiKeyRecord>, RepoError> {
+            self.inner.revoke_api_key(user, key, at).await
+        }
+        async fn touch_api_keys(
+            &self,
+            used: &[(ApiKeyId, OffsetDateTime)],
+        ) -> Result<(), RepoError> {
+            self.inner.touch_api_keys(used).await
+        }
+    }
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        keys: Arc<CountingKeys>,
+        clock: Arc<ManualClock>,
+        verifier: KeyVerifier,
+        user: User,
+    }
+
+    async fn fixture(capacity: usize) -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let keys = Arc::new(CountingKeys {
+            inner: store.clone(),
+            lookups: AtomicUsize::new(0),
+        });
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = User {
+            id: UserId::generate(),
+            email: "ada@example.com".into(),
+            plan: Plan::Free,
+            stripe_customer_id: None,
+            created_at: clock.now(),
+        };
+        store.create_user(&user).await.unwrap();
+        let config = KeyCacheConfig {
+            ttl: Duration::from_secs(10),
+            capacity,
+        };
+        let verifier = KeyVerifier::new(keys.clone(), store.clone(), clock.clone(), config);
+        Fixture {
+            store,
+            keys,
+            clock,
+            verifier,
+            user,
+        }
+    }
+
+    impl Fixture {
+        async fn issue(&self) -> crate::keys::IssuedKey {
+            KeyIssuer::new(self.store.clone(), self.store.clone(), self.clock.clone())
+                .issue(&self.user.id, "k")
+                .await
+                .unwrap()
+        }
+        fn lookups(&self) -> usize {
+            self.keys.lookups.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn valid_keys_are_cached_and_junk_never_looked_up() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let caller = f
+            .verifier
+            .authenticate(&key.plaintext)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (caller.user_id, caller.plan),
+            (f.user.id.clone(), Plan::Free)
+        );
+        f.verifier
+            .authenticate(&key.plaintext)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.lookups(), 1, "the second call is served from the cache");
+
+        for junk in ["", "Bearer", "eco_live_short", "eyJhbGciOiJIUzI1NiJ9.e30.x"] {
+            assert_eq!(f.verifier.authenticate(junk).await.unwrap(), None);
+        }
+        assert_eq!(f.lookups(), 1);
+
+        // Unknown keys are cached as unknown (negative entries).
+        let unknown = crate::keys::generate_api_key().plaintext;
+        assert_eq!(f.verifier.authenticate(&unknown).await.unwrap(), None);
+        assert_eq!(f.verifier.authenticate(&unknown).await.unwrap(), None);
+        assert_eq!(f.lookups(), 2);
+    }
+
+    #[tokio::test]
+    async fn revocation_is_seen_at_once_when_forgotten_and_within_the_ttl_otherwise() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        assert!(
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        f.store
+            .revoke_api_key(&f.user.id, &key.record.id, f.clock.now())
+            .await
+            .unwrap();
+        // Revoked behind the verifier's back: still cached until the TTL runs out.
+        assert!(
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        f.clock.advance(time::Duration::seconds(11));
+        assert_eq!(f.verifier.authenticate(&key.plaintext).await.unwrap(), None);
+
+        // Revoked through the service, which tells the verifier: at once.
+        let other = f.issue().await;
+        assert!(
+            f.verifier
+                .authenticate(&other.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        f.store
+            .revoke_api_key(&f.user.id, &other.record.id, f.clock.now())
+            .await
+            .unwrap();
+        f.verifier.forget_key(&other.record.id);
+        assert_eq!(
+            f.verifier.authenticate(&other.plaintext).await.unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_keys_and_plan_changes() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let mut expiring = key.record.clone();
+        expiring.id = ApiKeyId::generate();
+        let plaintext = crate::keys::generate_api_key();
+        expiring.key_hash = plaintext.hash.clone();
+        expiring.expires_at = Some(f.clock.now() + time::Duration::seconds(5));
+        f.store.create_api_key(&expiring).await.unwrap();
+        assert!(
+            f.verifier
+                .authenticate(&plaintext.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        f.clock.advance(time::Duration::seconds(6)); // expired, though still cached
+        assert_eq!(
+            f.verifier.authenticate(&plaintext.plaintext).await.unwrap(),
+            None
+        );
+
+        assert_eq!(
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan,
+            Plan::Free
+        );
+        f.store.set_plan(&f.user.id, Plan::Pro).await.unwrap();
+        f.verifier.forget_user(&f.user.id);
+        assert_eq!(
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan,
+            Plan::Pro
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_within_its_capacity() {
+        let f = fixture(8).await;
+        for _ in 0..50 {
+            let unknown = crate::keys::generate_api_key().plaintext;
+            f.verifier.authenticate(&unknown).await.unwrap();
+            assert!(f.verifier.cached() <= 8);
+        }
+    }
+}
