@@ -1,53 +1,15 @@
 //! The command line as a newcomer uses it: the README walkthrough on SQLite and on
 //! PostgreSQL, and bad input answered with one clear line and a non-zero exit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+mod common;
+
+use std::process::Output;
+
+use common::{Backend, Db, SECRET};
 use usage_auth::jwt::{JwtConfig, JwtKeys};
 use usage_auth::keys::hash_api_key;
 use usage_core::{Plan, UserId};
-use usage_store::PoolOptions;
-
-const BIN: &str = env!("CARGO_BIN_EXE_usage-server");
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("usage-cli-{}", uuid_like()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn uuid_like() -> String {
-    usage_core::ids::random_base62(16)
-}
-
-/// Runs the binary in `dir` with a clean environment for our variables.
-fn run(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir).args(args);
-    for var in [
-        "DATABASE_URL",
-        "JWT_SECRET",
-        "JWT_AUDIENCE",
-        "JWT_ISSUER",
-        "BIND_ADDR",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run usage-server")
-}
 
 fn stdout_line(out: &Output) -> String {
     assert!(
@@ -78,15 +40,9 @@ fn assert_one_line_error(out: &Output, code: i32, expected: &str) {
 }
 
 /// The walkthrough: create a user, a key, a token; check each against the database.
-async fn walkthrough(
-    dir: &Path,
-    env: &[(&str, &str)],
-    database_url: &str,
-    secret: impl Fn() -> Vec<u8>,
-) {
-    let user = stdout_line(&run(
-        dir,
-        env,
+async fn walkthrough(db: &Db, secret: impl Fn() -> Vec<u8>) {
+    let user = stdout_line(&db.cli(
+        &[],
         &[
             "users",
             "create",
@@ -97,20 +53,11 @@ async fn walkthrough(
         ],
     ));
     let user_id = UserId::parse(&user).expect("a user id");
-    let key = stdout_line(&run(
-        dir,
-        env,
-        &["keys", "create", "--user", &user, "--name", "ci"],
-    ));
+    let key = stdout_line(&db.cli(&[], &["keys", "create", "--user", &user, "--name", "ci"]));
     assert!(usage_auth::keys::looks_like_api_key(&key), "{key}");
-    let token = stdout_line(&run(
-        dir,
-        env,
-        &["token", "--user", &user, "--ttl-secs", "600"],
-    ));
-    let set = run(
-        dir,
-        env,
+    let token = stdout_line(&db.cli(&[], &["token", "--user", &user, "--ttl-secs", "600"]));
+    let set = db.cli(
+        &[],
         &["users", "set-plan", "--user", &user, "--plan", "enterprise"],
     );
     assert!(set.status.success() && set.stdout.is_empty());
@@ -123,9 +70,7 @@ async fn walkthrough(
     .unwrap();
     assert_eq!(jwt.verify(&token).unwrap(), user_id);
 
-    let store = usage_store::open(database_url, &PoolOptions::default())
-        .await
-        .unwrap();
+    let store = db.store().await;
     let stored_user = store.user_by_id(&user_id).await.unwrap().unwrap();
     assert_eq!(
         (stored_user.email.as_str(), stored_user.plan),
@@ -137,15 +82,14 @@ async fn walkthrough(
         .unwrap()
         .unwrap();
     assert_eq!(
-        (stored_key.user_id, stored_key.name.as_str()),
-        (user_id, "ci")
+        (&stored_key.user_id, stored_key.name.as_str()),
+        (&user_id, "ci")
     );
     assert!(key.starts_with(&stored_key.prefix));
 
     // The same email again is refused clearly.
-    let again = run(
-        dir,
-        env,
+    let again = db.cli(
+        &[],
         &[
             "users",
             "create",
@@ -160,49 +104,67 @@ async fn walkthrough(
         1,
         "a user with email ada@example.com already exists",
     );
+
+    // Revoking prints nothing on stdout; a second revoke of an unknown key id fails clearly.
+    let revoke = db.cli(
+        &[],
+        &[
+            "keys",
+            "revoke",
+            "--user",
+            &user,
+            "--key",
+            stored_key.id.as_str(),
+        ],
+    );
+    assert!(revoke.status.success() && revoke.stdout.is_empty());
+    let revoked = store
+        .api_key_by_hash(&hash_api_key(&key))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
+    let unknown = db.cli(
+        &[],
+        &[
+            "keys",
+            "revoke",
+            "--user",
+            &user,
+            "--key",
+            "eco_key_nosuchkey",
+        ],
+    );
+    assert_one_line_error(&unknown, 1, "no API key with id eco_key_nosuchkey");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_on_the_sqlite_default() {
-    let dir = TempDir::new();
-    let secret_file = dir.0.join("data/jwt_secret");
-    walkthrough(
-        &dir.0,
-        &[],
-        &format!("sqlite://{}/data/usage.db", dir.0.display()),
-        || std::fs::read(&secret_file).unwrap(),
-    )
-    .await;
+    let db = Db::sqlite_default();
+    let secret_file = db.dir.0.join("data/jwt_secret");
+    walkthrough(&db, || std::fs::read(&secret_file).unwrap()).await;
     assert!(
-        dir.0.join("data/usage.db").exists(),
+        db.dir.0.join("data/usage.db").exists(),
         "the default database was created"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_on_postgres() {
-    let db = usage_testdb::fresh_database();
-    let dir = TempDir::new();
-    let secret = "a-shared-secret-of-at-least-32-bytes!";
-    let env = [("DATABASE_URL", db.url()), ("JWT_SECRET", secret)];
-    walkthrough(&dir.0, &env, db.url(), || secret.as_bytes().to_vec()).await;
+    let db = Db::new(Backend::Postgres);
+    walkthrough(&db, || SECRET.as_bytes().to_vec()).await;
     assert!(
-        !dir.0.join("data").exists(),
+        !db.dir.0.join("data").exists(),
         "nothing written beside a PostgreSQL deployment"
     );
 
-    let no_secret = run(
-        &dir.0,
-        &[("DATABASE_URL", db.url())],
-        &["token", "--user", "eco_usr_x"],
-    );
+    let no_secret = db.cli(&[("JWT_SECRET", "")], &["token", "--user", "eco_usr_x"]);
     assert_one_line_error(&no_secret, 1, "JWT_SECRET is required with PostgreSQL");
 }
 
 #[test]
 fn bad_input_gets_one_clear_line() {
-    let dir = TempDir::new();
-    let d = &dir.0;
+    let db = Db::sqlite_default();
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["users", "create", "--email", "a@b.co", "--plan", "gold"],
@@ -264,6 +226,18 @@ fn bad_input_gets_one_clear_line() {
             "name must be 1 to 64 printable characters",
         ),
         (
+            &[
+                "keys",
+                "revoke",
+                "--user",
+                "eco_usr_missing",
+                "--key",
+                "key_1",
+            ],
+            2,
+            "API key id must look like eco_key_",
+        ),
+        (
             &["token", "--user", "eco_usr_missing"],
             1,
             "no user with id eco_usr_missing",
@@ -297,22 +271,26 @@ fn bad_input_gets_one_clear_line() {
             2,
             "--free-monthly-calls",
         ),
+        (
+            &["--usage-batch-size", "0", "migrate"],
+            2,
+            "--usage-batch-size",
+        ),
         (&["--bind", "not-an-address"], 2, "--bind"),
     ];
     for (args, code, expected) in cases {
-        let out = run(d, &[], args);
+        let out = db.cli(&[], args);
         assert_one_line_error(&out, *code, expected);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     }
-    let from_env = run(d, &[("PRO_MONTHLY_CALLS", "lots")], &["migrate"]);
+    let from_env = db.cli(&[("PRO_MONTHLY_CALLS", "lots")], &["migrate"]);
     assert_one_line_error(
         &from_env,
         2,
         "invalid value 'lots' for '--pro-monthly-calls",
     );
-    let weak = run(
-        d,
+    let weak = db.cli(
         &[("JWT_SECRET", "short")],
         &["token", "--user", "eco_usr_x"],
     );
@@ -321,7 +299,8 @@ fn bad_input_gets_one_clear_line() {
 
 #[test]
 fn help_explains_the_commands() {
-    let out = run(Path::new("."), &[], &["--help"]);
+    let db = Db::sqlite_default();
+    let out = db.cli(&[], &["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for word in [
@@ -332,13 +311,18 @@ fn help_explains_the_commands() {
         "token",
         "DATABASE_URL",
         "sqlite://data/usage.db",
+        "USAGE_BATCH_SIZE",
     ] {
         assert!(
             help.contains(word),
             "--help does not mention {word}:\n{help}"
         );
     }
-    let out = run(Path::new("."), &[], &["users", "create", "--help"]);
+    assert!(
+        !help.contains("bench-unmetered"),
+        "the benchmark switch stays hidden"
+    );
+    let out = db.cli(&[], &["users", "create", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(
         help.contains("--stripe-customer-id") && help.contains("free, pro or enterprise"),

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,9 +52,13 @@ impl Drop for TempDir {
 
 /// A fresh database of one backend, and a working directory for the processes.
 pub struct Db {
+    /// Absolute URL, for the tests' own connections.
     pub url: String,
     pub dir: TempDir,
     pub pg: Option<usage_testdb::TestDatabase>,
+    /// Processes get no DATABASE_URL: they use the default, `sqlite://data/usage.db`
+    /// in their working directory (which `url` points at too).
+    pub default_url: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,7 @@ impl Db {
                 url: format!("sqlite://{}/data/usage.db", dir.0.display()),
                 dir,
                 pg: None,
+                default_url: false,
             },
             Backend::Postgres => {
                 let pg = usage_testdb::fresh_database();
@@ -78,21 +83,39 @@ impl Db {
                     url: pg.url().to_owned(),
                     dir,
                     pg: Some(pg),
+                    default_url: false,
                 }
             }
         }
     }
 
-    /// Runs the CLI against this database with extra environment.
-    pub fn cli(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
+    /// SQLite at the default location, with no DATABASE_URL and no JWT_SECRET given.
+    pub fn sqlite_default() -> Self {
+        Self {
+            default_url: true,
+            ..Self::new(Backend::Sqlite)
+        }
+    }
+
+    fn command(&self, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.current_dir(&self.dir.0).args(args);
+        cmd.current_dir(&self.dir.0);
         for var in OUR_VARS {
             cmd.env_remove(var);
         }
-        cmd.env("DATABASE_URL", &self.url).env("JWT_SECRET", SECRET);
+        if !self.default_url {
+            cmd.env("DATABASE_URL", &self.url).env("JWT_SECRET", SECRET);
+        }
         cmd.envs(env.iter().copied());
-        cmd.output().expect("run usage-server")
+        cmd
+    }
+
+    /// Runs the CLI against this database with extra environment.
+    pub fn cli(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
+        self.command(env)
+            .args(args)
+            .output()
+            .expect("run usage-server")
     }
 
     /// Runs the CLI and returns its one line of output.
@@ -147,14 +170,8 @@ pub struct Server {
 
 impl Server {
     fn start(db: &Db, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(&db.dir.0)
-            .args(["serve", "--bind", "127.0.0.1:0"]);
-        for var in OUR_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.env("DATABASE_URL", &db.url).env("JWT_SECRET", SECRET);
-        cmd.envs(env.iter().copied());
+        let mut cmd = db.command(env);
+        cmd.args(["serve", "--bind", "127.0.0.1:0"]);
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -242,8 +259,4 @@ pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for: {what}");
-}
-
-pub fn dir_of(db: &Db) -> &Path {
-    &db.dir.0
 }
