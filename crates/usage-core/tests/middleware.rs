@@ -1,0 +1,224 @@
+//! The metering middleware in an actix app with in-memory repositories: what it answers,
+//! which headers it sets, and what it records (the route pattern, not the raw path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpResponse, test, web};
+use async_trait::async_trait;
+use time::macros::datetime;
+use usage_core::memory::MemoryStore;
+use usage_core::middleware::{Metering, MeteringDeps, UNMATCHED_ROUTE};
+use usage_core::quota::QuotaBook;
+use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
+use usage_core::repo::{
+    ApiKeyRecord, ApiKeyRepository, DailyUsageRepository, UsageRepository, User, UserRepository,
+};
+use usage_core::tracker::{TrackerConfig, TrackerWorker, UsageTracker};
+use usage_core::{
+    ApiKeyAuthenticator, ApiKeyId, BillingPeriod, Caller, Clock, ManualClock, Plan, PlanCatalog,
+    PlanTerms, RepoError, UserId,
+};
+
+const KEY: &str = "eco_live_testtesttesttesttesttesttesttest";
+
+struct OneKey(Caller);
+
+#[async_trait]
+impl ApiKeyAuthenticator for OneKey {
+    async fn authenticate(&self, key: &str) -> Result<Option<Caller>, RepoError> {
+        Ok((key == KEY).then(|| self.0.clone()))
+    }
+}
+
+struct Fixture {
+    store: Arc<MemoryStore>,
+    user: UserId,
+    metering: Metering,
+    worker: TrackerWorker,
+}
+
+async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+    let user = User {
+        id: UserId::generate(),
+        email: "ada@example.com".into(),
+        plan,
+        stripe_customer_id: None,
+        created_at: clock.now(),
+    };
+    store.create_user(&user).await.unwrap();
+    let key = ApiKeyRecord {
+        id: ApiKeyId::generate(),
+        user_id: user.id.clone(),
+        name: "k".into(),
+        prefix: "eco_live_test".into(),
+        key_hash: "0".repeat(64),
+        created_at: clock.now(),
+        last_used_at: None,
+        revoked_at: None,
+        expires_at: None,
+    };
+    store.create_api_key(&key).await.unwrap();
+    let defaults = PlanCatalog::default();
+    let catalog = PlanCatalog {
+        free: PlanTerms { monthly_calls: Some(3), ..defaults.free },
+        pro: PlanTerms { monthly_calls: Some(2), ..defaults.pro },
+        ..defaults
+    };
+    let (tracker, worker) = UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
+    let rate = rate.map(|r| {
+        let limits = PlanRateLimits { free: Some(r), pro: Some(r), enterprise: Some(r) };
+        Arc::new(RateLimiter::new(limits, clock.clone()))
+    });
+    let metering = Metering::new(MeteringDeps {
+        authenticator: Arc::new(OneKey(Caller { user_id: user.id.clone(), api_key_id: key.id, plan })),
+        quota: Arc::new(QuotaBook::new(store.clone(), catalog, clock.clone())),
+        rate,
+        tracker,
+        clock,
+    });
+    Fixture { store, user: user.id, metering, worker }
+}
+
+async fn item(path: web::Path<u32>, caller: web::ReqData<Caller>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"item": *path, "user": caller.user_id}))
+}
+
+async fn broken() -> HttpResponse {
+    HttpResponse::InternalServerError().finish()
+}
+
+macro_rules! app {
+    ($metering:expr) => {
+        test::init_service(
+            App::new().service(
+                web::scope("/api/v1")
+                    .wrap($metering.clone())
+                    .route("/items/{id}", web::get().to(item))
+                    .route("/broken", web::post().to(broken)),
+            ),
+        )
+        .await
+    };
+}
+
+fn get(path: &str) -> test::TestRequest {
+    test::TestRequest::get().uri(path).insert_header(("X-API-Key", KEY))
+}
+
+/// Calls counted for the fixture's user this period, after the tracker's final flush.
+async fn stored_calls(f: Fixture) -> u64 {
+    f.worker.shutdown().await;
+    let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
+    let record = f.store.usage_record(&f.user, period.start()).await.unwrap();
+    record.map_or(0, |r| r.api_calls)
+}
+
+#[actix_web::test]
+async fn records_the_route_pattern_status_and_caller() {
+    let f = fixture(Plan::Enterprise, None).await;
+    let app = app!(f.metering);
+    for id in [1, 2, 3] {
+        let res = test::call_service(&app, get(&format!("/api/v1/items/{id}")).to_request()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.headers().get("x-ratelimit-limit").is_none(), "enterprise: no quota headers");
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["user"], f.user.as_str());
+    }
+    let broken = test::TestRequest::post().uri("/api/v1/broken").insert_header(("Authorization", format!("Bearer {KEY}")));
+    assert_eq!(test::call_service(&app, broken.to_request()).await.status(), 500);
+    let missing = test::call_service(&app, get("/api/v1/nowhere").to_request()).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    f.worker.shutdown().await;
+    let day = datetime!(2026-11-22 00:00 UTC).date();
+    f.store.aggregate_usage_day(day, datetime!(2026-11-23 00:00 UTC)).await.unwrap();
+    let row = f.store.daily_usage(&f.user, day, day).await.unwrap().remove(0);
+    assert_eq!((row.api_calls, row.error_calls), (5, 2), "every admitted call, errors included");
+    let endpoints: Vec<(String, String, u64)> = row
+        .top_endpoints
+        .into_iter()
+        .map(|e| (e.endpoint, e.method, e.calls))
+        .collect();
+    assert_eq!(
+        endpoints,
+        vec![
+            ("/api/v1/items/{id}".to_owned(), "GET".to_owned(), 3),
+            ("/api/v1/broken".to_owned(), "POST".to_owned(), 1),
+            (UNMATCHED_ROUTE.to_owned(), "GET".to_owned(), 1),
+        ],
+        "the route pattern, never the raw path"
+    );
+}
+
+#[actix_web::test]
+async fn free_is_blocked_at_its_limit_with_the_contract_answer() {
+    let f = fixture(Plan::Free, None).await;
+    let app = app!(f.metering);
+    for remaining in ["2", "1", "0"] {
+        let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers().get("x-ratelimit-limit").unwrap(), "3");
+        assert_eq!(res.headers().get("x-ratelimit-remaining").unwrap(), remaining);
+        assert_eq!(
+            res.headers().get("x-ratelimit-reset").unwrap().to_str().unwrap(),
+            datetime!(2026-12-01 00:00 UTC).unix_timestamp().to_string()
+        );
+    }
+    let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    // From 2026-11-22 10:00 to 2026-12-01 00:00.
+    assert_eq!(res.headers().get("retry-after").unwrap(), &(8 * 86_400 + 14 * 3_600).to_string());
+    let body: serde_json::Value = test::read_body_json(res).await;
+    assert_eq!(body["error"], "quota_exceeded");
+    assert_eq!(body["limit"], 3);
+    assert_eq!(body["reset_at"], "2026-12-01T00:00:00Z");
+    assert!(body["message"].as_str().unwrap().ends_with("Upgrade to Pro for more calls."));
+
+    let stats = f.metering.stats();
+    assert_eq!(stats.quota_rejected.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let stored = stored_calls(f).await;
+    assert_eq!(stored, 3, "the rejected call is not counted");
+}
+
+#[actix_web::test]
+async fn missing_and_wrong_keys_get_401() {
+    let f = fixture(Plan::Pro, None).await;
+    let app = app!(f.metering);
+    for req in [
+        test::TestRequest::get().uri("/api/v1/items/1"),
+        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("X-API-Key", "eco_live_wrong")),
+        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("Authorization", format!("Basic {KEY}"))),
+        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("Authorization", "Bearer")),
+    ] {
+        let res = test::call_service(&app, req.to_request()).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(res.headers().get("www-authenticate").unwrap(), "Bearer");
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let stored = stored_calls(f).await;
+    assert_eq!(stored, 0);
+}
+
+#[actix_web::test]
+async fn the_short_window_limit_answers_429_rate_limited_when_on() {
+    let f = fixture(Plan::Pro, Some(RateLimit { per_second: 1, burst: 2 })).await;
+    let app = app!(f.metering);
+    for remaining in ["1", "0"] {
+        let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers().get("x-ratelimit-burst-limit").unwrap(), "2");
+        assert_eq!(res.headers().get("x-ratelimit-burst-remaining").unwrap(), remaining);
+    }
+    let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers().get("retry-after").unwrap(), "1");
+    let body: serde_json::Value = test::read_body_json(res).await;
+    assert_eq!(body["error"], "rate_limited");
+    let stored = stored_calls(f).await;
+    assert_eq!(stored, 2, "rate-limited calls are neither counted nor recorded");
+}
