@@ -43,3 +43,9 @@ doc:
 # What CI runs
 ci:
     bash .ci/run
+
+# --- measure ---
+
+# Hot-path benchmark: bare route vs full middleware (BACKEND: sqlite or postgres)
+bench-hot-path BACKEND="sqlite":
+    bash scripts/bench-hot-path.sh {{BACKEND}}

@@ -50,7 +50,10 @@ async fn main() -> std::io::Result<()> {
         stripe_customer_id: None,
         created_at: clock.now(),
     };
-    store.create_user(&user).await.map_err(std::io::Error::other)?;
+    store
+        .create_user(&user)
+        .await
+        .map_err(std::io::Error::other)?;
     let key_id = ApiKeyId::generate();
     store
         .create_api_key(&ApiKeyRecord {
@@ -68,14 +71,23 @@ async fn main() -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     let keys = FixedKeys(HashMap::from([(
         "eco_live_exampleexampleexampleexample01".to_owned(),
-        Caller { user_id: user.id, api_key_id: key_id, plan: Plan::Free },
+        Caller {
+            user_id: user.id,
+            api_key_id: key_id,
+            plan: Plan::Free,
+        },
     )]));
 
     // The three parts the middleware needs, built once.
-    let (tracker, worker) = UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
+    let (tracker, worker) =
+        UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
     let metering = Metering::new(MeteringDeps {
         authenticator: Arc::new(keys),
-        quota: Arc::new(QuotaBook::new(store.clone(), PlanCatalog::default(), clock.clone())),
+        quota: Arc::new(QuotaBook::new(
+            store.clone(),
+            PlanCatalog::default(),
+            clock.clone(),
+        )),
         rate: None,
         tracker,
         clock,

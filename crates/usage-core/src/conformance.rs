@@ -481,6 +481,12 @@ pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>
         matches!(result, Err(RepoError::NotFound { .. })),
         "{result:?}"
     );
+    let mut unknown_key = events(&ada, &key, 2, T0);
+    unknown_key.push(event(&ada, &ApiKeyId::generate(), T0));
+    let result = store
+        .record_usage(&unknown_key, &IncludedCalls::new())
+        .await;
+    assert_eq!(result, Err(RepoError::NotFound { entity: "API key" }));
 
     let period = BillingPeriod::containing(T0);
     assert_eq!(

@@ -175,6 +175,28 @@ struct Writer {
     stats: Arc<TrackerStats>,
 }
 
+/// Largest batch written at once when more than `batch_size` calls wait.
+const MAX_BATCH: usize = 2_000;
+/// How often the writer looks at the queue.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Moves calls from the queue into `batch` without waiting, up to `max` in the batch.
+/// Returns whether every sender is gone (and the queue is empty).
+fn take_waiting(
+    rx: &mut mpsc::Receiver<TrackedCall>,
+    batch: &mut Vec<TrackedCall>,
+    max: usize,
+) -> bool {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(call) => batch.push(call),
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
 impl Writer {
     async fn run(
         self,
@@ -182,28 +204,33 @@ impl Writer {
         mut stop: watch::Receiver<bool>,
     ) -> FlushReport {
         let batch_size = self.config.batch_size.max(1);
+        // When more than a batch waits (a burst, or after an outage), write up to this many
+        // at once.
+        let max_batch = batch_size.max(MAX_BATCH);
+        // The writer looks at the queue on a short tick instead of being woken by every
+        // call: at tens of thousands of calls a second, per-call wake-ups cost more than
+        // the calls' own handling.
+        let tick = self.config.flush_interval.min(TICK);
         let mut batch: Vec<TrackedCall> = Vec::with_capacity(batch_size);
         let mut deadline = Instant::now() + self.config.flush_interval;
         loop {
-            let room = batch_size - batch.len();
             tokio::select! {
                 biased;
                 // A stop request, or the worker handle dropped.
                 _ = stop.changed() => break,
-                received = rx.recv_many(&mut batch, room) => {
-                    if received == 0 {
-                        break; // every sender is gone
-                    }
-                    self.stats.in_batch.store(batch.len() as u64, Ordering::Relaxed);
-                }
-                () = tokio::time::sleep_until(deadline) => {
-                    self.write(&mut batch, &mut stop, None).await;
-                    deadline = Instant::now() + self.config.flush_interval;
-                }
+                () = tokio::time::sleep(tick) => {}
             }
-            if batch.len() >= batch_size {
+            let disconnected = take_waiting(&mut rx, &mut batch, max_batch);
+            self.stats
+                .in_batch
+                .store(batch.len() as u64, Ordering::Relaxed);
+            let now = Instant::now();
+            if batch.len() >= batch_size || now >= deadline {
                 self.write(&mut batch, &mut stop, None).await;
                 deadline = Instant::now() + self.config.flush_interval;
+            }
+            if disconnected {
+                break; // every sender is gone
             }
         }
 
@@ -253,11 +280,12 @@ impl Writer {
         if batch.is_empty() {
             return 0;
         }
-        let events: Vec<UsageEvent> = batch.iter().map(|c| c.event.clone()).collect();
         let included: IncludedCalls = batch
             .iter()
             .filter_map(|c| c.included_calls.map(|n| (c.event.user_id.clone(), n)))
             .collect();
+        // Retries send these same events (same ids): a retry never counts twice.
+        let events: Vec<UsageEvent> = batch.drain(..).map(|c| c.event).collect();
         let mut backoff = self.config.retry_initial;
         let mut given_up = 0;
         loop {

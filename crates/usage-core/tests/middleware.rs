@@ -64,23 +64,43 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
     store.create_api_key(&key).await.unwrap();
     let defaults = PlanCatalog::default();
     let catalog = PlanCatalog {
-        free: PlanTerms { monthly_calls: Some(3), ..defaults.free },
-        pro: PlanTerms { monthly_calls: Some(2), ..defaults.pro },
+        free: PlanTerms {
+            monthly_calls: Some(3),
+            ..defaults.free
+        },
+        pro: PlanTerms {
+            monthly_calls: Some(2),
+            ..defaults.pro
+        },
         ..defaults
     };
-    let (tracker, worker) = UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
+    let (tracker, worker) =
+        UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
     let rate = rate.map(|r| {
-        let limits = PlanRateLimits { free: Some(r), pro: Some(r), enterprise: Some(r) };
+        let limits = PlanRateLimits {
+            free: Some(r),
+            pro: Some(r),
+            enterprise: Some(r),
+        };
         Arc::new(RateLimiter::new(limits, clock.clone()))
     });
     let metering = Metering::new(MeteringDeps {
-        authenticator: Arc::new(OneKey(Caller { user_id: user.id.clone(), api_key_id: key.id, plan })),
+        authenticator: Arc::new(OneKey(Caller {
+            user_id: user.id.clone(),
+            api_key_id: key.id,
+            plan,
+        })),
         quota: Arc::new(QuotaBook::new(store.clone(), catalog, clock.clone())),
         rate,
         tracker,
         clock,
     });
-    Fixture { store, user: user.id, metering, worker }
+    Fixture {
+        store,
+        user: user.id,
+        metering,
+        worker,
+    }
 }
 
 async fn item(path: web::Path<u32>, caller: web::ReqData<Caller>) -> HttpResponse {
@@ -106,7 +126,9 @@ macro_rules! app {
 }
 
 fn get(path: &str) -> test::TestRequest {
-    test::TestRequest::get().uri(path).insert_header(("X-API-Key", KEY))
+    test::TestRequest::get()
+        .uri(path)
+        .insert_header(("X-API-Key", KEY))
 }
 
 /// Calls counted for the fixture's user this period, after the tracker's final flush.
@@ -124,20 +146,40 @@ async fn records_the_route_pattern_status_and_caller() {
     for id in [1, 2, 3] {
         let res = test::call_service(&app, get(&format!("/api/v1/items/{id}")).to_request()).await;
         assert_eq!(res.status(), StatusCode::OK);
-        assert!(res.headers().get("x-ratelimit-limit").is_none(), "enterprise: no quota headers");
+        assert!(
+            res.headers().get("x-ratelimit-limit").is_none(),
+            "enterprise: no quota headers"
+        );
         let body: serde_json::Value = test::read_body_json(res).await;
         assert_eq!(body["user"], f.user.as_str());
     }
-    let broken = test::TestRequest::post().uri("/api/v1/broken").insert_header(("Authorization", format!("Bearer {KEY}")));
-    assert_eq!(test::call_service(&app, broken.to_request()).await.status(), 500);
+    let broken = test::TestRequest::post()
+        .uri("/api/v1/broken")
+        .insert_header(("Authorization", format!("Bearer {KEY}")));
+    assert_eq!(
+        test::call_service(&app, broken.to_request()).await.status(),
+        500
+    );
     let missing = test::call_service(&app, get("/api/v1/nowhere").to_request()).await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 
     f.worker.shutdown().await;
     let day = datetime!(2026-11-22 00:00 UTC).date();
-    f.store.aggregate_usage_day(day, datetime!(2026-11-23 00:00 UTC)).await.unwrap();
-    let row = f.store.daily_usage(&f.user, day, day).await.unwrap().remove(0);
-    assert_eq!((row.api_calls, row.error_calls), (5, 2), "every admitted call, errors included");
+    f.store
+        .aggregate_usage_day(day, datetime!(2026-11-23 00:00 UTC))
+        .await
+        .unwrap();
+    let row = f
+        .store
+        .daily_usage(&f.user, day, day)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (row.api_calls, row.error_calls),
+        (5, 2),
+        "every admitted call, errors included"
+    );
     let endpoints: Vec<(String, String, u64)> = row
         .top_endpoints
         .into_iter()
@@ -162,24 +204,44 @@ async fn free_is_blocked_at_its_limit_with_the_contract_answer() {
         let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers().get("x-ratelimit-limit").unwrap(), "3");
-        assert_eq!(res.headers().get("x-ratelimit-remaining").unwrap(), remaining);
         assert_eq!(
-            res.headers().get("x-ratelimit-reset").unwrap().to_str().unwrap(),
+            res.headers().get("x-ratelimit-remaining").unwrap(),
+            remaining
+        );
+        assert_eq!(
+            res.headers()
+                .get("x-ratelimit-reset")
+                .unwrap()
+                .to_str()
+                .unwrap(),
             datetime!(2026-12-01 00:00 UTC).unix_timestamp().to_string()
         );
     }
     let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     // From 2026-11-22 10:00 to 2026-12-01 00:00.
-    assert_eq!(res.headers().get("retry-after").unwrap(), &(8 * 86_400 + 14 * 3_600).to_string());
+    assert_eq!(
+        res.headers().get("retry-after").unwrap(),
+        &(8 * 86_400 + 14 * 3_600).to_string()
+    );
     let body: serde_json::Value = test::read_body_json(res).await;
     assert_eq!(body["error"], "quota_exceeded");
     assert_eq!(body["limit"], 3);
     assert_eq!(body["reset_at"], "2026-12-01T00:00:00Z");
-    assert!(body["message"].as_str().unwrap().ends_with("Upgrade to Pro for more calls."));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("Upgrade to Pro for more calls.")
+    );
 
     let stats = f.metering.stats();
-    assert_eq!(stats.quota_rejected.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        stats
+            .quota_rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     let stored = stored_calls(f).await;
     assert_eq!(stored, 3, "the rejected call is not counted");
 }
@@ -190,9 +252,15 @@ async fn missing_and_wrong_keys_get_401() {
     let app = app!(f.metering);
     for req in [
         test::TestRequest::get().uri("/api/v1/items/1"),
-        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("X-API-Key", "eco_live_wrong")),
-        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("Authorization", format!("Basic {KEY}"))),
-        test::TestRequest::get().uri("/api/v1/items/1").insert_header(("Authorization", "Bearer")),
+        test::TestRequest::get()
+            .uri("/api/v1/items/1")
+            .insert_header(("X-API-Key", "eco_live_wrong")),
+        test::TestRequest::get()
+            .uri("/api/v1/items/1")
+            .insert_header(("Authorization", format!("Basic {KEY}"))),
+        test::TestRequest::get()
+            .uri("/api/v1/items/1")
+            .insert_header(("Authorization", "Bearer")),
     ] {
         let res = test::call_service(&app, req.to_request()).await;
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -206,13 +274,23 @@ async fn missing_and_wrong_keys_get_401() {
 
 #[actix_web::test]
 async fn the_short_window_limit_answers_429_rate_limited_when_on() {
-    let f = fixture(Plan::Pro, Some(RateLimit { per_second: 1, burst: 2 })).await;
+    let f = fixture(
+        Plan::Pro,
+        Some(RateLimit {
+            per_second: 1,
+            burst: 2,
+        }),
+    )
+    .await;
     let app = app!(f.metering);
     for remaining in ["1", "0"] {
         let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers().get("x-ratelimit-burst-limit").unwrap(), "2");
-        assert_eq!(res.headers().get("x-ratelimit-burst-remaining").unwrap(), remaining);
+        assert_eq!(
+            res.headers().get("x-ratelimit-burst-remaining").unwrap(),
+            remaining
+        );
     }
     let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -220,5 +298,8 @@ async fn the_short_window_limit_answers_429_rate_limited_when_on() {
     let body: serde_json::Value = test::read_body_json(res).await;
     assert_eq!(body["error"], "rate_limited");
     let stored = stored_calls(f).await;
-    assert_eq!(stored, 2, "rate-limited calls are neither counted nor recorded");
+    assert_eq!(
+        stored, 2,
+        "rate-limited calls are neither counted nor recorded"
+    );
 }

@@ -195,15 +195,26 @@ fn config(batch_size: usize, flush_interval: Duration) -> TrackerConfig {
 async fn writes_full_batches_and_the_rest_at_shutdown() {
     let f = fixture().await;
     let (tracker, worker) = f.start(config(10, Duration::from_secs(3600)));
-    for i in 0..25 {
+    // A batch size or more waiting: all that waits is written.
+    for i in 0..20 {
         tracker
             .track(f.call(T0 + time::Duration::milliseconds(i)))
             .await
             .unwrap();
     }
-    eventually("two full batches stored", async || f.stored(T0).await == 20).await;
-    // The last 5 wait for a full batch or the interval; neither comes before shutdown.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the waiting calls stored", async || {
+        f.stored(T0).await == 20
+    })
+    .await;
+    assert!(tracker.stats().flushes.load(Ordering::Relaxed) <= 2);
+    // Fewer than a batch wait for a full batch or the interval; neither comes before shutdown.
+    for i in 20..25 {
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(f.stored(T0).await, 20);
     assert_eq!(tracker.queue_depth(), 5);
 

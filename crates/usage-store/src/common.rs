@@ -1,15 +1,11 @@
 //! Logic both backends share: turning inserted events into counter increments, and
 //! converting between domain and column types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use time::OffsetDateTime;
 use usage_core::repo::{EndpointCount, IncludedCalls};
-use usage_core::{BillingPeriod, RepoError, UserId};
-
-/// Largest number of rows in one INSERT statement (PostgreSQL allows 65,535 bind
-/// parameters; eight columns a row).
-pub(crate) const INSERT_CHUNK: usize = 1_000;
+use usage_core::{BillingPeriod, RepoError, UsageEvent, UserId};
 
 /// How many times a transaction that hit a deadlock or serialization failure is retried.
 pub(crate) const TRANSACTION_ATTEMPTS: usize = 5;
@@ -45,6 +41,16 @@ pub(crate) fn counter_deltas(
             calls,
         })
         .collect()
+}
+
+/// The distinct user ids and key ids a batch names, sorted.
+pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<String>) {
+    let users: BTreeSet<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+    let keys: BTreeSet<&str> = events.iter().map(|e| e.api_key_id.as_str()).collect();
+    (
+        users.into_iter().map(str::to_owned).collect(),
+        keys.into_iter().map(str::to_owned).collect(),
+    )
 }
 
 /// A count for a BIGINT column (saturating: counts never come near i64::MAX).

@@ -28,8 +28,10 @@ CREATE INDEX eco_api_keys_user_idx ON eco_api_keys (user_id, created_at DESC);
 CREATE TABLE eco_api_usage (
     id               INTEGER PRIMARY KEY,
     event_id         TEXT NOT NULL UNIQUE,
-    user_id          TEXT NOT NULL REFERENCES eco_users (id) ON DELETE CASCADE,
-    api_key_id       TEXT NOT NULL REFERENCES eco_api_keys (id) ON DELETE CASCADE,
+    -- No foreign keys on this append-only, high-volume table: the store checks once per
+    -- batch that its users and keys exist, instead of twice per row.
+    user_id          TEXT NOT NULL,
+    api_key_id       TEXT NOT NULL,
     endpoint         TEXT NOT NULL,
     method           TEXT NOT NULL,
     status_code      INTEGER NOT NULL,

@@ -4,7 +4,9 @@ mod schema;
 
 use async_trait::async_trait;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Date as SqlDate, Nullable, Text, Timestamptz};
+use diesel::sql_types::{
+    Array, BigInt, Date as SqlDate, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel::{ConnectionError, OptionalExtension};
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
@@ -23,7 +25,7 @@ use uuid::Uuid;
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
-use crate::common::{INSERT_CHUNK, TRANSACTION_ATTEMPTS, counter_deltas, to_i64, to_u64};
+use crate::common::{TRANSACTION_ATTEMPTS, counter_deltas, distinct_references, to_i64, to_u64};
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
 
@@ -213,32 +215,97 @@ impl ApiKeyRow {
     }
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = eco_api_usage, check_for_backend(diesel::pg::Pg))]
-struct NewUsageRow<'a> {
-    event_id: Uuid,
-    user_id: &'a str,
-    api_key_id: &'a str,
-    endpoint: &'a str,
-    method: &'a str,
-    status_code: i32,
-    response_time_ms: i32,
+/// A batch of events as one array per column, for `INSERT ... SELECT FROM unnest(...)`:
+/// eight bind parameters whatever the batch size.
+struct EventColumns {
+    event_id: Vec<Uuid>,
+    user_id: Vec<String>,
+    api_key_id: Vec<String>,
+    endpoint: Vec<String>,
+    method: Vec<String>,
+    status_code: Vec<i32>,
+    response_time_ms: Vec<i32>,
+    created_at: Vec<OffsetDateTime>,
+}
+
+impl EventColumns {
+    fn from_events(events: &[&UsageEvent]) -> Self {
+        Self {
+            event_id: events.iter().map(|e| e.event_id).collect(),
+            user_id: events.iter().map(|e| e.user_id.to_string()).collect(),
+            api_key_id: events.iter().map(|e| e.api_key_id.to_string()).collect(),
+            endpoint: events.iter().map(|e| e.endpoint.clone()).collect(),
+            method: events.iter().map(|e| e.method.clone()).collect(),
+            status_code: events.iter().map(|e| i32::from(e.status_code)).collect(),
+            response_time_ms: events
+                .iter()
+                .map(|e| i32::try_from(e.response_time_ms).unwrap_or(i32::MAX))
+                .collect(),
+            created_at: events.iter().map(|e| e.created_at).collect(),
+        }
+    }
+}
+
+/// Inserts a batch and returns who and when of the rows actually inserted.
+const INSERT_EVENTS: &str = "\
+INSERT INTO eco_api_usage
+    (event_id, user_id, api_key_id, endpoint, method, status_code, response_time_ms, created_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::int4[], $7::int4[], $8::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING user_id, created_at";
+
+#[derive(QueryableByName)]
+struct InsertedEvent {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Timestamptz)]
     created_at: OffsetDateTime,
 }
 
-impl<'a> NewUsageRow<'a> {
-    fn from_domain(e: &'a UsageEvent) -> Self {
-        Self {
-            event_id: e.event_id,
-            user_id: e.user_id.as_str(),
-            api_key_id: e.api_key_id.as_str(),
-            endpoint: &e.endpoint,
-            method: &e.method,
-            status_code: i32::from(e.status_code),
-            response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
-            created_at: e.created_at,
-        }
+#[derive(QueryableByName)]
+struct ReferenceCount {
+    #[diesel(sql_type = BigInt)]
+    users: i64,
+    #[diesel(sql_type = BigInt)]
+    keys: i64,
+}
+
+/// Why a usage batch was not stored.
+enum BatchError {
+    /// A user or key of the batch does not exist.
+    Missing(&'static str),
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for BatchError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Db(e)
     }
+}
+
+/// Checks, once per batch, that every user and key it names exists (the events table
+/// has no foreign keys, to spare two lookups per row).
+async fn check_references(
+    conn: &mut AsyncPgConnection,
+    users: &[String],
+    keys: &[String],
+) -> Result<(), BatchError> {
+    let found: ReferenceCount = diesel::sql_query(
+        "SELECT (SELECT count(*) FROM eco_users WHERE id = ANY($1)) AS users, \
+                (SELECT count(*) FROM eco_api_keys WHERE id = ANY($2)) AS keys",
+    )
+    .bind::<Array<Text>, _>(users)
+    .bind::<Array<Text>, _>(keys)
+    .get_result(conn)
+    .await?;
+    if found.users != users.len() as i64 {
+        return Err(BatchError::Missing("user"));
+    }
+    if found.keys != keys.len() as i64 {
+        return Err(BatchError::Missing("API key"));
+    }
+    Ok(())
 }
 
 #[derive(Queryable, Selectable)]
@@ -505,31 +572,33 @@ impl UsageRepository for PgStore {
         if events.is_empty() {
             return Ok(RecordOutcome::default());
         }
-        let mut rows: Vec<NewUsageRow<'_>> = events.iter().map(NewUsageRow::from_domain).collect();
         // One lock order for every writer: no deadlock between overlapping retries.
-        rows.sort_by_key(|r| r.event_id);
-        let rows = &rows;
+        let mut sorted: Vec<&UsageEvent> = events.iter().collect();
+        sorted.sort_by_key(|e| e.event_id);
+        let columns = EventColumns::from_events(&sorted);
+        let (users, keys) = distinct_references(events);
+        let (columns, users, keys) = (&columns, &users, &keys);
         let mut attempt = 1;
         loop {
             let mut conn = self.conn().await?;
             let result = conn
-                .transaction(async |conn| -> Result<u64, diesel::result::Error> {
-                    let mut inserted: Vec<(String, OffsetDateTime)> =
-                        Vec::with_capacity(rows.len());
-                    for chunk in rows.chunks(INSERT_CHUNK) {
-                        let mut got = diesel::insert_into(eco_api_usage::table)
-                            .values(chunk)
-                            .on_conflict(eco_api_usage::event_id)
-                            .do_nothing()
-                            .returning((eco_api_usage::user_id, eco_api_usage::created_at))
-                            .get_results(conn)
-                            .await?;
-                        inserted.append(&mut got);
-                    }
+                .transaction(async |conn| -> Result<u64, BatchError> {
+                    check_references(conn, users, keys).await?;
+                    let inserted: Vec<InsertedEvent> = diesel::sql_query(INSERT_EVENTS)
+                        .bind::<Array<SqlUuid>, _>(&columns.event_id)
+                        .bind::<Array<Text>, _>(&columns.user_id)
+                        .bind::<Array<Text>, _>(&columns.api_key_id)
+                        .bind::<Array<Text>, _>(&columns.endpoint)
+                        .bind::<Array<Text>, _>(&columns.method)
+                        .bind::<Array<Integer>, _>(&columns.status_code)
+                        .bind::<Array<Integer>, _>(&columns.response_time_ms)
+                        .bind::<Array<Timestamptz>, _>(&columns.created_at)
+                        .load(conn)
+                        .await?;
                     let count = inserted.len() as u64;
                     let inserted = inserted
                         .into_iter()
-                        .map(|(user, at)| (UserId::from_stored(user), at));
+                        .map(|row| (UserId::from_stored(row.user_id), row.created_at));
                     for delta in counter_deltas(inserted, included) {
                         diesel::sql_query(UPSERT_COUNTER)
                             .bind::<Text, _>(delta.user_id.as_str())
@@ -550,11 +619,12 @@ impl UsageRepository for PgStore {
                         duplicates: events.len() as u64 - inserted,
                     });
                 }
-                Err(e) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
+                Err(BatchError::Missing(entity)) => return Err(RepoError::NotFound { entity }),
+                Err(BatchError::Db(e)) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
                     tracing::debug!(attempt, error = %e, "retrying usage batch");
                     attempt += 1;
                 }
-                Err(e) => return Err(repo_error(e, "user")),
+                Err(BatchError::Db(e)) => return Err(repo_error(e, "user")),
             }
         }
     }

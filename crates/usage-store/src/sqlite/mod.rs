@@ -3,6 +3,7 @@
 
 mod schema;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
-use crate::common::{counter_deltas, parse_top_endpoints, to_i64, to_u64};
+use crate::common::{counter_deltas, distinct_references, parse_top_endpoints, to_i64, to_u64};
 use crate::error::repo_error;
 use crate::postgres::parse_plan;
 use crate::{PoolOptions, StoreError};
@@ -35,6 +36,9 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlit
 /// Readers run in parallel under WAL; more connections than this only wait on the
 /// single writer.
 const MAX_SQLITE_CONNECTIONS: u32 = 8;
+
+/// Rows per INSERT statement (eight bind parameters a row, far below SQLite's limit).
+const SQLITE_INSERT_CHUNK: usize = 500;
 
 const TIMESTAMP: &[BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
@@ -81,7 +85,8 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
 fn pragmas(busy_timeout: Duration) -> String {
     format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {}; \
+         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
         busy_timeout.as_millis()
     )
 }
@@ -259,8 +264,7 @@ impl ApiKeyRow {
     }
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = eco_api_usage, check_for_backend(diesel::sqlite::Sqlite))]
+/// An event as bound into `insert_events`.
 struct NewUsageRow {
     event_id: String,
     user_id: String,
@@ -538,6 +542,79 @@ impl ApiKeyRepository for SqliteStore {
     }
 }
 
+/// Why a usage batch was not stored.
+enum BatchError {
+    /// A user or key of the batch does not exist.
+    Missing(&'static str),
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for BatchError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// How many of `ids` exist in `table` (a constant table name, never input).
+fn count_existing(
+    conn: &mut SqliteConnection,
+    table: &'static str,
+    ids: &[String],
+) -> diesel::QueryResult<i64> {
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    let sql = format!("SELECT count(*) AS n FROM {table} WHERE id IN ({placeholders})");
+    let mut query = diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>();
+    for id in ids {
+        query = query.bind::<Text, _>(id);
+    }
+    Ok(query.get_result::<Count>(conn)?.n)
+}
+
+#[derive(QueryableByName)]
+struct InsertedEvent {
+    #[diesel(sql_type = Text)]
+    event_id: String,
+}
+
+/// One multi-row INSERT for `rows`, returning the ids of the rows actually inserted
+/// (diesel's batch insert with RETURNING runs row by row on SQLite).
+fn insert_events(
+    rows: &[NewUsageRow],
+) -> diesel::query_builder::BoxedSqlQuery<'_, diesel::sqlite::Sqlite, diesel::query_builder::SqlQuery>
+{
+    let mut sql = String::from(
+        "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method, \
+         status_code, response_time_ms, created_at) VALUES ",
+    );
+    for i in 0..rows.len() {
+        sql.push_str(if i == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+    }
+    sql.push_str(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+    let mut query = diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>();
+    for r in rows {
+        query = query
+            .bind::<Text, _>(&r.event_id)
+            .bind::<Text, _>(&r.user_id)
+            .bind::<Text, _>(&r.api_key_id)
+            .bind::<Text, _>(&r.endpoint)
+            .bind::<Text, _>(&r.method)
+            .bind::<diesel::sql_types::Integer, _>(r.status_code)
+            .bind::<diesel::sql_types::Integer, _>(r.response_time_ms)
+            .bind::<Text, _>(&r.created_at);
+    }
+    query
+}
+
 /// Adds a batch's inserted events to one (user, period) counter; see the PostgreSQL twin.
 const UPSERT_COUNTER: &str = "\
 INSERT INTO eco_usage_records
@@ -559,38 +636,47 @@ impl UsageRepository for SqliteStore {
         if events.is_empty() {
             return Ok(RecordOutcome::default());
         }
-        let rows: Vec<(NewUsageRow, UserId, OffsetDateTime)> = events
+        let rows: Vec<NewUsageRow> = events
             .iter()
-            .map(|e| {
-                let row = NewUsageRow {
-                    event_id: e.event_id.hyphenated().to_string(),
-                    user_id: e.user_id.to_string(),
-                    api_key_id: e.api_key_id.to_string(),
-                    endpoint: e.endpoint.clone(),
-                    method: e.method.clone(),
-                    status_code: i32::from(e.status_code),
-                    response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
-                    created_at: ts(e.created_at),
-                };
-                (row, e.user_id.clone(), e.created_at)
+            .map(|e| NewUsageRow {
+                event_id: e.event_id.hyphenated().to_string(),
+                user_id: e.user_id.to_string(),
+                api_key_id: e.api_key_id.to_string(),
+                endpoint: e.endpoint.clone(),
+                method: e.method.clone(),
+                status_code: i32::from(e.status_code),
+                response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
+                created_at: ts(e.created_at),
             })
+            .collect();
+        // Who and when of each event, to count the rows that were actually inserted.
+        let origin: HashMap<String, (UserId, OffsetDateTime)> = rows
+            .iter()
+            .zip(events)
+            .map(|(row, e)| (row.event_id.clone(), (e.user_id.clone(), e.created_at)))
             .collect();
         let included = included.clone();
         let total = events.len() as u64;
+        let (users, keys) = distinct_references(events);
         let inserted = self
             .run("user or API key", move |conn| {
                 // IMMEDIATE takes the write lock up front: no lock upgrade to fail midway.
                 conn.immediate_transaction(|conn| {
+                    // The events table has no foreign keys (two lookups a row); check the
+                    // batch's users and keys once instead.
+                    if count_existing(conn, "eco_users", &users)? != users.len() as i64 {
+                        return Err(BatchError::Missing("user"));
+                    }
+                    if count_existing(conn, "eco_api_keys", &keys)? != keys.len() as i64 {
+                        return Err(BatchError::Missing("API key"));
+                    }
+                    // Multi-row inserts; RETURNING names the rows actually inserted, so
+                    // replayed events are neither stored nor counted again.
                     let mut inserted = Vec::with_capacity(rows.len());
-                    for (row, user_id, at) in rows {
-                        let n = diesel::insert_into(eco_api_usage::table)
-                            .values(row)
-                            .on_conflict(eco_api_usage::event_id)
-                            .do_nothing()
-                            .execute(conn)?;
-                        if n == 1 {
-                            inserted.push((user_id, at));
-                        }
+                    for chunk in rows.chunks(SQLITE_INSERT_CHUNK) {
+                        let ids: Vec<InsertedEvent> = insert_events(chunk).load(conn)?;
+                        inserted
+                            .extend(ids.iter().filter_map(|r| origin.get(&r.event_id).cloned()));
                     }
                     let count = inserted.len() as u64;
                     let now = ts(OffsetDateTime::now_utc());
@@ -606,7 +692,10 @@ impl UsageRepository for SqliteStore {
                     }
                     Ok(count)
                 })
-                .map_err(db("user or API key"))
+                .map_err(|e| match e {
+                    BatchError::Missing(entity) => RepoError::NotFound { entity },
+                    BatchError::Db(e) => repo_error(e, "user or API key"),
+                })
             })
             .await?;
         Ok(RecordOutcome {
