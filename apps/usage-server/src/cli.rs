@@ -110,6 +110,12 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub usage_queue_capacity: u64,
 
+    /// Usage batches written at once; 0 picks for the backend (4 on PostgreSQL, 1 on
+    /// SQLite, which has a single writer).
+    #[arg(long, env = "USAGE_FLUSH_CONCURRENCY", default_value_t = 0, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub usage_flush_concurrency: u64,
+
     /// Longest wait between retries of a failed usage write (milliseconds).
     #[arg(long, env = "USAGE_RETRY_MAX_MS", default_value_t = 30_000, global = true,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]

@@ -78,6 +78,14 @@ impl Config {
                 flush_interval: Duration::from_millis(options.usage_flush_interval_ms),
                 queue_capacity: usize::try_from(options.usage_queue_capacity).unwrap_or(usize::MAX),
                 retry_max: Duration::from_millis(options.usage_retry_max_ms),
+                concurrency: match (
+                    options.usage_flush_concurrency,
+                    options.database_url.starts_with("sqlite"),
+                ) {
+                    (0, true) => 1,
+                    (0, false) => 4,
+                    (n, _) => usize::try_from(n).unwrap_or(1),
+                },
                 retry_initial: Duration::from_millis(options.usage_retry_max_ms.min(100)),
                 ..TrackerConfig::default()
             },

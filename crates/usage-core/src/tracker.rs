@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::repo::{ApiKeyRepository, IncludedCalls, UsageRepository};
@@ -34,6 +34,9 @@ pub struct TrackerConfig {
     pub retry_max: Duration,
     /// At shutdown, how long to keep retrying a failing store before giving up.
     pub shutdown_retry_for: Duration,
+    /// Batches written at once (`USAGE_FLUSH_CONCURRENCY`): more than one pays off on
+    /// PostgreSQL; SQLite has a single writer anyway.
+    pub concurrency: usize,
 }
 
 impl Default for TrackerConfig {
@@ -45,6 +48,7 @@ impl Default for TrackerConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             shutdown_retry_for: Duration::from_secs(30),
+            concurrency: 1,
         }
     }
 }
@@ -66,7 +70,7 @@ pub struct TrackerStats {
     pub tracked: AtomicU64,
     /// Times `track` found the queue full and waited.
     pub queue_full_waits: AtomicU64,
-    /// Calls taken off the queue but not yet stored (the batch in hand).
+    /// Calls taken off the queue but not yet stored (held for a batch, or being written).
     pub in_batch: AtomicU64,
     /// Events newly stored.
     pub flushed: AtomicU64,
@@ -121,10 +125,12 @@ impl UsageTracker {
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(TrackerStats::default());
         let writer = Writer {
-            usage,
-            keys,
-            config,
-            stats: Arc::clone(&stats),
+            shared: Arc::new(Shared {
+                usage,
+                keys,
+                config,
+                stats: Arc::clone(&stats),
+            }),
         };
         let task = tokio::spawn(writer.run(rx, stop_rx));
         (Self { tx, stats }, TrackerWorker { stop, task })
@@ -169,6 +175,11 @@ impl TrackerWorker {
 }
 
 struct Writer {
+    shared: Arc<Shared>,
+}
+
+/// What every batch write needs.
+struct Shared {
     usage: Arc<dyn UsageRepository>,
     keys: Arc<dyn ApiKeyRepository>,
     config: TrackerConfig,
@@ -180,21 +191,30 @@ const MAX_BATCH: usize = 2_000;
 /// How often the writer looks at the queue.
 const TICK: Duration = Duration::from_millis(10);
 
-/// Moves calls from the queue into `batch` without waiting, up to `max` in the batch.
-/// Returns whether every sender is gone (and the queue is empty).
+/// Moves calls from the queue into `batch` without waiting, up to `max` in the batch,
+/// counting them as held. Returns whether every sender is gone (and the queue is empty).
 fn take_waiting(
     rx: &mut mpsc::Receiver<TrackedCall>,
     batch: &mut Vec<TrackedCall>,
     max: usize,
+    stats: &TrackerStats,
 ) -> bool {
+    let before = batch.len();
+    let mut disconnected = false;
     while batch.len() < max {
         match rx.try_recv() {
             Ok(call) => batch.push(call),
-            Err(mpsc::error::TryRecvError::Empty) => return false,
-            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                disconnected = true;
+                break;
+            }
         }
     }
-    false
+    stats
+        .in_batch
+        .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
+    disconnected
 }
 
 impl Writer {
@@ -203,16 +223,20 @@ impl Writer {
         mut rx: mpsc::Receiver<TrackedCall>,
         mut stop: watch::Receiver<bool>,
     ) -> FlushReport {
-        let batch_size = self.config.batch_size.max(1);
+        let config = &self.shared.config;
+        let batch_size = config.batch_size.max(1);
         // When more than a batch waits (a burst, or after an outage), write up to this many
         // at once.
         let max_batch = batch_size.max(MAX_BATCH);
+        let concurrency = config.concurrency.max(1);
         // The writer looks at the queue on a short tick instead of being woken by every
         // call: at tens of thousands of calls a second, per-call wake-ups cost more than
         // the calls' own handling.
-        let tick = self.config.flush_interval.min(TICK);
+        let tick = config.flush_interval.min(TICK);
         let mut batch: Vec<TrackedCall> = Vec::with_capacity(batch_size);
-        let mut deadline = Instant::now() + self.config.flush_interval;
+        let mut in_flight: JoinSet<u64> = JoinSet::new();
+        let mut unwritten = 0;
+        let mut deadline = Instant::now() + config.flush_interval;
         loop {
             tokio::select! {
                 biased;
@@ -220,42 +244,58 @@ impl Writer {
                 _ = stop.changed() => break,
                 () = tokio::time::sleep(tick) => {}
             }
-            let disconnected = take_waiting(&mut rx, &mut batch, max_batch);
-            self.stats
-                .in_batch
-                .store(batch.len() as u64, Ordering::Relaxed);
+            while let Some(done) = in_flight.try_join_next() {
+                unwritten += done.unwrap_or(0);
+            }
+            if in_flight.len() >= concurrency {
+                continue; // every writer busy: calls wait in the queue (back-pressure)
+            }
+            let disconnected = take_waiting(&mut rx, &mut batch, max_batch, &self.shared.stats);
             let now = Instant::now();
-            if batch.len() >= batch_size || now >= deadline {
-                self.write(&mut batch, &mut stop, None).await;
-                deadline = Instant::now() + self.config.flush_interval;
+            if !batch.is_empty() && (batch.len() >= batch_size || now >= deadline) {
+                let (events, included) = self.shared.take(&mut batch);
+                let shared = Arc::clone(&self.shared);
+                let stop = stop.clone();
+                in_flight.spawn(async move { shared.write(events, included, stop, None).await });
+            }
+            if now >= deadline || batch.is_empty() {
+                deadline = deadline.max(now) + config.flush_interval;
             }
             if disconnected {
                 break; // every sender is gone
             }
         }
 
-        // Drain: no new calls are taken; everything queued is written.
+        // Drain: no new calls are taken; what is being written finishes, then everything
+        // still queued is written.
         rx.close();
-        let before = self.stats.flushed.load(Ordering::Relaxed);
-        let give_up_at = Instant::now() + self.config.shutdown_retry_for;
-        let mut unwritten = 0;
+        let before_drain = Instant::now();
+        let give_up_at = before_drain + config.shutdown_retry_for;
+        let flushed_before = self.shared.stats.flushed.load(Ordering::Relaxed);
+        while let Some(done) = in_flight.join_next().await {
+            unwritten += done.unwrap_or(0);
+        }
         loop {
-            let room = batch_size - batch.len();
+            let room = max_batch - batch.len();
             let received = rx.recv_many(&mut batch, room).await;
-            if received == 0 && batch.is_empty() {
+            self.shared
+                .stats
+                .in_batch
+                .fetch_add(received as u64, Ordering::Relaxed);
+            if batch.is_empty() {
                 break;
             }
-            if batch.len() >= batch_size || received == 0 {
-                unwritten += self.write(&mut batch, &mut stop, Some(give_up_at)).await;
+            if batch.len() >= max_batch || received == 0 {
+                let (events, included) = self.shared.take(&mut batch);
+                unwritten += self
+                    .shared
+                    .write(events, included, stop.clone(), Some(give_up_at))
+                    .await;
             }
         }
-        // Whatever was still queued after giving up is unwritten too.
-        while let Ok(_call) = rx.try_recv() {
-            unwritten += 1;
-        }
-        let flushed_total = self.stats.flushed.load(Ordering::Relaxed);
+        let flushed_total = self.shared.stats.flushed.load(Ordering::Relaxed);
         let report = FlushReport {
-            flushed_at_shutdown: flushed_total - before,
+            flushed_at_shutdown: flushed_total - flushed_before,
             flushed_total,
             unwritten,
         };
@@ -267,25 +307,29 @@ impl Writer {
         }
         report
     }
+}
 
-    /// Writes `batch` until it is stored, then clears it. Once a stop is requested,
-    /// retries only until `give_up_at` (set then if not given). Returns the number of
-    /// events given up on.
-    async fn write(
-        &self,
-        batch: &mut Vec<TrackedCall>,
-        stop: &mut watch::Receiver<bool>,
-        mut give_up_at: Option<Instant>,
-    ) -> u64 {
-        if batch.is_empty() {
-            return 0;
-        }
+impl Shared {
+    /// Empties `batch` into the events to write and their users' included calls.
+    fn take(&self, batch: &mut Vec<TrackedCall>) -> (Vec<UsageEvent>, IncludedCalls) {
         let included: IncludedCalls = batch
             .iter()
             .filter_map(|c| c.included_calls.map(|n| (c.event.user_id.clone(), n)))
             .collect();
-        // Retries send these same events (same ids): a retry never counts twice.
         let events: Vec<UsageEvent> = batch.drain(..).map(|c| c.event).collect();
+        (events, included)
+    }
+
+    /// Writes `events` until they are stored. Once a stop is requested, retries only
+    /// until `give_up_at` (set then if not given). Returns the number of events given up
+    /// on. Retries send the same events (same ids): a retry never counts twice.
+    async fn write(
+        &self,
+        events: Vec<UsageEvent>,
+        included: IncludedCalls,
+        mut stop: watch::Receiver<bool>,
+        mut give_up_at: Option<Instant>,
+    ) -> u64 {
         let mut backoff = self.config.retry_initial;
         let mut given_up = 0;
         loop {
@@ -325,8 +369,9 @@ impl Writer {
                 }
             }
         }
-        batch.clear();
-        self.stats.in_batch.store(0, Ordering::Relaxed);
+        self.stats
+            .in_batch
+            .fetch_sub(events.len() as u64, Ordering::Relaxed);
         given_up
     }
 

@@ -23,6 +23,10 @@ use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, UsageEvent, UserId};
 struct FlakyStore {
     inner: MemoryStore,
     fail_next: AtomicU32,
+    /// Each write takes this long (milliseconds), so that writes overlap.
+    write_ms: AtomicU32,
+    writing: AtomicU32,
+    most_writing: AtomicU32,
 }
 
 #[async_trait]
@@ -39,7 +43,13 @@ impl UsageRepository for FlakyStore {
         if failing {
             return Err(RepoError::Unavailable("database is down".into()));
         }
-        self.inner.record_usage(events, included).await
+        let now = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_writing.fetch_max(now, Ordering::SeqCst);
+        let ms = self.write_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+        let result = self.inner.record_usage(events, included).await;
+        self.writing.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     async fn usage_record(
@@ -72,6 +82,9 @@ async fn fixture() -> Fixture {
     let store = Arc::new(FlakyStore {
         inner: MemoryStore::new(),
         fail_next: AtomicU32::new(0),
+        write_ms: AtomicU32::new(0),
+        writing: AtomicU32::new(0),
+        most_writing: AtomicU32::new(0),
     });
     let user = User {
         id: UserId::generate(),
@@ -353,4 +366,42 @@ async fn shutdown_gives_up_on_a_dead_store_and_says_how_many_were_not_written() 
     }
     let report = worker.shutdown().await;
     assert_eq!((report.flushed_total, report.unwritten), (0, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_store_every_event_once() {
+    let f = fixture().await;
+    f.store.fail_next.store(3, Ordering::SeqCst);
+    f.store.write_ms.store(30, Ordering::SeqCst);
+    let (tracker, worker) = f.start(TrackerConfig {
+        concurrency: 4,
+        ..config(50, Duration::from_millis(20))
+    });
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (tracker, calls): (UsageTracker, Vec<TrackedCall>) = (
+            tracker.clone(),
+            (0..250)
+                .map(|i| f.call(T0 + time::Duration::milliseconds(t * 1_000 + i)))
+                .collect(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for (i, call) in calls.into_iter().enumerate() {
+                tracker.track(call).await.unwrap();
+                if i % 25 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = worker.shutdown().await;
+    assert_eq!((report.flushed_total, report.unwritten), (2_000, 0));
+    assert_eq!(f.stored(T0).await, 2_000);
+    assert_eq!(f.counter(T0).await.unwrap().api_calls, 2_000);
+    assert_eq!(tracker.stats().duplicates.load(Ordering::Relaxed), 0);
+    let most = f.store.most_writing.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&most), "{most} writes at once");
 }
