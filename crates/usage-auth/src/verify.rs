@@ -104,15 +104,15 @@ impl KeyVerifier {
             key_expires_at: None,
             cached_until: now + ttl,
         };
-        if let Some(key) = record.filter(|k| k.is_active(now)) {
-            if let Some(user) = self.users.user_by_id(&key.user_id).await? {
-                entry.caller = Some(Caller {
-                    user_id: user.id,
-                    api_key_id: key.id,
-                    plan: user.plan,
-                });
-                entry.key_expires_at = key.expires_at;
-            }
+        if let Some(key) = record.filter(|k| k.is_active(now))
+            && let Some(user) = self.users.user_by_id(&key.user_id).await?
+        {
+            entry.caller = Some(Caller {
+                user_id: user.id,
+                api_key_id: key.id,
+                plan: user.plan,
+            });
+            entry.key_expires_at = key.expires_at;
         }
         Ok(entry)
     }
