@@ -27,9 +27,31 @@ pub struct UsageEvent {
 }
 
 /// A new UUID v7 for an event at `at`, so event ids sort by time even under a fake clock.
+///
+/// The 74 random bits come from the thread's CSPRNG rather than a `getrandom` system
+/// call per id, which would cost more than the rest of the id's making on the hot path.
 pub fn new_event_id(at: OffsetDateTime) -> Uuid {
-    let nanos = at.unix_timestamp_nanos().max(0);
-    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(0);
-    let subsec = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
-    Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, subsec))
+    let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn event_ids_are_v7_unique_and_ordered_by_time() {
+        let a = new_event_id(datetime!(2026-11-22 10:00:00.001 UTC));
+        let b = new_event_id(datetime!(2026-11-22 10:00:00.002 UTC));
+        assert_eq!(a.get_version_num(), 7);
+        assert!(a < b, "a later millisecond sorts later");
+        let same_ms: std::collections::HashSet<Uuid> = (0..1_000)
+            .map(|_| new_event_id(datetime!(2026-11-22 10:00 UTC)))
+            .collect();
+        assert_eq!(same_ms.len(), 1_000);
+        let (secs, _) = a.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs, datetime!(2026-11-22 10:00 UTC).unix_timestamp() as u64);
+    }
 }
