@@ -52,6 +52,9 @@ mod tests {
             .collect();
         assert_eq!(same_ms.len(), 1_000);
         let (secs, _) = a.get_timestamp().unwrap().to_unix();
-        assert_eq!(secs, datetime!(2026-11-22 10:00 UTC).unix_timestamp() as u64);
+        assert_eq!(
+            secs,
+            datetime!(2026-11-22 10:00 UTC).unix_timestamp() as u64
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! Each such wait is counted ([`TrackerStats::queue_full_waits`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -130,6 +130,7 @@ impl UsageTracker {
                 keys,
                 config,
                 stats: Arc::clone(&stats),
+                touched: Mutex::new(HashMap::new()),
             }),
         };
         let task = tokio::spawn(writer.run(rx, stop_rx));
@@ -184,7 +185,13 @@ struct Shared {
     keys: Arc<dyn ApiKeyRepository>,
     config: TrackerConfig,
     stats: Arc<TrackerStats>,
+    /// When each key's `last_used_at` was last written, to write it at most once a minute.
+    touched: Mutex<HashMap<ApiKeyId, OffsetDateTime>>,
 }
+
+/// `last_used_at` is kept to this precision: one write per key per interval, not one per
+/// batch.
+const TOUCH_EVERY: time::Duration = time::Duration::MINUTE;
 
 /// Largest batch written at once when more than `batch_size` calls wait.
 const MAX_BATCH: usize = 2_000;
@@ -375,15 +382,30 @@ impl Shared {
         given_up
     }
 
-    /// Moves `last_used_at` of the batch's keys; best effort (not billable data).
+    /// Moves `last_used_at` of the batch's keys forward, at most once a minute per key;
+    /// best effort (not billable data).
     async fn touch_keys(&self, events: &[UsageEvent]) {
         let mut last: HashMap<&ApiKeyId, OffsetDateTime> = HashMap::new();
         for e in events {
             let at = last.entry(&e.api_key_id).or_insert(e.created_at);
             *at = (*at).max(e.created_at);
         }
-        let used: Vec<(ApiKeyId, OffsetDateTime)> =
-            last.into_iter().map(|(k, at)| (k.clone(), at)).collect();
+        let mut used: Vec<(ApiKeyId, OffsetDateTime)> = Vec::new();
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, at) in last {
+                if touched
+                    .get(key)
+                    .is_none_or(|before| at - *before >= TOUCH_EVERY)
+                {
+                    touched.insert(key.clone(), at);
+                    used.push((key.clone(), at));
+                }
+            }
+        }
+        if used.is_empty() {
+            return;
+        }
         if let Err(e) = self.keys.touch_api_keys(&used).await {
             tracing::warn!(error = %e, "updating last_used_at failed");
         }

@@ -254,9 +254,10 @@ async fn writes_full_batches_and_the_rest_at_shutdown() {
         .await
         .unwrap()
         .remove(0);
+    // Written with the first batch; a later batch within a minute does not rewrite it.
     assert_eq!(
         key.last_used_at,
-        Some(T0 + time::Duration::milliseconds(24))
+        Some(T0 + time::Duration::milliseconds(19))
     );
 }
 
