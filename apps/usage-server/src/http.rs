@@ -115,8 +115,12 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
 
 /// The metered sample API; a real service mounts its own routes here.
 fn metered_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ping", web::get().to(ping))
-        .default_service(web::to(not_found));
+    cfg.service(
+        web::resource("/ping")
+            .route(web::get().to(ping))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
 }
 
 fn operations_routes(cfg: &mut web::ServiceConfig) {

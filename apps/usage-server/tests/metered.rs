@@ -219,6 +219,27 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
     let client = reqwest::Client::new();
     assert_eq!(ping(&client, &server, &key).await.status(), 200);
 
+    // Routing errors under the metered scope are JSON too.
+    let wrong_method = client
+        .post(server.url("/api/v1/ping"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(
+        wrong_method.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+    let missing = client
+        .get(server.url("/api/v1/nope"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<Value>().await.unwrap()["error"], "not_found");
+
     let unauthorized = |res: reqwest::Response| async move {
         assert_eq!(res.status(), 401);
         assert_eq!(header(&res, "www-authenticate").as_deref(), Some("Bearer"));
@@ -262,7 +283,7 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
         String::from_utf8_lossy(&revoked.stderr)
     );
     // Another process revoked it: this server sees it once its cache entry (300 ms) ends.
-    let mut admitted = 1;
+    let mut admitted = 3; // the ping, the 405 and the 404 above
     eventually(
         "the revoked key is refused",
         Duration::from_secs(10),
