@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use time::OffsetDateTime;
 use usage_core::repo::{EndpointCount, IncludedCalls};
-use usage_core::{BillingPeriod, RepoError, UsageEvent, UserId};
+use usage_core::{BillingPeriod, Plan, RepoError, UsageEvent, UserId};
 
 /// How many times a transaction that hit a deadlock or serialization failure is retried.
 pub(crate) const TRANSACTION_ATTEMPTS: usize = 5;
@@ -51,6 +51,26 @@ pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<St
         users.into_iter().map(str::to_owned).collect(),
         keys.into_iter().map(str::to_owned).collect(),
     )
+}
+
+/// Why a usage batch was not stored (inside its transaction).
+pub(crate) enum BatchError {
+    /// A user or key of the batch does not exist.
+    Missing(&'static str),
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for BatchError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+/// A stored plan name.
+pub(crate) fn parse_plan(stored: &str) -> Result<Plan, RepoError> {
+    stored
+        .parse()
+        .map_err(|_| RepoError::Backend(format!("unknown plan {stored:?} in eco_users")))
 }
 
 /// A count for a BIGINT column (saturating: counts never come near i64::MAX).

@@ -25,7 +25,10 @@ use uuid::Uuid;
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
-use crate::common::{TRANSACTION_ATTEMPTS, counter_deltas, distinct_references, to_i64, to_u64};
+use crate::common::{
+    BatchError, TRANSACTION_ATTEMPTS, counter_deltas, distinct_references, parse_plan, to_i64,
+    to_u64,
+};
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
 
@@ -165,12 +168,6 @@ impl UserRow {
     }
 }
 
-pub(crate) fn parse_plan(stored: &str) -> Result<Plan, RepoError> {
-    stored
-        .parse()
-        .map_err(|_| RepoError::Backend(format!("unknown plan {stored:?} in eco_users")))
-}
-
 #[derive(Queryable, Selectable, Insertable)]
 #[diesel(table_name = eco_api_keys, check_for_backend(diesel::pg::Pg))]
 struct ApiKeyRow {
@@ -269,19 +266,6 @@ struct ReferenceCount {
     users: i64,
     #[diesel(sql_type = BigInt)]
     keys: i64,
-}
-
-/// Why a usage batch was not stored.
-enum BatchError {
-    /// A user or key of the batch does not exist.
-    Missing(&'static str),
-    Db(diesel::result::Error),
-}
-
-impl From<diesel::result::Error> for BatchError {
-    fn from(e: diesel::result::Error) -> Self {
-        Self::Db(e)
-    }
 }
 
 /// Checks, once per batch, that every user and key it names exists (the events table

@@ -26,9 +26,11 @@ use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
-use crate::common::{counter_deltas, distinct_references, parse_top_endpoints, to_i64, to_u64};
+use crate::common::{
+    BatchError, counter_deltas, distinct_references, parse_plan, parse_top_endpoints, to_i64,
+    to_u64,
+};
 use crate::error::repo_error;
-use crate::postgres::parse_plan;
 use crate::{PoolOptions, StoreError};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
@@ -539,19 +541,6 @@ impl ApiKeyRepository for SqliteStore {
             .map_err(db("API key"))
         })
         .await
-    }
-}
-
-/// Why a usage batch was not stored.
-enum BatchError {
-    /// A user or key of the batch does not exist.
-    Missing(&'static str),
-    Db(diesel::result::Error),
-}
-
-impl From<diesel::result::Error> for BatchError {
-    fn from(e: diesel::result::Error) -> Self {
-        Self::Db(e)
     }
 }
 
