@@ -121,11 +121,17 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub usage_retry_max_ms: u64,
 
-    /// How long a verified (or unknown) API key is remembered (milliseconds). Revocations
+    /// How long a verified (or unknown) API key is remembered (milliseconds). Plan changes
     /// made by another process reach this one within this time.
     #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 10_000, global = true,
           value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub api_key_cache_ttl_ms: u64,
+
+    /// How often to look for keys revoked by another process (the CLI, another instance)
+    /// and drop them from the cache (milliseconds).
+    #[arg(long, env = "KEY_REVOCATION_POLL_MS", default_value_t = 1_000, global = true,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub key_revocation_poll_ms: u64,
 
     /// Most API keys remembered.
     #[arg(long, env = "API_KEY_CACHE_CAPACITY", default_value_t = 100_000, global = true,
@@ -236,8 +242,8 @@ pub enum KeysCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
-    /// Revoke a user's API key. A running server stops accepting it within
-    /// API_KEY_CACHE_TTL_MS.
+    /// Revoke a user's API key. Running servers stop accepting it within
+    /// KEY_REVOCATION_POLL_MS.
     Revoke {
         /// The user id (eco_usr_...).
         #[arg(long, value_parser = parse_user_id)]

@@ -35,6 +35,8 @@ pub struct Config {
     pub tracker: TrackerConfig,
     /// The API key verification cache.
     pub key_cache: KeyCacheConfig,
+    /// How often revocations made elsewhere are looked for.
+    pub revocation_poll: Duration,
     /// Short-window limits per plan (none by default).
     pub rate_limits: PlanRateLimits,
     /// Benchmark baseline: the sample route without the middleware.
@@ -93,6 +95,7 @@ impl Config {
                 ttl: Duration::from_millis(options.api_key_cache_ttl_ms),
                 capacity: usize::try_from(options.api_key_cache_capacity).unwrap_or(usize::MAX),
             },
+            revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),
             rate_limits: PlanRateLimits {
                 free: rate(
                     options.rate_limit_free_per_sec,

@@ -46,6 +46,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         clock.clone(),
         config.key_cache,
     ));
+    // Revocations by the CLI or another instance reach this instance's key cache.
+    let revocation_watcher = verifier.watch_revocations(config.revocation_poll);
     let quota = Arc::new(QuotaBook::new(
         store.clone(),
         config.plans.clone(),
@@ -98,6 +100,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         tracing::info!("listening on http://{addr}");
     }
     let served = server.run().await;
+    revocation_watcher.abort();
 
     // No request is in flight any more: write everything still queued.
     let report = tracker_worker.shutdown().await;

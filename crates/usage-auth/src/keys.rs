@@ -141,8 +141,8 @@ impl KeyIssuer {
 
 impl KeyIssuer {
     /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
-    /// A running server that holds the key in its verification cache stops accepting it
-    /// within the cache's TTL; the server's own revocation path also evicts it at once.
+    /// Running servers drop it from their verification caches when they next poll for
+    /// revocations ([`crate::verify::KeyVerifier::watch_revocations`]).
     pub async fn revoke(
         &self,
         user_id: &UserId,

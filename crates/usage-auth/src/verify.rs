@@ -2,7 +2,7 @@
 //! the answer (positive or negative) in a bounded in-process cache for a short time so
 //! the database is off the hot path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -77,8 +77,46 @@ impl KeyVerifier {
 
     /// Forgets the cached answer for a key, so that its revocation takes effect at once.
     pub fn forget_key(&self, key_id: &ApiKeyId) {
-        self.lock()
-            .retain(|_, e| e.caller.as_ref().is_none_or(|c| &c.api_key_id != key_id));
+        self.forget_keys(std::slice::from_ref(key_id));
+    }
+
+    /// Forgets the cached answers for these keys (one pass over the cache).
+    pub fn forget_keys(&self, key_ids: &[ApiKeyId]) {
+        if key_ids.is_empty() {
+            return;
+        }
+        let gone: HashSet<&ApiKeyId> = key_ids.iter().collect();
+        self.lock().retain(|_, e| {
+            e.caller
+                .as_ref()
+                .is_none_or(|c| !gone.contains(&c.api_key_id))
+        });
+    }
+
+    /// Drops from the cache every key revoked since the last poll, by any process, every
+    /// `every`, until the returned task is aborted: revocations made elsewhere (the CLI,
+    /// another instance) take effect here within about `every` instead of the cache TTL.
+    pub fn watch_revocations(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        // Revocation times come from other processes' clocks: look back a little further
+        // than the interval, and accept seeing a revocation twice.
+        const OVERLAP: time::Duration = time::Duration::seconds(30);
+        let verifier = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut since = verifier.clock.now() - OVERLAP;
+            loop {
+                ticker.tick().await;
+                let polled_at = verifier.clock.now();
+                match verifier.keys.api_keys_revoked_since(since).await {
+                    Ok(ids) => {
+                        verifier.forget_keys(&ids);
+                        since = polled_at - OVERLAP;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "polling for revoked keys failed"),
+                }
+            }
+        })
     }
 
     /// Forgets every cached key of a user, so that a plan change takes effect at once.
@@ -198,6 +236,12 @@ mod tests {
             used: &[(ApiKeyId, OffsetDateTime)],
         ) -> Result<(), RepoError> {
             self.inner.touch_api_keys(used).await
+        }
+        async fn api_keys_revoked_since(
+            &self,
+            since: OffsetDateTime,
+        ) -> Result<Vec<ApiKeyId>, RepoError> {
+            self.inner.api_keys_revoked_since(since).await
         }
     }
 
@@ -327,6 +371,48 @@ mod tests {
         assert_eq!(
             f.verifier.authenticate(&other.plaintext).await.unwrap(),
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn revocations_by_another_process_are_picked_up_by_the_watcher() {
+        let f = fixture(100).await;
+        let verifier = Arc::new(f.verifier);
+        let key = KeyIssuer::new(f.store.clone(), f.store.clone(), f.clock.clone())
+            .issue(&f.user.id, "k")
+            .await
+            .unwrap();
+        assert!(
+            verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let watcher = verifier.watch_revocations(Duration::from_millis(10));
+        // Revoked behind the verifier's back (as the CLI does); the clock does not move, so
+        // only the watcher can make the cached answer go.
+        f.store
+            .revoke_api_key(&f.user.id, &key.record.id, f.clock.now())
+            .await
+            .unwrap();
+        let mut refused = false;
+        for _ in 0..200 {
+            if verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_none()
+            {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watcher.abort();
+        assert!(
+            refused,
+            "the watcher dropped the revoked key from the cache"
         );
     }
 

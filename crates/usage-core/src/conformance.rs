@@ -231,6 +231,13 @@ pub async fn api_keys_crud(store: Arc<dyn Store>) {
             .unwrap(),
         None
     );
+    // Revocations can be found by time, for the instances' caches.
+    assert_eq!(
+        store.api_keys_revoked_since(at).await.unwrap(),
+        vec![older.id.clone()]
+    );
+    let later = at + Duration::microseconds(1);
+    assert_eq!(store.api_keys_revoked_since(later).await.unwrap(), vec![]);
 
     // last_used_at only moves forward.
     let later = T0 + Duration::hours(3);

@@ -162,6 +162,19 @@ impl ApiKeyRepository for MemoryStore {
         }
         Ok(())
     }
+
+    async fn api_keys_revoked_since(
+        &self,
+        since: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError> {
+        Ok(self
+            .state()
+            .keys
+            .values()
+            .filter(|k| k.revoked_at.is_some_and(|at| at >= since))
+            .map(|k| k.id.clone())
+            .collect())
+    }
 }
 
 #[async_trait]

@@ -260,6 +260,12 @@ pub trait ApiKeyRepository: Send + Sync {
     ) -> Result<Option<ApiKeyRecord>, RepoError>;
     /// Moves `last_used_at` forward (never back) for each key.
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError>;
+    /// Keys revoked at or after `since`, so that every running instance can drop them from
+    /// its verification cache.
+    async fn api_keys_revoked_since(
+        &self,
+        since: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError>;
 }
 
 /// Raw usage events (`eco_api_usage`) and the period counters (`eco_usage_records`).

@@ -181,6 +181,12 @@ impl ApiKeyRepository for KeysOf {
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
         self.0.inner.touch_api_keys(used).await
     }
+    async fn api_keys_revoked_since(
+        &self,
+        since: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError> {
+        self.0.inner.api_keys_revoked_since(since).await
+    }
 }
 
 /// Waits (real time, bounded) until `check` holds.

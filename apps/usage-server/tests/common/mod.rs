@@ -28,6 +28,7 @@ const OUR_VARS: &[&str] = &[
     "USAGE_FLUSH_INTERVAL_MS",
     "USAGE_QUEUE_CAPACITY",
     "API_KEY_CACHE_TTL_MS",
+    "KEY_REVOCATION_POLL_MS",
     "LOG_FORMAT",
 ];
 

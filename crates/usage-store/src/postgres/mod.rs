@@ -532,6 +532,20 @@ impl ApiKeyRepository for PgStore {
         }
         Ok(())
     }
+
+    async fn api_keys_revoked_since(
+        &self,
+        since: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = eco_api_keys::table
+            .filter(eco_api_keys::revoked_at.ge(since))
+            .select(eco_api_keys::id)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "API key"))?;
+        Ok(ids.into_iter().map(ApiKeyId::from_stored).collect())
+    }
 }
 
 /// Adds a batch's inserted events to one (user, period) counter. `$5` is the plan's

@@ -542,6 +542,22 @@ impl ApiKeyRepository for SqliteStore {
         })
         .await
     }
+
+    async fn api_keys_revoked_since(
+        &self,
+        since: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError> {
+        let since = ts(since);
+        self.run("API key", move |conn| {
+            let ids: Vec<String> = eco_api_keys::table
+                .filter(eco_api_keys::revoked_at.ge(since))
+                .select(eco_api_keys::id)
+                .load(conn)
+                .map_err(db("API key"))?;
+            Ok(ids.into_iter().map(ApiKeyId::from_stored).collect())
+        })
+        .await
+    }
 }
 
 #[derive(QueryableByName)]
