@@ -316,12 +316,18 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
+    find_bin_dir_in(std::env::var_os("PG_BIN_DIR").map(PathBuf::from))
+}
+
+/// The binaries' directory: `pg_bin_dir` when given (and nothing else), else Debian's
+/// layout, else `PATH`.
+fn find_bin_dir_in(pg_bin_dir: Option<PathBuf>) -> Option<PathBuf> {
     let has_tools = |dir: &Path| {
         ["initdb", "postgres", "psql"]
             .iter()
             .all(|t| dir.join(t).is_file())
     };
-    if let Some(dir) = std::env::var_os("PG_BIN_DIR").map(PathBuf::from) {
+    if let Some(dir) = pg_bin_dir {
         return has_tools(&dir).then_some(dir);
     }
     // Debian's layout first: /usr/bin has psql but not initdb.
@@ -372,6 +378,14 @@ fn unprivileged_user() -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_pg_bin_dir_is_not_silently_replaced() {
+        assert_eq!(find_bin_dir_in(Some(PathBuf::from("/no/such/dir"))), None);
+        // ...and the failure says how to install the binaries.
+        assert!(INSTALL_HINT.contains("apt-get install -y postgresql"));
+        assert!(INSTALL_HINT.contains("PG_BIN_DIR"));
+    }
 
     #[test]
     fn databases_are_separate_and_dropped() {
