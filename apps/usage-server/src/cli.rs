@@ -145,6 +145,7 @@ pub struct GlobalOptions {
 
     /// Burst of the free plan's short-window limit (default: one second's worth).
     #[arg(long, env = "RATE_LIMIT_FREE_BURST", global = true,
+          requires = "rate_limit_free_per_sec",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit_free_burst: Option<u32>,
 
@@ -155,6 +156,7 @@ pub struct GlobalOptions {
 
     /// Burst of the pro plan's short-window limit (default: one second's worth).
     #[arg(long, env = "RATE_LIMIT_PRO_BURST", global = true,
+          requires = "rate_limit_pro_per_sec",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit_pro_burst: Option<u32>,
 
@@ -165,6 +167,7 @@ pub struct GlobalOptions {
 
     /// Burst of the enterprise plan's short-window limit (default: one second's worth).
     #[arg(long, env = "RATE_LIMIT_ENTERPRISE_BURST", global = true,
+          requires = "rate_limit_enterprise_per_sec",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit_enterprise_burst: Option<u32>,
 

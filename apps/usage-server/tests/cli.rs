@@ -284,6 +284,8 @@ fn bad_input_gets_one_clear_line() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     }
+    let burst_alone = db.cli(&[("RATE_LIMIT_PRO_BURST", "5")], &["migrate"]);
+    assert_one_line_error(&burst_alone, 2, "--rate-limit-pro-per-sec");
     let from_env = db.cli(&[("PRO_MONTHLY_CALLS", "lots")], &["migrate"]);
     assert_one_line_error(
         &from_env,

@@ -418,3 +418,45 @@ async fn a_database_refusing_writes_loses_nothing(backend: Backend) {
     assert!(server.stop().0.success());
     assert_eq!(db.stored(&user).await, (CALLS as u64, CALLS as u64, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_short_window_limit_is_configured_per_plan() {
+    let db = Db::new(Backend::Sqlite);
+    let (user, key) = db.user_with_key("pro@example.com", "pro");
+    let server = db.start(&[
+        ("RATE_LIMIT_PRO_PER_SEC", "1"),
+        ("RATE_LIMIT_PRO_BURST", "2"),
+    ]);
+    let client = reqwest::Client::new();
+    for remaining in ["1", "0"] {
+        let res = ping(&client, &server, &key).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            header(&res, "x-ratelimit-burst-limit").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            header(&res, "x-ratelimit-burst-remaining").as_deref(),
+            Some(remaining)
+        );
+    }
+    let limited = ping(&client, &server, &key).await;
+    assert_eq!(limited.status(), 429);
+    assert!(header(&limited, "retry-after").is_some());
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["error"],
+        "rate_limited"
+    );
+    assert_eq!(
+        server
+            .metric("usage_requests_total{outcome=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+    assert!(server.stop().0.success());
+    assert_eq!(
+        db.stored(&user).await,
+        (2, 2, 0),
+        "the limited call is not recorded"
+    );
+}
