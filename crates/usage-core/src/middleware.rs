@@ -197,7 +197,7 @@ impl Inner {
             }
         }
 
-        let status = match deps.quota.admit(&caller.user_id, caller.plan).await {
+        let status = match deps.quota.admit_at(&caller.user_id, caller.plan, at).await {
             Ok(QuotaDecision::Admitted(status)) => status,
             Ok(QuotaDecision::Rejected(status)) => {
                 stats.quota_rejected.fetch_add(1, Ordering::Relaxed);

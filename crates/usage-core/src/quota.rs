@@ -39,7 +39,8 @@ impl QuotaStatus {
     }
 }
 
-/// One user's count for one period. The count is loaded once, on first use.
+/// One user's count for one period. The count is loaded once, on first use; a user has
+/// slots for at most two periods (this month and the last).
 #[derive(Debug)]
 struct Slot {
     period: BillingPeriod,
@@ -53,7 +54,7 @@ struct Slot {
 /// from the stored period counters, so a restart (after the tracker's final flush) keeps
 /// them.
 pub struct QuotaBook {
-    slots: RwLock<HashMap<UserId, Arc<Slot>>>,
+    slots: RwLock<HashMap<UserId, Vec<Arc<Slot>>>>,
     usage: Arc<dyn UsageRepository>,
     catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
@@ -89,7 +90,19 @@ impl QuotaBook {
 
     /// Checks and counts one call of `user_id` on `plan` at the current time.
     pub async fn admit(&self, user_id: &UserId, plan: Plan) -> Result<QuotaDecision, RepoError> {
-        let period = BillingPeriod::containing(self.clock.now());
+        self.admit_at(user_id, plan, self.clock.now()).await
+    }
+
+    /// Checks and counts one call that arrived at `at`, in the period containing `at`:
+    /// the same instant the call is recorded with, so that a call at 23:59:59.999 on the
+    /// last day counts in the month its event is stored in.
+    pub async fn admit_at(
+        &self,
+        user_id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<QuotaDecision, RepoError> {
+        let period = BillingPeriod::containing(at);
         let terms = *self.catalog.terms(plan);
         let status = |used| QuotaStatus {
             limit: terms.monthly_calls,
@@ -140,31 +153,29 @@ impl QuotaBook {
     }
 
     fn slot(&self, user_id: &UserId, period: BillingPeriod) -> Arc<Slot> {
-        if let Some(slot) = self
-            .read_slots()
-            .get(user_id)
-            .filter(|s| s.period == period)
-        {
-            return Arc::clone(slot);
+        let find = |slots: &[Arc<Slot>]| slots.iter().find(|s| s.period == period).cloned();
+        if let Some(slot) = self.read_slots().get(user_id).and_then(|s| find(s)) {
+            return slot;
         }
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
-        let slot = slots.entry(user_id.clone()).or_insert_with(|| {
-            Arc::new(Slot {
-                period,
-                count: OnceCell::new(),
-            })
+        let mut all = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let slots = all.entry(user_id.clone()).or_default();
+        if let Some(slot) = find(slots) {
+            return slot; // added while we waited for the lock
+        }
+        // A new month. Calls that arrived just before midnight may still be admitted
+        // after it, so the previous month's count is kept beside the new one; older
+        // months go.
+        let slot = Arc::new(Slot {
+            period,
+            count: OnceCell::new(),
         });
-        if slot.period != period {
-            // A new month: start from the stored counter of the new period.
-            *slot = Arc::new(Slot {
-                period,
-                count: OnceCell::new(),
-            });
-        }
-        Arc::clone(slot)
+        slots.push(Arc::clone(&slot));
+        slots.sort_by_key(|s| std::cmp::Reverse(s.period));
+        slots.truncate(2);
+        slot
     }
 
-    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<UserId, Arc<Slot>>> {
+    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<UserId, Vec<Arc<Slot>>>> {
         self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -303,6 +314,40 @@ mod tests {
             (status.used, status.reset_at),
             (1, datetime!(2027-01-01 00:00 UTC))
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_counts_in_the_month_it_arrived_in() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-12-01 00:00:00.001 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let book = QuotaBook::new(store, catalog(10, 1_000), clock);
+        let arrived = datetime!(2026-11-30 23:59:59.999 UTC);
+        let QuotaDecision::Admitted(status) =
+            book.admit_at(&user, Plan::Free, arrived).await.unwrap()
+        else {
+            panic!("admitted");
+        };
+        assert_eq!(
+            status.reset_at,
+            datetime!(2026-12-01 00:00 UTC),
+            "counted in November"
+        );
+        assert_eq!(
+            book.used(&user).await.unwrap(),
+            0,
+            "December has nothing yet"
+        );
+        // Calls of both months interleave around midnight; neither count is lost.
+        book.admit(&user, Plan::Free).await.unwrap();
+        book.admit_at(&user, Plan::Free, arrived).await.unwrap();
+        book.admit(&user, Plan::Free).await.unwrap();
+        let QuotaDecision::Admitted(nov) = book.admit_at(&user, Plan::Free, arrived).await.unwrap()
+        else {
+            panic!("admitted");
+        };
+        assert_eq!(nov.used, 3);
+        assert_eq!(book.used(&user).await.unwrap(), 2);
     }
 
     #[tokio::test]
