@@ -91,6 +91,15 @@ impl ApiError {
         )
     }
 
+    /// 401 for a missing or bad user token (`WWW-Authenticate: Bearer` is added).
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "A valid user token is required: Authorization: Bearer <token>.",
+        )
+    }
+
     /// 503 for a database that does not answer.
     pub fn database_unavailable() -> Self {
         Self::new(
@@ -111,10 +120,23 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "5"));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
         response.json(ErrorBody {
             error: self.code,
             message: &self.message,
         })
+    }
+}
+
+impl From<usage_analytics::AnalyticsError> for ApiError {
+    fn from(err: usage_analytics::AnalyticsError) -> Self {
+        match err {
+            // A valid token for a user that does not exist (any more): bad credentials.
+            usage_analytics::AnalyticsError::UnknownUser(_) => ApiError::unauthorized(),
+            usage_analytics::AnalyticsError::Repo(e) => e.into(),
+        }
     }
 }
 

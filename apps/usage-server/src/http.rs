@@ -15,13 +15,16 @@ use usage_core::{Caller, Clock, Store, SystemClock};
 
 use crate::config::Config;
 use crate::metrics;
+use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
+use usage_analytics::UsageReports;
 
 /// What the handlers share.
 pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub tracker: UsageTracker,
     pub metering: Arc<MeteringStats>,
+    pub reports: UsageReports,
 }
 
 /// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
@@ -29,7 +32,7 @@ pub(crate) struct AppState {
 /// recorded call, exit.
 pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     // Fail at start, not at the first request, when the JWT settings are unusable.
-    JwtKeys::new(&config.jwt()?)?;
+    let jwt = web::Data::new(JwtKeys::new(&config.jwt()?)?);
     let applied = usage_store::migrate(&config.database_url).await?;
     if applied > 0 {
         tracing::info!(applied, "database migrated");
@@ -53,6 +56,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         config.plans.clone(),
         clock.clone(),
     ));
+    let reports = UsageReports::new(store.clone(), Arc::clone(&quota), clock.clone());
     let rate = config
         .rate_limits
         .any()
@@ -68,6 +72,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         store,
         tracker,
         metering: metering.stats(),
+        reports,
     });
     let unmetered = config.bench_unmetered;
     if unmetered {
@@ -79,7 +84,9 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(state.clone())
+            .app_data(jwt.clone())
             .configure(operations_routes)
+            .configure(user_routes)
             .default_service(web::to(not_found));
         if unmetered {
             app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
@@ -124,6 +131,22 @@ fn metered_routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));
+}
+
+/// The customer's own endpoints (user JWT).
+fn user_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/usage/current")
+            .route(web::get().to(current_usage))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+async fn current_usage(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.reports.current(&user.0).await?))
 }
 
 fn operations_routes(cfg: &mut web::ServiceConfig) {

@@ -9,6 +9,7 @@ mod error;
 mod http;
 mod metrics;
 pub mod telemetry;
+mod user_auth;
 
 use std::sync::Arc;
 

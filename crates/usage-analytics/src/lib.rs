@@ -4,6 +4,10 @@
 //! endpoint statistics and the admin overview come with their issues.
 #![warn(missing_docs)]
 
+pub mod reports;
+
+pub use reports::{AnalyticsError, UsageReports};
+
 use serde::Serialize;
 use time::OffsetDateTime;
 use usage_core::{BillingPeriod, Cents, Plan, PlanCatalog, UserId};

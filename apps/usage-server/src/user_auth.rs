@@ -1,0 +1,46 @@
+//! The user behind a request's JWT, as an actix extractor.
+
+use std::future::{Ready, ready};
+
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use usage_auth::jwt::JwtKeys;
+use usage_core::UserId;
+
+use crate::ApiError;
+
+/// The user a valid `Authorization: Bearer <jwt>` names. Any fault answers 401 with
+/// `WWW-Authenticate: Bearer`; the reason goes to the log only.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthenticatedUser(pub UserId);
+
+impl FromRequest for AuthenticatedUser {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(authenticate(req).map(AuthenticatedUser).map_err(|reason| {
+            tracing::info!(path = req.path(), %reason, "user token refused");
+            ApiError::unauthorized()
+        }))
+    }
+}
+
+fn authenticate(req: &HttpRequest) -> Result<UserId, String> {
+    let keys = req
+        .app_data::<web::Data<JwtKeys>>()
+        .ok_or("JWT keys are not configured")?;
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or("no Authorization header")?
+        .to_str()
+        .map_err(|_| "Authorization header is not text")?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or("Authorization is not `Bearer <token>`")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(format!("unsupported scheme {scheme:?}"));
+    }
+    keys.verify(token.trim()).map_err(|e| e.to_string())
+}
