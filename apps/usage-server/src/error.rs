@@ -130,6 +130,63 @@ impl ResponseError for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::UnknownKey(_) => ApiError::not_found(),
+            AuthError::UnknownUser(_) => ApiError::unauthorized(),
+            AuthError::InvalidKeyName { .. } | AuthError::InvalidTtl { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                err.to_string(),
+            ),
+            AuthError::KeyLimit { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "key_limit_reached",
+                err.to_string(),
+            ),
+            AuthError::InvalidToken(_) => ApiError::unauthorized(),
+            AuthError::Repo(e) => e.into(),
+            AuthError::WeakSecret { .. } | AuthError::Signing(_) => {
+                tracing::error!(error = %err, "token configuration error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "The service cannot sign or verify tokens right now.",
+                )
+            }
+        }
+    }
+}
+
+impl From<actix_web::error::JsonPayloadError> for ApiError {
+    fn from(err: actix_web::error::JsonPayloadError) -> Self {
+        use actix_web::error::JsonPayloadError as E;
+        match err {
+            E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("The request body must be at most {limit} bytes."),
+            ),
+            E::ContentType => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "The request body must be JSON (Content-Type: application/json).",
+            ),
+            E::Deserialize(e) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("The request body is not valid: {e}."),
+            ),
+            other => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("The request body could not be read: {other}."),
+            ),
+        }
+    }
+}
+
 impl From<usage_analytics::AnalyticsError> for ApiError {
     fn from(err: usage_analytics::AnalyticsError) -> Self {
         match err {

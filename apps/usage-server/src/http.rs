@@ -14,10 +14,12 @@ use usage_core::tracker::UsageTracker;
 use usage_core::{Caller, Clock, Store, SystemClock};
 
 use crate::config::Config;
+use crate::keys_api;
 use crate::metrics;
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
 use usage_analytics::UsageReports;
+use usage_auth::keys::KeyIssuer;
 
 /// What the handlers share.
 pub(crate) struct AppState {
@@ -25,6 +27,8 @@ pub(crate) struct AppState {
     pub tracker: UsageTracker,
     pub metering: Arc<MeteringStats>,
     pub reports: UsageReports,
+    pub keys: KeyIssuer,
+    pub verifier: Arc<KeyVerifier>,
 }
 
 /// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
@@ -61,8 +65,9 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         .rate_limits
         .any()
         .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
+    let keys = KeyIssuer::new(store.clone(), store.clone(), clock.clone());
     let metering = Metering::new(MeteringDeps {
-        authenticator: verifier,
+        authenticator: verifier.clone(),
         quota,
         rate,
         tracker: tracker.clone(),
@@ -73,6 +78,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         tracker,
         metering: metering.stats(),
         reports,
+        keys,
+        verifier,
     });
     let unmetered = config.bench_unmetered;
     if unmetered {
@@ -87,6 +94,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .app_data(jwt.clone())
             .configure(operations_routes)
             .configure(user_routes)
+            .configure(keys_api::routes)
             .default_service(web::to(not_found));
         if unmetered {
             app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
@@ -201,6 +209,6 @@ async fn not_found() -> HttpResponse {
     ApiError::not_found().error_response()
 }
 
-async fn method_not_allowed() -> HttpResponse {
+pub(crate) async fn method_not_allowed() -> HttpResponse {
     ApiError::method_not_allowed().error_response()
 }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 mod error;
 mod http;
+mod keys_api;
 mod metrics;
 pub mod telemetry;
 mod user_auth;

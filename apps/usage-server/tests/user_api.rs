@@ -171,7 +171,258 @@ async fn every_bad_token_gets_401(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
+async fn the_caller_manages_their_own_keys(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, ada_cli_key) = db.user_with_key("ada@example.com", "pro");
+    let (bob, bob_cli_key) = db.user_with_key("bob@example.com", "pro");
+    // Long cache and slow poll: only the API's own eviction can make revocations immediate.
+    let server = db.start(&[
+        ("API_KEY_CACHE_TTL_MS", "600000"),
+        ("KEY_REVOCATION_POLL_MS", "60000"),
+    ]);
+    let client = reqwest::Client::new();
+    let ada_token = db.create(&["token", "--user", &ada]);
+    let bob_token = db.create(&["token", "--user", &bob]);
+    let ping = |key: String| {
+        let (client, url) = (client.clone(), server.url("/api/v1/ping"));
+        async move {
+            client
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+
+    // Create: 201, the key shown once, and it works at once.
+    let res = client
+        .post(server.url("/api/keys"))
+        .bearer_auth(&ada_token)
+        .json(&serde_json::json!({"name": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let key_id = created["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with(created["prefix"].as_str().unwrap()));
+    assert_eq!(created["name"], "ci");
+    assert!(created["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(ping(key.clone()).await, 200);
+
+    // List: the caller's keys only, never the key or its hash.
+    let listed: Value = client
+        .get(server.url("/api/keys"))
+        .bearer_auth(&ada_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "the CLI's key and the new one");
+    assert_eq!(items[0]["id"], key_id.as_str(), "newest first");
+    for item in items {
+        let fields: Vec<&str> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(fields.len(), 6, "{fields:?}");
+        for field in [
+            "id",
+            "name",
+            "prefix",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        ] {
+            assert!(fields.contains(&field), "{field} missing");
+        }
+    }
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(!text.contains(&key) && !text.contains(&usage_auth::keys::hash_api_key(&key)));
+
+    // Bob cannot revoke or rotate Ada's key.
+    let url = server.url(&format!("/api/keys/{key_id}"));
+    assert_eq!(
+        client
+            .delete(&url)
+            .bearer_auth(&bob_token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let rotate_url = server.url(&format!("/api/keys/{key_id}/rotate"));
+    assert_eq!(
+        client
+            .post(&rotate_url)
+            .bearer_auth(&bob_token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(ping(key.clone()).await, 200);
+    assert_eq!(
+        client
+            .delete(server.url("/api/keys/not-an-id"))
+            .bearer_auth(&ada_token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Rotate: a new key works, the old one stops at once.
+    let res = client
+        .post(&rotate_url)
+        .bearer_auth(&ada_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let rotated: Value = res.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert_eq!(rotated["name"], "ci");
+    assert_eq!(ping(new_key.clone()).await, 200);
+    assert_eq!(ping(key).await, 401);
+
+    // Delete: 204, and the key stops working at once.
+    let new_id = rotated["id"].as_str().unwrap();
+    let res = client
+        .delete(server.url(&format!("/api/keys/{new_id}")))
+        .bearer_auth(&ada_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(ping(new_key).await, 401);
+    assert_eq!(ping(ada_cli_key).await, 200, "other keys go on");
+    assert_eq!(ping(bob_cli_key).await, 200);
+
+    // Without a token, nothing.
+    assert_eq!(
+        client
+            .get(server.url("/api/keys"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert!(server.stop().0.success());
+}
+
+async fn key_requests_are_validated(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, _) = db.user_with_key("ada@example.com", "free");
+    let server = db.start(&[]);
+    let client = reqwest::Client::new();
+    let token = db.create(&["token", "--user", &ada]);
+    let post = |body: reqwest::Body, content_type: &'static str| {
+        client
+            .post(server.url("/api/keys"))
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(&str, reqwest::Body, &'static str, u16, &str)> = vec![
+        (
+            "unknown field",
+            r#"{"name":"ci","admin":true}"#.into(),
+            "application/json",
+            400,
+            "unknown field",
+        ),
+        (
+            "not JSON",
+            "name=ci".into(),
+            "application/json",
+            400,
+            "invalid_body",
+        ),
+        (
+            "wrong type",
+            r#"{"name":42}"#.into(),
+            "application/json",
+            400,
+            "invalid type",
+        ),
+        (
+            "wrong content type",
+            r#"{"name":"ci"}"#.into(),
+            "text/plain",
+            400,
+            "application/json",
+        ),
+        (
+            "too large",
+            format!(r#"{{"name":"{}"}}"#, "x".repeat(10_000)).into(),
+            "application/json",
+            413,
+            "body_too_large",
+        ),
+        (
+            "name too long",
+            format!(r#"{{"name":"{}"}}"#, "x".repeat(65)).into(),
+            "application/json",
+            400,
+            "name must be 1 to 64",
+        ),
+        (
+            "empty name",
+            r#"{"name":"  "}"#.into(),
+            "application/json",
+            400,
+            "name must be 1 to 64",
+        ),
+    ];
+    for (what, body, content_type, status, expected) in cases {
+        let res = post(body, content_type).await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{what}");
+        let text = res.text().await.unwrap();
+        assert!(text.contains(expected), "{what}: {text}");
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            json["error"].is_string() && json["message"].is_string(),
+            "{what}: {text}"
+        );
+    }
+    // The limit of 20 active keys (one was made by the CLI).
+    for i in 1..20 {
+        let res = post(format!(r#"{{"name":"k{i}"}}"#).into(), "application/json")
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "key {i}");
+    }
+    let res = post(r#"{}"#.into(), "application/json").await.unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "key_limit_reached");
+    assert!(server.stop().0.success());
+}
+
 mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_caller_manages_their_own_keys() {
+        super::the_caller_manages_their_own_keys(super::Backend::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_requests_are_validated() {
+        super::key_requests_are_validated(super::Backend::Sqlite).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn current_usage_counts_calls_not_yet_written() {
         super::current_usage_counts_calls_not_yet_written(super::Backend::Sqlite).await;
@@ -183,6 +434,14 @@ mod sqlite {
 }
 
 mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_caller_manages_their_own_keys() {
+        super::the_caller_manages_their_own_keys(super::Backend::Postgres).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_requests_are_validated() {
+        super::key_requests_are_validated(super::Backend::Postgres).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn current_usage_counts_calls_not_yet_written() {
         super::current_usage_counts_calls_not_yet_written(super::Backend::Postgres).await;

@@ -91,12 +91,16 @@ pub struct IssuedKey {
     pub plaintext: String,
 }
 
+/// Active keys a user may hold by default.
+pub const DEFAULT_KEY_LIMIT: usize = 20;
+
 /// Issues keys to users and stores them.
 #[derive(Clone)]
 pub struct KeyIssuer {
     users: Arc<dyn UserRepository>,
     keys: Arc<dyn ApiKeyRepository>,
     clock: Arc<dyn Clock>,
+    key_limit: usize,
 }
 
 impl KeyIssuer {
@@ -106,14 +110,38 @@ impl KeyIssuer {
         keys: Arc<dyn ApiKeyRepository>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { users, keys, clock }
+        Self {
+            users,
+            keys,
+            clock,
+            key_limit: DEFAULT_KEY_LIMIT,
+        }
     }
 
-    /// Creates and stores a new key for `user_id`.
+    /// The same issuer with another limit of active keys per user.
+    pub fn with_key_limit(mut self, key_limit: usize) -> Self {
+        self.key_limit = key_limit;
+        self
+    }
+
+    /// Creates and stores a new key for `user_id`, within the user's key limit.
     pub async fn issue(&self, user_id: &UserId, name: &str) -> Result<IssuedKey, AuthError> {
         let name = validate_key_name(name)?;
         if self.users.user_by_id(user_id).await?.is_none() {
             return Err(AuthError::UnknownUser(user_id.clone()));
+        }
+        let now = self.clock.now();
+        let active = self
+            .keys
+            .api_keys_for_user(user_id)
+            .await?
+            .iter()
+            .filter(|k| k.is_active(now))
+            .count();
+        if active >= self.key_limit {
+            return Err(AuthError::KeyLimit {
+                max: self.key_limit,
+            });
         }
         let key = generate_api_key();
         let record = ApiKeyRecord {
@@ -140,6 +168,23 @@ impl KeyIssuer {
 }
 
 impl KeyIssuer {
+    /// A user's keys, newest first (revoked ones included).
+    pub async fn list(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        Ok(self.keys.api_keys_for_user(user_id).await?)
+    }
+
+    /// Replaces one of `user_id`'s keys: the old one is revoked, a new one with the same
+    /// name is issued.
+    pub async fn rotate(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+    ) -> Result<(ApiKeyRecord, IssuedKey), AuthError> {
+        let old = self.revoke(user_id, key_id).await?;
+        let new = self.issue(user_id, &old.name).await?;
+        Ok((old, new))
+    }
+
     /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
     /// Running servers drop it from their verification caches when they next poll for
     /// revocations ([`crate::verify::KeyVerifier::watch_revocations`]).
@@ -235,5 +280,24 @@ mod tests {
 
         let missing = issuer.issue(&UserId::generate(), "ci").await;
         assert!(matches!(missing, Err(AuthError::UnknownUser(_))));
+
+        // The limit counts active keys only; rotation keeps the count.
+        let issuer = issuer.with_key_limit(2);
+        let second = issuer.issue(&user.id, "second").await.unwrap();
+        assert!(matches!(
+            issuer.issue(&user.id, "third").await,
+            Err(AuthError::KeyLimit { max: 2 })
+        ));
+        let (old, new) = issuer.rotate(&user.id, &second.record.id).await.unwrap();
+        assert!(old.revoked_at.is_some());
+        assert_eq!(new.record.name, "second");
+        assert_eq!(issuer.list(&user.id).await.unwrap().len(), 3);
+        issuer.revoke(&user.id, &issued.record.id).await.unwrap();
+        issuer.issue(&user.id, "fourth").await.unwrap();
+        let other = UserId::generate();
+        assert!(matches!(
+            issuer.rotate(&other, &new.record.id).await,
+            Err(AuthError::UnknownKey(_))
+        ));
     }
 }

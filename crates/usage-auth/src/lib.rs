@@ -29,6 +29,12 @@ pub enum AuthError {
         /// Length given.
         len: usize,
     },
+    /// The user already holds as many active keys as allowed.
+    #[error("a user may hold at most {max} active API keys; revoke one first")]
+    KeyLimit {
+        /// The limit.
+        max: usize,
+    },
     /// A token lifetime outside the allowed range.
     #[error("ttl-secs must be between 1 and {max} (got {got})")]
     InvalidTtl {
