@@ -176,6 +176,17 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_unmetered: bool,
 
+    /// Secret for the cron endpoints (`Authorization: Bearer <secret>`); unset, they
+    /// answer 404.
+    #[arg(long, env = "CRON_SECRET", hide_env_values = true, global = true)]
+    pub cron_secret: Option<String>,
+
+    /// Run the daily aggregation inside the server, shortly after midnight UTC. Turn it
+    /// off when an external scheduler calls the cron endpoint instead.
+    #[arg(long, env = "DAILY_AGGREGATION", default_value_t = true, global = true,
+          action = clap::ArgAction::Set)]
+    pub daily_aggregation: bool,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -205,6 +216,12 @@ pub enum Command {
     Keys(KeysCommand),
     /// Print a user JWT signed with the configured secret.
     Token(TokenArgs),
+    /// Rebuild one UTC day's rows of the daily aggregate; prints the JSON summary.
+    Aggregate {
+        /// The day, YYYY-MM-DD (default: yesterday, UTC).
+        #[arg(long)]
+        date: Option<String>,
+    },
 }
 
 /// `users ...`

@@ -41,6 +41,10 @@ pub struct Config {
     pub rate_limits: PlanRateLimits,
     /// Benchmark baseline: the sample route without the middleware.
     pub bench_unmetered: bool,
+    /// `CRON_SECRET`; the cron endpoints answer 404 without it.
+    pub cron_secret: Option<String>,
+    /// Whether the server runs the daily aggregation itself.
+    pub daily_aggregation: bool,
     jwt_secret: Option<String>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
@@ -108,6 +112,8 @@ impl Config {
                 ),
             },
             bench_unmetered: options.bench_unmetered,
+            cron_secret: options.cron_secret.clone().filter(|s| !s.is_empty()),
+            daily_aggregation: options.daily_aggregation,
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),

@@ -24,6 +24,9 @@ pub enum ServerError {
     /// A repository operation.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A report or job.
+    #[error(transparent)]
+    Analytics(#[from] usage_analytics::AnalyticsError),
     /// PostgreSQL deployments must share one configured secret.
     #[error(
         "JWT_SECRET is required with PostgreSQL (every instance must sign and verify with the same secret)"
@@ -192,6 +195,9 @@ impl From<usage_analytics::AnalyticsError> for ApiError {
         match err {
             // A valid token for a user that does not exist (any more): bad credentials.
             usage_analytics::AnalyticsError::UnknownUser(_) => ApiError::unauthorized(),
+            usage_analytics::AnalyticsError::InvalidParameter { message, .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message)
+            }
             usage_analytics::AnalyticsError::Repo(e) => e.into(),
         }
     }

@@ -14,10 +14,11 @@ use usage_core::tracker::UsageTracker;
 use usage_core::{Caller, Clock, Store, SystemClock};
 
 use crate::config::Config;
-use crate::keys_api;
 use crate::metrics;
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
+use crate::{cron_api, keys_api};
+use usage_analytics::DailyAggregation;
 use usage_analytics::UsageReports;
 use usage_auth::keys::KeyIssuer;
 
@@ -29,6 +30,8 @@ pub(crate) struct AppState {
     pub reports: UsageReports,
     pub keys: KeyIssuer,
     pub verifier: Arc<KeyVerifier>,
+    pub aggregation: DailyAggregation,
+    pub cron_secret: Option<String>,
 }
 
 /// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
@@ -66,6 +69,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         .any()
         .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
     let keys = KeyIssuer::new(store.clone(), store.clone(), clock.clone());
+    let aggregation = DailyAggregation::new(store.clone(), clock.clone());
+    let schedule = config
+        .daily_aggregation
+        .then(|| cron_api::schedule_daily_aggregation(aggregation.clone(), clock.clone()));
     let metering = Metering::new(MeteringDeps {
         authenticator: verifier.clone(),
         quota,
@@ -80,6 +87,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         reports,
         keys,
         verifier,
+        aggregation,
+        cron_secret: config.cron_secret.clone(),
     });
     let unmetered = config.bench_unmetered;
     if unmetered {
@@ -95,6 +104,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .configure(operations_routes)
             .configure(user_routes)
             .configure(keys_api::routes)
+            .configure(cron_api::routes)
             .default_service(web::to(not_found));
         if unmetered {
             app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
@@ -116,6 +126,9 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let served = server.run().await;
     revocation_watcher.abort();
+    if let Some(schedule) = schedule {
+        schedule.abort();
+    }
 
     // No request is in flight any more: write everything still queued.
     let report = tracker_worker.shutdown().await;

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+mod cron_api;
 mod error;
 mod http;
 mod keys_api;
@@ -14,6 +15,7 @@ mod user_auth;
 
 use std::sync::Arc;
 
+use usage_analytics::DailyAggregation;
 use usage_auth::jwt::JwtKeys;
 use usage_auth::keys::KeyIssuer;
 use usage_core::accounts::Accounts;
@@ -69,6 +71,16 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
                 .revoke(&user, &key)
                 .await?;
             eprintln!("{} is revoked", revoked.id);
+            Ok(())
+        }
+        Command::Aggregate { date } => {
+            let date = date
+                .as_deref()
+                .map(usage_analytics::daily::parse_day)
+                .transpose()?;
+            let store = open_migrated(&config).await?;
+            let report = DailyAggregation::new(store, clock).run(date).await?;
+            println!("{}", serde_json::json!(report));
             Ok(())
         }
         Command::Token(args) => {

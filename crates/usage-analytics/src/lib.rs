@@ -4,8 +4,10 @@
 //! endpoint statistics and the admin overview come with their issues.
 #![warn(missing_docs)]
 
+pub mod daily;
 pub mod reports;
 
+pub use daily::{AggregationReport, DailyAggregation};
 pub use reports::{AnalyticsError, UsageReports};
 
 use serde::Serialize;

@@ -15,6 +15,14 @@ pub enum AnalyticsError {
     /// No user has this id.
     #[error("no user with id {0}")]
     UnknownUser(UserId),
+    /// A parameter outside its form or range; the message names it.
+    #[error("{message}")]
+    InvalidParameter {
+        /// The parameter.
+        name: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Repo(#[from] RepoError),

@@ -5,6 +5,7 @@
 //! - [`jwt`]: minting and verifying HS256 user tokens with a pinned algorithm.
 #![warn(missing_docs)]
 
+pub mod cron;
 pub mod jwt;
 pub mod keys;
 pub mod verify;

@@ -29,6 +29,8 @@ const OUR_VARS: &[&str] = &[
     "USAGE_QUEUE_CAPACITY",
     "API_KEY_CACHE_TTL_MS",
     "KEY_REVOCATION_POLL_MS",
+    "CRON_SECRET",
+    "DAILY_AGGREGATION",
     "LOG_FORMAT",
 ];
 

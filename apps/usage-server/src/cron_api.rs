@@ -1,0 +1,96 @@
+//! Cron endpoints (`Authorization: Bearer <CRON_SECRET>`), and the built-in daily schedule.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use time::Duration;
+use usage_analytics::DailyAggregation;
+use usage_core::Clock;
+
+use crate::ApiError;
+use crate::http::{AppState, method_not_allowed};
+
+/// How long after midnight UTC the built-in schedule aggregates the day that ended.
+const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
+
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/cron/aggregate-daily")
+            .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                ApiError::new(
+                    actix_web::http::StatusCode::BAD_REQUEST,
+                    "invalid_parameter",
+                    format!("The query string is not valid: {err}."),
+                )
+                .into()
+            }))
+            .route(web::post().to(aggregate_daily))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+/// 404 when no secret is configured (the endpoints do not exist then), 401 for a wrong one.
+fn check_cron_secret(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let Some(expected) = &state.cron_secret else {
+        return Err(ApiError::not_found());
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if usage_auth::cron::secret_matches(expected, presented) {
+        Ok(())
+    } else {
+        tracing::warn!(
+            path = req.path(),
+            "cron call with a wrong or missing secret"
+        );
+        Err(ApiError::unauthorized())
+    }
+}
+
+#[derive(Deserialize)]
+struct AggregateQuery {
+    date: Option<String>,
+}
+
+async fn aggregate_daily(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<AggregateQuery>,
+) -> Result<HttpResponse, ApiError> {
+    check_cron_secret(&req, &state)?;
+    let date = query
+        .date
+        .as_deref()
+        .map(usage_analytics::daily::parse_day)
+        .transpose()?;
+    let report = state.aggregation.run(date).await?;
+    tracing::info!(date = %report.date, users = report.users, "daily aggregation (cron)");
+    Ok(HttpResponse::Ok().json(report))
+}
+
+/// Aggregates the day that ended, every day shortly after midnight UTC, until aborted.
+pub(crate) fn schedule_daily_aggregation(
+    job: DailyAggregation,
+    clock: std::sync::Arc<dyn Clock>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let now = clock.now();
+            let next = DailyAggregation::next_run(now, AFTER_MIDNIGHT);
+            let wait = std::time::Duration::try_from(next - now).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match job.run(None).await {
+                Ok(r) => {
+                    tracing::info!(date = %r.date, users = r.users, "daily aggregation (schedule)")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "daily aggregation failed; the cron endpoint can rerun it")
+                }
+            }
+        }
+    })
+}

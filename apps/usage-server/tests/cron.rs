@@ -1,0 +1,132 @@
+//! The daily aggregation through the cron endpoint and the CLI, on both backends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, Db, eventually};
+use serde_json::Value;
+use time::OffsetDateTime;
+use usage_core::UserId;
+
+async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
+    let db = Db::new(backend);
+    let (user, key) = db.user_with_key("ada@example.com", "pro");
+    let secret = "cron-secret-cron-secret";
+    let server = db.start(&[("CRON_SECRET", secret), ("USAGE_FLUSH_INTERVAL_MS", "100")]);
+    let client = reqwest::Client::new();
+    for _ in 0..4 {
+        let res = client
+            .get(server.url("/api/v1/ping"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    eventually("the calls written", Duration::from_secs(20), async || {
+        server.metric("usage_tracker_events_flushed_total").await == 4.0
+    })
+    .await;
+
+    let today = OffsetDateTime::now_utc().date();
+    let url = |q: &str| server.url(&format!("/api/cron/aggregate-daily{q}"));
+    let call = |q: String, auth: Option<&'static str>| {
+        let mut req = client.post(url(&q));
+        if let Some(auth) = auth {
+            req = req.bearer_auth(auth);
+        }
+        req.send()
+    };
+    let res = call(String::new(), None).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert_eq!(
+        call(String::new(), Some("wrong-secret-wrong-secre"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    for (query, expected) in [
+        ("?date=yesterday", "date must be a day as YYYY-MM-DD"),
+        ("?date=2026-02-30", "date must be a day as YYYY-MM-DD"),
+        ("?date=2999-01-01", "date must not be after today"),
+    ] {
+        let res = call(query.to_owned(), Some("cron-secret-cron-secret"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{query}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_parameter");
+        assert!(
+            body["message"].as_str().unwrap().contains(expected),
+            "{query}: {body}"
+        );
+    }
+    for _ in 0..2 {
+        let res = call(format!("?date={today}"), Some("cron-secret-cron-secret"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"date": today.to_string(), "users": 1})
+        );
+    }
+    let store = db.store().await;
+    let rows = store
+        .daily_usage(&UserId::parse(&user).unwrap(), today, today)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "running twice gives the same single row");
+    assert_eq!((rows[0].api_calls, rows[0].error_calls), (4, 0));
+    assert_eq!(rows[0].top_endpoints[0].endpoint, "/api/v1/ping");
+    assert!(server.stop().0.success());
+
+    // The CLI does the same and prints the same summary.
+    let out = db.cli(&[], &["aggregate", "--date", &today.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::json!({"date": today.to_string(), "users": 1})
+    );
+    let bad = db.cli(&[], &["aggregate", "--date", "21/11/2026"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("date must be a day as YYYY-MM-DD"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cron_secret_the_endpoint_does_not_exist() {
+    let db = Db::new(Backend::Sqlite);
+    let server = db.start(&[]);
+    let res = reqwest::Client::new()
+        .post(server.url("/api/cron/aggregate-daily"))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(server.stop().0.success());
+}
+
+mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aggregates_through_the_cron_endpoint_and_the_cli() {
+        super::aggregates_through_the_cron_endpoint_and_the_cli(super::Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aggregates_through_the_cron_endpoint_and_the_cli() {
+        super::aggregates_through_the_cron_endpoint_and_the_cli(super::Backend::Postgres).await;
+    }
+}
