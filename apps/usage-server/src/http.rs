@@ -160,7 +160,19 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
         web::resource("/api/usage/current")
             .route(web::get().to(current_usage))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/usage/overage")
+            .route(web::get().to(overage))
+            .default_service(web::to(method_not_allowed)),
     );
+}
+
+async fn overage(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.reports.overage(&user.0).await?))
 }
 
 async fn current_usage(

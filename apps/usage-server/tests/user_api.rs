@@ -414,7 +414,87 @@ async fn key_requests_are_validated(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
+async fn overage_shows_accrued_and_invoiced(backend: Backend) {
+    let db = Db::new(backend);
+    let (pro, key) = db.user_with_key("pro@example.com", "pro");
+    let server = db.start(&[
+        ("PRO_MONTHLY_CALLS", "3"),
+        ("USAGE_FLUSH_INTERVAL_MS", "100"),
+    ]);
+    let client = reqwest::Client::new();
+    for _ in 0..8 {
+        let res = client
+            .get(server.url("/api/v1/ping"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    common::eventually(
+        "calls written",
+        std::time::Duration::from_secs(20),
+        async || server.metric("usage_tracker_events_flushed_total").await == 8.0,
+    )
+    .await;
+    // Bill the first 4 overage calls, as the billing run will.
+    let store = db.store().await;
+    let user_id = UserId::parse(&pro).unwrap();
+    let period = usage_core::BillingPeriod::containing(OffsetDateTime::now_utc());
+    let charge = store
+        .create_overage_charge(&usage_core::repo::NewOverageCharge {
+            user_id: user_id.clone(),
+            period_start: period.start(),
+            calls_from: 0,
+            calls_to: 4,
+            amount_cents: 0,
+            idempotency_key: format!("test:{pro}:0-4"),
+            created_at: OffsetDateTime::now_utc(),
+        })
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(charge.id, "ii_test", OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+
+    let token = db.create(&["token", "--user", &pro]);
+    let res = client
+        .get(server.url("/api/usage/overage"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["overage_calls"], 5);
+    assert_eq!(
+        body["overage_cost_cents"], 1,
+        "5 x $0.001 = 0.5 cent, rounded half-up"
+    );
+    assert_eq!(body["invoiced_calls"], 4);
+    assert_eq!(body["invoiced_cents"], 0);
+    assert!(
+        body["period_start"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("5 calls over the 3 included"),
+        "{body}"
+    );
+    assert!(server.stop().0.success());
+}
+
 mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overage_shows_accrued_and_invoiced() {
+        super::overage_shows_accrued_and_invoiced(super::Backend::Sqlite).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_caller_manages_their_own_keys() {
         super::the_caller_manages_their_own_keys(super::Backend::Sqlite).await;
@@ -434,6 +514,10 @@ mod sqlite {
 }
 
 mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overage_shows_accrued_and_invoiced() {
+        super::overage_shows_accrued_and_invoiced(super::Backend::Postgres).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_caller_manages_their_own_keys() {
         super::the_caller_manages_their_own_keys(super::Backend::Postgres).await;
