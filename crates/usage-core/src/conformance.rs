@@ -588,6 +588,31 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
         store.daily_usage(&bob, day, day).await.unwrap()[0].api_calls,
         1
     );
+    // The same day straight from the raw events, per endpoint.
+    let stats = store
+        .endpoint_stats(&ada, at, at + Duration::days(1))
+        .await
+        .unwrap();
+    let stats: Vec<(&str, &str, u64, u64, u64)> = stats
+        .iter()
+        .map(|s| {
+            (
+                s.endpoint.as_str(),
+                s.method.as_str(),
+                s.calls,
+                s.error_calls,
+                s.total_response_time_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        stats,
+        vec![
+            ("/api/v1/ping", "GET", 3, 1, 60),
+            ("/api/v1/items", "POST", 1, 0, 15),
+            ("/api/v1/items/{id}", "GET", 1, 1, 5),
+        ]
+    );
 }
 
 pub async fn overage_charge_ledger(store: Arc<dyn Store>) {

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::repo::{
     ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointCount,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
-    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    RecordOutcome, TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -240,6 +240,38 @@ impl UsageRepository for MemoryStore {
             .records
             .get(&(user_id.clone(), period_start))
             .cloned())
+    }
+
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<EndpointStats>, RepoError> {
+        let state = self.state();
+        let mut per: BTreeMap<(&str, &str), EndpointStats> = BTreeMap::new();
+        for e in state
+            .events
+            .iter()
+            .filter(|e| &e.user_id == user_id && from <= e.created_at && e.created_at < to)
+        {
+            let stats = per
+                .entry((&e.endpoint, &e.method))
+                .or_insert_with(|| EndpointStats {
+                    endpoint: e.endpoint.clone(),
+                    method: e.method.clone(),
+                    calls: 0,
+                    error_calls: 0,
+                    total_response_time_ms: 0,
+                });
+            stats.calls += 1;
+            stats.error_calls += u64::from(e.status_code >= 400);
+            stats.total_response_time_ms += u64::from(e.response_time_ms);
+        }
+        let mut stats: Vec<EndpointStats> = per.into_values().collect();
+        // Stable: (endpoint, method) order among ties.
+        stats.sort_by_key(|s| std::cmp::Reverse(s.calls));
+        Ok(stats)
     }
 
     async fn count_usage_events(

@@ -115,6 +115,21 @@ pub struct RecordOutcome {
 /// is counted. A user absent from the map is unlimited.
 pub type IncludedCalls = HashMap<UserId, u64>;
 
+/// Calls of one user to one route pattern and method over a time range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointStats {
+    /// Route pattern.
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Calls.
+    pub calls: u64,
+    /// Calls answered with status >= 400.
+    pub error_calls: u64,
+    /// Sum of response times.
+    pub total_response_time_ms: u64,
+}
+
 /// One route pattern and method among a day's most called (`top_endpoints`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointCount {
@@ -285,6 +300,14 @@ pub trait UsageRepository: Send + Sync {
         user_id: &UserId,
         period_start: OffsetDateTime,
     ) -> Result<Option<UsageRecord>, RepoError>;
+    /// A user's calls with `from <= created_at < to` per route pattern and method, most
+    /// calls first (ties by endpoint, then method).
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<EndpointStats>, RepoError>;
     /// Stored events of a user with `from <= created_at < to`.
     async fn count_usage_events(
         &self,

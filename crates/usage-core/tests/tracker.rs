@@ -60,6 +60,15 @@ impl UsageRepository for FlakyStore {
         self.inner.usage_record(user_id, start).await
     }
 
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<usage_core::repo::EndpointStats>, RepoError> {
+        self.inner.endpoint_stats(user_id, from, to).await
+    }
+
     async fn count_usage_events(
         &self,
         user_id: &UserId,

@@ -66,6 +66,33 @@ impl From<diesel::result::Error> for BatchError {
     }
 }
 
+/// A row of the per-endpoint statistics query (same SQL shape on both backends).
+#[derive(diesel::QueryableByName)]
+pub(crate) struct EndpointStatsRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    endpoint: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    method: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    error_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    total_ms: i64,
+}
+
+impl EndpointStatsRow {
+    pub(crate) fn into_domain(self) -> usage_core::repo::EndpointStats {
+        usage_core::repo::EndpointStats {
+            endpoint: self.endpoint,
+            method: self.method,
+            calls: to_u64(self.calls),
+            error_calls: to_u64(self.error_calls),
+            total_response_time_ms: to_u64(self.total_ms),
+        }
+    }
+}
+
 /// A stored plan name.
 pub(crate) fn parse_plan(stored: &str) -> Result<Plan, RepoError> {
     stored

@@ -15,9 +15,9 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncC
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, IncludedCalls,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome, TOP_ENDPOINTS,
-    UsageRecord, UsageRepository, User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointStats,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
+    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -26,8 +26,8 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, TRANSACTION_ATTEMPTS, counter_deltas, distinct_references, parse_plan, to_i64,
-    to_u64,
+    BatchError, EndpointStatsRow, TRANSACTION_ATTEMPTS, counter_deltas, distinct_references,
+    parse_plan, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -642,6 +642,34 @@ impl UsageRepository for PgStore {
             .optional()
             .map_err(|e| repo_error(e, "usage record"))?
             .map(UsageRecordRow::into_domain))
+    }
+
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<EndpointStats>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<EndpointStatsRow> = diesel::sql_query(
+            "SELECT endpoint, method, count(*) AS calls,
+                    count(*) FILTER (WHERE status_code >= 400) AS error_calls,
+                    sum(response_time_ms)::bigint AS total_ms
+             FROM eco_api_usage
+             WHERE user_id = $1 AND created_at >= $2 AND created_at < $3
+             GROUP BY endpoint, method
+             ORDER BY calls DESC, endpoint COLLATE \"C\", method COLLATE \"C\"",
+        )
+        .bind::<Text, _>(user_id.as_str())
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .load(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(EndpointStatsRow::into_domain)
+            .collect())
     }
 
     async fn count_usage_events(

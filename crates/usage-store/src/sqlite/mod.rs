@@ -17,9 +17,9 @@ use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, IncludedCalls,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome, TOP_ENDPOINTS,
-    UsageRecord, UsageRepository, User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointStats,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
+    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -27,8 +27,8 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, counter_deltas, distinct_references, parse_plan, parse_top_endpoints, to_i64,
-    to_u64,
+    BatchError, EndpointStatsRow, counter_deltas, distinct_references, parse_plan,
+    parse_top_endpoints, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -725,6 +725,36 @@ impl UsageRepository for SqliteStore {
                 .map_err(db("usage record"))?
                 .map(UsageRecordRow::into_domain)
                 .transpose()
+        })
+        .await
+    }
+
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<EndpointStats>, RepoError> {
+        let (user_id, from, to) = (user_id.to_string(), ts(from), ts(to));
+        self.run("usage event", move |conn| {
+            let rows: Vec<EndpointStatsRow> = diesel::sql_query(
+                "SELECT endpoint, method, count(*) AS calls,
+                        sum(status_code >= 400) AS error_calls,
+                        sum(response_time_ms) AS total_ms
+                 FROM eco_api_usage
+                 WHERE user_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                 GROUP BY endpoint, method
+                 ORDER BY calls DESC, endpoint, method",
+            )
+            .bind::<Text, _>(user_id)
+            .bind::<Text, _>(from)
+            .bind::<Text, _>(to)
+            .load(conn)
+            .map_err(db("usage event"))?;
+            Ok(rows
+                .into_iter()
+                .map(EndpointStatsRow::into_domain)
+                .collect())
         })
         .await
     }
