@@ -8,7 +8,7 @@ use usage_analytics::DailyAggregation;
 use usage_core::Clock;
 
 use crate::ApiError;
-use crate::http::{AppState, method_not_allowed};
+use crate::http::{AppState, method_not_allowed, query_config};
 
 /// How long after midnight UTC the built-in schedule aggregates the day that ended.
 const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
@@ -16,14 +16,7 @@ const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/api/cron/aggregate-daily")
-            .app_data(web::QueryConfig::default().error_handler(|err, _| {
-                ApiError::new(
-                    actix_web::http::StatusCode::BAD_REQUEST,
-                    "invalid_parameter",
-                    format!("The query string is not valid: {err}."),
-                )
-                .into()
-            }))
+            .app_data(query_config())
             .route(web::post().to(aggregate_daily))
             .default_service(web::to(method_not_allowed)),
     );

@@ -20,6 +20,7 @@ use crate::{ApiError, ServerError};
 use crate::{cron_api, keys_api};
 use usage_analytics::DailyAggregation;
 use usage_analytics::UsageReports;
+use usage_analytics::reports::{MAX_ENDPOINT_DAYS, MAX_HISTORY_DAYS, parse_days};
 use usage_auth::keys::KeyIssuer;
 
 /// What the handlers share.
@@ -165,7 +166,53 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
         web::resource("/api/usage/overage")
             .route(web::get().to(overage))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/usage/history")
+            .app_data(query_config())
+            .route(web::get().to(history))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/usage/endpoints")
+            .app_data(query_config())
+            .route(web::get().to(endpoints))
+            .default_service(web::to(method_not_allowed)),
     );
+}
+
+/// Query strings that cannot be read at all are the contract's 400 too.
+pub(crate) fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err, _| {
+        ApiError::new(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("The query string is not valid: {err}."),
+        )
+        .into()
+    })
+}
+
+type QueryParams = web::Query<std::collections::HashMap<String, String>>;
+
+async fn history(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+    query: QueryParams,
+) -> Result<HttpResponse, ApiError> {
+    let days = parse_days(query.get("days").map(String::as_str), 30, MAX_HISTORY_DAYS)?;
+    let items = state.reports.history(&user.0, days).await?;
+    Ok(HttpResponse::Ok().json(json!({ "days": days, "items": items })))
+}
+
+async fn endpoints(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+    query: QueryParams,
+) -> Result<HttpResponse, ApiError> {
+    let days = parse_days(query.get("days").map(String::as_str), 7, MAX_ENDPOINT_DAYS)?;
+    let items = state.reports.endpoints(&user.0, days).await?;
+    Ok(HttpResponse::Ok().json(json!({ "days": days, "items": items })))
 }
 
 async fn overage(

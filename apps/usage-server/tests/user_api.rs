@@ -490,7 +490,148 @@ async fn overage_shows_accrued_and_invoiced(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
+async fn history_and_endpoints(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, key) = db.user_with_key("ada@example.com", "pro");
+    // Bob's call must not show in Ada's figures.
+    let (_bob, bob_key) = db.user_with_key("bob@example.com", "pro");
+    let server = db.start(&[("USAGE_FLUSH_INTERVAL_MS", "100")]);
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        client
+            .get(server.url("/api/v1/ping"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+    }
+    client
+        .get(server.url("/api/v1/nope"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(server.url("/api/v1/ping"))
+        .bearer_auth(&bob_key)
+        .send()
+        .await
+        .unwrap();
+    common::eventually(
+        "calls written",
+        std::time::Duration::from_secs(20),
+        async || server.metric("usage_tracker_events_flushed_total").await == 5.0,
+    )
+    .await;
+    let token = db.create(&["token", "--user", &ada]);
+    let get = |path: &str| client.get(server.url(path)).bearer_auth(&token).send();
+
+    let history: Value = get("/api/usage/history?days=3")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["days"], 3);
+    let items = history["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "one item per day, zero-filled");
+    let today = OffsetDateTime::now_utc().date();
+    assert_eq!(
+        items[2]["date"],
+        today.to_string(),
+        "oldest first, today last"
+    );
+    assert_eq!(
+        (
+            items[2]["api_calls"].as_u64(),
+            items[2]["error_calls"].as_u64()
+        ),
+        (Some(4), Some(1))
+    );
+    assert_eq!(
+        (
+            items[0]["api_calls"].as_u64(),
+            items[1]["api_calls"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    let default: Value = get("/api/usage/history")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(default["items"].as_array().unwrap().len(), 30);
+
+    let endpoints: Value = get("/api/usage/endpoints")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(endpoints["days"], 7);
+    let items = endpoints["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "only ada's routes: {endpoints}");
+    assert_eq!(
+        (items[0]["endpoint"].as_str(), items[0]["method"].as_str()),
+        (Some("/api/v1/ping"), Some("GET"))
+    );
+    assert_eq!(
+        (items[0]["calls"].as_u64(), items[0]["error_calls"].as_u64()),
+        (Some(3), Some(0))
+    );
+    assert_eq!(
+        (
+            items[1]["endpoint"].as_str(),
+            items[1]["error_calls"].as_u64()
+        ),
+        (Some("<unmatched>"), Some(1))
+    );
+    assert!(items[0]["avg_response_time_ms"].is_number());
+
+    for (path, expected) in [
+        (
+            "/api/usage/history?days=0",
+            "days must be a whole number from 1 to 365",
+        ),
+        (
+            "/api/usage/history?days=366",
+            "days must be a whole number from 1 to 365",
+        ),
+        (
+            "/api/usage/history?days=abc",
+            "days must be a whole number from 1 to 365",
+        ),
+        (
+            "/api/usage/history?days=-5",
+            "days must be a whole number from 1 to 365",
+        ),
+        (
+            "/api/usage/endpoints?days=91",
+            "days must be a whole number from 1 to 90",
+        ),
+        (
+            "/api/usage/endpoints?days=99999999999999999999",
+            "days must be a whole number from 1 to 90",
+        ),
+    ] {
+        let res = get(path).await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_parameter");
+        assert!(
+            body["message"].as_str().unwrap().starts_with(expected),
+            "{path}: {body}"
+        );
+    }
+    assert!(server.stop().0.success());
+}
+
 mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_and_endpoints() {
+        super::history_and_endpoints(super::Backend::Sqlite).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overage_shows_accrued_and_invoiced() {
         super::overage_shows_accrued_and_invoiced(super::Backend::Sqlite).await;
@@ -514,6 +655,10 @@ mod sqlite {
 }
 
 mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_and_endpoints() {
+        super::history_and_endpoints(super::Backend::Postgres).await;
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overage_shows_accrued_and_invoiced() {
         super::overage_shows_accrued_and_invoiced(super::Backend::Postgres).await;

@@ -20,7 +20,7 @@ pub struct AggregationReport {
     pub users: u64,
 }
 
-time::serde::format_description!(date_format, Date, "[year]-[month]-[day]");
+time::serde::format_description!(pub(crate) date_format, Date, "[year]-[month]-[day]");
 
 /// Parses `YYYY-MM-DD`, naming the parameter in the error.
 pub fn parse_day(raw: &str) -> Result<Date, AnalyticsError> {

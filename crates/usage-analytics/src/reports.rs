@@ -1,15 +1,71 @@
 //! The figures a customer sees about their own usage.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
-use time::OffsetDateTime;
+use time::{Date, Duration, OffsetDateTime};
 use usage_core::quota::QuotaBook;
 use usage_core::repo::{
-    ChargeStatus, OverageChargeRepository, UsageRepository, User, UserRepository,
+    ChargeStatus, DailyUsageRepository, OverageChargeRepository, UsageRepository, User,
+    UserRepository,
 };
 use usage_core::{BillingPeriod, Cents, Clock, RepoError, Store, UserId};
+
+/// Longest history window, in days.
+pub const MAX_HISTORY_DAYS: u32 = 365;
+/// Longest endpoint-statistics window, in days.
+pub const MAX_ENDPOINT_DAYS: u32 = 90;
+
+/// Parses a `days` parameter in `1..=max`, naming it and its range in the error.
+pub fn parse_days(raw: Option<&str>, default: u32, max: u32) -> Result<u32, AnalyticsError> {
+    let Some(raw) = raw else { return Ok(default) };
+    raw.parse::<u32>()
+        .ok()
+        .filter(|d| (1..=max).contains(d))
+        .ok_or_else(|| AnalyticsError::InvalidParameter {
+            name: "days",
+            message: format!("days must be a whole number from 1 to {max} (got {raw:?})"),
+        })
+}
+
+/// One day of `GET /api/usage/history`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryDay {
+    /// The UTC day.
+    #[serde(with = "crate::daily::date_format")]
+    pub date: Date,
+    /// Calls that day.
+    pub api_calls: u64,
+    /// Calls answered with status >= 400.
+    pub error_calls: u64,
+    /// Mean response time (0 without calls).
+    pub avg_response_time_ms: f64,
+}
+
+/// One route of `GET /api/usage/endpoints`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointUsage {
+    /// Route pattern.
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Calls.
+    pub calls: u64,
+    /// Calls answered with status >= 400.
+    pub error_calls: u64,
+    /// Mean response time.
+    pub avg_response_time_ms: f64,
+}
+
+fn mean(total_ms: u64, calls: u64) -> f64 {
+    if calls == 0 {
+        0.0
+    } else {
+        (total_ms as f64 / calls as f64 * 100.0).round() / 100.0
+    }
+}
 
 /// `$12.34` from cents.
 fn dollars(amount: Cents) -> String {
@@ -43,6 +99,7 @@ pub enum AnalyticsError {
 pub struct UsageReports {
     users: Arc<dyn UserRepository>,
     usage: Arc<dyn UsageRepository>,
+    daily: Arc<dyn DailyUsageRepository>,
     charges: Arc<dyn OverageChargeRepository>,
     quota: Arc<QuotaBook>,
     clock: Arc<dyn Clock>,
@@ -75,6 +132,7 @@ impl UsageReports {
         Self {
             users: store.clone(),
             usage: store.clone(),
+            daily: store.clone(),
             charges: store,
             quota,
             clock,
@@ -128,6 +186,91 @@ impl UsageReports {
             invoiced_cents: Cents(invoiced_cents),
             message,
         })
+    }
+
+    /// `GET /api/usage/history`: one row per UTC day of the last `days` (today included),
+    /// oldest first, zero-filled. Past days come from the daily aggregate, today from the
+    /// raw events.
+    pub async fn history(
+        &self,
+        user_id: &UserId,
+        days: u32,
+    ) -> Result<Vec<HistoryDay>, AnalyticsError> {
+        let now = self.clock.now();
+        let today = now.date();
+        let first = today - Duration::days(i64::from(days) - 1);
+        let mut stored: HashMap<Date, HistoryDay> = self
+            .daily
+            .daily_usage(user_id, first, today - Duration::days(1))
+            .await?
+            .into_iter()
+            .map(|d| {
+                let day = HistoryDay {
+                    date: d.date,
+                    api_calls: d.api_calls,
+                    error_calls: d.error_calls,
+                    avg_response_time_ms: mean(d.total_response_time_ms, d.api_calls),
+                };
+                (d.date, day)
+            })
+            .collect();
+        let live = self
+            .usage
+            .endpoint_stats(
+                user_id,
+                today.midnight().assume_utc(),
+                now + Duration::seconds(1),
+            )
+            .await?;
+        let (calls, errors, total) = live.iter().fold((0, 0, 0), |(c, e, t), s| {
+            (c + s.calls, e + s.error_calls, t + s.total_response_time_ms)
+        });
+        stored.insert(
+            today,
+            HistoryDay {
+                date: today,
+                api_calls: calls,
+                error_calls: errors,
+                avg_response_time_ms: mean(total, calls),
+            },
+        );
+        Ok((0..i64::from(days))
+            .map(|i| first + Duration::days(i))
+            .map(|date| {
+                stored.remove(&date).unwrap_or(HistoryDay {
+                    date,
+                    api_calls: 0,
+                    error_calls: 0,
+                    avg_response_time_ms: 0.0,
+                })
+            })
+            .collect())
+    }
+
+    /// `GET /api/usage/endpoints`: calls per route pattern and method over the last `days`
+    /// UTC days (today included), most calls first.
+    pub async fn endpoints(
+        &self,
+        user_id: &UserId,
+        days: u32,
+    ) -> Result<Vec<EndpointUsage>, AnalyticsError> {
+        let now = self.clock.now();
+        let from = (now.date() - Duration::days(i64::from(days) - 1))
+            .midnight()
+            .assume_utc();
+        Ok(self
+            .usage
+            .endpoint_stats(user_id, from, now + Duration::seconds(1))
+            .await?
+            .into_iter()
+            .map(|s| EndpointUsage {
+                avg_response_time_ms: mean(s.total_response_time_ms, s.calls),
+                endpoint: s.endpoint,
+                method: s.method,
+                calls: s.calls,
+                error_calls: s.error_calls,
+            })
+            .collect())
     }
 
     /// `GET /api/usage/current` for `user_id`.
@@ -209,5 +352,118 @@ mod tests {
             reports.current(&UserId::generate()).await,
             Err(AnalyticsError::UnknownUser(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn history_is_zero_filled_across_a_month_end_and_endpoints_are_ranked() {
+        use usage_core::repo::{
+            ApiKeyRecord, ApiKeyRepository, DailyUsageRepository, IncludedCalls, UsageRepository,
+        };
+        use usage_core::{ApiKeyId, UsageEvent};
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-12-02 15:00 UTC)));
+        let user = User {
+            id: UserId::generate(),
+            email: "ada@example.com".into(),
+            plan: Plan::Pro,
+            stripe_customer_id: None,
+            created_at: datetime!(2026-11-01 00:00 UTC),
+        };
+        store.create_user(&user).await.unwrap();
+        let key = ApiKeyRecord {
+            id: ApiKeyId::generate(),
+            user_id: user.id.clone(),
+            name: "k".into(),
+            prefix: "eco_live_x".into(),
+            key_hash: "0".repeat(64),
+            created_at: user.created_at,
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        store.create_api_key(&key).await.unwrap();
+        let event = |at, endpoint: &str, status, ms| UsageEvent {
+            event_id: usage_core::event::new_event_id(at),
+            user_id: user.id.clone(),
+            api_key_id: key.id.clone(),
+            endpoint: endpoint.into(),
+            method: "GET".into(),
+            status_code: status,
+            response_time_ms: ms,
+            created_at: at,
+        };
+        let events = vec![
+            event(datetime!(2026-11-30 23:59:59.999 UTC), "/a", 200, 10),
+            event(datetime!(2026-11-30 12:00 UTC), "/a", 500, 20),
+            event(datetime!(2026-12-02 09:00 UTC), "/b", 200, 4),
+            event(datetime!(2026-12-02 10:00 UTC), "/b", 200, 6),
+            event(datetime!(2026-12-02 11:00 UTC), "/a", 404, 2),
+        ];
+        store
+            .record_usage(&events, &IncludedCalls::new())
+            .await
+            .unwrap();
+        store
+            .aggregate_usage_day(datetime!(2026-11-30 00:00 UTC).date(), clock.now())
+            .await
+            .unwrap();
+        let quota = Arc::new(QuotaBook::new(
+            store.clone(),
+            PlanCatalog::default(),
+            clock.clone(),
+        ));
+        let reports = UsageReports::new(store, quota, clock);
+
+        let history = reports.history(&user.id, 4).await.unwrap();
+        let rows: Vec<(String, u64, u64, f64)> = history
+            .iter()
+            .map(|d| {
+                (
+                    d.date.to_string(),
+                    d.api_calls,
+                    d.error_calls,
+                    d.avg_response_time_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("2026-11-29".into(), 0, 0, 0.0),
+                ("2026-11-30".into(), 2, 1, 15.0),
+                ("2026-12-01".into(), 0, 0, 0.0),
+                ("2026-12-02".into(), 3, 1, 4.0),
+            ]
+        );
+        let endpoints = reports.endpoints(&user.id, 1).await.unwrap();
+        let ranked: Vec<(&str, u64, u64, f64)> = endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.endpoint.as_str(),
+                    e.calls,
+                    e.error_calls,
+                    e.avg_response_time_ms,
+                )
+            })
+            .collect();
+        assert_eq!(ranked, vec![("/b", 2, 0, 5.0), ("/a", 1, 1, 2.0)]);
+        assert_eq!(
+            reports.endpoints(&user.id, 3).await.unwrap()[0].calls,
+            3,
+            "/a over 3 days"
+        );
+
+        assert_eq!(parse_days(None, 30, MAX_HISTORY_DAYS).unwrap(), 30);
+        assert_eq!(parse_days(Some("365"), 30, MAX_HISTORY_DAYS).unwrap(), 365);
+        for bad in ["0", "366", "-1", "abc", "1.5", ""] {
+            let err = parse_days(Some(bad), 30, MAX_HISTORY_DAYS)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("days must be a whole number from 1 to 365"),
+                "{bad}: {err}"
+            );
+        }
     }
 }
