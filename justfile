@@ -49,3 +49,7 @@ ci:
 # Hot-path benchmark: bare route vs full middleware (BACKEND: sqlite or postgres)
 bench-hot-path BACKEND="sqlite":
     bash scripts/bench-hot-path.sh {{BACKEND}}
+
+# Analytics at scale on PostgreSQL (USERS=10000 ROWS=10000000 by default)
+bench-analytics:
+    bash scripts/bench-analytics.sh

@@ -14,12 +14,8 @@ duration=${BENCH_DURATION:-10s}
 connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-1}
 rounds=${BENCH_ROUNDS:-3}
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-
-if ! command -v wrk >/dev/null 2>&1; then
-  echo "== installing wrk"
-  as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq wrk >/dev/null
-fi
+source scripts/lib.sh
+ensure_wrk
 cargo build --release -q -p usage-server
 bin=$PWD/target/release/usage-server
 work=$(mktemp -d /tmp/usage-bench.XXXXXX)
@@ -27,29 +23,17 @@ chmod 755 "$work"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  if [ -n "${pg_ctl:-}" ]; then $pg_run "$pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
+  stop_throwaway_postgres
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 case "$backend" in
   sqlite)
     export DATABASE_URL="sqlite://$work/usage.db"
     ;;
   postgres)
-    bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-    [ -x "$bindir/initdb" ] || { echo "PostgreSQL server binaries not found: apt-get install postgresql" >&2; exit 1; }
-    pg_ctl=$bindir/pg_ctl
-    pg_run=""
-    if [ "$(id -u)" -eq 0 ]; then pg_run="runuser -u postgres --"; fi
-    mkdir -p "$work/pg" && [ -z "$pg_run" ] || chown postgres "$work/pg"
-    $pg_run "$bindir/initdb" -D "$work/pg" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-    pg_port=$(free_port)
-    $pg_run "$pg_ctl" -D "$work/pg" -l "$work/pg/log" -w \
-      -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null
-    export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+    start_throwaway_postgres "$work/pg"
     ;;
   *) echo "usage: $0 [sqlite|postgres]" >&2; exit 2 ;;
 esac
@@ -70,9 +54,6 @@ start_server() { # $1: log file, rest: extra args; sets $port and $server_pid
 }
 stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; }
 
-to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s
-  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
-}
 run_wrk() { # $1: port, $2: out file, rest: wrk header args
   wrk -t"$threads" -c"$connections" -d2s "${@:3}" "http://127.0.0.1:$1/api/v1/ping" >/dev/null  # warm-up
   wrk -t"$threads" -c"$connections" -d"$duration" --latency "${@:3}" "http://127.0.0.1:$1/api/v1/ping" >"$2"

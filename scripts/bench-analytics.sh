@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Analytics at scale on PostgreSQL: loads USERS users and ROWS usage rows spread over the
+# last 30 days into a throwaway PostgreSQL, times the daily aggregation of each past day,
+# then loads each user endpoint with wrk (rotating over 100 users' tokens) and prints
+# requests/s, p50 and p99.
+#
+# usage: scripts/bench-analytics.sh      env: USERS (10000), ROWS (10000000), BENCH_DURATION (10s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+users=${USERS:-10000}
+rows=${ROWS:-10000000}
+duration=${BENCH_DURATION:-10s}
+ensure_wrk
+cargo build --release -q -p usage-server
+bin=$PWD/target/release/usage-server
+work=$(mktemp -d /tmp/usage-bench-analytics.XXXXXX)
+chmod 755 "$work"
+server_pid=""
+cleanup() {
+  [ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true
+  stop_throwaway_postgres
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+start_throwaway_postgres "$work/pg"
+export JWT_SECRET=bench-secret-bench-secret-bench-secret-0123 RUST_LOG=warn DAILY_AGGREGATION=false
+"$bin" migrate 2>/dev/null
+
+echo "== loading $users users and $rows usage rows over 30 days"
+started=$(date +%s)
+"${psql_cmd[@]}" <<SQL
+INSERT INTO eco_users (id, email, plan, created_at)
+SELECT 'eco_usr_bench' || lpad(i::text, 6, '0'), 'user' || i || '@bench.example',
+       CASE WHEN i % 20 = 0 THEN 'enterprise' WHEN i % 3 = 0 THEN 'pro' ELSE 'free' END,
+       now() - interval '60 days'
+FROM generate_series(1, $users) i;
+INSERT INTO eco_api_keys (id, user_id, name, prefix, key_hash, created_at)
+SELECT 'eco_key_bench' || lpad(i::text, 6, '0'), 'eco_usr_bench' || lpad(i::text, 6, '0'),
+       'bench', 'eco_live_bnch', md5(i::text) || md5((i + 1)::text), now() - interval '60 days'
+FROM generate_series(1, $users) i;
+-- Bulk load without the indexes, then build them.
+ALTER TABLE eco_api_usage DROP CONSTRAINT eco_api_usage_event_id_key;
+DROP INDEX eco_api_usage_user_time_idx;
+DROP INDEX eco_api_usage_time_idx;
+INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method, status_code,
+                           response_time_ms, created_at)
+SELECT gen_random_uuid(),
+       'eco_usr_bench' || lpad((1 + i % $users)::text, 6, '0'),
+       'eco_key_bench' || lpad((1 + i % $users)::text, 6, '0'),
+       (ARRAY['/api/v1/ping', '/api/v1/items', '/api/v1/items/{id}', '/api/v1/search',
+              '/api/v1/orders'])[1 + (i / 7) % 5],
+       CASE WHEN i % 3 = 0 THEN 'POST' ELSE 'GET' END,
+       CASE WHEN i % 50 = 0 THEN 500 WHEN i % 40 = 0 THEN 404 ELSE 200 END,
+       1 + i % 97,
+       date_trunc('day', now()) - interval '29 days'
+         + (i::double precision / $rows) * (now() - (date_trunc('day', now()) - interval '29 days'))
+FROM generate_series(1, $rows) i;
+ALTER TABLE eco_api_usage ADD CONSTRAINT eco_api_usage_event_id_key UNIQUE (event_id);
+CREATE INDEX eco_api_usage_user_time_idx ON eco_api_usage (user_id, created_at);
+CREATE INDEX eco_api_usage_time_idx ON eco_api_usage (created_at);
+INSERT INTO eco_usage_records (user_id, period_start, period_end, api_calls, updated_at)
+SELECT user_id, date_trunc('month', now(), 'UTC'),
+       date_trunc('month', now(), 'UTC') + interval '1 month', count(*), now()
+FROM eco_api_usage WHERE created_at >= date_trunc('month', now(), 'UTC')
+GROUP BY user_id;
+ANALYZE;
+SQL
+echo "loaded in $(( $(date +%s) - started )) s"
+
+echo "== daily aggregation, each of the 29 past days"
+: >"$work/agg"
+for back in $(seq 29 -1 1); do
+  day=$(date -u -d "-$back day" +%F)
+  t0=$(date +%s.%N)
+  "$bin" aggregate --date "$day" >"$work/agg-out"
+  t1=$(date +%s.%N)
+  echo "$day $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }') $(cat "$work/agg-out")" >>"$work/agg"
+done
+rows_per_day=$("${psql_cmd[@]}" -c "SELECT count(*) FROM eco_api_usage WHERE created_at >= date_trunc('day', now()) - interval '1 day' AND created_at < date_trunc('day', now())")
+awk '{ print $2 }' "$work/agg" | sort -g | awk -v r="$rows_per_day" '{ v[NR] = $1 } END {
+  printf "one day (%d rows): min %.2f s, median %.2f s, max %.2f s (CLI process included)\n", r, v[1], v[int((NR + 1) / 2)], v[NR] }'
+
+echo "== user endpoints under load (wrk -t1 -c8 -d$duration, 100 users' tokens in turn)"
+for i in $(seq 1 100); do
+  "$bin" token --user "eco_usr_bench$(printf '%06d' $((i * 97 % users + 1)))" --ttl-secs 3600
+done >"$work/tokens"
+cat >"$work/rotate.lua" <<'LUA'
+local tokens = {}
+for line in io.lines(os.getenv("TOKENS_FILE")) do tokens[#tokens + 1] = line end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", nil, { ["Authorization"] = "Bearer " .. tokens[n % #tokens + 1] })
+end
+LUA
+port=$(free_port)
+"$bin" serve --bind "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+printf '%-32s %12s %10s %10s %8s\n' endpoint "requests/s" "p50 ms" "p99 ms" non-2xx
+for path in /api/usage/current "/api/usage/history?days=30" "/api/usage/endpoints?days=7" /api/usage/overage; do
+  TOKENS_FILE=$work/tokens wrk -t1 -c8 -d2s -s "$work/rotate.lua" "http://127.0.0.1:$port$path" >/dev/null
+  TOKENS_FILE=$work/tokens wrk -t1 -c8 -d"$duration" --latency -s "$work/rotate.lua" \
+    "http://127.0.0.1:$port$path" >"$work/wrk.txt"
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.txt")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")")
+  non2xx=$(awk '/Non-2xx/ {print $5}' "$work/wrk.txt")
+  printf '%-32s %12.0f %10.3f %10.3f %8s\n' "$path" "$rps" "$p50" "$p99" "${non2xx:-0}"
+done
