@@ -66,7 +66,7 @@ SELECT user_id, date_trunc('month', now(), 'UTC'),
        date_trunc('month', now(), 'UTC') + interval '1 month', count(*), now()
 FROM eco_api_usage WHERE created_at >= date_trunc('month', now(), 'UTC')
 GROUP BY user_id;
-ANALYZE;
+VACUUM (ANALYZE);
 SQL
 echo "loaded in $(( $(date +%s) - started )) s"
 
