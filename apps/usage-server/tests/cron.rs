@@ -1,11 +1,10 @@
 //! The daily aggregation through the cron endpoint and the CLI, on both backends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
-use std::time::Duration;
-
-use common::{Backend, Db, eventually};
+use common::{Backend, Db};
 use serde_json::Value;
 use time::OffsetDateTime;
 use usage_core::UserId;
@@ -17,18 +16,10 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
     let server = db.start(&[("CRON_SECRET", secret), ("USAGE_FLUSH_INTERVAL_MS", "100")]);
     let client = reqwest::Client::new();
     for _ in 0..4 {
-        let res = client
-            .get(server.url("/api/v1/ping"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let res = server.ping(&key).await;
         assert_eq!(res.status(), 200);
     }
-    eventually("the calls written", Duration::from_secs(20), async || {
-        server.metric("usage_tracker_events_flushed_total").await == 4.0
-    })
-    .await;
+    server.wait_flushed(4).await;
 
     let today = OffsetDateTime::now_utc().date();
     let url = |q: &str| server.url(&format!("/api/cron/aggregate-daily{q}"));
@@ -117,16 +108,4 @@ async fn without_a_cron_secret_the_endpoint_does_not_exist() {
     assert!(server.stop().0.success());
 }
 
-mod sqlite {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn aggregates_through_the_cron_endpoint_and_the_cli() {
-        super::aggregates_through_the_cron_endpoint_and_the_cli(super::Backend::Sqlite).await;
-    }
-}
-
-mod postgres {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn aggregates_through_the_cron_endpoint_and_the_cli() {
-        super::aggregates_through_the_cron_endpoint_and_the_cli(super::Backend::Postgres).await;
-    }
-}
+on_both_backends!(aggregates_through_the_cron_endpoint_and_the_cli,);

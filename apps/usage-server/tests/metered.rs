@@ -4,6 +4,7 @@
 //! exactly once, in `eco_api_usage` and in the period counter.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -11,28 +12,6 @@ use std::time::Duration;
 use common::{Backend, Db, eventually};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-/// Expands one async scenario into a test per backend.
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     free_limit_is_exact_under_concurrency_and_all_is_written_at_shutdown,
@@ -42,15 +21,6 @@ on_both_backends!(
     a_restart_keeps_the_counts,
     a_database_refusing_writes_loses_nothing,
 );
-
-async fn ping(client: &reqwest::Client, server: &common::Server, key: &str) -> reqwest::Response {
-    client
-        .get(server.url("/api/v1/ping"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-}
 
 fn header(res: &reqwest::Response, name: &str) -> Option<String> {
     res.headers()
@@ -123,9 +93,8 @@ async fn quota_headers_and_the_429_body(backend: Backend) {
     let db = Db::new(backend);
     let (_, key) = db.user_with_key("free@example.com", "free");
     let server = db.start(&[("FREE_MONTHLY_CALLS", "2")]);
-    let client = reqwest::Client::new();
 
-    let first = ping(&client, &server, &key).await;
+    let first = server.ping(&key).await;
     assert_eq!(first.status(), 200);
     assert_eq!(header(&first, "x-ratelimit-limit").as_deref(), Some("2"));
     assert_eq!(
@@ -144,10 +113,10 @@ async fn quota_headers_and_the_429_body(backend: Backend) {
     assert!(body["key_id"].as_str().unwrap().starts_with("eco_key_"));
 
     assert_eq!(
-        header(&ping(&client, &server, &key).await, "x-ratelimit-remaining").as_deref(),
+        header(&server.ping(&key).await, "x-ratelimit-remaining").as_deref(),
         Some("0")
     );
-    let over = ping(&client, &server, &key).await;
+    let over = server.ping(&key).await;
     assert_eq!(over.status(), 429);
     assert_eq!(header(&over, "x-ratelimit-remaining").as_deref(), Some("0"));
     let retry_after: i64 = header(&over, "retry-after").unwrap().parse().unwrap();
@@ -182,9 +151,8 @@ async fn pro_overage_is_counted_and_enterprise_has_no_quota_headers(backend: Bac
         ("PRO_MONTHLY_CALLS", "3"),
         ("USAGE_FLUSH_INTERVAL_MS", "100"),
     ]);
-    let client = reqwest::Client::new();
     for expected_remaining in ["2", "1", "0", "0", "0"] {
-        let res = ping(&client, &server, &pro_key).await;
+        let res = server.ping(&pro_key).await;
         assert_eq!(res.status(), 200, "pro is never blocked");
         assert_eq!(
             header(&res, "x-ratelimit-remaining").as_deref(),
@@ -192,7 +160,7 @@ async fn pro_overage_is_counted_and_enterprise_has_no_quota_headers(backend: Bac
         );
     }
     for _ in 0..3 {
-        let res = ping(&client, &server, &ent_key).await;
+        let res = server.ping(&ent_key).await;
         assert_eq!(res.status(), 200);
         for name in [
             "x-ratelimit-limit",
@@ -203,10 +171,7 @@ async fn pro_overage_is_counted_and_enterprise_has_no_quota_headers(backend: Bac
         }
     }
     // Written by the flush interval, before shutdown.
-    eventually("8 events flushed", Duration::from_secs(20), async || {
-        server.metric("usage_tracker_events_flushed_total").await == 8.0
-    })
-    .await;
+    server.wait_flushed(8).await;
     assert_eq!(db.stored(&pro).await, (5, 5, 2));
     assert_eq!(db.stored(&ent).await, (3, 3, 0));
     assert!(server.stop().0.success());
@@ -221,7 +186,7 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
         ("KEY_REVOCATION_POLL_MS", "200"),
     ]);
     let client = reqwest::Client::new();
-    assert_eq!(ping(&client, &server, &key).await.status(), 200);
+    assert_eq!(server.ping(&key).await.status(), 200);
 
     // Routing errors under the metered scope are JSON too.
     let wrong_method = client
@@ -252,15 +217,12 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
     };
     unauthorized(client.get(server.url("/api/v1/ping")).send().await.unwrap()).await;
     unauthorized(
-        ping(
-            &client,
-            &server,
-            &usage_auth::keys::generate_api_key().plaintext,
-        )
-        .await,
+        server
+            .ping(&usage_auth::keys::generate_api_key().plaintext)
+            .await,
     )
     .await;
-    unauthorized(ping(&client, &server, "not-a-key").await).await;
+    unauthorized(server.ping("not-a-key").await).await;
     let basic = client
         .get(server.url("/api/v1/ping"))
         .basic_auth("u", Some(&key))
@@ -291,7 +253,7 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
     eventually(
         "the revoked key is refused",
         Duration::from_secs(10),
-        async || match ping(&client, &server, &key).await.status() {
+        async || match server.ping(&key).await.status() {
             StatusCode::OK => {
                 admitted += 1;
                 false
@@ -300,11 +262,7 @@ async fn missing_unknown_and_revoked_keys_get_401(backend: Backend) {
         },
     )
     .await;
-    assert_eq!(
-        ping(&client, &server, &key).await.status(),
-        401,
-        "and stays refused"
-    );
+    assert_eq!(server.ping(&key).await.status(), 401, "and stays refused");
     let (status, _) = server.stop();
     assert!(status.success());
     assert_eq!(
@@ -321,18 +279,17 @@ async fn a_restart_keeps_the_counts(backend: Backend) {
         ("FREE_MONTHLY_CALLS", "10"),
         ("USAGE_FLUSH_INTERVAL_MS", "3600000"),
     ];
-    let client = reqwest::Client::new();
 
     let server = db.start(&env);
     for _ in 0..6 {
-        assert_eq!(ping(&client, &server, &key).await.status(), 200);
+        assert_eq!(server.ping(&key).await.status(), 200);
     }
     assert!(server.stop().0.success());
 
     let server = db.start(&env);
     let mut admitted = 0;
     loop {
-        match ping(&client, &server, &key).await.status() {
+        match server.ping(&key).await.status() {
             StatusCode::OK => admitted += 1,
             StatusCode::TOO_MANY_REQUESTS => break,
             other => panic!("unexpected {other}"),
@@ -390,10 +347,9 @@ async fn a_database_refusing_writes_loses_nothing(backend: Backend) {
         ("USAGE_RETRY_MAX_MS", "200"),
     ]);
     refuse_usage_writes(&db, true);
-    let client = reqwest::Client::new();
     for _ in 0..CALLS {
         assert_eq!(
-            ping(&client, &server, &key).await.status(),
+            server.ping(&key).await.status(),
             200,
             "calls go on from memory"
         );
@@ -409,12 +365,7 @@ async fn a_database_refusing_writes_loses_nothing(backend: Backend) {
     );
 
     refuse_usage_writes(&db, false);
-    eventually(
-        "every call written once the database is back",
-        Duration::from_secs(30),
-        async || server.metric("usage_tracker_events_flushed_total").await == CALLS as f64,
-    )
-    .await;
+    server.wait_flushed(CALLS as u64).await;
     assert!(server.stop().0.success());
     assert_eq!(db.stored(&user).await, (CALLS as u64, CALLS as u64, 0));
 }
@@ -427,9 +378,8 @@ async fn the_short_window_limit_is_configured_per_plan() {
         ("RATE_LIMIT_PRO_PER_SEC", "1"),
         ("RATE_LIMIT_PRO_BURST", "2"),
     ]);
-    let client = reqwest::Client::new();
     for remaining in ["1", "0"] {
-        let res = ping(&client, &server, &key).await;
+        let res = server.ping(&key).await;
         assert_eq!(res.status(), 200);
         assert_eq!(
             header(&res, "x-ratelimit-burst-limit").as_deref(),
@@ -440,7 +390,7 @@ async fn the_short_window_limit_is_configured_per_plan() {
             Some(remaining)
         );
     }
-    let limited = ping(&client, &server, &key).await;
+    let limited = server.ping(&key).await;
     assert_eq!(limited.status(), 429);
     assert!(header(&limited, "retry-after").is_some());
     assert_eq!(

@@ -1,6 +1,7 @@
 //! The customer's endpoints (user JWT) against the real server on both backends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::{Backend, Db, SECRET};
@@ -29,12 +30,7 @@ async fn current_usage_counts_calls_not_yet_written(backend: Backend) {
     ]);
     let client = reqwest::Client::new();
     for _ in 0..5 {
-        let res = client
-            .get(server.url("/api/v1/ping"))
-            .bearer_auth(&pro_key)
-            .send()
-            .await
-            .unwrap();
+        let res = server.ping(&pro_key).await;
         assert_eq!(res.status(), 200);
     }
     // A token minted by the CLI, as a user would get one.
@@ -423,20 +419,10 @@ async fn overage_shows_accrued_and_invoiced(backend: Backend) {
     ]);
     let client = reqwest::Client::new();
     for _ in 0..8 {
-        let res = client
-            .get(server.url("/api/v1/ping"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let res = server.ping(&key).await;
         assert_eq!(res.status(), 200);
     }
-    common::eventually(
-        "calls written",
-        std::time::Duration::from_secs(20),
-        async || server.metric("usage_tracker_events_flushed_total").await == 8.0,
-    )
-    .await;
+    server.wait_flushed(8).await;
     // Bill the first 4 overage calls, as the billing run will.
     let store = db.store().await;
     let user_id = UserId::parse(&pro).unwrap();
@@ -517,12 +503,7 @@ async fn history_and_endpoints(backend: Backend) {
         .send()
         .await
         .unwrap();
-    common::eventually(
-        "calls written",
-        std::time::Duration::from_secs(20),
-        async || server.metric("usage_tracker_events_flushed_total").await == 5.0,
-    )
-    .await;
+    server.wait_flushed(5).await;
     let token = db.create(&["token", "--user", &ada]);
     let get = |path: &str| client.get(server.url(path)).bearer_auth(&token).send();
 
@@ -627,56 +608,11 @@ async fn history_and_endpoints(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
-mod sqlite {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn history_and_endpoints() {
-        super::history_and_endpoints(super::Backend::Sqlite).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn overage_shows_accrued_and_invoiced() {
-        super::overage_shows_accrued_and_invoiced(super::Backend::Sqlite).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_caller_manages_their_own_keys() {
-        super::the_caller_manages_their_own_keys(super::Backend::Sqlite).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn key_requests_are_validated() {
-        super::key_requests_are_validated(super::Backend::Sqlite).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn current_usage_counts_calls_not_yet_written() {
-        super::current_usage_counts_calls_not_yet_written(super::Backend::Sqlite).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_bad_token_gets_401() {
-        super::every_bad_token_gets_401(super::Backend::Sqlite).await;
-    }
-}
-
-mod postgres {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn history_and_endpoints() {
-        super::history_and_endpoints(super::Backend::Postgres).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn overage_shows_accrued_and_invoiced() {
-        super::overage_shows_accrued_and_invoiced(super::Backend::Postgres).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_caller_manages_their_own_keys() {
-        super::the_caller_manages_their_own_keys(super::Backend::Postgres).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn key_requests_are_validated() {
-        super::key_requests_are_validated(super::Backend::Postgres).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn current_usage_counts_calls_not_yet_written() {
-        super::current_usage_counts_calls_not_yet_written(super::Backend::Postgres).await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_bad_token_gets_401() {
-        super::every_bad_token_gets_401(super::Backend::Postgres).await;
-    }
-}
+on_both_backends!(
+    current_usage_counts_calls_not_yet_written,
+    every_bad_token_gets_401,
+    history_and_endpoints,
+    key_requests_are_validated,
+    overage_shows_accrued_and_invoiced,
+    the_caller_manages_their_own_keys,
+);

@@ -1,6 +1,6 @@
 //! What the server's integration tests share: a database of either backend, the CLI,
 //! and a server process on a kernel-chosen port.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,6 +10,28 @@ use std::time::{Duration, Instant};
 
 use usage_core::{BillingPeriod, Store, UserId};
 use usage_store::PoolOptions;
+
+/// Expands async scenarios `fn(Backend)` into one test per scenario and backend.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_usage-server");
 pub const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
@@ -201,6 +223,26 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// One metered call to the sample route with `key`.
+    pub async fn ping(&self, key: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(self.url("/api/v1/ping"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until the tracker has written `events` events in all.
+    pub async fn wait_flushed(&self, events: u64) {
+        eventually(
+            &format!("{events} events written"),
+            Duration::from_secs(30),
+            async || self.metric("usage_tracker_events_flushed_total").await == events as f64,
+        )
+        .await;
     }
 
     /// SIGTERM, then wait for a clean exit.
