@@ -176,6 +176,13 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_unmetered: bool,
 
+    /// Tests and demos only: run as if the clock read this RFC 3339 instant at start (the
+    /// server then lives on another day, e.g. across a month boundary). User tokens are
+    /// still minted and checked on the real clock.
+    #[arg(long, env = "USAGE_CLOCK_START", hide = true, global = true,
+          value_parser = parse_rfc3339)]
+    pub clock_start: Option<time::OffsetDateTime>,
+
     /// Secret for the cron endpoints (`Authorization: Bearer <secret>`); unset, they
     /// answer 404.
     #[arg(long, env = "CRON_SECRET", hide_env_values = true, global = true)]
@@ -297,6 +304,14 @@ fn parse_user_id(s: &str) -> Result<UserId, String> {
 
 fn parse_key_id(s: &str) -> Result<ApiKeyId, String> {
     ApiKeyId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_rfc3339(value: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.to_offset(time::UtcOffset::UTC))
+        .map_err(|_| {
+            format!("expected an RFC 3339 instant like 2026-12-01T00:00:00Z, got {value:?}")
+        })
 }
 
 #[cfg(test)]

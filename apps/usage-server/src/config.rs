@@ -4,6 +4,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use usage_auth::jwt::JwtConfig;
@@ -11,7 +12,7 @@ use usage_auth::verify::KeyCacheConfig;
 use usage_core::plan::{OverLimit, PlanTerms};
 use usage_core::rate::{PlanRateLimits, RateLimit};
 use usage_core::tracker::TrackerConfig;
-use usage_core::{Cents, MicroUsd, PlanCatalog};
+use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, SystemClock};
 use usage_store::{DatabaseUrl, PoolOptions};
 
 use crate::ServerError;
@@ -45,6 +46,8 @@ pub struct Config {
     pub cron_secret: Option<String>,
     /// Whether the server runs the daily aggregation itself.
     pub daily_aggregation: bool,
+    /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
+    pub clock_start: Option<time::OffsetDateTime>,
     jwt_secret: Option<String>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
@@ -114,9 +117,18 @@ impl Config {
             bench_unmetered: options.bench_unmetered,
             cron_secret: options.cron_secret.clone().filter(|s| !s.is_empty()),
             daily_aggregation: options.daily_aggregation,
+            clock_start: options.clock_start,
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The clock: the system's, or the shifted one of `USAGE_CLOCK_START`.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        match self.clock_start {
+            Some(start) => Arc::new(ShiftedClock::starting_at(start)),
+            None => Arc::new(SystemClock),
         }
     }
 

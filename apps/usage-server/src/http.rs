@@ -11,7 +11,7 @@ use usage_core::middleware::{Metering, MeteringDeps, MeteringStats};
 use usage_core::quota::QuotaBook;
 use usage_core::rate::RateLimiter;
 use usage_core::tracker::UsageTracker;
-use usage_core::{Caller, Clock, Store, SystemClock};
+use usage_core::{Caller, Store};
 
 use crate::config::Config;
 use crate::metrics;
@@ -48,7 +48,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let store = usage_store::open(&config.database_url, &config.pool).await?;
     tracing::info!(backend = store.backend_name(), "database ready");
 
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = config.clock();
+    if let Some(start) = config.clock_start {
+        tracing::warn!(%start, "running on a shifted clock (USAGE_CLOCK_START)");
+    }
     let (tracker, tracker_worker) =
         UsageTracker::start(store.clone(), store.clone(), config.tracker.clone());
     let verifier = Arc::new(KeyVerifier::new(

@@ -28,7 +28,7 @@ pub use crate::error::{ApiError, ServerError};
 /// Runs the command of `cli` to completion.
 pub async fn run(cli: Cli) -> Result<(), ServerError> {
     let config = Config::from_options(&cli.global);
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = config.clock();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => http::serve(config).await,
         Command::Migrate => {
@@ -88,7 +88,9 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             let store = open_migrated(&config).await?;
             // A token for a user that does not exist would only fail later, less clearly.
             Accounts::new(store, clock.clone()).user(&args.user).await?;
-            println!("{}", keys.mint(&args.user, args.ttl_secs, clock.now())?);
+            // The system clock, not a shifted one: tokens are checked on the real clock.
+            let now = SystemClock.now();
+            println!("{}", keys.mint(&args.user, args.ttl_secs, now)?);
             Ok(())
         }
     }

@@ -608,8 +608,113 @@ async fn history_and_endpoints(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
+/// Three days of a real server on a shifted clock: two in January, one in February.
+async fn history_across_a_month_boundary(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, key) = db.user_with_key("ada@example.com", "pro");
+    let client = reqwest::Client::new();
+    let env = |start: &'static str| {
+        [
+            ("USAGE_CLOCK_START", start),
+            ("PRO_MONTHLY_CALLS", "4"),
+            ("DAILY_AGGREGATION", "false"),
+        ]
+    };
+    // 30 January: two calls.
+    let server = db.start(&env("2030-01-30T12:00:00Z"));
+    for _ in 0..2 {
+        assert_eq!(server.ping(&key).await.status(), 200);
+    }
+    assert!(server.stop().0.success());
+    // 31 January: three calls, one of them to an unknown route (an error).
+    let server = db.start(&env("2030-01-31T12:00:00Z"));
+    for _ in 0..2 {
+        assert_eq!(server.ping(&key).await.status(), 200);
+    }
+    let res = client
+        .get(server.url("/api/v1/nope"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(server.stop().0.success());
+    for date in ["2030-01-30", "2030-01-31"] {
+        // The CLI's own idea of today must be past the day, as it would be in February.
+        let out = db.cli(&env("2030-02-01T00:00:01Z"), &["aggregate", "--date", date]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            format!(r#"{{"date":"{date}","users":1}}"#)
+        );
+    }
+    // 1 February: a new period; January's five calls (one over the limit of 4) stay there.
+    let server = db.start(&env("2030-02-01T00:00:05Z"));
+    let res = server.ping(&key).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "3");
+    server.wait_flushed(1).await;
+    let token = db.create(&["token", "--user", &ada]);
+    let get = |path: &str| client.get(server.url(path)).bearer_auth(&token).send();
+    let history: Value = get("/api/usage/history?days=4")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let days: Vec<(String, u64, u64)> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["date"].as_str().unwrap().to_owned(),
+                d["api_calls"].as_u64().unwrap(),
+                d["error_calls"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        days,
+        [
+            ("2030-01-29".to_owned(), 0, 0),
+            ("2030-01-30".to_owned(), 2, 0),
+            ("2030-01-31".to_owned(), 3, 1),
+            ("2030-02-01".to_owned(), 1, 0),
+        ]
+    );
+    let current: Value = get("/api/usage/current")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(current["period_start"], "2030-02-01T00:00:00Z");
+    assert_eq!(current["period_end"], "2030-03-01T00:00:00Z");
+    assert_eq!(
+        (
+            current["api_calls"].as_u64(),
+            current["overage_calls"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    assert!(server.stop().0.success());
+    let january = db
+        .store()
+        .await
+        .usage_record(
+            &UserId::parse(&ada).unwrap(),
+            time::macros::datetime!(2030-01-01 00:00 UTC),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((january.api_calls, january.overage_calls), (5, 1));
+}
+
 on_both_backends!(
     current_usage_counts_calls_not_yet_written,
+    history_across_a_month_boundary,
     every_bad_token_gets_401,
     history_and_endpoints,
     key_requests_are_validated,

@@ -28,6 +28,38 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system clock shifted by a fixed offset: it reads `start` at the moment it is made
+/// and runs at the normal pace from there. For tests and demos that must run a real
+/// server on another day (a month boundary, say); never for production.
+///
+/// ```
+/// use usage_core::{Clock, ShiftedClock};
+/// use time::macros::datetime;
+///
+/// let clock = ShiftedClock::starting_at(datetime!(2026-11-30 23:59:59 UTC));
+/// assert!(clock.now() >= datetime!(2026-11-30 23:59:59 UTC));
+/// assert!(clock.now() < datetime!(2026-12-01 00:59:59 UTC));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock {
+    offset: Duration,
+}
+
+impl ShiftedClock {
+    /// A clock that reads `start` now.
+    pub fn starting_at(start: OffsetDateTime) -> Self {
+        Self {
+            offset: start - OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> OffsetDateTime {
+        truncate_to_micros(OffsetDateTime::now_utc() + self.offset)
+    }
+}
+
 /// A clock that only moves when told to.
 ///
 /// ```

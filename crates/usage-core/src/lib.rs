@@ -35,7 +35,7 @@ pub mod repo;
 pub mod tracker;
 
 pub use caller::{ApiKeyAuthenticator, Caller};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, ShiftedClock, SystemClock};
 pub use error::DomainError;
 pub use event::UsageEvent;
 pub use ids::{ApiKeyId, UserId};

@@ -20,3 +20,33 @@ async fn fresh_store() -> TestStore {
 }
 
 usage_core::repository_conformance_tests!(fresh_store);
+
+/// Per-user analytics read only indexed columns: PostgreSQL must be able to answer the
+/// endpoint statistics from the covering index, without visiting the table.
+#[tokio::test]
+async fn endpoint_statistics_can_be_answered_from_the_index_alone() {
+    let db = usage_testdb::fresh_database();
+    usage_store::migrate(db.url()).await.expect("migrate");
+    let indexes = db
+        .psql("SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'eco_api_usage'")
+        .unwrap();
+    assert_eq!(
+        indexes.trim(),
+        "eco_api_usage_event_id_key,eco_api_usage_pkey,eco_api_usage_time_idx,eco_api_usage_user_time_cover_idx"
+    );
+    let plan = db
+        .psql(
+            "SET enable_seqscan = off; SET enable_bitmapscan = off;
+             EXPLAIN SELECT endpoint, method, count(*), count(*) FILTER (WHERE status_code >= 400),
+                            sum(response_time_ms)
+             FROM eco_api_usage
+             WHERE user_id = 'eco_usr_x' AND created_at >= now() - interval '7 days'
+               AND created_at < now()
+             GROUP BY endpoint, method",
+        )
+        .unwrap();
+    assert!(
+        plan.contains("Index Only Scan using eco_api_usage_user_time_cover_idx"),
+        "{plan}"
+    );
+}

@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS eco_api_usage_user_time_cover_idx;
