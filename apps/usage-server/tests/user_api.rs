@@ -440,7 +440,7 @@ async fn overage_shows_accrued_and_invoiced(backend: Backend) {
         .await
         .unwrap();
     store
-        .complete_overage_charge(charge.id, "ii_test", OffsetDateTime::now_utc())
+        .complete_overage_charge(charge.id, Some("ii_test"), OffsetDateTime::now_utc())
         .await
         .unwrap();
 

@@ -20,7 +20,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome, User,
+    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome,
+    UninvoicedOverage, User,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -56,6 +57,7 @@ macro_rules! repository_conformance_tests {
             usage_batch_with_unknown_user_changes_nothing,
             daily_aggregation_is_idempotent,
             overage_charge_ledger,
+            overage_billing_queries,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -639,13 +641,24 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
         (charge.calls_from, charge.calls_to, charge.attempts),
         (0, 15, 0)
     );
+    // The same key for another range (the same range would also be an open-range
+    // conflict, and backends differ in which of the two they report).
     assert_eq!(
-        store.create_overage_charge(&new).await,
+        store
+            .create_overage_charge(&NewOverageCharge {
+                calls_from: 7,
+                ..new.clone()
+            })
+            .await,
         Err(RepoError::Conflict {
             entity: "overage charge",
             field: "idempotency_key"
         })
     );
+    assert!(matches!(
+        store.create_overage_charge(&new).await,
+        Err(RepoError::Conflict { .. })
+    ));
     let orphan = NewOverageCharge {
         user_id: UserId::generate(),
         idempotency_key: "orphan".to_owned(),
@@ -668,7 +681,7 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
 
     let done_at = T0 + Duration::minutes(2);
     let done = store
-        .complete_overage_charge(charge.id, "ii_123", done_at)
+        .complete_overage_charge(charge.id, Some("ii_123"), done_at)
         .await
         .unwrap();
     assert_eq!(done.status, ChargeStatus::Succeeded);
@@ -684,17 +697,18 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
 
     // Completing again is harmless; an older charge never lowers the invoiced count.
     let earlier = NewOverageCharge {
+        calls_from: 1,
         calls_to: 5,
         idempotency_key: "earlier".to_owned(),
         ..new.clone()
     };
     let earlier = store.create_overage_charge(&earlier).await.unwrap();
     store
-        .complete_overage_charge(earlier.id, "ii_100", done_at)
+        .complete_overage_charge(earlier.id, Some("ii_100"), done_at)
         .await
         .unwrap();
     store
-        .complete_overage_charge(charge.id, "ii_123", done_at)
+        .complete_overage_charge(charge.id, Some("ii_123"), done_at)
         .await
         .unwrap();
     let rec = store
@@ -719,10 +733,175 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .complete_overage_charge(i64::MAX, "ii_x", done_at)
+            .complete_overage_charge(i64::MAX, Some("ii_x"), done_at)
             .await,
         Err(RepoError::NotFound {
             entity: "overage charge"
         })
+    );
+}
+
+pub async fn overage_billing_queries(store: Arc<dyn Store>) {
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (_cy, _) = caller(&store, "cy@example.com", Plan::Free).await;
+    assert_eq!(
+        store.count_users_by_plan().await.unwrap(),
+        vec![(Plan::Free, 1), (Plan::Pro, 2)]
+    );
+    let included: IncludedCalls = HashMap::from([(ada.clone(), 10), (bob.clone(), 10)]);
+    let october = datetime!(2026-10-31 23:00 UTC);
+    let mut batch = events(&ada, &ada_key, 12, october);
+    batch.extend(events(&ada, &ada_key, 15, T0));
+    batch.extend(events(&bob, &bob_key, 4, T0));
+    store.record_usage(&batch, &included).await.unwrap();
+    let nov = BillingPeriod::containing(T0);
+    let oct = BillingPeriod::containing(october);
+
+    let uninvoiced = store.uninvoiced_overage().await.unwrap();
+    assert_eq!(
+        uninvoiced,
+        vec![
+            UninvoicedOverage {
+                user_id: ada.clone(),
+                plan: Plan::Pro,
+                stripe_customer_id: None,
+                period_start: oct.start(),
+                period_end: oct.end(),
+                overage_calls: 2,
+                overage_invoiced_calls: 0,
+            },
+            UninvoicedOverage {
+                user_id: ada.clone(),
+                plan: Plan::Pro,
+                stripe_customer_id: None,
+                period_start: nov.start(),
+                period_end: nov.end(),
+                overage_calls: 5,
+                overage_invoiced_calls: 0,
+            },
+        ]
+    );
+
+    // Two runs can never both hold a charge starting at the same point.
+    let charge = |from: u64, to: u64, key: &str| NewOverageCharge {
+        user_id: ada.clone(),
+        period_start: nov.start(),
+        calls_from: from,
+        calls_to: to,
+        amount_cents: 1,
+        idempotency_key: key.to_owned(),
+        created_at: T0,
+    };
+    let first = store
+        .create_overage_charge(&charge(0, 3, "k-0-3"))
+        .await
+        .unwrap();
+    let open_range = Err(RepoError::Conflict {
+        entity: "overage charge",
+        field: "calls_from",
+    });
+    assert_eq!(
+        store.create_overage_charge(&charge(0, 5, "k-0-5")).await,
+        open_range
+    );
+    // An attempt with an unknown outcome keeps the charge pending.
+    let noted = store
+        .note_overage_charge_attempt(first.id, "timed out", T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (noted.status, noted.attempts, noted.last_error.as_deref()),
+        (ChargeStatus::Pending, 1, Some("timed out"))
+    );
+    assert_eq!(
+        store.create_overage_charge(&charge(0, 5, "k-0-5")).await,
+        open_range
+    );
+    // A refused charge frees its starting point.
+    store
+        .fail_overage_charge(first.id, "card_declined", T0)
+        .await
+        .unwrap();
+    let retry = store
+        .create_overage_charge(&charge(0, 5, "k-0-5"))
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(retry.id, Some("ii_1"), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.create_overage_charge(&charge(0, 5, "k-0-5b")).await,
+        open_range,
+        "nor does a succeeded one"
+    );
+    // A zero-cent charge is completed without a Stripe item.
+    let zero = store
+        .create_overage_charge(&NewOverageCharge {
+            period_start: oct.start(),
+            calls_to: 2,
+            amount_cents: 0,
+            ..charge(0, 2, "k-oct")
+        })
+        .await
+        .unwrap();
+    let zero = store
+        .complete_overage_charge(zero.id, None, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (zero.status, zero.stripe_invoice_item_id),
+        (ChargeStatus::Succeeded, None)
+    );
+    assert_eq!(store.uninvoiced_overage().await.unwrap(), vec![]);
+
+    // The ledger: every period with overage or charges, counters beside charges.
+    store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: bob.clone(),
+            ..charge(0, 1, "k-bob")
+        })
+        .await
+        .unwrap();
+    let ledger = store.overage_ledger().await.unwrap();
+    let entry = |user: &UserId, period: &BillingPeriod| {
+        ledger
+            .iter()
+            .find(|e| &e.user_id == user && e.period_start == period.start())
+            .cloned()
+            .unwrap_or_else(|| panic!("no ledger entry for {user} {period:?}: {ledger:?}"))
+    };
+    assert_eq!(ledger.len(), 3, "{ledger:?}");
+    let ada_nov = entry(&ada, &nov);
+    assert_eq!(
+        (
+            ada_nov.overage_calls,
+            ada_nov.overage_invoiced_calls,
+            ada_nov.charged_calls,
+            ada_nov.charged_cents,
+            ada_nov.pending_charges,
+            ada_nov.failed_charges
+        ),
+        (5, 5, 5, 1, 0, 1)
+    );
+    let ada_oct = entry(&ada, &oct);
+    assert_eq!(
+        (
+            ada_oct.overage_calls,
+            ada_oct.charged_calls,
+            ada_oct.charged_cents
+        ),
+        (2, 2, 0)
+    );
+    let bob_nov = entry(&bob, &nov);
+    assert_eq!(
+        (
+            bob_nov.overage_calls,
+            bob_nov.overage_invoiced_calls,
+            bob_nov.pending_charges
+        ),
+        (0, 0, 1),
+        "a charge without overage still shows"
     );
 }

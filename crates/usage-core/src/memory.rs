@@ -11,7 +11,8 @@ use uuid::Uuid;
 use crate::repo::{
     ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointCount,
     EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    RecordOutcome, TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    OverageLedgerEntry, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord,
+    UsageRepository, User, UserRepository,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -36,6 +37,31 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts an attempt on a charge, recording why it did not succeed.
+    fn charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+        status: Option<ChargeStatus>,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut state = self.state();
+        let charge = state
+            .charges
+            .iter_mut()
+            .find(|c| c.id == id)
+            .ok_or(RepoError::NotFound {
+                entity: "overage charge",
+            })?;
+        if let Some(status) = status {
+            charge.status = status;
+        }
+        charge.attempts += 1;
+        charge.last_error = Some(error.to_owned());
+        charge.updated_at = at;
+        Ok(charge.clone())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -85,6 +111,20 @@ impl UserRepository for MemoryStore {
             .ok_or(RepoError::NotFound { entity: "user" })?;
         user.plan = plan;
         Ok(user.clone())
+    }
+
+    async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
+        let state = self.state();
+        Ok(Plan::ALL
+            .into_iter()
+            .map(|plan| {
+                (
+                    plan,
+                    state.users.values().filter(|u| u.plan == plan).count() as u64,
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect())
     }
 }
 
@@ -383,6 +423,17 @@ impl OverageChargeRepository for MemoryStore {
                 field: "idempotency_key",
             });
         }
+        if state.charges.iter().any(|c| {
+            c.user_id == charge.user_id
+                && c.period_start == charge.period_start
+                && c.calls_from == charge.calls_from
+                && c.status != ChargeStatus::Failed
+        }) {
+            return Err(RepoError::Conflict {
+                entity: "overage charge",
+                field: "calls_from",
+            });
+        }
         let stored = OverageCharge {
             id: state.charges.len() as i64 + 1,
             user_id: charge.user_id.clone(),
@@ -417,7 +468,7 @@ impl OverageChargeRepository for MemoryStore {
     async fn complete_overage_charge(
         &self,
         id: i64,
-        stripe_invoice_item_id: &str,
+        stripe_invoice_item_id: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError> {
         let mut state = self.state();
@@ -429,7 +480,7 @@ impl OverageChargeRepository for MemoryStore {
                 entity: "overage charge",
             })?;
         charge.status = ChargeStatus::Succeeded;
-        charge.stripe_invoice_item_id = Some(stripe_invoice_item_id.to_owned());
+        charge.stripe_invoice_item_id = stripe_invoice_item_id.map(str::to_owned);
         charge.attempts += 1;
         charge.last_error = None;
         charge.updated_at = at;
@@ -444,25 +495,22 @@ impl OverageChargeRepository for MemoryStore {
         Ok(charge)
     }
 
+    async fn note_overage_charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        self.charge_attempt(id, error, at, None)
+    }
+
     async fn fail_overage_charge(
         &self,
         id: i64,
         error: &str,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError> {
-        let mut state = self.state();
-        let charge = state
-            .charges
-            .iter_mut()
-            .find(|c| c.id == id)
-            .ok_or(RepoError::NotFound {
-                entity: "overage charge",
-            })?;
-        charge.status = ChargeStatus::Failed;
-        charge.attempts += 1;
-        charge.last_error = Some(error.to_owned());
-        charge.updated_at = at;
-        Ok(charge.clone())
+        self.charge_attempt(id, error, at, Some(ChargeStatus::Failed))
     }
 
     async fn overage_charges_for_user(
@@ -476,6 +524,70 @@ impl OverageChargeRepository for MemoryStore {
             .filter(|c| &c.user_id == user_id)
             .cloned()
             .collect())
+    }
+
+    async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .records
+            .values()
+            .filter(|r| r.overage_calls > r.overage_invoiced_calls)
+            .filter_map(|r| {
+                let user = state.users.get(&r.user_id)?;
+                Some(UninvoicedOverage {
+                    user_id: r.user_id.clone(),
+                    plan: user.plan,
+                    stripe_customer_id: user.stripe_customer_id.clone(),
+                    period_start: r.period_start,
+                    period_end: r.period_end,
+                    overage_calls: r.overage_calls,
+                    overage_invoiced_calls: r.overage_invoiced_calls,
+                })
+            })
+            .collect())
+    }
+
+    async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
+        let state = self.state();
+        let mut entries: BTreeMap<(UserId, OffsetDateTime), OverageLedgerEntry> = BTreeMap::new();
+        let empty = |user_id: &UserId, period_start| OverageLedgerEntry {
+            user_id: user_id.clone(),
+            period_start,
+            overage_calls: 0,
+            overage_invoiced_calls: 0,
+            charged_calls: 0,
+            charged_cents: 0,
+            pending_charges: 0,
+            failed_charges: 0,
+        };
+        for r in state.records.values().filter(|r| r.overage_calls > 0) {
+            let entry = entries
+                .entry((r.user_id.clone(), r.period_start))
+                .or_insert_with(|| empty(&r.user_id, r.period_start));
+            entry.overage_calls = r.overage_calls;
+            entry.overage_invoiced_calls = r.overage_invoiced_calls;
+        }
+        for c in &state.charges {
+            let entry = entries
+                .entry((c.user_id.clone(), c.period_start))
+                .or_insert_with(|| {
+                    let mut entry = empty(&c.user_id, c.period_start);
+                    if let Some(r) = state.records.get(&(c.user_id.clone(), c.period_start)) {
+                        entry.overage_calls = r.overage_calls;
+                        entry.overage_invoiced_calls = r.overage_invoiced_calls;
+                    }
+                    entry
+                });
+            match c.status {
+                ChargeStatus::Succeeded => {
+                    entry.charged_calls += c.calls_to - c.calls_from;
+                    entry.charged_cents += c.amount_cents;
+                }
+                ChargeStatus::Pending => entry.pending_charges += 1,
+                ChargeStatus::Failed => entry.failed_charges += 1,
+            }
+        }
+        Ok(entries.into_values().collect())
     }
 }
 

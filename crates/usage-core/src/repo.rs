@@ -243,6 +243,47 @@ pub struct OverageCharge {
     pub updated_at: OffsetDateTime,
 }
 
+/// A user's period whose overage is not all invoiced yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UninvoicedOverage {
+    /// Whose.
+    pub user_id: UserId,
+    /// Their plan now.
+    pub plan: Plan,
+    /// Their Stripe customer, if any.
+    pub stripe_customer_id: Option<String>,
+    /// The period.
+    pub period_start: OffsetDateTime,
+    /// Its end (exclusive).
+    pub period_end: OffsetDateTime,
+    /// Calls past the limit in the period.
+    pub overage_calls: u64,
+    /// Of those, already invoiced.
+    pub overage_invoiced_calls: u64,
+}
+
+/// One user and period: the counters beside what the charge ledger says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverageLedgerEntry {
+    /// Whose.
+    pub user_id: UserId,
+    /// The period.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    /// Calls past the limit.
+    pub overage_calls: u64,
+    /// What `eco_usage_records` says is invoiced.
+    pub overage_invoiced_calls: u64,
+    /// Calls covered by succeeded charges.
+    pub charged_calls: u64,
+    /// Cents of succeeded charges.
+    pub charged_cents: i64,
+    /// Charges still pending.
+    pub pending_charges: u64,
+    /// Charges that failed.
+    pub failed_charges: u64,
+}
+
 /// Users (`eco_users`).
 #[async_trait]
 pub trait UserRepository: Send + Sync {
@@ -254,6 +295,8 @@ pub trait UserRepository: Send + Sync {
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError>;
     /// Changes a user's plan and returns the updated user. `NotFound` for an unknown id.
     async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError>;
+    /// How many users each plan has (plans without users are left out).
+    async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
 }
 
 /// API keys (`eco_api_keys`).
@@ -336,7 +379,9 @@ pub trait DailyUsageRepository: Send + Sync {
 /// The overage charge ledger (`eco_overage_charges`).
 #[async_trait]
 pub trait OverageChargeRepository: Send + Sync {
-    /// Records a pending charge. `Conflict` when the idempotency key is taken;
+    /// Records a pending charge. `Conflict` when the idempotency key is taken, or when a
+    /// pending or succeeded charge of the same user and period starts at the same
+    /// `calls_from` (field `calls_from`): two runs can never both bill one range.
     /// `NotFound` for an unknown user.
     async fn create_overage_charge(
         &self,
@@ -349,14 +394,25 @@ pub trait OverageChargeRepository: Send + Sync {
     ) -> Result<Option<OverageCharge>, RepoError>;
     /// Marks a charge succeeded and, in the same transaction, raises the period's
     /// `overage_invoiced_calls` to the charge's `calls_to` (never lowers it).
-    /// Idempotent. `NotFound` for an unknown charge id.
+    /// `stripe_invoice_item_id` is `None` for a charge of zero cents, which is recorded
+    /// without being sent. Idempotent. `NotFound` for an unknown charge id.
     async fn complete_overage_charge(
         &self,
         id: i64,
-        stripe_invoice_item_id: &str,
+        stripe_invoice_item_id: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError>;
-    /// Counts a failed attempt and records why. `NotFound` for an unknown charge id.
+    /// Counts an attempt whose outcome is unknown (timeout, Stripe unavailable) and records
+    /// why; the charge stays pending, to be sent again with the same key.
+    /// `NotFound` for an unknown charge id.
+    async fn note_overage_charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError>;
+    /// Counts a definitive failure (Stripe refused the charge) and records why.
+    /// `NotFound` for an unknown charge id.
     async fn fail_overage_charge(
         &self,
         id: i64,
@@ -368,6 +424,11 @@ pub trait OverageChargeRepository: Send + Sync {
         &self,
         user_id: &UserId,
     ) -> Result<Vec<OverageCharge>, RepoError>;
+    /// Every user and period with `overage_calls > overage_invoiced_calls`, by user then
+    /// period.
+    async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError>;
+    /// Every user and period with overage or charges, by user then period.
+    async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError>;
 }
 
 /// Everything a backend provides: all repositories plus a health check.

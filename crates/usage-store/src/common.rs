@@ -153,3 +153,68 @@ mod tests {
         );
     }
 }
+
+/// How many users each plan has, from `(plan, count)` rows.
+pub(crate) fn plan_counts(rows: Vec<(String, i64)>) -> Result<Vec<(Plan, u64)>, RepoError> {
+    let mut counts = rows
+        .into_iter()
+        .map(|(plan, n)| Ok((parse_plan(&plan)?, to_u64(n))))
+        .collect::<Result<Vec<_>, RepoError>>()?;
+    counts.sort_by_key(|(plan, _)| Plan::ALL.iter().position(|p| p == plan));
+    Ok(counts)
+}
+
+/// Counters beside the charges of every user and period with overage or charges. Plain
+/// SQL understood by both backends (no FILTER, no GREATEST; sums cast back to BIGINT,
+/// which PostgreSQL would otherwise widen to NUMERIC).
+pub(crate) const LEDGER_SQL: &str = "
+    SELECT r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls,
+           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded'
+                                  THEN c.calls_to - c.calls_from END), 0) AS BIGINT)
+               AS charged_calls,
+           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded' THEN c.amount_cents END), 0)
+                AS BIGINT) AS charged_cents,
+           COUNT(CASE WHEN c.status = 'pending' THEN 1 END) AS pending_charges,
+           COUNT(CASE WHEN c.status = 'failed' THEN 1 END) AS failed_charges
+    FROM eco_usage_records r
+    LEFT JOIN eco_overage_charges c
+           ON c.user_id = r.user_id AND c.period_start = r.period_start
+    GROUP BY r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls
+    HAVING r.overage_calls > 0 OR COUNT(c.id) > 0
+    ORDER BY r.user_id, r.period_start";
+
+/// The numeric columns of [`LEDGER_SQL`].
+#[derive(diesel::QueryableByName)]
+pub(crate) struct LedgerCounts {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    overage_invoiced_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    charged_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    charged_cents: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pending_charges: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    failed_charges: i64,
+}
+
+impl LedgerCounts {
+    pub(crate) fn into_entry(
+        self,
+        user_id: UserId,
+        period_start: time::OffsetDateTime,
+    ) -> usage_core::repo::OverageLedgerEntry {
+        usage_core::repo::OverageLedgerEntry {
+            user_id,
+            period_start,
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+            charged_calls: to_u64(self.charged_calls),
+            charged_cents: self.charged_cents,
+            pending_charges: to_u64(self.pending_charges),
+            failed_charges: to_u64(self.failed_charges),
+        }
+    }
+}

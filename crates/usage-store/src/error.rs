@@ -24,6 +24,12 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
             "event_id",
         ),
         (
+            "eco_overage_charges_open_range_key",
+            "eco_overage_charges.calls_from",
+            "overage charge",
+            "calls_from",
+        ),
+        (
             "eco_overage_charges_idempotency_key_key",
             "eco_overage_charges.idempotency_key",
             "overage charge",

@@ -16,8 +16,9 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointStats,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
-    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
+    RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User,
+    UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -27,7 +28,7 @@ use self::schema::{
 };
 use crate::common::{
     BatchError, EndpointStatsRow, TRANSACTION_ATTEMPTS, counter_deltas, distinct_references,
-    parse_plan, to_i64, to_u64,
+    parse_plan, plan_counts, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -447,6 +448,18 @@ impl UserRepository for PgStore {
             .map_err(|e| repo_error(e, "user"))?
             .into_domain()
     }
+
+    async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, i64)> = eco_users::table
+            .group_by(eco_users::plan)
+            .select((eco_users::plan, diesel::dsl::count_star()))
+            .order(eco_users::plan)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        plan_counts(rows)
+    }
 }
 
 /// `COALESCE(revoked_at, at)`: a second revocation keeps the first time.
@@ -805,7 +818,7 @@ impl OverageChargeRepository for PgStore {
     async fn complete_overage_charge(
         &self,
         id: i64,
-        stripe_invoice_item_id: &str,
+        stripe_invoice_item_id: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError> {
         use self::eco_overage_charges::dsl as c;
@@ -838,6 +851,27 @@ impl OverageChargeRepository for PgStore {
         .await
         .map_err(|e| repo_error(e, "overage charge"))?
         .into_domain()
+    }
+
+    async fn note_overage_charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        diesel::update(c::eco_overage_charges.find(id))
+            .set((
+                c::attempts.eq(c::attempts + 1),
+                c::last_error.eq(error),
+                c::updated_at.eq(at),
+            ))
+            .returning(ChargeRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "overage charge"))?
+            .into_domain()
     }
 
     async fn fail_overage_charge(
@@ -875,6 +909,83 @@ impl OverageChargeRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "overage charge"))?;
         rows.into_iter().map(ChargeRow::into_domain).collect()
+    }
+
+    async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<UninvoicedRow> = diesel::sql_query(
+            "SELECT r.user_id, u.plan, u.stripe_customer_id, r.period_start, r.period_end,
+                    r.overage_calls, r.overage_invoiced_calls
+             FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+             WHERE r.overage_calls > r.overage_invoiced_calls
+             ORDER BY r.user_id, r.period_start",
+        )
+        .load(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "usage record"))?;
+        rows.into_iter().map(UninvoicedRow::into_domain).collect()
+    }
+
+    async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<LedgerRow> = diesel::sql_query(LEDGER_SQL)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "overage charge"))?;
+        Ok(rows.into_iter().map(LedgerRow::into_domain).collect())
+    }
+}
+
+/// Counters beside the charges of every period with overage or charges (same text on
+/// both backends).
+const LEDGER_SQL: &str = crate::common::LEDGER_SQL;
+
+#[derive(QueryableByName)]
+struct UninvoicedRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    stripe_customer_id: Option<String>,
+    #[diesel(sql_type = Timestamptz)]
+    period_start: OffsetDateTime,
+    #[diesel(sql_type = Timestamptz)]
+    period_end: OffsetDateTime,
+    #[diesel(sql_type = BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    overage_invoiced_calls: i64,
+}
+
+impl UninvoicedRow {
+    fn into_domain(self) -> Result<UninvoicedOverage, RepoError> {
+        Ok(UninvoicedOverage {
+            user_id: UserId::from_stored(self.user_id),
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            period_start: self.period_start,
+            period_end: self.period_end,
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+        })
+    }
+}
+
+#[derive(QueryableByName)]
+struct LedgerRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Timestamptz)]
+    period_start: OffsetDateTime,
+    #[diesel(embed)]
+    counts: crate::common::LedgerCounts,
+}
+
+impl LedgerRow {
+    fn into_domain(self) -> OverageLedgerEntry {
+        self.counts
+            .into_entry(UserId::from_stored(self.user_id), self.period_start)
     }
 }
 

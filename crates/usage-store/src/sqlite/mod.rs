@@ -18,8 +18,9 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointStats,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, RecordOutcome,
-    TOP_ENDPOINTS, UsageRecord, UsageRepository, User, UserRepository,
+    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
+    RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User,
+    UserRepository,
 };
 use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
 
@@ -27,8 +28,8 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, EndpointStatsRow, counter_deltas, distinct_references, parse_plan,
-    parse_top_endpoints, to_i64, to_u64,
+    BatchError, EndpointStatsRow, LEDGER_SQL, LedgerCounts, counter_deltas, distinct_references,
+    parse_plan, parse_top_endpoints, plan_counts, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -443,6 +444,19 @@ impl UserRepository for SqliteStore {
                 .get_result(conn)
                 .map_err(db("user"))?
                 .into_domain()
+        })
+        .await
+    }
+
+    async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
+        self.run("user", |conn| {
+            let rows: Vec<(String, i64)> = eco_users::table
+                .group_by(eco_users::plan)
+                .select((eco_users::plan, diesel::dsl::count_star()))
+                .order(eco_users::plan)
+                .load(conn)
+                .map_err(db("user"))?;
+            plan_counts(rows)
         })
         .await
     }
@@ -903,11 +917,11 @@ impl OverageChargeRepository for SqliteStore {
     async fn complete_overage_charge(
         &self,
         id: i64,
-        stripe_invoice_item_id: &str,
+        stripe_invoice_item_id: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError> {
         use self::eco_overage_charges::dsl as c;
-        let (item, at) = (stripe_invoice_item_id.to_owned(), ts(at));
+        let (item, at) = (stripe_invoice_item_id.map(str::to_owned), ts(at));
         self.run("overage charge", move |conn| {
             conn.immediate_transaction(|conn| {
                 let charge: ChargeRow = diesel::update(c::eco_overage_charges.find(id))
@@ -934,6 +948,29 @@ impl OverageChargeRepository for SqliteStore {
             })
             .map_err(db("overage charge"))?
             .into_domain()
+        })
+        .await
+    }
+
+    async fn note_overage_charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let (error, at) = (error.to_owned(), ts(at));
+        self.run("overage charge", move |conn| {
+            diesel::update(c::eco_overage_charges.find(id))
+                .set((
+                    c::attempts.eq(c::attempts + 1),
+                    c::last_error.eq(error),
+                    c::updated_at.eq(at),
+                ))
+                .returning(ChargeRow::as_returning())
+                .get_result(conn)
+                .map_err(db("overage charge"))?
+                .into_domain()
         })
         .await
     }
@@ -980,6 +1017,81 @@ impl OverageChargeRepository for SqliteStore {
         })
         .await
     }
+
+    async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError> {
+        self.run("usage record", |conn| {
+            let rows: Vec<UninvoicedRow> = diesel::sql_query(
+                "SELECT r.user_id, u.plan, u.stripe_customer_id, r.period_start, r.period_end,
+                        r.overage_calls, r.overage_invoiced_calls
+                 FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+                 WHERE r.overage_calls > r.overage_invoiced_calls
+                 ORDER BY r.user_id, r.period_start",
+            )
+            .load(conn)
+            .map_err(db("usage record"))?;
+            rows.into_iter().map(UninvoicedRow::into_domain).collect()
+        })
+        .await
+    }
+
+    async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
+        self.run("overage charge", |conn| {
+            let rows: Vec<LedgerRow> = diesel::sql_query(LEDGER_SQL)
+                .load(conn)
+                .map_err(db("overage charge"))?;
+            rows.into_iter()
+                .map(|row| {
+                    let period_start = parse_ts(&row.period_start)?;
+                    Ok(row
+                        .counts
+                        .into_entry(UserId::from_stored(row.user_id), period_start))
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+#[derive(QueryableByName)]
+struct UninvoicedRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    stripe_customer_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    period_start: String,
+    #[diesel(sql_type = Text)]
+    period_end: String,
+    #[diesel(sql_type = BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    overage_invoiced_calls: i64,
+}
+
+impl UninvoicedRow {
+    fn into_domain(self) -> Result<UninvoicedOverage, RepoError> {
+        Ok(UninvoicedOverage {
+            user_id: UserId::from_stored(self.user_id),
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            period_start: parse_ts(&self.period_start)?,
+            period_end: parse_ts(&self.period_end)?,
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+        })
+    }
+}
+
+#[derive(QueryableByName)]
+struct LedgerRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    period_start: String,
+    #[diesel(embed)]
+    counts: LedgerCounts,
 }
 
 #[async_trait]

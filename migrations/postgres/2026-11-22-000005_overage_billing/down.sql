@@ -1,0 +1,2 @@
+DROP INDEX eco_usage_records_uninvoiced_idx;
+DROP INDEX eco_overage_charges_open_range_key;
