@@ -1,8 +1,21 @@
-//! Overage billing of nexus-usage.
+//! Overage billing of nexus-usage: the cost of overage ([`overage_cost`]), the billing
+//! run ([`OverageService`]) over the repository traits, and Stripe invoice items
+//! ([`stripe::StripeClient`], with [`stripe::HttpStripeClient`] as the real one).
 //!
-//! Today: the cost of a period's overage and of the part not yet invoiced. The Stripe
-//! client and the idempotent charging run come with the billing issue.
+//! Billing is incremental and idempotent: each run bills, per user and period, the
+//! overage calls between what was invoiced and the overage now, as one Stripe invoice
+//! item recorded first in the charge ledger with a deterministic idempotency key. See
+//! [`service`] for how a charge is never billed twice.
 #![warn(missing_docs)]
+
+pub mod service;
+pub mod stripe;
+
+pub use service::{
+    BillingError, BillingFailure, BillingOptions, BillingSummary, OverageService,
+    Reconciliation, RunMode, UserBilling,
+};
+pub use stripe::{HttpStripeClient, StripeClient, StripeConfig, StripeError};
 
 use usage_core::repo::UsageRecord;
 use usage_core::{Cents, PlanCatalog};
