@@ -12,8 +12,8 @@ pub mod service;
 pub mod stripe;
 
 pub use service::{
-    BillingError, BillingFailure, BillingOptions, BillingSummary, OverageService,
-    Reconciliation, RunMode, UserBilling,
+    BillingError, BillingFailure, BillingOptions, BillingSummary, OverageService, Reconciliation,
+    RunMode, UserBilling,
 };
 pub use stripe::{HttpStripeClient, StripeClient, StripeConfig, StripeError};
 

@@ -33,6 +33,9 @@ pub struct BillingOptions {
     /// charge older than this is not sent again automatically: Stripe could create a
     /// second item. It is reported for a person to check instead.
     pub idempotency_window: Duration,
+    /// How long a pending charge is left alone after its last change, because the run
+    /// that made it may still be sending it: longer than one send with all its retries.
+    pub in_flight_grace: Duration,
 }
 
 impl Default for BillingOptions {
@@ -40,6 +43,7 @@ impl Default for BillingOptions {
         Self {
             concurrency: 16,
             idempotency_window: Duration::hours(23),
+            in_flight_grace: Duration::minutes(5),
         }
     }
 }
@@ -386,12 +390,14 @@ impl OverageService {
             }
         };
 
-        // Periods whose pending charge is still unresolved get no new charge this run.
+        // Periods with a charge still pending, or refused just now, get no new charge
+        // this run.
         let mut unresolved = HashSet::new();
         for charge in charges
             .iter_mut()
             .filter(|c| c.status == ChargeStatus::Pending)
         {
+            unresolved.insert(charge.period_start);
             if now - charge.created_at > self.options.idempotency_window {
                 out.failures.push(format!(
                     "charge {} has been pending since {}, longer than Stripe keeps idempotency \
@@ -399,18 +405,41 @@ impl OverageService {
                      billing this range again",
                     charge.idempotency_key, charge.created_at
                 ));
-                unresolved.insert(charge.period_start);
+                continue;
+            }
+            if now - charge.updated_at < self.options.in_flight_grace {
+                // Probably being sent by another run right now; it finishes it.
                 continue;
             }
             if mode == RunMode::DryRun {
                 out.amount_cents += charge.amount_cents;
                 out.charges.push(charge.clone());
-                unresolved.insert(charge.period_start);
                 continue;
             }
+            match self
+                .store
+                .claim_overage_charge(charge.id, charge.updated_at, now)
+                .await
+            {
+                Ok(Some(claimed)) => *charge = claimed,
+                // Another run resumed it first.
+                Ok(None) => continue,
+                Err(e) => {
+                    out.failures.push(format!("resuming a pending charge: {e}"));
+                    continue;
+                }
+            }
             self.send(customer, charge, now, &mut out).await;
-            if charge.status != ChargeStatus::Succeeded {
-                unresolved.insert(charge.period_start);
+        }
+        // A resumed charge that succeeded leaves its period free for the calls after it.
+        for charge in &charges {
+            if charge.status == ChargeStatus::Succeeded && charge.updated_at == now {
+                let still_pending = charges.iter().any(|c| {
+                    c.period_start == charge.period_start && c.status == ChargeStatus::Pending
+                });
+                if !still_pending {
+                    unresolved.remove(&charge.period_start);
+                }
             }
         }
 
@@ -488,7 +517,9 @@ impl OverageService {
                     .await
                 {
                     Ok(done) => out.charges.push(done),
-                    Err(e) => out.failures.push(format!("settling a zero-cent range: {e}")),
+                    Err(e) => out
+                        .failures
+                        .push(format!("settling a zero-cent range: {e}")),
                 }
                 continue;
             }
@@ -507,7 +538,8 @@ impl OverageService {
         out: &mut UserBilling,
     ) {
         let Some(stripe) = self.stripe.as_ref() else {
-            out.failures.push(BillingError::StripeNotConfigured.to_string());
+            out.failures
+                .push(BillingError::StripeNotConfigured.to_string());
             return;
         };
         let calls = charge.calls_to - charge.calls_from;

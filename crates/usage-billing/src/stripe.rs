@@ -257,7 +257,11 @@ impl HttpStripeClient {
             Ok(response) => response,
             Err(e) => {
                 // reqwest's message names the URL (no secret in it), not the headers.
-                let kind = if e.is_timeout() { "timed out" } else { "failed" };
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
                 return Attempt::Retry {
                     reason: format!("request {kind}: {e}"),
                     retry_after: None,
@@ -292,7 +296,9 @@ impl HttpStripeClient {
                 },
             ));
         }
-        let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .ok()
+            .map(|b| b.error);
         let message = detail
             .as_ref()
             .and_then(|d| d.message.clone())

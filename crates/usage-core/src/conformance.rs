@@ -814,6 +814,21 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
         (noted.status, noted.attempts, noted.last_error.as_deref()),
         (ChargeStatus::Pending, 1, Some("timed out"))
     );
+    // Of two runs resuming it, one gets it.
+    let later = T0 + Duration::minutes(10);
+    let claimed = store
+        .claim_overage_charge(first.id, noted.updated_at, later)
+        .await
+        .unwrap()
+        .expect("the first claim wins");
+    assert_eq!(claimed.updated_at, later);
+    assert_eq!(
+        store
+            .claim_overage_charge(first.id, noted.updated_at, later)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(
         store.create_overage_charge(&charge(0, 5, "k-0-5")).await,
         open_range

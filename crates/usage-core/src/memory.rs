@@ -495,6 +495,25 @@ impl OverageChargeRepository for MemoryStore {
         Ok(charge)
     }
 
+    async fn claim_overage_charge(
+        &self,
+        id: i64,
+        seen_updated_at: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        let mut state = self.state();
+        Ok(state
+            .charges
+            .iter_mut()
+            .find(|c| {
+                c.id == id && c.status == ChargeStatus::Pending && c.updated_at == seen_updated_at
+            })
+            .map(|c| {
+                c.updated_at = at;
+                c.clone()
+            }))
+    }
+
     async fn note_overage_charge_attempt(
         &self,
         id: i64,

@@ -402,6 +402,15 @@ pub trait OverageChargeRepository: Send + Sync {
         stripe_invoice_item_id: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<OverageCharge, RepoError>;
+    /// Takes a pending charge over to send it again: moves its `updated_at` to `at` only
+    /// if it is still pending and its `updated_at` is still `seen_updated_at`, so that of
+    /// several runs resuming the same charge exactly one gets it (`Some`).
+    async fn claim_overage_charge(
+        &self,
+        id: i64,
+        seen_updated_at: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<OverageCharge>, RepoError>;
     /// Counts an attempt whose outcome is unknown (timeout, Stripe unavailable) and records
     /// why; the charge stays pending, to be sent again with the same key.
     /// `NotFound` for an unknown charge id.

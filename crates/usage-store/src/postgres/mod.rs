@@ -853,6 +853,30 @@ impl OverageChargeRepository for PgStore {
         .into_domain()
     }
 
+    async fn claim_overage_charge(
+        &self,
+        id: i64,
+        seen_updated_at: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        diesel::update(
+            c::eco_overage_charges
+                .find(id)
+                .filter(c::status.eq(ChargeStatus::Pending.as_str()))
+                .filter(c::updated_at.eq(seen_updated_at)),
+        )
+        .set(c::updated_at.eq(at))
+        .returning(ChargeRow::as_returning())
+        .get_result(&mut conn)
+        .await
+        .optional()
+        .map_err(|e| repo_error(e, "overage charge"))?
+        .map(ChargeRow::into_domain)
+        .transpose()
+    }
+
     async fn note_overage_charge_attempt(
         &self,
         id: i64,

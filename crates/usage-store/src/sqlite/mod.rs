@@ -952,6 +952,32 @@ impl OverageChargeRepository for SqliteStore {
         .await
     }
 
+    async fn claim_overage_charge(
+        &self,
+        id: i64,
+        seen_updated_at: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        use self::eco_overage_charges::dsl as c;
+        let (seen, at) = (ts(seen_updated_at), ts(at));
+        self.run("overage charge", move |conn| {
+            diesel::update(
+                c::eco_overage_charges
+                    .find(id)
+                    .filter(c::status.eq(ChargeStatus::Pending.as_str()))
+                    .filter(c::updated_at.eq(seen)),
+            )
+            .set(c::updated_at.eq(at))
+            .returning(ChargeRow::as_returning())
+            .get_result(conn)
+            .optional()
+            .map_err(db("overage charge"))?
+            .map(ChargeRow::into_domain)
+            .transpose()
+        })
+        .await
+    }
+
     async fn note_overage_charge_attempt(
         &self,
         id: i64,

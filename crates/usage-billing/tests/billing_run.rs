@@ -1,0 +1,598 @@
+//! The overage billing run on every store (memory, SQLite, PostgreSQL) against a local
+//! fake of Stripe, through the real HTTP client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use common::fake_stripe::{FakeStripe, SECRET, Scripted};
+use common::stores::{Backend, calls, fresh, pro_user, user_on};
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+use usage_billing::service::idempotency_key;
+use usage_billing::{
+    BillingError, BillingOptions, HttpStripeClient, OverageService, RunMode, StripeConfig,
+};
+use usage_core::repo::{ChargeStatus, NewOverageCharge};
+use usage_core::{BillingPeriod, ManualClock, Plan, PlanCatalog, Store, UserId};
+
+/// Pro includes 10 calls here, so `n + 10` calls are `n` overage calls.
+const INCLUDED: u64 = 10;
+const NOV: OffsetDateTime = datetime!(2026-11-10 12:00 UTC);
+const NOW: OffsetDateTime = datetime!(2026-11-20 12:00 UTC);
+
+fn catalog() -> PlanCatalog {
+    let mut catalog = PlanCatalog::default();
+    catalog.pro.monthly_calls = Some(INCLUDED);
+    catalog
+}
+
+struct Billing {
+    stripe: FakeStripe,
+    clock: Arc<ManualClock>,
+}
+
+impl Billing {
+    async fn start() -> Self {
+        Self {
+            stripe: FakeStripe::start().await,
+            clock: Arc::new(ManualClock::new(NOW)),
+        }
+    }
+
+    fn service_with(
+        &self,
+        store: &Arc<dyn Store>,
+        attempts: u32,
+        timeout_ms: u64,
+    ) -> OverageService {
+        let client = HttpStripeClient::new(StripeConfig {
+            api_base: self.stripe.uri(),
+            secret_key: SECRET.to_owned(),
+            timeout: StdDuration::from_millis(timeout_ms),
+            max_attempts: attempts,
+            initial_backoff: StdDuration::from_millis(5),
+            max_backoff: StdDuration::from_millis(50),
+        })
+        .unwrap();
+        OverageService::new(
+            store.clone(),
+            Some(Arc::new(client)),
+            catalog(),
+            self.clock.clone(),
+            BillingOptions {
+                concurrency: 4,
+                ..BillingOptions::default()
+            },
+        )
+    }
+
+    fn service(&self, store: &Arc<dyn Store>) -> OverageService {
+        self.service_with(store, 3, 5_000)
+    }
+}
+
+async fn invoiced(store: &Arc<dyn Store>, user: &UserId, at: OffsetDateTime) -> (u64, u64) {
+    let r = store
+        .usage_record(user, BillingPeriod::containing(at).start())
+        .await
+        .unwrap()
+        .unwrap();
+    (r.overage_calls, r.overage_invoiced_calls)
+}
+
+async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    billing.stripe.refuse("cus_declined");
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    let c = pro_user(store, "c@example.com", Some("cus_c")).await;
+    let d = pro_user(store, "d@example.com", None).await;
+    let e = pro_user(store, "e@example.com", Some("cus_declined")).await;
+    let f = pro_user(store, "f@example.com", Some("cus_f")).await;
+    let g = user_on(store, "g@example.com", Plan::Free, None).await;
+    calls(store, &a, 5 + 10, NOV, INCLUDED).await; // 5 calls: $0.005 -> 1 cent
+    calls(store, &b, 5_001 + 10, NOV, INCLUDED).await; // $5.001 -> 500 cents
+    calls(store, &c, 1 + 10, NOV, INCLUDED).await; // $0.001 -> 0 cents: wait for more
+    calls(store, &d, 3 + 10, NOV, INCLUDED).await;
+    calls(store, &e, 20 + 10, NOV, INCLUDED).await;
+    calls(store, &f, 5, NOV, INCLUDED).await;
+    calls(store, &g, 5, NOV, 1_000).await;
+
+    let service = billing.service(store);
+    let summary = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (
+            summary.processed,
+            summary.charged,
+            summary.skipped,
+            summary.failed,
+            summary.amount_cents
+        ),
+        (6, 2, 2, 2, 501),
+        "{summary:?}"
+    );
+    let reasons: BTreeMap<UserId, String> = summary
+        .errors
+        .iter()
+        .map(|e| (e.user_id.clone(), e.reason.clone()))
+        .collect();
+    assert!(
+        reasons[&d.0].contains("no Stripe customer id"),
+        "{reasons:?}"
+    );
+    assert!(reasons[&e.0].contains("card_declined"), "{reasons:?}");
+
+    let created = billing.stripe.created();
+    let amounts: BTreeMap<&str, i64> = created
+        .iter()
+        .map(|c| (c.customer.as_str(), c.amount))
+        .collect();
+    assert_eq!(amounts, BTreeMap::from([("cus_a", 1), ("cus_b", 500)]));
+    let nov = BillingPeriod::containing(NOV).start();
+    let a_charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(a_charges.len(), 1);
+    assert_eq!(a_charges[0].status, ChargeStatus::Succeeded);
+    assert_eq!(
+        a_charges[0].idempotency_key,
+        idempotency_key(&a.0, nov, 0, 5, 0)
+    );
+    let a_item = created.iter().find(|c| c.customer == "cus_a").unwrap();
+    assert_eq!(a_item.idempotency_key, a_charges[0].idempotency_key);
+    assert_eq!(
+        a_charges[0].stripe_invoice_item_id.as_deref(),
+        Some(&*a_item.id)
+    );
+    assert_eq!(a_item.form["metadata[user_id]"], a.0.as_str());
+    assert_eq!(a_item.form["metadata[overage_calls]"], "5");
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5, 5));
+    assert_eq!(invoiced(store, &b.0, NOV).await, (5_001, 5_001));
+    assert_eq!(invoiced(store, &c.0, NOV).await, (1, 0));
+    let e_charges = store.overage_charges_for_user(&e.0).await.unwrap();
+    assert_eq!(e_charges.len(), 1);
+    assert_eq!(e_charges[0].status, ChargeStatus::Failed);
+    assert!(
+        e_charges[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("card_declined")
+    );
+    assert_eq!(invoiced(store, &e.0, NOV).await, (20, 0));
+
+    // Again: nothing new is billed; the refused user is tried again under a new key.
+    let again = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (again.charged, again.failed, again.amount_cents),
+        (0, 2, 0),
+        "{again:?}"
+    );
+    assert_eq!(billing.stripe.created().len(), 2);
+    let e_charges = store.overage_charges_for_user(&e.0).await.unwrap();
+    assert_eq!(
+        e_charges[1].idempotency_key,
+        idempotency_key(&e.0, nov, 0, 20, 1)
+    );
+
+    let reconciliation = service.reconcile().await.unwrap();
+    let status: BTreeMap<UserId, &str> = reconciliation
+        .iter()
+        .map(|r| (r.entry.user_id.clone(), r.status))
+        .collect();
+    assert_eq!(status[&a.0], "ok");
+    assert_eq!(status[&b.0], "ok");
+    assert_eq!(status[&c.0], "uninvoiced");
+    assert_eq!(status[&e.0], "uninvoiced");
+    assert!(reconciliation.iter().all(|r| r.problems.is_empty()));
+    let b_report = service.user_overage(&b.0).await.unwrap();
+    assert_eq!(
+        (
+            b_report[0].entry.charged_calls,
+            b_report[0].entry.charged_cents,
+            b_report[0].expected_cents
+        ),
+        (5_001, 500, 500)
+    );
+}
+
+async fn server_errors_then_success_make_one_charge_with_one_key(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    billing.stripe.script([
+        Scripted::Fail {
+            status: 500,
+            headers: vec![],
+        },
+        Scripted::Fail {
+            status: 500,
+            headers: vec![],
+        },
+    ]);
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.charged, summary.amount_cents),
+        (1, 500),
+        "{summary:?}"
+    );
+    let keys: HashSet<String> = billing
+        .stripe
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key.unwrap())
+        .collect();
+    assert_eq!(billing.stripe.received().len(), 3);
+    assert_eq!(keys.len(), 1, "the same key on every try");
+    assert_eq!(billing.stripe.created().len(), 1);
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].status, ChargeStatus::Succeeded);
+}
+
+async fn a_timeout_after_stripe_applied_is_finished_by_the_next_run(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    // Stripe creates the item but answers after the client gave up (one attempt only).
+    billing
+        .stripe
+        .script([Scripted::ApplyThenStall(StdDuration::from_secs(2))]);
+    let service = billing.service_with(store, 1, 300);
+    let first = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (first.charged, first.failed, first.amount_cents),
+        (0, 1, 0),
+        "{first:?}"
+    );
+    assert!(
+        first.errors[0].reason.contains("stays pending"),
+        "{first:?}"
+    );
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(
+        (charges.len(), charges[0].status, charges[0].attempts),
+        (1, ChargeStatus::Pending, 1)
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_001, 0));
+    assert_eq!(billing.stripe.created().len(), 1, "Stripe did apply it");
+
+    billing.clock.advance(Duration::hours(1));
+    let second = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (second.charged, second.failed, second.amount_cents),
+        (1, 0, 500),
+        "{second:?}"
+    );
+    let received = billing.stripe.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].idempotency_key, received[1].idempotency_key);
+    assert_eq!(billing.stripe.created().len(), 1, "still one item");
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(charges.len(), 1, "one charge recorded");
+    assert_eq!(
+        (
+            charges[0].status,
+            charges[0].stripe_invoice_item_id.as_deref()
+        ),
+        (ChargeStatus::Succeeded, Some("ii_fake1"))
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_001, 5_001));
+}
+
+async fn concurrent_runs_never_bill_twice(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    // The second run has its own connections, as another process would.
+    let other: Arc<dyn Store> = match &t.url {
+        Some(url) => usage_store::open(url, &usage_store::PoolOptions::default())
+            .await
+            .unwrap(),
+        None => store.clone(),
+    };
+    let billing = Billing::start().await;
+    let mut users = Vec::new();
+    let mut expected = 0;
+    for i in 0..40u64 {
+        let u = pro_user(
+            store,
+            &format!("u{i}@example.com"),
+            Some(&format!("cus_{i}")),
+        )
+        .await;
+        let overage = 5 + i * 37;
+        calls(store, &u, (overage + INCLUDED) as usize, NOV, INCLUDED).await;
+        expected += catalog().overage_price.total_in_cents(overage).0;
+        users.push((u, overage));
+    }
+    let (first, second) = (billing.service(store), billing.service(&other));
+    let (one, two) = tokio::join!(
+        first.process_all(RunMode::Live),
+        second.process_all(RunMode::Live)
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    assert_eq!(one.failed + two.failed, 0, "{one:?} {two:?}");
+    assert_eq!(one.amount_cents + two.amount_cents, expected);
+    let created = billing.stripe.created();
+    assert_eq!(created.len(), 40, "one item per user");
+    assert_eq!(created.iter().map(|c| c.amount).sum::<i64>(), expected);
+    for ((user, _), overage) in &users {
+        assert_eq!(invoiced(store, user, NOV).await, (*overage, *overage));
+    }
+    let third = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!((third.charged, third.amount_cents), (0, 0));
+    assert!(
+        billing
+            .service(store)
+            .reconcile()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.status == "ok")
+    );
+}
+
+async fn runs_a_day_apart_bill_the_difference_exactly(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5 + 10, NOV, INCLUDED).await;
+    let service = billing.service(store);
+    assert_eq!(
+        service
+            .process_all(RunMode::Live)
+            .await
+            .unwrap()
+            .amount_cents,
+        1
+    );
+    calls(store, &a, 1_000, NOV + Duration::days(1), INCLUDED).await;
+    billing.clock.advance(Duration::days(1));
+    assert_eq!(
+        service
+            .process_all(RunMode::Live)
+            .await
+            .unwrap()
+            .amount_cents,
+        100
+    );
+    let created = billing.stripe.created();
+    assert_eq!(
+        created
+            .iter()
+            .map(|c| (
+                c.form["metadata[calls_from]"].as_str(),
+                c.form["metadata[calls_to]"].as_str(),
+                c.amount
+            ))
+            .collect::<Vec<_>>(),
+        vec![("0", "5", 1), ("5", "1005", 100)]
+    );
+    // 1,005 calls cost $1.005, rounded once: 101 cents, and the items add up to it.
+    assert_eq!(catalog().overage_price.total_in_cents(1_005).0, 101);
+    assert_eq!(invoiced(store, &a.0, NOV).await, (1_005, 1_005));
+}
+
+async fn ended_periods_are_billed_after_they_close(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    billing.clock.set(datetime!(2026-12-01 00:10 UTC));
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    calls(store, &a, 7 + 10, datetime!(2026-11-30 23:59 UTC), INCLUDED).await;
+    calls(store, &a, 3 + 10, datetime!(2026-12-01 00:01 UTC), INCLUDED).await;
+    calls(store, &b, 1 + 10, NOV, INCLUDED).await;
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.failed, summary.amount_cents),
+        (0, 1),
+        "{summary:?}"
+    );
+    let created = billing.stripe.created();
+    assert_eq!(
+        created.len(),
+        1,
+        "November's 7 calls; December's 3 wait (0 cents yet)"
+    );
+    assert_eq!(
+        created[0].form["metadata[period_start]"],
+        "2026-11-01T00:00:00Z"
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (7, 7));
+    assert_eq!(
+        invoiced(store, &a.0, datetime!(2026-12-01 00:01 UTC)).await,
+        (3, 0)
+    );
+    // B's single call in a closed month is worth 0 cents: settled without an item.
+    assert_eq!(invoiced(store, &b.0, NOV).await, (1, 1));
+    let b_charges = store.overage_charges_for_user(&b.0).await.unwrap();
+    assert_eq!(
+        (
+            b_charges[0].amount_cents,
+            b_charges[0].status,
+            b_charges[0].stripe_invoice_item_id.clone()
+        ),
+        (0, ChargeStatus::Succeeded, None)
+    );
+}
+
+async fn a_dry_run_sends_and_records_nothing(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let d = pro_user(store, "d@example.com", None).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    calls(store, &d, 3 + 10, NOV, INCLUDED).await;
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::DryRun)
+        .await
+        .unwrap();
+    assert!(summary.dry_run);
+    assert_eq!(
+        (
+            summary.processed,
+            summary.charged,
+            summary.failed,
+            summary.amount_cents
+        ),
+        (2, 1, 1, 500)
+    );
+    assert!(billing.stripe.received().is_empty());
+    assert!(
+        store
+            .overage_charges_for_user(&a.0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_001, 0));
+
+    let without_stripe = OverageService::new(
+        store.clone(),
+        None,
+        catalog(),
+        billing.clock.clone(),
+        BillingOptions::default(),
+    );
+    assert!(matches!(
+        without_stripe.process_all(RunMode::Live).await,
+        Err(BillingError::StripeNotConfigured)
+    ));
+    assert_eq!(
+        without_stripe.process_all(RunMode::DryRun).await.unwrap(),
+        summary
+    );
+}
+
+async fn a_pending_charge_older_than_stripes_key_window_is_reported_not_resent(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    let nov = BillingPeriod::containing(NOV).start();
+    store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: a.0.clone(),
+            period_start: nov,
+            calls_from: 0,
+            calls_to: 5_001,
+            amount_cents: 500,
+            idempotency_key: idempotency_key(&a.0, nov, 0, 5_001, 0),
+            created_at: NOW - Duration::days(2),
+        })
+        .await
+        .unwrap();
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!((summary.failed, summary.amount_cents), (1, 0));
+    assert!(
+        summary.errors[0].reason.contains("pending since"),
+        "{summary:?}"
+    );
+    assert!(billing.stripe.received().is_empty());
+    assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
+    let reconciliation = billing.service(store).reconcile().await.unwrap();
+    assert_eq!(reconciliation[0].status, "pending");
+}
+
+async fn reconciliation_flags_drift(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    let nov = BillingPeriod::containing(NOV).start();
+    // A charge recorded for the wrong amount (400 cents for calls worth 500).
+    let wrong = store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: a.0.clone(),
+            period_start: nov,
+            calls_from: 0,
+            calls_to: 5_001,
+            amount_cents: 400,
+            idempotency_key: "hand-made".to_owned(),
+            created_at: NOW,
+        })
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(wrong.id, Some("ii_hand"), NOW)
+        .await
+        .unwrap();
+    let reconciliation = billing.service(store).reconcile().await.unwrap();
+    assert_eq!(reconciliation.len(), 1);
+    assert_eq!(reconciliation[0].status, "drift");
+    assert_eq!(
+        reconciliation[0].problems,
+        vec!["charged 400 cent(s) where the invoiced calls cost 500".to_owned()]
+    );
+}
+
+macro_rules! on_every_store {
+    ($($scenario:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Memory).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    one_run_bills_each_user_once_with_exact_amounts,
+    server_errors_then_success_make_one_charge_with_one_key,
+    a_timeout_after_stripe_applied_is_finished_by_the_next_run,
+    concurrent_runs_never_bill_twice,
+    runs_a_day_apart_bill_the_difference_exactly,
+    ended_periods_are_billed_after_they_close,
+    a_dry_run_sends_and_records_nothing,
+    a_pending_charge_older_than_stripes_key_window_is_reported_not_resent,
+    reconciliation_flags_drift,
+);

@@ -1,0 +1,2 @@
+pub mod fake_stripe;
+pub mod stores;
