@@ -176,6 +176,30 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_unmetered: bool,
 
+    /// Stripe secret key for overage invoice items; unset, billing runs only as --dry-run.
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true, global = true)]
+    pub stripe_secret_key: Option<String>,
+
+    /// Stripe's API address (a local mock in tests).
+    #[arg(long, env = "STRIPE_API_BASE", default_value = usage_billing::stripe::DEFAULT_API_BASE,
+          global = true)]
+    pub stripe_api_base: String,
+
+    /// Timeout of one request to Stripe, in milliseconds (100 to 120000).
+    #[arg(long, env = "STRIPE_TIMEOUT_MS", default_value_t = 10_000, global = true,
+          value_parser = clap::value_parser!(u64).range(100..=120_000))]
+    pub stripe_timeout_ms: u64,
+
+    /// Attempts per invoice item, the first included (1 to 10).
+    #[arg(long, env = "STRIPE_MAX_ATTEMPTS", default_value_t = 4, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub stripe_max_attempts: u32,
+
+    /// Users billed at once by an overage billing run (1 to 256).
+    #[arg(long, env = "OVERAGE_BILLING_CONCURRENCY", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub overage_billing_concurrency: u32,
+
     /// Tests and demos only: run as if the clock read this RFC 3339 instant at start (the
     /// server then lives on another day, e.g. across a month boundary). User tokens are
     /// still minted and checked on the real clock.
@@ -228,6 +252,20 @@ pub enum Command {
         /// The day, YYYY-MM-DD (default: yesterday, UTC).
         #[arg(long)]
         date: Option<String>,
+    },
+    /// Bill un-invoiced overage as Stripe invoice items (as the cron endpoint); prints the
+    /// JSON summary.
+    BillOverage {
+        /// Say what would be billed; record and send nothing (no Stripe key needed).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare, per user and period, overage calls, invoiced calls and recorded charges;
+    /// prints JSON and exits non-zero when something does not add up.
+    ReconcileOverage {
+        /// Only the periods that need attention (not `ok`).
+        #[arg(long)]
+        attention_only: bool,
     },
 }
 

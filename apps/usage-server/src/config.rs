@@ -12,7 +12,8 @@ use usage_auth::verify::KeyCacheConfig;
 use usage_core::plan::{OverLimit, PlanTerms};
 use usage_core::rate::{PlanRateLimits, RateLimit};
 use usage_core::tracker::TrackerConfig;
-use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, SystemClock};
+use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
+use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, Store, SystemClock};
 use usage_store::{DatabaseUrl, PoolOptions};
 
 use crate::ServerError;
@@ -48,6 +49,10 @@ pub struct Config {
     pub daily_aggregation: bool,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
     pub clock_start: Option<time::OffsetDateTime>,
+    /// Stripe, when `STRIPE_SECRET_KEY` is set.
+    pub stripe: Option<StripeConfig>,
+    /// How billing runs behave.
+    pub billing: BillingOptions,
     jwt_secret: Option<String>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
@@ -118,10 +123,55 @@ impl Config {
             cron_secret: options.cron_secret.clone().filter(|s| !s.is_empty()),
             daily_aggregation: options.daily_aggregation,
             clock_start: options.clock_start,
+            stripe: options
+                .stripe_secret_key
+                .clone()
+                .filter(|k| !k.trim().is_empty())
+                .map(|key| StripeConfig {
+                    api_base: options.stripe_api_base.clone(),
+                    timeout: Duration::from_millis(options.stripe_timeout_ms),
+                    max_attempts: options.stripe_max_attempts,
+                    ..StripeConfig::new(key)
+                }),
+            billing: BillingOptions {
+                concurrency: usize::try_from(options.overage_billing_concurrency).unwrap_or(16),
+                // Longer than one item's worst case (every attempt timing out, waits between),
+                // so that a charge being sent is never resumed by another run meanwhile.
+                in_flight_grace: time::Duration::minutes(5).max(time::Duration::milliseconds(
+                    i64::try_from(
+                        (options.stripe_timeout_ms + 5_000)
+                            .saturating_mul(u64::from(options.stripe_max_attempts))
+                            .saturating_add(60_000),
+                    )
+                    .unwrap_or(i64::MAX),
+                )),
+                ..BillingOptions::default()
+            },
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
         }
+    }
+
+    /// The overage billing service on `store`: live runs when Stripe is configured, dry
+    /// runs and reconciliation always.
+    pub fn billing(
+        &self,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<OverageService, ServerError> {
+        let stripe = match &self.stripe {
+            Some(config) => Some(Arc::new(HttpStripeClient::new(config.clone())?)
+                as Arc<dyn usage_billing::StripeClient>),
+            None => None,
+        };
+        Ok(OverageService::new(
+            store,
+            stripe,
+            self.plans.clone(),
+            clock,
+            self.billing,
+        ))
     }
 
     /// The clock: the system's, or the shifted one of `USAGE_CLOCK_START`.

@@ -1,10 +1,11 @@
 //! Cron endpoints (`Authorization: Bearer <CRON_SECRET>`), and the built-in daily schedule.
 
-use actix_web::http::header;
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use time::Duration;
 use usage_analytics::DailyAggregation;
+use usage_billing::RunMode;
 use usage_core::Clock;
 
 use crate::ApiError;
@@ -20,6 +21,56 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(aggregate_daily))
             .default_service(web::to(method_not_allowed)),
     );
+    cfg.service(
+        web::resource("/api/cron/process-overage")
+            .app_data(query_config())
+            .route(web::post().to(process_overage))
+            .default_service(web::to(method_not_allowed)),
+    );
+    cfg.service(
+        web::resource("/api/cron/overage-reconciliation")
+            .route(web::get().to(overage_reconciliation))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+#[derive(Deserialize)]
+struct ProcessOverageQuery {
+    dry_run: Option<String>,
+}
+
+/// `POST /api/cron/process-overage[?dry_run=true]`: the billing run's summary.
+async fn process_overage(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<ProcessOverageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    check_cron_secret(&req, &state)?;
+    let mode = match query.dry_run.as_deref() {
+        None | Some("false") | Some("0") => RunMode::Live,
+        Some("true") | Some("1") => RunMode::DryRun,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("dry_run must be true or false, got {other:?}."),
+            ));
+        }
+    };
+    let summary = state.billing.process_all(mode).await?;
+    Ok(HttpResponse::Ok().json(summary))
+}
+
+/// `GET /api/cron/overage-reconciliation`: every user and period with overage or
+/// charges, and what does not add up.
+async fn overage_reconciliation(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_cron_secret(&req, &state)?;
+    let items = state.billing.reconcile().await?;
+    let drift = items.iter().filter(|r| r.status == "drift").count();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "drift": drift, "items": items })))
 }
 
 /// 404 when no secret is configured (the endpoints do not exist then), 401 for a wrong one.

@@ -27,6 +27,15 @@ pub enum ServerError {
     /// A report or job.
     #[error(transparent)]
     Analytics(#[from] usage_analytics::AnalyticsError),
+    /// Overage billing.
+    #[error(transparent)]
+    Billing(#[from] usage_billing::BillingError),
+    /// The Stripe client could not be set up.
+    #[error(transparent)]
+    Stripe(#[from] usage_billing::StripeError),
+    /// Reconciliation found periods that do not add up.
+    #[error("{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")")]
+    BillingDrift(usize),
     /// PostgreSQL deployments must share one configured secret.
     #[error(
         "JWT_SECRET is required with PostgreSQL (every instance must sign and verify with the same secret)"
@@ -224,6 +233,22 @@ impl From<RepoError> for ApiError {
                     "The database could not complete the request; try again shortly.",
                 )
             }
+        }
+    }
+}
+
+impl From<usage_billing::BillingError> for ApiError {
+    fn from(err: usage_billing::BillingError) -> Self {
+        use usage_billing::BillingError as E;
+        match err {
+            E::StripeNotConfigured => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "billing_unavailable",
+                "Stripe is not configured on this server (STRIPE_SECRET_KEY); a dry run \
+                 (?dry_run=true) works without it.",
+            ),
+            E::UnknownUser(_) => ApiError::not_found(),
+            E::Repo(e) => e.into(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub(crate) struct AppState {
     pub keys: KeyIssuer,
     pub verifier: Arc<KeyVerifier>,
     pub aggregation: DailyAggregation,
+    pub billing: usage_billing::OverageService,
     pub cron_secret: Option<String>,
 }
 
@@ -74,6 +75,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
     let keys = KeyIssuer::new(store.clone(), store.clone(), clock.clone());
     let aggregation = DailyAggregation::new(store.clone(), clock.clone());
+    let (store_for_billing, clock_for_billing) = (store.clone(), clock.clone());
     let schedule = config
         .daily_aggregation
         .then(|| cron_api::schedule_daily_aggregation(aggregation.clone(), clock.clone()));
@@ -92,6 +94,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         keys,
         verifier,
         aggregation,
+        billing: config.billing(store_for_billing, clock_for_billing)?,
         cron_secret: config.cron_secret.clone(),
     });
     let unmetered = config.bench_unmetered;

@@ -16,6 +16,7 @@ mod user_auth;
 use std::sync::Arc;
 
 use usage_analytics::DailyAggregation;
+use usage_billing::RunMode;
 use usage_auth::jwt::JwtKeys;
 use usage_auth::keys::KeyIssuer;
 use usage_core::accounts::Accounts;
@@ -81,6 +82,33 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             let store = open_migrated(&config).await?;
             let report = DailyAggregation::new(store, clock).run(date).await?;
             println!("{}", serde_json::json!(report));
+            Ok(())
+        }
+        Command::BillOverage { dry_run } => {
+            let store = open_migrated(&config).await?;
+            let mode = if dry_run {
+                RunMode::DryRun
+            } else {
+                RunMode::Live
+            };
+            let summary = config.billing(store, clock)?.process_all(mode).await?;
+            println!("{}", serde_json::json!(summary));
+            Ok(())
+        }
+        Command::ReconcileOverage { attention_only } => {
+            let store = open_migrated(&config).await?;
+            let items: Vec<_> = config
+                .billing(store, clock)?
+                .reconcile()
+                .await?
+                .into_iter()
+                .filter(|r| !attention_only || r.status != "ok")
+                .collect();
+            let drift = items.iter().filter(|r| r.status == "drift").count();
+            println!("{}", serde_json::json!({ "drift": drift, "items": items }));
+            if drift > 0 {
+                return Err(ServerError::BillingDrift(drift));
+            }
             Ok(())
         }
         Command::Token(args) => {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use common::fake_stripe::{FakeStripe, SECRET, Scripted};
+use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 use common::stores::{Backend, calls, fresh, pro_user, user_on};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};

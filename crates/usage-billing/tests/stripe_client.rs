@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake_stripe::{FakeStripe, SECRET, Scripted};
+use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 use time::macros::datetime;
 use usage_billing::stripe::{InvoiceItem, StripeClient, StripeError};
 use usage_billing::{HttpStripeClient, StripeConfig};

@@ -2,7 +2,16 @@
 //! the secret key, keeps idempotency keys like Stripe (a repeated key gets the first
 //! answer again, errors included), refuses chosen customers with 402, and can be told to
 //! fail or stall the next requests.
-#![allow(dead_code)]
+//!
+//! ```no_run
+//! # async fn demo() {
+//! let stripe = usage_fake_stripe::FakeStripe::start().await;
+//! // Point STRIPE_API_BASE at stripe.uri() and STRIPE_SECRET_KEY at usage_fake_stripe::SECRET.
+//! assert!(stripe.created().is_empty());
+//! # }
+//! ```
+// Test support: a poisoned lock means a test already failed.
+#![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
