@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use usage_auth::jwt::JwtConfig;
 use usage_auth::verify::KeyCacheConfig;
+use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
 use usage_core::plan::{OverLimit, PlanTerms};
 use usage_core::rate::{PlanRateLimits, RateLimit};
 use usage_core::tracker::TrackerConfig;
-use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
 use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, Store, SystemClock};
 use usage_store::{DatabaseUrl, PoolOptions};
 

@@ -34,7 +34,9 @@ pub enum ServerError {
     #[error(transparent)]
     Stripe(#[from] usage_billing::StripeError),
     /// Reconciliation found periods that do not add up.
-    #[error("{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")")]
+    #[error(
+        "{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")"
+    )]
     BillingDrift(usize),
     /// PostgreSQL deployments must share one configured secret.
     #[error(

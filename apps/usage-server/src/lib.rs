@@ -16,9 +16,9 @@ mod user_auth;
 use std::sync::Arc;
 
 use usage_analytics::DailyAggregation;
-use usage_billing::RunMode;
 use usage_auth::jwt::JwtKeys;
 use usage_auth::keys::KeyIssuer;
+use usage_billing::RunMode;
 use usage_core::accounts::Accounts;
 use usage_core::{Clock, Store, SystemClock};
 

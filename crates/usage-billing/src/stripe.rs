@@ -204,9 +204,6 @@ impl HttpStripeClient {
                 "STRIPE_API_BASE must be an http(s) address, got {base:?}"
             )));
         }
-        // reqwest is built without a default TLS provider (ring instead of aws-lc, which
-        // needs cmake); install it once per process. A second install is refused: fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)

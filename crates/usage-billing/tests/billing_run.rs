@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 use common::stores::{Backend, calls, fresh, pro_user, user_on};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
@@ -18,6 +17,7 @@ use usage_billing::{
 };
 use usage_core::repo::{ChargeStatus, NewOverageCharge};
 use usage_core::{BillingPeriod, ManualClock, Plan, PlanCatalog, Store, UserId};
+use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 
 /// Pro includes 10 calls here, so `n + 10` calls are `n` overage calls.
 const INCLUDED: u64 = 10;

@@ -6,11 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 use time::macros::datetime;
 use usage_billing::stripe::{InvoiceItem, StripeClient, StripeError};
 use usage_billing::{HttpStripeClient, StripeConfig};
 use usage_core::UserId;
+use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 
 fn client(stripe: &FakeStripe, max_attempts: u32, timeout: Duration) -> HttpStripeClient {
     HttpStripeClient::new(StripeConfig {
