@@ -53,3 +53,7 @@ bench-hot-path BACKEND="sqlite":
 # Analytics at scale on PostgreSQL (USERS=10000 ROWS=10000000 by default)
 bench-analytics:
     bash scripts/bench-analytics.sh
+
+# Overage billing of USERS=10000 pro users against a local fake Stripe, on PostgreSQL
+bench-billing:
+    cargo run --release -p usage-billing --example bench_billing

@@ -448,8 +448,13 @@ impl OverageService {
             if unresolved.contains(&period.period_start) {
                 continue;
             }
-            // A resumed charge or another run may have moved the invoiced count.
-            let (from, to) = if mode == RunMode::Live {
+            // A charge resumed above moved the invoiced count: read it again. Another
+            // run may have moved it too, but then this run's range starts where that
+            // run's succeeded charge started, and recording it is refused (open range).
+            let resumed = charges
+                .iter()
+                .any(|c| c.period_start == period.period_start && c.updated_at == now);
+            let (from, to) = if resumed {
                 match self.store.usage_record(user_id, period.period_start).await {
                     Ok(Some(r)) => (r.overage_invoiced_calls, r.overage_calls),
                     Ok(None) => continue,
