@@ -84,6 +84,10 @@ rows_per_day=$("${psql_cmd[@]}" -c "SELECT count(*) FROM eco_api_usage WHERE cre
 awk '{ print $2 }' "$work/agg" | sort -g | awk -v r="$rows_per_day" '{ v[NR] = $1 } END {
   printf "one day (%d rows): min %.2f s, median %.2f s, max %.2f s (CLI process included)\n", r, v[1], v[int((NR + 1) / 2)], v[NR] }'
 
+# Measure the steady state: the aggregation just wrote ~290k daily rows and the load
+# dirtied gigabytes; let vacuum and a checkpoint happen now rather than under wrk.
+"${psql_cmd[@]}" -c "VACUUM (ANALYZE)" -c "CHECKPOINT"
+
 echo "== user endpoints under load (wrk -t1 -c8 -d$duration, 100 users' tokens in turn)"
 for i in $(seq 1 100); do
   "$bin" token --user "eco_usr_bench$(printf '%06d' $((i * 97 % users + 1)))" --ttl-secs 3600
