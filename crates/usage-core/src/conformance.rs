@@ -20,10 +20,10 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge, RecordOutcome,
-    UninvoicedOverage, User,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge,
+    RecordOutcome, UninvoicedOverage, User, UserPageQuery, UserSort,
 };
-use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
+use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
 /// A store under test and whatever must live as long as it (a temporary database).
 pub struct TestStore {
@@ -58,6 +58,7 @@ macro_rules! repository_conformance_tests {
             daily_aggregation_is_idempotent,
             overage_charge_ledger,
             overage_billing_queries,
+            admin_figures_and_audit,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -919,4 +920,211 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
         (0, 0, 1),
         "a charge without overage still shows"
     );
+}
+
+pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
+    // The audit log, newest first.
+    for (i, status) in [200u16, 403, 429].into_iter().enumerate() {
+        store
+            .record_admin_action(&AdminAuditEntry {
+                id: 0,
+                admin_id: UserId::parse("eco_usr_admin").unwrap(),
+                method: "GET".to_owned(),
+                route: "/api/admin/analytics/users".to_owned(),
+                params: format!("page={i}&sort=email"),
+                status,
+                created_at: T0 + Duration::seconds(i as i64),
+            })
+            .await
+            .unwrap();
+    }
+    let (total, page) = store.admin_actions(0, 2).await.unwrap();
+    assert_eq!(total, 3);
+    assert_eq!(
+        page.iter()
+            .map(|e| (e.status, e.params.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(429, "page=2&sort=email"), (403, "page=1&sort=email")]
+    );
+    assert_eq!(page[0].created_at, T0 + Duration::seconds(2));
+    let (_, rest) = store.admin_actions(2, 2).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert!(store.admin_actions(3, 2).await.unwrap().1.is_empty());
+
+    // Four users; ada and dan on pro with 10 included calls here.
+    let mut catalog = PlanCatalog::default();
+    catalog.pro.monthly_calls = Some(10);
+    let mut ids = Vec::new();
+    for (i, (email, plan)) in [
+        ("ada@example.com", Plan::Pro),
+        ("bob@example.com", Plan::Free),
+        ("cy@example.com", Plan::Enterprise),
+        ("dan_x@example.com", Plan::Pro),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let u = User {
+            created_at: T0 + Duration::hours(i as i64),
+            ..user(email, plan)
+        };
+        store.create_user(&u).await.unwrap();
+        let k = key_for(&u.id, &format!("{:064x}", rand::random::<u128>()), T0);
+        store.create_api_key(&k).await.unwrap();
+        ids.push((u.id, k.id));
+    }
+    let (ada, bob, cy, dan) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    let included: IncludedCalls = HashMap::from([(ada.0.clone(), 10), (dan.0.clone(), 10)]);
+    let mut batch = events(&ada.0, &ada.1, 15, T0);
+    batch.extend(events(&bob.0, &bob.1, 3, T0));
+    batch.extend(events(&dan.0, &dan.1, 30, T0));
+    // Last month's calls count in no figure of this period.
+    batch.extend(events(&dan.0, &dan.1, 7, datetime!(2026-10-15 12:00 UTC)));
+    store.record_usage(&batch, &included).await.unwrap();
+    let period = BillingPeriod::containing(T0);
+
+    let page = |sort, descending, plan, search: Option<&str>, offset, limit| UserPageQuery {
+        period_start: period.start(),
+        plan,
+        search: search.map(str::to_owned),
+        sort,
+        descending,
+        offset,
+        limit,
+    };
+    let emails = |rows: &[crate::repo::UserUsageRow]| {
+        rows.iter()
+            .map(|r| r.user.email.clone())
+            .collect::<Vec<_>>()
+    };
+    let run = |q: UserPageQuery| {
+        let store = store.clone();
+        let catalog = catalog.clone();
+        async move { store.users_page(&q, &catalog).await.unwrap() }
+    };
+    let (total, rows) = run(page(UserSort::ApiCalls, true, None, None, 0, 10)).await;
+    assert_eq!(total, 4);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (
+                r.user.email.as_str(),
+                r.api_calls,
+                r.overage_calls,
+                r.revenue_cents
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("dan_x@example.com", 30, 20, 4_902),
+            ("ada@example.com", 15, 5, 4_901),
+            ("bob@example.com", 3, 0, 0),
+            ("cy@example.com", 0, 0, 50_000),
+        ]
+    );
+    let (_, rows) = run(page(UserSort::Revenue, true, None, None, 0, 10)).await;
+    assert_eq!(
+        emails(&rows),
+        [
+            "cy@example.com",
+            "dan_x@example.com",
+            "ada@example.com",
+            "bob@example.com"
+        ]
+    );
+    let (_, rows) = run(page(UserSort::Email, false, None, None, 0, 10)).await;
+    assert_eq!(
+        emails(&rows),
+        [
+            "ada@example.com",
+            "bob@example.com",
+            "cy@example.com",
+            "dan_x@example.com"
+        ]
+    );
+    let (_, rows) = run(page(UserSort::CreatedAt, true, None, None, 0, 10)).await;
+    assert_eq!(
+        emails(&rows),
+        [
+            "dan_x@example.com",
+            "cy@example.com",
+            "bob@example.com",
+            "ada@example.com"
+        ]
+    );
+    let (_, rows) = run(page(UserSort::Email, false, None, None, 2, 2)).await;
+    assert_eq!(emails(&rows), ["cy@example.com", "dan_x@example.com"]);
+    let (total, rows) = run(page(UserSort::Email, false, None, None, 4, 2)).await;
+    assert_eq!((total, rows.len()), (4, 0), "past the last page");
+    let (total, rows) = run(page(UserSort::Email, false, Some(Plan::Pro), None, 0, 10)).await;
+    assert_eq!(
+        (total, emails(&rows)),
+        (
+            2,
+            vec!["ada@example.com".to_owned(), "dan_x@example.com".to_owned()]
+        )
+    );
+    // Search: case-insensitive, on email or id, and literal (no wildcards).
+    let (total, rows) = run(page(UserSort::Email, false, None, Some("DAN"), 0, 10)).await;
+    assert_eq!(
+        (total, emails(&rows)),
+        (1, vec!["dan_x@example.com".to_owned()])
+    );
+    let (total, _) = run(page(UserSort::Email, false, None, Some("b_b"), 0, 10)).await;
+    assert_eq!(
+        total, 0,
+        "`_` matches only itself (as a wildcard it would find bob)"
+    );
+    let (total, _) = run(page(UserSort::Email, false, None, Some("%"), 0, 10)).await;
+    assert_eq!(total, 0, "`%` matches only itself");
+    let (total, _) = run(page(
+        UserSort::Email,
+        false,
+        None,
+        Some("' OR 1=1--"),
+        0,
+        10,
+    ))
+    .await;
+    assert_eq!(total, 0);
+    let id_part = &cy.0.as_str()[8..16];
+    let (total, rows) = run(page(UserSort::Email, false, None, Some(id_part), 0, 10)).await;
+    assert_eq!(
+        (total, emails(&rows)),
+        (1, vec!["cy@example.com".to_owned()])
+    );
+
+    // Period figures: one invoiced charge for ada's 5 overage calls.
+    let charge = store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: ada.0.clone(),
+            period_start: period.start(),
+            calls_from: 0,
+            calls_to: 5,
+            amount_cents: 1,
+            idempotency_key: "ada-0-5".to_owned(),
+            created_at: T0,
+        })
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(charge.id, Some("ii_1"), T0)
+        .await
+        .unwrap();
+    let day = T0.date().midnight().assume_utc();
+    let figures = store
+        .period_figures(
+            period.start(),
+            (day, day + Duration::days(1)),
+            (1, 3),
+            &catalog,
+        )
+        .await
+        .unwrap();
+    assert_eq!(figures.api_calls, 48);
+    assert_eq!(figures.api_calls_today, 48);
+    assert_eq!(figures.overage_calls, 25);
+    assert_eq!(figures.invoiced_cents, 1, "ada's 5 calls");
+    assert_eq!(figures.uninvoiced_cents, 2, "dan's 20 calls");
+    // A third of the period gone: ada heads for 45 calls (35 over), dan for 90 (80 over);
+    // free and enterprise users have no overage.
+    assert_eq!(figures.projected_cents, 4 + 8);
 }

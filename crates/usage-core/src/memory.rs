@@ -9,12 +9,13 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointCount,
-    EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord,
-    UsageRepository, User, UserRepository,
+    AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
+    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, NewOverageCharge,
+    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome,
+    TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery,
+    UserRepository, UserSort, UserUsageRow,
 };
-use crate::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
+use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
 #[derive(Debug, Default)]
 struct State {
@@ -25,6 +26,7 @@ struct State {
     records: BTreeMap<(UserId, OffsetDateTime), UsageRecord>,
     daily: BTreeMap<(UserId, Date), DailyUsage>,
     charges: Vec<OverageCharge>,
+    audit: Vec<AdminAuditEntry>,
 }
 
 /// All repositories in one process-local map. Cheap to create; one per test.
@@ -607,6 +609,127 @@ impl OverageChargeRepository for MemoryStore {
             }
         }
         Ok(entries.into_values().collect())
+    }
+}
+
+#[async_trait]
+impl AdminRepository for MemoryStore {
+    async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
+        let mut state = self.state();
+        let id = state.audit.len() as i64 + 1;
+        state.audit.push(AdminAuditEntry {
+            id,
+            ..entry.clone()
+        });
+        Ok(())
+    }
+
+    async fn admin_actions(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<AdminAuditEntry>), RepoError> {
+        let state = self.state();
+        let page = state
+            .audit
+            .iter()
+            .rev()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        Ok((state.audit.len() as u64, page))
+    }
+
+    async fn users_page(
+        &self,
+        query: &UserPageQuery,
+        catalog: &PlanCatalog,
+    ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
+        let state = self.state();
+        let search = query.search.as_deref().map(str::to_lowercase);
+        let mut rows: Vec<UserUsageRow> = state
+            .users
+            .values()
+            .filter(|u| query.plan.is_none_or(|p| u.plan == p))
+            .filter(|u| {
+                search.as_deref().is_none_or(|q| {
+                    u.email.to_lowercase().contains(q) || u.id.as_str().to_lowercase().contains(q)
+                })
+            })
+            .map(|u| {
+                let (api_calls, overage_calls) = state
+                    .records
+                    .get(&(u.id.clone(), query.period_start))
+                    .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+                UserUsageRow {
+                    user: u.clone(),
+                    api_calls,
+                    overage_calls,
+                    revenue_cents: catalog.terms(u.plan).price.0
+                        + catalog.overage_price.total_in_cents(overage_calls).0,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            let key = match query.sort {
+                UserSort::ApiCalls => a.api_calls.cmp(&b.api_calls),
+                UserSort::CreatedAt => a.user.created_at.cmp(&b.user.created_at),
+                UserSort::Email => a.user.email.cmp(&b.user.email),
+                UserSort::Revenue => a.revenue_cents.cmp(&b.revenue_cents),
+            }
+            .then_with(|| a.user.id.cmp(&b.user.id));
+            if query.descending { key.reverse() } else { key }
+        });
+        let total = rows.len() as u64;
+        let page = rows
+            .into_iter()
+            .skip(usize::try_from(query.offset).unwrap_or(usize::MAX))
+            .take(query.limit as usize)
+            .collect();
+        Ok((total, page))
+    }
+
+    async fn period_figures(
+        &self,
+        period_start: OffsetDateTime,
+        today: (OffsetDateTime, OffsetDateTime),
+        (elapsed, length): (i64, i64),
+        catalog: &PlanCatalog,
+    ) -> Result<PeriodFigures, RepoError> {
+        let state = self.state();
+        let cents = |calls: u64| catalog.overage_price.total_in_cents(calls).0;
+        let mut figures = PeriodFigures {
+            api_calls_today: state
+                .events
+                .iter()
+                .filter(|e| e.created_at >= today.0 && e.created_at < today.1)
+                .count() as u64,
+            ..PeriodFigures::default()
+        };
+        for r in state
+            .records
+            .values()
+            .filter(|r| r.period_start == period_start)
+        {
+            figures.api_calls += r.api_calls;
+            figures.overage_calls += r.overage_calls;
+            figures.invoiced_cents += cents(r.overage_invoiced_calls);
+            figures.uninvoiced_cents += cents(r.overage_calls) - cents(r.overage_invoiced_calls);
+            let plan = state.users.get(&r.user_id).map(|u| u.plan);
+            let projected = match plan.and_then(|p| catalog.included_calls_if_billed(p)) {
+                Some(limit) => {
+                    let pace =
+                        i128::from(r.api_calls) * i128::from(length) / i128::from(elapsed.max(1));
+                    u64::try_from(pace - i128::from(limit))
+                        .unwrap_or(0)
+                        .max(r.overage_calls)
+                }
+                None => r.overage_calls,
+            };
+            figures.projected_cents += cents(projected);
+        }
+        Ok(figures)
     }
 }
 

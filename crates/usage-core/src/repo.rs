@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::{Date, OffsetDateTime};
 
-use crate::{ApiKeyId, Plan, UsageEvent, UserId};
+use crate::{ApiKeyId, Plan, PlanCatalog, UsageEvent, UserId};
 
 /// What can go wrong in a repository, in terms the services can act on.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -284,6 +284,117 @@ pub struct OverageLedgerEntry {
     pub failed_charges: u64,
 }
 
+/// One admin request, for the audit log (`eco_admin_audit_log`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminAuditEntry {
+    /// Row id (0 before it is stored).
+    pub id: i64,
+    /// Who (the token's `sub`; not necessarily an admin: refused requests are logged too).
+    pub admin_id: UserId,
+    /// HTTP method.
+    pub method: String,
+    /// Path requested.
+    pub route: String,
+    /// Query string, as sent.
+    pub params: String,
+    /// Status answered.
+    pub status: u16,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// What the admin users list can be sorted by: an allow-list, never SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserSort {
+    /// Calls this period.
+    ApiCalls,
+    /// Sign-up time.
+    CreatedAt,
+    /// Email.
+    Email,
+    /// Plan price plus this period's overage.
+    Revenue,
+}
+
+/// One page of the admin users list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPageQuery {
+    /// The period whose calls and overage are shown.
+    pub period_start: OffsetDateTime,
+    /// Only users on this plan.
+    pub plan: Option<Plan>,
+    /// Only users whose email or id contains this text (matched literally).
+    pub search: Option<String>,
+    /// Sort key.
+    pub sort: UserSort,
+    /// Largest first.
+    pub descending: bool,
+    /// Rows to skip.
+    pub offset: u64,
+    /// Rows to return.
+    pub limit: u32,
+}
+
+/// A user with this period's figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserUsageRow {
+    /// The user.
+    pub user: User,
+    /// Calls this period.
+    pub api_calls: u64,
+    /// Overage calls this period.
+    pub overage_calls: u64,
+    /// Plan price plus this period's overage cost.
+    pub revenue_cents: i64,
+}
+
+/// Business figures of one period (admin overview).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeriodFigures {
+    /// Calls counted this period (flushed).
+    pub api_calls: u64,
+    /// Calls stored between the day bounds given.
+    pub api_calls_today: u64,
+    /// Overage calls this period.
+    pub overage_calls: u64,
+    /// Cents of the overage already invoiced (each user's invoiced calls rounded once).
+    pub invoiced_cents: i64,
+    /// Cents of the overage accrued and not invoiced yet.
+    pub uninvoiced_cents: i64,
+    /// Cents of the overage at the period's end if every user keeps their pace so far.
+    pub projected_cents: i64,
+}
+
+/// Admin figures and the audit log.
+#[async_trait]
+pub trait AdminRepository: Send + Sync {
+    /// Appends one entry to the audit log (its `id` is ignored).
+    async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError>;
+    /// The audit log, newest first: `(total entries, this page)`.
+    async fn admin_actions(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<AdminAuditEntry>), RepoError>;
+    /// One page of users with this period's figures: `(users matching, this page)`. Ties
+    /// are broken by user id in the same direction, so pages do not overlap.
+    async fn users_page(
+        &self,
+        query: &UserPageQuery,
+        catalog: &PlanCatalog,
+    ) -> Result<(u64, Vec<UserUsageRow>), RepoError>;
+    /// The period's figures. `today` bounds the calls counted as today's; `elapsed` of
+    /// `length` is how far into the period `now` is, for the run-rate projection.
+    async fn period_figures(
+        &self,
+        period_start: OffsetDateTime,
+        today: (OffsetDateTime, OffsetDateTime),
+        elapsed_of_length: (i64, i64),
+        catalog: &PlanCatalog,
+    ) -> Result<PeriodFigures, RepoError>;
+}
+
 /// Users (`eco_users`).
 #[async_trait]
 pub trait UserRepository: Send + Sync {
@@ -451,6 +562,7 @@ pub trait Store:
     + UsageRepository
     + DailyUsageRepository
     + OverageChargeRepository
+    + AdminRepository
     + Send
     + Sync
 {

@@ -218,3 +218,144 @@ impl LedgerCounts {
         }
     }
 }
+
+/// Admin queries, in plain SQL both backends understand. Parameters are written `$N`;
+/// SQLite gets them as `?N` (see `sqlite_params`). Nothing from a request is ever
+/// interpolated: the only text spliced in is an ORDER BY chosen from constants by
+/// [`order_by`].
+pub(crate) mod admin_sql {
+    use usage_core::repo::UserSort;
+
+    pub(crate) const INSERT_AUDIT: &str = "
+        INSERT INTO eco_admin_audit_log (admin_id, method, route, params, status, created_at)
+        VALUES ($1, $2, $3, $4, $5, $6)";
+    pub(crate) const COUNT_AUDIT: &str = "SELECT count(*) AS n FROM eco_admin_audit_log";
+    pub(crate) const AUDIT_PAGE: &str = "
+        SELECT id, admin_id, method, route, params, status, created_at
+        FROM eco_admin_audit_log ORDER BY id DESC LIMIT $1 OFFSET $2";
+
+    /// `$1`: plan or ''; `$2`: lower-case LIKE pattern or ''.
+    pub(crate) const COUNT_USERS: &str = "
+        SELECT count(*) AS n FROM eco_users u
+        WHERE ($1 = '' OR u.plan = $1)
+          AND ($2 = '' OR lower(u.email) LIKE $2 ESCAPE '\\' OR lower(u.id) LIKE $2 ESCAPE '\\')";
+
+    /// `$1` period start, `$2..$4` plan prices (free, pro, enterprise), `$5` overage
+    /// price in micro-dollars, `$6` plan or '', `$7` pattern or '', `$8` limit, `$9` offset.
+    pub(crate) fn users_page(sort: UserSort, descending: bool) -> String {
+        format!(
+            "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
+                    CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
+                    CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls,
+                    CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
+                         + (COALESCE(r.overage_calls, 0) * $5 + 5000) / 10000 AS BIGINT)
+                        AS revenue_cents
+             FROM eco_users u
+             LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
+             WHERE ($6 = '' OR u.plan = $6)
+               AND ($7 = '' OR lower(u.email) LIKE $7 ESCAPE '\\' OR lower(u.id) LIKE $7 ESCAPE '\\')
+             ORDER BY {}
+             LIMIT $8 OFFSET $9",
+            order_by(sort, descending)
+        )
+    }
+
+    /// The ORDER BY of the users list, from constants only. Ties go by id, same direction.
+    pub(crate) fn order_by(sort: UserSort, descending: bool) -> &'static str {
+        match (sort, descending) {
+            (UserSort::ApiCalls, false) => "api_calls ASC, u.id ASC",
+            (UserSort::ApiCalls, true) => "api_calls DESC, u.id DESC",
+            (UserSort::CreatedAt, false) => "u.created_at ASC, u.id ASC",
+            (UserSort::CreatedAt, true) => "u.created_at DESC, u.id DESC",
+            (UserSort::Email, false) => "u.email ASC, u.id ASC",
+            (UserSort::Email, true) => "u.email DESC, u.id DESC",
+            (UserSort::Revenue, false) => "revenue_cents ASC, u.id ASC",
+            (UserSort::Revenue, true) => "revenue_cents DESC, u.id DESC",
+        }
+    }
+
+    /// `$1`, `$2`: today's bounds.
+    pub(crate) const CALLS_BETWEEN: &str =
+        "SELECT count(*) AS n FROM eco_api_usage WHERE created_at >= $1 AND created_at < $2";
+
+    /// `$1` period start, `$2` overage price (micro-dollars), `$3..$5` included calls of
+    /// free, pro, enterprise when they bill overage (-1 otherwise), `$6`/`$7` the period's
+    /// length over the time elapsed (the run-rate factor). Each user's amounts are rounded
+    /// half-up once, as their charges are.
+    pub(crate) const PERIOD_FIGURES: &str = "
+        SELECT CAST(COALESCE(SUM(api_calls), 0) AS BIGINT) AS api_calls,
+               CAST(COALESCE(SUM(overage_calls), 0) AS BIGINT) AS overage_calls,
+               CAST(COALESCE(SUM((overage_invoiced_calls * $2 + 5000) / 10000), 0) AS BIGINT)
+                   AS invoiced_cents,
+               CAST(COALESCE(SUM((overage_calls * $2 + 5000) / 10000
+                                 - (overage_invoiced_calls * $2 + 5000) / 10000), 0) AS BIGINT)
+                   AS uninvoiced_cents,
+               CAST(COALESCE(SUM((CASE
+                   WHEN lim < 0 THEN overage_calls
+                   WHEN api_calls * $6 / $7 - lim > overage_calls THEN api_calls * $6 / $7 - lim
+                   ELSE overage_calls END * $2 + 5000) / 10000), 0) AS BIGINT) AS projected_cents
+        FROM (SELECT r.api_calls, r.overage_calls, r.overage_invoiced_calls,
+                     CASE u.plan WHEN 'free' THEN $3 WHEN 'pro' THEN $4 ELSE $5 END AS lim
+              FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+              WHERE r.period_start = $1) x";
+
+    /// The same text with SQLite's numbered parameters.
+    pub(crate) fn sqlite_params(sql: &str) -> String {
+        sql.replace('$', "?")
+    }
+
+    /// A LIKE pattern matching `text` literally anywhere, lower-cased; '' for none.
+    pub(crate) fn contains_pattern(text: Option<&str>) -> String {
+        match text.map(str::trim).filter(|t| !t.is_empty()) {
+            None => String::new(),
+            Some(t) => {
+                let escaped = t
+                    .to_lowercase()
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                format!("%{escaped}%")
+            }
+        }
+    }
+}
+
+/// `count(*)` of a query.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct CountRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub n: i64,
+}
+
+/// The numbers of [`admin_sql::PERIOD_FIGURES`].
+#[derive(diesel::QueryableByName)]
+pub(crate) struct FiguresRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    api_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    invoiced_cents: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    uninvoiced_cents: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    projected_cents: i64,
+}
+
+impl FiguresRow {
+    pub(crate) fn into_figures(self, api_calls_today: i64) -> usage_core::repo::PeriodFigures {
+        usage_core::repo::PeriodFigures {
+            api_calls: to_u64(self.api_calls),
+            api_calls_today: to_u64(api_calls_today),
+            overage_calls: to_u64(self.overage_calls),
+            invoiced_cents: self.invoiced_cents,
+            uninvoiced_cents: self.uninvoiced_cents,
+            projected_cents: self.projected_cents,
+        }
+    }
+}
+
+/// Included calls of `plan` when it bills overage, else -1 (the SQL's "no overage").
+pub(crate) fn billed_limit(catalog: &usage_core::PlanCatalog, plan: Plan) -> i64 {
+    catalog.included_calls_if_billed(plan).map_or(-1, to_i64)
+}

@@ -11,25 +11,27 @@ use async_trait::async_trait;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage, DailyUsageRepository, EndpointStats,
-    IncludedCalls, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User,
-    UserRepository,
+    AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
+    DailyUsageRepository, EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge,
+    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository,
+    UserUsageRow,
 };
-use usage_core::{ApiKeyId, Plan, RepoError, Store, UsageEvent, UserId};
+use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, EndpointStatsRow, LEDGER_SQL, LedgerCounts, counter_deltas, distinct_references,
-    parse_plan, parse_top_endpoints, plan_counts, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, FiguresRow, LEDGER_SQL, LedgerCounts, admin_sql,
+    billed_limit, counter_deltas, distinct_references, parse_plan, parse_top_endpoints,
+    plan_counts, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -1118,6 +1120,192 @@ struct LedgerRow {
     period_start: String,
     #[diesel(embed)]
     counts: LedgerCounts,
+}
+
+#[async_trait]
+impl AdminRepository for SqliteStore {
+    async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
+        let entry = entry.clone();
+        self.run("audit entry", move |conn| {
+            diesel::sql_query(admin_sql::sqlite_params(admin_sql::INSERT_AUDIT))
+                .bind::<Text, _>(entry.admin_id.as_str())
+                .bind::<Text, _>(&entry.method)
+                .bind::<Text, _>(&entry.route)
+                .bind::<Text, _>(&entry.params)
+                .bind::<Integer, _>(i32::from(entry.status))
+                .bind::<Text, _>(ts(entry.created_at))
+                .execute(conn)
+                .map_err(db("audit entry"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn admin_actions(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<AdminAuditEntry>), RepoError> {
+        self.run("audit entry", move |conn| {
+            let total: CountRow = diesel::sql_query(admin_sql::COUNT_AUDIT)
+                .get_result(conn)
+                .map_err(db("audit entry"))?;
+            let rows: Vec<AuditRow> =
+                diesel::sql_query(admin_sql::sqlite_params(admin_sql::AUDIT_PAGE))
+                    .bind::<BigInt, _>(i64::from(limit))
+                    .bind::<BigInt, _>(to_i64(offset))
+                    .load(conn)
+                    .map_err(db("audit entry"))?;
+            let rows = rows
+                .into_iter()
+                .map(AuditRow::into_domain)
+                .collect::<Result<_, _>>()?;
+            Ok((to_u64(total.n), rows))
+        })
+        .await
+    }
+
+    async fn users_page(
+        &self,
+        query: &UserPageQuery,
+        catalog: &PlanCatalog,
+    ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
+        let (query, catalog) = (query.clone(), catalog.clone());
+        self.run("user", move |conn| {
+            let plan = query.plan.map_or("", Plan::as_str);
+            let pattern = admin_sql::contains_pattern(query.search.as_deref());
+            let total: CountRow =
+                diesel::sql_query(admin_sql::sqlite_params(admin_sql::COUNT_USERS))
+                    .bind::<Text, _>(plan)
+                    .bind::<Text, _>(&pattern)
+                    .get_result(conn)
+                    .map_err(db("user"))?;
+            // A page past the end costs nothing.
+            if query.offset >= to_u64(total.n) {
+                return Ok((to_u64(total.n), Vec::new()));
+            }
+            let sql =
+                admin_sql::sqlite_params(&admin_sql::users_page(query.sort, query.descending));
+            let rows: Vec<UserPageRow> = diesel::sql_query(sql)
+                .bind::<Text, _>(ts(query.period_start))
+                .bind::<BigInt, _>(catalog.free.price.0)
+                .bind::<BigInt, _>(catalog.pro.price.0)
+                .bind::<BigInt, _>(catalog.enterprise.price.0)
+                .bind::<BigInt, _>(catalog.overage_price.0)
+                .bind::<Text, _>(plan)
+                .bind::<Text, _>(&pattern)
+                .bind::<BigInt, _>(i64::from(query.limit))
+                .bind::<BigInt, _>(to_i64(query.offset))
+                .load(conn)
+                .map_err(db("user"))?;
+            let rows = rows
+                .into_iter()
+                .map(UserPageRow::into_domain)
+                .collect::<Result<_, _>>()?;
+            Ok((to_u64(total.n), rows))
+        })
+        .await
+    }
+
+    async fn period_figures(
+        &self,
+        period_start: OffsetDateTime,
+        today: (OffsetDateTime, OffsetDateTime),
+        (elapsed, length): (i64, i64),
+        catalog: &PlanCatalog,
+    ) -> Result<PeriodFigures, RepoError> {
+        let catalog = catalog.clone();
+        self.run("usage record", move |conn| {
+            let today_calls: CountRow =
+                diesel::sql_query(admin_sql::sqlite_params(admin_sql::CALLS_BETWEEN))
+                    .bind::<Text, _>(ts(today.0))
+                    .bind::<Text, _>(ts(today.1))
+                    .get_result(conn)
+                    .map_err(db("usage event"))?;
+            let figures: FiguresRow =
+                diesel::sql_query(admin_sql::sqlite_params(admin_sql::PERIOD_FIGURES))
+                    .bind::<Text, _>(ts(period_start))
+                    .bind::<BigInt, _>(catalog.overage_price.0)
+                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Free))
+                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Pro))
+                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Enterprise))
+                    .bind::<BigInt, _>(length)
+                    .bind::<BigInt, _>(elapsed.max(1))
+                    .get_result(conn)
+                    .map_err(db("usage record"))?;
+            Ok(figures.into_figures(today_calls.n))
+        })
+        .await
+    }
+}
+
+#[derive(QueryableByName)]
+struct AuditRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    admin_id: String,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Text)]
+    route: String,
+    #[diesel(sql_type = Text)]
+    params: String,
+    #[diesel(sql_type = Integer)]
+    status: i32,
+    #[diesel(sql_type = Text)]
+    created_at: String,
+}
+
+impl AuditRow {
+    fn into_domain(self) -> Result<AdminAuditEntry, RepoError> {
+        Ok(AdminAuditEntry {
+            id: self.id,
+            admin_id: UserId::from_stored(self.admin_id),
+            method: self.method,
+            route: self.route,
+            params: self.params,
+            status: u16::try_from(self.status).unwrap_or(0),
+            created_at: parse_ts(&self.created_at)?,
+        })
+    }
+}
+
+#[derive(QueryableByName)]
+struct UserPageRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    stripe_customer_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    created_at: String,
+    #[diesel(sql_type = BigInt)]
+    api_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    revenue_cents: i64,
+}
+
+impl UserPageRow {
+    fn into_domain(self) -> Result<UserUsageRow, RepoError> {
+        Ok(UserUsageRow {
+            user: User {
+                id: UserId::from_stored(self.id),
+                email: self.email,
+                plan: parse_plan(&self.plan)?,
+                stripe_customer_id: self.stripe_customer_id,
+                created_at: parse_ts(&self.created_at)?,
+            },
+            api_calls: to_u64(self.api_calls),
+            overage_calls: to_u64(self.overage_calls),
+            revenue_cents: self.revenue_cents,
+        })
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,2 @@
+DROP INDEX eco_usage_records_period_calls_idx;
+DROP TABLE eco_admin_audit_log;
