@@ -1,9 +1,9 @@
-//! Usage analytics of nexus-usage.
-//!
-//! Today: the live figures of a user's current period ([`CurrentUsage`]). History,
-//! endpoint statistics and the admin overview come with their issues.
+//! Usage analytics of nexus-usage: a user's live figures ([`CurrentUsage`]), history,
+//! endpoint statistics and overage ([`UsageReports`]), the daily aggregation
+//! ([`DailyAggregation`]) and the admin figures ([`admin::AdminReports`]).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod daily;
 pub mod reports;
 

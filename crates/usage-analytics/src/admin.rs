@@ -1,0 +1,518 @@
+//! The business figures of the admin endpoints: overview, users list, audit log.
+//!
+//! Every parameter is parsed here against an allow-list or a range; what reaches the
+//! repository is typed (an enum for the sort key, numbers, a literal search text).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+use usage_core::repo::{AdminAuditEntry, UserPageQuery, UserSort};
+use usage_core::{BillingPeriod, Clock, Plan, PlanCatalog, Store, UserId};
+
+use crate::AnalyticsError;
+
+/// Largest page size of the admin lists.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// Largest page number accepted (deeper pages are empty anyway).
+pub const MAX_PAGE: u64 = 1_000_000;
+/// Longest search text.
+pub const MAX_SEARCH_CHARS: usize = 100;
+
+/// Users per plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsersPerPlan {
+    /// Free plan.
+    pub free: u64,
+    /// Pro plan.
+    pub pro: u64,
+    /// Enterprise plan.
+    pub enterprise: u64,
+    /// All users.
+    pub total: u64,
+}
+
+/// One of the heaviest users this period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopUser {
+    /// Who.
+    pub user_id: UserId,
+    /// Their email.
+    pub email: String,
+    /// Their plan.
+    pub plan: Plan,
+    /// Calls this period.
+    pub api_calls: u64,
+}
+
+/// `GET /api/admin/analytics/overview`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminOverview {
+    /// Users per plan and in all.
+    pub users: UsersPerPlan,
+    /// Monthly recurring revenue: users per plan times the plan's price.
+    pub mrr_cents: i64,
+    /// Overage of this period already invoiced.
+    pub overage_revenue_cents: i64,
+    /// Overage of this period accrued and not invoiced yet.
+    pub overage_uninvoiced_cents: i64,
+    /// Overage of this period at its end if each user keeps their pace so far: a user's
+    /// calls are scaled by (period length / time elapsed), the plan's included calls
+    /// taken off, and each user's amount rounded half-up once (never below what they
+    /// already owe).
+    pub overage_forecast_cents: i64,
+    /// Calls stored today (UTC).
+    pub api_calls_today: u64,
+    /// Calls counted this period.
+    pub api_calls_this_month: u64,
+    /// The five users with the most calls this period.
+    pub top_users: Vec<TopUser>,
+    /// The period.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    /// Its end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_end: OffsetDateTime,
+}
+
+/// One row of `GET /api/admin/analytics/users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminUserRow {
+    /// Who.
+    pub user_id: UserId,
+    /// Email.
+    pub email: String,
+    /// Plan.
+    pub plan: Plan,
+    /// Sign-up time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Calls this period.
+    pub api_calls: u64,
+    /// Included calls per period; null for unlimited.
+    pub limit: Option<u64>,
+    /// Overage calls this period.
+    pub overage_calls: u64,
+    /// Plan price plus this period's overage.
+    pub revenue_cents: i64,
+}
+
+/// A page of a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Page<T> {
+    /// 1-based page number.
+    pub page: u64,
+    /// Page size.
+    pub limit: u32,
+    /// Matching items in all pages.
+    pub total: u64,
+    /// This page.
+    pub items: Vec<T>,
+}
+
+/// The parsed parameters of the users list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserListParams {
+    /// 1-based page.
+    pub page: u64,
+    /// Page size.
+    pub limit: u32,
+    /// Plan filter.
+    pub plan: Option<Plan>,
+    /// Search text.
+    pub q: Option<String>,
+    /// Sort key.
+    pub sort: UserSort,
+    /// Largest first.
+    pub descending: bool,
+}
+
+fn invalid(name: &'static str, message: String) -> AnalyticsError {
+    AnalyticsError::InvalidParameter { name, message }
+}
+
+/// Parses `page` (1 to [`MAX_PAGE`], default 1) and `limit` (1 to [`MAX_PAGE_SIZE`],
+/// default 20).
+pub fn parse_page(params: &HashMap<String, String>) -> Result<(u64, u32), AnalyticsError> {
+    let page = match params.get("page") {
+        None => 1,
+        Some(raw) => raw
+            .parse::<u64>()
+            .ok()
+            .filter(|p| (1..=MAX_PAGE).contains(p))
+            .ok_or_else(|| {
+                invalid(
+                    "page",
+                    format!("page must be a whole number from 1 to {MAX_PAGE} (got {raw:?})"),
+                )
+            })?,
+    };
+    let limit = match params.get("limit") {
+        None => 20,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE_SIZE).contains(l))
+            .ok_or_else(|| {
+                invalid(
+                    "limit",
+                    format!("limit must be a whole number from 1 to {MAX_PAGE_SIZE} (got {raw:?})"),
+                )
+            })?,
+    };
+    Ok((page, limit))
+}
+
+/// Parses the users list's query parameters. Unknown parameters are refused too, so
+/// that a typo (`sort_by=`) is not silently ignored.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use usage_analytics::admin::parse_user_list;
+/// let params = HashMap::from([("sort".to_owned(), "api_calls;DROP TABLE eco_users".to_owned())]);
+/// let err = parse_user_list(&params).unwrap_err();
+/// assert!(err.to_string().starts_with("sort must be one of"));
+/// ```
+pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParams, AnalyticsError> {
+    const KNOWN: [&str; 6] = ["page", "limit", "plan", "q", "sort", "order"];
+    if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(invalid(
+            "query",
+            format!("unknown parameter {unknown:?}; allowed: page, limit, plan, q, sort, order"),
+        ));
+    }
+    let (page, limit) = parse_page(params)?;
+    let plan = match params.get("plan") {
+        None => None,
+        Some(raw) => Some(raw.parse::<Plan>().map_err(|_| {
+            invalid(
+                "plan",
+                format!("plan must be one of free, pro, enterprise (got {raw:?})"),
+            )
+        })?),
+    };
+    let sort = match params.get("sort").map(String::as_str) {
+        None | Some("api_calls") => UserSort::ApiCalls,
+        Some("created_at") => UserSort::CreatedAt,
+        Some("email") => UserSort::Email,
+        Some("revenue") => UserSort::Revenue,
+        Some(raw) => {
+            return Err(invalid(
+                "sort",
+                format!("sort must be one of api_calls, created_at, email, revenue (got {raw:?})"),
+            ));
+        }
+    };
+    let descending = match params.get("order").map(String::as_str) {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(raw) => {
+            return Err(invalid(
+                "order",
+                format!("order must be asc or desc (got {raw:?})"),
+            ));
+        }
+    };
+    let q = match params.get("q") {
+        Some(q) if q.chars().count() > MAX_SEARCH_CHARS => {
+            return Err(invalid(
+                "q",
+                format!("q must be at most {MAX_SEARCH_CHARS} characters"),
+            ));
+        }
+        Some(q) if !q.trim().is_empty() => Some(q.trim().to_owned()),
+        _ => None,
+    };
+    Ok(UserListParams {
+        page,
+        limit,
+        plan,
+        q,
+        sort,
+        descending,
+    })
+}
+
+/// The admin figures over a [`Store`].
+#[derive(Clone)]
+pub struct AdminReports {
+    store: Arc<dyn Store>,
+    catalog: PlanCatalog,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AdminReports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminReports").finish_non_exhaustive()
+    }
+}
+
+impl AdminReports {
+    /// Reports over `store` with `catalog`'s prices.
+    pub fn new(store: Arc<dyn Store>, catalog: PlanCatalog, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            catalog,
+            clock,
+        }
+    }
+
+    /// `GET /api/admin/analytics/overview`.
+    pub async fn overview(&self) -> Result<AdminOverview, AnalyticsError> {
+        let now = self.clock.now();
+        let period = BillingPeriod::containing(now);
+        let mut users = UsersPerPlan::default();
+        let mut mrr_cents = 0;
+        for (plan, n) in self.store.count_users_by_plan().await? {
+            match plan {
+                Plan::Free => users.free = n,
+                Plan::Pro => users.pro = n,
+                Plan::Enterprise => users.enterprise = n,
+            }
+            users.total += n;
+            mrr_cents += self.catalog.terms(plan).price.0 * i64::try_from(n).unwrap_or(i64::MAX);
+        }
+        let day = now.date().midnight().assume_utc();
+        let elapsed = (now - period.start()).whole_seconds().max(1);
+        let length = (period.end() - period.start()).whole_seconds();
+        let figures = self
+            .store
+            .period_figures(
+                period.start(),
+                (day, day + Duration::days(1)),
+                (elapsed, length),
+                &self.catalog,
+            )
+            .await?;
+        let (_, top) = self
+            .store
+            .users_page(
+                &UserPageQuery {
+                    period_start: period.start(),
+                    plan: None,
+                    search: None,
+                    sort: UserSort::ApiCalls,
+                    descending: true,
+                    offset: 0,
+                    limit: 5,
+                },
+                &self.catalog,
+            )
+            .await?;
+        Ok(AdminOverview {
+            users,
+            mrr_cents,
+            overage_revenue_cents: figures.invoiced_cents,
+            overage_uninvoiced_cents: figures.uninvoiced_cents,
+            overage_forecast_cents: figures.projected_cents,
+            api_calls_today: figures.api_calls_today,
+            api_calls_this_month: figures.api_calls,
+            top_users: top
+                .into_iter()
+                // A user without calls is not among the heaviest.
+                .filter(|r| r.api_calls > 0)
+                .map(|r| TopUser {
+                    user_id: r.user.id,
+                    email: r.user.email,
+                    plan: r.user.plan,
+                    api_calls: r.api_calls,
+                })
+                .collect(),
+            period_start: period.start(),
+            period_end: period.end(),
+        })
+    }
+
+    /// `GET /api/admin/analytics/users`.
+    pub async fn users(
+        &self,
+        params: &UserListParams,
+    ) -> Result<Page<AdminUserRow>, AnalyticsError> {
+        let period = BillingPeriod::containing(self.clock.now());
+        let (total, rows) = self
+            .store
+            .users_page(
+                &UserPageQuery {
+                    period_start: period.start(),
+                    plan: params.plan,
+                    search: params.q.clone(),
+                    sort: params.sort,
+                    descending: params.descending,
+                    offset: (params.page - 1).saturating_mul(u64::from(params.limit)),
+                    limit: params.limit,
+                },
+                &self.catalog,
+            )
+            .await?;
+        Ok(Page {
+            page: params.page,
+            limit: params.limit,
+            total,
+            items: rows
+                .into_iter()
+                .map(|r| AdminUserRow {
+                    limit: self.catalog.terms(r.user.plan).monthly_calls,
+                    user_id: r.user.id,
+                    email: r.user.email,
+                    plan: r.user.plan,
+                    created_at: r.user.created_at,
+                    api_calls: r.api_calls,
+                    overage_calls: r.overage_calls,
+                    revenue_cents: r.revenue_cents,
+                })
+                .collect(),
+        })
+    }
+
+    /// `GET /api/admin/audit`: newest first.
+    pub async fn audit(
+        &self,
+        page: u64,
+        limit: u32,
+    ) -> Result<Page<AdminAuditEntry>, AnalyticsError> {
+        let (total, items) = self
+            .store
+            .admin_actions((page - 1).saturating_mul(u64::from(limit)), limit)
+            .await?;
+        Ok(Page {
+            page,
+            limit,
+            total,
+            items,
+        })
+    }
+
+    /// Appends to the audit log.
+    pub async fn record(&self, entry: &AdminAuditEntry) -> Result<(), AnalyticsError> {
+        Ok(self.store.record_admin_action(entry).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+    use usage_core::memory::MemoryStore;
+    use usage_core::repo::User;
+    use usage_core::ManualClock;
+    use usage_core::repo::UserRepository;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_parameter_is_checked_against_its_allow_list_or_range() {
+        let ok = parse_user_list(&params(&[])).unwrap();
+        assert_eq!(
+            (ok.page, ok.limit, ok.sort, ok.descending, ok.plan, ok.q),
+            (1, 20, UserSort::ApiCalls, true, None, None)
+        );
+        let bad = [
+            (
+                ("sort", "api_calls;DROP TABLE eco_users"),
+                "sort must be one of",
+            ),
+            (("sort", "API_CALLS"), "sort must be one of"),
+            (("order", "desc; --"), "order must be asc or desc"),
+            (("plan", "' OR 1=1--"), "plan must be one of"),
+            (("limit", "0"), "limit must be a whole number from 1 to 100"),
+            (
+                ("limit", "101"),
+                "limit must be a whole number from 1 to 100",
+            ),
+            (("limit", "-1"), "limit must be a whole number"),
+            (("page", "0"), "page must be a whole number from 1"),
+            (("page", "1e3"), "page must be a whole number"),
+            (
+                ("page", "99999999999999999999999"),
+                "page must be a whole number",
+            ),
+            (("sort_by", "email"), "unknown parameter"),
+        ];
+        for ((name, value), expected) in bad {
+            let err = parse_user_list(&params(&[(name, value)])).unwrap_err();
+            assert!(
+                err.to_string().starts_with(expected),
+                "{name}={value}: {err}"
+            );
+        }
+        let long = "x".repeat(MAX_SEARCH_CHARS + 1);
+        assert!(parse_user_list(&params(&[("q", &long)])).is_err());
+        let all = parse_user_list(&params(&[
+            ("page", "3"),
+            ("limit", "100"),
+            ("plan", "pro"),
+            ("q", " ada "),
+            ("sort", "revenue"),
+            ("order", "asc"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (
+                all.page,
+                all.limit,
+                all.plan,
+                all.q.as_deref(),
+                all.sort,
+                all.descending
+            ),
+            (
+                3,
+                100,
+                Some(Plan::Pro),
+                Some("ada"),
+                UserSort::Revenue,
+                false
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn overview_of_150_users_gives_the_contracts_mrr() {
+        let store = Arc::new(MemoryStore::new());
+        for (plan, n) in [(Plan::Free, 100), (Plan::Pro, 45), (Plan::Enterprise, 5)] {
+            for i in 0..n {
+                store
+                    .create_user(&User {
+                        id: UserId::generate(),
+                        email: format!("{plan}{i}@example.com"),
+                        plan,
+                        stripe_customer_id: None,
+                        created_at: datetime!(2026-11-01 00:00 UTC),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let reports = AdminReports::new(
+            store,
+            PlanCatalog::default(),
+            Arc::new(ManualClock::new(datetime!(2026-11-22 12:00 UTC))),
+        );
+        let overview = reports.overview().await.unwrap();
+        assert_eq!(
+            overview.users,
+            UsersPerPlan {
+                free: 100,
+                pro: 45,
+                enterprise: 5,
+                total: 150
+            }
+        );
+        assert_eq!(overview.mrr_cents, 470_500);
+        assert!(overview.top_users.is_empty());
+        let page = reports
+            .users(
+                &parse_user_list(&params(&[("plan", "pro"), ("limit", "20"), ("page", "3")]))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((page.total, page.items.len()), (45, 5));
+    }
+}
