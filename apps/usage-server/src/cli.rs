@@ -176,6 +176,21 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_unmetered: bool,
 
+    /// User ids allowed on the admin endpoints, comma-separated (eco_usr_...).
+    #[arg(long, env = "ADMIN_ECO_IDS", default_value = "", global = true,
+          value_parser = parse_admin_list)]
+    pub admin_eco_ids: usage_auth::admin::AdminList,
+
+    /// Admin requests per second allowed to each admin (1 to 10000).
+    #[arg(long, env = "ADMIN_RATE_LIMIT_PER_SEC", default_value_t = 5, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub admin_rate_limit_per_sec: u32,
+
+    /// Admin requests an admin may make at once (1 to 10000).
+    #[arg(long, env = "ADMIN_RATE_LIMIT_BURST", default_value_t = 20, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub admin_rate_limit_burst: u32,
+
     /// Stripe secret key for overage invoice items; unset, billing runs only as --dry-run.
     #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true, global = true)]
     pub stripe_secret_key: Option<String>,
@@ -342,6 +357,10 @@ fn parse_user_id(s: &str) -> Result<UserId, String> {
 
 fn parse_key_id(s: &str) -> Result<ApiKeyId, String> {
     ApiKeyId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_admin_list(value: &str) -> Result<usage_auth::admin::AdminList, String> {
+    usage_auth::admin::AdminList::parse(value)
 }
 
 fn parse_rfc3339(value: &str) -> Result<time::OffsetDateTime, String> {

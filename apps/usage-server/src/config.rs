@@ -49,6 +49,10 @@ pub struct Config {
     pub daily_aggregation: bool,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
     pub clock_start: Option<time::OffsetDateTime>,
+    /// `ADMIN_ECO_IDS`.
+    pub admins: usage_auth::admin::AdminList,
+    /// Short-window limit of each admin on the admin endpoints.
+    pub admin_rate_limit: RateLimit,
     /// Stripe, when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<StripeConfig>,
     /// How billing runs behave.
@@ -123,6 +127,11 @@ impl Config {
             cron_secret: options.cron_secret.clone().filter(|s| !s.is_empty()),
             daily_aggregation: options.daily_aggregation,
             clock_start: options.clock_start,
+            admins: options.admin_eco_ids.clone(),
+            admin_rate_limit: RateLimit {
+                per_second: options.admin_rate_limit_per_sec,
+                burst: options.admin_rate_limit_burst,
+            },
             stripe: options
                 .stripe_secret_key
                 .clone()

@@ -9,7 +9,7 @@ use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
 use usage_core::middleware::{Metering, MeteringDeps, MeteringStats};
 use usage_core::quota::QuotaBook;
-use usage_core::rate::RateLimiter;
+use usage_core::rate::{PlanRateLimits, RateLimiter};
 use usage_core::tracker::UsageTracker;
 use usage_core::{Caller, Store};
 
@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::metrics;
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
-use crate::{cron_api, keys_api};
+use crate::{admin_api, cron_api, keys_api};
 use usage_analytics::DailyAggregation;
 use usage_analytics::UsageReports;
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, MAX_HISTORY_DAYS, parse_days};
@@ -33,6 +33,10 @@ pub(crate) struct AppState {
     pub verifier: Arc<KeyVerifier>,
     pub aggregation: DailyAggregation,
     pub billing: usage_billing::OverageService,
+    pub admins: usage_auth::admin::AdminList,
+    pub admin_rate: RateLimiter,
+    pub admin_reports: usage_analytics::admin::AdminReports,
+    pub clock: Arc<dyn usage_core::Clock>,
     pub cron_secret: Option<String>,
 }
 
@@ -94,7 +98,22 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         keys,
         verifier,
         aggregation,
-        billing: config.billing(store_for_billing, clock_for_billing)?,
+        billing: config.billing(store_for_billing.clone(), clock_for_billing.clone())?,
+        admins: config.admins.clone(),
+        admin_rate: RateLimiter::new(
+            PlanRateLimits {
+                free: Some(config.admin_rate_limit),
+                pro: Some(config.admin_rate_limit),
+                enterprise: Some(config.admin_rate_limit),
+            },
+            clock_for_billing.clone(),
+        ),
+        admin_reports: usage_analytics::admin::AdminReports::new(
+            store_for_billing,
+            config.plans.clone(),
+            clock_for_billing.clone(),
+        ),
+        clock: clock_for_billing,
         cron_secret: config.cron_secret.clone(),
     });
     let unmetered = config.bench_unmetered;
@@ -112,6 +131,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .configure(user_routes)
             .configure(keys_api::routes)
             .configure(cron_api::routes)
+            .configure(admin_api::routes)
             .default_service(web::to(not_found));
         if unmetered {
             app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))

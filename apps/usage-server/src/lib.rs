@@ -3,6 +3,7 @@
 //! [`run`], so tests and other programs can start the same server.
 #![warn(missing_docs)]
 
+mod admin_api;
 pub mod cli;
 pub mod config;
 mod cron_api;

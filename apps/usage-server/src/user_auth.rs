@@ -19,11 +19,16 @@ impl FromRequest for AuthenticatedUser {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authenticate(req).map(AuthenticatedUser).map_err(|reason| {
-            tracing::info!(path = req.path(), %reason, "user token refused");
-            ApiError::unauthorized()
-        }))
+        ready(authenticated_user(req).map(AuthenticatedUser))
     }
+}
+
+/// The user of the request's JWT, or 401 (the reason logged).
+pub(crate) fn authenticated_user(req: &HttpRequest) -> Result<UserId, ApiError> {
+    authenticate(req).map_err(|reason| {
+        tracing::info!(path = req.path(), %reason, "user token refused");
+        ApiError::unauthorized()
+    })
 }
 
 fn authenticate(req: &HttpRequest) -> Result<UserId, String> {

@@ -393,9 +393,9 @@ impl AdminReports {
 mod tests {
     use super::*;
     use time::macros::datetime;
+    use usage_core::ManualClock;
     use usage_core::memory::MemoryStore;
     use usage_core::repo::User;
-    use usage_core::ManualClock;
     use usage_core::repo::UserRepository;
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {

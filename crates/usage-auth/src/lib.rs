@@ -3,8 +3,10 @@
 //! - [`keys`]: generating `eco_live_` keys, storing only their SHA-256, issuing and
 //!   revoking them through [`usage_core::repo::ApiKeyRepository`].
 //! - [`jwt`]: minting and verifying HS256 user tokens with a pinned algorithm.
+//! - [`admin`]: which users are admins (`ADMIN_ECO_IDS`).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cron;
 pub mod jwt;
 pub mod keys;

@@ -1,0 +1,147 @@
+//! Admin endpoints (a user JWT whose `sub` is in `ADMIN_ECO_IDS`): business figures and
+//! the audit log. Every request with a valid token is written to the audit log, refused
+//! ones included; without a valid token it is a 401 and there is nobody to log.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use usage_analytics::admin::{parse_page, parse_user_list};
+use usage_core::Plan;
+use usage_core::rate::RateDecision;
+use usage_core::repo::AdminAuditEntry;
+
+use crate::ApiError;
+use crate::http::AppState;
+use crate::user_auth::authenticated_user;
+
+/// Longest query string kept in the audit log.
+const MAX_LOGGED_PARAMS: usize = 2_000;
+
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/admin")
+            .service(
+                web::resource("/analytics/overview")
+                    .route(web::get().to(overview))
+                    .default_service(web::to(not_allowed)),
+            )
+            .service(
+                web::resource("/analytics/users")
+                    .route(web::get().to(users))
+                    .default_service(web::to(not_allowed)),
+            )
+            .service(
+                web::resource("/audit")
+                    .route(web::get().to(audit))
+                    .default_service(web::to(not_allowed)),
+            )
+            .default_service(web::to(unknown)),
+    );
+}
+
+/// Checks the caller (401 without a valid token, 403 when not an admin, 429 past the
+/// admin rate), runs `handler`, and writes the audit entry with the status answered.
+async fn admin_call<F, Fut>(
+    req: &HttpRequest,
+    state: &AppState,
+    handler: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce(HashMap<String, String>) -> Fut,
+    Fut: Future<Output = Result<HttpResponse, ApiError>>,
+{
+    let user = authenticated_user(req)?;
+    let result = if !state.admins.is_admin(&user) {
+        tracing::warn!(user = %user, path = req.path(), "admin route refused to a non-admin");
+        Err(ApiError::forbidden(
+            "This endpoint is for admins (ADMIN_ECO_IDS).",
+        ))
+    } else if let RateDecision::Limited { retry_after, .. } =
+        // One limit for every admin: the limiter is keyed by user, the plan is a
+        // placeholder with the admin rate.
+        state.admin_rate.check(&user, Plan::Enterprise)
+    {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Too many admin requests; slow down.",
+        )
+        .with_retry_after(retry_after.as_secs().max(1)))
+    } else {
+        // Parsed after the checks, so that a non-admin learns nothing from a 400.
+        match web::Query::<HashMap<String, String>>::from_query(req.query_string()) {
+            Ok(query) => handler(query.into_inner()).await,
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("The query string is not valid: {e}."),
+            )),
+        }
+    };
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(e) => e.status_code(),
+    };
+    let entry = AdminAuditEntry {
+        id: 0,
+        admin_id: user,
+        method: req.method().to_string(),
+        route: req.path().chars().take(MAX_LOGGED_PARAMS).collect(),
+        params: req.query_string().chars().take(MAX_LOGGED_PARAMS).collect(),
+        status: status.as_u16(),
+        created_at: state.clock.now(),
+    };
+    if let Err(e) = state.admin_reports.record(&entry).await {
+        tracing::error!(error = %e, admin = %entry.admin_id, route = %entry.route,
+                        status = entry.status, "could not write the admin audit log");
+    }
+    result
+}
+
+async fn overview(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    admin_call(&req, &state, |_| async {
+        Ok(HttpResponse::Ok().json(state.admin_reports.overview().await?))
+    })
+    .await
+}
+
+async fn users(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let reports = &state.admin_reports;
+    admin_call(&req, &state, |query| async move {
+        let params = parse_user_list(&query)?;
+        Ok(HttpResponse::Ok().json(reports.users(&params).await?))
+    })
+    .await
+}
+
+async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let reports = &state.admin_reports;
+    admin_call(&req, &state, |query| async move {
+        if let Some(unknown) = query.keys().find(|k| *k != "page" && *k != "limit") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("unknown parameter {unknown:?}; allowed: page, limit"),
+            ));
+        }
+        let (page, limit) = parse_page(&query)?;
+        Ok(HttpResponse::Ok().json(reports.audit(page, limit).await?))
+    })
+    .await
+}
+
+async fn not_allowed(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_call(&req, &state, |_| async {
+        Err(ApiError::method_not_allowed())
+    })
+    .await
+}
+
+async fn unknown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    admin_call(&req, &state, |_| async { Err(ApiError::not_found()) }).await
+}
