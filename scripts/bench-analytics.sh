@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Analytics at scale on PostgreSQL: loads USERS users and ROWS usage rows spread over the
 # last 30 days into a throwaway PostgreSQL, times the daily aggregation of each past day,
-# then loads each user endpoint with wrk (rotating over 100 users' tokens) and prints
-# requests/s, p50 and p99.
+# then loads each user endpoint with wrk (rotating over 100 users' tokens) and each admin
+# endpoint (the first user is the admin) and prints requests/s, p50 and p99.
 #
 # usage: scripts/bench-analytics.sh      env: USERS (10000), ROWS (10000000), BENCH_DURATION (10s)
+# The admin issue's figures: USERS=100000 scripts/bench-analytics.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -27,6 +28,8 @@ trap cleanup EXIT
 
 start_throwaway_postgres "$work/pg"
 export JWT_SECRET=bench-secret-bench-secret-bench-secret-0123 RUST_LOG=warn DAILY_AGGREGATION=false
+# The admin of the admin endpoints, without the admin rate limit getting in the way.
+export ADMIN_ECO_IDS=eco_usr_bench000001 ADMIN_RATE_LIMIT_PER_SEC=10000 ADMIN_RATE_LIMIT_BURST=10000
 "$bin" migrate 2>/dev/null
 
 echo "== loading $users users and $rows usage rows over 30 days"
@@ -105,14 +108,28 @@ port=$(free_port)
 "$bin" serve --bind "127.0.0.1:$port" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-printf '%-32s %12s %10s %10s %8s\n' endpoint "requests/s" "p50 ms" "p99 ms" non-2xx
-for path in /api/usage/current "/api/usage/history?days=30" "/api/usage/endpoints?days=7" /api/usage/overage; do
-  TOKENS_FILE=$work/tokens wrk -t1 -c8 -d2s -s "$work/rotate.lua" "http://127.0.0.1:$port$path" >/dev/null
-  TOKENS_FILE=$work/tokens wrk -t1 -c8 -d"$duration" --latency -s "$work/rotate.lua" \
-    "http://127.0.0.1:$port$path" >"$work/wrk.txt"
+printf '%-48s %12s %10s %10s %8s\n' endpoint "requests/s" "p50 ms" "p99 ms" non-2xx
+"$bin" token --user eco_usr_bench000001 --ttl-secs 3600 >"$work/admin-token"
+measure() { # tokens file, path
+  TOKENS_FILE=$1 wrk -t1 -c8 -d2s -s "$work/rotate.lua" "http://127.0.0.1:$port$2" >/dev/null
+  TOKENS_FILE=$1 wrk -t1 -c8 -d"$duration" --latency -s "$work/rotate.lua" \
+    "http://127.0.0.1:$port$2" >"$work/wrk.txt"
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.txt")
   p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")")
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")")
   non2xx=$(awk '/Non-2xx/ {print $5}' "$work/wrk.txt")
-  printf '%-32s %12.0f %10.3f %10.3f %8s\n' "$path" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  printf '%-48s %12.0f %10.3f %10.3f %8s\n' "$2" "$rps" "$p50" "$p99" "${non2xx:-0}"
+}
+for path in /api/usage/current "/api/usage/history?days=30" "/api/usage/endpoints?days=7" /api/usage/overage; do
+  measure "$work/tokens" "$path"
+done
+echo "== admin endpoints (wrk -t1 -c8 -d$duration, one admin)"
+for path in /api/admin/analytics/overview \
+  "/api/admin/analytics/users?sort=api_calls&order=desc" \
+  "/api/admin/analytics/users?sort=created_at&order=desc" \
+  "/api/admin/analytics/users?sort=email&order=asc" \
+  "/api/admin/analytics/users?sort=revenue&order=desc" \
+  "/api/admin/analytics/users?plan=pro&sort=api_calls&page=50" \
+  "/api/admin/analytics/users?q=user4242"; do
+  measure "$work/admin-token" "$path"
 done

@@ -1020,6 +1020,30 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
             ("cy@example.com", 0, 0, 50_000),
         ]
     );
+    // Sorted by calls, pages run across users with and without calls this period.
+    let (_, rows) = run(page(UserSort::ApiCalls, false, None, None, 0, 2)).await;
+    assert_eq!(emails(&rows), ["cy@example.com", "bob@example.com"]);
+    let (_, rows) = run(page(UserSort::ApiCalls, false, None, None, 1, 2)).await;
+    assert_eq!(emails(&rows), ["bob@example.com", "ada@example.com"]);
+    let (_, rows) = run(page(UserSort::ApiCalls, false, None, None, 3, 2)).await;
+    assert_eq!(emails(&rows), ["dan_x@example.com"]);
+    let (_, rows) = run(page(UserSort::ApiCalls, true, None, None, 3, 2)).await;
+    assert_eq!(emails(&rows), ["cy@example.com"]);
+    let (_, rows) = run(page(UserSort::ApiCalls, true, None, None, 2, 1)).await;
+    assert_eq!(emails(&rows), ["bob@example.com"]);
+    let (total, rows) = run(page(
+        UserSort::ApiCalls,
+        true,
+        Some(Plan::Enterprise),
+        None,
+        0,
+        5,
+    ))
+    .await;
+    assert_eq!(
+        (total, emails(&rows)),
+        (1, vec!["cy@example.com".to_owned()])
+    );
     let (_, rows) = run(page(UserSort::Revenue, true, None, None, 0, 10)).await;
     assert_eq!(
         emails(&rows),

@@ -240,64 +240,163 @@ pub(crate) mod admin_sql {
         WHERE ($1 = '' OR u.plan = $1)
           AND ($2 = '' OR lower(u.email) LIKE $2 ESCAPE '\\' OR lower(u.id) LIKE $2 ESCAPE '\\')";
 
-    /// `$1` period start, `$2..$4` plan prices (free, pro, enterprise), `$5` overage
-    /// price in micro-dollars, `$6` plan or '', `$7` pattern or '', `$8` limit, `$9` offset.
+    /// The filters of the users list: `$6` plan or '', `$7` pattern or ''.
+    const USER_FILTERS: &str = "($6 = '' OR u.plan = $6)
+        AND ($7 = '' OR lower(u.email) LIKE $7 ESCAPE '\\' OR lower(u.id) LIKE $7 ESCAPE '\\')";
+
+    /// A page of the users list sorted by `sort` (not [`UserSort::ApiCalls`], which is
+    /// paged from [`calls_page_with_records`] and [`calls_page_without_records`]).
+    /// Parameters: `$1` period start, `$2..$4` plan prices (free, pro, enterprise), `$5`
+    /// overage price in micro-dollars, `$6` plan or '', `$7` pattern or '', `$8` limit,
+    /// `$9` offset.
     pub(crate) fn users_page(sort: UserSort, descending: bool) -> String {
+        let dir = if descending { "DESC" } else { "ASC" };
+        match sort {
+            // Revenue is computed for every user, from the few records with overage; the
+            // page's calls are looked up afterwards.
+            UserSort::Revenue => format!(
+                "SELECT p.id, p.email, p.plan, p.stripe_customer_id, p.created_at,
+                        CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
+                        CAST(p.overage_calls AS BIGINT) AS overage_calls,
+                        CAST(p.revenue_cents AS BIGINT) AS revenue_cents
+                 FROM (SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
+                              COALESCE(o.overage_calls, 0) AS overage_calls,
+                              CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
+                              + (COALESCE(o.overage_calls, 0) * $5 + 5000) / 10000 AS revenue_cents
+                       FROM eco_users u
+                       LEFT JOIN eco_usage_records o
+                              ON o.user_id = u.id AND o.period_start = $1 AND o.overage_calls > 0
+                       WHERE {USER_FILTERS}
+                       ORDER BY revenue_cents {dir}, u.id {dir}
+                       LIMIT $8 OFFSET $9) p
+                 LEFT JOIN eco_usage_records r ON r.user_id = p.id AND r.period_start = $1
+                 ORDER BY p.revenue_cents {dir}, p.id {dir}"
+            ),
+            // Walks the (created_at, id) or (email) index, joining each user's record.
+            _ => {
+                let key = if sort == UserSort::Email {
+                    "u.email"
+                } else {
+                    "u.created_at"
+                };
+                format!(
+                    "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
+                            CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
+                            CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls,
+                            CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
+                                 + (COALESCE(r.overage_calls, 0) * $5 + 5000) / 10000 AS BIGINT)
+                                AS revenue_cents
+                     FROM eco_users u
+                     LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
+                     WHERE {USER_FILTERS}
+                     ORDER BY {key} {dir}, u.id {dir}
+                     LIMIT $8 OFFSET $9"
+                )
+            }
+        }
+    }
+
+    /// Users with a record this period, by calls then id (walks the records' index in
+    /// order). Same parameters as [`users_page`].
+    pub(crate) fn calls_page_with_records(descending: bool) -> String {
+        let dir = if descending { "DESC" } else { "ASC" };
         format!(
             "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
-                    CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls,
+                    CAST(r.api_calls AS BIGINT) AS api_calls,
+                    CAST(r.overage_calls AS BIGINT) AS overage_calls,
                     CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
-                         + (COALESCE(r.overage_calls, 0) * $5 + 5000) / 10000 AS BIGINT)
-                        AS revenue_cents
-             FROM eco_users u
-             LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
-             WHERE ($6 = '' OR u.plan = $6)
-               AND ($7 = '' OR lower(u.email) LIKE $7 ESCAPE '\\' OR lower(u.id) LIKE $7 ESCAPE '\\')
-             ORDER BY {}
-             LIMIT $8 OFFSET $9",
-            order_by(sort, descending)
+                         + (r.overage_calls * $5 + 5000) / 10000 AS BIGINT) AS revenue_cents
+             FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+             WHERE r.period_start = $1 AND {USER_FILTERS}
+             ORDER BY r.api_calls {dir}, r.user_id {dir}
+             LIMIT $8 OFFSET $9"
         )
     }
 
-    /// The ORDER BY of the users list, from constants only. Ties go by id, same direction.
-    pub(crate) fn order_by(sort: UserSort, descending: bool) -> &'static str {
-        match (sort, descending) {
-            (UserSort::ApiCalls, false) => "api_calls ASC, u.id ASC",
-            (UserSort::ApiCalls, true) => "api_calls DESC, u.id DESC",
-            (UserSort::CreatedAt, false) => "u.created_at ASC, u.id ASC",
-            (UserSort::CreatedAt, true) => "u.created_at DESC, u.id DESC",
-            (UserSort::Email, false) => "u.email ASC, u.id ASC",
-            (UserSort::Email, true) => "u.email DESC, u.id DESC",
-            (UserSort::Revenue, false) => "revenue_cents ASC, u.id ASC",
-            (UserSort::Revenue, true) => "revenue_cents DESC, u.id DESC",
+    /// Users without calls this period, by id. Same parameters as [`users_page`].
+    pub(crate) fn calls_page_without_records(descending: bool) -> String {
+        let dir = if descending { "DESC" } else { "ASC" };
+        format!(
+            "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
+                    CAST(0 AS BIGINT) AS api_calls, CAST(0 AS BIGINT) AS overage_calls,
+                    CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
+                         + (0 * $5 + 5000) / 10000 AS BIGINT) AS revenue_cents
+             FROM eco_users u
+             WHERE {USER_FILTERS}
+               AND NOT EXISTS (SELECT 1 FROM eco_usage_records r
+                               WHERE r.user_id = u.id AND r.period_start = $1)
+             ORDER BY u.id {dir}
+             LIMIT $8 OFFSET $9"
+        )
+    }
+
+    /// Users with a record this period among those the filters keep: `$1` period start,
+    /// `$2` plan or '', `$3` pattern or ''.
+    pub(crate) fn count_with_records() -> String {
+        let filters = USER_FILTERS.replace("$6", "$2").replace("$7", "$3");
+        format!(
+            "SELECT count(*) AS n
+             FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+             WHERE r.period_start = $1 AND {filters}"
+        )
+    }
+
+    /// Where the rows of a page sorted by calls come from: the users with a record this
+    /// period (by calls) and the users without (0 calls, by id), in that order when
+    /// descending and the other way round when ascending. `first_len` rows came from the
+    /// first group's page at (`offset`, `limit`); `first_total`, the first group's size,
+    /// is needed only when that page came back empty. Returns the offset and limit to
+    /// read in the second group, if any.
+    pub(crate) fn second_group(
+        offset: u64,
+        limit: u32,
+        first_len: usize,
+        first_total: Option<u64>,
+    ) -> Option<(u64, u32)> {
+        let got = u32::try_from(first_len).unwrap_or(u32::MAX);
+        if got >= limit {
+            return None;
         }
+        // A partial page means the first group ended inside it.
+        let skip = if got > 0 {
+            0
+        } else {
+            offset.saturating_sub(first_total.unwrap_or(0))
+        };
+        Some((skip, limit - got))
     }
 
     /// `$1`, `$2`: today's bounds.
     pub(crate) const CALLS_BETWEEN: &str =
         "SELECT count(*) AS n FROM eco_api_usage WHERE created_at >= $1 AND created_at < $2";
 
-    /// `$1` period start, `$2` overage price (micro-dollars), `$3..$5` included calls of
-    /// free, pro, enterprise when they bill overage (-1 otherwise), `$6`/`$7` the period's
-    /// length over the time elapsed (the run-rate factor). Each user's amounts are rounded
-    /// half-up once, as their charges are.
-    pub(crate) const PERIOD_FIGURES: &str = "
+    /// The period's sums, from the records' covering index alone. `$1` period start,
+    /// `$2` overage price (micro-dollars). Each user's amounts are rounded half-up once,
+    /// as their charges are.
+    pub(crate) const PERIOD_SUMS: &str = "
         SELECT CAST(COALESCE(SUM(api_calls), 0) AS BIGINT) AS api_calls,
                CAST(COALESCE(SUM(overage_calls), 0) AS BIGINT) AS overage_calls,
                CAST(COALESCE(SUM((overage_invoiced_calls * $2 + 5000) / 10000), 0) AS BIGINT)
                    AS invoiced_cents,
-               CAST(COALESCE(SUM((overage_calls * $2 + 5000) / 10000
-                                 - (overage_invoiced_calls * $2 + 5000) / 10000), 0) AS BIGINT)
-                   AS uninvoiced_cents,
-               CAST(COALESCE(SUM((CASE
-                   WHEN lim < 0 THEN overage_calls
-                   WHEN api_calls * $6 / $7 - lim > overage_calls THEN api_calls * $6 / $7 - lim
-                   ELSE overage_calls END * $2 + 5000) / 10000), 0) AS BIGINT) AS projected_cents
-        FROM (SELECT r.api_calls, r.overage_calls, r.overage_invoiced_calls,
+               CAST(COALESCE(SUM((overage_calls * $2 + 5000) / 10000), 0) AS BIGINT)
+                   AS overage_cents
+        FROM eco_usage_records WHERE period_start = $1";
+
+    /// What the run-rate adds to the overage: for users whose pace (calls scaled by `$6`
+    /// period length / `$7` time elapsed) passes their plan's included calls (`$3..$5`
+    /// for free, pro, enterprise; -1 when the plan bills no overage), the cents of
+    /// (pace - included) beyond what they owe now. Only records with at least `$8` calls
+    /// can pass (the smallest limit scaled to the time elapsed): an index range.
+    pub(crate) const PROJECTION_EXTRA: &str = "
+        SELECT CAST(COALESCE(SUM(CASE
+                   WHEN lim >= 0 AND api_calls * $6 / $7 - lim > overage_calls
+                   THEN ((api_calls * $6 / $7 - lim) * $2 + 5000) / 10000
+                        - (overage_calls * $2 + 5000) / 10000
+                   ELSE 0 END), 0) AS BIGINT) AS n
+        FROM (SELECT r.api_calls, r.overage_calls,
                      CASE u.plan WHEN 'free' THEN $3 WHEN 'pro' THEN $4 ELSE $5 END AS lim
               FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
-              WHERE r.period_start = $1) x";
+              WHERE r.period_start = $1 AND r.api_calls >= $8) x";
 
     /// The same text with SQLite's numbered parameters.
     pub(crate) fn sqlite_params(sql: &str) -> String {
@@ -327,9 +426,9 @@ pub(crate) struct CountRow {
     pub n: i64,
 }
 
-/// The numbers of [`admin_sql::PERIOD_FIGURES`].
+/// The numbers of [`admin_sql::PERIOD_SUMS`].
 #[derive(diesel::QueryableByName)]
-pub(crate) struct FiguresRow {
+pub(crate) struct PeriodSumsRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     api_calls: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -337,22 +436,42 @@ pub(crate) struct FiguresRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     invoiced_cents: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
-    uninvoiced_cents: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    projected_cents: i64,
+    overage_cents: i64,
 }
 
-impl FiguresRow {
-    pub(crate) fn into_figures(self, api_calls_today: i64) -> usage_core::repo::PeriodFigures {
+impl PeriodSumsRow {
+    pub(crate) fn into_figures(
+        self,
+        api_calls_today: i64,
+        projection_extra_cents: i64,
+    ) -> usage_core::repo::PeriodFigures {
         usage_core::repo::PeriodFigures {
             api_calls: to_u64(self.api_calls),
             api_calls_today: to_u64(api_calls_today),
             overage_calls: to_u64(self.overage_calls),
             invoiced_cents: self.invoiced_cents,
-            uninvoiced_cents: self.uninvoiced_cents,
-            projected_cents: self.projected_cents,
+            uninvoiced_cents: self.overage_cents - self.invoiced_cents,
+            projected_cents: self.overage_cents + projection_extra_cents,
         }
     }
+}
+
+/// The fewest calls a record needs for its pace to pass a plan's included calls:
+/// the smallest limit among plans that bill overage, scaled to the time elapsed. `None`
+/// when no plan bills overage.
+pub(crate) fn projection_threshold(
+    catalog: &usage_core::PlanCatalog,
+    (elapsed, length): (i64, i64),
+) -> Option<i64> {
+    Plan::ALL
+        .into_iter()
+        .filter_map(|p| catalog.included_calls_if_billed(p))
+        .min()
+        .map(|limit| {
+            let scaled =
+                i128::from(to_i64(limit)) * i128::from(elapsed.max(1)) / i128::from(length.max(1));
+            i64::try_from(scaled).unwrap_or(i64::MAX)
+        })
 }
 
 /// Included calls of `plan` when it bills overage, else -1 (the SQL's "no overage").

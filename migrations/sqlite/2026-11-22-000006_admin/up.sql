@@ -9,6 +9,12 @@ CREATE TABLE eco_admin_audit_log (
     status     INTEGER NOT NULL,
     created_at TEXT NOT NULL
 );
--- The admin overview's top users and the users list sorted by calls read one period's
--- records by calls.
-CREATE INDEX eco_usage_records_period_calls_idx ON eco_usage_records (period_start, api_calls);
+-- The admin figures read one period's records: the users list sorted by calls walks
+-- this index in order (ties by user), the overview sums it without visiting the table.
+CREATE INDEX eco_usage_records_period_calls_idx ON eco_usage_records (period_start, api_calls, user_id, overage_calls, overage_invoiced_calls);
+-- Sorting by revenue needs only the few records with overage.
+CREATE INDEX eco_usage_records_overage_idx ON eco_usage_records (period_start, user_id)
+    WHERE overage_calls > 0;
+-- The users list sorted by sign-up time, ties by id.
+CREATE INDEX eco_users_created_at_id_idx ON eco_users (created_at, id);
+DROP INDEX eco_users_created_at_idx;

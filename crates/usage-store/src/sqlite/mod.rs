@@ -20,7 +20,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge,
     OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository,
+    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
     UserUsageRow,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
@@ -29,9 +29,9 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, FiguresRow, LEDGER_SQL, LedgerCounts, admin_sql,
+    BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, admin_sql,
     billed_limit, counter_deltas, distinct_references, parse_plan, parse_top_endpoints,
-    plan_counts, to_i64, to_u64,
+    plan_counts, projection_threshold, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -1180,29 +1180,48 @@ impl AdminRepository for SqliteStore {
                     .bind::<Text, _>(&pattern)
                     .get_result(conn)
                     .map_err(db("user"))?;
+            let total = to_u64(total.n);
             // A page past the end costs nothing.
-            if query.offset >= to_u64(total.n) {
-                return Ok((to_u64(total.n), Vec::new()));
+            if query.offset >= total {
+                return Ok((total, Vec::new()));
             }
-            let sql =
-                admin_sql::sqlite_params(&admin_sql::users_page(query.sort, query.descending));
-            let rows: Vec<UserPageRow> = diesel::sql_query(sql)
-                .bind::<Text, _>(ts(query.period_start))
-                .bind::<BigInt, _>(catalog.free.price.0)
-                .bind::<BigInt, _>(catalog.pro.price.0)
-                .bind::<BigInt, _>(catalog.enterprise.price.0)
-                .bind::<BigInt, _>(catalog.overage_price.0)
-                .bind::<Text, _>(plan)
-                .bind::<Text, _>(&pattern)
-                .bind::<BigInt, _>(i64::from(query.limit))
-                .bind::<BigInt, _>(to_i64(query.offset))
-                .load(conn)
-                .map_err(db("user"))?;
-            let rows = rows
-                .into_iter()
-                .map(UserPageRow::into_domain)
-                .collect::<Result<_, _>>()?;
-            Ok((to_u64(total.n), rows))
+            if query.sort != UserSort::ApiCalls {
+                let sql = admin_sql::users_page(query.sort, query.descending);
+                let rows = user_rows(conn, &sql, &query, &catalog, query.offset, query.limit)?;
+                return Ok((total, rows));
+            }
+            // By calls: users with a record this period, then those without (descending).
+            let with = admin_sql::calls_page_with_records(query.descending);
+            let without = admin_sql::calls_page_without_records(query.descending);
+            let (first, second) = if query.descending {
+                (&with, &without)
+            } else {
+                (&without, &with)
+            };
+            let mut rows = user_rows(conn, first, &query, &catalog, query.offset, query.limit)?;
+            let first_total = if rows.is_empty() {
+                let counted: CountRow =
+                    diesel::sql_query(admin_sql::sqlite_params(&admin_sql::count_with_records()))
+                        .bind::<Text, _>(ts(query.period_start))
+                        .bind::<Text, _>(plan)
+                        .bind::<Text, _>(&pattern)
+                        .get_result(conn)
+                        .map_err(db("user"))?;
+                let with_records = to_u64(counted.n);
+                Some(if query.descending {
+                    with_records
+                } else {
+                    total - with_records.min(total)
+                })
+            } else {
+                None
+            };
+            if let Some((offset, limit)) =
+                admin_sql::second_group(query.offset, query.limit, rows.len(), first_total)
+            {
+                rows.extend(user_rows(conn, second, &query, &catalog, offset, limit)?);
+            }
+            Ok((total, rows))
         })
         .await
     }
@@ -1222,21 +1241,58 @@ impl AdminRepository for SqliteStore {
                     .bind::<Text, _>(ts(today.1))
                     .get_result(conn)
                     .map_err(db("usage event"))?;
-            let figures: FiguresRow =
-                diesel::sql_query(admin_sql::sqlite_params(admin_sql::PERIOD_FIGURES))
+            let sums: PeriodSumsRow =
+                diesel::sql_query(admin_sql::sqlite_params(admin_sql::PERIOD_SUMS))
                     .bind::<Text, _>(ts(period_start))
                     .bind::<BigInt, _>(catalog.overage_price.0)
-                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Free))
-                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Pro))
-                    .bind::<BigInt, _>(billed_limit(&catalog, Plan::Enterprise))
-                    .bind::<BigInt, _>(length)
-                    .bind::<BigInt, _>(elapsed.max(1))
                     .get_result(conn)
                     .map_err(db("usage record"))?;
-            Ok(figures.into_figures(today_calls.n))
+            let extra = match projection_threshold(&catalog, (elapsed, length)) {
+                None => 0,
+                Some(threshold) => {
+                    let row: CountRow =
+                        diesel::sql_query(admin_sql::sqlite_params(admin_sql::PROJECTION_EXTRA))
+                            .bind::<Text, _>(ts(period_start))
+                            .bind::<BigInt, _>(catalog.overage_price.0)
+                            .bind::<BigInt, _>(billed_limit(&catalog, Plan::Free))
+                            .bind::<BigInt, _>(billed_limit(&catalog, Plan::Pro))
+                            .bind::<BigInt, _>(billed_limit(&catalog, Plan::Enterprise))
+                            .bind::<BigInt, _>(length)
+                            .bind::<BigInt, _>(elapsed.max(1))
+                            .bind::<BigInt, _>(threshold)
+                            .get_result(conn)
+                            .map_err(db("usage record"))?;
+                    row.n
+                }
+            };
+            Ok(sums.into_figures(today_calls.n, extra))
         })
         .await
     }
+}
+
+/// One page of users rows from `sql` (parameters as `admin_sql::users_page`).
+fn user_rows(
+    conn: &mut SqliteConnection,
+    sql: &str,
+    query: &UserPageQuery,
+    catalog: &PlanCatalog,
+    offset: u64,
+    limit: u32,
+) -> Result<Vec<UserUsageRow>, RepoError> {
+    let rows: Vec<UserPageRow> = diesel::sql_query(admin_sql::sqlite_params(sql))
+        .bind::<Text, _>(ts(query.period_start))
+        .bind::<BigInt, _>(catalog.free.price.0)
+        .bind::<BigInt, _>(catalog.pro.price.0)
+        .bind::<BigInt, _>(catalog.enterprise.price.0)
+        .bind::<BigInt, _>(catalog.overage_price.0)
+        .bind::<Text, _>(query.plan.map_or("", Plan::as_str))
+        .bind::<Text, _>(admin_sql::contains_pattern(query.search.as_deref()))
+        .bind::<BigInt, _>(i64::from(limit))
+        .bind::<BigInt, _>(to_i64(offset))
+        .load(conn)
+        .map_err(db("user"))?;
+    rows.into_iter().map(UserPageRow::into_domain).collect()
 }
 
 #[derive(QueryableByName)]
