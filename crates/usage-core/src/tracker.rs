@@ -265,8 +265,11 @@ impl Writer {
                 let stop = stop.clone();
                 in_flight.spawn(async move { shared.write(events, included, stop, None).await });
             }
+            // The interval runs from a write, or from the first call after a quiet spell
+            // (while the batch is empty the deadline keeps being moved to a tick from now;
+            // pushing it further on every tick would let it run away while idle).
             if now >= deadline || batch.is_empty() {
-                deadline = deadline.max(now) + config.flush_interval;
+                deadline = now + config.flush_interval;
             }
             if disconnected {
                 break; // every sender is gone

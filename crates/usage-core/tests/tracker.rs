@@ -276,6 +276,26 @@ async fn writes_full_batches_and_the_rest_at_shutdown() {
     );
 }
 
+/// After a quiet spell, a call is written one interval after it arrives, not later:
+/// the deadline must not run ahead while the queue is empty.
+#[tokio::test(start_paused = true)]
+async fn a_call_after_a_quiet_spell_is_written_within_one_interval() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(100, Duration::from_millis(1_000)));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    tracker.track(f.call(T0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(f.stored(T0).await, 0, "not before the interval");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.stored(T0).await, 1, "written once the interval passed");
+    // And again after the write.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    tracker.track(f.call(T0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(f.stored(T0).await, 2);
+    assert_eq!(worker.shutdown().await.flushed_at_shutdown, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn writes_by_time_when_the_batch_does_not_fill() {
     let f = fixture().await;
