@@ -41,8 +41,8 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Checks the caller (401 without a valid token, 403 when not an admin, 429 past the
-/// admin rate), runs `handler`, and writes the audit entry with the status answered.
+/// Checks the caller (401 without a valid token, 429 past the admin rate, 403 when not
+/// an admin), runs `handler`, and writes the audit entry with the status answered.
 async fn admin_call<F, Fut>(
     req: &HttpRequest,
     state: &AppState,
@@ -53,14 +53,11 @@ where
     Fut: Future<Output = Result<HttpResponse, ApiError>>,
 {
     let user = authenticated_user(req)?;
-    let result = if !state.admins.is_admin(&user) {
-        tracing::warn!(user = %user, path = req.path(), "admin route refused to a non-admin");
-        Err(ApiError::forbidden(
-            "This endpoint is for admins (ADMIN_ECO_IDS).",
-        ))
-    } else if let RateDecision::Limited { retry_after, .. } =
-        // One limit for every admin: the limiter is keyed by user, the plan is a
-        // placeholder with the admin rate.
+    // The rate limit comes first and applies to every token holder, so that refused
+    // requests (each one audited) are bounded too.
+    let result = if let RateDecision::Limited { retry_after, .. } =
+        // One limit for everyone: the limiter is keyed by user, the plan is a placeholder
+        // with the admin rate.
         state.admin_rate.check(&user, Plan::Enterprise)
     {
         Err(ApiError::new(
@@ -69,6 +66,11 @@ where
             "Too many admin requests; slow down.",
         )
         .with_retry_after(retry_after.as_secs().max(1)))
+    } else if !state.admins.is_admin(&user) {
+        tracing::warn!(user = %user, path = req.path(), "admin route refused to a non-admin");
+        Err(ApiError::forbidden(
+            "This endpoint is for admins (ADMIN_ECO_IDS).",
+        ))
     } else {
         // Parsed after the checks, so that a non-admin learns nothing from a 400.
         match web::Query::<HashMap<String, String>>::from_query(req.query_string()) {

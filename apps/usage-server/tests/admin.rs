@@ -445,7 +445,7 @@ async fn admins_have_a_rate_limit(backend: Backend) {
     );
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
-    // Another admin-less user is refused before the limit is even looked at.
+    // A user who is not an admin has a limit of their own, and gets 403 within it.
     let (status, _) = get(
         &server,
         "/api/admin/analytics/overview",
