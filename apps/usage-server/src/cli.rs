@@ -275,6 +275,20 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Settle by hand a charge left pending longer than Stripe keeps idempotency keys,
+    /// after looking in Stripe for an item with its key's range in the metadata.
+    #[command(group(clap::ArgGroup::new("outcome").required(true).args(["stripe_item", "not_created"])))]
+    ResolveCharge {
+        /// The charge's idempotency key (as the billing run reported it).
+        #[arg(long)]
+        key: String,
+        /// Stripe has the item: its id (ii_...). The charge succeeds.
+        #[arg(long)]
+        stripe_item: Option<String>,
+        /// Stripe has no such item: why. The charge fails; the next run bills its range.
+        #[arg(long)]
+        not_created: Option<String>,
+    },
     /// Compare, per user and period, overage calls, invoiced calls and recorded charges;
     /// prints JSON and exits non-zero when something does not add up.
     ReconcileOverage {

@@ -264,7 +264,10 @@ impl From<usage_billing::BillingError> for ApiError {
                 "Stripe is not configured on this server (STRIPE_SECRET_KEY); a dry run \
                  (?dry_run=true) works without it.",
             ),
-            E::UnknownUser(_) => ApiError::not_found(),
+            E::UnknownUser(_) | E::UnknownCharge(_) => ApiError::not_found(),
+            E::NotPending { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "charge_not_pending", err.to_string())
+            }
             E::Repo(e) => e.into(),
         }
     }

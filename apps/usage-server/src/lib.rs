@@ -96,6 +96,31 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             println!("{}", serde_json::json!(summary));
             Ok(())
         }
+        Command::ResolveCharge {
+            key,
+            stripe_item,
+            not_created,
+        } => {
+            let store = open_migrated(&config).await?;
+            let resolution = match (stripe_item, not_created) {
+                (Some(item), _) => usage_billing::Resolution::Created {
+                    stripe_invoice_item_id: item,
+                },
+                (None, reason) => usage_billing::Resolution::NotCreated {
+                    reason: reason.unwrap_or_default(),
+                },
+            };
+            let charge = config
+                .billing(store, clock)?
+                .resolve_charge(&key, resolution)
+                .await?;
+            eprintln!(
+                "charge {} is now {}",
+                charge.idempotency_key,
+                charge.status.as_str()
+            );
+            Ok(())
+        }
         Command::ReconcileOverage { attention_only } => {
             let store = open_migrated(&config).await?;
             let items: Vec<_> = config

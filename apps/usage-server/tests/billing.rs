@@ -205,6 +205,23 @@ async fn billing_needs_its_configuration(backend: Backend) {
     assert!(stderr.contains("STRIPE_SECRET_KEY"), "{stderr}");
     let out = db.cli(&[], &["bill-overage", "--dry-run"]);
     assert!(out.status.success(), "{out:?}");
+    // Resolving by hand: an outcome is required, the key must exist.
+    let out = db.cli(&[], &["resolve-charge", "--key", "overage_x"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = db.cli(
+        &[],
+        &[
+            "resolve-charge",
+            "--key",
+            "overage_x",
+            "--stripe-item",
+            "ii_1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no overage charge with idempotency key")
+    );
     let out = db.cli(
         &[("STRIPE_MAX_ATTEMPTS", "0")],
         &["bill-overage", "--dry-run"],

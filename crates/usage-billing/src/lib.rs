@@ -13,7 +13,7 @@ pub mod stripe;
 
 pub use service::{
     BillingError, BillingFailure, BillingOptions, BillingSummary, OverageService, Reconciliation,
-    RunMode, UserBilling,
+    Resolution, RunMode, UserBilling,
 };
 pub use stripe::{HttpStripeClient, StripeClient, StripeConfig, StripeError};
 

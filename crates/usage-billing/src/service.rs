@@ -124,9 +124,37 @@ pub enum BillingError {
     /// No such user.
     #[error("no user with id {0}")]
     UnknownUser(UserId),
+    /// No charge has this idempotency key.
+    #[error("no overage charge with idempotency key {0:?}")]
+    UnknownCharge(String),
+    /// Only a pending charge can be resolved by hand.
+    #[error("charge {key:?} is {status}, not pending: there is nothing to resolve")]
+    NotPending {
+        /// The charge's key.
+        key: String,
+        /// Its status.
+        status: &'static str,
+    },
     /// The database failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+/// What a person found in Stripe about a pending charge (see
+/// [`OverageService::resolve_charge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Stripe has the item: the charge succeeded.
+    Created {
+        /// Stripe's id of the item (`ii_...`).
+        stripe_invoice_item_id: String,
+    },
+    /// Stripe has no such item: the charge failed, and the next run bills its range under
+    /// a new key.
+    NotCreated {
+        /// Why, for the ledger.
+        reason: String,
+    },
 }
 
 /// Overage billing over the repositories and a [`StripeClient`].
@@ -295,6 +323,48 @@ impl OverageService {
             periods,
         };
         Ok(self.bill_user(work, mode, self.clock.now()).await)
+    }
+
+    /// Settles a pending charge by hand, after looking in Stripe for an item with its
+    /// idempotency key (in the item's metadata range): for a charge left pending longer
+    /// than Stripe keeps keys, which runs no longer resend.
+    pub async fn resolve_charge(
+        &self,
+        idempotency_key: &str,
+        resolution: Resolution,
+    ) -> Result<OverageCharge, BillingError> {
+        let charge = self
+            .store
+            .overage_charge_by_key(idempotency_key)
+            .await?
+            .ok_or_else(|| BillingError::UnknownCharge(idempotency_key.to_owned()))?;
+        if charge.status != ChargeStatus::Pending {
+            return Err(BillingError::NotPending {
+                key: charge.idempotency_key,
+                status: charge.status.as_str(),
+            });
+        }
+        let now = self.clock.now();
+        let resolved = match resolution {
+            Resolution::Created {
+                stripe_invoice_item_id,
+            } => {
+                self.store
+                    .complete_overage_charge(charge.id, Some(&stripe_invoice_item_id), now)
+                    .await?
+            }
+            Resolution::NotCreated { reason } => {
+                self.store
+                    .fail_overage_charge(charge.id, &format!("resolved by hand: {reason}"), now)
+                    .await?
+            }
+        };
+        tracing::info!(
+            key = idempotency_key,
+            status = resolved.status.as_str(),
+            "charge resolved by hand"
+        );
+        Ok(resolved)
     }
 
     /// A user's overage per period: counters, what was charged, what is pending.

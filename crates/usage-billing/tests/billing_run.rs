@@ -13,7 +13,8 @@ use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 use usage_billing::service::idempotency_key;
 use usage_billing::{
-    BillingError, BillingOptions, HttpStripeClient, OverageService, RunMode, StripeConfig,
+    BillingError, BillingOptions, HttpStripeClient, OverageService, Resolution, RunMode,
+    StripeConfig,
 };
 use usage_core::repo::{ChargeStatus, NewOverageCharge};
 use usage_core::{BillingPeriod, ManualClock, Plan, PlanCatalog, Store, UserId};
@@ -556,6 +557,95 @@ async fn reconciliation_flags_drift(backend: Backend) {
     );
 }
 
+async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    calls(store, &b, 5 + 10, NOV, INCLUDED).await;
+    let nov = BillingPeriod::containing(NOV).start();
+    let stale = |user: &UserId, to: u64, cents: i64| NewOverageCharge {
+        user_id: user.clone(),
+        period_start: nov,
+        calls_from: 0,
+        calls_to: to,
+        amount_cents: cents,
+        idempotency_key: idempotency_key(user, nov, 0, to, 0),
+        created_at: NOW - Duration::days(2),
+    };
+    store
+        .create_overage_charge(&stale(&a.0, 5_001, 500))
+        .await
+        .unwrap();
+    store
+        .create_overage_charge(&stale(&b.0, 5, 1))
+        .await
+        .unwrap();
+    let service = billing.service(store);
+    // Found in Stripe: the charge succeeded, the calls are invoiced.
+    let a_key = idempotency_key(&a.0, nov, 0, 5_001, 0);
+    let done = service
+        .resolve_charge(
+            &a_key,
+            Resolution::Created {
+                stripe_invoice_item_id: "ii_found".to_owned(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.status, done.stripe_invoice_item_id.as_deref()),
+        (ChargeStatus::Succeeded, Some("ii_found"))
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_001, 5_001));
+    assert!(matches!(
+        service
+            .resolve_charge(&a_key, Resolution::NotCreated { reason: "x".into() })
+            .await,
+        Err(BillingError::NotPending { .. })
+    ));
+    assert!(matches!(
+        service
+            .resolve_charge("nope", Resolution::NotCreated { reason: "x".into() })
+            .await,
+        Err(BillingError::UnknownCharge(_))
+    ));
+    // Not in Stripe: the charge failed, and the next run bills the range under a new key.
+    let b_key = idempotency_key(&b.0, nov, 0, 5, 0);
+    let failed = service
+        .resolve_charge(
+            &b_key,
+            Resolution::NotCreated {
+                reason: "not in Stripe".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, ChargeStatus::Failed);
+    let summary = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (summary.charged, summary.failed, summary.amount_cents),
+        (1, 0, 1),
+        "{summary:?}"
+    );
+    let created = billing.stripe.created();
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        created[0].idempotency_key,
+        idempotency_key(&b.0, nov, 0, 5, 1)
+    );
+    assert!(
+        service
+            .reconcile()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.status == "ok")
+    );
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -595,4 +685,5 @@ on_every_store!(
     a_dry_run_sends_and_records_nothing,
     a_pending_charge_older_than_stripes_key_window_is_reported_not_resent,
     reconciliation_flags_drift,
+    a_stale_pending_charge_is_resolved_by_hand,
 );
