@@ -97,9 +97,11 @@ pub enum StripeError {
 }
 
 impl StripeError {
-    /// Whether Stripe definitively refused (as opposed to an unknown outcome).
+    /// Whether Stripe definitively refused this item, so that sending it again would be
+    /// refused again. A 401 or 403 refuses our credentials, not the item: it is not a
+    /// refusal of the charge, which can go once the key is fixed.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, StripeError::Refused { .. })
+        matches!(self, StripeError::Refused { status, .. } if *status != 401 && *status != 403)
     }
 }
 

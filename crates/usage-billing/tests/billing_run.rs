@@ -646,6 +646,50 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
     );
 }
 
+async fn a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    let wrong_key = OverageService::new(
+        store.clone(),
+        Some(Arc::new(
+            HttpStripeClient::new(StripeConfig {
+                api_base: billing.stripe.uri(),
+                ..StripeConfig::new("sk_test_not_the_key")
+            })
+            .unwrap(),
+        )),
+        catalog(),
+        billing.clock.clone(),
+        BillingOptions::default(),
+    );
+    let summary = wrong_key.process_all(RunMode::Live).await.unwrap();
+    assert_eq!((summary.failed, summary.amount_cents), (1, 0));
+    assert!(summary.errors[0].reason.contains("HTTP 401"), "{summary:?}");
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(
+        charges[0].status,
+        ChargeStatus::Pending,
+        "not refused: our key was"
+    );
+    // Fixed key, later run: the same charge goes through, once.
+    billing.clock.advance(Duration::hours(1));
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.charged, summary.amount_cents),
+        (1, 500),
+        "{summary:?}"
+    );
+    assert_eq!(billing.stripe.created().len(), 1);
+    assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -686,4 +730,5 @@ on_every_store!(
     a_pending_charge_older_than_stripes_key_window_is_reported_not_resent,
     reconciliation_flags_drift,
     a_stale_pending_charge_is_resolved_by_hand,
+    a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed,
 );
