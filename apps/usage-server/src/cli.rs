@@ -127,11 +127,27 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub api_key_cache_ttl_ms: u64,
 
-    /// How often to look for keys revoked by another process (the CLI, another instance)
-    /// and drop them from the cache (milliseconds).
-    #[arg(long, env = "KEY_REVOCATION_POLL_MS", default_value_t = 1_000, global = true,
+    /// How often to look for keys revoked and plans changed by another process (the CLI,
+    /// another instance) and drop them from the cache (milliseconds).
+    #[arg(long, env = "KEY_REVOCATION_POLL_MS", default_value_t = 500, global = true,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub key_revocation_poll_ms: u64,
+
+    /// How often quota counts are pushed to the shared counters and idle leases given
+    /// back (milliseconds); see docs/SCALING.md.
+    #[arg(long, env = "QUOTA_SYNC_MS", default_value_t = 500, global = true,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub quota_sync_ms: u64,
+
+    /// Largest block of calls an instance leases from a blocking plan's quota at once.
+    #[arg(long, env = "QUOTA_LEASE_MAX", default_value_t = 1_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub quota_lease_max: u64,
+
+    /// A lease takes at most 1/QUOTA_LEASE_SHARE of what is left of the quota.
+    #[arg(long, env = "QUOTA_LEASE_SHARE", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub quota_lease_share: u64,
 
     /// Most API keys remembered.
     #[arg(long, env = "API_KEY_CACHE_CAPACITY", default_value_t = 100_000, global = true,

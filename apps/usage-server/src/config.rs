@@ -11,6 +11,7 @@ use usage_auth::jwt::JwtConfig;
 use usage_auth::verify::KeyCacheConfig;
 use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
 use usage_core::plan::{OverLimit, PlanTerms};
+use usage_core::quota::QuotaSettings;
 use usage_core::rate::{PlanRateLimits, RateLimit};
 use usage_core::tracker::TrackerConfig;
 use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, Store, SystemClock};
@@ -39,6 +40,8 @@ pub struct Config {
     pub key_cache: KeyCacheConfig,
     /// How often revocations made elsewhere are looked for.
     pub revocation_poll: Duration,
+    /// How instances share quota counters.
+    pub quota: QuotaSettings,
     /// Short-window limits per plan (none by default).
     pub rate_limits: PlanRateLimits,
     /// Benchmark baseline: the sample route without the middleware.
@@ -112,6 +115,11 @@ impl Config {
                 capacity: usize::try_from(options.api_key_cache_capacity).unwrap_or(usize::MAX),
             },
             revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),
+            quota: QuotaSettings {
+                sync_every: Duration::from_millis(options.quota_sync_ms),
+                lease_max: options.quota_lease_max,
+                lease_share: options.quota_lease_share,
+            },
             rate_limits: PlanRateLimits {
                 free: rate(
                     options.rate_limit_free_per_sec,

@@ -65,13 +65,17 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         clock.clone(),
         config.key_cache,
     ));
-    // Revocations by the CLI or another instance reach this instance's key cache.
-    let revocation_watcher = verifier.watch_revocations(config.revocation_poll);
+    // Revocations and plan changes by the CLI or another instance reach this instance's
+    // key cache.
+    let access_watcher = verifier.watch_access_changes(config.revocation_poll);
     let quota = Arc::new(QuotaBook::new(
         store.clone(),
         config.plans.clone(),
         clock.clone(),
+        config.quota,
     ));
+    let quota_sync = quota.start_sync();
+    let quota_at_exit = Arc::clone(&quota);
     let reports = UsageReports::new(store.clone(), Arc::clone(&quota), clock.clone());
     let rate = config
         .rate_limits
@@ -152,7 +156,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         tracing::info!("listening on http://{addr}");
     }
     let served = server.run().await;
-    revocation_watcher.abort();
+    access_watcher.abort();
+    quota_sync.abort();
     if let Some(schedule) = schedule {
         schedule.abort();
     }
@@ -166,6 +171,15 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         "usage tracker stopped: {} event(s) written at shutdown",
         report.flushed_at_shutdown
     );
+    // Unspent quota leases go back for the other instances; counts not yet pushed go in.
+    match quota_at_exit.sync(true).await {
+        Ok(sync) => tracing::info!(
+            released = sync.released,
+            pushed = sync.pushed,
+            "quota leases given back"
+        ),
+        Err(e) => tracing::warn!(error = %e, "giving quota leases back failed"),
+    }
     served.map_err(ServerError::Http)?;
     tracing::info!("stopped");
     Ok(())

@@ -316,7 +316,12 @@ mod tests {
             },
             ..PlanCatalog::default()
         };
-        let quota = Arc::new(QuotaBook::new(store.clone(), catalog, clock.clone()));
+        let quota = Arc::new(QuotaBook::new(
+            store.clone(),
+            catalog,
+            clock.clone(),
+            usage_core::quota::QuotaSettings::default(),
+        ));
         for _ in 0..5 {
             assert!(matches!(
                 quota.admit(&user.id, Plan::Pro).await.unwrap(),
@@ -411,6 +416,7 @@ mod tests {
             store.clone(),
             PlanCatalog::default(),
             clock.clone(),
+            usage_core::quota::QuotaSettings::default(),
         ));
         let reports = UsageReports::new(store, quota, clock);
 

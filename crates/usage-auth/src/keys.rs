@@ -187,7 +187,7 @@ impl KeyIssuer {
 
     /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
     /// Running servers drop it from their verification caches when they next poll for
-    /// revocations ([`crate::verify::KeyVerifier::watch_revocations`]).
+    /// revocations ([`crate::verify::KeyVerifier::watch_access_changes`]).
     pub async fn revoke(
         &self,
         user_id: &UserId,

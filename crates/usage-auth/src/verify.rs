@@ -93,12 +93,17 @@ impl KeyVerifier {
         });
     }
 
-    /// Drops from the cache every key revoked since the last poll, by any process, every
-    /// `every`, until the returned task is aborted: revocations made elsewhere (the CLI,
-    /// another instance) take effect here within about `every` instead of the cache TTL.
-    pub fn watch_revocations(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        // Revocation times come from other processes' clocks: look back a little further
-        // than the interval, and accept seeing a revocation twice.
+    /// Drops from the cache, every `every` until the returned task is aborted, every key
+    /// revoked and every user whose plan changed since the last poll, by any process:
+    /// revocations and plan changes made elsewhere (the CLI, another instance) take effect
+    /// here within about `every` instead of the cache TTL.
+    ///
+    /// Polling, not PostgreSQL's LISTEN/NOTIFY: it works the same on SQLite, and a poll
+    /// after a lost connection still sees what happened meanwhile (a notification sent
+    /// while the listener was disconnected is gone).
+    pub fn watch_access_changes(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        // Change times come from other processes' clocks: look back a little further than
+        // the interval, and accept seeing a change twice.
         const OVERLAP: time::Duration = time::Duration::seconds(30);
         let verifier = Arc::clone(self);
         tokio::spawn(async move {
@@ -108,12 +113,18 @@ impl KeyVerifier {
             loop {
                 ticker.tick().await;
                 let polled_at = verifier.clock.now();
-                match verifier.keys.api_keys_revoked_since(since).await {
-                    Ok(ids) => {
-                        verifier.forget_keys(&ids);
+                let changes = async {
+                    let keys = verifier.keys.api_keys_revoked_since(since).await?;
+                    let users = verifier.users.plans_changed_since(since).await?;
+                    Ok::<_, RepoError>((keys, users))
+                };
+                match changes.await {
+                    Ok((keys, users)) => {
+                        verifier.forget_keys(&keys);
+                        verifier.forget_users(&users);
                         since = polled_at - OVERLAP;
                     }
-                    Err(e) => tracing::debug!(error = %e, "polling for revoked keys failed"),
+                    Err(e) => tracing::debug!(error = %e, "polling for access changes failed"),
                 }
             }
         })
@@ -121,8 +132,17 @@ impl KeyVerifier {
 
     /// Forgets every cached key of a user, so that a plan change takes effect at once.
     pub fn forget_user(&self, user_id: &UserId) {
+        self.forget_users(std::slice::from_ref(user_id));
+    }
+
+    /// Forgets every cached key of these users (one pass over the cache).
+    pub fn forget_users(&self, user_ids: &[UserId]) {
+        if user_ids.is_empty() {
+            return;
+        }
+        let gone: HashSet<&UserId> = user_ids.iter().collect();
         self.lock()
-            .retain(|_, e| e.caller.as_ref().is_none_or(|c| &c.user_id != user_id));
+            .retain(|_, e| e.caller.as_ref().is_none_or(|c| !gone.contains(&c.user_id)));
     }
 
     /// Keys currently cached.
@@ -375,7 +395,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn revocations_by_another_process_are_picked_up_by_the_watcher() {
+    async fn revocations_and_plan_changes_by_another_process_are_picked_up_by_the_watcher() {
         let f = fixture(100).await;
         let verifier = Arc::new(f.verifier);
         let key = KeyIssuer::new(f.store.clone(), f.store.clone(), f.clock.clone())
@@ -389,7 +409,7 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        let watcher = verifier.watch_revocations(Duration::from_millis(10));
+        let watcher = verifier.watch_access_changes(Duration::from_millis(10));
         // Revoked behind the verifier's back (as the CLI does); the clock does not move, so
         // only the watcher can make the cached answer go.
         f.store
@@ -409,11 +429,39 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        watcher.abort();
         assert!(
             refused,
             "the watcher dropped the revoked key from the cache"
         );
+
+        // A plan changed behind the verifier's back is seen the same way.
+        let other = KeyIssuer::new(f.store.clone(), f.store.clone(), f.clock.clone())
+            .issue(&f.user.id, "k2")
+            .await
+            .unwrap();
+        let plan = || async {
+            verifier
+                .authenticate(&other.plaintext)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan
+        };
+        assert_eq!(plan().await, Plan::Free);
+        f.store
+            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .await
+            .unwrap();
+        let mut upgraded = false;
+        for _ in 0..200 {
+            if plan().await == Plan::Pro {
+                upgraded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watcher.abort();
+        assert!(upgraded, "the watcher dropped the user's cached plan");
     }
 
     #[tokio::test]
@@ -448,7 +496,10 @@ mod tests {
                 .plan,
             Plan::Free
         );
-        f.store.set_plan(&f.user.id, Plan::Pro).await.unwrap();
+        f.store
+            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .await
+            .unwrap();
         f.verifier.forget_user(&f.user.id);
         assert_eq!(
             f.verifier

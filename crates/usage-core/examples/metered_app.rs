@@ -16,7 +16,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use async_trait::async_trait;
 use usage_core::memory::MemoryStore;
 use usage_core::middleware::{Metering, MeteringDeps};
-use usage_core::quota::QuotaBook;
+use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, User, UserRepository};
 use usage_core::tracker::{TrackerConfig, UsageTracker};
 use usage_core::{
@@ -81,13 +81,17 @@ async fn main() -> std::io::Result<()> {
     // The three parts the middleware needs, built once.
     let (tracker, worker) =
         UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
+    // Shares quota counters with other instances (pushes counts, gives idle leases back).
+    let quota = Arc::new(QuotaBook::new(
+        store.clone(),
+        PlanCatalog::default(),
+        clock.clone(),
+        QuotaSettings::default(),
+    ));
+    let quota_sync = quota.start_sync();
     let metering = Metering::new(MeteringDeps {
         authenticator: Arc::new(keys),
-        quota: Arc::new(QuotaBook::new(
-            store.clone(),
-            PlanCatalog::default(),
-            clock.clone(),
-        )),
+        quota: quota.clone(),
         rate: None,
         tracker,
         clock,
@@ -105,6 +109,10 @@ async fn main() -> std::io::Result<()> {
     .run()
     .await?;
 
+    quota_sync.abort();
+    if let Err(e) = quota.sync(true).await {
+        eprintln!("giving quota leases back failed: {e}");
+    }
     let report = worker.shutdown().await;
     println!("recorded {} call(s)", report.flushed_total);
     Ok(())

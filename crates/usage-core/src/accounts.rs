@@ -89,9 +89,10 @@ impl Accounts {
         }
     }
 
-    /// Moves a user to another plan.
+    /// Moves a user to another plan. Running instances pick the change up at their next
+    /// poll ([`crate::repo::UserRepository::plans_changed_since`]).
     pub async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, AccountError> {
-        match self.users.set_plan(id, plan).await {
+        match self.users.set_plan(id, plan, self.clock.now()).await {
             Ok(user) => Ok(user),
             Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
             Err(e) => Err(AccountError::Repo(e)),

@@ -20,8 +20,9 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, NewOverageCharge,
-    RecordOutcome, UninvoicedOverage, User, UserPageQuery, UserSort,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, LeaseTerms,
+    NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome, UninvoicedOverage, User, UserPageQuery,
+    UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -59,6 +60,8 @@ macro_rules! repository_conformance_tests {
             overage_charge_ledger,
             overage_billing_queries,
             admin_figures_and_audit,
+            quota_counters_lease_under_the_cap,
+            quota_concurrent_takes_stop_at_the_cap,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -139,15 +142,208 @@ pub async fn users_crud(store: Arc<dyn Store>) {
     assert_eq!(store.user_by_email("bob@example.com").await.unwrap(), None);
     assert_eq!(store.user_by_id(&UserId::generate()).await.unwrap(), None);
 
-    let upgraded = store.set_plan(&u.id, Plan::Pro).await.unwrap();
+    let upgraded = store
+        .set_plan(&u.id, Plan::Pro, T0 + Duration::minutes(5))
+        .await
+        .unwrap();
     assert_eq!(upgraded.plan, Plan::Pro);
     assert_eq!(
         store.user_by_id(&u.id).await.unwrap().unwrap().plan,
         Plan::Pro
     );
 
-    let missing = store.set_plan(&UserId::generate(), Plan::Pro).await;
+    let missing = store.set_plan(&UserId::generate(), Plan::Pro, T0).await;
     assert_eq!(missing, Err(RepoError::NotFound { entity: "user" }));
+
+    // Plan changes are found by time, for the other instances' caches.
+    let bob = user("bob@example.com", Plan::Free);
+    store.create_user(&bob).await.unwrap();
+    store
+        .set_plan(&bob.id, Plan::Enterprise, T0 + Duration::minutes(9))
+        .await
+        .unwrap();
+    let mut changed = store
+        .plans_changed_since(T0 + Duration::minutes(5))
+        .await
+        .unwrap();
+    changed.sort();
+    let mut expected = vec![u.id.clone(), bob.id.clone()];
+    expected.sort();
+    assert_eq!(changed, expected, "the bound is inclusive");
+    assert_eq!(
+        store
+            .plans_changed_since(T0 + Duration::minutes(6))
+            .await
+            .unwrap(),
+        vec![bob.id.clone()]
+    );
+    assert!(
+        store
+            .plans_changed_since(T0 + Duration::minutes(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Quota counters start from the period's stored calls; takes lease under the cap, adds
+/// come first, deltas never go below zero.
+pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let period = BillingPeriod::containing(T0).start();
+    store
+        .record_usage(&events(&ada, &key, 7, T0), &IncludedCalls::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.quota_count(&ada, period).await.unwrap(),
+        7,
+        "seeded from stored calls"
+    );
+    // Stored calls counted after the counter exists do not move it: admissions do.
+    store
+        .record_usage(&events(&ada, &key, 2, T0), &IncludedCalls::new())
+        .await
+        .unwrap();
+    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 7);
+
+    let terms = LeaseTerms {
+        cap: Some(100),
+        max: 50,
+        share: 4,
+    };
+    let take = store.take_quota(&ada, period, 3, terms).await.unwrap();
+    // 7 + 3 = 10; a quarter of the 90 left.
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 22,
+            count: 32
+        }
+    );
+    let take = store
+        .take_quota(&ada, period, 0, LeaseTerms { max: 5, ..terms })
+        .await
+        .unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 5,
+            count: 37
+        }
+    );
+    let counts = store
+        .apply_quota_deltas(&[QuotaDelta {
+            user_id: ada.clone(),
+            period_start: period,
+            delta: 60,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![97]);
+    for expected in [98, 99, 100] {
+        let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+        assert_eq!(
+            take,
+            QuotaTake {
+                taken: 1,
+                count: expected
+            }
+        );
+    }
+    let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 0,
+            count: 100
+        },
+        "nothing past the cap"
+    );
+    // An add is kept even when nothing is left to lease (calls already admitted).
+    let take = store.take_quota(&ada, period, 2, terms).await.unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 0,
+            count: 102
+        }
+    );
+    // Unlimited: the largest lease.
+    let take = store
+        .take_quota(&ada, period, 0, LeaseTerms { cap: None, ..terms })
+        .await
+        .unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 50,
+            count: 152
+        }
+    );
+
+    // Deltas for several counters, created when missing, never below zero; another period
+    // and another user are separate counters.
+    let (bob, _) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let next = BillingPeriod::containing(T0).end();
+    let counts = store
+        .apply_quota_deltas(&[
+            QuotaDelta {
+                user_id: ada.clone(),
+                period_start: period,
+                delta: -52,
+            },
+            QuotaDelta {
+                user_id: bob.clone(),
+                period_start: period,
+                delta: 4,
+            },
+            QuotaDelta {
+                user_id: ada.clone(),
+                period_start: next,
+                delta: -3,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![100, 4, 0]);
+    assert!(store.apply_quota_deltas(&[]).await.unwrap().is_empty());
+    assert_eq!(store.quota_count(&ada, next).await.unwrap(), 0);
+    assert_eq!(store.quota_count(&bob, period).await.unwrap(), 4);
+}
+
+/// Many concurrent takers (as many instances would be) never lease past the cap, and
+/// together lease all of it.
+pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
+    const CAP: u64 = 500;
+    let (ada, _) = caller(&store, "ada@example.com", Plan::Free).await;
+    let period = BillingPeriod::containing(T0).start();
+    let terms = LeaseTerms {
+        cap: Some(CAP),
+        max: 40,
+        share: 8,
+    };
+    let mut handles = Vec::new();
+    for _ in 0..16 {
+        let (store, ada) = (Arc::clone(&store), ada.clone());
+        handles.push(tokio::spawn(async move {
+            let mut leased = 0;
+            loop {
+                let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+                assert!(take.count <= CAP);
+                if take.taken == 0 {
+                    return leased;
+                }
+                leased += take.taken;
+            }
+        }));
+    }
+    let mut leased = 0;
+    for h in handles {
+        leased += h.await.unwrap();
+    }
+    assert_eq!(leased, CAP);
+    assert_eq!(store.quota_count(&ada, period).await.unwrap(), CAP);
 }
 
 pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {

@@ -10,10 +10,11 @@ use uuid::Uuid;
 
 use crate::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, NewOverageCharge,
-    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome,
-    TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery,
-    UserRepository, UserSort, UserUsageRow,
+    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, LeaseTerms,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    lease_size,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -27,6 +28,8 @@ struct State {
     daily: BTreeMap<(UserId, Date), DailyUsage>,
     charges: Vec<OverageCharge>,
     audit: Vec<AdminAuditEntry>,
+    quota: BTreeMap<(UserId, OffsetDateTime), u64>,
+    plan_changed: BTreeMap<UserId, OffsetDateTime>,
 }
 
 /// All repositories in one process-local map. Cheap to create; one per test.
@@ -105,14 +108,31 @@ impl UserRepository for MemoryStore {
             .cloned())
     }
 
-    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
+    async fn set_plan(
+        &self,
+        id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<User, RepoError> {
         let mut state = self.state();
         let user = state
             .users
             .get_mut(id)
             .ok_or(RepoError::NotFound { entity: "user" })?;
         user.plan = plan;
-        Ok(user.clone())
+        let user = user.clone();
+        state.plan_changed.insert(id.clone(), at);
+        Ok(user)
+    }
+
+    async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {
+        Ok(self
+            .state()
+            .plan_changed
+            .iter()
+            .filter(|(_, at)| **at >= since)
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
@@ -730,6 +750,60 @@ impl AdminRepository for MemoryStore {
             figures.projected_cents += cents(projected);
         }
         Ok(figures)
+    }
+}
+
+impl State {
+    /// The counter of (user, period), created from the period's stored calls if missing.
+    fn quota_counter(&mut self, user_id: &UserId, period_start: OffsetDateTime) -> &mut u64 {
+        let stored = self
+            .records
+            .get(&(user_id.clone(), period_start))
+            .map_or(0, |r| r.api_calls);
+        self.quota
+            .entry((user_id.clone(), period_start))
+            .or_insert(stored)
+    }
+}
+
+#[async_trait]
+impl QuotaCounterRepository for MemoryStore {
+    async fn quota_count(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        Ok(*self.state().quota_counter(user_id, period_start))
+    }
+
+    async fn take_quota(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        add: u64,
+        lease: LeaseTerms,
+    ) -> Result<QuotaTake, RepoError> {
+        let mut state = self.state();
+        let count = state.quota_counter(user_id, period_start);
+        *count += add;
+        let taken = lease_size(*count, lease);
+        *count += taken;
+        Ok(QuotaTake {
+            taken,
+            count: *count,
+        })
+    }
+
+    async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+        let mut state = self.state();
+        Ok(deltas
+            .iter()
+            .map(|d| {
+                let count = state.quota_counter(&d.user_id, d.period_start);
+                *count = count.saturating_add_signed(d.delta);
+                *count
+            })
+            .collect())
     }
 }
 

@@ -1,15 +1,27 @@
-//! Monthly quotas: per user and period, the count of admitted calls is kept in memory,
-//! loaded from the period counter on first use, and checked-and-incremented atomically
-//! per call.
+//! Monthly quotas, exact across any number of instances sharing one database.
+//!
+//! Blocking plans (free) admit calls from **leases**: an instance takes a block of calls
+//! from the shared counter (`eco_quota_counters`) in one atomic statement that never
+//! goes past the limit, then admits from that block in memory. Blocks shrink as the
+//! limit nears (a `1/share` part of what is left), down to one call: the last calls of
+//! the month are each an atomic check-and-increment in the database. Unspent blocks go
+//! back when an instance stops, or after a short idle time.
+//!
+//! Other plans (pro, enterprise) are never refused: they count in memory and push their
+//! counts to the shared counter in batches every `sync_every`, so that every instance's
+//! `X-RateLimit-*` headers include the others' calls.
+//!
+//! The design, its worst cases and its costs are in `docs/SCALING.md`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::OnceCell;
+use tokio::sync::{Mutex, OnceCell};
 
-use crate::repo::UsageRepository;
+use crate::repo::{LeaseTerms, QuotaCounterRepository, QuotaDelta};
 use crate::{BillingPeriod, Clock, OverLimit, Plan, PlanCatalog, RepoError, UserId};
 
 /// The answer to "may this call go ahead?".
@@ -39,47 +51,125 @@ impl QuotaStatus {
     }
 }
 
-/// One user's count for one period. The count is loaded once, on first use; a user has
-/// slots for at most two periods (this month and the last).
+/// How instances share the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaSettings {
+    /// How often counts are pushed and idle leases given back (`QUOTA_SYNC_MS`); also
+    /// how long a user found at the limit is refused before the counter is read again.
+    pub sync_every: Duration,
+    /// Largest lease (`QUOTA_LEASE_MAX`).
+    pub lease_max: u64,
+    /// A lease takes at most `1/lease_share` of what is left (`QUOTA_LEASE_SHARE`).
+    pub lease_share: u64,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            sync_every: Duration::from_millis(500),
+            lease_max: 1_000,
+            lease_share: 16,
+        }
+    }
+}
+
+/// One user's state for one period on this instance.
 #[derive(Debug)]
 struct Slot {
     period: BillingPeriod,
-    count: OnceCell<AtomicU64>,
+    /// Read once from the shared counter, on first use.
+    opened: OnceCell<()>,
+    /// The shared counter as last seen (it includes this instance's unspent leases).
+    counted: AtomicU64,
+    /// Leased calls not yet admitted.
+    unspent: AtomicU64,
+    /// Calls admitted without a lease, not yet pushed to the shared counter.
+    pending: AtomicU64,
+    /// Until when (unix ms) the counter is known to be at the limit.
+    exhausted_until: AtomicI64,
+    /// Last admission (unix ms), to give idle leases back.
+    last_used: AtomicI64,
+    /// One lease at a time per user on this instance.
+    leasing: Mutex<()>,
+}
+
+impl Slot {
+    fn new(period: BillingPeriod) -> Self {
+        Self {
+            period,
+            opened: OnceCell::new(),
+            counted: AtomicU64::new(0),
+            unspent: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            exhausted_until: AtomicI64::new(i64::MIN),
+            last_used: AtomicI64::new(i64::MIN),
+            leasing: Mutex::new(()),
+        }
+    }
+
+    /// Admitted calls as this instance sees them.
+    fn used(&self) -> u64 {
+        (self.counted.load(Ordering::Acquire) + self.pending.load(Ordering::Acquire))
+            .saturating_sub(self.unspent.load(Ordering::Acquire))
+    }
+
+    /// Admits one call from the lease, if any is left.
+    fn spend(&self) -> bool {
+        self.unspent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Calls admitted without a lease, pushed to the shared counters.
+    pub pushed: u64,
+    /// Unspent leased calls given back.
+    pub released: u64,
 }
 
 /// Quota decisions for every user of this instance.
-///
-/// Exact on one instance: the check and the increment are one atomic operation, so a
-/// free user gets exactly `limit` admitted calls under any concurrency. The counts start
-/// from the stored period counters, so a restart (after the tracker's final flush) keeps
-/// them.
 pub struct QuotaBook {
     slots: RwLock<HashMap<UserId, Vec<Arc<Slot>>>>,
-    usage: Arc<dyn UsageRepository>,
+    counters: Arc<dyn QuotaCounterRepository>,
     catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
+    settings: QuotaSettings,
 }
 
 impl std::fmt::Debug for QuotaBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuotaBook")
             .field("catalog", &self.catalog)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl QuotaBook {
-    /// A book reading stored counters from `usage`.
+    /// A book over the shared counters of `counters`.
     pub fn new(
-        usage: Arc<dyn UsageRepository>,
+        counters: Arc<dyn QuotaCounterRepository>,
         catalog: PlanCatalog,
         clock: Arc<dyn Clock>,
+        settings: QuotaSettings,
     ) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
-            usage,
+            counters,
             catalog,
             clock,
+            settings,
         }
     }
 
@@ -109,47 +199,160 @@ impl QuotaBook {
             used,
             reset_at: period.end(),
         };
-        self.with_count(user_id, period, |count| {
-            match (terms.monthly_calls, terms.over_limit) {
-                (Some(limit), OverLimit::Block) => {
-                    // Check and increment in one step: no call slips past the limit.
-                    match count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                        (used < limit).then_some(used + 1)
-                    }) {
-                        Ok(before) => QuotaDecision::Admitted(status(before + 1)),
-                        Err(used) => QuotaDecision::Rejected(status(used)),
-                    }
-                }
-                _ => QuotaDecision::Admitted(status(count.fetch_add(1, Ordering::AcqRel) + 1)),
+        let slot = self.open(user_id, period).await?;
+        let now = unix_ms(self.clock.now());
+        slot.last_used.fetch_max(now, Ordering::Relaxed);
+        let limit = match (terms.monthly_calls, terms.over_limit) {
+            (Some(limit), OverLimit::Block) => limit,
+            _ => {
+                slot.pending.fetch_add(1, Ordering::AcqRel);
+                return Ok(QuotaDecision::Admitted(status(slot.used())));
             }
-        })
-        .await
+        };
+        loop {
+            if slot.spend() {
+                return Ok(QuotaDecision::Admitted(status(slot.used())));
+            }
+            if now < slot.exhausted_until.load(Ordering::Acquire) {
+                return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
+            }
+            let _leasing = slot.leasing.lock().await;
+            if slot.unspent.load(Ordering::Acquire) > 0 {
+                continue; // another call leased while this one waited
+            }
+            if now < slot.exhausted_until.load(Ordering::Acquire) {
+                continue;
+            }
+            // Calls admitted while the user was on a plan that does not block go in first,
+            // so that the lease sees them.
+            let add = slot.pending.swap(0, Ordering::AcqRel);
+            let lease = LeaseTerms {
+                cap: Some(limit),
+                max: self.settings.lease_max.max(1),
+                share: self.settings.lease_share.max(1),
+            };
+            let take = match self
+                .counters
+                .take_quota(user_id, period.start(), add, lease)
+                .await
+            {
+                Ok(take) => take,
+                Err(e) => {
+                    slot.pending.fetch_add(add, Ordering::AcqRel);
+                    return Err(e);
+                }
+            };
+            slot.counted.store(take.count, Ordering::Release);
+            if take.taken == 0 {
+                let until = now.saturating_add(millis(self.settings.sync_every));
+                slot.exhausted_until.store(until, Ordering::Release);
+                return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
+            }
+            // This call takes the first leased call.
+            slot.unspent.fetch_add(take.taken - 1, Ordering::AcqRel);
+            return Ok(QuotaDecision::Admitted(status(slot.used())));
+        }
     }
 
-    /// Admitted calls of `user_id` in the current period, flushed to the store or not.
+    /// Admitted calls of `user_id` in the current period, on every instance: the shared
+    /// counter read now, less this instance's unspent lease, plus its counts not yet
+    /// pushed. Other instances' unspent leases count as used (never more than a lease
+    /// each).
     pub async fn used(&self, user_id: &UserId) -> Result<u64, RepoError> {
         let period = BillingPeriod::containing(self.clock.now());
-        self.with_count(user_id, period, |count| count.load(Ordering::Acquire))
-            .await
+        let slot = self.open(user_id, period).await?;
+        let counted = self.counters.quota_count(user_id, period.start()).await?;
+        slot.counted.store(counted, Ordering::Release);
+        Ok(slot.used())
     }
 
-    /// Runs `f` on the in-memory counter of `user_id` for `period`, loading it from the
-    /// stored period counter on first use (once, however many calls arrive together).
-    async fn with_count<R>(
-        &self,
-        user_id: &UserId,
-        period: BillingPeriod,
-        f: impl FnOnce(&AtomicU64) -> R,
-    ) -> Result<R, RepoError> {
+    /// Pushes counts not yet pushed, and gives back leases unused for two sync intervals
+    /// (or all of them, with `release_all`, at shutdown). On failure nothing is lost: the
+    /// counts stay to be pushed next time.
+    pub async fn sync(&self, release_all: bool) -> Result<SyncReport, RepoError> {
+        let now = unix_ms(self.clock.now());
+        let idle_since = now.saturating_sub(2 * millis(self.settings.sync_every));
+        let slots: Vec<(UserId, Arc<Slot>)> = self
+            .read_slots()
+            .iter()
+            .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), Arc::clone(s))))
+            .collect();
+        let mut work: Vec<(Arc<Slot>, u64, u64)> = Vec::new();
+        let mut deltas = Vec::new();
+        for (user_id, slot) in slots {
+            if slot.opened.get().is_none() {
+                continue;
+            }
+            let pending = slot.pending.load(Ordering::Acquire);
+            let released = if release_all || slot.last_used.load(Ordering::Acquire) < idle_since {
+                slot.unspent.swap(0, Ordering::AcqRel)
+            } else {
+                0
+            };
+            if pending == 0 && released == 0 {
+                continue;
+            }
+            let delta = i64::try_from(pending).unwrap_or(i64::MAX)
+                - i64::try_from(released).unwrap_or(i64::MAX);
+            deltas.push(QuotaDelta {
+                user_id,
+                period_start: slot.period.start(),
+                delta,
+            });
+            work.push((slot, pending, released));
+        }
+        if deltas.is_empty() {
+            return Ok(SyncReport::default());
+        }
+        match self.counters.apply_quota_deltas(&deltas).await {
+            Ok(counts) => {
+                let mut report = SyncReport::default();
+                for ((slot, pending, released), count) in work.into_iter().zip(counts) {
+                    // The new count first: for an instant the user looks one batch busier,
+                    // never less busy than they are.
+                    slot.counted.store(count, Ordering::Release);
+                    slot.pending.fetch_sub(pending, Ordering::AcqRel);
+                    report.pushed += pending;
+                    report.released += released;
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                for (slot, _, released) in work {
+                    slot.unspent.fetch_add(released, Ordering::AcqRel);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs [`QuotaBook::sync`] every `sync_every` until the returned task is aborted.
+    pub fn start_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let book = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(book.settings.sync_every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(e) = book.sync(false).await {
+                    tracing::debug!(error = %e, "quota sync failed; will retry");
+                }
+            }
+        })
+    }
+
+    /// The slot of `user_id` for `period`, with its counter read from the shared counter
+    /// on first use (once, however many calls arrive together).
+    async fn open(&self, user_id: &UserId, period: BillingPeriod) -> Result<Arc<Slot>, RepoError> {
         let slot = self.slot(user_id, period);
-        let count = slot
-            .count
+        slot.opened
             .get_or_try_init(|| async {
-                let stored = self.usage.usage_record(user_id, period.start()).await?;
-                Ok::<_, RepoError>(AtomicU64::new(stored.map_or(0, |r| r.api_calls)))
+                let count = self.counters.quota_count(user_id, period.start()).await?;
+                slot.counted.store(count, Ordering::Release);
+                Ok::<_, RepoError>(())
             })
             .await?;
-        Ok(f(count))
+        Ok(slot)
     }
 
     fn slot(&self, user_id: &UserId, period: BillingPeriod) -> Arc<Slot> {
@@ -163,12 +366,9 @@ impl QuotaBook {
             return slot; // added while we waited for the lock
         }
         // A new month. Calls that arrived just before midnight may still be admitted
-        // after it, so the previous month's count is kept beside the new one; older
-        // months go.
-        let slot = Arc::new(Slot {
-            period,
-            count: OnceCell::new(),
-        });
+        // after it, so the previous month's slot is kept beside the new one (its leases
+        // and counts are synced like any other); older months go.
+        let slot = Arc::new(Slot::new(period));
         slots.push(Arc::clone(&slot));
         slots.sort_by_key(|s| std::cmp::Reverse(s.period));
         slots.truncate(2);
@@ -184,7 +384,9 @@ impl QuotaBook {
 mod tests {
     use super::*;
     use crate::memory::MemoryStore;
-    use crate::repo::{ApiKeyRecord, ApiKeyRepository, IncludedCalls, User, UserRepository};
+    use crate::repo::{
+        ApiKeyRecord, ApiKeyRepository, IncludedCalls, UsageRepository as _, User, UserRepository,
+    };
     use crate::{ApiKeyId, ManualClock, PlanTerms, UsageEvent};
     use time::macros::datetime;
 
@@ -252,7 +454,12 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
         let user = user_with_stored_calls(&store, clock.now(), 0).await;
-        let book = Arc::new(QuotaBook::new(store, catalog(100, 1_000), clock));
+        let book = Arc::new(QuotaBook::new(
+            store,
+            catalog(100, 1_000),
+            clock,
+            QuotaSettings::default(),
+        ));
 
         let mut tasks = Vec::new();
         for _ in 0..64 {
@@ -292,7 +499,12 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-30 23:59:59 UTC)));
         let user = user_with_stored_calls(&store, clock.now(), 8).await;
-        let book = QuotaBook::new(store, catalog(10, 1_000), clock.clone());
+        let book = QuotaBook::new(
+            store,
+            catalog(10, 1_000),
+            clock.clone(),
+            QuotaSettings::default(),
+        );
 
         // 8 stored before this instance started: 2 left.
         assert!(
@@ -321,7 +533,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(datetime!(2026-12-01 00:00:00.001 UTC)));
         let user = user_with_stored_calls(&store, clock.now(), 0).await;
-        let book = QuotaBook::new(store, catalog(10, 1_000), clock);
+        let book = QuotaBook::new(store, catalog(10, 1_000), clock, QuotaSettings::default());
         let arrived = datetime!(2026-11-30 23:59:59.999 UTC);
         let QuotaDecision::Admitted(status) =
             book.admit_at(&user, Plan::Free, arrived).await.unwrap()
@@ -355,7 +567,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
         let user = user_with_stored_calls(&store, clock.now(), 0).await;
-        let book = QuotaBook::new(store, catalog(1, 2), clock);
+        let book = QuotaBook::new(store, catalog(1, 2), clock, QuotaSettings::default());
         let mut last = None;
         for _ in 0..5 {
             let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Pro).await.unwrap()
@@ -374,5 +586,169 @@ mod tests {
             panic!("enterprise is never blocked");
         };
         assert_eq!((status.limit, status.remaining()), (None, None));
+    }
+
+    fn two_instances(
+        store: &Arc<MemoryStore>,
+        clock: &Arc<ManualClock>,
+        free: u64,
+        settings: QuotaSettings,
+    ) -> (Arc<QuotaBook>, Arc<QuotaBook>) {
+        let book = || {
+            Arc::new(QuotaBook::new(
+                store.clone(),
+                catalog(free, 1_000),
+                clock.clone(),
+                settings,
+            ))
+        };
+        (book(), book())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_instances_on_one_store_admit_exactly_the_limit() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 5).await;
+        let (a, b) = two_instances(&store, &clock, 1_000, QuotaSettings::default());
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let book = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let user = user.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0u64;
+                for _ in 0..40 {
+                    if let QuotaDecision::Admitted(s) = book.admit(&user, Plan::Free).await.unwrap()
+                    {
+                        assert!(s.used <= 1_000);
+                        admitted += 1;
+                    }
+                }
+                admitted
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        assert_eq!(
+            admitted, 995,
+            "5 stored before, 995 admitted across both, not one more"
+        );
+        assert_eq!(
+            store
+                .quota_count(&user, BillingPeriod::containing(clock.now()).start())
+                .await
+                .unwrap(),
+            1_000
+        );
+        assert!(
+            matches!(a.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Rejected(s) if s.remaining() == Some(0))
+        );
+        assert!(matches!(
+            b.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Rejected(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_idle_lease_goes_back_to_the_other_instance() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let settings = QuotaSettings {
+            lease_share: 2,
+            ..QuotaSettings::default()
+        };
+        let (a, b) = two_instances(&store, &clock, 100, settings);
+        // A leases half of the 100 and admits one.
+        assert!(
+            matches!(a.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 1)
+        );
+        // B gets the rest, then is refused while A sits on 49 unspent calls.
+        let mut on_b = 0;
+        while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::Free).await.unwrap() {
+            on_b += 1;
+        }
+        assert_eq!(on_b, 50);
+        // Not idle yet: A keeps its lease.
+        assert_eq!(a.sync(false).await.unwrap(), SyncReport::default());
+        // Idle for two sync intervals: A gives it back, and B admits it once its short
+        // refusal has run out.
+        clock.advance(time::Duration::seconds(2));
+        assert_eq!(
+            a.sync(false).await.unwrap(),
+            SyncReport {
+                pushed: 0,
+                released: 49
+            }
+        );
+        let mut more = 0;
+        while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::Free).await.unwrap() {
+            more += 1;
+        }
+        assert_eq!(
+            more, 49,
+            "every one of the 100 calls is admitted in the end"
+        );
+        assert_eq!(b.used(&user).await.unwrap(), 100);
+        assert_eq!(a.used(&user).await.unwrap(), 100);
+    }
+
+    #[tokio::test]
+    async fn counts_of_plans_that_never_block_reach_the_other_instance() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let (a, b) = two_instances(&store, &clock, 10, QuotaSettings::default());
+        for _ in 0..7 {
+            a.admit(&user, Plan::Pro).await.unwrap();
+        }
+        assert_eq!(b.used(&user).await.unwrap(), 0, "not pushed yet");
+        assert_eq!(
+            a.sync(false).await.unwrap(),
+            SyncReport {
+                pushed: 7,
+                released: 0
+            }
+        );
+        assert_eq!(b.used(&user).await.unwrap(), 7);
+        let QuotaDecision::Admitted(status) = b.admit(&user, Plan::Pro).await.unwrap() else {
+            panic!("pro is never blocked");
+        };
+        assert_eq!(status.used, 8);
+
+        // Moved to free with 8 used (one not pushed yet, on B): 2 left, across both.
+        let mut admitted = 0;
+        for book in [&a, &b, &a, &b, &a] {
+            if let QuotaDecision::Admitted(_) = book.admit(&user, Plan::Free).await.unwrap() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 2);
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_every_unspent_lease_back() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let (a, b) = two_instances(&store, &clock, 1_000, QuotaSettings::default());
+        a.admit(&user, Plan::Free).await.unwrap();
+        let period = BillingPeriod::containing(clock.now()).start();
+        assert_eq!(
+            store.quota_count(&user, period).await.unwrap(),
+            62,
+            "a lease of 62"
+        );
+        assert_eq!(
+            a.sync(true).await.unwrap(),
+            SyncReport {
+                pushed: 0,
+                released: 61
+            }
+        );
+        assert_eq!(store.quota_count(&user, period).await.unwrap(), 1);
+        assert_eq!(b.used(&user).await.unwrap(), 1);
     }
 }

@@ -404,8 +404,17 @@ pub trait UserRepository: Send + Sync {
     async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError>;
     /// The user with this (normalised) email.
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError>;
-    /// Changes a user's plan and returns the updated user. `NotFound` for an unknown id.
-    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError>;
+    /// Changes a user's plan at `at` and returns the updated user. `NotFound` for an
+    /// unknown id.
+    async fn set_plan(
+        &self,
+        id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<User, RepoError>;
+    /// Users whose plan changed at or after `since`, so that every running instance can
+    /// drop their cached plan.
+    async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError>;
     /// How many users each plan has (plans without users are left out).
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
 }
@@ -435,6 +444,88 @@ pub trait ApiKeyRepository: Send + Sync {
         &self,
         since: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError>;
+}
+
+/// What a quota lease may take: see [`lease_size`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTerms {
+    /// The most calls the counter may reach (the plan's limit); `None`: no cap.
+    pub cap: Option<u64>,
+    /// The largest lease.
+    pub max: u64,
+    /// A lease takes at most this fraction (1/share) of what is left under the cap, so
+    /// that other instances find some left and what a crashed instance strands is small.
+    pub share: u64,
+}
+
+/// How many calls a lease takes from a counter standing at `count`: a `1/share` part of
+/// what is left under the cap, at least one and at most `max`; none when nothing is left.
+///
+/// ```
+/// use usage_core::repo::{LeaseTerms, lease_size};
+/// let terms = LeaseTerms { cap: Some(1_000), max: 100, share: 16 };
+/// assert_eq!(lease_size(0, terms), 62);
+/// assert_eq!(lease_size(990, terms), 1);
+/// assert_eq!(lease_size(1_000, terms), 0);
+/// assert_eq!(lease_size(0, LeaseTerms { cap: None, ..terms }), 100);
+/// ```
+pub fn lease_size(count: u64, terms: LeaseTerms) -> u64 {
+    match terms.cap {
+        None => terms.max,
+        Some(cap) => {
+            let left = cap.saturating_sub(count);
+            (left / terms.share.max(1)).max(1).min(terms.max).min(left)
+        }
+    }
+}
+
+/// What [`QuotaCounterRepository::take_quota`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaTake {
+    /// Calls leased now (0: the cap is reached).
+    pub taken: u64,
+    /// The counter afterwards.
+    pub count: u64,
+}
+
+/// A change to one (user, period) admission counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaDelta {
+    /// Whose counter.
+    pub user_id: UserId,
+    /// Start of its period.
+    pub period_start: OffsetDateTime,
+    /// Calls to add (admitted without a lease) or, negative, to give back (unspent leases).
+    pub delta: i64,
+}
+
+/// The admission counters every instance shares (`eco_quota_counters`): per user and
+/// period, the calls admitted or leased to an instance for admission. A counter is
+/// created on first use from the period's stored calls (`eco_usage_records`).
+///
+/// These count admissions, for quota decisions; billing counts stored events.
+#[async_trait]
+pub trait QuotaCounterRepository: Send + Sync {
+    /// The counter of `user_id` for the period starting at `period_start`, created if
+    /// missing.
+    async fn quota_count(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<u64, RepoError>;
+    /// Adds `add` (calls admitted without a lease), then leases [`lease_size`] more, in
+    /// one atomic step: concurrent takes by any number of instances never lease past the
+    /// cap. Creates the counter if missing.
+    async fn take_quota(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        add: u64,
+        lease: LeaseTerms,
+    ) -> Result<QuotaTake, RepoError>;
+    /// Applies many deltas at once (never below zero) and returns each counter after it,
+    /// in the order given. Counters that do not exist are created first.
+    async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError>;
 }
 
 /// Raw usage events (`eco_api_usage`) and the period counters (`eco_usage_records`).
@@ -563,6 +654,7 @@ pub trait Store:
     + DailyUsageRepository
     + OverageChargeRepository
     + AdminRepository
+    + QuotaCounterRepository
     + Send
     + Sync
 {

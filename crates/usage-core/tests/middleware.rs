@@ -90,7 +90,12 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
             api_key_id: key.id,
             plan,
         })),
-        quota: Arc::new(QuotaBook::new(store.clone(), catalog, clock.clone())),
+        quota: Arc::new(QuotaBook::new(
+            store.clone(),
+            catalog,
+            clock.clone(),
+            usage_core::quota::QuotaSettings::default(),
+        )),
         rate,
         tracker,
         clock,

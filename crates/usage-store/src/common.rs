@@ -478,3 +478,31 @@ pub(crate) fn projection_threshold(
 pub(crate) fn billed_limit(catalog: &usage_core::PlanCatalog, plan: Plan) -> i64 {
     catalog.included_calls_if_billed(plan).map_or(-1, to_i64)
 }
+
+/// The answer of a quota lease statement.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct QuotaTakeRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub taken: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub n: i64,
+}
+
+impl QuotaTakeRow {
+    pub(crate) fn into_domain(self) -> usage_core::repo::QuotaTake {
+        usage_core::repo::QuotaTake {
+            taken: to_u64(self.taken),
+            count: to_u64(self.n),
+        }
+    }
+}
+
+/// The lease terms as bound to the lease statements: (max, cap, share), with no cap as
+/// `i64::MAX` (the statements compute the same as [`usage_core::repo::lease_size`]).
+pub(crate) fn lease_binds(lease: usage_core::repo::LeaseTerms) -> (i64, i64, i64) {
+    (
+        to_i64(lease.max),
+        lease.cap.map_or(i64::MAX, to_i64),
+        to_i64(lease.share.max(1)),
+    )
+}

@@ -16,10 +16,10 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge,
-    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
-    UserUsageRow,
+    DailyUsageRepository, EndpointStats, IncludedCalls, LeaseTerms, NewOverageCharge,
+    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -28,9 +28,9 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, TRANSACTION_ATTEMPTS, admin_sql,
-    billed_limit, counter_deltas, distinct_references, parse_plan, plan_counts,
-    projection_threshold, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, QuotaTakeRow, TRANSACTION_ATTEMPTS,
+    admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
+    plan_counts, projection_threshold, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -440,15 +440,34 @@ impl UserRepository for PgStore {
             .transpose()
     }
 
-    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
+    async fn set_plan(
+        &self,
+        id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<User, RepoError> {
         let mut conn = self.conn().await?;
         diesel::update(eco_users::table.find(id.as_str()))
-            .set(eco_users::plan.eq(plan.as_str()))
+            .set((
+                eco_users::plan.eq(plan.as_str()),
+                eco_users::plan_changed_at.eq(at),
+            ))
             .returning(UserRow::as_returning())
             .get_result(&mut conn)
             .await
             .map_err(|e| repo_error(e, "user"))?
             .into_domain()
+    }
+
+    async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = eco_users::table
+            .filter(eco_users::plan_changed_at.ge(since))
+            .select(eco_users::id)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        Ok(ids.into_iter().map(UserId::from_stored).collect())
     }
 
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
@@ -703,6 +722,172 @@ impl UsageRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "usage event"))?;
         Ok(to_u64(n))
+    }
+}
+
+/// Creates missing counters from the periods' stored calls ($1 users, $2 periods, in one
+/// order for every writer).
+const SEED_QUOTA_COUNTERS: &str = "\
+INSERT INTO eco_quota_counters (user_id, period_start, admitted)
+SELECT d.user_id, d.period_start, COALESCE(r.api_calls, 0)
+FROM unnest($1::text[], $2::timestamptz[]) AS d(user_id, period_start)
+LEFT JOIN eco_usage_records r ON r.user_id = d.user_id AND r.period_start = d.period_start
+ORDER BY d.user_id, d.period_start
+ON CONFLICT (user_id, period_start) DO NOTHING";
+
+/// Adds $3, then leases `lease_size` (max $4, cap $5, share $6) in one statement: the
+/// right-hand sides all read the row as it was, so `last_taken` and `admitted` get the
+/// same lease, and the row lock makes concurrent leases queue.
+const TAKE_QUOTA: &str = "\
+UPDATE eco_quota_counters SET
+    last_taken = LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6), GREATEST(0, $5 - (admitted + $3))),
+    admitted = admitted + $3
+        + LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6), GREATEST(0, $5 - (admitted + $3)))
+WHERE user_id = $1 AND period_start = $2
+RETURNING last_taken AS taken, admitted AS n";
+
+/// Locks the counters of a batch of deltas in one order for every writer, so that two
+/// instances applying overlapping batches cannot deadlock.
+const LOCK_QUOTA_COUNTERS: &str = "\
+SELECT c.admitted AS n FROM eco_quota_counters c
+JOIN unnest($1::text[], $2::timestamptz[]) AS d(user_id, period_start)
+    ON c.user_id = d.user_id AND c.period_start = d.period_start
+ORDER BY c.user_id, c.period_start
+FOR UPDATE OF c";
+
+const APPLY_QUOTA_DELTAS: &str = "\
+UPDATE eco_quota_counters c SET admitted = GREATEST(0, c.admitted + d.delta)
+FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS d(user_id, period_start, delta)
+WHERE c.user_id = d.user_id AND c.period_start = d.period_start
+RETURNING c.user_id, c.period_start, c.admitted AS n";
+
+#[derive(QueryableByName)]
+struct QuotaCountRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Timestamptz)]
+    period_start: OffsetDateTime,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+impl PgStore {
+    async fn seed_quota_counters(
+        &self,
+        conn: &mut AsyncPgConnection,
+        users: &[&str],
+        periods: &[OffsetDateTime],
+    ) -> Result<(), RepoError> {
+        diesel::sql_query(SEED_QUOTA_COUNTERS)
+            .bind::<Array<Text>, _>(users)
+            .bind::<Array<Timestamptz>, _>(periods)
+            .execute(conn)
+            .await
+            .map_err(|e| repo_error(e, "quota counter"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl QuotaCounterRepository for PgStore {
+    async fn quota_count(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        self.seed_quota_counters(&mut conn, &[user_id.as_str()], &[period_start])
+            .await?;
+        let row: CountRow = diesel::sql_query(
+            "SELECT admitted AS n FROM eco_quota_counters WHERE user_id = $1 AND period_start = $2",
+        )
+        .bind::<Text, _>(user_id.as_str())
+        .bind::<Timestamptz, _>(period_start)
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "quota counter"))?;
+        Ok(to_u64(row.n))
+    }
+
+    async fn take_quota(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        add: u64,
+        lease: LeaseTerms,
+    ) -> Result<QuotaTake, RepoError> {
+        let mut conn = self.conn().await?;
+        let (max, cap, share) = lease_binds(lease);
+        for attempt in 0..2 {
+            let row: Option<QuotaTakeRow> = diesel::sql_query(TAKE_QUOTA)
+                .bind::<Text, _>(user_id.as_str())
+                .bind::<Timestamptz, _>(period_start)
+                .bind::<BigInt, _>(to_i64(add))
+                .bind::<BigInt, _>(max)
+                .bind::<BigInt, _>(cap)
+                .bind::<BigInt, _>(share)
+                .get_result(&mut conn)
+                .await
+                .optional()
+                .map_err(|e| repo_error(e, "quota counter"))?;
+            match row {
+                Some(row) => return Ok(row.into_domain()),
+                None if attempt == 0 => {
+                    self.seed_quota_counters(&mut conn, &[user_id.as_str()], &[period_start])
+                        .await?;
+                }
+                None => {}
+            }
+        }
+        Err(RepoError::NotFound {
+            entity: "quota counter",
+        })
+    }
+
+    async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+        if deltas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users: Vec<&str> = deltas.iter().map(|d| d.user_id.as_str()).collect();
+        let periods: Vec<OffsetDateTime> = deltas.iter().map(|d| d.period_start).collect();
+        let amounts: Vec<i64> = deltas.iter().map(|d| d.delta).collect();
+        let mut conn = self.conn().await?;
+        self.seed_quota_counters(&mut conn, &users, &periods)
+            .await?;
+        let (users, periods, amounts) = (&users, &periods, &amounts);
+        let rows = conn
+            .transaction(
+                async |conn| -> Result<Vec<QuotaCountRow>, diesel::result::Error> {
+                    let _: Vec<CountRow> = diesel::sql_query(LOCK_QUOTA_COUNTERS)
+                        .bind::<Array<Text>, _>(users)
+                        .bind::<Array<Timestamptz>, _>(periods)
+                        .load(conn)
+                        .await?;
+                    diesel::sql_query(APPLY_QUOTA_DELTAS)
+                        .bind::<Array<Text>, _>(users)
+                        .bind::<Array<Timestamptz>, _>(periods)
+                        .bind::<Array<BigInt>, _>(amounts)
+                        .load(conn)
+                        .await
+                },
+            )
+            .await
+            .map_err(|e| repo_error(e, "quota counter"))?;
+        let after: std::collections::HashMap<(String, OffsetDateTime), i64> = rows
+            .into_iter()
+            .map(|r| ((r.user_id, r.period_start), r.n))
+            .collect();
+        deltas
+            .iter()
+            .map(|d| {
+                after
+                    .get(&(d.user_id.to_string(), d.period_start))
+                    .map(|n| to_u64(*n))
+                    .ok_or(RepoError::NotFound {
+                        entity: "quota counter",
+                    })
+            })
+            .collect()
     }
 }
 

@@ -7,6 +7,7 @@ diesel::table! {
         plan -> Text,
         stripe_customer_id -> Nullable<Text>,
         created_at -> Timestamptz,
+        plan_changed_at -> Nullable<Timestamptz>,
     }
 }
 

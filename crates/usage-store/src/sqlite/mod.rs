@@ -18,10 +18,10 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, NewOverageCharge, OverageCharge,
-    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, RecordOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
-    UserUsageRow,
+    DailyUsageRepository, EndpointStats, IncludedCalls, LeaseTerms, NewOverageCharge,
+    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -29,9 +29,9 @@ use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, admin_sql,
-    billed_limit, counter_deltas, distinct_references, parse_plan, parse_top_endpoints,
-    plan_counts, projection_threshold, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow,
+    admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
+    parse_top_endpoints, plan_counts, projection_threshold, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -437,15 +437,36 @@ impl UserRepository for SqliteStore {
         .await
     }
 
-    async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, RepoError> {
-        let id = id.to_string();
+    async fn set_plan(
+        &self,
+        id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<User, RepoError> {
+        let (id, at) = (id.to_string(), ts(at));
         self.run("user", move |conn| {
             diesel::update(eco_users::table.find(id))
-                .set(eco_users::plan.eq(plan.as_str()))
+                .set((
+                    eco_users::plan.eq(plan.as_str()),
+                    eco_users::plan_changed_at.eq(at),
+                ))
                 .returning(UserRow::as_returning())
                 .get_result(conn)
                 .map_err(db("user"))?
                 .into_domain()
+        })
+        .await
+    }
+
+    async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {
+        let since = ts(since);
+        self.run("user", move |conn| {
+            let ids: Vec<String> = eco_users::table
+                .filter(eco_users::plan_changed_at.ge(since))
+                .select(eco_users::id)
+                .load(conn)
+                .map_err(db("user"))?;
+            Ok(ids.into_iter().map(UserId::from_stored).collect())
         })
         .await
     }
@@ -791,6 +812,115 @@ impl UsageRepository for SqliteStore {
                 .get_result(conn)
                 .map_err(db("usage event"))?;
             Ok(to_u64(n))
+        })
+        .await
+    }
+}
+
+/// Creates a missing counter from the period's stored calls; see the PostgreSQL twin.
+const SEED_QUOTA_COUNTER: &str = "\
+INSERT INTO eco_quota_counters (user_id, period_start, admitted)
+SELECT ?1, ?2, COALESCE(
+    (SELECT api_calls FROM eco_usage_records WHERE user_id = ?1 AND period_start = ?2), 0)
+ON CONFLICT (user_id, period_start) DO NOTHING";
+
+/// Adds ?3, then leases (max ?4, cap ?5, share ?6); see the PostgreSQL twin.
+const TAKE_QUOTA: &str = "\
+UPDATE eco_quota_counters SET
+    last_taken = MIN(?4, MAX(1, (?5 - (admitted + ?3)) / ?6), MAX(0, ?5 - (admitted + ?3))),
+    admitted = admitted + ?3
+        + MIN(?4, MAX(1, (?5 - (admitted + ?3)) / ?6), MAX(0, ?5 - (admitted + ?3)))
+WHERE user_id = ?1 AND period_start = ?2
+RETURNING last_taken AS taken, admitted AS n";
+
+const APPLY_QUOTA_DELTA: &str = "\
+UPDATE eco_quota_counters SET admitted = MAX(0, admitted + ?3)
+WHERE user_id = ?1 AND period_start = ?2
+RETURNING admitted AS n";
+
+fn seed_quota_counter(
+    conn: &mut SqliteConnection,
+    user_id: &str,
+    period: &str,
+) -> QueryResult<usize> {
+    diesel::sql_query(SEED_QUOTA_COUNTER)
+        .bind::<Text, _>(user_id)
+        .bind::<Text, _>(period)
+        .execute(conn)
+}
+
+#[async_trait]
+impl QuotaCounterRepository for SqliteStore {
+    async fn quota_count(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let (user_id, period) = (user_id.to_string(), ts(period_start));
+        self.run("quota counter", move |conn| {
+            seed_quota_counter(conn, &user_id, &period).map_err(db("quota counter"))?;
+            let row: CountRow = diesel::sql_query(
+                "SELECT admitted AS n FROM eco_quota_counters WHERE user_id = ?1 AND period_start = ?2",
+            )
+            .bind::<Text, _>(&user_id)
+            .bind::<Text, _>(&period)
+            .get_result(conn)
+            .map_err(db("quota counter"))?;
+            Ok(to_u64(row.n))
+        })
+        .await
+    }
+
+    async fn take_quota(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        add: u64,
+        lease: LeaseTerms,
+    ) -> Result<QuotaTake, RepoError> {
+        let (user_id, period) = (user_id.to_string(), ts(period_start));
+        let (max, cap, share) = lease_binds(lease);
+        self.run("quota counter", move |conn| {
+            conn.immediate_transaction(|conn| {
+                seed_quota_counter(conn, &user_id, &period)?;
+                let row: QuotaTakeRow = diesel::sql_query(TAKE_QUOTA)
+                    .bind::<Text, _>(&user_id)
+                    .bind::<Text, _>(&period)
+                    .bind::<BigInt, _>(to_i64(add))
+                    .bind::<BigInt, _>(max)
+                    .bind::<BigInt, _>(cap)
+                    .bind::<BigInt, _>(share)
+                    .get_result(conn)?;
+                Ok(row.into_domain())
+            })
+            .map_err(db("quota counter"))
+        })
+        .await
+    }
+
+    async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+        if deltas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deltas: Vec<(String, String, i64)> = deltas
+            .iter()
+            .map(|d| (d.user_id.to_string(), ts(d.period_start), d.delta))
+            .collect();
+        self.run("quota counter", move |conn| {
+            conn.immediate_transaction(|conn| {
+                let mut counts = Vec::with_capacity(deltas.len());
+                for (user_id, period, delta) in &deltas {
+                    seed_quota_counter(conn, user_id, period)?;
+                    let row: CountRow = diesel::sql_query(APPLY_QUOTA_DELTA)
+                        .bind::<Text, _>(user_id)
+                        .bind::<Text, _>(period)
+                        .bind::<BigInt, _>(*delta)
+                        .get_result(conn)?;
+                    counts.push(to_u64(row.n));
+                }
+                Ok(counts)
+            })
+            .map_err(db("quota counter"))
         })
         .await
     }

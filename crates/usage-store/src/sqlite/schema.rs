@@ -7,6 +7,7 @@ diesel::table! {
         plan -> Text,
         stripe_customer_id -> Nullable<Text>,
         created_at -> Text,
+        plan_changed_at -> Nullable<Text>,
     }
 }
 
