@@ -149,6 +149,12 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub quota_lease_share: u64,
 
+    /// While the database does not answer, keep using a remembered key this long past
+    /// its cache TTL (milliseconds; 0: answer 503 instead).
+    #[arg(long, env = "API_KEY_CACHE_STALE_IF_ERROR_MS", default_value_t = 300_000, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub api_key_cache_stale_if_error_ms: u64,
+
     /// Most API keys remembered.
     #[arg(long, env = "API_KEY_CACHE_CAPACITY", default_value_t = 100_000, global = true,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]

@@ -113,6 +113,7 @@ impl Config {
             key_cache: KeyCacheConfig {
                 ttl: Duration::from_millis(options.api_key_cache_ttl_ms),
                 capacity: usize::try_from(options.api_key_cache_capacity).unwrap_or(usize::MAX),
+                stale_if_error: Duration::from_millis(options.api_key_cache_stale_if_error_ms),
             },
             revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),
             quota: QuotaSettings {

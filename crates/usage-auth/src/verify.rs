@@ -22,6 +22,10 @@ pub struct KeyCacheConfig {
     pub ttl: Duration,
     /// Most keys remembered (`API_KEY_CACHE_CAPACITY`).
     pub capacity: usize,
+    /// While the database does not answer, an answer this much older than its TTL is
+    /// still used (`API_KEY_CACHE_STALE_IF_ERROR_MS`), so that known keys keep working
+    /// through an outage; zero turns this off.
+    pub stale_if_error: Duration,
 }
 
 impl Default for KeyCacheConfig {
@@ -29,9 +33,13 @@ impl Default for KeyCacheConfig {
         Self {
             ttl: Duration::from_secs(10),
             capacity: 100_000,
+            stale_if_error: Duration::from_secs(300),
         }
     }
 }
+
+/// While the database is down, a stale answer is looked up again at most this often.
+const STALE_RETRY: time::Duration = time::Duration::SECOND;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -39,6 +47,8 @@ struct Entry {
     caller: Option<Caller>,
     key_expires_at: Option<OffsetDateTime>,
     cached_until: OffsetDateTime,
+    /// Past `cached_until`, still used while the database fails, until this time.
+    stale_until: OffsetDateTime,
 }
 
 /// The verifier the metering middleware uses ([`ApiKeyAuthenticator`]).
@@ -154,13 +164,36 @@ impl KeyVerifier {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The database failed: the last answer when it is recent enough (and again for the
+    /// next `STALE_RETRY` without asking the database), else the error.
+    fn stale_answer(
+        &self,
+        digest: [u8; 32],
+        stale: Option<Entry>,
+        now: OffsetDateTime,
+        error: RepoError,
+    ) -> Result<Option<Caller>, RepoError> {
+        let Some(mut entry) = stale.filter(|e| now < e.stale_until) else {
+            return Err(error);
+        };
+        tracing::debug!(error = %error, "key lookup failed; using the last answer");
+        entry.cached_until = (now + STALE_RETRY).min(entry.stale_until);
+        self.lock().insert(digest, entry.clone());
+        Ok(entry
+            .caller
+            .filter(|_| entry.key_expires_at.is_none_or(|at| now < at)))
+    }
+
     async fn look_up(&self, digest: &[u8; 32], now: OffsetDateTime) -> Result<Entry, RepoError> {
         let ttl = time::Duration::try_from(self.config.ttl).unwrap_or(time::Duration::ZERO);
         let record = self.keys.api_key_by_hash(&hex::encode(digest)).await?;
+        let grace =
+            time::Duration::try_from(self.config.stale_if_error).unwrap_or(time::Duration::ZERO);
         let mut entry = Entry {
             caller: None,
             key_expires_at: None,
             cached_until: now + ttl,
+            stale_until: now + ttl + grace,
         };
         if let Some(key) = record.filter(|k| k.is_active(now))
             && let Some(user) = self.users.user_by_id(&key.user_id).await?
@@ -185,15 +218,14 @@ impl ApiKeyAuthenticator for KeyVerifier {
         }
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         let now = self.clock.now();
-        let cached = self
-            .lock()
-            .get(&digest)
-            .filter(|e| now < e.cached_until)
-            .cloned();
+        let cached = self.lock().get(&digest).cloned();
         let entry = match cached {
-            Some(entry) => entry,
-            None => {
-                let entry = self.look_up(&digest, now).await?;
+            Some(entry) if now < entry.cached_until => entry,
+            stale => {
+                let entry = match self.look_up(&digest, now).await {
+                    Ok(entry) => entry,
+                    Err(e) => return self.stale_answer(digest, stale, now, e),
+                };
                 let mut cache = self.lock();
                 if cache.len() >= self.config.capacity {
                     cache.retain(|_, e| now < e.cached_until);
@@ -229,6 +261,8 @@ mod tests {
     struct CountingKeys {
         inner: Arc<MemoryStore>,
         lookups: AtomicUsize,
+        /// Lookups fail (the database is down) while set.
+        down: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -238,6 +272,9 @@ mod tests {
         }
         async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(RepoError::Unavailable("connection refused".into()));
+            }
             self.inner.api_key_by_hash(hash).await
         }
         async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
@@ -278,6 +315,7 @@ mod tests {
         let keys = Arc::new(CountingKeys {
             inner: store.clone(),
             lookups: AtomicUsize::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
         let user = User {
@@ -291,6 +329,7 @@ mod tests {
         let config = KeyCacheConfig {
             ttl: Duration::from_secs(10),
             capacity,
+            stale_if_error: Duration::from_secs(60),
         };
         let verifier = KeyVerifier::new(keys.clone(), store.clone(), clock.clone(), config);
         Fixture {
@@ -510,6 +549,39 @@ mod tests {
                 .plan,
             Plan::Pro
         );
+    }
+
+    #[tokio::test]
+    async fn known_keys_keep_working_through_an_outage_for_a_while() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let ok = async || f.verifier.authenticate(&key.plaintext).await;
+        assert!(ok().await.unwrap().is_some());
+        f.keys.down.store(true, Ordering::SeqCst);
+        f.clock.advance(time::Duration::seconds(11)); // past the TTL
+        assert!(ok().await.unwrap().is_some(), "the last answer, stale");
+        assert_eq!(f.lookups(), 2);
+        assert!(ok().await.unwrap().is_some());
+        assert_eq!(
+            f.lookups(),
+            2,
+            "the dead database is asked at most once a second"
+        );
+        f.clock.advance(time::Duration::seconds(2));
+        assert!(ok().await.unwrap().is_some());
+        assert_eq!(f.lookups(), 3);
+        // Never longer than the TTL and the grace (10 + 60 s) after the last real answer.
+        f.clock.advance(time::Duration::seconds(60));
+        assert_eq!(
+            ok().await,
+            Err(RepoError::Unavailable("connection refused".into()))
+        );
+        // A key never seen cannot be vouched for.
+        let unknown = crate::keys::generate_api_key().plaintext;
+        assert!(f.verifier.authenticate(&unknown).await.is_err());
+        // Back up: fresh answers again.
+        f.keys.down.store(false, Ordering::SeqCst);
+        assert!(ok().await.unwrap().is_some());
     }
 
     #[tokio::test]

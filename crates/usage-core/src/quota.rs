@@ -89,6 +89,9 @@ struct Slot {
     exhausted_until: AtomicI64,
     /// Last admission (unix ms), to give idle leases back.
     last_used: AtomicI64,
+    /// Until when (unix ms) the database is taken to be down after a failure: calls that
+    /// need it fail at once instead of each waiting for the pool to give up.
+    unavailable_until: AtomicI64,
     /// One lease at a time per user on this instance.
     leasing: Mutex<()>,
 }
@@ -103,6 +106,7 @@ impl Slot {
             pending: AtomicU64::new(0),
             exhausted_until: AtomicI64::new(i64::MIN),
             last_used: AtomicI64::new(i64::MIN),
+            unavailable_until: AtomicI64::new(i64::MIN),
             leasing: Mutex::new(()),
         }
     }
@@ -113,6 +117,22 @@ impl Slot {
             .saturating_sub(self.unspent.load(Ordering::Acquire))
     }
 
+    /// Fails while the database is taken to be down.
+    fn check_available(&self, now: i64) -> Result<(), RepoError> {
+        if now < self.unavailable_until.load(Ordering::Acquire) {
+            return Err(RepoError::Unavailable(
+                "the database failed moments ago".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remembers a failure of the database for a second.
+    fn failed(&self, now: i64) {
+        self.unavailable_until
+            .store(now.saturating_add(FAILURE_HOLD_MS), Ordering::Release);
+    }
+
     /// Admits one call from the lease, if any is left.
     fn spend(&self) -> bool {
         self.unspent
@@ -120,6 +140,10 @@ impl Slot {
             .is_ok()
     }
 }
+
+/// After a failed lease or counter read, calls of that user that need the database fail
+/// at once for this long.
+const FAILURE_HOLD_MS: i64 = 1_000;
 
 /// What one sync did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -216,6 +240,7 @@ impl QuotaBook {
             if now < slot.exhausted_until.load(Ordering::Acquire) {
                 return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
             }
+            slot.check_available(now)?;
             let _leasing = slot.leasing.lock().await;
             if slot.unspent.load(Ordering::Acquire) > 0 {
                 continue; // another call leased while this one waited
@@ -223,6 +248,7 @@ impl QuotaBook {
             if now < slot.exhausted_until.load(Ordering::Acquire) {
                 continue;
             }
+            slot.check_available(now)?;
             // Calls admitted while the user was on a plan that does not block go in first,
             // so that the lease sees them.
             let add = slot.pending.swap(0, Ordering::AcqRel);
@@ -239,6 +265,7 @@ impl QuotaBook {
                 Ok(take) => take,
                 Err(e) => {
                     slot.pending.fetch_add(add, Ordering::AcqRel);
+                    slot.failed(now);
                     return Err(e);
                 }
             };
@@ -345,13 +372,25 @@ impl QuotaBook {
     /// on first use (once, however many calls arrive together).
     async fn open(&self, user_id: &UserId, period: BillingPeriod) -> Result<Arc<Slot>, RepoError> {
         let slot = self.slot(user_id, period);
-        slot.opened
+        if slot.opened.get().is_some() {
+            return Ok(slot);
+        }
+        let now = unix_ms(self.clock.now());
+        slot.check_available(now)?;
+        let opened = slot
+            .opened
             .get_or_try_init(|| async {
+                // Callers queued behind a failed attempt fail at once.
+                slot.check_available(now)?;
                 let count = self.counters.quota_count(user_id, period.start()).await?;
                 slot.counted.store(count, Ordering::Release);
                 Ok::<_, RepoError>(())
             })
-            .await?;
+            .await;
+        if let Err(e) = opened {
+            slot.failed(now);
+            return Err(e);
+        }
         Ok(slot)
     }
 
@@ -750,5 +789,103 @@ mod tests {
         );
         assert_eq!(store.quota_count(&user, period).await.unwrap(), 1);
         assert_eq!(b.used(&user).await.unwrap(), 1);
+    }
+
+    /// Counters that fail while `down` is set, counting the calls that reach them.
+    struct FlakyCounters {
+        inner: Arc<MemoryStore>,
+        down: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+    }
+
+    impl FlakyCounters {
+        fn check(&self) -> Result<(), RepoError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(RepoError::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl QuotaCounterRepository for FlakyCounters {
+        async fn quota_count(&self, u: &UserId, p: OffsetDateTime) -> Result<u64, RepoError> {
+            self.check()?;
+            self.inner.quota_count(u, p).await
+        }
+        async fn take_quota(
+            &self,
+            u: &UserId,
+            p: OffsetDateTime,
+            add: u64,
+            lease: LeaseTerms,
+        ) -> Result<crate::repo::QuotaTake, RepoError> {
+            self.check()?;
+            self.inner.take_quota(u, p, add, lease).await
+        }
+        async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+            self.check()?;
+            self.inner.apply_quota_deltas(d).await
+        }
+    }
+
+    #[tokio::test]
+    async fn through_a_database_outage_leases_and_counts_carry_on_and_nothing_is_lost() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let free = user_with_stored_calls(&store, clock.now(), 0).await;
+        let pro = user_with_stored_calls(&store, clock.now(), 0).await;
+        let counters = Arc::new(FlakyCounters {
+            inner: store.clone(),
+            down: false.into(),
+            calls: AtomicU64::new(0),
+        });
+        let book = QuotaBook::new(
+            counters.clone(),
+            catalog(1_000, 10),
+            clock.clone(),
+            QuotaSettings::default(),
+        );
+        let admitted =
+            |d: Result<QuotaDecision, RepoError>| matches!(d, Ok(QuotaDecision::Admitted(_)));
+        assert!(admitted(book.admit(&free, Plan::Free).await)); // leases 62
+        assert!(admitted(book.admit(&pro, Plan::Pro).await));
+        counters.down.store(true, Ordering::SeqCst);
+        let calls = counters.calls.load(Ordering::SeqCst);
+        // The lease in hand and the plans that never block carry on without the database.
+        for _ in 0..61 {
+            assert!(admitted(book.admit(&free, Plan::Free).await));
+        }
+        for _ in 0..20 {
+            assert!(admitted(book.admit(&pro, Plan::Pro).await));
+        }
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls);
+        // Lease spent: one try, then failing at once for a second.
+        assert!(book.admit(&free, Plan::Free).await.is_err());
+        assert!(book.admit(&free, Plan::Free).await.is_err());
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 1);
+        assert!(book.sync(false).await.is_err());
+        clock.advance(time::Duration::seconds(2));
+        assert!(book.admit(&free, Plan::Free).await.is_err());
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 3);
+
+        counters.down.store(false, Ordering::SeqCst);
+        clock.advance(time::Duration::seconds(2));
+        assert!(admitted(book.admit(&free, Plan::Free).await));
+        assert_eq!(
+            book.sync(true).await.unwrap(),
+            SyncReport {
+                pushed: 21,
+                released: 57
+            }
+        );
+        let period = BillingPeriod::containing(clock.now()).start();
+        assert_eq!(
+            store.quota_count(&pro, period).await.unwrap(),
+            21,
+            "no count lost"
+        );
+        assert_eq!(store.quota_count(&free, period).await.unwrap(), 63);
     }
 }
