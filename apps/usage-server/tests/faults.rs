@@ -6,54 +6,16 @@
 #[macro_use]
 mod common;
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Db};
-
-fn pg_ctl(args: &[&str]) {
-    let server = usage_testdb::server();
-    let mut cmd = Command::new(server.bin_dir().join("pg_ctl"));
-    cmd.arg("-D").arg(server.data_dir()).args(args);
-    if let Some((uid, gid)) = server.run_as() {
-        cmd.uid(uid).gid(gid);
-    }
-    // The restarted postmaster inherits pg_ctl's standard streams: never pipes, or
-    // waiting for their end would wait for the server's.
-    let log = server.data_dir().join("restart.log");
-    cmd.arg("-l").arg(&log);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "pg_ctl {args:?}: {status:?}");
-}
-
-/// Stops the restarted server at the end, however the test ends: it is no longer the
-/// guardian's child, which would leave it running.
-struct StopRestarted;
-
-impl Drop for StopRestarted {
-    fn drop(&mut self) {
-        pg_ctl(&["stop", "-m", "immediate"]);
-    }
-}
+use common::{Backend, Db, StopRestarted, pg_ctl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_restarted_mid_batch_loses_and_doubles_nothing() {
     let db = Db::new(Backend::Postgres);
-    // The test server trades durability for speed (synchronous_commit=off: a commit is
-    // acknowledged before its WAL is written, and an immediate stop loses it). This test
-    // is about our side, so its database commits as production does.
-    let pg = db.pg.as_ref().unwrap();
-    pg.psql(&format!(
-        "ALTER DATABASE \"{}\" SET synchronous_commit = on",
-        pg.name()
-    ))
-    .unwrap();
+    common::commit_synchronously(&db);
     let (user, key) = db.user_with_key("ada@example.com", "enterprise");
     let server = Arc::new(db.start(&[
         ("USAGE_BATCH_SIZE", "20"),

@@ -218,7 +218,19 @@ impl ApiKeyAuthenticator for KeyVerifier {
         }
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         let now = self.clock.now();
-        let cached = self.lock().get(&digest).cloned();
+        let cached = {
+            let mut cache = self.lock();
+            let cached = cache.get(&digest).cloned();
+            if let Some(entry) = cache.get_mut(&digest)
+                && entry.cached_until <= now
+                && now < entry.stale_until
+            {
+                // This call looks the key up again; the calls that come meanwhile use the
+                // answer in hand rather than all waiting on the database.
+                entry.cached_until = (now + STALE_RETRY).min(entry.stale_until);
+            }
+            cached
+        };
         let entry = match cached {
             Some(entry) if now < entry.cached_until => entry,
             stale => {

@@ -265,7 +265,9 @@ impl QuotaBook {
                 Ok(take) => take,
                 Err(e) => {
                     slot.pending.fetch_add(add, Ordering::AcqRel);
-                    slot.failed(now);
+                    // From now, not from the call's start: the failure may have taken the
+                    // pool's whole connect timeout.
+                    slot.failed(unix_ms(self.clock.now()));
                     return Err(e);
                 }
             };
@@ -388,7 +390,7 @@ impl QuotaBook {
             })
             .await;
         if let Err(e) = opened {
-            slot.failed(now);
+            slot.failed(unix_ms(self.clock.now()));
             return Err(e);
         }
         Ok(slot)

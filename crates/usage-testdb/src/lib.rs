@@ -35,11 +35,17 @@ const INSTALL_HINT: &str = "PostgreSQL server binaries (initdb, postgres, psql) 
 Install them with `sudo apt-get install -y postgresql` (Debian/Ubuntu) or point PG_BIN_DIR at \
 the directory that holds them (e.g. /usr/lib/postgresql/15/bin).";
 
+/// Settings of the test server: loopback only, and speed over durability.
+const SETTINGS: &str = "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+-c full_page_writes=off -c max_connections=300 -c shared_buffers=64MB";
+
 /// The private PostgreSQL server of this test process.
 pub struct TestServer {
     port: u16,
     bin_dir: PathBuf,
     data_dir: PathBuf,
+    /// Where the server's socket lives.
+    socket_dir: PathBuf,
     /// Run the server's tools as this user (when the tests run as root).
     run_as: Option<(u32, u32)>,
     // Kept open for the life of the process: its end tells the guardian to stop the server.
@@ -228,9 +234,7 @@ impl TestServer {
         // The guardian: start postgres, wait for stdin to close (this process ended), then
         // stop it fast and remove the cluster.
         let script = r#"
-"$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PGPORT_NUM" -k "$TESTDB_DIR" \
-  -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-  -c full_page_writes=off -c max_connections=300 -c shared_buffers=64MB \
+"$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PGPORT_NUM" -k "$TESTDB_DIR" $PGSETTINGS \
   >"$TESTDB_LOG" 2>&1 &
 pid=$!
 read _ignored
@@ -244,6 +248,7 @@ rm -rf "$TESTDB_DIR"
             .env("PGBIN", bin_dir)
             .env("PGDATA_DIR", data_dir)
             .env("PGPORT_NUM", port.to_string())
+            .env("PGSETTINGS", SETTINGS)
             .env("TESTDB_DIR", dir)
             .env("TESTDB_LOG", &log)
             .stdin(Stdio::piped())
@@ -261,6 +266,7 @@ rm -rf "$TESTDB_DIR"
             port,
             bin_dir: bin_dir.to_owned(),
             data_dir: data_dir.to_owned(),
+            socket_dir: dir.to_owned(),
             run_as,
             _guardian_stdin: Mutex::new(stdin),
             _guardian: Mutex::new(child),
@@ -287,6 +293,16 @@ rm -rf "$TESTDB_DIR"
         if let Ok(mut stdin) = self._guardian_stdin.lock() {
             let _ = stdin.write_all(b"stop\n");
         }
+    }
+
+    /// The options the server runs with, for `pg_ctl start -o ...` after a test stopped
+    /// it (a plain `pg_ctl start` would use the cluster's defaults: another port).
+    pub fn postgres_options(&self) -> String {
+        format!(
+            "-p {} -k {} {SETTINGS}",
+            self.port,
+            self.socket_dir.display()
+        )
     }
 
     /// The user the server's processes run as, when the tests run as root.

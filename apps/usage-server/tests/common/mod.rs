@@ -318,3 +318,48 @@ pub async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut(
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// Runs `pg_ctl` on this process's test PostgreSQL server (stop, start, restart).
+pub fn pg_ctl(args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let server = usage_testdb::server();
+    let mut cmd = Command::new(server.bin_dir().join("pg_ctl"));
+    cmd.arg("-D").arg(server.data_dir()).args(args);
+    if args.first() == Some(&"start") {
+        cmd.arg("-o").arg(server.postgres_options());
+    }
+    if let Some((uid, gid)) = server.run_as() {
+        cmd.uid(uid).gid(gid);
+    }
+    // A started postmaster inherits pg_ctl's standard streams: never pipes, or waiting
+    // for their end would wait for the server's.
+    let log = server.data_dir().join("restart.log");
+    cmd.arg("-l").arg(&log);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "pg_ctl {args:?}: {status:?}");
+}
+
+/// Stops a server started by `pg_ctl` at the end, however the test ends: it is no longer
+/// the guardian's child, which would leave it running. One per test binary.
+pub struct StopRestarted;
+
+impl Drop for StopRestarted {
+    fn drop(&mut self) {
+        pg_ctl(&["stop", "-m", "immediate"]);
+    }
+}
+
+/// Makes this test database commit as production does: the test server trades
+/// durability for speed (`synchronous_commit=off`: a commit is acknowledged before its WAL
+/// is written, and an immediate stop loses it).
+pub fn commit_synchronously(db: &Db) {
+    let pg = db.pg.as_ref().unwrap();
+    pg.psql(&format!(
+        "ALTER DATABASE \"{}\" SET synchronous_commit = on",
+        pg.name()
+    ))
+    .unwrap();
+}
