@@ -116,6 +116,12 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(0..=64))]
     pub usage_flush_concurrency: u64,
 
+    /// Durable mode: every admitted call is written to a spool file in this directory and
+    /// synced to disk before its response goes out, and calls left there by a crash are
+    /// stored at the next start (one directory per instance; see docs/SCALING.md).
+    #[arg(long, env = "USAGE_SPOOL_DIR", global = true)]
+    pub usage_spool_dir: Option<std::path::PathBuf>,
+
     /// Longest wait between retries of a failed usage write (milliseconds).
     #[arg(long, env = "USAGE_RETRY_MAX_MS", default_value_t = 30_000, global = true,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]

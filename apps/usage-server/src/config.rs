@@ -12,6 +12,7 @@ use usage_auth::verify::KeyCacheConfig;
 use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
 use usage_core::plan::{OverLimit, PlanTerms};
 use usage_core::quota::QuotaSettings;
+use usage_core::spool::SpoolConfig;
 use usage_core::rate::{PlanRateLimits, RateLimit};
 use usage_core::tracker::TrackerConfig;
 use usage_core::{Cents, Clock, MicroUsd, PlanCatalog, ShiftedClock, Store, SystemClock};
@@ -42,6 +43,8 @@ pub struct Config {
     pub revocation_poll: Duration,
     /// How instances share quota counters.
     pub quota: QuotaSettings,
+    /// Durable mode: the spool of admitted calls.
+    pub spool: Option<SpoolConfig>,
     /// Short-window limits per plan (none by default).
     pub rate_limits: PlanRateLimits,
     /// Benchmark baseline: the sample route without the middleware.
@@ -116,6 +119,7 @@ impl Config {
                 stale_if_error: Duration::from_millis(options.api_key_cache_stale_if_error_ms),
             },
             revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),
+            spool: options.usage_spool_dir.clone().map(SpoolConfig::new),
             quota: QuotaSettings {
                 sync_every: Duration::from_millis(options.quota_sync_ms),
                 lease_max: options.quota_lease_max,

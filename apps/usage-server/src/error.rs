@@ -33,6 +33,9 @@ pub enum ServerError {
     /// The Stripe client could not be set up.
     #[error(transparent)]
     Stripe(#[from] usage_billing::StripeError),
+    /// The durable spool could not be opened.
+    #[error(transparent)]
+    Spool(#[from] usage_core::spool::SpoolError),
     /// Reconciliation found periods that do not add up.
     #[error(
         "{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")"

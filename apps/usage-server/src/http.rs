@@ -57,8 +57,13 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     if let Some(start) = config.clock_start {
         tracing::warn!(%start, "running on a shifted clock (USAGE_CLOCK_START)");
     }
-    let (tracker, tracker_worker) =
-        UsageTracker::start(store.clone(), store.clone(), config.tracker.clone());
+    let (tracker, tracker_worker) = match &config.spool {
+        Some(spool) => {
+            tracing::info!(dir = %spool.dir.display(), "durable mode: admitted calls are spooled to disk");
+            UsageTracker::start_durable(store.clone(), store.clone(), config.tracker.clone(), spool)?
+        }
+        None => UsageTracker::start(store.clone(), store.clone(), config.tracker.clone()),
+    };
     let verifier = Arc::new(KeyVerifier::new(
         store.clone(),
         store.clone(),

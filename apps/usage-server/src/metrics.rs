@@ -67,6 +67,12 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
             load(&stats.flush_failures).to_string(),
         ),
         (
+            "usage_tracker_spool_failures_total",
+            "counter",
+            "Calls the durable spool could not write (kept in memory only).",
+            load(&stats.spool_failures).to_string(),
+        ),
+        (
             "usage_tracker_flush_duration_seconds_sum",
             "counter",
             "Total time of successful batch writes.",

@@ -32,6 +32,7 @@ pub mod plan;
 pub mod quota;
 pub mod rate;
 pub mod repo;
+pub mod spool;
 pub mod tracker;
 
 pub use caller::{ApiKeyAuthenticator, Caller};

@@ -17,6 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::repo::{ApiKeyRepository, IncludedCalls, UsageRepository};
+use crate::spool::{Spool, SpoolConfig, SpoolError};
 use crate::{ApiKeyId, UsageEvent};
 
 /// Tracker settings.
@@ -82,6 +83,8 @@ pub struct TrackerStats {
     pub flushes: AtomicU64,
     /// Total time of successful batch writes, in microseconds.
     pub flush_micros: AtomicU64,
+    /// Calls the durable spool could not write (kept in memory only).
+    pub spool_failures: AtomicU64,
 }
 
 /// What the tracker did by the time it stopped.
@@ -100,11 +103,19 @@ pub struct FlushReport {
 #[error("the usage tracker has shut down")]
 pub struct TrackerClosed;
 
+/// A call in the queue, with the spool file it is in (durable mode).
+#[derive(Debug)]
+struct Queued {
+    call: TrackedCall,
+    spooled_in: Option<u64>,
+}
+
 /// Where calls are handed over. Cheap to clone; every clone feeds the same queue.
 #[derive(Debug, Clone)]
 pub struct UsageTracker {
-    tx: mpsc::Sender<TrackedCall>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<TrackerStats>,
+    spool: Option<Arc<Spool>>,
 }
 
 /// Owns the background writer; [`TrackerWorker::shutdown`] drains and stops it.
@@ -121,6 +132,41 @@ impl UsageTracker {
         keys: Arc<dyn ApiKeyRepository>,
         config: TrackerConfig,
     ) -> (Self, TrackerWorker) {
+        Self::start_with(usage, keys, config, None)
+    }
+
+    /// Starts the background writer in durable mode: every call is in the spool on disk
+    /// before [`UsageTracker::track`] returns, and calls a previous run left in the spool
+    /// are stored again (once: they keep their ids).
+    pub fn start_durable(
+        usage: Arc<dyn UsageRepository>,
+        keys: Arc<dyn ApiKeyRepository>,
+        config: TrackerConfig,
+        spool: &SpoolConfig,
+    ) -> Result<(Self, TrackerWorker), SpoolError> {
+        let (spool, replay) = Spool::open(spool)?;
+        let (tracker, worker) = Self::start_with(usage, keys, config, Some(Arc::new(spool)));
+        let tx = tracker.tx.clone();
+        tokio::spawn(async move {
+            for (file, call) in replay {
+                let queued = Queued {
+                    call,
+                    spooled_in: Some(file),
+                };
+                if tx.send(queued).await.is_err() {
+                    break; // shut down first: the rest stays in the spool for next time
+                }
+            }
+        });
+        Ok((tracker, worker))
+    }
+
+    fn start_with(
+        usage: Arc<dyn UsageRepository>,
+        keys: Arc<dyn ApiKeyRepository>,
+        config: TrackerConfig,
+        spool: Option<Arc<Spool>>,
+    ) -> (Self, TrackerWorker) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(TrackerStats::default());
@@ -131,21 +177,35 @@ impl UsageTracker {
                 config,
                 stats: Arc::clone(&stats),
                 touched: Mutex::new(HashMap::new()),
+                spool: spool.clone(),
             }),
         };
         let task = tokio::spawn(writer.run(rx, stop_rx));
-        (Self { tx, stats }, TrackerWorker { stop, task })
+        (Self { tx, stats, spool }, TrackerWorker { stop, task })
     }
 
     /// Queues a finished call. Returns at once unless the queue is full, in which case it
-    /// waits for room (never drops the call).
+    /// waits for room (never drops the call). In durable mode, first waits until the call
+    /// is in the spool on disk.
     pub async fn track(&self, call: TrackedCall) -> Result<(), TrackerClosed> {
         self.stats.tracked.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(call) {
+        let mut spooled_in = None;
+        if let Some(spool) = &self.spool {
+            match spool.append(&call).await {
+                Ok(file) => spooled_in = Some(file),
+                Err(e) => {
+                    // Still counted, from memory: a full disk must not refuse calls.
+                    self.stats.spool_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "usage spool failed; this call is kept in memory only");
+                }
+            }
+        }
+        let queued = Queued { call, spooled_in };
+        match self.tx.try_send(queued) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(call)) => {
+            Err(mpsc::error::TrySendError::Full(queued)) => {
                 self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                self.tx.send(call).await.map_err(|_| TrackerClosed)
+                self.tx.send(queued).await.map_err(|_| TrackerClosed)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TrackerClosed),
         }
@@ -164,6 +224,12 @@ impl UsageTracker {
 }
 
 impl TrackerWorker {
+    /// Stops the writer at once, without writing what it holds, as a crash would. What
+    /// the durable spool holds is stored at the next start; without a spool it is lost.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Stops taking calls, writes every call still queued, and reports. Call it after the
     /// HTTP server has finished its in-flight requests.
     pub async fn shutdown(self) -> FlushReport {
@@ -187,6 +253,8 @@ struct Shared {
     stats: Arc<TrackerStats>,
     /// When each key's `last_used_at` was last written, to write it at most once a minute.
     touched: Mutex<HashMap<ApiKeyId, OffsetDateTime>>,
+    /// The durable spool, told when its calls are stored.
+    spool: Option<Arc<Spool>>,
 }
 
 /// `last_used_at` is kept to this precision: one write per key per interval, not one per
@@ -201,8 +269,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// Moves calls from the queue into `batch` without waiting, up to `max` in the batch,
 /// counting them as held. Returns whether every sender is gone (and the queue is empty).
 fn take_waiting(
-    rx: &mut mpsc::Receiver<TrackedCall>,
-    batch: &mut Vec<TrackedCall>,
+    rx: &mut mpsc::Receiver<Queued>,
+    batch: &mut Vec<Queued>,
     max: usize,
     stats: &TrackerStats,
 ) -> bool {
@@ -227,7 +295,7 @@ fn take_waiting(
 impl Writer {
     async fn run(
         self,
-        mut rx: mpsc::Receiver<TrackedCall>,
+        mut rx: mpsc::Receiver<Queued>,
         mut stop: watch::Receiver<bool>,
     ) -> FlushReport {
         let config = &self.shared.config;
@@ -240,7 +308,7 @@ impl Writer {
         // call: at tens of thousands of calls a second, per-call wake-ups cost more than
         // the calls' own handling.
         let tick = config.flush_interval.min(TICK);
-        let mut batch: Vec<TrackedCall> = Vec::with_capacity(batch_size);
+        let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
         let mut in_flight: JoinSet<u64> = JoinSet::new();
         let mut unwritten = 0;
         let mut deadline = Instant::now() + config.flush_interval;
@@ -260,10 +328,10 @@ impl Writer {
             let disconnected = take_waiting(&mut rx, &mut batch, max_batch, &self.shared.stats);
             let now = Instant::now();
             if !batch.is_empty() && (batch.len() >= batch_size || now >= deadline) {
-                let (events, included) = self.shared.take(&mut batch);
+                let taken = self.shared.take(&mut batch);
                 let shared = Arc::clone(&self.shared);
                 let stop = stop.clone();
-                in_flight.spawn(async move { shared.write(events, included, stop, None).await });
+                in_flight.spawn(async move { shared.write(taken, stop, None).await });
             }
             // The interval runs from a write, or from the first call after a quiet spell
             // (while the batch is empty the deadline keeps being moved to a tick from now;
@@ -296,12 +364,15 @@ impl Writer {
                 break;
             }
             if batch.len() >= max_batch || received == 0 {
-                let (events, included) = self.shared.take(&mut batch);
+                let taken = self.shared.take(&mut batch);
                 unwritten += self
                     .shared
-                    .write(events, included, stop.clone(), Some(give_up_at))
+                    .write(taken, stop.clone(), Some(give_up_at))
                     .await;
             }
+        }
+        if let Some(spool) = &self.shared.spool {
+            spool.close();
         }
         let flushed_total = self.shared.stats.flushed.load(Ordering::Relaxed);
         let report = FlushReport {
@@ -319,15 +390,41 @@ impl Writer {
     }
 }
 
+/// A batch ready to write.
+struct Taken {
+    events: Vec<UsageEvent>,
+    /// The users' included calls.
+    included: IncludedCalls,
+    /// Calls per spool file, to tell the spool once they are stored.
+    spooled: HashMap<u64, u64>,
+}
+
 impl Shared {
-    /// Empties `batch` into the events to write and their users' included calls.
-    fn take(&self, batch: &mut Vec<TrackedCall>) -> (Vec<UsageEvent>, IncludedCalls) {
+    /// Empties `batch` into what to write.
+    fn take(&self, batch: &mut Vec<Queued>) -> Taken {
         let included: IncludedCalls = batch
             .iter()
-            .filter_map(|c| c.included_calls.map(|n| (c.event.user_id.clone(), n)))
+            .filter_map(|q| {
+                q.call
+                    .included_calls
+                    .map(|n| (q.call.event.user_id.clone(), n))
+            })
             .collect();
-        let events: Vec<UsageEvent> = batch.drain(..).map(|c| c.event).collect();
-        (events, included)
+        let mut spooled: HashMap<u64, u64> = HashMap::new();
+        let events: Vec<UsageEvent> = batch
+            .drain(..)
+            .map(|q| {
+                if let Some(file) = q.spooled_in {
+                    *spooled.entry(file).or_default() += 1;
+                }
+                q.call.event
+            })
+            .collect();
+        Taken {
+            events,
+            included,
+            spooled,
+        }
     }
 
     /// Writes `events` until they are stored. Once a stop is requested, retries only
@@ -335,11 +432,15 @@ impl Shared {
     /// on. Retries send the same events (same ids): a retry never counts twice.
     async fn write(
         &self,
-        events: Vec<UsageEvent>,
-        included: IncludedCalls,
+        taken: Taken,
         mut stop: watch::Receiver<bool>,
         mut give_up_at: Option<Instant>,
     ) -> u64 {
+        let Taken {
+            events,
+            included,
+            spooled,
+        } = taken;
         let mut backoff = self.config.retry_initial;
         let mut given_up = 0;
         loop {
@@ -353,6 +454,11 @@ impl Shared {
                     s.flushes.fetch_add(1, Ordering::Relaxed);
                     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                     s.flush_micros.fetch_add(micros, Ordering::Relaxed);
+                    if let Some(spool) = &self.spool {
+                        for (file, calls) in &spooled {
+                            spool.stored(*file, *calls);
+                        }
+                    }
                     self.touch_keys(&events).await;
                     break;
                 }

@@ -441,3 +441,62 @@ async fn concurrent_writers_store_every_event_once() {
     let most = f.store.most_writing.load(Ordering::SeqCst);
     assert!((2..=4).contains(&most), "{most} writes at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_mode_stores_after_a_crash_what_the_dead_store_never_got() {
+    let f = fixture().await;
+    let dir = std::env::temp_dir().join(format!(
+        "usage-tracker-spool-{}",
+        usage_core::ids::random_base62(10)
+    ));
+    let spool = usage_core::spool::SpoolConfig {
+        dir: dir.clone(),
+        calls_per_file: 4,
+    };
+    let start = |config| {
+        UsageTracker::start_durable(
+            f.store.clone(),
+            Arc::new(KeysOf(f.store.clone())),
+            config,
+            &spool,
+        )
+        .unwrap()
+    };
+    // Three calls stored, then the database dies and seven more wait in memory.
+    let (tracker, worker) = start(config(3, Duration::from_millis(20)));
+    for i in 0..3 {
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
+    }
+    eventually("3 stored", async || f.stored(T0).await == 3).await;
+    f.store.fail_next.store(u32::MAX, Ordering::SeqCst);
+    for i in 3..10 {
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
+    }
+    // The process dies: no shutdown, the writer task is gone with what it held.
+    worker.abort();
+    drop(tracker);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.stored(T0).await, 3);
+
+    // The next start replays the spool; the three already stored are not counted again
+    // (their file had one unstored call, so it was replayed whole).
+    f.store.fail_next.store(0, Ordering::SeqCst);
+    let (tracker, worker) = start(config(3, Duration::from_millis(20)));
+    tracker
+        .track(f.call(T0 + time::Duration::milliseconds(10)))
+        .await
+        .unwrap();
+    eventually("all 11 stored", async || f.stored(T0).await == 11).await;
+    let report = worker.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(f.counter(T0).await.unwrap().api_calls, 11, "none counted twice");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "every spool file deleted once stored: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
