@@ -29,7 +29,7 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
     }
     let stats = tracker.stats();
     let flush_seconds = load(&stats.flush_micros) as f64 / 1e6;
-    let samples: [(&str, &str, &str, String); 8] = [
+    let samples: [(&str, &str, &str, String); 9] = [
         (
             "usage_quota_rejections_total",
             "counter",
