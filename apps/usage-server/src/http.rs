@@ -60,7 +60,12 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let (tracker, tracker_worker) = match &config.spool {
         Some(spool) => {
             tracing::info!(dir = %spool.dir.display(), "durable mode: admitted calls are spooled to disk");
-            UsageTracker::start_durable(store.clone(), store.clone(), config.tracker.clone(), spool)?
+            UsageTracker::start_durable(
+                store.clone(),
+                store.clone(),
+                config.tracker.clone(),
+                spool,
+            )?
         }
         None => UsageTracker::start(store.clone(), store.clone(), config.tracker.clone()),
     };

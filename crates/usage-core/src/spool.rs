@@ -350,7 +350,9 @@ fn read_file(path: &Path) -> io::Result<Vec<TrackedCall>> {
         };
         match decode(complete) {
             Some(call) => calls.push(call),
-            None => tracing::warn!(file = %path.display(), "skipping an unreadable usage spool line"),
+            None => {
+                tracing::warn!(file = %path.display(), "skipping an unreadable usage spool line")
+            }
         }
     }
     Ok(calls)
@@ -378,10 +380,8 @@ mod tests {
     }
 
     fn temp_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "usage-spool-{}",
-            crate::ids::random_base62(12)
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("usage-spool-{}", crate::ids::random_base62(12)));
         fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -401,7 +401,10 @@ mod tests {
         let mut odd = call(1);
         odd.event.endpoint = "/a\tb\nc".into();
         assert_eq!(
-            decode(encode(&odd).trim_end_matches('\n')).unwrap().event.endpoint,
+            decode(encode(&odd).trim_end_matches('\n'))
+                .unwrap()
+                .event
+                .endpoint,
             "/a b c"
         );
         assert!(decode("").is_none());
@@ -437,7 +440,10 @@ mod tests {
         let (spool, replay) = Spool::open(&config).unwrap();
         let ids: Vec<Uuid> = replay.iter().map(|(_, c)| c.event.event_id).collect();
         let expected: Vec<Uuid> = calls[3..].iter().map(|c| c.event.event_id).collect();
-        assert_eq!(ids, expected, "the four unstored calls, the torn line skipped");
+        assert_eq!(
+            ids, expected,
+            "the four unstored calls, the torn line skipped"
+        );
         assert_eq!(spool.append(&call(9)).await.unwrap(), 4, "a new file");
         // Replayed calls stored: their files go; the new file goes at close.
         spool.stored(2, 3);
@@ -445,7 +451,10 @@ mod tests {
         spool.stored(4, 1);
         spool.close();
         assert_eq!(spool_files(&dir), 0);
-        assert!(matches!(spool.append(&call(1)).await, Err(SpoolError::Closed)));
+        assert!(matches!(
+            spool.append(&call(1)).await,
+            Err(SpoolError::Closed)
+        ));
         let (_, replay) = Spool::open(&config).unwrap();
         assert!(replay.is_empty());
         fs::remove_dir_all(&dir).unwrap();

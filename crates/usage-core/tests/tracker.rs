@@ -495,8 +495,15 @@ async fn durable_mode_stores_after_a_crash_what_the_dead_store_never_got() {
     eventually("all 11 stored", async || f.stored(T0).await == 11).await;
     let report = worker.shutdown().await;
     assert_eq!(report.unwritten, 0);
-    assert_eq!(f.counter(T0).await.unwrap().api_calls, 11, "none counted twice");
+    assert_eq!(
+        f.counter(T0).await.unwrap().api_calls,
+        11,
+        "none counted twice"
+    );
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    assert!(left.is_empty(), "every spool file deleted once stored: {left:?}");
+    assert!(
+        left.is_empty(),
+        "every spool file deleted once stored: {left:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

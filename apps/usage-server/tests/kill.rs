@@ -1,0 +1,92 @@
+//! SIGKILL of the server under load. Without the spool, the calls still in the tracker's
+//! queue are lost: the test measures how many. In durable mode (`USAGE_SPOOL_DIR`), none:
+//! the next start stores what the killed process had not.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Backend, Db, Server};
+
+/// 8 clients call the sample route for `secs`; returns the calls answered 200.
+async fn load(server: &Arc<Server>, key: &str, secs: u64) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(secs);
+    let http = reqwest::Client::new();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (server, key, http) = (Arc::clone(server), key.to_owned(), http.clone());
+        let admitted = Arc::clone(&admitted);
+        clients.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let res = http
+                    .get(server.url("/api/v1/ping"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                let _ = res.bytes().await;
+                admitted.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    admitted.load(Ordering::Relaxed)
+}
+
+async fn sigkill_under_load(backend: Backend) {
+    let db = Db::new(backend);
+    let spool_dir = db.dir.0.join("spool");
+    let spool = spool_dir.to_str().unwrap();
+
+    // Without the spool (the default): what the queue held is gone.
+    let (plain_user, plain_key) = db.user_with_key("plain@example.com", "enterprise");
+    let server = Arc::new(db.start(&[]));
+    let admitted = load(&server, &plain_key, 3).await;
+    Arc::into_inner(server).unwrap().kill();
+    let (stored, counted, _) = db.stored(&plain_user).await;
+    println!(
+        "{backend:?}, SIGKILL without spool: admitted {admitted}, stored {stored}, counted {counted}, \
+         lost {}",
+        admitted - stored
+    );
+    assert!(
+        stored <= admitted && counted == stored,
+        "nothing counted twice"
+    );
+
+    // Durable mode: the next start stores everything the killed process had not.
+    let (user, key) = db.user_with_key("durable@example.com", "enterprise");
+    let server = Arc::new(db.start(&[("USAGE_SPOOL_DIR", spool)]));
+    let admitted = load(&server, &key, 3).await;
+    Arc::into_inner(server).unwrap().kill();
+    let (stored_at_kill, _, _) = db.stored(&user).await;
+    let server = db.start(&[("USAGE_SPOOL_DIR", spool)]);
+    common::eventually("the spool replayed", Duration::from_secs(30), async || {
+        db.stored(&user).await.0 >= admitted
+    })
+    .await;
+    let (status, log) = server.stop();
+    assert!(status.success(), "{log:?}");
+    let (stored, counted, _) = db.stored(&user).await;
+    println!(
+        "{backend:?}, SIGKILL in durable mode: admitted {admitted}, stored at the kill \
+         {stored_at_kill}, after the restart {stored}, counted {counted}"
+    );
+    assert_eq!(
+        (stored, counted),
+        (admitted, admitted),
+        "every admitted call, once"
+    );
+    let left = std::fs::read_dir(&spool_dir).unwrap().count();
+    assert_eq!(left, 0, "spool files deleted once stored");
+}
+
+on_both_backends!(sigkill_under_load);
