@@ -36,6 +36,12 @@ check-deps:
 test:
     cargo test --workspace
 
+# The scale-out and fault tests, with their counts printed (two instances on one database,
+# PostgreSQL stopped 30 s and restarted -m immediate, SIGTERM and SIGKILL under load); they
+# are part of `cargo test --workspace` too
+fault-tests:
+    cargo test -p usage-server --test scale_out --test outage --test faults --test signals -- --nocapture --test-threads 1
+
 # Build the API docs of every crate
 doc:
     cargo doc --workspace --no-deps

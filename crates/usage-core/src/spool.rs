@@ -375,7 +375,7 @@ mod tests {
                 response_time_ms: i,
                 created_at: datetime!(2026-11-22 10:00:00.123456 UTC),
             },
-            included_calls: (i % 2 == 0).then_some(100_000),
+            included_calls: i.is_multiple_of(2).then_some(100_000),
         }
     }
 

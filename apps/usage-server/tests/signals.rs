@@ -1,6 +1,7 @@
-//! SIGKILL of the server under load. Without the spool, the calls still in the tracker's
-//! queue are lost: the test measures how many. In durable mode (`USAGE_SPOOL_DIR`), none:
-//! the next start stores what the killed process had not.
+//! Signals to the server under load. SIGTERM: every call answered 200 is stored once.
+//! SIGKILL: without the spool, the calls still in the tracker's queue are lost (the test
+//! measures how many); in durable mode (`USAGE_SPOOL_DIR`), none: the next start stores
+//! what the killed process had not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[macro_use]
@@ -89,4 +90,68 @@ async fn sigkill_under_load(backend: Backend) {
     assert_eq!(left, 0, "spool files deleted once stored");
 }
 
-on_both_backends!(sigkill_under_load);
+async fn sigterm_under_load(backend: Backend) {
+    let db = Db::new(backend);
+    let (user, key) = db.user_with_key("ada@example.com", "enterprise");
+    // Production defaults: batches of 100, written every 5 s or when full.
+    let server = db.start(&[]);
+    let url = server.url("/api/v1/ping");
+    let admitted = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let http = reqwest::Client::new();
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (url, key, http) = (url.clone(), key.clone(), http.clone());
+        let (admitted, failed) = (Arc::clone(&admitted), Arc::clone(&failed));
+        clients.push(tokio::spawn(async move {
+            // Until the server is gone: calls sent after the signal are refused at the
+            // socket or answered before the server exits.
+            let mut errors_in_a_row = 0;
+            while errors_in_a_row < 20 {
+                let answer = match http.get(&url).bearer_auth(&key).send().await {
+                    Ok(res) => {
+                        let status = res.status();
+                        res.bytes().await.map(|_| status)
+                    }
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok(status) if status == 200 => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        errors_in_a_row = 0;
+                    }
+                    Ok(status) => panic!("unexpected {status}"),
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors_in_a_row += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_signal = admitted.load(Ordering::Relaxed);
+    let (status, log) = tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+    assert!(status.success(), "{log:?}");
+    for c in clients {
+        c.await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    let (stored, counted, _) = db.stored(&user).await;
+    println!(
+        "{backend:?}, SIGTERM under load (32 clients): admitted {admitted} ({at_signal} before \
+         the signal), stored {stored}, counted {counted}; {} calls refused at the socket",
+        failed.load(Ordering::Relaxed)
+    );
+    assert!(at_signal > 0);
+    assert_eq!(
+        (stored, counted),
+        (admitted, admitted),
+        "every admitted call, once"
+    );
+}
+
+on_both_backends!(sigkill_under_load, sigterm_under_load);
