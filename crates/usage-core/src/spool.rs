@@ -258,6 +258,10 @@ fn write_loop(
                 for done in group.drain(..) {
                     let _ = done.send(Err(SpoolError::Io(e.to_string())));
                 }
+                // The file may now end in a part of a line, and after a failed sync its
+                // pages cannot be trusted: the next call starts a new file, so this one
+                // only ever loses its torn end.
+                in_file = per_file;
             }
         }
         if closing {
