@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
 use crate::repo::{LeaseTerms, QuotaCounterRepository, QuotaDelta};
 use crate::{BillingPeriod, Clock, OverLimit, Plan, PlanCatalog, RepoError, UserId};
@@ -92,8 +92,9 @@ struct Slot {
     /// Until when (unix ms) the database is taken to be down after a failure: calls that
     /// need it fail at once instead of each waiting for the pool to give up.
     unavailable_until: AtomicI64,
-    /// One lease at a time per user on this instance.
-    leasing: Mutex<()>,
+    /// One lease at a time per user on this instance, and never during a sync of this
+    /// slot: both move `pending` to the shared counter.
+    leasing: Arc<Mutex<()>>,
 }
 
 impl Slot {
@@ -107,7 +108,7 @@ impl Slot {
             exhausted_until: AtomicI64::new(i64::MIN),
             last_used: AtomicI64::new(i64::MIN),
             unavailable_until: AtomicI64::new(i64::MIN),
-            leasing: Mutex::new(()),
+            leasing: Arc::new(Mutex::new(())),
         }
     }
 
@@ -306,12 +307,23 @@ impl QuotaBook {
             .iter()
             .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), Arc::clone(s))))
             .collect();
-        let mut work: Vec<(Arc<Slot>, u64, u64)> = Vec::new();
+        let mut work: Vec<(Arc<Slot>, u64, u64, OwnedMutexGuard<()>)> = Vec::new();
         let mut deltas = Vec::new();
         for (user_id, slot) in slots {
             if slot.opened.get().is_none() {
                 continue;
             }
+            // A lease being taken pushes the pending counts itself: this slot waits for
+            // the next sync (or, at shutdown, for the lease).
+            let leasing = Arc::clone(&slot.leasing);
+            let guard = if release_all {
+                leasing.lock_owned().await
+            } else {
+                match leasing.try_lock_owned() {
+                    Ok(guard) => guard,
+                    Err(_) => continue,
+                }
+            };
             let pending = slot.pending.load(Ordering::Acquire);
             let released = if release_all || slot.last_used.load(Ordering::Acquire) < idle_since {
                 slot.unspent.swap(0, Ordering::AcqRel)
@@ -328,7 +340,7 @@ impl QuotaBook {
                 period_start: slot.period.start(),
                 delta,
             });
-            work.push((slot, pending, released));
+            work.push((slot, pending, released, guard));
         }
         if deltas.is_empty() {
             return Ok(SyncReport::default());
@@ -336,7 +348,7 @@ impl QuotaBook {
         match self.counters.apply_quota_deltas(&deltas).await {
             Ok(counts) => {
                 let mut report = SyncReport::default();
-                for ((slot, pending, released), count) in work.into_iter().zip(counts) {
+                for ((slot, pending, released, _guard), count) in work.into_iter().zip(counts) {
                     // The new count first: for an instant the user looks one batch busier,
                     // never less busy than they are.
                     slot.counted.store(count, Ordering::Release);
@@ -347,7 +359,7 @@ impl QuotaBook {
                 Ok(report)
             }
             Err(e) => {
-                for (slot, _, released) in work {
+                for (slot, _, released, _guard) in work {
                     slot.unspent.fetch_add(released, Ordering::AcqRel);
                 }
                 Err(e)
@@ -830,6 +842,82 @@ mod tests {
             self.check()?;
             self.inner.apply_quota_deltas(d).await
         }
+    }
+
+    /// Counters whose batch of deltas waits, once inside, until it is let through.
+    struct GatedCounters {
+        inner: Arc<MemoryStore>,
+        inside: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl QuotaCounterRepository for GatedCounters {
+        async fn quota_count(&self, u: &UserId, p: OffsetDateTime) -> Result<u64, RepoError> {
+            self.inner.quota_count(u, p).await
+        }
+        async fn take_quota(
+            &self,
+            u: &UserId,
+            p: OffsetDateTime,
+            add: u64,
+            lease: LeaseTerms,
+        ) -> Result<crate::repo::QuotaTake, RepoError> {
+            self.inner.take_quota(u, p, add, lease).await
+        }
+        async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+            self.inside.notify_one();
+            self.go.notified().await;
+            self.inner.apply_quota_deltas(d).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_downgrade_during_a_sync_counts_each_call_once() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let counters = Arc::new(GatedCounters {
+            inner: store.clone(),
+            inside: tokio::sync::Notify::new(),
+            go: tokio::sync::Notify::new(),
+        });
+        let book = Arc::new(QuotaBook::new(
+            counters.clone(),
+            catalog(1_000, 10_000),
+            clock.clone(),
+            QuotaSettings::default(),
+        ));
+        for _ in 0..50 {
+            book.admit(&user, Plan::Pro).await.unwrap();
+        }
+        // A sync is pushing the 50 pro calls when the user, now on free, needs a lease:
+        // the lease must not push the same 50 again.
+        let sync = tokio::spawn({
+            let book = Arc::clone(&book);
+            async move { book.sync(false).await }
+        });
+        counters.inside.notified().await;
+        let free_call = tokio::spawn({
+            let (book, user) = (Arc::clone(&book), user.clone());
+            async move { book.admit(&user, Plan::Free).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        counters.go.notify_one();
+        assert_eq!(sync.await.unwrap().unwrap().pushed, 50);
+        assert!(matches!(
+            free_call.await.unwrap().unwrap(),
+            QuotaDecision::Admitted(QuotaStatus { used: 51, .. })
+        ));
+        let last_sync = tokio::spawn({
+            let book = Arc::clone(&book);
+            async move { book.sync(true).await }
+        });
+        counters.go.notify_one();
+        last_sync.await.unwrap().unwrap();
+        let period = BillingPeriod::containing(clock.now()).start();
+        assert_eq!(store.quota_count(&user, period).await.unwrap(), 51);
+        assert_eq!(book.used(&user).await.unwrap(), 51);
     }
 
     #[tokio::test]
