@@ -37,6 +37,42 @@ fn raw(base: &str, request: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// Offers a `bytes`-long body (declared, then streamed until the server stops reading)
+/// and returns the status of the answer, 0 when the server just closed the connection.
+fn oversized_body(base: &str, method: &str, path: &str, auth: &str, bytes: usize) -> u16 {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {bytes}\r\nConnection: close\r\n"
+    );
+    if !auth.is_empty() {
+        head.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![b'['; 64 << 10];
+    let mut sent = 0;
+    // Refused early, the connection is closed or stops being read: writing then fails or
+    // times out, both fine.
+    while sent < bytes && stream.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn hostile_requests_get_json_4xx(backend: Backend) {
     let db = Db::new(backend);
     let (user, key) = db.user_with_key("ada@example.com", "pro");
@@ -245,6 +281,46 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
     assert!(
         status == 0 || (400..500).contains(&status),
         "garbage: {status}"
+    );
+
+    // Bodies far over every limit, sent together: refused as they arrive, never held.
+    // Ten connections offer 32 MiB each; the server's peak memory may not grow by a tenth
+    // of what was offered.
+    let before = server.peak_rss_kib();
+    let floods: Vec<_> = [
+        ("POST", "/api/keys", format!("Bearer {token}")),
+        ("POST", "/api/keys", format!("Bearer {token}")),
+        ("POST", "/api/keys", String::new()),
+        ("GET", "/api/v1/ping", format!("Bearer {key}")),
+        (
+            "POST",
+            "/api/cron/process-overage?dry_run=true",
+            "Bearer cron-secret-cron-secret".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .flat_map(|route| [route.clone(), route])
+    .map(|(method, path, auth)| {
+        let base = base.clone();
+        let what = format!("{method} {path} with {auth:.12}");
+        (
+            what,
+            std::thread::spawn(move || oversized_body(&base, method, path, &auth, 32 << 20)),
+        )
+    })
+    .collect::<Vec<_>>();
+    for (what, flood) in floods {
+        let status = flood.join().unwrap();
+        assert!(
+            status == 0 || status < 500,
+            "oversized body to {what}: {status}"
+        );
+    }
+    let grown_mib = server.peak_rss_kib().saturating_sub(before) / 1024;
+    println!("peak memory grew by {grown_mib} MiB for 320 MiB of bodies offered");
+    assert!(
+        grown_mib < 32,
+        "bodies were held in memory: +{grown_mib} MiB"
     );
 
     // Still serving, and nothing was a server error.
