@@ -1,12 +1,13 @@
 //! Cron endpoints (`Authorization: Bearer <CRON_SECRET>`), and the built-in daily schedule.
 
-use actix_web::http::{StatusCode, header};
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use time::Duration;
 use usage_analytics::DailyAggregation;
 use usage_billing::RunMode;
 use usage_core::Clock;
+use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
 use crate::http::{AppState, method_not_allowed, query_config};
@@ -78,12 +79,7 @@ fn check_cron_secret(req: &HttpRequest, state: &AppState) -> Result<(), ApiError
     let Some(expected) = &state.cron_secret else {
         return Err(ApiError::not_found());
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let presented = bearer_credential(req.headers()).unwrap_or_default();
     if usage_auth::cron::secret_matches(expected, presented) {
         Ok(())
     } else {

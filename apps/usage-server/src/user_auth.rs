@@ -2,10 +2,10 @@
 
 use std::future::{Ready, ready};
 
-use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use usage_auth::jwt::JwtKeys;
 use usage_core::UserId;
+use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
 
@@ -35,17 +35,6 @@ fn authenticate(req: &HttpRequest) -> Result<UserId, String> {
     let keys = req
         .app_data::<web::Data<JwtKeys>>()
         .ok_or("JWT keys are not configured")?;
-    let value = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or("no Authorization header")?
-        .to_str()
-        .map_err(|_| "Authorization header is not text")?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or("Authorization is not `Bearer <token>`")?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(format!("unsupported scheme {scheme:?}"));
-    }
-    keys.verify(token.trim()).map_err(|e| e.to_string())
+    let token = bearer_credential(req.headers())?;
+    keys.verify(token).map_err(|e| e.to_string())
 }

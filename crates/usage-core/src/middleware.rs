@@ -258,14 +258,46 @@ static REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+/// The key from `Authorization: Bearer <key>` or, without an `Authorization` header,
+/// `X-API-Key: <key>`.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value.to_str().ok()?;
-        let (scheme, key) = value.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
+    if headers.contains_key(header::AUTHORIZATION) {
+        return bearer_credential(headers).ok();
     }
     headers.get(&API_KEY)?.to_str().ok().map(str::trim)
+}
+
+/// The credential of `Authorization: Bearer <credential>` (scheme in any case, spaces
+/// around the credential ignored). Every route that takes a bearer credential (API
+/// keys, user tokens, the cron secret) reads it here; the error says what is wrong, for
+/// the log.
+///
+/// ```
+/// use actix_web::http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+/// use usage_core::middleware::bearer_credential;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert(AUTHORIZATION, HeaderValue::from_static("bearer  eco_live_abc "));
+/// assert_eq!(bearer_credential(&headers), Ok("eco_live_abc"));
+/// headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+/// assert!(bearer_credential(&headers).is_err());
+/// ```
+pub fn bearer_credential(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("no Authorization header")?
+        .to_str()
+        .map_err(|_| "the Authorization header is not visible ASCII")?;
+    let (scheme, credential) = value
+        .split_once(' ')
+        .ok_or("the Authorization header is not `Bearer <credential>`")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("the Authorization scheme is not Bearer");
+    }
+    match credential.trim() {
+        "" => Err("the bearer credential is empty"),
+        credential => Ok(credential),
+    }
 }
 
 fn quota_headers(headers: &mut HeaderMap, status: &QuotaStatus) {
