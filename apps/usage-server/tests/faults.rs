@@ -54,8 +54,9 @@ async fn postgres_restarted_mid_batch_loses_and_doubles_nothing() {
     let (status, log) = server.stop();
     assert!(status.success(), "{log:?}");
     let (stored, counted, _) = db.stored(&user).await;
-    println!(
-        "admitted {admitted} (refused {}), stored {stored}, counted {counted}",
+    report!(
+        "PostgreSQL restart -m immediate mid-batch: admitted {admitted} (refused {}), stored \
+         {stored}, counted {counted}",
         refused.load(Ordering::Relaxed)
     );
     assert_eq!(stored, admitted, "every admitted call stored once");

@@ -317,7 +317,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
         );
     }
     let grown_mib = server.peak_rss_kib().saturating_sub(before) / 1024;
-    println!("peak memory grew by {grown_mib} MiB for 320 MiB of bodies offered");
+    report!("{backend:?}: peak memory grew by {grown_mib} MiB for 320 MiB of bodies offered");
     assert!(
         grown_mib < 32,
         "bodies were held in memory: +{grown_mib} MiB"

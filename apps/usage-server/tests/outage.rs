@@ -141,15 +141,15 @@ async fn postgres_stopped_for_30_s_under_load_loses_and_doubles_nothing() {
     let (ent, free) = (&tallies[0], &tallies[1]);
     let (ent_stored, ent_counted, _) = db.stored(&ent_user).await;
     let (free_stored, free_counted, _) = db.stored(&free_user).await;
-    println!("PostgreSQL stopped 30 s under load (8 clients):");
-    println!(
+    report!("PostgreSQL stopped 30 s under load (8 clients):");
+    report!(
         "  /readyz during the outage: {ready_during:?}; tracker queue at the end of it: {queued_during}"
     );
-    println!(
+    report!(
         "  enterprise: {}; stored {ent_stored}, counted {ent_counted}",
         ent.line()
     );
-    println!(
+    report!(
         "  free:       {}; stored {free_stored}, counted {free_counted}",
         free.line()
     );

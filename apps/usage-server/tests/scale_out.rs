@@ -126,7 +126,7 @@ async fn exact_free_limit_across_two_instances(backend: Backend) {
         assert!(status.success(), "{log:?}");
     }
     let (stored, counted, _) = db.stored(&user).await;
-    println!(
+    report!(
         "{backend:?}: free limit {FREE_LIMIT}, 64 clients on two instances, first refusal after \
          {:?}, ran {:?}: admitted {} (A {on_a}, B {on_b}), refused {refused}, stored {stored}, \
          counted {counted}",
@@ -188,7 +188,7 @@ async fn revocation_and_plan_change_reach_the_other_instance(backend: Backend) {
         .unwrap();
     assert_eq!(revoked.status(), 204);
     let took = time_until(async || ping(&http, &b, &key).await.status() == 401).await;
-    println!("{backend:?}: key revoked on A, refused by B after {took:?}");
+    report!("{backend:?}: key revoked on A, refused by B after {took:?}");
     assert!(
         took < Duration::from_secs(1),
         "revocation reached B in {took:?}"
@@ -222,7 +222,7 @@ async fn revocation_and_plan_change_reach_the_other_instance(backend: Backend) {
     );
     assert!(out.status.success(), "{out:?}");
     let took = time_until(async || limit(&b).await == Some(100_000)).await;
-    println!("{backend:?}: plan changed by the CLI, seen by B after {took:?}");
+    report!("{backend:?}: plan changed by the CLI, seen by B after {took:?}");
     assert!(
         took < Duration::from_secs(1),
         "plan change reached B in {took:?}"

@@ -53,7 +53,7 @@ async fn sigkill_under_load(backend: Backend) {
     let admitted = load(&server, &plain_key, 3).await;
     Arc::into_inner(server).unwrap().kill();
     let (stored, counted, _) = db.stored(&plain_user).await;
-    println!(
+    report!(
         "{backend:?}, SIGKILL without spool: admitted {admitted}, stored {stored}, counted {counted}, \
          lost {}",
         admitted - stored
@@ -77,7 +77,7 @@ async fn sigkill_under_load(backend: Backend) {
     let (status, log) = server.stop();
     assert!(status.success(), "{log:?}");
     let (stored, counted, _) = db.stored(&user).await;
-    println!(
+    report!(
         "{backend:?}, SIGKILL in durable mode: admitted {admitted}, stored at the kill \
          {stored_at_kill}, after the restart {stored}, counted {counted}"
     );
@@ -141,7 +141,7 @@ async fn sigterm_under_load(backend: Backend) {
     }
     let admitted = admitted.load(Ordering::Relaxed);
     let (stored, counted, _) = db.stored(&user).await;
-    println!(
+    report!(
         "{backend:?}, SIGTERM under load (32 clients): admitted {admitted} ({at_signal} before \
          the signal), stored {stored}, counted {counted}; {} calls refused at the socket",
         failed.load(Ordering::Relaxed)

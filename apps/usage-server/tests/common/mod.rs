@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 use usage_core::{BillingPeriod, Store, UserId};
 use usage_store::PoolOptions;
 
+/// Prints a measured figure straight to the process's stderr, past the test harness's
+/// capture: the fault tests' counts appear in every `cargo test` log, CI's included.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Expands async scenarios `fn(Backend)` into one test per scenario and backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
