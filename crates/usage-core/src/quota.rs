@@ -805,14 +805,29 @@ mod tests {
         assert_eq!(b.used(&user).await.unwrap(), 1);
     }
 
-    /// Counters that fail while `down` is set, counting the calls that reach them.
+    /// Counters that fail while `down` is set, counting the calls that reach them; while
+    /// `gated` is set, a batch of deltas waits inside (`inside` is told) for `go`.
     struct FlakyCounters {
         inner: Arc<MemoryStore>,
         down: std::sync::atomic::AtomicBool,
         calls: AtomicU64,
+        gated: std::sync::atomic::AtomicBool,
+        inside: tokio::sync::Notify,
+        go: tokio::sync::Notify,
     }
 
     impl FlakyCounters {
+        fn new(inner: Arc<MemoryStore>) -> Self {
+            Self {
+                inner,
+                down: false.into(),
+                calls: AtomicU64::new(0),
+                gated: false.into(),
+                inside: tokio::sync::Notify::new(),
+                go: tokio::sync::Notify::new(),
+            }
+        }
+
         fn check(&self) -> Result<(), RepoError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
@@ -840,34 +855,10 @@ mod tests {
         }
         async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
             self.check()?;
-            self.inner.apply_quota_deltas(d).await
-        }
-    }
-
-    /// Counters whose batch of deltas waits, once inside, until it is let through.
-    struct GatedCounters {
-        inner: Arc<MemoryStore>,
-        inside: tokio::sync::Notify,
-        go: tokio::sync::Notify,
-    }
-
-    #[async_trait::async_trait]
-    impl QuotaCounterRepository for GatedCounters {
-        async fn quota_count(&self, u: &UserId, p: OffsetDateTime) -> Result<u64, RepoError> {
-            self.inner.quota_count(u, p).await
-        }
-        async fn take_quota(
-            &self,
-            u: &UserId,
-            p: OffsetDateTime,
-            add: u64,
-            lease: LeaseTerms,
-        ) -> Result<crate::repo::QuotaTake, RepoError> {
-            self.inner.take_quota(u, p, add, lease).await
-        }
-        async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
-            self.inside.notify_one();
-            self.go.notified().await;
+            if self.gated.load(Ordering::SeqCst) {
+                self.inside.notify_one();
+                self.go.notified().await;
+            }
             self.inner.apply_quota_deltas(d).await
         }
     }
@@ -877,11 +868,8 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
         let user = user_with_stored_calls(&store, clock.now(), 0).await;
-        let counters = Arc::new(GatedCounters {
-            inner: store.clone(),
-            inside: tokio::sync::Notify::new(),
-            go: tokio::sync::Notify::new(),
-        });
+        let counters = Arc::new(FlakyCounters::new(store.clone()));
+        counters.gated.store(true, Ordering::SeqCst);
         let book = Arc::new(QuotaBook::new(
             counters.clone(),
             catalog(1_000, 10_000),
@@ -926,11 +914,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
         let free = user_with_stored_calls(&store, clock.now(), 0).await;
         let pro = user_with_stored_calls(&store, clock.now(), 0).await;
-        let counters = Arc::new(FlakyCounters {
-            inner: store.clone(),
-            down: false.into(),
-            calls: AtomicU64::new(0),
-        });
+        let counters = Arc::new(FlakyCounters::new(store.clone()));
         let book = QuotaBook::new(
             counters.clone(),
             catalog(1_000, 10),
