@@ -87,10 +87,12 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
     }
 }
 
+/// `busy_timeout` comes first: the others take locks, and another process may hold one
+/// (the last connection of a CLI run checkpoints the WAL as it closes).
 fn pragmas(busy_timeout: Duration) -> String {
     format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {}; \
+        "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
+         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
          PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
         busy_timeout.as_millis()
     )
