@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use usage_auth::secret::SecretString;
 use usage_core::{ApiKeyId, Plan, UserId};
 
 /// Usage metering, API keys, monthly quotas and overage billing for SaaS APIs.
@@ -35,8 +36,9 @@ pub struct GlobalOptions {
 
     /// Secret for signing user JWTs (HS256, at least 32 bytes). Unset on SQLite: generated
     /// once and kept beside the database file. Required with PostgreSQL.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
-    pub jwt_secret: Option<String>,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true,
+          value_parser = SecretString::parse)]
+    pub jwt_secret: Option<SecretString>,
 
     /// Audience (`aud`) user tokens are minted for and must carry.
     #[arg(
@@ -220,8 +222,14 @@ pub struct GlobalOptions {
     pub admin_rate_limit_burst: u32,
 
     /// Stripe secret key for overage invoice items; unset, billing runs only as --dry-run.
-    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true, global = true)]
-    pub stripe_secret_key: Option<String>,
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true, global = true,
+          value_parser = SecretString::parse)]
+    pub stripe_secret_key: Option<SecretString>,
+
+    /// Signing secret of the Stripe webhook endpoint (`whsec_...`, at least 32 bytes).
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true, global = true,
+          value_parser = SecretString::parse)]
+    pub stripe_webhook_secret: Option<SecretString>,
 
     /// Stripe's API address (a local mock in tests).
     #[arg(long, env = "STRIPE_API_BASE", default_value = usage_billing::stripe::DEFAULT_API_BASE,
@@ -251,9 +259,10 @@ pub struct GlobalOptions {
     pub clock_start: Option<time::OffsetDateTime>,
 
     /// Secret for the cron endpoints (`Authorization: Bearer <secret>`); unset, they
-    /// answer 404.
-    #[arg(long, env = "CRON_SECRET", hide_env_values = true, global = true)]
-    pub cron_secret: Option<String>,
+    /// answer 404. At least 32 bytes.
+    #[arg(long, env = "CRON_SECRET", hide_env_values = true, global = true,
+          value_parser = SecretString::parse)]
+    pub cron_secret: Option<SecretString>,
 
     /// Run the daily aggregation inside the server, shortly after midnight UTC. Turn it
     /// off when an external scheduler calls the cron endpoint instead.

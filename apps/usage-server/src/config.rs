@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use usage_auth::jwt::JwtConfig;
+use usage_auth::secret::{SecretString, SharedSecret};
 use usage_auth::verify::KeyCacheConfig;
 use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
 use usage_core::plan::{OverLimit, PlanTerms};
@@ -50,7 +51,9 @@ pub struct Config {
     /// Benchmark baseline: the sample route without the middleware.
     pub bench_unmetered: bool,
     /// `CRON_SECRET`; the cron endpoints answer 404 without it.
-    pub cron_secret: Option<String>,
+    pub cron_secret: Option<SharedSecret>,
+    /// `STRIPE_WEBHOOK_SECRET`: signs the events Stripe sends.
+    pub stripe_webhook_secret: Option<SharedSecret>,
     /// Whether the server runs the daily aggregation itself.
     pub daily_aggregation: bool,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
@@ -63,15 +66,22 @@ pub struct Config {
     pub stripe: Option<StripeConfig>,
     /// How billing runs behave.
     pub billing: BillingOptions,
-    jwt_secret: Option<String>,
+    jwt_secret: Option<SecretString>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
 }
 
 impl Config {
-    /// Resolves the options.
-    pub fn from_options(options: &GlobalOptions) -> Self {
-        Self {
+    /// Resolves the options; refuses shared secrets too short to be safe.
+    pub fn from_options(options: &GlobalOptions) -> Result<Self, ServerError> {
+        let shared = |name, secret: &Option<SecretString>| {
+            secret
+                .clone()
+                .filter(|s| !s.is_empty())
+                .map(|s| SharedSecret::new(name, s))
+                .transpose()
+        };
+        Ok(Self {
             database_url: options.database_url.clone(),
             pool: PoolOptions {
                 max_connections: options.database_max_connections,
@@ -137,7 +147,8 @@ impl Config {
                 ),
             },
             bench_unmetered: options.bench_unmetered,
-            cron_secret: options.cron_secret.clone().filter(|s| !s.is_empty()),
+            cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
+            stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,
             clock_start: options.clock_start,
             admins: options.admin_eco_ids.clone(),
@@ -148,12 +159,12 @@ impl Config {
             stripe: options
                 .stripe_secret_key
                 .clone()
-                .filter(|k| !k.trim().is_empty())
+                .filter(|k| !k.expose().trim().is_empty())
                 .map(|key| StripeConfig {
                     api_base: options.stripe_api_base.clone(),
                     timeout: Duration::from_millis(options.stripe_timeout_ms),
                     max_attempts: options.stripe_max_attempts,
-                    ..StripeConfig::new(key)
+                    ..StripeConfig::new(key.expose())
                 }),
             billing: BillingOptions {
                 concurrency: usize::try_from(options.overage_billing_concurrency).unwrap_or(16),
@@ -172,7 +183,7 @@ impl Config {
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
-        }
+        })
     }
 
     /// The overage billing service on `store`: live runs when Stripe is configured, dry
@@ -209,7 +220,7 @@ impl Config {
     /// `token` agree; PostgreSQL deployments must configure one.
     pub fn jwt(&self) -> Result<JwtConfig, ServerError> {
         let secret = match (&self.jwt_secret, DatabaseUrl::parse(&self.database_url)?) {
-            (Some(secret), _) => secret.clone(),
+            (Some(secret), _) => secret.expose().to_owned(),
             (None, DatabaseUrl::Sqlite(db_path)) => read_or_create_secret(&secret_path(&db_path))?,
             (None, DatabaseUrl::Postgres(_)) => return Err(ServerError::MissingJwtSecret),
         };

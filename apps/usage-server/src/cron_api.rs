@@ -3,6 +3,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use time::Duration;
 use usage_analytics::DailyAggregation;
 use usage_billing::RunMode;
@@ -10,7 +11,7 @@ use usage_core::Clock;
 use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
-use crate::http::{AppState, method_not_allowed, query_config};
+use crate::http::{AppState, invalid_query, method_not_allowed};
 
 /// How long after midnight UTC the built-in schedule aggregates the day that ended.
 const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
@@ -18,13 +19,11 @@ const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/api/cron/aggregate-daily")
-            .app_data(query_config())
             .route(web::post().to(aggregate_daily))
             .default_service(web::to(method_not_allowed)),
     );
     cfg.service(
         web::resource("/api/cron/process-overage")
-            .app_data(query_config())
             .route(web::post().to(process_overage))
             .default_service(web::to(method_not_allowed)),
     );
@@ -44,9 +43,8 @@ struct ProcessOverageQuery {
 async fn process_overage(
     req: HttpRequest,
     state: web::Data<AppState>,
-    query: web::Query<ProcessOverageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    check_cron_secret(&req, &state)?;
+    let query: ProcessOverageQuery = cron_query(&req, &state)?;
     let mode = match query.dry_run.as_deref() {
         None | Some("false") | Some("0") => RunMode::Live,
         Some("true") | Some("1") => RunMode::DryRun,
@@ -74,13 +72,22 @@ async fn overage_reconciliation(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "drift": drift, "items": items })))
 }
 
+/// The secret first, then the query string: without a secret configured every request is
+/// a 404, whatever its parameters.
+fn cron_query<T: DeserializeOwned>(req: &HttpRequest, state: &AppState) -> Result<T, ApiError> {
+    check_cron_secret(req, state)?;
+    web::Query::<T>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(invalid_query)
+}
+
 /// 404 when no secret is configured (the endpoints do not exist then), 401 for a wrong one.
 fn check_cron_secret(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(expected) = &state.cron_secret else {
         return Err(ApiError::not_found());
     };
     let presented = bearer_credential(req.headers()).unwrap_or_default();
-    if usage_auth::cron::secret_matches(expected, presented) {
+    if expected.matches(presented) {
         Ok(())
     } else {
         tracing::warn!(
@@ -99,9 +106,8 @@ struct AggregateQuery {
 async fn aggregate_daily(
     req: HttpRequest,
     state: web::Data<AppState>,
-    query: web::Query<AggregateQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    check_cron_secret(&req, &state)?;
+    let query: AggregateQuery = cron_query(&req, &state)?;
     let date = query
         .date
         .as_deref()

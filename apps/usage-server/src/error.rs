@@ -167,7 +167,9 @@ impl From<AuthError> for ApiError {
         match err {
             AuthError::UnknownKey(_) => ApiError::not_found(),
             AuthError::UnknownUser(_) => ApiError::unauthorized(),
-            AuthError::InvalidKeyName { .. } | AuthError::InvalidTtl { .. } => ApiError::new(
+            AuthError::InvalidKeyName { .. }
+            | AuthError::InvalidTtl { .. }
+            | AuthError::InvalidGrace { .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_parameter",
                 err.to_string(),

@@ -37,7 +37,7 @@ pub(crate) struct AppState {
     pub admin_rate: RateLimiter,
     pub admin_reports: usage_analytics::admin::AdminReports,
     pub clock: Arc<dyn usage_core::Clock>,
-    pub cron_secret: Option<String>,
+    pub cron_secret: Option<usage_auth::secret::SharedSecret>,
 }
 
 /// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
@@ -91,7 +91,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         .rate_limits
         .any()
         .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
-    let keys = KeyIssuer::new(store.clone(), store.clone(), clock.clone());
+    let keys = KeyIssuer::new(store.clone(), clock.clone());
     let aggregation = DailyAggregation::new(store.clone(), clock.clone());
     let (store_for_billing, clock_for_billing) = (store.clone(), clock.clone());
     let schedule = config
@@ -233,14 +233,16 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
 
 /// Query strings that cannot be read at all are the contract's 400 too.
 pub(crate) fn query_config() -> web::QueryConfig {
-    web::QueryConfig::default().error_handler(|err, _| {
-        ApiError::new(
-            actix_web::http::StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            format!("The query string is not valid: {err}."),
-        )
-        .into()
-    })
+    web::QueryConfig::default().error_handler(|err, _| invalid_query(err).into())
+}
+
+/// A query string that does not parse.
+pub(crate) fn invalid_query(err: actix_web::error::QueryPayloadError) -> ApiError {
+    ApiError::new(
+        actix_web::http::StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+        format!("The query string is not valid: {err}."),
+    )
 }
 
 type QueryParams = web::Query<std::collections::HashMap<String, String>>;

@@ -4,7 +4,7 @@
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use usage_auth::keys::IssuedKey;
+use usage_auth::keys::{IssuedKey, MAX_ROTATION_GRACE_SECS};
 use usage_core::ApiKeyId;
 use usage_core::repo::ApiKeyRecord;
 
@@ -82,6 +82,9 @@ struct ListedKey {
     last_used_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     revoked_at: Option<OffsetDateTime>,
+    /// When the key stops working by itself (the end of a rotation's grace period).
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
 }
 
 impl From<ApiKeyRecord> for ListedKey {
@@ -93,6 +96,7 @@ impl From<ApiKeyRecord> for ListedKey {
             created_at: k.created_at,
             last_used_at: k.last_used_at,
             revoked_at: k.revoked_at,
+            expires_at: k.expires_at,
         }
     }
 }
@@ -144,9 +148,51 @@ async fn rotate(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     path: web::Path<String>,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = key_id(&path)?;
-    let (old, new) = state.keys.rotate(&user.0, &id).await?;
+    let grace_secs = rotation_grace(&read_small_body(body).await?)?;
+    let (old, new) = state.keys.rotate(&user.0, &id, grace_secs).await?;
+    // Revoked at once: drop it here now. With a grace period the cached answer carries
+    // the new expiry only once looked up again.
     state.verifier.forget_key(&old.id);
     Ok(HttpResponse::Created().json(CreatedKey::from(new)))
+}
+
+/// Reads a body of at most [`MAX_BODY`] bytes; stops reading past that.
+async fn read_small_body(mut body: web::Payload) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut bytes = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Payload(e)))?;
+        if bytes.len() + chunk.len() > MAX_BODY {
+            return Err(actix_web::error::JsonPayloadError::Overflow { limit: MAX_BODY }.into());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.freeze())
+}
+
+/// `grace_secs` of an optional `{"grace_secs": N}` body (0 when there is no body).
+fn rotation_grace(body: &[u8]) -> Result<u64, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RotateKey {
+        grace_secs: Option<serde_json::Value>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(0);
+    }
+    let parsed: RotateKey = serde_json::from_slice(body)
+        .map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Deserialize(e)))?;
+    match parsed.grace_secs {
+        None => Ok(0),
+        Some(value) => value.as_u64().ok_or_else(|| {
+            ApiError::from(usage_auth::AuthError::InvalidGrace {
+                max: MAX_ROTATION_GRACE_SECS,
+                got: value.to_string(),
+            })
+        }),
+    }
 }

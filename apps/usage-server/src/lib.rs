@@ -29,7 +29,7 @@ pub use crate::error::{ApiError, ServerError};
 
 /// Runs the command of `cli` to completion.
 pub async fn run(cli: Cli) -> Result<(), ServerError> {
-    let config = Config::from_options(&cli.global);
+    let config = Config::from_options(&cli.global)?;
     let clock = config.clock();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => http::serve(config).await,
@@ -61,17 +61,13 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Keys(KeysCommand::Create { user, name }) => {
             let store = open_migrated(&config).await?;
-            let issued = KeyIssuer::new(store.clone(), store, clock)
-                .issue(&user, &name)
-                .await?;
+            let issued = KeyIssuer::new(store, clock).issue(&user, &name).await?;
             println!("{}", issued.plaintext);
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { user, key }) => {
             let store = open_migrated(&config).await?;
-            let revoked = KeyIssuer::new(store.clone(), store, clock)
-                .revoke(&user, &key)
-                .await?;
+            let revoked = KeyIssuer::new(store, clock).revoke(&user, &key).await?;
             eprintln!("{} is revoked", revoked.id);
             Ok(())
         }

@@ -9,7 +9,7 @@ use common::{Backend, Db};
 use serde_json::Value;
 use usage_fake_stripe::{FakeStripe, SECRET as STRIPE_KEY};
 
-const CRON: &str = "cron-secret-cron-secret";
+const CRON: &str = "cron-secret-cron-secret-cron-secret";
 
 async fn bills_overage_through_cron_and_cli(backend: Backend) {
     let db = Db::new(backend);

@@ -12,7 +12,7 @@ use usage_core::UserId;
 async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
     let db = Db::new(backend);
     let (user, key) = db.user_with_key("ada@example.com", "pro");
-    let secret = "cron-secret-cron-secret";
+    let secret = "cron-secret-cron-secret-cron-secret";
     let server = db.start(&[("CRON_SECRET", secret), ("USAGE_FLUSH_INTERVAL_MS", "100")]);
     let client = reqwest::Client::new();
     for _ in 0..4 {
@@ -45,9 +45,12 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
         ("?date=2026-02-30", "date must be a day as YYYY-MM-DD"),
         ("?date=2999-01-01", "date must not be after today"),
     ] {
-        let res = call(query.to_owned(), Some("cron-secret-cron-secret"))
-            .await
-            .unwrap();
+        let res = call(
+            query.to_owned(),
+            Some("cron-secret-cron-secret-cron-secret"),
+        )
+        .await
+        .unwrap();
         assert_eq!(res.status(), 400, "{query}");
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["error"], "invalid_parameter");
@@ -57,9 +60,12 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
         );
     }
     for _ in 0..2 {
-        let res = call(format!("?date={today}"), Some("cron-secret-cron-secret"))
-            .await
-            .unwrap();
+        let res = call(
+            format!("?date={today}"),
+            Some("cron-secret-cron-secret-cron-secret"),
+        )
+        .await
+        .unwrap();
         assert_eq!(res.status(), 200);
         let body: Value = res.json().await.unwrap();
         assert_eq!(
@@ -98,14 +104,64 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
 async fn without_a_cron_secret_the_endpoint_does_not_exist() {
     let db = Db::new(Backend::Sqlite);
     let server = db.start(&[]);
-    let res = reqwest::Client::new()
-        .post(server.url("/api/cron/aggregate-daily"))
-        .bearer_auth("anything")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
+    let client = reqwest::Client::new();
+    // The credential is checked before the parameters: bad parameters are a 404 too.
+    for (method, path) in [
+        ("POST", "/api/cron/aggregate-daily"),
+        ("POST", "/api/cron/aggregate-daily?date=yesterday"),
+        ("POST", "/api/cron/aggregate-daily?date=%zz"),
+        ("POST", "/api/cron/process-overage?dry_run=maybe"),
+        ("GET", "/api/cron/overage-reconciliation?x=1"),
+    ] {
+        let res = client
+            .request(method.parse().unwrap(), server.url(path))
+            .bearer_auth("anything")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{method} {path}");
+    }
     assert!(server.stop().0.success());
+}
+
+#[test]
+fn the_server_refuses_to_start_with_a_short_shared_secret() {
+    let db = Db::new(Backend::Sqlite);
+    for var in ["CRON_SECRET", "STRIPE_WEBHOOK_SECRET"] {
+        let short = "s".repeat(31);
+        let mut child = db
+            .command(&[(var, short.as_str()), ("BIND_ADDR", "127.0.0.1:0")])
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{var} must be at least 32 bytes long")),
+            "{var}: {stderr}"
+        );
+    }
+    // 32 bytes is enough.
+    let ok = db.cli(&[("CRON_SECRET", &"s".repeat(32))], &["migrate"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 on_both_backends!(aggregates_through_the_cron_endpoint_and_the_cli,);

@@ -78,7 +78,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
     let (user, key) = db.user_with_key("ada@example.com", "pro");
     let admin = UserId::parse(&user).unwrap();
     let server = db.start(&[
-        ("CRON_SECRET", "cron-secret-cron-secret"),
+        ("CRON_SECRET", "cron-secret-cron-secret-cron-secret"),
         ("ADMIN_ECO_IDS", user.as_str()),
         ("ADMIN_RATE_LIMIT_BURST", "10000"),
         ("ADMIN_RATE_LIMIT_PER_SEC", "10000"),
@@ -152,7 +152,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
         expect_4xx(
             client
                 .post(server.url(&format!("/api/cron/aggregate-daily?{q}")))
-                .bearer_auth("cron-secret-cron-secret"),
+                .bearer_auth("cron-secret-cron-secret-cron-secret"),
             q,
         )
         .await;
@@ -160,7 +160,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
     expect_4xx(
         client
             .post(server.url("/api/cron/process-overage?dry_run=%FF%FE"))
-            .bearer_auth("cron-secret-cron-secret"),
+            .bearer_auth("cron-secret-cron-secret-cron-secret"),
         "dry_run bytes",
     )
     .await;
@@ -295,7 +295,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
         (
             "POST",
             "/api/cron/process-overage?dry_run=true",
-            "Bearer cron-secret-cron-secret".to_owned(),
+            "Bearer cron-secret-cron-secret-cron-secret".to_owned(),
         ),
     ]
     .into_iter()

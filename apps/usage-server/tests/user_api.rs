@@ -230,7 +230,7 @@ async fn the_caller_manages_their_own_keys(backend: Backend) {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(fields.len(), 6, "{fields:?}");
+        assert_eq!(fields.len(), 7, "{fields:?}");
         for field in [
             "id",
             "name",
@@ -238,6 +238,7 @@ async fn the_caller_manages_their_own_keys(backend: Backend) {
             "created_at",
             "last_used_at",
             "revoked_at",
+            "expires_at",
         ] {
             assert!(fields.contains(&field), "{field} missing");
         }
@@ -712,7 +713,110 @@ async fn history_across_a_month_boundary(backend: Backend) {
     assert_eq!((january.api_calls, january.overage_calls), (5, 1));
 }
 
+async fn rotation_with_a_grace_period(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, key) = db.user_with_key("ada@example.com", "pro");
+    let server = db.start(&[]);
+    let client = reqwest::Client::new();
+    let token = db.create(&["token", "--user", &ada]);
+    let listed: Value = client
+        .get(server.url("/api/keys"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_id = listed["items"][0]["id"].as_str().unwrap().to_owned();
+    let rotate = |body: &'static str| {
+        client
+            .post(server.url(&format!("/api/keys/{key_id}/rotate")))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Bad grace periods name the parameter and its range; nothing changes.
+    for (body, expected) in [
+        (
+            r#"{"grace_secs": 86401}"#,
+            "grace_secs must be between 0 and 86400",
+        ),
+        (
+            r#"{"grace_secs": -1}"#,
+            "grace_secs must be between 0 and 86400",
+        ),
+        (
+            r#"{"grace_secs": "soon"}"#,
+            "grace_secs must be between 0 and 86400",
+        ),
+        (r#"{"grace": 10}"#, "unknown field"),
+        ("not json", "invalid_body"),
+    ] {
+        let res = rotate(body).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let text = res.text().await.unwrap();
+        assert!(text.contains(expected), "{body}: {text}");
+    }
+    assert_eq!(server.ping(&key).await.status(), 200);
+    let keys_now: Value = client
+        .get(server.url("/api/keys"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        keys_now["items"].as_array().unwrap().len(),
+        1,
+        "no key issued"
+    );
+
+    // With a grace period both keys work; the old one expires at its end.
+    let res = rotate(r#"{"grace_secs": 3600}"#).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let rotated: Value = res.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert_eq!(server.ping(&new_key).await.status(), 200);
+    assert_eq!(
+        server.ping(&key).await.status(),
+        200,
+        "the old key, in its grace"
+    );
+    let listed: Value = client
+        .get(server.url("/api/keys"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let old = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == key_id.as_str())
+        .unwrap();
+    assert!(old["revoked_at"].is_null());
+    let expires = time::OffsetDateTime::parse(
+        old["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(
+        left > time::Duration::minutes(55) && left <= time::Duration::hours(1),
+        "{left}"
+    );
+    assert!(server.stop().0.success());
+}
+
 on_both_backends!(
+    rotation_with_a_grace_period,
     current_usage_counts_calls_not_yet_written,
     history_across_a_month_boundary,
     every_bad_token_gets_401,

@@ -75,6 +75,7 @@ impl JwtKeys {
     pub fn new(config: &JwtConfig) -> Result<Self, AuthError> {
         if config.secret.len() < MIN_SECRET_LEN {
             return Err(AuthError::WeakSecret {
+                name: "JWT_SECRET",
                 min: MIN_SECRET_LEN,
             });
         }
@@ -83,6 +84,8 @@ impl JwtKeys {
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         validation.leeway = LEEWAY_SECS;
+        // `nbf` is optional, but a token that carries one is not valid before it.
+        validation.validate_nbf = true;
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
         }
@@ -180,6 +183,46 @@ mod tests {
         assert!(k.verify("not.a.jwt").is_err());
         assert!(k.mint(&user, 0, now).is_err());
         assert!(k.mint(&user, MAX_TTL_SECS + 1, now).is_err());
+    }
+
+    #[test]
+    fn a_token_is_not_valid_before_its_nbf() {
+        #[derive(Serialize)]
+        struct WithNbf {
+            sub: String,
+            exp: i64,
+            nbf: i64,
+            aud: &'static str,
+        }
+        let k = keys(SECRET, "authenticated");
+        let user = UserId::generate();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let token = |nbf: i64| {
+            let claims = WithNbf {
+                sub: user.to_string(),
+                exp: now + 3600,
+                nbf,
+                aud: "authenticated",
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let leeway = LEEWAY_SECS as i64;
+        assert_eq!(k.verify(&token(now - 60)).unwrap(), user, "nbf passed");
+        assert_eq!(
+            k.verify(&token(now + leeway - 5)).unwrap(),
+            user,
+            "within the leeway"
+        );
+        let err = k.verify(&token(now + leeway + 600)).unwrap_err();
+        assert!(
+            matches!(&err, AuthError::InvalidToken(m) if m.contains("ImmatureSignature")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use usage_core::ids::random_base62;
-use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, UserRepository};
+use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, KeyIssue, KeyRetirement};
 use usage_core::{ApiKeyId, Clock, RepoError, UserId};
 
 use crate::AuthError;
@@ -83,7 +83,7 @@ pub fn validate_key_name(name: &str) -> Result<String, AuthError> {
 }
 
 /// A key just issued: its record and the plaintext to show once.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IssuedKey {
     /// What is stored.
     pub record: ApiKeyRecord,
@@ -91,13 +91,24 @@ pub struct IssuedKey {
     pub plaintext: String,
 }
 
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key itself.
+        f.debug_struct("IssuedKey")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest grace period of a rotation, during which the old key still works: one day.
+pub const MAX_ROTATION_GRACE_SECS: u64 = 24 * 3600;
+
 /// Active keys a user may hold by default.
 pub const DEFAULT_KEY_LIMIT: usize = 20;
 
 /// Issues keys to users and stores them.
 #[derive(Clone)]
 pub struct KeyIssuer {
-    users: Arc<dyn UserRepository>,
     keys: Arc<dyn ApiKeyRepository>,
     clock: Arc<dyn Clock>,
     key_limit: usize,
@@ -105,13 +116,8 @@ pub struct KeyIssuer {
 
 impl KeyIssuer {
     /// An issuer over these repositories.
-    pub fn new(
-        users: Arc<dyn UserRepository>,
-        keys: Arc<dyn ApiKeyRepository>,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    pub fn new(keys: Arc<dyn ApiKeyRepository>, clock: Arc<dyn Clock>) -> Self {
         Self {
-            users,
             keys,
             clock,
             key_limit: DEFAULT_KEY_LIMIT,
@@ -124,25 +130,22 @@ impl KeyIssuer {
         self
     }
 
-    /// Creates and stores a new key for `user_id`, within the user's key limit.
+    /// Creates and stores a new key for `user_id`, within the user's key limit (checked
+    /// and written in one transaction: concurrent creations never pass it).
     pub async fn issue(&self, user_id: &UserId, name: &str) -> Result<IssuedKey, AuthError> {
         let name = validate_key_name(name)?;
-        if self.users.user_by_id(user_id).await?.is_none() {
-            return Err(AuthError::UnknownUser(user_id.clone()));
-        }
-        let now = self.clock.now();
-        let active = self
-            .keys
-            .api_keys_for_user(user_id)
-            .await?
-            .iter()
-            .filter(|k| k.is_active(now))
-            .count();
-        if active >= self.key_limit {
-            return Err(AuthError::KeyLimit {
-                max: self.key_limit,
-            });
-        }
+        self.store_new(user_id, name, None)
+            .await
+            .map(|(issued, _)| issued)
+    }
+
+    /// Generates a key and stores it, retiring `retire` in the same transaction.
+    async fn store_new(
+        &self,
+        user_id: &UserId,
+        name: String,
+        retire: Option<KeyRetirement>,
+    ) -> Result<(IssuedKey, Option<ApiKeyRecord>), AuthError> {
         let key = generate_api_key();
         let record = ApiKeyRecord {
             id: ApiKeyId::generate(),
@@ -155,14 +158,32 @@ impl KeyIssuer {
             revoked_at: None,
             expires_at: None,
         };
-        match self.keys.create_api_key(&record).await {
-            Ok(()) => Ok(IssuedKey {
-                record,
-                plaintext: key.plaintext,
+        let outcome = match self
+            .keys
+            .issue_api_key(&record, self.key_limit, retire.as_ref())
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(RepoError::NotFound { entity: "user" }) => {
+                return Err(AuthError::UnknownUser(user_id.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match (outcome, retire) {
+            (KeyIssue::Issued { retired }, _) => Ok((
+                IssuedKey {
+                    record,
+                    plaintext: key.plaintext,
+                },
+                retired,
+            )),
+            (KeyIssue::LimitReached, _) => Err(AuthError::KeyLimit {
+                max: self.key_limit,
             }),
-            // The user was deleted between the check and the insert.
-            Err(RepoError::NotFound { .. }) => Err(AuthError::UnknownUser(user_id.clone())),
-            Err(e) => Err(e.into()),
+            (KeyIssue::RetiredKeyNotFound, Some(r)) => Err(AuthError::UnknownKey(r.key_id)),
+            (KeyIssue::RetiredKeyNotFound, None) => Err(AuthError::Repo(RepoError::Backend(
+                "a key was retired that was not asked for".to_owned(),
+            ))),
         }
     }
 }
@@ -173,16 +194,37 @@ impl KeyIssuer {
         Ok(self.keys.api_keys_for_user(user_id).await?)
     }
 
-    /// Replaces one of `user_id`'s keys: the old one is revoked, a new one with the same
-    /// name is issued.
+    /// Replaces one of `user_id`'s keys with a new one of the same name, in one
+    /// transaction: the old key stops working after `grace_secs` (0 to
+    /// [`MAX_ROTATION_GRACE_SECS`]; at once with 0). Returns the old key as it now is, and
+    /// the new one.
     pub async fn rotate(
         &self,
         user_id: &UserId,
         key_id: &ApiKeyId,
+        grace_secs: u64,
     ) -> Result<(ApiKeyRecord, IssuedKey), AuthError> {
-        let old = self.revoke(user_id, key_id).await?;
-        let new = self.issue(user_id, &old.name).await?;
-        Ok((old, new))
+        if grace_secs > MAX_ROTATION_GRACE_SECS {
+            return Err(AuthError::InvalidGrace {
+                max: MAX_ROTATION_GRACE_SECS,
+                got: grace_secs.to_string(),
+            });
+        }
+        let old = self
+            .keys
+            .api_keys_for_user(user_id)
+            .await?
+            .into_iter()
+            .find(|k| &k.id == key_id)
+            .ok_or_else(|| AuthError::UnknownKey(key_id.clone()))?;
+        let retire = KeyRetirement {
+            key_id: key_id.clone(),
+            // Whole seconds within the checked range: no overflow.
+            at: self.clock.now() + time::Duration::seconds(grace_secs as i64),
+        };
+        let (new, retired) = self.store_new(user_id, old.name, Some(retire)).await?;
+        let retired = retired.ok_or_else(|| AuthError::UnknownKey(key_id.clone()))?;
+        Ok((retired, new))
     }
 
     /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
@@ -204,7 +246,7 @@ impl KeyIssuer {
 mod tests {
     use super::*;
     use usage_core::memory::MemoryStore;
-    use usage_core::repo::User;
+    use usage_core::repo::{User, UserRepository};
     use usage_core::{Plan, SystemClock};
 
     #[test]
@@ -260,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn issues_keys_only_to_known_users() {
         let store = Arc::new(MemoryStore::new());
-        let issuer = KeyIssuer::new(store.clone(), store.clone(), Arc::new(SystemClock));
+        let issuer = KeyIssuer::new(store.clone(), Arc::new(SystemClock));
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
@@ -288,7 +330,7 @@ mod tests {
             issuer.issue(&user.id, "third").await,
             Err(AuthError::KeyLimit { max: 2 })
         ));
-        let (old, new) = issuer.rotate(&user.id, &second.record.id).await.unwrap();
+        let (old, new) = issuer.rotate(&user.id, &second.record.id, 0).await.unwrap();
         assert!(old.revoked_at.is_some());
         assert_eq!(new.record.name, "second");
         assert_eq!(issuer.list(&user.id).await.unwrap().len(), 3);
@@ -296,7 +338,7 @@ mod tests {
         issuer.issue(&user.id, "fourth").await.unwrap();
         let other = UserId::generate();
         assert!(matches!(
-            issuer.rotate(&other, &new.record.id).await,
+            issuer.rotate(&other, &new.record.id, 0).await,
             Err(AuthError::UnknownKey(_))
         ));
     }

@@ -7,9 +7,9 @@
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod cron;
 pub mod jwt;
 pub mod keys;
+pub mod secret;
 pub mod verify;
 
 use thiserror::Error;
@@ -32,6 +32,14 @@ pub enum AuthError {
         /// Length given.
         len: usize,
     },
+    /// A rotation's grace period outside the allowed range.
+    #[error("grace_secs must be between 0 and {max} (got {got})")]
+    InvalidGrace {
+        /// Longest grace period, in seconds.
+        max: u64,
+        /// Grace period given, as written.
+        got: String,
+    },
     /// The user already holds as many active keys as allowed.
     #[error("a user may hold at most {max} active API keys; revoke one first")]
     KeyLimit {
@@ -46,9 +54,11 @@ pub enum AuthError {
         /// Lifetime given.
         got: u64,
     },
-    /// The JWT secret is too short to be safe.
-    #[error("JWT_SECRET must be at least {min} bytes long")]
+    /// A configured secret is too short to be safe.
+    #[error("{name} must be at least {min} bytes long")]
     WeakSecret {
+        /// The variable that holds it.
+        name: &'static str,
         /// Shortest secret accepted.
         min: usize,
     },

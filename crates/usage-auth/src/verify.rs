@@ -282,6 +282,14 @@ mod tests {
         async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
             self.inner.create_api_key(key).await
         }
+        async fn issue_api_key(
+            &self,
+            key: &ApiKeyRecord,
+            max_active: usize,
+            retire: Option<&usage_core::repo::KeyRetirement>,
+        ) -> Result<usage_core::repo::KeyIssue, RepoError> {
+            self.inner.issue_api_key(key, max_active, retire).await
+        }
         async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
@@ -355,7 +363,7 @@ mod tests {
 
     impl Fixture {
         async fn issue(&self) -> crate::keys::IssuedKey {
-            KeyIssuer::new(self.store.clone(), self.store.clone(), self.clock.clone())
+            KeyIssuer::new(self.store.clone(), self.clock.clone())
                 .issue(&self.user.id, "k")
                 .await
                 .unwrap()
@@ -449,7 +457,7 @@ mod tests {
     async fn revocations_and_plan_changes_by_another_process_are_picked_up_by_the_watcher() {
         let f = fixture(100).await;
         let verifier = Arc::new(f.verifier);
-        let key = KeyIssuer::new(f.store.clone(), f.store.clone(), f.clock.clone())
+        let key = KeyIssuer::new(f.store.clone(), f.clock.clone())
             .issue(&f.user.id, "k")
             .await
             .unwrap();
@@ -486,7 +494,7 @@ mod tests {
         );
 
         // A plan changed behind the verifier's back is seen the same way.
-        let other = KeyIssuer::new(f.store.clone(), f.store.clone(), f.clock.clone())
+        let other = KeyIssuer::new(f.store.clone(), f.clock.clone())
             .issue(&f.user.id, "k2")
             .await
             .unwrap();

@@ -20,9 +20,9 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, LeaseTerms,
-    NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome, UninvoicedOverage, User, UserPageQuery,
-    UserSort,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, KeyIssue,
+    KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
+    UninvoicedOverage, User, UserPageQuery, UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -51,6 +51,8 @@ macro_rules! repository_conformance_tests {
             users_unique_id_and_email,
             api_keys_crud,
             api_keys_unique_hash_and_known_user,
+            api_keys_concurrent_issues_stop_at_the_limit,
+            api_keys_rotation_is_one_write,
             usage_batch_counts_inserted_rows,
             usage_replayed_batch_counts_once,
             usage_concurrent_batches_sum_exactly,
@@ -344,6 +346,138 @@ pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
     }
     assert_eq!(leased, CAP);
     assert_eq!(store.quota_count(&ada, period).await.unwrap(), CAP);
+}
+
+pub async fn api_keys_concurrent_issues_stop_at_the_limit(store: Arc<dyn Store>) {
+    const LIMIT: usize = 5;
+    let ada = user("ada@example.com", Plan::Pro);
+    store.create_user(&ada).await.unwrap();
+    // One revoked and one expired key do not count.
+    let mut revoked = key_for(&ada.id, &format!("{:064x}", 1), T0);
+    revoked.revoked_at = Some(T0);
+    let mut expired = key_for(&ada.id, &format!("{:064x}", 2), T0);
+    expired.expires_at = Some(T0 + Duration::seconds(1));
+    store.create_api_key(&revoked).await.unwrap();
+    store.create_api_key(&expired).await.unwrap();
+    let at = T0 + Duration::minutes(1);
+    let mut handles = Vec::new();
+    for i in 0..40u32 {
+        let (store, user_id) = (Arc::clone(&store), ada.id.clone());
+        handles.push(tokio::spawn(async move {
+            let key = key_for(&user_id, &format!("{:064x}", 100 + i), at);
+            store.issue_api_key(&key, LIMIT, None).await.unwrap()
+        }));
+    }
+    let mut issued = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            KeyIssue::Issued { retired: None } => issued += 1,
+            KeyIssue::LimitReached => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(issued, LIMIT);
+    let active = store
+        .api_keys_for_user(&ada.id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|k| k.is_active(at))
+        .count();
+    assert_eq!(active, LIMIT);
+    // Unknown user: NotFound, nothing stored.
+    let stranger = key_for(&UserId::generate(), &format!("{:064x}", 999), at);
+    assert_eq!(
+        store.issue_api_key(&stranger, LIMIT, None).await,
+        Err(RepoError::NotFound { entity: "user" })
+    );
+}
+
+pub async fn api_keys_rotation_is_one_write(store: Arc<dyn Store>) {
+    let ada = user("ada@example.com", Plan::Pro);
+    let bob = user("bob@example.com", Plan::Pro);
+    store.create_user(&ada).await.unwrap();
+    store.create_user(&bob).await.unwrap();
+    let old = key_for(&ada.id, &format!("{:064x}", 1), T0);
+    let bobs = key_for(&bob.id, &format!("{:064x}", 2), T0);
+    store.create_api_key(&old).await.unwrap();
+    store.create_api_key(&bobs).await.unwrap();
+    let at = T0 + Duration::minutes(1);
+
+    // At the limit, a rotation still goes through: the retired key does not count.
+    let grace = KeyRetirement {
+        key_id: old.id.clone(),
+        at: at + Duration::hours(1),
+    };
+    let new = key_for(&ada.id, &format!("{:064x}", 3), at);
+    let KeyIssue::Issued {
+        retired: Some(retired),
+    } = store.issue_api_key(&new, 1, Some(&grace)).await.unwrap()
+    else {
+        panic!("rotation refused");
+    };
+    assert_eq!(retired.revoked_at, None);
+    assert_eq!(retired.expires_at, Some(at + Duration::hours(1)));
+    let stored = |id: ApiKeyId| {
+        let (store, ada) = (Arc::clone(&store), ada.id.clone());
+        async move {
+            store
+                .api_keys_for_user(&ada)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|k| k.id == id)
+                .unwrap()
+        }
+    };
+    assert_eq!(stored(old.id.clone()).await, retired);
+    assert!(retired.is_active(at + Duration::minutes(59)));
+    assert!(!retired.is_active(at + Duration::hours(1)));
+
+    // Rotating without grace revokes at once; an earlier expiry is kept.
+    let now = KeyRetirement {
+        key_id: new.id.clone(),
+        at,
+    };
+    let newer = key_for(&ada.id, &format!("{:064x}", 4), at);
+    let KeyIssue::Issued { retired: Some(r) } =
+        store.issue_api_key(&newer, 2, Some(&now)).await.unwrap()
+    else {
+        panic!("rotation refused");
+    };
+    assert_eq!(r.revoked_at, Some(at));
+    assert_eq!(stored(new.id.clone()).await.revoked_at, Some(at));
+
+    // Another user's key, or an unknown one: nothing written, the new key not stored.
+    for key_id in [bobs.id.clone(), ApiKeyId::generate()] {
+        let attempt = key_for(&ada.id, &format!("{:064x}", 5), at);
+        let retire = KeyRetirement { key_id, at };
+        assert_eq!(
+            store.issue_api_key(&attempt, 10, Some(&retire)).await,
+            Ok(KeyIssue::RetiredKeyNotFound)
+        );
+        assert_eq!(store.api_key_by_hash(&attempt.key_hash).await, Ok(None));
+    }
+    assert!(
+        store
+            .api_key_by_hash(&bobs.key_hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(at)
+    );
+    // Over the limit: refused, the old key untouched.
+    let refused = key_for(&ada.id, &format!("{:064x}", 6), at);
+    let retire = KeyRetirement {
+        key_id: newer.id.clone(),
+        at,
+    };
+    assert_eq!(
+        store.issue_api_key(&refused, 1, Some(&retire)).await,
+        Ok(KeyIssue::LimitReached),
+        "the grace key and the newer one: one active besides the retired one"
+    );
+    assert!(stored(newer.id.clone()).await.is_active(at));
 }
 
 pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {

@@ -10,11 +10,11 @@ use uuid::Uuid;
 
 use crate::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, LeaseTerms,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    lease_size,
+    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
+    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
+    UserUsageRow, lease_size, plan_key_issue,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -171,6 +171,41 @@ impl ApiKeyRepository for MemoryStore {
         }
         state.keys.insert(key.id.clone(), key.clone());
         Ok(())
+    }
+
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&KeyRetirement>,
+    ) -> Result<KeyIssue, RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(&key.user_id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        let users_keys: Vec<ApiKeyRecord> = state
+            .keys
+            .values()
+            .filter(|k| k.user_id == key.user_id)
+            .cloned()
+            .collect();
+        let plan = plan_key_issue(&users_keys, key, max_active, retire);
+        let KeyIssue::Issued { retired } = &plan else {
+            return Ok(plan);
+        };
+        if state.keys.contains_key(&key.id)
+            || state.keys.values().any(|k| k.key_hash == key.key_hash)
+        {
+            return Err(RepoError::Conflict {
+                entity: "API key",
+                field: "id",
+            });
+        }
+        state.keys.insert(key.id.clone(), key.clone());
+        if let Some(old) = retired {
+            state.keys.insert(old.id.clone(), old.clone());
+        }
+        Ok(plan)
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {

@@ -81,6 +81,16 @@ impl ApiKeyRecord {
     pub fn is_active(&self, now: OffsetDateTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|at| now < at)
     }
+
+    /// Retires the key as of `now`: revoked at `at` when that is not later than `now`
+    /// (an earlier revocation kept), else expiring at `at` (an earlier expiry kept).
+    pub fn retire(&mut self, at: OffsetDateTime, now: OffsetDateTime) {
+        if at <= now {
+            self.revoked_at.get_or_insert(at);
+        } else {
+            self.expires_at = Some(self.expires_at.map_or(at, |e| e.min(at)));
+        }
+    }
 }
 
 /// One user's counters for one billing period (`eco_usage_records`).
@@ -419,11 +429,78 @@ pub trait UserRepository: Send + Sync {
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
 }
 
+/// A key to retire while issuing its replacement ([`ApiKeyRepository::issue_api_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRetirement {
+    /// The key replaced; it must belong to the new key's user.
+    pub key_id: ApiKeyId,
+    /// When it stops working: at or before the new key's creation, it is revoked then;
+    /// later, it expires then (a grace period during which both keys work).
+    pub at: OffsetDateTime,
+}
+
+/// What [`ApiKeyRepository::issue_api_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyIssue {
+    /// The key is stored; the retired key as it now is, when one was given.
+    Issued {
+        /// The retired key.
+        retired: Option<ApiKeyRecord>,
+    },
+    /// The user already holds the maximum of active keys: nothing was written.
+    LimitReached,
+    /// The key to retire is not one of the user's: nothing was written.
+    RetiredKeyNotFound,
+}
+
+/// The decision of [`ApiKeyRepository::issue_api_key`], shared by every store: given the
+/// user's keys as they are (read inside the store's transaction), either `Issued` with the
+/// retired key as it must be written (the store then writes both), or the refusal.
+pub fn plan_key_issue(
+    users_keys: &[ApiKeyRecord],
+    key: &ApiKeyRecord,
+    max_active: usize,
+    retire: Option<&KeyRetirement>,
+) -> KeyIssue {
+    let now = key.created_at;
+    let mut retired = None;
+    if let Some(r) = retire {
+        let Some(old) = users_keys
+            .iter()
+            .find(|k| k.id == r.key_id && k.user_id == key.user_id)
+        else {
+            return KeyIssue::RetiredKeyNotFound;
+        };
+        let mut old = old.clone();
+        old.retire(r.at, now);
+        retired = Some(old);
+    }
+    let active = users_keys
+        .iter()
+        .filter(|k| k.user_id == key.user_id && k.is_active(now))
+        .filter(|k| retire.is_none_or(|r| r.key_id != k.id))
+        .count();
+    if active >= max_active {
+        return KeyIssue::LimitReached;
+    }
+    KeyIssue::Issued { retired }
+}
+
 /// API keys (`eco_api_keys`).
 #[async_trait]
 pub trait ApiKeyRepository: Send + Sync {
     /// Stores a new key. `Conflict` on a taken id or hash; `NotFound` for an unknown user.
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError>;
+    /// Stores `key` unless its user already holds `max_active` keys active at
+    /// `key.created_at` (the key being retired not counted), and retires `retire` in the
+    /// same transaction: concurrent issues never pass the limit, and a failure leaves
+    /// both keys as they were. `NotFound` for an unknown user.
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&KeyRetirement>,
+    ) -> Result<KeyIssue, RepoError>;
     /// The key with this SHA-256 (hex), whatever its state.
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError>;
     /// A user's keys, newest first.

@@ -173,6 +173,14 @@ impl ApiKeyRepository for KeysOf {
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
         self.0.inner.create_api_key(key).await
     }
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&usage_core::repo::KeyRetirement>,
+    ) -> Result<usage_core::repo::KeyIssue, RepoError> {
+        self.0.inner.issue_api_key(key, max_active, retire).await
+    }
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         self.0.inner.api_key_by_hash(hash).await
     }

@@ -53,11 +53,24 @@ pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<St
     )
 }
 
-/// Why a usage batch was not stored (inside its transaction).
+/// Why a transaction's work was not done (inside the transaction, so that it rolls back).
 pub(crate) enum BatchError {
-    /// A user or key of the batch does not exist.
+    /// A user or key it names does not exist.
     Missing(&'static str),
+    /// A stored value did not read back.
+    Repo(usage_core::RepoError),
     Db(diesel::result::Error),
+}
+
+impl BatchError {
+    /// The repository error, `missing` naming what a foreign key refers to.
+    pub(crate) fn into_repo(self, missing: &'static str) -> usage_core::RepoError {
+        match self {
+            Self::Missing(entity) => usage_core::RepoError::NotFound { entity },
+            Self::Repo(e) => e,
+            Self::Db(e) => crate::error::repo_error(e, missing),
+        }
+    }
 }
 
 impl From<diesel::result::Error> for BatchError {

@@ -68,6 +68,8 @@ const OUR_VARS: &[&str] = &[
     "QUOTA_LEASE_MAX",
     "QUOTA_LEASE_SHARE",
     "CRON_SECRET",
+    "STRIPE_WEBHOOK_SECRET",
+    "ADMIN_AUDIT_RETENTION_DAYS",
     "STRIPE_SECRET_KEY",
     "ADMIN_ECO_IDS",
     "ADMIN_RATE_LIMIT_PER_SEC",
@@ -146,7 +148,7 @@ impl Db {
         }
     }
 
-    fn command(&self, env: &[(&str, &str)]) -> Command {
+    pub fn command(&self, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.current_dir(&self.dir.0);
         for var in OUR_VARS {

@@ -16,10 +16,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, LeaseTerms, NewOverageCharge,
-    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
+    DailyUsageRepository, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
     QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    plan_key_issue,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -507,6 +508,57 @@ impl ApiKeyRepository for PgStore {
         Ok(())
     }
 
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&KeyRetirement>,
+    ) -> Result<KeyIssue, RepoError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| -> Result<KeyIssue, diesel::result::Error> {
+            // The user's row lock serialises issues for one user: the count below cannot
+            // be raced past the limit.
+            let user: Option<String> = eco_users::table
+                .filter(eco_users::id.eq(key.user_id.as_str()))
+                .select(eco_users::id)
+                .for_update()
+                .first(conn)
+                .await
+                .optional()?;
+            if user.is_none() {
+                return Err(diesel::result::Error::NotFound);
+            }
+            let users_keys: Vec<ApiKeyRecord> = eco_api_keys::table
+                .filter(eco_api_keys::user_id.eq(key.user_id.as_str()))
+                .select(ApiKeyRow::as_select())
+                .load(conn)
+                .await?
+                .into_iter()
+                .map(ApiKeyRow::into_domain)
+                .collect();
+            let plan = plan_key_issue(&users_keys, key, max_active, retire);
+            let KeyIssue::Issued { retired } = &plan else {
+                return Ok(plan);
+            };
+            diesel::insert_into(eco_api_keys::table)
+                .values(ApiKeyRow::from_domain(key))
+                .execute(conn)
+                .await?;
+            if let Some(old) = retired {
+                diesel::update(eco_api_keys::table.filter(eco_api_keys::id.eq(old.id.as_str())))
+                    .set((
+                        eco_api_keys::revoked_at.eq(old.revoked_at),
+                        eco_api_keys::expires_at.eq(old.expires_at),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(plan)
+        })
+        .await
+        .map_err(|e| repo_error(e, "user"))
+    }
+
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         let mut conn = self.conn().await?;
         Ok(eco_api_keys::table
@@ -651,12 +703,11 @@ impl UsageRepository for PgStore {
                         duplicates: events.len() as u64 - inserted,
                     });
                 }
-                Err(BatchError::Missing(entity)) => return Err(RepoError::NotFound { entity }),
                 Err(BatchError::Db(e)) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
                     tracing::debug!(attempt, error = %e, "retrying usage batch");
                     attempt += 1;
                 }
-                Err(BatchError::Db(e)) => return Err(repo_error(e, "user")),
+                Err(e) => return Err(e.into_repo("user")),
             }
         }
     }

@@ -18,10 +18,11 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, LeaseTerms, NewOverageCharge,
-    OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
+    DailyUsageRepository, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
     QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    plan_key_issue,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -501,6 +502,56 @@ impl ApiKeyRepository for SqliteStore {
         .await
     }
 
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&KeyRetirement>,
+    ) -> Result<KeyIssue, RepoError> {
+        let (key, retire) = (key.clone(), retire.cloned());
+        self.run("user", move |conn| {
+            // BEGIN IMMEDIATE: one writer at a time, so the count cannot be raced.
+            conn.immediate_transaction(|conn| -> Result<KeyIssue, BatchError> {
+                let user: Option<String> = eco_users::table
+                    .filter(eco_users::id.eq(key.user_id.as_str()))
+                    .select(eco_users::id)
+                    .first(conn)
+                    .optional()?;
+                if user.is_none() {
+                    return Err(BatchError::Missing("user"));
+                }
+                let users_keys = eco_api_keys::table
+                    .filter(eco_api_keys::user_id.eq(key.user_id.as_str()))
+                    .select(ApiKeyRow::as_select())
+                    .load(conn)?
+                    .into_iter()
+                    .map(ApiKeyRow::into_domain)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(BatchError::Repo)?;
+                let plan = plan_key_issue(&users_keys, &key, max_active, retire.as_ref());
+                let KeyIssue::Issued { retired } = &plan else {
+                    return Ok(plan);
+                };
+                diesel::insert_into(eco_api_keys::table)
+                    .values(ApiKeyRow::from_domain(&key))
+                    .execute(conn)?;
+                if let Some(old) = retired {
+                    diesel::update(
+                        eco_api_keys::table.filter(eco_api_keys::id.eq(old.id.as_str())),
+                    )
+                    .set((
+                        eco_api_keys::revoked_at.eq(old.revoked_at.map(ts)),
+                        eco_api_keys::expires_at.eq(old.expires_at.map(ts)),
+                    ))
+                    .execute(conn)?;
+                }
+                Ok(plan)
+            })
+            .map_err(|e| e.into_repo("user"))
+        })
+        .await
+    }
+
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         let key_hash = key_hash.to_owned();
         self.run("API key", move |conn| {
@@ -736,10 +787,7 @@ impl UsageRepository for SqliteStore {
                     }
                     Ok(count)
                 })
-                .map_err(|e| match e {
-                    BatchError::Missing(entity) => RepoError::NotFound { entity },
-                    BatchError::Db(e) => repo_error(e, "user or API key"),
-                })
+                .map_err(|e| e.into_repo("user or API key"))
             })
             .await?;
         Ok(RecordOutcome {
