@@ -290,6 +290,39 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn debug_output_never_shows_a_secret() {
+        use clap::Parser as _;
+        let secrets = [
+            "jwt-secret-jwt-secret-jwt-secret-jwt",
+            "sk_test_stripe_stripe_stripe_stripe",
+            "cron-secret-cron-secret-cron-secret",
+            "whsec_webhook_webhook_webhook_webhook",
+        ];
+        let cli = crate::cli::Cli::try_parse_from([
+            "usage-server",
+            "--database-url",
+            "sqlite://data/usage.db",
+            "--jwt-secret",
+            secrets[0],
+            "--stripe-secret-key",
+            secrets[1],
+            "--cron-secret",
+            secrets[2],
+            "--stripe-webhook-secret",
+            secrets[3],
+        ])
+        .unwrap();
+        let config = Config::from_options(&cli.global).unwrap();
+        assert!(config.cron_secret.is_some() && config.stripe.is_some());
+        assert_eq!(config.jwt().unwrap().secret, secrets[0].as_bytes());
+        for shown in [format!("{cli:?}"), format!("{config:?}")] {
+            for secret in secrets {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
+    }
+
+    #[test]
     fn secret_is_created_once_with_mode_0600_and_reused() {
         let dir = std::env::temp_dir().join(format!("usage-secret-{}", std::process::id()));
         let path = dir.join("nested").join(SECRET_FILE);
