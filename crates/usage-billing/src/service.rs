@@ -83,8 +83,59 @@ pub struct BillingSummary {
 pub struct BillingFailure {
     /// Whose.
     pub user_id: UserId,
-    /// What went wrong, for a person.
+    /// A stable code, for programs.
+    pub code: FailureCode,
+    /// What went wrong, for a person. Never database text: that goes to the log.
     pub reason: String,
+}
+
+/// What kind of failure a [`BillingFailure`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCode {
+    /// The user has overage but no Stripe customer id.
+    NoStripeCustomer,
+    /// A live run without `STRIPE_SECRET_KEY`.
+    StripeNotConfigured,
+    /// Stripe refused the item; a new attempt gets a new key.
+    StripeRefused,
+    /// Stripe gave no definitive answer (or refused our key); the charge stays pending
+    /// and is sent again with the same key.
+    StripeUnavailable,
+    /// A charge pending longer than Stripe keeps idempotency keys: settle it by hand.
+    PendingTooLong,
+    /// The database failed; the detail is in the server log.
+    DatabaseError,
+}
+
+/// One failure while billing a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Its kind.
+    pub code: FailureCode,
+    /// A sentence safe to show to an API client.
+    pub reason: String,
+}
+
+impl Failure {
+    fn new(code: FailureCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// A database failure while `doing` something: logged in full, answered without the
+    /// database's text.
+    fn database(user_id: &UserId, doing: &str, error: &RepoError) -> Self {
+        tracing::error!(user_id = %user_id, error = %error, "overage billing: {doing} failed");
+        Self::new(
+            FailureCode::DatabaseError,
+            format!(
+                "{doing} failed: the database did not answer as expected (details in the server log)"
+            ),
+        )
+    }
 }
 
 /// What billing one user did.
@@ -95,7 +146,7 @@ pub struct UserBilling {
     /// Their total.
     pub amount_cents: i64,
     /// What went wrong.
-    pub failures: Vec<String>,
+    pub failures: Vec<Failure>,
 }
 
 /// One user and period in the reconciliation: the counters, the ledger, and what does not
@@ -273,9 +324,10 @@ impl OverageService {
                 summary.failed += 1;
                 summary
                     .errors
-                    .extend(billed.failures.into_iter().map(|reason| BillingFailure {
+                    .extend(billed.failures.into_iter().map(|f| BillingFailure {
                         user_id: user_id.clone(),
-                        reason,
+                        code: f.code,
+                        reason: f.reason,
                     }));
             } else if !billed.charges.is_empty() {
                 summary.charged += 1;
@@ -447,15 +499,17 @@ impl OverageService {
                 .iter()
                 .map(|p| p.overage_calls - p.overage_invoiced_calls)
                 .sum();
-            out.failures.push(format!(
-                "{calls} overage call(s) to bill but the user has no Stripe customer id"
+            out.failures.push(Failure::new(
+                FailureCode::NoStripeCustomer,
+                format!("{calls} overage call(s) to bill but the user has no Stripe customer id"),
             ));
             return out;
         };
         let mut charges = match self.store.overage_charges_for_user(user_id).await {
             Ok(charges) => charges,
             Err(e) => {
-                out.failures.push(format!("reading the charge ledger: {e}"));
+                out.failures
+                    .push(Failure::database(user_id, "reading the charge ledger", &e));
                 return out;
             }
         };
@@ -469,11 +523,14 @@ impl OverageService {
         {
             unresolved.insert(charge.period_start);
             if now - charge.created_at > self.options.idempotency_window {
-                out.failures.push(format!(
-                    "charge {} has been pending since {}, longer than Stripe keeps idempotency \
-                     keys: look for an invoice item with this key's metadata in Stripe before \
-                     billing this range again",
-                    charge.idempotency_key, charge.created_at
+                out.failures.push(Failure::new(
+                    FailureCode::PendingTooLong,
+                    format!(
+                        "charge {} has been pending since {}, longer than Stripe keeps \
+                         idempotency keys: look for an invoice item with this key's metadata \
+                         in Stripe before billing this range again",
+                        charge.idempotency_key, charge.created_at
+                    ),
                 ));
                 continue;
             }
@@ -495,7 +552,8 @@ impl OverageService {
                 // Another run resumed it first.
                 Ok(None) => continue,
                 Err(e) => {
-                    out.failures.push(format!("resuming a pending charge: {e}"));
+                    out.failures
+                        .push(Failure::database(user_id, "resuming a pending charge", &e));
                     continue;
                 }
             }
@@ -529,7 +587,8 @@ impl OverageService {
                     Ok(Some(r)) => (r.overage_invoiced_calls, r.overage_calls),
                     Ok(None) => continue,
                     Err(e) => {
-                        out.failures.push(format!("reading usage: {e}"));
+                        out.failures
+                            .push(Failure::database(user_id, "reading usage", &e));
                         continue;
                     }
                 }
@@ -580,7 +639,8 @@ impl OverageService {
                 // Another run holds this range: it bills it.
                 Err(RepoError::Conflict { .. }) => continue,
                 Err(e) => {
-                    out.failures.push(format!("recording a charge: {e}"));
+                    out.failures
+                        .push(Failure::database(user_id, "recording a charge", &e));
                     continue;
                 }
             };
@@ -592,9 +652,11 @@ impl OverageService {
                     .await
                 {
                     Ok(done) => out.charges.push(done),
-                    Err(e) => out
-                        .failures
-                        .push(format!("settling a zero-cent range: {e}")),
+                    Err(e) => out.failures.push(Failure::database(
+                        user_id,
+                        "settling a zero-cent range",
+                        &e,
+                    )),
                 }
                 continue;
             }
@@ -613,8 +675,10 @@ impl OverageService {
         out: &mut UserBilling,
     ) {
         let Some(stripe) = self.stripe.as_ref() else {
-            out.failures
-                .push(BillingError::StripeNotConfigured.to_string());
+            out.failures.push(Failure::new(
+                FailureCode::StripeNotConfigured,
+                BillingError::StripeNotConfigured.to_string(),
+            ));
             return;
         };
         let calls = charge.calls_to - charge.calls_from;
@@ -647,11 +711,15 @@ impl OverageService {
                         out.charges.push(done.clone());
                         *charge = done;
                     }
-                    Err(e) => out.failures.push(format!(
-                        "Stripe created {} for charge {} but recording it failed ({e}); the \
-                         next run sends the same key and records it",
-                        created.id, charge.idempotency_key
-                    )),
+                    Err(e) => {
+                        let doing = format!(
+                            "recording invoice item {} of charge {} (Stripe created it; the \
+                             next run sends the same key and records it)",
+                            created.id, charge.idempotency_key
+                        );
+                        out.failures
+                            .push(Failure::database(&charge.user_id, &doing, &e));
+                    }
                 }
             }
             Err(e) if e.is_refusal() => {
@@ -663,7 +731,8 @@ impl OverageService {
                 {
                     *charge = failed;
                 }
-                out.failures.push(reason);
+                out.failures
+                    .push(Failure::new(FailureCode::StripeRefused, reason));
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -674,9 +743,12 @@ impl OverageService {
                 {
                     *charge = noted;
                 }
-                out.failures.push(format!(
-                    "{reason}; charge {} stays pending and is sent again with the same key",
-                    charge.idempotency_key
+                out.failures.push(Failure::new(
+                    FailureCode::StripeUnavailable,
+                    format!(
+                        "{reason}; charge {} stays pending and is sent again with the same key",
+                        charge.idempotency_key
+                    ),
                 ));
             }
         }

@@ -690,6 +690,57 @@ async fn a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed(backend:
     assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
 }
 
+/// A database failure reaches the run's summary as a stable code and a safe sentence;
+/// the database's own text (table names, SQL) stays in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_failures_are_reported_without_database_text() {
+    let t = fresh(Backend::Postgres).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 100 + 10, NOV, INCLUDED).await;
+    let url = t.url.clone().unwrap();
+    let database = url.rsplit('/').next().unwrap();
+    usage_testdb::server()
+        .psql_on(
+            database,
+            "ALTER TABLE eco_overage_charges RENAME TO eco_overage_charges_moved",
+        )
+        .unwrap();
+    let summary = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(summary.failed, 1, "{summary:?}");
+    let failure = &summary.errors[0];
+    assert_eq!(
+        failure.code,
+        usage_billing::service::FailureCode::DatabaseError
+    );
+    assert_eq!(
+        serde_json::to_value(failure).unwrap()["code"],
+        "database_error"
+    );
+    for leaked in [
+        "eco_overage_charges",
+        "relation",
+        "does not exist",
+        "database error:",
+    ] {
+        assert!(
+            !failure.reason.contains(leaked),
+            "{leaked} in {:?}",
+            failure.reason
+        );
+    }
+    assert!(
+        failure.reason.contains("reading the charge ledger failed"),
+        "{failure:?}"
+    );
+    assert!(billing.stripe.created().is_empty());
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
