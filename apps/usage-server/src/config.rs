@@ -126,6 +126,10 @@ impl Config {
             key_cache: KeyCacheConfig {
                 ttl: Duration::from_millis(options.api_key_cache_ttl_ms),
                 capacity: usize::try_from(options.api_key_cache_capacity).unwrap_or(usize::MAX),
+                // Unknown keys get a tenth of the room, in a cache of their own.
+                negative_capacity: usize::try_from(options.api_key_cache_capacity / 10)
+                    .unwrap_or(usize::MAX)
+                    .max(1_000),
                 stale_if_error: Duration::from_millis(options.api_key_cache_stale_if_error_ms),
             },
             revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),

@@ -1,9 +1,13 @@
 //! Verifying API keys on the hot path: hash the presented key, look the hash up, and keep
 //! the answer (positive or negative) in a bounded in-process cache for a short time so
 //! the database is off the hot path.
+//!
+//! Known keys and unknown ones live in two separate bounded caches (`quick_cache`:
+//! sharded, S3-FIFO eviction, no global lock): a flood of made-up keys churns only the
+//! cache of unknown keys and can never evict a customer's key.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,8 +24,10 @@ pub struct KeyCacheConfig {
     /// How long an answer is reused (`API_KEY_CACHE_TTL_MS`). Revocations and plan
     /// changes made by another process reach this one within this time.
     pub ttl: Duration,
-    /// Most keys remembered (`API_KEY_CACHE_CAPACITY`).
+    /// Most known keys remembered (`API_KEY_CACHE_CAPACITY`).
     pub capacity: usize,
+    /// Most unknown keys remembered (negative answers), in a cache of their own.
+    pub negative_capacity: usize,
     /// While the database does not answer, an answer this much older than its TTL is
     /// still used (`API_KEY_CACHE_STALE_IF_ERROR_MS`), so that known keys keep working
     /// through an outage; zero turns this off.
@@ -33,6 +39,7 @@ impl Default for KeyCacheConfig {
         Self {
             ttl: Duration::from_secs(10),
             capacity: 100_000,
+            negative_capacity: 10_000,
             stale_if_error: Duration::from_secs(300),
         }
     }
@@ -57,8 +64,13 @@ pub struct KeyVerifier {
     users: Arc<dyn UserRepository>,
     clock: Arc<dyn Clock>,
     config: KeyCacheConfig,
-    cache: Mutex<HashMap<[u8; 32], Entry>>,
+    /// Answers naming a caller.
+    known: Cache,
+    /// Answers naming no caller (unknown, revoked, user gone).
+    unknown: Cache,
 }
+
+type Cache = quick_cache::sync::Cache<[u8; 32], Arc<Entry>>;
 
 impl std::fmt::Debug for KeyVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,7 +93,8 @@ impl KeyVerifier {
             users,
             clock,
             config,
-            cache: Mutex::new(HashMap::new()),
+            known: Cache::new(config.capacity.max(1)),
+            unknown: Cache::new(config.negative_capacity.max(1)),
         }
     }
 
@@ -96,7 +109,7 @@ impl KeyVerifier {
             return;
         }
         let gone: HashSet<&ApiKeyId> = key_ids.iter().collect();
-        self.lock().retain(|_, e| {
+        self.known.retain(|_, e| {
             e.caller
                 .as_ref()
                 .is_none_or(|c| !gone.contains(&c.api_key_id))
@@ -151,17 +164,29 @@ impl KeyVerifier {
             return;
         }
         let gone: HashSet<&UserId> = user_ids.iter().collect();
-        self.lock()
+        self.known
             .retain(|_, e| e.caller.as_ref().is_none_or(|c| !gone.contains(&c.user_id)));
     }
 
-    /// Keys currently cached.
+    /// Keys currently cached (known and unknown).
     pub fn cached(&self) -> usize {
-        self.lock().len()
+        self.known.len() + self.unknown.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Entry>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    /// The cached answer for `digest`, if any.
+    fn cached_entry(&self, digest: &[u8; 32]) -> Option<Arc<Entry>> {
+        self.known.get(digest).or_else(|| self.unknown.get(digest))
+    }
+
+    /// Keeps `entry` in the cache its answer belongs to (and out of the other).
+    fn remember(&self, digest: [u8; 32], entry: Arc<Entry>) {
+        if entry.caller.is_some() {
+            self.unknown.remove(&digest);
+            self.known.insert(digest, entry);
+        } else {
+            self.known.remove(&digest);
+            self.unknown.insert(digest, entry);
+        }
     }
 
     /// The database failed: the last answer when it is recent enough (and again for the
@@ -169,19 +194,20 @@ impl KeyVerifier {
     fn stale_answer(
         &self,
         digest: [u8; 32],
-        stale: Option<Entry>,
+        stale: Option<Arc<Entry>>,
         now: OffsetDateTime,
         error: RepoError,
     ) -> Result<Option<Caller>, RepoError> {
-        let Some(mut entry) = stale.filter(|e| now < e.stale_until) else {
+        let Some(stale) = stale.filter(|e| now < e.stale_until) else {
             return Err(error);
         };
         tracing::debug!(error = %error, "key lookup failed; using the last answer");
-        entry.cached_until = (now + STALE_RETRY).min(entry.stale_until);
-        self.lock().insert(digest, entry.clone());
-        Ok(entry
-            .caller
-            .filter(|_| entry.key_expires_at.is_none_or(|at| now < at)))
+        let entry = Arc::new(Entry {
+            cached_until: (now + STALE_RETRY).min(stale.stale_until),
+            ..Entry::clone(&stale)
+        });
+        self.remember(digest, Arc::clone(&entry));
+        Ok(entry.usable_caller(now))
     }
 
     async fn look_up(&self, digest: &[u8; 32], now: OffsetDateTime) -> Result<Entry, RepoError> {
@@ -218,43 +244,39 @@ impl ApiKeyAuthenticator for KeyVerifier {
         }
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         let now = self.clock.now();
-        let cached = {
-            let mut cache = self.lock();
-            let cached = cache.get(&digest).cloned();
-            if let Some(entry) = cache.get_mut(&digest)
-                && entry.cached_until <= now
-                && now < entry.stale_until
-            {
-                // This call looks the key up again; the calls that come meanwhile use the
-                // answer in hand rather than all waiting on the database.
-                entry.cached_until = (now + STALE_RETRY).min(entry.stale_until);
-            }
-            cached
-        };
+        let cached = self.cached_entry(&digest);
         let entry = match cached {
             Some(entry) if now < entry.cached_until => entry,
             stale => {
+                if let Some(stale) = stale.as_ref().filter(|e| now < e.stale_until) {
+                    // This call looks the key up again; the calls that come meanwhile use
+                    // the answer in hand rather than all waiting on the database.
+                    self.remember(
+                        digest,
+                        Arc::new(Entry {
+                            cached_until: (now + STALE_RETRY).min(stale.stale_until),
+                            ..Entry::clone(stale)
+                        }),
+                    );
+                }
                 let entry = match self.look_up(&digest, now).await {
-                    Ok(entry) => entry,
+                    Ok(entry) => Arc::new(entry),
                     Err(e) => return self.stale_answer(digest, stale, now, e),
                 };
-                let mut cache = self.lock();
-                if cache.len() >= self.config.capacity {
-                    cache.retain(|_, e| now < e.cached_until);
-                    if cache.len() >= self.config.capacity {
-                        // Still full of fresh entries (a flood of distinct keys): start over
-                        // rather than grow without bound.
-                        cache.clear();
-                    }
-                }
-                cache.insert(digest, entry.clone());
+                self.remember(digest, Arc::clone(&entry));
                 entry
             }
         };
-        // A cached key can expire while cached.
-        Ok(entry
-            .caller
-            .filter(|_| entry.key_expires_at.is_none_or(|at| now < at)))
+        Ok(entry.usable_caller(now))
+    }
+}
+
+impl Entry {
+    /// The caller, unless the key has expired since it was cached.
+    fn usable_caller(&self, now: OffsetDateTime) -> Option<Caller> {
+        self.caller
+            .clone()
+            .filter(|_| self.key_expires_at.is_none_or(|at| now < at))
     }
 }
 
@@ -349,6 +371,7 @@ mod tests {
         let config = KeyCacheConfig {
             ttl: Duration::from_secs(10),
             capacity,
+            negative_capacity: capacity,
             stale_if_error: Duration::from_secs(60),
         };
         let verifier = KeyVerifier::new(keys.clone(), store.clone(), clock.clone(), config);
@@ -602,6 +625,34 @@ mod tests {
         // Back up: fresh answers again.
         f.keys.down.store(false, Ordering::SeqCst);
         assert!(ok().await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_unknown_keys_never_evicts_known_ones() {
+        let f = fixture(1_000).await;
+        let mut known = Vec::new();
+        for _ in 0..20 {
+            known.push(f.issue().await.plaintext);
+        }
+        for key in &known {
+            assert!(f.verifier.authenticate(key).await.unwrap().is_some());
+        }
+        assert_eq!(f.lookups(), 20);
+        // 100,000 well-formed keys nobody holds: each is looked up once.
+        for _ in 0..100_000 {
+            let unknown = crate::keys::generate_api_key().plaintext;
+            assert_eq!(f.verifier.authenticate(&unknown).await.unwrap(), None);
+        }
+        assert_eq!(f.lookups(), 20 + 100_000);
+        for key in &known {
+            assert!(f.verifier.authenticate(key).await.unwrap().is_some());
+        }
+        assert_eq!(
+            f.lookups(),
+            20 + 100_000,
+            "every known key still answered from the cache"
+        );
+        assert!(f.verifier.cached() <= 20 + 1_100, "{}", f.verifier.cached());
     }
 
     #[tokio::test]
