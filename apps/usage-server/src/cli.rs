@@ -270,6 +270,12 @@ pub struct GlobalOptions {
           action = clap::ArgAction::Set)]
     pub daily_aggregation: bool,
 
+    /// Days the admin audit log is kept (0 keeps it for ever); older entries are removed
+    /// at start and every day.
+    #[arg(long, env = "ADMIN_AUDIT_RETENTION_DAYS", default_value_t = 90, global = true,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub admin_audit_retention_days: u32,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -325,6 +331,13 @@ pub enum Command {
         /// Stripe has no such item: why. The charge fails; the next run bills its range.
         #[arg(long)]
         not_created: Option<String>,
+    },
+    /// List the calls the store refused for good (unknown user or key), kept as dead
+    /// letters; with --replay, store those it now takes (JSON on stdout).
+    DeadLetters {
+        /// Store every letter the store now takes, and forget those.
+        #[arg(long)]
+        replay: bool,
     },
     /// Compare, per user and period, overage calls, invoiced calls and recorded charges;
     /// prints JSON and exits non-zero when something does not add up.

@@ -56,6 +56,8 @@ pub struct Config {
     pub stripe_webhook_secret: Option<SharedSecret>,
     /// Whether the server runs the daily aggregation itself.
     pub daily_aggregation: bool,
+    /// `ADMIN_AUDIT_RETENTION_DAYS`; `None` keeps the audit log for ever.
+    pub admin_audit_retention_days: Option<u32>,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
     pub clock_start: Option<time::OffsetDateTime>,
     /// `ADMIN_ECO_IDS`.
@@ -154,6 +156,8 @@ impl Config {
             cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
             stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,
+            admin_audit_retention_days: Some(options.admin_audit_retention_days)
+                .filter(|days| *days > 0),
             clock_start: options.clock_start,
             admins: options.admin_eco_ids.clone(),
             admin_rate_limit: RateLimit {

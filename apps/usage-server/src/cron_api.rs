@@ -118,25 +118,53 @@ async fn aggregate_daily(
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// Aggregates the day that ended, every day shortly after midnight UTC, until aborted.
+/// Days the catch-up looks back for days never aggregated.
+const CATCH_UP_LOOKBACK_DAYS: u32 = 400;
+/// How often the catch-up runs besides shortly after midnight: days with calls stored
+/// late are aggregated again within this time (their history is exact meanwhile).
+const CATCH_UP_EVERY: Duration = Duration::hours(1);
+
+/// Aggregates, at start, shortly after every UTC midnight and every hour, every past day
+/// whose aggregate is missing or no longer current, until aborted.
 pub(crate) fn schedule_daily_aggregation(
     job: DailyAggregation,
     clock: std::sync::Arc<dyn Clock>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let now = clock.now();
-            let next = DailyAggregation::next_run(now, AFTER_MIDNIGHT);
-            let wait = std::time::Duration::try_from(next - now).unwrap_or_default();
-            tokio::time::sleep(wait).await;
-            match job.run(None).await {
-                Ok(r) => {
-                    tracing::info!(date = %r.date, users = r.users, "daily aggregation (schedule)")
+            match job.catch_up(CATCH_UP_LOOKBACK_DAYS).await {
+                Ok(done) => {
+                    for r in done {
+                        tracing::info!(date = %r.date, users = r.users, "daily aggregation (schedule)");
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "daily aggregation failed; the cron endpoint can rerun it")
+                    tracing::warn!(error = %e, "daily aggregation failed; the next run goes on from there")
                 }
             }
+            let now = clock.now();
+            let next = DailyAggregation::next_run(now, AFTER_MIDNIGHT).min(now + CATCH_UP_EVERY);
+            let wait = std::time::Duration::try_from(next - now).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+    })
+}
+
+/// Removes audit entries older than the retention, at start and every day, until aborted.
+pub(crate) fn schedule_audit_retention(
+    reports: usage_analytics::admin::AdminReports,
+    retention_days: u32,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match reports.prune_audit(retention_days).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(removed, retention_days, "old admin audit entries removed")
+                }
+                Err(e) => tracing::warn!(error = %e, "pruning the admin audit log failed"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
         }
     })
 }

@@ -97,6 +97,14 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let schedule = config
         .daily_aggregation
         .then(|| cron_api::schedule_daily_aggregation(aggregation.clone(), clock.clone()));
+    let admin_reports = usage_analytics::admin::AdminReports::new(
+        store_for_billing.clone(),
+        config.plans.clone(),
+        clock_for_billing.clone(),
+    );
+    let audit_retention = config
+        .admin_audit_retention_days
+        .map(|days| cron_api::schedule_audit_retention(admin_reports.clone(), days));
     let metering = Metering::new(MeteringDeps {
         authenticator: verifier.clone(),
         quota,
@@ -112,7 +120,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         keys,
         verifier,
         aggregation,
-        billing: config.billing(store_for_billing.clone(), clock_for_billing.clone())?,
+        billing: config.billing(store_for_billing, clock_for_billing.clone())?,
         admins: config.admins.clone(),
         admin_rate: RateLimiter::new(
             PlanRateLimits {
@@ -122,11 +130,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             },
             clock_for_billing.clone(),
         ),
-        admin_reports: usage_analytics::admin::AdminReports::new(
-            store_for_billing,
-            config.plans.clone(),
-            clock_for_billing.clone(),
-        ),
+        admin_reports: admin_reports.clone(),
         clock: clock_for_billing,
         cron_secret: config.cron_secret.clone(),
     });
@@ -168,8 +172,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let served = server.run().await;
     access_watcher.abort();
     quota_sync.abort();
-    if let Some(schedule) = schedule {
-        schedule.abort();
+    for task in [schedule, audit_retention].into_iter().flatten() {
+        task.abort();
     }
 
     // No request is in flight any more: write everything still queued.

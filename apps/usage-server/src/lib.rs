@@ -117,6 +117,17 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             );
             Ok(())
         }
+        Command::DeadLetters { replay } => {
+            let store = open_migrated(&config).await?;
+            if replay {
+                let report = usage_core::dead_letter::replay(store.as_ref()).await?;
+                println!("{}", serde_json::json!(report));
+            } else {
+                let (count, items) = usage_core::dead_letter::list(store.as_ref(), 100).await?;
+                println!("{}", serde_json::json!({ "count": count, "items": items }));
+            }
+            Ok(())
+        }
         Command::ReconcileOverage { attention_only } => {
             let store = open_migrated(&config).await?;
             let items: Vec<_> = config

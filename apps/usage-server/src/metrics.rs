@@ -29,7 +29,7 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
     }
     let stats = tracker.stats();
     let flush_seconds = load(&stats.flush_micros) as f64 / 1e6;
-    let samples: [(&str, &str, &str, String); 9] = [
+    let samples: [(&str, &str, &str, String); 10] = [
         (
             "usage_quota_rejections_total",
             "counter",
@@ -65,6 +65,12 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
             "counter",
             "Failed batch writes (each retried).",
             load(&stats.flush_failures).to_string(),
+        ),
+        (
+            "usage_tracker_dead_letters_total",
+            "counter",
+            "Calls the store refused for good (unknown user or key), kept in eco_usage_dead_letters.",
+            load(&stats.dead_letters).to_string(),
         ),
         (
             "usage_tracker_spool_failures_total",

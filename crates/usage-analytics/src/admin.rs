@@ -249,6 +249,13 @@ impl std::fmt::Debug for AdminReports {
 }
 
 impl AdminReports {
+    /// Removes audit entries older than `retention_days` days (in batches of 10,000);
+    /// returns how many went.
+    pub async fn prune_audit(&self, retention_days: u32) -> Result<u64, AnalyticsError> {
+        let before = self.clock.now() - time::Duration::days(i64::from(retention_days));
+        Ok(self.store.prune_admin_actions(before, 10_000).await?)
+    }
+
     /// Reports over `store` with `catalog`'s prices.
     pub fn new(store: Arc<dyn Store>, catalog: PlanCatalog, clock: Arc<dyn Clock>) -> Self {
         Self {

@@ -67,6 +67,41 @@ impl DailyAggregation {
         Ok(AggregationReport { date, users })
     }
 
+    /// Aggregates every past day that has no current aggregate: days the schedule missed
+    /// (the server was down at midnight, or started later) and days with calls stored
+    /// after their aggregation (a spool replay, an outage). Looks back to the oldest
+    /// stored call, at most `lookback_days`. Returns what it aggregated, oldest first;
+    /// stops at the first failure (the next run goes on from there).
+    pub async fn catch_up(
+        &self,
+        lookback_days: u32,
+    ) -> Result<Vec<AggregationReport>, AnalyticsError> {
+        let now = self.clock.now();
+        let yesterday = now.date() - Duration::days(1);
+        let Some(oldest) = self.daily.first_usage_day().await? else {
+            return Ok(Vec::new());
+        };
+        let from = oldest.max(now.date() - Duration::days(i64::from(lookback_days)));
+        if from > yesterday {
+            return Ok(Vec::new());
+        }
+        let current: std::collections::HashSet<Date> = self
+            .daily
+            .aggregated_days(from, yesterday)
+            .await?
+            .into_iter()
+            .collect();
+        let mut done = Vec::new();
+        let mut day = from;
+        while day <= yesterday {
+            if !current.contains(&day) {
+                done.push(self.run(Some(day)).await?);
+            }
+            day += Duration::days(1);
+        }
+        Ok(done)
+    }
+
     /// The next time the built-in schedule runs: `after_midnight` past the next UTC midnight.
     pub fn next_run(now: OffsetDateTime, after_midnight: Duration) -> OffsetDateTime {
         let today = now.date().midnight().assume_utc() + after_midnight;
@@ -107,6 +142,84 @@ mod tests {
         );
         let err = job.run(Some(date!(2026 - 12 - 02))).await.unwrap_err();
         assert_eq!(err.to_string(), "date must not be after today (2026-12-01)");
+    }
+
+    #[tokio::test]
+    async fn catch_up_aggregates_missed_and_late_days_only() {
+        use usage_core::repo::{
+            ApiKeyRecord, ApiKeyRepository, UsageRepository, User, UserRepository,
+        };
+        use usage_core::{ApiKeyId, Plan, UserId};
+        // Days before the real today, so that the store takes them as ended.
+        let today = OffsetDateTime::now_utc().date();
+        let clock = Arc::new(ManualClock::new(
+            today.midnight().assume_utc() + Duration::hours(1),
+        ));
+        let store = Arc::new(MemoryStore::new());
+        let user = User {
+            id: UserId::generate(),
+            email: "ada@example.com".into(),
+            plan: Plan::Pro,
+            stripe_customer_id: None,
+            created_at: clock.now(),
+        };
+        store.create_user(&user).await.unwrap();
+        let key = ApiKeyRecord {
+            id: ApiKeyId::generate(),
+            user_id: user.id.clone(),
+            name: "k".into(),
+            prefix: "eco_live_abcd".into(),
+            key_hash: "0".repeat(64),
+            created_at: clock.now(),
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        store.create_api_key(&key).await.unwrap();
+        let call_on = |days_ago: i64| {
+            let at =
+                (today - Duration::days(days_ago)).midnight().assume_utc() + Duration::hours(12);
+            usage_core::UsageEvent {
+                event_id: usage_core::event::new_event_id(at),
+                user_id: user.id.clone(),
+                api_key_id: key.id.clone(),
+                endpoint: "/api/v1/ping".into(),
+                method: "GET".into(),
+                status_code: 200,
+                response_time_ms: 1,
+                created_at: at,
+            }
+        };
+        let included = Default::default();
+        store
+            .record_usage(&[call_on(5), call_on(3), call_on(0)], &included)
+            .await
+            .unwrap();
+        let job = DailyAggregation::new(store.clone(), clock);
+        let days = |r: Vec<AggregationReport>| r.into_iter().map(|r| r.date).collect::<Vec<_>>();
+        // Every day from the oldest call to yesterday, empty ones included; never today.
+        let first = days(job.catch_up(400).await.unwrap());
+        assert_eq!(
+            first,
+            (1..=5)
+                .rev()
+                .map(|n| today - Duration::days(n))
+                .collect::<Vec<_>>()
+        );
+        assert!(job.catch_up(400).await.unwrap().is_empty(), "nothing left");
+        // A call stored late for 3 days ago: only that day again.
+        store.record_usage(&[call_on(3)], &included).await.unwrap();
+        assert_eq!(
+            days(job.catch_up(400).await.unwrap()),
+            vec![today - Duration::days(3)]
+        );
+        // The lookback bounds how far back it goes.
+        store.record_usage(&[call_on(5)], &included).await.unwrap();
+        assert!(job.catch_up(4).await.unwrap().is_empty());
+        assert_eq!(
+            days(job.catch_up(5).await.unwrap()),
+            vec![today - Duration::days(5)]
+        );
     }
 
     #[test]

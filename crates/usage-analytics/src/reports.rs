@@ -1,6 +1,6 @@
 //! The figures a customer sees about their own usage.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -28,6 +28,15 @@ pub fn parse_days(raw: Option<&str>, default: u32, max: u32) -> Result<u32, Anal
             name: "days",
             message: format!("days must be a whole number from 1 to {max} (got {raw:?})"),
         })
+}
+
+fn history_day(d: &usage_core::repo::DailyUsage) -> HistoryDay {
+    HistoryDay {
+        date: d.date,
+        api_calls: d.api_calls,
+        error_calls: d.error_calls,
+        avg_response_time_ms: mean(d.total_response_time_ms, d.api_calls),
+    }
 }
 
 /// One day of `GET /api/usage/history`.
@@ -189,8 +198,10 @@ impl UsageReports {
     }
 
     /// `GET /api/usage/history`: one row per UTC day of the last `days` (today included),
-    /// oldest first, zero-filled. Past days come from the daily aggregate, today from the
-    /// raw events.
+    /// oldest first, zero-filled. Past days whose aggregate is current come from the daily
+    /// aggregate; every other day (today, a day never aggregated, a day with calls stored
+    /// after its aggregation) is counted from the raw events, so a past day always counts
+    /// every call stored for it.
     pub async fn history(
         &self,
         user_id: &UserId,
@@ -199,40 +210,39 @@ impl UsageReports {
         let now = self.clock.now();
         let today = now.date();
         let first = today - Duration::days(i64::from(days) - 1);
-        let mut stored: HashMap<Date, HistoryDay> = self
+        let yesterday = today - Duration::days(1);
+        let current: HashSet<Date> = if first <= yesterday {
+            self.daily
+                .aggregated_days(first, yesterday)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let mut stored: HashMap<Date, HistoryDay> = HashMap::new();
+        if !current.is_empty() {
+            let aggregated = self.daily.daily_usage(user_id, first, yesterday).await?;
+            stored.extend(
+                aggregated
+                    .into_iter()
+                    .filter(|d| current.contains(&d.date))
+                    .map(|d| (d.date, history_day(&d))),
+            );
+        }
+        // The raw events from the first day that is not current, today included.
+        let first_raw = (0..i64::from(days))
+            .map(|i| first + Duration::days(i))
+            .find(|d| !current.contains(d))
+            .unwrap_or(today);
+        let raw = self
             .daily
-            .daily_usage(user_id, first, today - Duration::days(1))
-            .await?
-            .into_iter()
-            .map(|d| {
-                let day = HistoryDay {
-                    date: d.date,
-                    api_calls: d.api_calls,
-                    error_calls: d.error_calls,
-                    avg_response_time_ms: mean(d.total_response_time_ms, d.api_calls),
-                };
-                (d.date, day)
-            })
-            .collect();
-        let live = self
-            .usage
-            .endpoint_stats(
-                user_id,
-                today.midnight().assume_utc(),
-                now + Duration::seconds(1),
-            )
+            .daily_usage_from_events(user_id, first_raw, today)
             .await?;
-        let (calls, errors, total) = live.iter().fold((0, 0, 0), |(c, e, t), s| {
-            (c + s.calls, e + s.error_calls, t + s.total_response_time_ms)
-        });
-        stored.insert(
-            today,
-            HistoryDay {
-                date: today,
-                api_calls: calls,
-                error_calls: errors,
-                avg_response_time_ms: mean(total, calls),
-            },
+        stored.extend(
+            raw.into_iter()
+                .filter(|d| !current.contains(&d.date))
+                .map(|d| (d.date, history_day(&d))),
         );
         Ok((0..i64::from(days))
             .map(|i| first + Duration::days(i))

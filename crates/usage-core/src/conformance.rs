@@ -20,8 +20,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    AdminAuditEntry, ApiKeyRecord, ChargeStatus, EndpointCount, IncludedCalls, KeyIssue,
-    KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, DeadLetter, EndpointCount, IncludedCalls,
+    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
     UninvoicedOverage, User, UserPageQuery, UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
@@ -58,10 +58,13 @@ macro_rules! repository_conformance_tests {
             usage_concurrent_batches_sum_exactly,
             usage_period_boundaries,
             usage_batch_with_unknown_user_changes_nothing,
+            dead_letters_are_kept_listed_and_replayed,
             daily_aggregation_is_idempotent,
+            daily_aggregates_are_current_until_a_late_write,
             overage_charge_ledger,
             overage_billing_queries,
             admin_figures_and_audit,
+            admin_audit_is_pruned_in_batches,
             quota_counters_lease_under_the_cap,
             quota_concurrent_takes_stop_at_the_cap,
         );
@@ -948,6 +951,152 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
     );
 }
 
+pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let letter = |user: &UserId, key: &ApiKeyId, at: OffsetDateTime| DeadLetter {
+        event: event(user, key, at),
+        included_calls: Some(1),
+        reason: "user not found".to_owned(),
+        failed_at: T0 + Duration::hours(1),
+    };
+    // Ada's call (refused once, fine now), a stranger's (refused for good), Ada's again
+    // (a second call, past her included one).
+    let good = letter(&ada, &key, T0);
+    let stranger = letter(
+        &UserId::generate(),
+        &ApiKeyId::generate(),
+        T0 + Duration::seconds(1),
+    );
+    let second = letter(&ada, &key, T0 + Duration::seconds(2));
+    store
+        .record_dead_letters(&[good.clone(), stranger.clone()])
+        .await
+        .unwrap();
+    store
+        .record_dead_letters(&[good.clone(), second.clone()])
+        .await
+        .unwrap();
+    let all = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(
+        all,
+        vec![good.clone(), stranger.clone(), second.clone()],
+        "once each, by id"
+    );
+    let page = store
+        .dead_letters(Some(good.event.event_id), 1)
+        .await
+        .unwrap();
+    assert_eq!(page, vec![stranger.clone()]);
+    let (count, shown) = crate::dead_letter::list(store.as_ref(), 2).await.unwrap();
+    assert_eq!((count, shown.len()), (3, 2));
+
+    let report = crate::dead_letter::replay(store.as_ref()).await.unwrap();
+    assert_eq!(
+        (report.stored, report.already_stored, report.still_refused),
+        (2, 0, 1)
+    );
+    assert_eq!(
+        store.dead_letters(None, 10).await.unwrap(),
+        vec![stranger.clone()]
+    );
+    let record = store
+        .usage_record(&ada, BillingPeriod::containing(T0).start())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.api_calls, record.overage_calls), (2, 1));
+    // Again: nothing more stored; a letter replayed elsewhere meanwhile counts once.
+    store
+        .record_dead_letters(std::slice::from_ref(&good))
+        .await
+        .unwrap();
+    let again = crate::dead_letter::replay(store.as_ref()).await.unwrap();
+    assert_eq!(
+        (again.stored, again.already_stored, again.still_refused),
+        (0, 1, 1)
+    );
+    assert_eq!(
+        store
+            .remove_dead_letters(&[stranger.event.event_id, good.event.event_id])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
+pub async fn daily_aggregates_are_current_until_a_late_write(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let day = T0.date();
+    let included = IncludedCalls::new();
+    assert_eq!(store.first_usage_day().await.unwrap(), None);
+    let mut first = events(&ada, &key, 3, T0);
+    first[0].status_code = 500;
+    store.record_usage(&first, &included).await.unwrap();
+    assert_eq!(store.first_usage_day().await.unwrap(), Some(day));
+    assert!(
+        store.aggregated_days(day, day).await.unwrap().is_empty(),
+        "never aggregated"
+    );
+    let raw = store.daily_usage_from_events(&ada, day, day).await.unwrap();
+    assert_eq!(raw.len(), 1);
+    assert_eq!(
+        (
+            raw[0].date,
+            raw[0].api_calls,
+            raw[0].error_calls,
+            raw[0].total_response_time_ms
+        ),
+        (day, 3, 1, 9)
+    );
+
+    store
+        .aggregate_usage_day(day, T0 + Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(store.aggregated_days(day, day).await.unwrap(), vec![day]);
+    // A call of that day stored after its aggregation: no longer current.
+    let late = events(&ada, &key, 1, T0 + Duration::hours(3));
+    store.record_usage(&late, &included).await.unwrap();
+    assert!(store.aggregated_days(day, day).await.unwrap().is_empty());
+    // A replay of the same call stores nothing and changes nothing more.
+    store
+        .aggregate_usage_day(day, T0 + Duration::days(2))
+        .await
+        .unwrap();
+    store.record_usage(&late, &included).await.unwrap();
+    assert_eq!(store.aggregated_days(day, day).await.unwrap(), vec![day]);
+    let rows = store.daily_usage(&ada, day, day).await.unwrap();
+    assert_eq!(rows[0].api_calls, 4);
+    assert_eq!(
+        store.daily_usage_from_events(&ada, day, day).await.unwrap()[0].api_calls,
+        4
+    );
+    // Other days and other users are not in the way.
+    let next = day + Duration::days(1);
+    assert!(store.aggregated_days(next, next).await.unwrap().is_empty());
+    assert!(
+        store
+            .daily_usage_from_events(&UserId::generate(), day, next)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A day not yet over (by the store's clock) is rebuilt but never taken as current.
+    let today = OffsetDateTime::now_utc().date();
+    store
+        .aggregate_usage_day(today, OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .aggregated_days(today, today)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
     let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
     let included: IncludedCalls = HashMap::from([(ada.clone(), 10)]);
@@ -1250,6 +1399,50 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
         (0, 0, 1),
         "a charge without overage still shows"
     );
+}
+
+pub async fn admin_audit_is_pruned_in_batches(store: Arc<dyn Store>) {
+    let admin = UserId::generate();
+    for minutes in 0..25 {
+        store
+            .record_admin_action(&AdminAuditEntry {
+                id: 0,
+                admin_id: admin.clone(),
+                method: "GET".to_owned(),
+                route: "/api/admin/audit".to_owned(),
+                params: String::new(),
+                status: 200,
+                created_at: T0 + Duration::minutes(minutes),
+            })
+            .await
+            .unwrap();
+    }
+    // Entries before T0 + 12 min go, 5 per statement; the boundary entry stays.
+    let cut = T0 + Duration::minutes(12);
+    assert_eq!(store.prune_admin_actions(cut, 5).await.unwrap(), 12);
+    assert_eq!(store.prune_admin_actions(cut, 5).await.unwrap(), 0);
+    let (total, page) = store.admin_actions(0, 100).await.unwrap();
+    assert_eq!(total, 13);
+    assert!(page.iter().all(|e| e.created_at >= cut));
+    assert_eq!(page.last().unwrap().created_at, cut);
+    // New entries after a prune get new ids (newest first still holds).
+    store
+        .record_admin_action(&AdminAuditEntry {
+            id: 0,
+            admin_id: admin.clone(),
+            method: "GET".to_owned(),
+            route: "/api/admin/audit".to_owned(),
+            params: String::new(),
+            status: 200,
+            created_at: T0 + Duration::hours(1),
+        })
+        .await
+        .unwrap();
+    let (total, page) = store.admin_actions(0, 100).await.unwrap();
+    assert_eq!(total, 14);
+    assert_eq!(page[0].created_at, T0 + Duration::hours(1));
+    let ids: std::collections::HashSet<i64> = page.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), 14, "ids stay unique");
 }
 
 pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {

@@ -20,6 +20,7 @@ pub mod caller;
 pub mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod dead_letter;
 mod error;
 pub mod event;
 pub mod ids;

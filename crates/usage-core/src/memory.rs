@@ -1,7 +1,7 @@
 //! In-memory repositories, for tests and for trying the library crates alone.
 //! They follow the same contract as the database stores (see the conformance suite).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -10,11 +10,12 @@ use uuid::Uuid;
 
 use crate::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointCount, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
-    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
-    UserUsageRow, lease_size, plan_key_issue,
+    DailyUsageRepository, DeadLetter, EndpointCount, EndpointStats, IncludedCalls, KeyIssue,
+    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User,
+    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
+    plan_key_issue,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -26,6 +27,9 @@ struct State {
     events: Vec<UsageEvent>,
     records: BTreeMap<(UserId, OffsetDateTime), UsageRecord>,
     daily: BTreeMap<(UserId, Date), DailyUsage>,
+    /// Per day: (late writes, late writes seen by the last aggregation after the day).
+    days: BTreeMap<Date, (u64, Option<u64>)>,
+    dead_letters: BTreeMap<Uuid, DeadLetter>,
     charges: Vec<OverageCharge>,
     audit: Vec<AdminAuditEntry>,
     quota: BTreeMap<(UserId, OffsetDateTime), u64>,
@@ -294,15 +298,23 @@ impl UsageRepository for MemoryStore {
         }
         let mut outcome = RecordOutcome::default();
         let mut added: HashMap<(UserId, BillingPeriod), u64> = HashMap::new();
+        let cutoff = late_write_cutoff(OffsetDateTime::now_utc());
+        let mut late_days = BTreeSet::new();
         for e in events {
             if !state.event_ids.insert(e.event_id) {
                 outcome.duplicates += 1;
                 continue;
             }
             outcome.inserted += 1;
+            if e.created_at < cutoff {
+                late_days.insert(e.created_at.date());
+            }
             state.events.push(e.clone());
             let period = BillingPeriod::containing(e.created_at);
             *added.entry((e.user_id.clone(), period)).or_default() += 1;
+        }
+        for day in late_days {
+            state.days.entry(day).or_insert((0, None)).0 += 1;
         }
         let now = events.iter().map(|e| e.created_at).max();
         for ((user_id, period), calls) in added {
@@ -385,6 +397,43 @@ impl UsageRepository for MemoryStore {
             .count();
         Ok(n as u64)
     }
+
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
+        let mut state = self.state();
+        for letter in letters {
+            state
+                .dead_letters
+                .entry(letter.event.event_id)
+                .or_insert_with(|| letter.clone());
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError> {
+        let state = self.state();
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(id),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(state
+            .dead_letters
+            .range((from, std::ops::Bound::Unbounded))
+            .take(limit as usize)
+            .map(|(_, l)| l.clone())
+            .collect())
+    }
+
+    async fn remove_dead_letters(&self, event_ids: &[Uuid]) -> Result<u64, RepoError> {
+        let mut state = self.state();
+        Ok(event_ids
+            .iter()
+            .filter(|id| state.dead_letters.remove(id).is_some())
+            .count() as u64)
+    }
 }
 
 /// Builds one user's daily row from that day's events (used by the memory store; the
@@ -442,7 +491,53 @@ impl DailyUsageRepository for MemoryStore {
         for row in rows {
             state.daily.insert((row.user_id.clone(), date), row);
         }
+        if date < OffsetDateTime::now_utc().date() {
+            let day = state.days.entry(date).or_insert((0, None));
+            day.1 = Some(day.0);
+        }
         Ok(users)
+    }
+
+    async fn aggregated_days(&self, from: Date, to: Date) -> Result<Vec<Date>, RepoError> {
+        Ok(self
+            .state()
+            .days
+            .range(from..=to)
+            .filter(|(_, (late, seen))| Some(*late) == *seen)
+            .map(|(day, _)| *day)
+            .collect())
+    }
+
+    async fn daily_usage_from_events(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let state = self.state();
+        let mut by_day: BTreeMap<Date, Vec<&UsageEvent>> = BTreeMap::new();
+        for e in state.events.iter().filter(|e| &e.user_id == user_id) {
+            let day = e.created_at.date();
+            if (from..=to).contains(&day) {
+                by_day.entry(day).or_default().push(e);
+            }
+        }
+        Ok(by_day
+            .into_iter()
+            .map(|(day, events)| DailyUsage {
+                top_endpoints: Vec::new(),
+                ..daily_row(user_id, day, &events)
+            })
+            .collect())
+    }
+
+    async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {
+        Ok(self
+            .state()
+            .events
+            .iter()
+            .map(|e| e.created_at.date())
+            .min())
     }
 
     async fn daily_usage(
@@ -671,12 +766,23 @@ impl OverageChargeRepository for MemoryStore {
 impl AdminRepository for MemoryStore {
     async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
         let mut state = self.state();
-        let id = state.audit.len() as i64 + 1;
+        let id = state.audit.last().map_or(1, |e| e.id + 1);
         state.audit.push(AdminAuditEntry {
             id,
             ..entry.clone()
         });
         Ok(())
+    }
+
+    async fn prune_admin_actions(
+        &self,
+        before: OffsetDateTime,
+        _batch: u32,
+    ) -> Result<u64, RepoError> {
+        let mut state = self.state();
+        let was = state.audit.len();
+        state.audit.retain(|e| e.created_at >= before);
+        Ok((was - state.audit.len()) as u64)
     }
 
     async fn admin_actions(

@@ -38,6 +38,15 @@ pub enum RepoError {
     Backend(String),
 }
 
+impl RepoError {
+    /// Whether trying the same write again can never succeed: a record it refers to does
+    /// not exist. Anything else (the database down, a timeout, a conflict between
+    /// writers) may pass on a later attempt.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, RepoError::NotFound { .. })
+    }
+}
+
 /// A user of the metered API (`eco_users`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct User {
@@ -387,6 +396,13 @@ pub trait AdminRepository: Send + Sync {
         offset: u64,
         limit: u32,
     ) -> Result<(u64, Vec<AdminAuditEntry>), RepoError>;
+    /// Removes audit entries written before `before`, at most `batch` per statement so
+    /// that no statement holds locks for long; returns how many went.
+    async fn prune_admin_actions(
+        &self,
+        before: OffsetDateTime,
+        batch: u32,
+    ) -> Result<u64, RepoError>;
     /// One page of users with this period's figures: `(users matching, this page)`. Ties
     /// are broken by user id in the same direction, so pages do not overlap.
     async fn users_page(
@@ -637,6 +653,32 @@ pub trait UsageRepository: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<u64, RepoError>;
+    /// Keeps calls that can never be stored as they are (`record_usage` refused them for
+    /// good: their user or key does not exist) for an operator to look at and replay. A
+    /// letter whose event id is already kept is skipped.
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError>;
+    /// Kept letters with an event id after `after` (all, with `None`), in event id order,
+    /// at most `limit`.
+    async fn dead_letters(
+        &self,
+        after: Option<uuid::Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError>;
+    /// Forgets these letters (once replayed); returns how many went.
+    async fn remove_dead_letters(&self, event_ids: &[uuid::Uuid]) -> Result<u64, RepoError>;
+}
+
+/// A call the store refused for good, kept in `eco_usage_dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The call as it was to be stored.
+    pub event: UsageEvent,
+    /// Its plan's included calls, as the tracker had them (for the counters on replay).
+    pub included_calls: Option<u64>,
+    /// Why it was refused.
+    pub reason: String,
+    /// When it was refused.
+    pub failed_at: OffsetDateTime,
 }
 
 /// Daily aggregates (`eco_usage_daily`).
@@ -653,6 +695,31 @@ pub trait DailyUsageRepository: Send + Sync {
         from: Date,
         to: Date,
     ) -> Result<Vec<DailyUsage>, RepoError>;
+    /// The days of `from..=to` whose rows are complete and current: aggregated after the
+    /// day ended (by the store's clock), and no call of that day stored since. Any other
+    /// day must be read from the raw events ([`Self::daily_usage_from_events`]).
+    async fn aggregated_days(&self, from: Date, to: Date) -> Result<Vec<Date>, RepoError>;
+    /// A user's figures per UTC day with `from <= date <= to`, counted from the raw
+    /// events (no `top_endpoints`), oldest first; days without calls have no row.
+    async fn daily_usage_from_events(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError>;
+    /// The UTC day of the oldest stored call, if any.
+    async fn first_usage_day(&self) -> Result<Option<Date>, RepoError>;
+}
+
+/// A stored call of a day that ends within this long counts as a late write for that
+/// day: stores mark the day so that its aggregate, if any, is no longer current. The
+/// margin covers clock skew between instances and transactions still open at midnight.
+pub const LATE_WRITE_MARGIN: time::Duration = time::Duration::minutes(5);
+
+/// From this instant on, calls stored for earlier days are late writes
+/// ([`LATE_WRITE_MARGIN`]): the start of the UTC day that `now` plus the margin falls in.
+pub fn late_write_cutoff(now: OffsetDateTime) -> OffsetDateTime {
+    (now + LATE_WRITE_MARGIN).date().midnight().assume_utc()
 }
 
 /// The overage charge ledger (`eco_overage_charges`).

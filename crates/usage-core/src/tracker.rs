@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::repo::{ApiKeyRepository, IncludedCalls, UsageRepository};
+use crate::repo::{ApiKeyRepository, DeadLetter, IncludedCalls, UsageRepository};
 use crate::spool::{Spool, SpoolConfig, SpoolError};
 use crate::{ApiKeyId, UsageEvent};
 
@@ -85,6 +85,8 @@ pub struct TrackerStats {
     pub flush_micros: AtomicU64,
     /// Calls the durable spool could not write (kept in memory only).
     pub spool_failures: AtomicU64,
+    /// Calls the store refused for good, kept as dead letters.
+    pub dead_letters: AtomicU64,
 }
 
 /// What the tracker did by the time it stopped.
@@ -430,6 +432,10 @@ impl Shared {
     /// Writes `events` until they are stored. Once a stop is requested, retries only
     /// until `give_up_at` (set then if not given). Returns the number of events given up
     /// on. Retries send the same events (same ids): a retry never counts twice.
+    ///
+    /// A batch the store refuses for good (an unknown user or key) is split in halves
+    /// until the refused calls stand alone; those are kept as dead letters and the rest is
+    /// written, so one bad call never stops the others.
     async fn write(
         &self,
         taken: Taken,
@@ -441,54 +447,159 @@ impl Shared {
             included,
             spooled,
         } = taken;
-        let mut backoff = self.config.retry_initial;
+        let total = events.len() as u64;
         let mut given_up = 0;
-        loop {
-            let started = Instant::now();
-            match self.usage.record_usage(&events, &included).await {
-                Ok(outcome) => {
+        let mut parts = vec![events];
+        while let Some(mut part) = parts.pop() {
+            let mut backoff = self.config.retry_initial;
+            let written = loop {
+                let started = Instant::now();
+                match self.usage.record_usage(&part, &included).await {
+                    Ok(outcome) => break Some(Ok((outcome, started.elapsed()))),
+                    Err(e) if e.is_permanent() => break Some(Err(e)),
+                    Err(e) => {
+                        let what = "usage batch";
+                        if !self
+                            .wait_to_retry(&e, what, &mut backoff, &mut stop, &mut give_up_at)
+                            .await
+                        {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match written {
+                Some(Ok((outcome, took))) => {
                     let s = &self.stats;
                     s.flushed.fetch_add(outcome.inserted, Ordering::Relaxed);
                     s.duplicates
                         .fetch_add(outcome.duplicates, Ordering::Relaxed);
                     s.flushes.fetch_add(1, Ordering::Relaxed);
-                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     s.flush_micros.fetch_add(micros, Ordering::Relaxed);
-                    if let Some(spool) = &self.spool {
-                        for (file, calls) in &spooled {
-                            spool.stored(*file, *calls);
-                        }
-                    }
-                    self.touch_keys(&events).await;
-                    break;
+                    self.touch_keys(&part).await;
                 }
-                Err(e) => {
-                    self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
-                    // A stop request, or the worker handle dropped.
-                    let stopping = *stop.borrow() || stop.has_changed().is_err();
-                    if give_up_at.is_none() && stopping {
-                        give_up_at = Some(Instant::now() + self.config.shutdown_retry_for);
+                Some(Err(_)) if part.len() > 1 => {
+                    let second = part.split_off(part.len() / 2);
+                    parts.push(second);
+                    parts.push(part);
+                }
+                Some(Err(refused)) => {
+                    if !self
+                        .keep_dead_letter(&part, &included, &refused, &mut stop, &mut give_up_at)
+                        .await
+                    {
+                        given_up += part.len() as u64;
                     }
-                    if give_up_at.is_some_and(|at| Instant::now() + backoff > at) {
-                        tracing::error!(error = %e, events = events.len(), "giving up on a usage batch at shutdown");
-                        given_up = events.len() as u64;
-                        break;
-                    }
-                    tracing::warn!(error = %e, events = events.len(), retry_in_ms = backoff.as_millis() as u64,
-                        "writing usage batch failed; will retry");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        // Wake early on a stop request to start the shutdown deadline.
-                        _ = stop.changed(), if give_up_at.is_none() => {}
-                    }
-                    backoff = (backoff * 2).min(self.config.retry_max);
+                }
+                None => {
+                    given_up +=
+                        part.len() as u64 + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                    break;
                 }
             }
         }
-        self.stats
-            .in_batch
-            .fetch_sub(events.len() as u64, Ordering::Relaxed);
+        // What was given up on stays in the spool for the next start (what was stored
+        // of the same files is replayed too, and stored once: same event ids).
+        if given_up == 0
+            && let Some(spool) = &self.spool
+        {
+            for (file, calls) in &spooled {
+                spool.stored(*file, *calls);
+            }
+        }
+        self.stats.in_batch.fetch_sub(total, Ordering::Relaxed);
         given_up
+    }
+
+    /// Keeps a call the store refused for good as a dead letter (retried like a batch
+    /// while the store is unavailable). Returns whether it is kept.
+    async fn keep_dead_letter(
+        &self,
+        part: &[UsageEvent],
+        included: &IncludedCalls,
+        refused: &crate::RepoError,
+        stop: &mut watch::Receiver<bool>,
+        give_up_at: &mut Option<Instant>,
+    ) -> bool {
+        let letters: Vec<DeadLetter> = part
+            .iter()
+            .map(|event| {
+                tracing::error!(
+                    event_id = %event.event_id,
+                    user_id = %event.user_id,
+                    api_key_id = %event.api_key_id,
+                    reason = %refused,
+                    "usage event refused by the store; kept as a dead letter (usage-server dead-letters)"
+                );
+                DeadLetter {
+                    event: event.clone(),
+                    included_calls: included.get(&event.user_id).copied(),
+                    reason: refused.to_string(),
+                    failed_at: OffsetDateTime::now_utc(),
+                }
+            })
+            .collect();
+        let mut backoff = self.config.retry_initial;
+        let kept = loop {
+            match self.usage.record_dead_letters(&letters).await {
+                Ok(()) => break Some(Ok(())),
+                Err(e) if e.is_permanent() => break Some(Err(e)),
+                Err(e) => {
+                    if !self
+                        .wait_to_retry(&e, "dead letter", &mut backoff, stop, give_up_at)
+                        .await
+                    {
+                        break None;
+                    }
+                }
+            }
+        };
+        match kept {
+            Some(Ok(())) => {
+                self.stats
+                    .dead_letters
+                    .fetch_add(letters.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "a dead letter could not be kept");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// After a failed write that may pass later: waits `backoff` (doubling it up to the
+    /// maximum) and returns true to try again, or false once a stop was requested and
+    /// `give_up_at` (set then if not given) has passed.
+    async fn wait_to_retry(
+        &self,
+        e: &crate::RepoError,
+        what: &str,
+        backoff: &mut Duration,
+        stop: &mut watch::Receiver<bool>,
+        give_up_at: &mut Option<Instant>,
+    ) -> bool {
+        self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+        // A stop request, or the worker handle dropped.
+        let stopping = *stop.borrow() || stop.has_changed().is_err();
+        if give_up_at.is_none() && stopping {
+            *give_up_at = Some(Instant::now() + self.config.shutdown_retry_for);
+        }
+        if give_up_at.is_some_and(|at| Instant::now() + *backoff > at) {
+            tracing::error!(error = %e, "giving up on writing a {what} at shutdown");
+            return false;
+        }
+        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+            "writing a {what} failed; will retry");
+        tokio::select! {
+            () = tokio::time::sleep(*backoff) => {}
+            // Wake early on a stop request to start the shutdown deadline.
+            _ = stop.changed(), if give_up_at.is_none() => {}
+        }
+        *backoff = (*backoff * 2).min(self.config.retry_max);
+        true
     }
 
     /// Moves `last_used_at` of the batch's keys forward, at most once a minute per key;

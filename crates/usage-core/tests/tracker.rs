@@ -13,8 +13,8 @@ use time::macros::datetime;
 use usage_core::event::new_event_id;
 use usage_core::memory::MemoryStore;
 use usage_core::repo::{
-    ApiKeyRecord, ApiKeyRepository, IncludedCalls, RecordOutcome, UsageRecord, UsageRepository,
-    User, UserRepository,
+    ApiKeyRecord, ApiKeyRepository, DeadLetter, IncludedCalls, RecordOutcome, UsageRecord,
+    UsageRepository, User, UserRepository,
 };
 use usage_core::tracker::{TrackedCall, TrackerConfig, UsageTracker};
 use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, UsageEvent, UserId};
@@ -76,6 +76,22 @@ impl UsageRepository for FlakyStore {
         to: OffsetDateTime,
     ) -> Result<u64, RepoError> {
         self.inner.count_usage_events(user_id, from, to).await
+    }
+
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
+        self.inner.record_dead_letters(letters).await
+    }
+
+    async fn dead_letters(
+        &self,
+        after: Option<uuid::Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError> {
+        self.inner.dead_letters(after, limit).await
+    }
+
+    async fn remove_dead_letters(&self, event_ids: &[uuid::Uuid]) -> Result<u64, RepoError> {
+        self.inner.remove_dead_letters(event_ids).await
     }
 }
 
@@ -514,4 +530,45 @@ async fn durable_mode_stores_after_a_crash_what_the_dead_store_never_got() {
         "every spool file deleted once stored: {left:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn calls_the_store_refuses_for_good_become_dead_letters_and_the_rest_is_written() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(50, Duration::from_millis(20)));
+    // Three calls of a user and a key that do not exist (a spool replayed against another
+    // database, a row deleted by hand), spread through batches of good calls.
+    let stranger = UserId::generate();
+    let mut bad_ids = Vec::new();
+    for i in 0..200 {
+        let mut call = f.call(T0 + time::Duration::milliseconds(i));
+        if i % 70 == 3 {
+            call.event.user_id = stranger.clone();
+            call.event.api_key_id = ApiKeyId::generate();
+            bad_ids.push(call.event.event_id);
+        }
+        tracker.track(call).await.unwrap();
+    }
+    eventually("the good calls stored", async || f.stored(T0).await == 197).await;
+    eventually("the bad calls kept", async || {
+        tracker.stats().dead_letters.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let letters = f.store.dead_letters(None, 100).await.unwrap();
+    let mut kept: Vec<uuid::Uuid> = letters.iter().map(|l| l.event.event_id).collect();
+    bad_ids.sort();
+    kept.sort();
+    assert_eq!(kept, bad_ids);
+    assert!(letters.iter().all(|l| l.reason == "user not found"));
+    assert!(letters.iter().all(|l| l.included_calls == Some(10)));
+    assert_eq!(f.counter(T0).await.unwrap().api_calls, 197);
+    // Writing goes on afterwards.
+    tracker
+        .track(f.call(T0 + time::Duration::seconds(1)))
+        .await
+        .unwrap();
+    eventually("a later call stored", async || f.stored(T0).await == 198).await;
+    let report = worker.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(tracker.queue_depth(), 0);
 }

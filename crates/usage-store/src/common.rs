@@ -53,6 +53,27 @@ pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<St
     )
 }
 
+/// A day's figures counted from the raw events (no top endpoints).
+pub(crate) fn raw_day(
+    user_id: &usage_core::UserId,
+    date: time::Date,
+    calls: i64,
+    errors: i64,
+    total_ms: i64,
+) -> usage_core::repo::DailyUsage {
+    let api_calls = to_u64(calls);
+    let total_response_time_ms = to_u64(total_ms);
+    usage_core::repo::DailyUsage {
+        user_id: user_id.clone(),
+        date,
+        api_calls,
+        error_calls: to_u64(errors),
+        total_response_time_ms,
+        avg_response_time_ms: total_response_time_ms as f64 / api_calls.max(1) as f64,
+        top_endpoints: Vec::new(),
+    }
+}
+
 /// Why a transaction's work was not done (inside the transaction, so that it rolls back).
 pub(crate) enum BatchError {
     /// A user or key it names does not exist.
@@ -242,6 +263,10 @@ pub(crate) mod admin_sql {
     pub(crate) const INSERT_AUDIT: &str = "
         INSERT INTO eco_admin_audit_log (admin_id, method, route, params, status, created_at)
         VALUES ($1, $2, $3, $4, $5, $6)";
+    /// `$1`: remove entries before this time; `$2`: at most this many.
+    pub(crate) const PRUNE_AUDIT: &str = "
+        DELETE FROM eco_admin_audit_log WHERE id IN (
+            SELECT id FROM eco_admin_audit_log WHERE created_at < $1 ORDER BY id LIMIT $2)";
     pub(crate) const COUNT_AUDIT: &str = "SELECT count(*) AS n FROM eco_admin_audit_log";
     pub(crate) const AUDIT_PAGE: &str = "
         SELECT id, admin_id, method, route, params, status, created_at

@@ -16,11 +16,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    plan_key_issue,
+    DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
+    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
+    UserUsageRow, plan_key_issue,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -31,7 +31,7 @@ use self::schema::{
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, QuotaTakeRow, TRANSACTION_ATTEMPTS,
     admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
-    plan_counts, projection_threshold, to_i64, to_u64,
+    plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -247,14 +247,28 @@ impl EventColumns {
     }
 }
 
-/// Inserts a batch and returns who and when of the rows actually inserted.
+/// Inserts a batch and returns who and when of the rows actually inserted. Rows of a day
+/// that has ended, or ends within five minutes (the database's clock; see
+/// `usage_core::repo::LATE_WRITE_MARGIN`), mark their day in `eco_usage_days` so that its
+/// aggregate is no longer taken as current. Outside those minutes the filter keeps the
+/// second insert empty: no row is locked.
 const INSERT_EVENTS: &str = "\
-INSERT INTO eco_api_usage
-    (event_id, user_id, api_key_id, endpoint, method, status_code, response_time_ms, created_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::int4[], $7::int4[], $8::timestamptz[])
-ON CONFLICT (event_id) DO NOTHING
-RETURNING user_id, created_at";
+WITH inserted AS (
+    INSERT INTO eco_api_usage
+        (event_id, user_id, api_key_id, endpoint, method, status_code, response_time_ms, created_at)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::int4[], $7::int4[], $8::timestamptz[])
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING user_id, created_at
+), late AS (
+    INSERT INTO eco_usage_days (date, late_writes)
+    SELECT DISTINCT (created_at AT TIME ZONE 'UTC')::date, 1 FROM inserted
+    WHERE created_at < date_trunc('day', (now() + interval '5 minutes') AT TIME ZONE 'UTC')
+                       AT TIME ZONE 'UTC'
+    ORDER BY 1
+    ON CONFLICT (date) DO UPDATE SET late_writes = eco_usage_days.late_writes + 1
+)
+SELECT user_id, created_at FROM inserted";
 
 #[derive(QueryableByName)]
 struct InsertedEvent {
@@ -774,6 +788,120 @@ impl UsageRepository for PgStore {
             .map_err(|e| repo_error(e, "usage event"))?;
         Ok(to_u64(n))
     }
+
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<&UsageEvent> = letters.iter().map(|l| &l.event).collect();
+        let columns = EventColumns::from_events(&events);
+        let included: Vec<Option<i64>> = letters
+            .iter()
+            .map(|l| l.included_calls.map(to_i64))
+            .collect();
+        let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+        let failed_at: Vec<OffsetDateTime> = letters.iter().map(|l| l.failed_at).collect();
+        let mut conn = self.conn().await?;
+        diesel::sql_query(
+            "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id, endpoint, method,
+                 status_code, response_time_ms, created_at, included_calls, reason, failed_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::int4[], $7::int4[], $8::timestamptz[], $9::int8[], $10::text[],
+                 $11::timestamptz[])
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind::<Array<SqlUuid>, _>(&columns.event_id)
+        .bind::<Array<Text>, _>(&columns.user_id)
+        .bind::<Array<Text>, _>(&columns.api_key_id)
+        .bind::<Array<Text>, _>(&columns.endpoint)
+        .bind::<Array<Text>, _>(&columns.method)
+        .bind::<Array<Integer>, _>(&columns.status_code)
+        .bind::<Array<Integer>, _>(&columns.response_time_ms)
+        .bind::<Array<Timestamptz>, _>(&columns.created_at)
+        .bind::<Array<Nullable<BigInt>>, _>(&included)
+        .bind::<Array<Text>, _>(&reasons)
+        .bind::<Array<Timestamptz>, _>(&failed_at)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "dead letter"))?;
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DeadLetterRow> = diesel::sql_query(
+            "SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
+                    response_time_ms, created_at, included_calls, reason, failed_at
+             FROM eco_usage_dead_letters
+             WHERE $1::uuid IS NULL OR event_id > $1 ORDER BY event_id LIMIT $2",
+        )
+        .bind::<Nullable<SqlUuid>, _>(after)
+        .bind::<BigInt, _>(i64::from(limit))
+        .load(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "dead letter"))?;
+        Ok(rows.into_iter().map(DeadLetterRow::into_domain).collect())
+    }
+
+    async fn remove_dead_letters(&self, event_ids: &[Uuid]) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let n = diesel::sql_query("DELETE FROM eco_usage_dead_letters WHERE event_id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(event_ids)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "dead letter"))?;
+        Ok(n as u64)
+    }
+}
+
+#[derive(QueryableByName)]
+struct DeadLetterRow {
+    #[diesel(sql_type = SqlUuid)]
+    event_id: Uuid,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    api_key_id: String,
+    #[diesel(sql_type = Text)]
+    endpoint: String,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Integer)]
+    status_code: i32,
+    #[diesel(sql_type = Integer)]
+    response_time_ms: i32,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    included_calls: Option<i64>,
+    #[diesel(sql_type = Text)]
+    reason: String,
+    #[diesel(sql_type = Timestamptz)]
+    failed_at: OffsetDateTime,
+}
+
+impl DeadLetterRow {
+    fn into_domain(self) -> DeadLetter {
+        DeadLetter {
+            event: UsageEvent {
+                event_id: self.event_id,
+                user_id: UserId::from_stored(self.user_id),
+                api_key_id: ApiKeyId::from_stored(self.api_key_id),
+                endpoint: self.endpoint,
+                method: self.method,
+                status_code: u16::try_from(self.status_code).unwrap_or(0),
+                response_time_ms: u32::try_from(self.response_time_ms).unwrap_or(0),
+                created_at: self.created_at,
+            },
+            included_calls: self.included_calls.map(to_u64),
+            reason: self.reason,
+            failed_at: self.failed_at,
+        }
+    }
 }
 
 /// Creates missing counters from the periods' stored calls ($1 users, $2 periods, in one
@@ -974,18 +1102,50 @@ impl DailyUsageRepository for PgStore {
         let start = date.midnight().assume_utc();
         let end = start + time::Duration::days(1);
         let mut conn = self.conn().await?;
+        // A day that has ended (the database's clock) gets its row first, committed on its
+        // own, so that every writer of a late call from now on marks it.
+        diesel::sql_query(
+            "INSERT INTO eco_usage_days (date) SELECT $1
+             WHERE $1 < (now() AT TIME ZONE 'UTC')::date ON CONFLICT (date) DO NOTHING",
+        )
+        .bind::<SqlDate, _>(date)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "usage day"))?;
         let users = conn
             .transaction(async |conn| -> Result<usize, diesel::result::Error> {
+                // Late writes before this read are in the rebuild below (read committed:
+                // it sees every commit up to its start); later ones leave the day stale.
+                let seen: Option<LateWrites> = diesel::sql_query(
+                    "SELECT late_writes FROM eco_usage_days
+                     WHERE date = $1 AND $1 < (now() AT TIME ZONE 'UTC')::date",
+                )
+                .bind::<SqlDate, _>(date)
+                .get_result(conn)
+                .await
+                .optional()?;
                 diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(date)))
                     .execute(conn)
                     .await?;
-                diesel::sql_query(&rebuild)
+                let users = diesel::sql_query(&rebuild)
                     .bind::<SqlDate, _>(date)
                     .bind::<Timestamptz, _>(start)
                     .bind::<Timestamptz, _>(end)
                     .bind::<Timestamptz, _>(now)
                     .execute(conn)
-                    .await
+                    .await?;
+                if let Some(seen) = seen {
+                    diesel::sql_query(
+                        "UPDATE eco_usage_days SET aggregated_writes = $2, aggregated_at = $3
+                         WHERE date = $1",
+                    )
+                    .bind::<SqlDate, _>(date)
+                    .bind::<BigInt, _>(seen.late_writes)
+                    .bind::<Timestamptz, _>(now)
+                    .execute(conn)
+                    .await?;
+                }
+                Ok(users)
             })
             .await
             .map_err(|e| repo_error(e, "usage event"))?;
@@ -1009,6 +1169,81 @@ impl DailyUsageRepository for PgStore {
             .map_err(|e| repo_error(e, "daily usage"))?;
         rows.into_iter().map(DailyRow::into_domain).collect()
     }
+
+    async fn aggregated_days(&self, from: Date, to: Date) -> Result<Vec<Date>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DayRow> = diesel::sql_query(
+            "SELECT date FROM eco_usage_days
+             WHERE date BETWEEN $1 AND $2 AND aggregated_writes = late_writes ORDER BY date",
+        )
+        .bind::<SqlDate, _>(from)
+        .bind::<SqlDate, _>(to)
+        .load(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "usage day"))?;
+        Ok(rows.into_iter().map(|r| r.date).collect())
+    }
+
+    async fn daily_usage_from_events(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<RawDayRow> = diesel::sql_query(
+            "SELECT (created_at AT TIME ZONE 'UTC')::date AS date, count(*) AS calls,
+                    count(*) FILTER (WHERE status_code >= 400) AS errors,
+                    coalesce(sum(response_time_ms), 0)::bigint AS total_ms
+             FROM eco_api_usage
+             WHERE user_id = $1 AND created_at >= $2 AND created_at < $3
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind::<Text, _>(user_id.as_str())
+        .bind::<Timestamptz, _>(from.midnight().assume_utc())
+        .bind::<Timestamptz, _>(to.midnight().assume_utc() + time::Duration::days(1))
+        .load(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| raw_day(user_id, r.date, r.calls, r.errors, r.total_ms))
+            .collect())
+    }
+
+    async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {
+        let mut conn = self.conn().await?;
+        let first: Option<OffsetDateTime> = eco_api_usage::table
+            .select(diesel::dsl::min(eco_api_usage::created_at))
+            .first(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(first.map(|t| t.to_offset(time::UtcOffset::UTC).date()))
+    }
+}
+
+#[derive(QueryableByName)]
+struct LateWrites {
+    #[diesel(sql_type = BigInt)]
+    late_writes: i64,
+}
+
+#[derive(QueryableByName)]
+struct DayRow {
+    #[diesel(sql_type = SqlDate)]
+    date: Date,
+}
+
+#[derive(QueryableByName)]
+struct RawDayRow {
+    #[diesel(sql_type = SqlDate)]
+    date: Date,
+    #[diesel(sql_type = BigInt)]
+    calls: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    total_ms: i64,
 }
 
 #[async_trait]
@@ -1266,6 +1501,27 @@ impl AdminRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "audit entry"))?;
         Ok(())
+    }
+
+    async fn prune_admin_actions(
+        &self,
+        before: OffsetDateTime,
+        batch: u32,
+    ) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let mut removed = 0;
+        loop {
+            let n = diesel::sql_query(admin_sql::PRUNE_AUDIT)
+                .bind::<Timestamptz, _>(before)
+                .bind::<BigInt, _>(i64::from(batch.max(1)))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| repo_error(e, "audit entry"))?;
+            removed += n as u64;
+            if n < batch.max(1) as usize {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn admin_actions(

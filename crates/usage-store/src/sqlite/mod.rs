@@ -18,11 +18,11 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodFigures,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    plan_key_issue,
+    DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
+    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
+    UserUsageRow, late_write_cutoff, plan_key_issue,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -32,7 +32,7 @@ use self::schema::{
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow,
     admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
-    parse_top_endpoints, plan_counts, projection_threshold, to_i64, to_u64,
+    parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -774,7 +774,24 @@ impl UsageRepository for SqliteStore {
                             .extend(ids.iter().filter_map(|r| origin.get(&r.event_id).cloned()));
                     }
                     let count = inserted.len() as u64;
-                    let now = ts(OffsetDateTime::now_utc());
+                    let now = OffsetDateTime::now_utc();
+                    // Calls of a day that has ended (or ends within the margin) mark it:
+                    // its aggregate, if any, is no longer current.
+                    let cutoff = late_write_cutoff(now);
+                    let late_days: std::collections::BTreeSet<Date> = inserted
+                        .iter()
+                        .filter(|(_, at)| *at < cutoff)
+                        .map(|(_, at)| at.date())
+                        .collect();
+                    for day in late_days {
+                        diesel::sql_query(
+                            "INSERT INTO eco_usage_days (date, late_writes) VALUES (?1, 1)
+                             ON CONFLICT (date) DO UPDATE SET late_writes = late_writes + 1",
+                        )
+                        .bind::<Text, _>(date_text(day))
+                        .execute(conn)?;
+                    }
+                    let now = ts(now);
                     for delta in counter_deltas(inserted, &included) {
                         diesel::sql_query(UPSERT_COUNTER)
                             .bind::<Text, _>(delta.user_id.as_str())
@@ -864,6 +881,139 @@ impl UsageRepository for SqliteStore {
             Ok(to_u64(n))
         })
         .await
+    }
+
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
+        let rows: Vec<DeadLetterRow> = letters.iter().map(DeadLetterRow::from_domain).collect();
+        self.run("dead letter", move |conn| {
+            conn.immediate_transaction(|conn| {
+                for row in &rows {
+                    diesel::sql_query(
+                        "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id,
+                             endpoint, method, status_code, response_time_ms, created_at,
+                             included_calls, reason, failed_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .bind::<Text, _>(&row.event_id)
+                    .bind::<Text, _>(&row.user_id)
+                    .bind::<Text, _>(&row.api_key_id)
+                    .bind::<Text, _>(&row.endpoint)
+                    .bind::<Text, _>(&row.method)
+                    .bind::<Integer, _>(row.status_code)
+                    .bind::<Integer, _>(row.response_time_ms)
+                    .bind::<Text, _>(&row.created_at)
+                    .bind::<Nullable<BigInt>, _>(row.included_calls)
+                    .bind::<Text, _>(&row.reason)
+                    .bind::<Text, _>(&row.failed_at)
+                    .execute(conn)?;
+                }
+                Ok(())
+            })
+            .map_err(db("dead letter"))
+        })
+        .await
+    }
+
+    async fn dead_letters(
+        &self,
+        after: Option<uuid::Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError> {
+        let after = after.map(|id| id.to_string()).unwrap_or_default();
+        self.run("dead letter", move |conn| {
+            let rows: Vec<DeadLetterRow> = diesel::sql_query(
+                "SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
+                        response_time_ms, created_at, included_calls, reason, failed_at
+                 FROM eco_usage_dead_letters WHERE event_id > ?1 ORDER BY event_id LIMIT ?2",
+            )
+            .bind::<Text, _>(after)
+            .bind::<BigInt, _>(i64::from(limit))
+            .load(conn)
+            .map_err(db("dead letter"))?;
+            rows.into_iter().map(DeadLetterRow::into_domain).collect()
+        })
+        .await
+    }
+
+    async fn remove_dead_letters(&self, event_ids: &[uuid::Uuid]) -> Result<u64, RepoError> {
+        let ids: Vec<String> = event_ids.iter().map(ToString::to_string).collect();
+        self.run("dead letter", move |conn| {
+            let mut removed = 0;
+            for id in &ids {
+                removed +=
+                    diesel::sql_query("DELETE FROM eco_usage_dead_letters WHERE event_id = ?1")
+                        .bind::<Text, _>(id)
+                        .execute(conn)
+                        .map_err(db("dead letter"))?;
+            }
+            Ok(removed as u64)
+        })
+        .await
+    }
+}
+
+#[derive(QueryableByName)]
+struct DeadLetterRow {
+    #[diesel(sql_type = Text)]
+    event_id: String,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    api_key_id: String,
+    #[diesel(sql_type = Text)]
+    endpoint: String,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Integer)]
+    status_code: i32,
+    #[diesel(sql_type = Integer)]
+    response_time_ms: i32,
+    #[diesel(sql_type = Text)]
+    created_at: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    included_calls: Option<i64>,
+    #[diesel(sql_type = Text)]
+    reason: String,
+    #[diesel(sql_type = Text)]
+    failed_at: String,
+}
+
+impl DeadLetterRow {
+    fn from_domain(l: &DeadLetter) -> Self {
+        let e = &l.event;
+        Self {
+            event_id: e.event_id.to_string(),
+            user_id: e.user_id.to_string(),
+            api_key_id: e.api_key_id.to_string(),
+            endpoint: e.endpoint.clone(),
+            method: e.method.clone(),
+            status_code: i32::from(e.status_code),
+            response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
+            created_at: ts(e.created_at),
+            included_calls: l.included_calls.map(to_i64),
+            reason: l.reason.clone(),
+            failed_at: ts(l.failed_at),
+        }
+    }
+
+    fn into_domain(self) -> Result<DeadLetter, RepoError> {
+        Ok(DeadLetter {
+            event: UsageEvent {
+                event_id: uuid::Uuid::parse_str(&self.event_id)
+                    .map_err(|e| RepoError::Backend(format!("bad stored event id: {e}")))?,
+                user_id: UserId::from_stored(self.user_id),
+                api_key_id: ApiKeyId::from_stored(self.api_key_id),
+                endpoint: self.endpoint,
+                method: self.method,
+                status_code: u16::try_from(self.status_code).unwrap_or(0),
+                response_time_ms: u32::try_from(self.response_time_ms).unwrap_or(0),
+                created_at: parse_ts(&self.created_at)?,
+            },
+            included_calls: self.included_calls.map(to_u64),
+            reason: self.reason,
+            failed_at: parse_ts(&self.failed_at)?,
+        })
     }
 }
 
@@ -1010,16 +1160,31 @@ impl DailyUsageRepository for SqliteStore {
             ts(start + time::Duration::days(1)),
             ts(now),
         );
+        // A day that has ended is recorded as aggregated and current; one write
+        // transaction, so no late write can fall between the rebuild and the mark.
+        let ended = date < OffsetDateTime::now_utc().date();
         self.run("usage event", move |conn| {
             conn.immediate_transaction(|conn| {
                 diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))
                     .execute(conn)?;
-                diesel::sql_query(&rebuild)
+                let users = diesel::sql_query(&rebuild)
                     .bind::<Text, _>(&day)
                     .bind::<Text, _>(&from)
                     .bind::<Text, _>(&to)
                     .bind::<Text, _>(&now)
-                    .execute(conn)
+                    .execute(conn)?;
+                if ended {
+                    diesel::sql_query(
+                        "INSERT INTO eco_usage_days (date, late_writes, aggregated_writes,
+                                                     aggregated_at) VALUES (?1, 0, 0, ?2)
+                         ON CONFLICT (date) DO UPDATE SET aggregated_writes = late_writes,
+                                                          aggregated_at = ?2",
+                    )
+                    .bind::<Text, _>(&day)
+                    .bind::<Text, _>(&now)
+                    .execute(conn)?;
+                }
+                Ok(users)
             })
             .map(|users| users as u64)
             .map_err(db("usage event"))
@@ -1048,6 +1213,94 @@ impl DailyUsageRepository for SqliteStore {
         })
         .await
     }
+
+    async fn aggregated_days(&self, from: Date, to: Date) -> Result<Vec<Date>, RepoError> {
+        let (from, to) = (date_text(from), date_text(to));
+        self.run("usage day", move |conn| {
+            let days: Vec<DayText> = diesel::sql_query(
+                "SELECT date FROM eco_usage_days
+                 WHERE date BETWEEN ?1 AND ?2 AND aggregated_writes = late_writes ORDER BY date",
+            )
+            .bind::<Text, _>(from)
+            .bind::<Text, _>(to)
+            .load(conn)
+            .map_err(db("usage day"))?;
+            days.iter().map(|d| parse_date(&d.date)).collect()
+        })
+        .await
+    }
+
+    async fn daily_usage_from_events(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let user = user_id.clone();
+        let (from, to) = (
+            ts(from.midnight().assume_utc()),
+            ts(to.midnight().assume_utc() + time::Duration::days(1)),
+        );
+        self.run("usage event", move |conn| {
+            let rows: Vec<RawDayRow> = diesel::sql_query(
+                "SELECT substr(created_at, 1, 10) AS date, count(*) AS calls,
+                        sum(status_code >= 400) AS errors,
+                        coalesce(sum(response_time_ms), 0) AS total_ms
+                 FROM eco_api_usage
+                 WHERE user_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                 GROUP BY 1 ORDER BY 1",
+            )
+            .bind::<Text, _>(user.as_str())
+            .bind::<Text, _>(from)
+            .bind::<Text, _>(to)
+            .load(conn)
+            .map_err(db("usage event"))?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(raw_day(
+                        &user,
+                        parse_date(&r.date)?,
+                        r.calls,
+                        r.errors,
+                        r.total_ms,
+                    ))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {
+        self.run("usage event", move |conn| {
+            let first: Option<String> = eco_api_usage::table
+                .select(diesel::dsl::min(eco_api_usage::created_at))
+                .first(conn)
+                .map_err(db("usage event"))?;
+            first
+                .as_deref()
+                .map(|t| parse_ts(t).map(|t| t.date()))
+                .transpose()
+        })
+        .await
+    }
+}
+
+#[derive(QueryableByName)]
+struct DayText {
+    #[diesel(sql_type = Text)]
+    date: String,
+}
+
+#[derive(QueryableByName)]
+struct RawDayRow {
+    #[diesel(sql_type = Text)]
+    date: String,
+    #[diesel(sql_type = BigInt)]
+    calls: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    total_ms: i64,
 }
 
 #[async_trait]
@@ -1319,6 +1572,30 @@ impl AdminRepository for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn prune_admin_actions(
+        &self,
+        before: OffsetDateTime,
+        batch: u32,
+    ) -> Result<u64, RepoError> {
+        let mut removed = 0;
+        // One short write transaction per batch: other writers get the lock in between.
+        loop {
+            let n = self
+                .run("audit entry", move |conn| {
+                    diesel::sql_query(admin_sql::sqlite_params(admin_sql::PRUNE_AUDIT))
+                        .bind::<Text, _>(ts(before))
+                        .bind::<BigInt, _>(i64::from(batch.max(1)))
+                        .execute(conn)
+                        .map_err(db("audit entry"))
+                })
+                .await?;
+            removed += n as u64;
+            if n < batch.max(1) as usize {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn admin_actions(
