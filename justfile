@@ -60,6 +60,11 @@ bench-hot-path BACKEND="sqlite":
 bench-analytics:
     bash scripts/bench-analytics.sh
 
+# Memory soak: 100,000 distinct users through one server, twice; prints resident memory
+# before, at each peak and after idle state is forgotten
+soak-memory:
+    cargo test --release -p usage-server --test soak_memory -- --ignored --nocapture
+
 # Overage billing of USERS=10000 pro users against a local fake Stripe, on PostgreSQL
 bench-billing:
     cargo run --release -p usage-billing --example bench_billing

@@ -157,6 +157,12 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub quota_lease_share: u64,
 
+    /// Forget a user's quota state after this many milliseconds without a call (1000 to
+    /// 86400000); their next call reads the shared counter again.
+    #[arg(long, env = "QUOTA_FORGET_IDLE_MS", default_value_t = 300_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    pub quota_forget_idle_ms: u64,
+
     /// While the database does not answer, keep using a remembered key this long past
     /// its cache TTL (milliseconds; 0: answer 503 instead).
     #[arg(long, env = "API_KEY_CACHE_STALE_IF_ERROR_MS", default_value_t = 300_000, global = true,

@@ -140,6 +140,7 @@ impl Config {
                 sync_every: Duration::from_millis(options.quota_sync_ms),
                 lease_max: options.quota_lease_max,
                 lease_share: options.quota_lease_share,
+                forget_idle_after: Duration::from_millis(options.quota_forget_idle_ms),
             },
             rate_limits: PlanRateLimits {
                 free: rate(

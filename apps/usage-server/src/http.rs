@@ -28,6 +28,7 @@ pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub tracker: UsageTracker,
     pub metering: Arc<MeteringStats>,
+    pub quota: Arc<QuotaBook>,
     pub reports: UsageReports,
     pub keys: KeyIssuer,
     pub verifier: Arc<KeyVerifier>,
@@ -105,6 +106,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let audit_retention = config
         .admin_audit_retention_days
         .map(|days| cron_api::schedule_audit_retention(admin_reports.clone(), days));
+    let quota_for_metrics = Arc::clone(&quota);
     let metering = Metering::new(MeteringDeps {
         authenticator: verifier.clone(),
         quota,
@@ -116,6 +118,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         store,
         tracker,
         metering: metering.stats(),
+        quota: quota_for_metrics,
         reports,
         keys,
         verifier,
@@ -330,7 +333,12 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(metrics::render(&state.metering, &state.tracker))
+        .body(metrics::render(&metrics::Sources {
+            metering: &state.metering,
+            tracker: &state.tracker,
+            quota: &state.quota,
+            verifier: &state.verifier,
+        }))
 }
 
 async fn not_found() -> HttpResponse {

@@ -4,11 +4,27 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use usage_auth::verify::KeyVerifier;
 use usage_core::middleware::MeteringStats;
+use usage_core::quota::QuotaBook;
 use usage_core::tracker::UsageTracker;
 
+/// Where the figures come from.
+pub(crate) struct Sources<'a> {
+    pub metering: &'a MeteringStats,
+    pub tracker: &'a UsageTracker,
+    pub quota: &'a QuotaBook,
+    pub verifier: &'a KeyVerifier,
+}
+
 /// Renders every metric.
-pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String {
+pub(crate) fn render(sources: &Sources<'_>) -> String {
+    let Sources {
+        metering,
+        tracker,
+        quota,
+        verifier,
+    } = *sources;
     let mut out = String::with_capacity(2_048);
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
 
@@ -29,7 +45,7 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
     }
     let stats = tracker.stats();
     let flush_seconds = load(&stats.flush_micros) as f64 / 1e6;
-    let samples: [(&str, &str, &str, String); 10] = [
+    let samples: [(&str, &str, &str, String); 13] = [
         (
             "usage_quota_rejections_total",
             "counter",
@@ -65,6 +81,24 @@ pub(crate) fn render(metering: &MeteringStats, tracker: &UsageTracker) -> String
             "counter",
             "Failed batch writes (each retried).",
             load(&stats.flush_failures).to_string(),
+        ),
+        (
+            "usage_quota_users_in_memory",
+            "gauge",
+            "Users this instance holds quota state for (idle ones are forgotten).",
+            quota.users_in_memory().to_string(),
+        ),
+        (
+            "usage_api_key_cache_entries",
+            "gauge",
+            "API key answers cached (known and unknown keys).",
+            verifier.cached().to_string(),
+        ),
+        (
+            "usage_tracker_keys_remembered",
+            "gauge",
+            "Keys whose last use the tracker remembers (used in the last minute or two).",
+            load(&stats.keys_remembered).to_string(),
         ),
         (
             "usage_tracker_dead_letters_total",

@@ -45,6 +45,9 @@ impl Default for KeyCacheConfig {
     }
 }
 
+/// How often the watcher drops answers past all use.
+const PURGE_EVERY: time::Duration = time::Duration::minutes(1);
+
 /// While the database is down, a stale answer is looked up again at most this often.
 const STALE_RETRY: time::Duration = time::Duration::SECOND;
 
@@ -133,9 +136,14 @@ impl KeyVerifier {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut since = verifier.clock.now() - OVERLAP;
+            let mut next_purge = verifier.clock.now() + PURGE_EVERY;
             loop {
                 ticker.tick().await;
                 let polled_at = verifier.clock.now();
+                if polled_at >= next_purge {
+                    verifier.purge_expired(polled_at);
+                    next_purge = polled_at + PURGE_EVERY;
+                }
                 let changes = async {
                     let keys = verifier.keys.api_keys_revoked_since(since).await?;
                     let users = verifier.users.plans_changed_since(since).await?;
@@ -166,6 +174,13 @@ impl KeyVerifier {
         let gone: HashSet<&UserId> = user_ids.iter().collect();
         self.known
             .retain(|_, e| e.caller.as_ref().is_none_or(|c| !gone.contains(&c.user_id)));
+    }
+
+    /// Drops every answer too old to be used even while the database is down, so that
+    /// memory follows the keys in use rather than staying at the caches' capacity.
+    pub fn purge_expired(&self, now: OffsetDateTime) {
+        self.known.retain(|_, e| now < e.stale_until);
+        self.unknown.retain(|_, e| now < e.stale_until);
     }
 
     /// Keys currently cached (known and unknown).
@@ -653,6 +668,30 @@ mod tests {
             "every known key still answered from the cache"
         );
         assert!(f.verifier.cached() <= 20 + 1_100, "{}", f.verifier.cached());
+    }
+
+    #[tokio::test]
+    async fn answers_past_all_use_are_purged() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        assert!(
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let unknown = crate::keys::generate_api_key().plaintext;
+        assert!(f.verifier.authenticate(&unknown).await.unwrap().is_none());
+        assert_eq!(f.verifier.cached(), 2);
+        // Past the TTL, still usable through an outage: kept.
+        f.clock.advance(time::Duration::seconds(30));
+        f.verifier.purge_expired(f.clock.now());
+        assert_eq!(f.verifier.cached(), 2);
+        // Past TTL and grace (10 + 60 s): gone.
+        f.clock.advance(time::Duration::seconds(41));
+        f.verifier.purge_expired(f.clock.now());
+        assert_eq!(f.verifier.cached(), 0);
     }
 
     #[tokio::test]

@@ -61,6 +61,10 @@ pub struct QuotaSettings {
     pub lease_max: u64,
     /// A lease takes at most `1/lease_share` of what is left (`QUOTA_LEASE_SHARE`).
     pub lease_share: u64,
+    /// A user without a call for this long, and with nothing to push or give back, is
+    /// forgotten (`QUOTA_FORGET_IDLE_MS`): memory stays proportional to the users active
+    /// lately, not to every user ever seen. Their next call reads the counter again.
+    pub forget_idle_after: Duration,
 }
 
 impl Default for QuotaSettings {
@@ -69,6 +73,7 @@ impl Default for QuotaSettings {
             sync_every: Duration::from_millis(500),
             lease_max: 1_000,
             lease_share: 16,
+            forget_idle_after: Duration::from_secs(300),
         }
     }
 }
@@ -300,6 +305,39 @@ impl QuotaBook {
     /// (or all of them, with `release_all`, at shutdown). On failure nothing is lost: the
     /// counts stay to be pushed next time.
     pub async fn sync(&self, release_all: bool) -> Result<SyncReport, RepoError> {
+        let report = self.push_and_release(release_all).await;
+        self.forget_idle(unix_ms(self.clock.now()));
+        report
+    }
+
+    /// Users this instance holds state for.
+    pub fn users_in_memory(&self) -> usize {
+        self.read_slots().len()
+    }
+
+    /// Forgets the slots idle for `forget_idle_after` with nothing to push or give back.
+    /// A slot some call holds (it was looked up and is being used) is kept: its count
+    /// could otherwise land in a slot nobody syncs.
+    fn forget_idle(&self, now: i64) {
+        let idle_since = now.saturating_sub(millis(self.settings.forget_idle_after));
+        let forgettable = |slot: &Arc<Slot>| {
+            slot.last_used.load(Ordering::Acquire) < idle_since
+                && slot.pending.load(Ordering::Acquire) == 0
+                && slot.unspent.load(Ordering::Acquire) == 0
+                && Arc::strong_count(slot) == 1
+        };
+        // A read pass first: most syncs find nothing to forget and take no write lock.
+        if !self.read_slots().values().flatten().any(forgettable) {
+            return;
+        }
+        let mut all = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        all.retain(|_, slots| {
+            slots.retain(|slot| !forgettable(slot));
+            !slots.is_empty()
+        });
+    }
+
+    async fn push_and_release(&self, release_all: bool) -> Result<SyncReport, RepoError> {
         let now = unix_ms(self.clock.now());
         let idle_since = now.saturating_sub(2 * millis(self.settings.sync_every));
         let slots: Vec<(UserId, Arc<Slot>)> = self
@@ -779,6 +817,88 @@ mod tests {
             }
         }
         assert_eq!(admitted, 2);
+    }
+
+    #[tokio::test]
+    async fn idle_users_are_forgotten_and_their_counts_carry_on() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let settings = QuotaSettings::default();
+        let book = QuotaBook::new(
+            store.clone(),
+            catalog(1_000, 1_000),
+            clock.clone(),
+            settings,
+        );
+        let mut users = Vec::new();
+        for _ in 0..50 {
+            users.push(user_with_stored_calls(&store, clock.now(), 0).await);
+        }
+        let free = user_with_stored_calls(&store, clock.now(), 0).await;
+        for user in &users {
+            book.admit(user, Plan::Pro).await.unwrap();
+        }
+        book.admit(&free, Plan::Free).await.unwrap();
+        assert_eq!(book.users_in_memory(), 51);
+        // Pushed, but not idle long enough: kept.
+        book.sync(false).await.unwrap();
+        assert_eq!(book.users_in_memory(), 51);
+        // One of them keeps calling; the others go quiet past the idle time.
+        clock.advance(time::Duration::seconds(200));
+        book.admit(&users[0], Plan::Pro).await.unwrap();
+        clock.advance(time::Duration::seconds(101));
+        let report = book.sync(false).await.unwrap();
+        assert_eq!(report.pushed, 1);
+        assert!(
+            report.released > 0,
+            "the free user's idle lease went back first"
+        );
+        assert_eq!(
+            book.users_in_memory(),
+            1,
+            "only the user still calling is kept"
+        );
+        // A forgotten user's next call starts from the shared counter.
+        let QuotaDecision::Admitted(status) = book.admit(&users[7], Plan::Pro).await.unwrap()
+        else {
+            panic!("pro is never blocked");
+        };
+        assert_eq!(status.used, 2);
+        let QuotaDecision::Admitted(status) = book.admit(&free, Plan::Free).await.unwrap() else {
+            panic!("free has calls left");
+        };
+        assert_eq!(status.used, 2);
+    }
+
+    #[tokio::test]
+    async fn a_user_being_served_is_never_forgotten() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let book = QuotaBook::new(
+            store.clone(),
+            catalog(10, 1_000),
+            clock.clone(),
+            QuotaSettings::default(),
+        );
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        book.admit(&user, Plan::Pro).await.unwrap();
+        book.sync(false).await.unwrap();
+        // A call holds the slot (looked up, not yet counted) while the sync runs.
+        let held = book.slot(&user, BillingPeriod::containing(clock.now()));
+        clock.advance(time::Duration::minutes(10));
+        book.sync(false).await.unwrap();
+        assert_eq!(book.users_in_memory(), 1);
+        held.pending.fetch_add(1, Ordering::AcqRel);
+        drop(held);
+        assert_eq!(
+            book.sync(false).await.unwrap().pushed,
+            1,
+            "its count is pushed"
+        );
+        clock.advance(time::Duration::minutes(10));
+        book.sync(false).await.unwrap();
+        assert_eq!(book.users_in_memory(), 0);
+        assert_eq!(book.used(&user).await.unwrap(), 2);
     }
 
     #[tokio::test]

@@ -87,6 +87,8 @@ pub struct TrackerStats {
     pub spool_failures: AtomicU64,
     /// Calls the store refused for good, kept as dead letters.
     pub dead_letters: AtomicU64,
+    /// Keys whose last use is remembered (those used in the last minute or two).
+    pub keys_remembered: AtomicU64,
 }
 
 /// What the tracker did by the time it stopped.
@@ -178,7 +180,7 @@ impl UsageTracker {
                 keys,
                 config,
                 stats: Arc::clone(&stats),
-                touched: Mutex::new(HashMap::new()),
+                touched: Mutex::new(Touched::default()),
                 spool: spool.clone(),
             }),
         };
@@ -254,9 +256,19 @@ struct Shared {
     config: TrackerConfig,
     stats: Arc<TrackerStats>,
     /// When each key's `last_used_at` was last written, to write it at most once a minute.
-    touched: Mutex<HashMap<ApiKeyId, OffsetDateTime>>,
+    touched: Mutex<Touched>,
     /// The durable spool, told when its calls are stored.
     spool: Option<Arc<Spool>>,
+}
+
+/// Keys whose `last_used_at` was written lately.
+#[derive(Debug, Default)]
+struct Touched {
+    at: HashMap<ApiKeyId, OffsetDateTime>,
+    /// When entries older than [`TOUCH_EVERY`] are next dropped: such an entry decides
+    /// nothing any more (the key is written again either way), so memory holds only the
+    /// keys used in the last minute or two.
+    next_prune: Option<OffsetDateTime>,
 }
 
 /// `last_used_at` is kept to this precision: one write per key per interval, not one per
@@ -613,15 +625,26 @@ impl Shared {
         let mut used: Vec<(ApiKeyId, OffsetDateTime)> = Vec::new();
         {
             let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = last.values().max().copied();
             for (key, at) in last {
                 if touched
+                    .at
                     .get(key)
                     .is_none_or(|before| at - *before >= TOUCH_EVERY)
                 {
-                    touched.insert(key.clone(), at);
+                    touched.at.insert(key.clone(), at);
                     used.push((key.clone(), at));
                 }
             }
+            if let Some(newest) = newest
+                && touched.next_prune.is_none_or(|next| newest >= next)
+            {
+                touched.at.retain(|_, at| newest - *at < TOUCH_EVERY);
+                touched.next_prune = Some(newest + TOUCH_EVERY);
+            }
+            self.stats
+                .keys_remembered
+                .store(touched.at.len() as u64, Ordering::Relaxed);
         }
         if used.is_empty() {
             return;

@@ -572,3 +572,49 @@ async fn calls_the_store_refuses_for_good_become_dead_letters_and_the_rest_is_wr
     assert_eq!(report.unwritten, 0);
     assert_eq!(tracker.queue_depth(), 0);
 }
+
+#[tokio::test]
+async fn keys_are_remembered_only_while_recently_used() {
+    let f = fixture().await;
+    let (tracker, worker) = f.start(config(1_000, Duration::from_millis(20)));
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let key = ApiKeyRecord {
+            id: ApiKeyId::generate(),
+            user_id: f.user.clone(),
+            name: "k".into(),
+            prefix: "eco_live_abcd".into(),
+            key_hash: format!("{i:064x}"),
+            created_at: T0,
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        f.store.inner.create_api_key(&key).await.unwrap();
+        keys.push(key.id);
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let mut call = f.call(T0 + time::Duration::milliseconds(i as i64));
+        call.event.api_key_id = key.clone();
+        tracker.track(call).await.unwrap();
+    }
+    eventually("300 calls stored", async || f.stored(T0).await == 300).await;
+    let remembered = || tracker.stats().keys_remembered.load(Ordering::Relaxed);
+    assert_eq!(remembered(), 300);
+    // Two minutes on, one key in use: the others are forgotten.
+    for i in 0..3 {
+        tracker
+            .track(f.call(T0 + time::Duration::minutes(2 + i)))
+            .await
+            .unwrap();
+        eventually("the call stored", async || {
+            f.stored(T0).await == 301 + i as u64
+        })
+        .await;
+    }
+    assert_eq!(remembered(), 1);
+    // last_used_at was still written for every key.
+    let stored = f.store.inner.api_keys_for_user(&f.user).await.unwrap();
+    assert!(stored.iter().all(|k| k.last_used_at.is_some()));
+    worker.shutdown().await;
+}

@@ -67,6 +67,7 @@ const OUR_VARS: &[&str] = &[
     "QUOTA_SYNC_MS",
     "QUOTA_LEASE_MAX",
     "QUOTA_LEASE_SHARE",
+    "QUOTA_FORGET_IDLE_MS",
     "CRON_SECRET",
     "STRIPE_WEBHOOK_SECRET",
     "ADMIN_AUDIT_RETENTION_DAYS",
@@ -316,6 +317,16 @@ impl Server {
     }
 
     /// A counter's value from `/metrics`.
+    /// The server's resident memory, in KiB (`VmRSS`).
+    pub fn resident_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics"))
             .await
