@@ -52,9 +52,14 @@ ci:
 
 # --- measure ---
 
-# Hot-path benchmark: bare route vs full middleware (BACKEND: sqlite or postgres)
+# Hot-path benchmark: bare route, middleware alone, end to end, with BENCH_KEYS distinct
+# customers (default 1000; e.g. BENCH_KEYS="1 1000 10000 100000") (BACKEND: sqlite or postgres)
 bench-hot-path BACKEND="sqlite":
     bash scripts/bench-hot-path.sh {{BACKEND}}
+
+# Ingest: events/s the tracker stores for 1 to 100,000 users vs the raw INSERT ceiling
+bench-ingest BACKEND="postgres":
+    bash scripts/bench-ingest.sh {{BACKEND}}
 
 # Analytics at scale on PostgreSQL (USERS=10000 ROWS=10000000 by default)
 bench-analytics:

@@ -212,6 +212,11 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_unmetered: bool,
 
+    /// Benchmark baseline only: the full middleware, but every recorded call is dropped
+    /// instead of written (the middleware's own cost, without the database writes).
+    #[arg(long, hide = true, global = true)]
+    pub bench_discard_usage: bool,
+
     /// User ids allowed on the admin endpoints, comma-separated (eco_usr_...).
     #[arg(long, env = "ADMIN_ECO_IDS", default_value = "", global = true,
           value_parser = parse_admin_list)]

@@ -50,6 +50,8 @@ pub struct Config {
     pub rate_limits: PlanRateLimits,
     /// Benchmark baseline: the sample route without the middleware.
     pub bench_unmetered: bool,
+    /// Benchmark baseline: recorded calls are dropped, not written.
+    pub bench_discard_usage: bool,
     /// `CRON_SECRET`; the cron endpoints answer 404 without it.
     pub cron_secret: Option<SharedSecret>,
     /// `STRIPE_WEBHOOK_SECRET`: signs the events Stripe sends.
@@ -154,6 +156,7 @@ impl Config {
                 ),
             },
             bench_unmetered: options.bench_unmetered,
+            bench_discard_usage: options.bench_discard_usage,
             cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
             stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,

@@ -68,6 +68,14 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
                 spool,
             )?
         }
+        None if config.bench_discard_usage => {
+            tracing::warn!("--bench-discard-usage: recorded calls are DROPPED, not written");
+            UsageTracker::start(
+                Arc::new(crate::bench::DiscardedUsage),
+                store.clone(),
+                config.tracker.clone(),
+            )
+        }
         None => UsageTracker::start(store.clone(), store.clone(), config.tracker.clone()),
     };
     let verifier = Arc::new(KeyVerifier::new(

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod admin_api;
+mod bench;
 pub mod cli;
 pub mod config;
 mod cron_api;

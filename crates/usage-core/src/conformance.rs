@@ -55,6 +55,7 @@ macro_rules! repository_conformance_tests {
             api_keys_rotation_is_one_write,
             usage_batch_counts_inserted_rows,
             usage_replayed_batch_counts_once,
+            usage_batch_of_many_users_counts_each,
             usage_concurrent_batches_sum_exactly,
             usage_period_boundaries,
             usage_batch_with_unknown_user_changes_nothing,
@@ -674,6 +675,111 @@ pub async fn usage_batch_counts_inserted_rows(store: Arc<dyn Store>) {
     // An empty batch is a no-op.
     let empty = store.record_usage(&[], &included).await.unwrap();
     assert_eq!(empty, RecordOutcome::default());
+}
+
+pub async fn usage_batch_of_many_users_counts_each(store: Arc<dyn Store>) {
+    // 120 users in one batch, i calls each (1..=120), included calls varying (some
+    // unlimited), a few across the month end: every counter exact.
+    let mut users = Vec::new();
+    for i in 0..120usize {
+        users.push(caller(&store, &format!("u{i}@example.com"), Plan::Pro).await);
+    }
+    let month_end = BillingPeriod::containing(T0).end();
+    let mut batch = Vec::new();
+    let mut included = IncludedCalls::new();
+    for (i, (user, key)) in users.iter().enumerate() {
+        let at = if i % 40 == 0 {
+            month_end - Duration::milliseconds(1)
+        } else {
+            T0
+        };
+        batch.extend(events(user, key, i + 1, at));
+        if i % 3 != 0 {
+            included.insert(user.clone(), (i as u64) / 2);
+        }
+    }
+    // Shuffled: the store sorts what it must.
+    batch.reverse();
+    let outcome = store.record_usage(&batch, &included).await.unwrap();
+    assert_eq!(outcome.inserted, (1..=120).sum::<u64>());
+    let period = BillingPeriod::containing(T0);
+    let next = BillingPeriod::containing(month_end);
+    for (i, (user, _)) in users.iter().enumerate() {
+        let calls = i as u64 + 1;
+        // Calls 1 ms before the month end are still in this period; events(...) spreads a
+        // user's calls a millisecond apart, so the others fall in the next.
+        let (this, later) = if i % 40 == 0 {
+            (1, calls - 1)
+        } else {
+            (calls, 0)
+        };
+        let rec = store
+            .usage_record(user, period.start())
+            .await
+            .unwrap()
+            .unwrap();
+        let expected_overage = included
+            .get(user)
+            .map_or(0, |inc| this.saturating_sub(*inc));
+        assert_eq!(
+            (rec.api_calls, rec.overage_calls),
+            (this, expected_overage),
+            "user {i}"
+        );
+        if later > 0 {
+            let rec = store
+                .usage_record(user, next.start())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(rec.api_calls, later, "user {i}, next month");
+        }
+    }
+    // The next batch recomputes overage with the included calls it carries: a plan change.
+    let (user, key) = &users[3];
+    let changed: IncludedCalls = HashMap::from([(user.clone(), 1)]);
+    store
+        .record_usage(&events(user, key, 2, T0 + Duration::minutes(1)), &changed)
+        .await
+        .unwrap();
+    let rec = store
+        .usage_record(user, period.start())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.api_calls, rec.overage_calls), (6, 5));
+    // And without included calls (unlimited now): no overage.
+    store
+        .record_usage(
+            &events(user, key, 1, T0 + Duration::minutes(2)),
+            &IncludedCalls::new(),
+        )
+        .await
+        .unwrap();
+    let rec = store
+        .usage_record(user, period.start())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.api_calls, rec.overage_calls), (7, 0));
+
+    // Many keys' last use in one call, never moved back.
+    let used: Vec<(ApiKeyId, OffsetDateTime)> = users
+        .iter()
+        .enumerate()
+        .map(|(i, (_, key))| (key.clone(), T0 + Duration::seconds(i as i64)))
+        .collect();
+    store.touch_api_keys(&used).await.unwrap();
+    let earlier: Vec<(ApiKeyId, OffsetDateTime)> = used
+        .iter()
+        .map(|(k, _)| (k.clone(), T0 - Duration::hours(1)))
+        .collect();
+    store.touch_api_keys(&earlier).await.unwrap();
+    for (i, (user, key)) in users.iter().enumerate().step_by(17) {
+        let keys = store.api_keys_for_user(user).await.unwrap();
+        let k = keys.iter().find(|k| &k.id == key).unwrap();
+        assert_eq!(k.last_used_at, Some(T0 + Duration::seconds(i as i64)));
+    }
 }
 
 pub async fn usage_replayed_batch_counts_once(store: Arc<dyn Store>) {

@@ -1,6 +1,7 @@
 //! Identifiers: `eco_usr_...` for users, `eco_key_...` for API keys.
 
 use std::fmt;
+use std::sync::Arc;
 
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -38,9 +39,12 @@ fn validate(value: &str, kind: &'static str, prefix: &'static str) -> Result<(),
 macro_rules! prefixed_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $prefix:literal) => {
         $(#[$doc])*
+        ///
+        /// Shared text: a clone (one per recorded call, on the hot path) copies a pointer,
+        /// not the id.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// The prefix every id of this kind starts with.
@@ -48,18 +52,18 @@ macro_rules! prefixed_id {
 
             /// A new random id.
             pub fn generate() -> Self {
-                Self(format!("{}{}", $prefix, random_base62(ID_RANDOM_LEN)))
+                Self(format!("{}{}", $prefix, random_base62(ID_RANDOM_LEN)).into())
             }
 
             /// Checks the prefix and characters of an id given by a person or a client.
             pub fn parse(value: &str) -> Result<Self, DomainError> {
                 validate(value, $kind, $prefix)?;
-                Ok(Self(value.to_owned()))
+                Ok(Self(value.into()))
             }
 
             /// Wraps an id read back from a store, which only ever holds valid ids.
             pub fn from_stored(value: String) -> Self {
-                Self(value)
+                Self(value.into())
             }
 
             /// The id as text.

@@ -619,17 +619,26 @@ impl ApiKeyRepository for PgStore {
     }
 
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
-        let mut conn = self.conn().await?;
-        for (id, at) in used {
-            diesel::sql_query(
-                "UPDATE eco_api_keys SET last_used_at = GREATEST(last_used_at, $2) WHERE id = $1",
-            )
-            .bind::<Text, _>(id.as_str())
-            .bind::<Timestamptz, _>(*at)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| repo_error(e, "API key"))?;
+        if used.is_empty() {
+            return Ok(());
         }
+        // One statement whatever the number of keys, in id order.
+        let mut used: Vec<(&str, OffsetDateTime)> =
+            used.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+        used.sort_unstable();
+        let ids: Vec<&str> = used.iter().map(|(id, _)| *id).collect();
+        let ats: Vec<OffsetDateTime> = used.iter().map(|(_, at)| *at).collect();
+        let mut conn = self.conn().await?;
+        diesel::sql_query(
+            "UPDATE eco_api_keys AS k SET last_used_at = d.at
+             FROM unnest($1::text[], $2::timestamptz[]) AS d(id, at)
+             WHERE k.id = d.id AND (k.last_used_at IS NULL OR k.last_used_at < d.at)",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<Timestamptz>, _>(&ats)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "API key"))?;
         Ok(())
     }
 
@@ -648,17 +657,47 @@ impl ApiKeyRepository for PgStore {
     }
 }
 
-/// Adds a batch's inserted events to one (user, period) counter. `$5` is the plan's
-/// included calls, NULL for unlimited.
-const UPSERT_COUNTER: &str = "\
+/// Adds a batch's inserted events to every (user, period) counter it touches, in one
+/// statement whatever the number of users: one array per column, rows in (user, period)
+/// order so that concurrent writers lock counters in the same order. `$5` holds each
+/// plan's included calls, NULL for unlimited; the update reads it back from EXCLUDED.
+const UPSERT_COUNTERS: &str = "\
 INSERT INTO eco_usage_records
-    (user_id, period_start, period_end, api_calls, overage_calls, updated_at)
-VALUES ($1, $2, $3, $4, CASE WHEN $5::bigint IS NULL THEN 0 ELSE GREATEST(0, $4 - $5) END, now())
+    (user_id, period_start, period_end, api_calls, overage_calls, included_calls, updated_at)
+SELECT d.user_id, d.period_start, d.period_end, d.calls,
+       CASE WHEN d.included IS NULL THEN 0 ELSE GREATEST(0, d.calls - d.included) END,
+       d.included, now()
+FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[])
+     AS d(user_id, period_start, period_end, calls, included)
+ORDER BY d.user_id, d.period_start
 ON CONFLICT (user_id, period_start) DO UPDATE SET
     api_calls = eco_usage_records.api_calls + EXCLUDED.api_calls,
-    overage_calls = CASE WHEN $5::bigint IS NULL THEN 0
-        ELSE GREATEST(0, eco_usage_records.api_calls + EXCLUDED.api_calls - $5) END,
+    overage_calls = CASE WHEN EXCLUDED.included_calls IS NULL THEN 0
+        ELSE GREATEST(0, eco_usage_records.api_calls + EXCLUDED.api_calls
+                         - EXCLUDED.included_calls) END,
+    included_calls = EXCLUDED.included_calls,
     updated_at = EXCLUDED.updated_at";
+
+/// A batch's counter increments as one array per column.
+struct CounterColumns {
+    user_id: Vec<String>,
+    period_start: Vec<OffsetDateTime>,
+    period_end: Vec<OffsetDateTime>,
+    calls: Vec<i64>,
+    included: Vec<Option<i64>>,
+}
+
+impl CounterColumns {
+    fn from_deltas(deltas: &[crate::common::CounterDelta]) -> Self {
+        Self {
+            user_id: deltas.iter().map(|d| d.user_id.to_string()).collect(),
+            period_start: deltas.iter().map(|d| d.period.start()).collect(),
+            period_end: deltas.iter().map(|d| d.period.end()).collect(),
+            calls: deltas.iter().map(|d| d.calls).collect(),
+            included: deltas.iter().map(|d| d.included).collect(),
+        }
+    }
+}
 
 #[async_trait]
 impl UsageRepository for PgStore {
@@ -697,13 +736,15 @@ impl UsageRepository for PgStore {
                     let inserted = inserted
                         .into_iter()
                         .map(|row| (UserId::from_stored(row.user_id), row.created_at));
-                    for delta in counter_deltas(inserted, included) {
-                        diesel::sql_query(UPSERT_COUNTER)
-                            .bind::<Text, _>(delta.user_id.as_str())
-                            .bind::<Timestamptz, _>(delta.period.start())
-                            .bind::<Timestamptz, _>(delta.period.end())
-                            .bind::<BigInt, _>(delta.calls)
-                            .bind::<Nullable<BigInt>, _>(delta.included)
+                    let deltas = counter_deltas(inserted, included);
+                    if !deltas.is_empty() {
+                        let c = CounterColumns::from_deltas(&deltas);
+                        diesel::sql_query(UPSERT_COUNTERS)
+                            .bind::<Array<Text>, _>(&c.user_id)
+                            .bind::<Array<Timestamptz>, _>(&c.period_start)
+                            .bind::<Array<Timestamptz>, _>(&c.period_end)
+                            .bind::<Array<BigInt>, _>(&c.calls)
+                            .bind::<Array<Nullable<BigInt>>, _>(&c.included)
                             .execute(conn)
                             .await?;
                     }

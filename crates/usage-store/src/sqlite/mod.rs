@@ -611,23 +611,26 @@ impl ApiKeyRepository for SqliteStore {
     }
 
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
-        let used: Vec<(String, String)> = used
-            .iter()
-            .map(|(id, at)| (id.to_string(), ts(*at)))
-            .collect();
+        if used.is_empty() {
+            return Ok(());
+        }
+        // One statement whatever the number of keys: `[[id, time], ...]` as JSON.
+        let used = serde_json::Value::Array(
+            used.iter()
+                .map(|(id, at)| serde_json::json!([id.as_str(), ts(*at)]))
+                .collect(),
+        )
+        .to_string();
         self.run("API key", move |conn| {
-            conn.immediate_transaction(|conn| {
-                for (id, at) in used {
-                    diesel::sql_query(
-                        "UPDATE eco_api_keys SET last_used_at = ?2 \
-                         WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
-                    )
-                    .bind::<Text, _>(id)
-                    .bind::<Text, _>(at)
-                    .execute(conn)?;
-                }
-                Ok(())
-            })
+            diesel::sql_query(
+                "UPDATE eco_api_keys AS k SET last_used_at = d.at
+                 FROM (SELECT value ->> 0 AS id, max(value ->> 1) AS at FROM json_each(?1)
+                       GROUP BY 1) AS d
+                 WHERE k.id = d.id AND (k.last_used_at IS NULL OR k.last_used_at < d.at)",
+            )
+            .bind::<Text, _>(used)
+            .execute(conn)
+            .map(|_| ())
             .map_err(db("API key"))
         })
         .await
@@ -711,14 +714,21 @@ fn insert_events(
 }
 
 /// Adds a batch's inserted events to one (user, period) counter; see the PostgreSQL twin.
-const UPSERT_COUNTER: &str = "\
+/// Adds a batch's inserted events to every (user, period) counter it touches, in one
+/// statement whatever the number of users: `?1` is a JSON array of
+/// `[user, period start, period end, calls, included or null]`.
+const UPSERT_COUNTERS: &str = "\
 INSERT INTO eco_usage_records
-    (user_id, period_start, period_end, api_calls, overage_calls, updated_at)
-VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 IS NULL THEN 0 ELSE MAX(0, ?4 - ?5) END, ?6)
+    (user_id, period_start, period_end, api_calls, overage_calls, included_calls, updated_at)
+SELECT d.value ->> 0, d.value ->> 1, d.value ->> 2, d.value ->> 3,
+       CASE WHEN d.value ->> 4 IS NULL THEN 0 ELSE MAX(0, (d.value ->> 3) - (d.value ->> 4)) END,
+       d.value ->> 4, ?2
+FROM json_each(?1) AS d WHERE true
 ON CONFLICT (user_id, period_start) DO UPDATE SET
     api_calls = api_calls + excluded.api_calls,
-    overage_calls = CASE WHEN ?5 IS NULL THEN 0
-        ELSE MAX(0, api_calls + excluded.api_calls - ?5) END,
+    overage_calls = CASE WHEN excluded.included_calls IS NULL THEN 0
+        ELSE MAX(0, api_calls + excluded.api_calls - excluded.included_calls) END,
+    included_calls = excluded.included_calls,
     updated_at = excluded.updated_at";
 
 #[async_trait]
@@ -791,15 +801,23 @@ impl UsageRepository for SqliteStore {
                         .bind::<Text, _>(date_text(day))
                         .execute(conn)?;
                     }
-                    let now = ts(now);
-                    for delta in counter_deltas(inserted, &included) {
-                        diesel::sql_query(UPSERT_COUNTER)
-                            .bind::<Text, _>(delta.user_id.as_str())
-                            .bind::<Text, _>(ts(delta.period.start()))
-                            .bind::<Text, _>(ts(delta.period.end()))
-                            .bind::<BigInt, _>(delta.calls)
-                            .bind::<Nullable<BigInt>, _>(delta.included)
-                            .bind::<Text, _>(&now)
+                    let deltas = counter_deltas(inserted, &included);
+                    if !deltas.is_empty() {
+                        let rows: Vec<serde_json::Value> = deltas
+                            .iter()
+                            .map(|d| {
+                                serde_json::json!([
+                                    d.user_id.as_str(),
+                                    ts(d.period.start()),
+                                    ts(d.period.end()),
+                                    d.calls,
+                                    d.included
+                                ])
+                            })
+                            .collect();
+                        diesel::sql_query(UPSERT_COUNTERS)
+                            .bind::<Text, _>(serde_json::Value::Array(rows).to_string())
+                            .bind::<Text, _>(ts(now))
                             .execute(conn)?;
                     }
                     Ok(count)

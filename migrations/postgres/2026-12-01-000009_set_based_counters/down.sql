@@ -1,0 +1,1 @@
+ALTER TABLE eco_usage_records DROP COLUMN included_calls;
