@@ -124,6 +124,14 @@ impl Config {
                     (0, false) => 4,
                     (n, _) => usize::try_from(n).unwrap_or(1),
                 },
+                max_batch: match (
+                    options.usage_max_batch,
+                    options.database_url.starts_with("sqlite"),
+                ) {
+                    (0, true) => 10_000,
+                    (0, false) => 20_000,
+                    (n, _) => usize::try_from(n).unwrap_or(20_000),
+                },
                 retry_initial: Duration::from_millis(options.usage_retry_max_ms.min(100)),
                 ..TrackerConfig::default()
             },

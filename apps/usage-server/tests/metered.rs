@@ -84,7 +84,8 @@ async fn free_limit_is_exact_under_concurrency_and_all_is_written_at_shutdown(ba
         .expect("shutdown report");
     assert!(
         flushed_line.contains("50 event(s) written at shutdown"),
-        "{flushed_line}"
+        "{flushed_line}\n{}",
+        log.join("\n")
     );
     assert_eq!(db.stored(&user).await, (LIMIT as u64, LIMIT as u64, 0));
 }

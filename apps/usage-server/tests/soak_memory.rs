@@ -1,6 +1,6 @@
-//! Soak: 100,000 distinct users through one server, then 100,000 others, with the
-//! server's resident memory and its per-user state printed before, at the peak of each
-//! wave and after the idle state is forgotten. Ignored by default (it takes minutes):
+//! Soak: 100,000 distinct users through one server, then 100,000 others, then the first
+//! 100,000 again, with the server's resident memory and its per-user state printed
+//! before, at the peak of each wave and after the idle state is forgotten. Ignored by default (it takes minutes):
 //! `just soak-memory` runs it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -123,6 +123,7 @@ async fn memory_follows_active_users_not_every_user_ever_seen() {
         ("USAGE_FLUSH_INTERVAL_MS", "200"),
     ]);
     let keeper = first[0].clone();
+    let again = first.clone();
     report!("soak: before            {}", state(&server).await);
     let rate = drive(&server, first).await;
     report!(
@@ -139,6 +140,14 @@ async fn memory_follows_active_users_not_every_user_ever_seen() {
     let rate = drive(&server, second).await;
     report!(
         "soak: after wave 2      {} ({rate:.0} req/s)",
+        state(&server).await
+    );
+    idle_out(&server, &keeper).await;
+    report!("soak: after forgetting  {}", state(&server).await);
+    // The first wave's users again, all forgotten: their state is built anew.
+    let rate = drive(&server, again).await;
+    report!(
+        "soak: after wave 3      {} ({rate:.0} req/s)",
         state(&server).await
     );
     idle_out(&server, &keeper).await;

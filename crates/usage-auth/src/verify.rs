@@ -227,7 +227,10 @@ impl KeyVerifier {
 
     async fn look_up(&self, digest: &[u8; 32], now: OffsetDateTime) -> Result<Entry, RepoError> {
         let ttl = time::Duration::try_from(self.config.ttl).unwrap_or(time::Duration::ZERO);
-        let record = self.keys.api_key_by_hash(&hex::encode(digest)).await?;
+        let found = self
+            .keys
+            .api_key_and_plan_by_hash(&hex::encode(digest))
+            .await?;
         let grace =
             time::Duration::try_from(self.config.stale_if_error).unwrap_or(time::Duration::ZERO);
         let mut entry = Entry {
@@ -236,13 +239,11 @@ impl KeyVerifier {
             cached_until: now + ttl,
             stale_until: now + ttl + grace,
         };
-        if let Some(key) = record.filter(|k| k.is_active(now))
-            && let Some(user) = self.users.user_by_id(&key.user_id).await?
-        {
+        if let Some((key, plan)) = found.filter(|(k, _)| k.is_active(now)) {
             entry.caller = Some(Caller {
-                user_id: user.id,
+                user_id: key.user_id,
                 api_key_id: key.id,
-                plan: user.plan,
+                plan,
             });
             entry.key_expires_at = key.expires_at;
         }
@@ -328,11 +329,17 @@ mod tests {
             self.inner.issue_api_key(key, max_active, retire).await
         }
         async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+            self.inner.api_key_by_hash(hash).await
+        }
+        async fn api_key_and_plan_by_hash(
+            &self,
+            hash: &str,
+        ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
                 return Err(RepoError::Unavailable("connection refused".into()));
             }
-            self.inner.api_key_by_hash(hash).await
+            self.inner.api_key_and_plan_by_hash(hash).await
         }
         async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
             self.inner.api_keys_for_user(user).await

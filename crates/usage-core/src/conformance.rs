@@ -52,6 +52,7 @@ macro_rules! repository_conformance_tests {
             api_keys_crud,
             api_keys_unique_hash_and_known_user,
             api_keys_concurrent_issues_stop_at_the_limit,
+            api_keys_are_found_with_their_plan,
             api_keys_rotation_is_one_write,
             usage_batch_counts_inserted_rows,
             usage_replayed_batch_counts_once,
@@ -394,6 +395,33 @@ pub async fn api_keys_concurrent_issues_stop_at_the_limit(store: Arc<dyn Store>)
     assert_eq!(
         store.issue_api_key(&stranger, LIMIT, None).await,
         Err(RepoError::NotFound { entity: "user" })
+    );
+}
+
+pub async fn api_keys_are_found_with_their_plan(store: Arc<dyn Store>) {
+    let ada = user("ada@example.com", Plan::Pro);
+    store.create_user(&ada).await.unwrap();
+    let mut key = key_for(&ada.id, &format!("{:064x}", 7), T0);
+    key.revoked_at = Some(T0 + Duration::hours(1));
+    store.create_api_key(&key).await.unwrap();
+    let found = store.api_key_and_plan_by_hash(&key.key_hash).await.unwrap();
+    assert_eq!(found, Some((key.clone(), Plan::Pro)), "whatever its state");
+    store
+        .set_plan(&ada.id, Plan::Enterprise, T0 + Duration::hours(2))
+        .await
+        .unwrap();
+    let (_, plan) = store
+        .api_key_and_plan_by_hash(&key.key_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(plan, Plan::Enterprise);
+    assert_eq!(
+        store
+            .api_key_and_plan_by_hash(&format!("{:064x}", 8))
+            .await
+            .unwrap(),
+        None
     );
 }
 

@@ -212,6 +212,18 @@ impl ApiKeyRepository for MemoryStore {
         Ok(plan)
     }
 
+    async fn api_key_and_plan_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .keys
+            .values()
+            .find(|k| k.key_hash == key_hash)
+            .and_then(|k| Some((k.clone(), state.users.get(&k.user_id)?.plan))))
+    }
+
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         Ok(self
             .state()

@@ -519,6 +519,12 @@ pub trait ApiKeyRepository: Send + Sync {
     ) -> Result<KeyIssue, RepoError>;
     /// The key with this SHA-256 (hex), whatever its state.
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError>;
+    /// The key with this SHA-256 (hex) and its user's plan, in one lookup (the hot path's
+    /// cache misses); `None` when no key has it or its user is gone.
+    async fn api_key_and_plan_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError>;
     /// A user's keys, newest first.
     async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError>;
     /// Revokes one of `user_id`'s keys at `at` (kept if already revoked) and returns it;

@@ -38,6 +38,10 @@ pub struct TrackerConfig {
     /// Batches written at once (`USAGE_FLUSH_CONCURRENCY`): more than one pays off on
     /// PostgreSQL; SQLite has a single writer anyway.
     pub concurrency: usize,
+    /// Largest batch written at once when more than `batch_size` calls wait (a burst,
+    /// sustained load, the queue after an outage). Larger batches touch each customer's
+    /// counter once for more calls.
+    pub max_batch: usize,
 }
 
 impl Default for TrackerConfig {
@@ -50,6 +54,7 @@ impl Default for TrackerConfig {
             retry_max: Duration::from_secs(30),
             shutdown_retry_for: Duration::from_secs(30),
             concurrency: 1,
+            max_batch: 2_000,
         }
     }
 }
@@ -275,8 +280,6 @@ struct Touched {
 /// batch.
 const TOUCH_EVERY: time::Duration = time::Duration::MINUTE;
 
-/// Largest batch written at once when more than `batch_size` calls wait.
-const MAX_BATCH: usize = 2_000;
 /// How often the writer looks at the queue.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -316,7 +319,7 @@ impl Writer {
         let batch_size = config.batch_size.max(1);
         // When more than a batch waits (a burst, or after an outage), write up to this many
         // at once.
-        let max_batch = batch_size.max(MAX_BATCH);
+        let max_batch = batch_size.max(config.max_batch);
         let concurrency = config.concurrency.max(1);
         // The writer looks at the queue on a short tick instead of being woken by every
         // call: at tens of thousands of calls a second, per-call wake-ups cost more than

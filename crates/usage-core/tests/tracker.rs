@@ -200,6 +200,12 @@ impl ApiKeyRepository for KeysOf {
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         self.0.inner.api_key_by_hash(hash).await
     }
+    async fn api_key_and_plan_by_hash(
+        &self,
+        hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        self.0.inner.api_key_and_plan_by_hash(hash).await
+    }
     async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
         self.0.inner.api_keys_for_user(user).await
     }

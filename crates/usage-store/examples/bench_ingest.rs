@@ -1,9 +1,9 @@
 //! Ingest benchmark: how many events a second the usage tracker stores for 1, 1,000,
 //! 10,000 and 100,000 distinct users, next to the raw ceiling measured in the same run:
 //! the same number of rows inserted into the same table and indexes with multi-row
-//! INSERTs (PostgreSQL: `unnest` arrays of 2,000 rows on as many connections as the
-//! tracker writes with; SQLite: 500-row VALUES statements, 2,000 rows a transaction), no
-//! application code, no counters.
+//! INSERTs, as many rows a transaction as the tracker's largest batch (PostgreSQL: one
+//! `unnest` statement per transaction, on as many connections as the tracker writes
+//! with; SQLite: 500-row VALUES statements), no application code, no counters.
 //!
 //! The tracker is fed as fast as it takes calls (its queue full means the producer
 //! waits), so its figure is the rate the database keeps up with, steady state: every
@@ -13,7 +13,8 @@
 //! just bench-ingest postgres          # scripts/bench-ingest.sh: PostgreSQL with fsync on
 //! DATABASE_URL=sqlite:///tmp/i.db cargo run --release -p usage-store --example bench_ingest
 //! ```
-//! env: DATABASE_URL (required), EVENTS (200000 per case), USERS ("1 1000 10000 100000")
+//! env: DATABASE_URL (required), EVENTS (200000 per case), USERS ("1 1000 10000 100000"),
+//! MAX_BATCH (the server's default: 20000 on PostgreSQL, 10000 on SQLite)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -35,6 +36,17 @@ fn env_or(name: &str, default: &str) -> String {
 /// Batches written at once, as the server does by default.
 fn concurrency(url: &str) -> usize {
     if url.starts_with("sqlite") { 1 } else { 4 }
+}
+
+/// Largest batch, as the server writes them by default (`USAGE_MAX_BATCH`); the raw
+/// ceiling inserts the same number of rows per transaction.
+fn max_batch(url: &str) -> usize {
+    let default = if url.starts_with("sqlite") {
+        "10000"
+    } else {
+        "20000"
+    };
+    env_or("MAX_BATCH", default).parse().unwrap()
 }
 
 async fn seed(store: &Arc<dyn Store>, users: usize, run: &str) -> Vec<(UserId, ApiKeyId)> {
@@ -90,6 +102,7 @@ fn events(callers: &[(UserId, ApiKeyId)], n: usize) -> Vec<UsageEvent> {
 async fn tracker_rate(store: &Arc<dyn Store>, url: &str, batch: Vec<UsageEvent>) -> f64 {
     let config = TrackerConfig {
         concurrency: concurrency(url),
+        max_batch: max_batch(url),
         ..TrackerConfig::default()
     };
     let (tracker, worker) = UsageTracker::start(store.clone(), store.clone(), config);
@@ -119,6 +132,7 @@ async fn tracker_rate(store: &Arc<dyn Store>, url: &str, batch: Vec<UsageEvent>)
 async fn raw_rate(url: &str, batch: Vec<UsageEvent>) -> f64 {
     let started = Instant::now();
     let n = batch.len();
+    let max_batch = max_batch(url);
     if url.starts_with("sqlite") {
         let path = url.trim_start_matches("sqlite://").to_owned();
         tokio::task::spawn_blocking(move || {
@@ -127,7 +141,7 @@ async fn raw_rate(url: &str, batch: Vec<UsageEvent>) -> f64 {
             let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
             conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
                 .unwrap();
-            for tx in batch.chunks(2_000) {
+            for tx in batch.chunks(max_batch) {
                 let mut sql = String::from("BEGIN IMMEDIATE;");
                 for rows in tx.chunks(500) {
                     sql.push_str(
@@ -166,7 +180,7 @@ async fn raw_rate(url: &str, batch: Vec<UsageEvent>) -> f64 {
     } else {
         let batch = Arc::new(batch);
         let writers = concurrency(url);
-        let chunks: Vec<usize> = (0..batch.len()).step_by(2_000).collect();
+        let chunks: Vec<usize> = (0..batch.len()).step_by(max_batch).collect();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..writers {
@@ -177,7 +191,7 @@ async fn raw_rate(url: &str, batch: Vec<UsageEvent>) -> f64 {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&from) = chunks.get(i) else { return };
-                    let rows = &batch[from..(from + 2_000).min(batch.len())];
+                    let rows = &batch[from..(from + max_batch).min(batch.len())];
                     diesel::sql_query(
                         "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint,
                              method, status_code, response_time_ms, created_at)

@@ -573,6 +573,24 @@ impl ApiKeyRepository for PgStore {
         .map_err(|e| repo_error(e, "user"))
     }
 
+    async fn api_key_and_plan_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let found: Option<(ApiKeyRow, String)> = eco_api_keys::table
+            .inner_join(eco_users::table)
+            .filter(eco_api_keys::key_hash.eq(key_hash))
+            .select((ApiKeyRow::as_select(), eco_users::plan))
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "API key"))?;
+        found
+            .map(|(key, plan)| Ok((key.into_domain(), parse_plan(&plan)?)))
+            .transpose()
+    }
+
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         let mut conn = self.conn().await?;
         Ok(eco_api_keys::table
@@ -968,17 +986,20 @@ RETURNING last_taken AS taken, admitted AS n";
 
 /// Locks the counters of a batch of deltas in one order for every writer, so that two
 /// instances applying overlapping batches cannot deadlock.
-const LOCK_QUOTA_COUNTERS: &str = "\
-SELECT c.admitted AS n FROM eco_quota_counters c
-JOIN unnest($1::text[], $2::timestamptz[]) AS d(user_id, period_start)
-    ON c.user_id = d.user_id AND c.period_start = d.period_start
-ORDER BY c.user_id, c.period_start
-FOR UPDATE OF c";
-
+/// Adds each delta to its counter, in one statement: the counters are first locked in one
+/// order for every writer (an InitPlan, run before the update), so that syncs of several
+/// instances never deadlock; returns the counts after. Counters that do not exist yet
+/// are not returned (the caller seeds them and applies their deltas again).
 const APPLY_QUOTA_DELTAS: &str = "\
 UPDATE eco_quota_counters c SET admitted = GREATEST(0, c.admitted + d.delta)
 FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS d(user_id, period_start, delta)
 WHERE c.user_id = d.user_id AND c.period_start = d.period_start
+  AND (SELECT count(*) FROM (
+        SELECT 1 FROM eco_quota_counters l
+        JOIN unnest($1::text[], $2::timestamptz[]) AS k(user_id, period_start)
+            ON l.user_id = k.user_id AND l.period_start = k.period_start
+        ORDER BY l.user_id, l.period_start
+        FOR UPDATE OF l) locked) >= 0
 RETURNING c.user_id, c.period_start, c.admitted AS n";
 
 #[derive(QueryableByName)]
@@ -1072,27 +1093,35 @@ impl QuotaCounterRepository for PgStore {
         let periods: Vec<OffsetDateTime> = deltas.iter().map(|d| d.period_start).collect();
         let amounts: Vec<i64> = deltas.iter().map(|d| d.delta).collect();
         let mut conn = self.conn().await?;
-        self.seed_quota_counters(&mut conn, &users, &periods)
-            .await?;
-        let (users, periods, amounts) = (&users, &periods, &amounts);
-        let rows = conn
-            .transaction(
-                async |conn| -> Result<Vec<QuotaCountRow>, diesel::result::Error> {
-                    let _: Vec<CountRow> = diesel::sql_query(LOCK_QUOTA_COUNTERS)
-                        .bind::<Array<Text>, _>(users)
-                        .bind::<Array<Timestamptz>, _>(periods)
-                        .load(conn)
-                        .await?;
-                    diesel::sql_query(APPLY_QUOTA_DELTAS)
-                        .bind::<Array<Text>, _>(users)
-                        .bind::<Array<Timestamptz>, _>(periods)
-                        .bind::<Array<BigInt>, _>(amounts)
-                        .load(conn)
-                        .await
-                },
-            )
-            .await
-            .map_err(|e| repo_error(e, "quota counter"))?;
+        let apply = async |conn: &mut AsyncPgConnection,
+                           users: &[&str],
+                           periods: &[OffsetDateTime],
+                           amounts: &[i64]| {
+            diesel::sql_query(APPLY_QUOTA_DELTAS)
+                .bind::<Array<Text>, _>(users)
+                .bind::<Array<Timestamptz>, _>(periods)
+                .bind::<Array<BigInt>, _>(amounts)
+                .load::<QuotaCountRow>(conn)
+                .await
+                .map_err(|e| repo_error(e, "quota counter"))
+        };
+        // Counters exist once a user's first call read them: one statement, as a rule.
+        let mut rows = apply(&mut conn, &users, &periods, &amounts).await?;
+        if rows.len() < deltas.len() {
+            let done: std::collections::HashSet<(&str, OffsetDateTime)> = rows
+                .iter()
+                .map(|r| (r.user_id.as_str(), r.period_start))
+                .collect();
+            let missing: Vec<usize> = (0..deltas.len())
+                .filter(|&i| !done.contains(&(users[i], periods[i])))
+                .collect();
+            let users: Vec<&str> = missing.iter().map(|&i| users[i]).collect();
+            let periods: Vec<OffsetDateTime> = missing.iter().map(|&i| periods[i]).collect();
+            let amounts: Vec<i64> = missing.iter().map(|&i| amounts[i]).collect();
+            self.seed_quota_counters(&mut conn, &users, &periods)
+                .await?;
+            rows.extend(apply(&mut conn, &users, &periods, &amounts).await?);
+        }
         let after: std::collections::HashMap<(String, OffsetDateTime), i64> = rows
             .into_iter()
             .map(|r| ((r.user_id, r.period_start), r.n))

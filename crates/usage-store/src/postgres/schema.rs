@@ -40,8 +40,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    eco_usage_records (id) {
-        id -> BigInt,
+    eco_usage_records (user_id, period_start) {
         user_id -> Text,
         period_start -> Timestamptz,
         period_end -> Timestamptz,
@@ -49,6 +48,7 @@ diesel::table! {
         overage_calls -> BigInt,
         overage_invoiced_calls -> BigInt,
         updated_at -> Timestamptz,
+        included_calls -> Nullable<BigInt>,
     }
 }
 
@@ -82,3 +82,7 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+// A key is read together with its user's plan (one lookup on the hot path).
+diesel::joinable!(eco_api_keys -> eco_users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(eco_api_keys, eco_users);

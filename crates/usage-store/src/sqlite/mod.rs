@@ -552,6 +552,26 @@ impl ApiKeyRepository for SqliteStore {
         .await
     }
 
+    async fn api_key_and_plan_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        let key_hash = key_hash.to_owned();
+        self.run("API key", move |conn| {
+            let found: Option<(ApiKeyRow, String)> = eco_api_keys::table
+                .inner_join(eco_users::table)
+                .filter(eco_api_keys::key_hash.eq(key_hash))
+                .select((ApiKeyRow::as_select(), eco_users::plan))
+                .first(conn)
+                .optional()
+                .map_err(db("API key"))?;
+            found
+                .map(|(key, plan)| Ok((key.into_domain()?, parse_plan(&plan)?)))
+                .transpose()
+        })
+        .await
+    }
+
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
         let key_hash = key_hash.to_owned();
         self.run("API key", move |conn| {
