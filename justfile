@@ -46,6 +46,13 @@ fault-tests:
 doc:
     cargo doc --workspace --no-deps
 
+# Line coverage of the whole workspace (every test, PostgreSQL ones included), per file
+# and in total. Installs cargo-llvm-cov and Debian's llvm-22 (rustc's LLVM) when missing.
+coverage:
+    command -v cargo-llvm-cov >/dev/null || cargo install cargo-llvm-cov --locked
+    command -v llvm-cov-22 >/dev/null || (apt-get update -qq && apt-get install -y -qq llvm-22)
+    LLVM_COV=/usr/bin/llvm-cov-22 LLVM_PROFDATA=/usr/bin/llvm-profdata-22 cargo llvm-cov --workspace --summary-only
+
 # What CI runs
 ci:
     bash .ci/run

@@ -53,6 +53,41 @@ pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<St
     )
 }
 
+/// Dead letters as one JSON array of objects, for a single set-based insert on either
+/// backend (`jsonb_to_recordset`, `json_each`); times as fixed-width UTC text, which both
+/// read.
+pub(crate) fn dead_letters_json(letters: &[usage_core::repo::DeadLetter]) -> String {
+    let utc = |t: time::OffsetDateTime| {
+        t.to_offset(time::UtcOffset::UTC)
+            .format(time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+            ))
+            .unwrap_or_default()
+    };
+    serde_json::Value::Array(
+        letters
+            .iter()
+            .map(|l| {
+                let e = &l.event;
+                serde_json::json!({
+                    "event_id": e.event_id.to_string(),
+                    "user_id": e.user_id.as_str(),
+                    "api_key_id": e.api_key_id.as_str(),
+                    "endpoint": e.endpoint,
+                    "method": e.method,
+                    "status_code": e.status_code,
+                    "response_time_ms": e.response_time_ms,
+                    "created_at": utc(e.created_at),
+                    "included_calls": l.included_calls,
+                    "reason": l.reason,
+                    "failed_at": utc(l.failed_at),
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
 /// A day's figures counted from the raw events (no top endpoints).
 pub(crate) fn raw_day(
     user_id: &usage_core::UserId,

@@ -30,8 +30,8 @@ use self::schema::{
 };
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, QuotaTakeRow, TRANSACTION_ATTEMPTS,
-    admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
-    plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references, lease_binds,
+    parse_plan, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -852,34 +852,17 @@ impl UsageRepository for PgStore {
         if letters.is_empty() {
             return Ok(());
         }
-        let events: Vec<&UsageEvent> = letters.iter().map(|l| &l.event).collect();
-        let columns = EventColumns::from_events(&events);
-        let included: Vec<Option<i64>> = letters
-            .iter()
-            .map(|l| l.included_calls.map(to_i64))
-            .collect();
-        let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
-        let failed_at: Vec<OffsetDateTime> = letters.iter().map(|l| l.failed_at).collect();
         let mut conn = self.conn().await?;
         diesel::sql_query(
             "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id, endpoint, method,
                  status_code, response_time_ms, created_at, included_calls, reason, failed_at)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                 $6::int4[], $7::int4[], $8::timestamptz[], $9::int8[], $10::text[],
-                 $11::timestamptz[])
+             SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(event_id uuid, user_id text,
+                 api_key_id text, endpoint text, method text, status_code int,
+                 response_time_ms int, created_at timestamptz, included_calls bigint,
+                 reason text, failed_at timestamptz)
              ON CONFLICT (event_id) DO NOTHING",
         )
-        .bind::<Array<SqlUuid>, _>(&columns.event_id)
-        .bind::<Array<Text>, _>(&columns.user_id)
-        .bind::<Array<Text>, _>(&columns.api_key_id)
-        .bind::<Array<Text>, _>(&columns.endpoint)
-        .bind::<Array<Text>, _>(&columns.method)
-        .bind::<Array<Integer>, _>(&columns.status_code)
-        .bind::<Array<Integer>, _>(&columns.response_time_ms)
-        .bind::<Array<Timestamptz>, _>(&columns.created_at)
-        .bind::<Array<Nullable<BigInt>>, _>(&included)
-        .bind::<Array<Text>, _>(&reasons)
-        .bind::<Array<Timestamptz>, _>(&failed_at)
+        .bind::<Text, _>(dead_letters_json(letters))
         .execute(&mut conn)
         .await
         .map_err(|e| repo_error(e, "dead letter"))?;

@@ -31,8 +31,8 @@ use self::schema::{
 };
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow,
-    admin_sql, billed_limit, counter_deltas, distinct_references, lease_binds, parse_plan,
-    parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references, lease_binds,
+    parse_plan, parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -922,32 +922,25 @@ impl UsageRepository for SqliteStore {
     }
 
     async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
-        let rows: Vec<DeadLetterRow> = letters.iter().map(DeadLetterRow::from_domain).collect();
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let letters = dead_letters_json(letters);
         self.run("dead letter", move |conn| {
-            conn.immediate_transaction(|conn| {
-                for row in &rows {
-                    diesel::sql_query(
-                        "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id,
-                             endpoint, method, status_code, response_time_ms, created_at,
-                             included_calls, reason, failed_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                         ON CONFLICT (event_id) DO NOTHING",
-                    )
-                    .bind::<Text, _>(&row.event_id)
-                    .bind::<Text, _>(&row.user_id)
-                    .bind::<Text, _>(&row.api_key_id)
-                    .bind::<Text, _>(&row.endpoint)
-                    .bind::<Text, _>(&row.method)
-                    .bind::<Integer, _>(row.status_code)
-                    .bind::<Integer, _>(row.response_time_ms)
-                    .bind::<Text, _>(&row.created_at)
-                    .bind::<Nullable<BigInt>, _>(row.included_calls)
-                    .bind::<Text, _>(&row.reason)
-                    .bind::<Text, _>(&row.failed_at)
-                    .execute(conn)?;
-                }
-                Ok(())
-            })
+            diesel::sql_query(
+                "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id, endpoint,
+                     method, status_code, response_time_ms, created_at, included_calls, reason,
+                     failed_at)
+                 SELECT value ->> 'event_id', value ->> 'user_id', value ->> 'api_key_id',
+                        value ->> 'endpoint', value ->> 'method', value ->> 'status_code',
+                        value ->> 'response_time_ms', value ->> 'created_at',
+                        value ->> 'included_calls', value ->> 'reason', value ->> 'failed_at'
+                 FROM json_each(?1) WHERE true
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind::<Text, _>(letters)
+            .execute(conn)
+            .map(|_| ())
             .map_err(db("dead letter"))
         })
         .await
@@ -1018,23 +1011,6 @@ struct DeadLetterRow {
 }
 
 impl DeadLetterRow {
-    fn from_domain(l: &DeadLetter) -> Self {
-        let e = &l.event;
-        Self {
-            event_id: e.event_id.to_string(),
-            user_id: e.user_id.to_string(),
-            api_key_id: e.api_key_id.to_string(),
-            endpoint: e.endpoint.clone(),
-            method: e.method.clone(),
-            status_code: i32::from(e.status_code),
-            response_time_ms: i32::try_from(e.response_time_ms).unwrap_or(i32::MAX),
-            created_at: ts(e.created_at),
-            included_calls: l.included_calls.map(to_i64),
-            reason: l.reason.clone(),
-            failed_at: ts(l.failed_at),
-        }
-    }
-
     fn into_domain(self) -> Result<DeadLetter, RepoError> {
         Ok(DeadLetter {
             event: UsageEvent {
