@@ -9,6 +9,10 @@ CREATE TABLE eco_usage_days (
     aggregated_writes BIGINT,
     aggregated_at     TIMESTAMPTZ
 );
+-- Days aggregated before this table existed are taken as current, as they were: without
+-- this, the first start after the upgrade would aggregate every past day again.
+INSERT INTO eco_usage_days (date, late_writes, aggregated_writes, aggregated_at)
+SELECT DISTINCT date, 0, 0, now() FROM eco_usage_daily;
 -- Audit retention removes the oldest entries by time.
 CREATE INDEX eco_admin_audit_log_created_at_idx ON eco_admin_audit_log (created_at);
 -- Calls the store refused for good (their user or key is gone), kept for an operator to

@@ -5,6 +5,9 @@ CREATE TABLE eco_usage_days (
     aggregated_writes INTEGER,
     aggregated_at     TEXT
 );
+-- Days aggregated before this table existed are taken as current, as they were.
+INSERT INTO eco_usage_days (date, late_writes, aggregated_writes, aggregated_at)
+SELECT DISTINCT date, 0, 0, strftime('%Y-%m-%dT%H:%M:%f000Z', 'now') FROM eco_usage_daily;
 -- Audit retention removes the oldest entries by time.
 CREATE INDEX eco_admin_audit_log_created_at_idx ON eco_admin_audit_log (created_at);
 -- Calls the store refused for good, kept for an operator to look at and replay.
