@@ -124,6 +124,7 @@ async fn memory_follows_active_users_not_every_user_ever_seen() {
     ]);
     let keeper = first[0].clone();
     let again = first.clone();
+    let waves = (first.clone(), second.clone());
     report!("soak: before            {}", state(&server).await);
     let rate = drive(&server, first).await;
     report!(
@@ -144,13 +145,29 @@ async fn memory_follows_active_users_not_every_user_ever_seen() {
     );
     idle_out(&server, &keeper).await;
     report!("soak: after forgetting  {}", state(&server).await);
-    // The first wave's users again, all forgotten: their state is built anew.
-    let rate = drive(&server, again).await;
-    report!(
-        "soak: after wave 3      {} ({rate:.0} req/s)",
-        state(&server).await
-    );
-    idle_out(&server, &keeper).await;
-    report!("soak: after forgetting  {}", state(&server).await);
+    // The first wave's users again, all forgotten: their state is built anew; then, with
+    // SOAK_EXTRA_WAVES=N, N more waves alternating between the two sets (does resident
+    // memory level off?).
+    let extra: usize = std::env::var("SOAK_EXTRA_WAVES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut next = Some(again);
+    for wave in 3..=3 + extra {
+        let keys = next.take().unwrap_or_else(|| {
+            if wave % 2 == 1 {
+                waves.0.clone()
+            } else {
+                waves.1.clone()
+            }
+        });
+        let rate = drive(&server, keys).await;
+        report!(
+            "soak: after wave {wave}      {} ({rate:.0} req/s)",
+            state(&server).await
+        );
+        idle_out(&server, &keeper).await;
+        report!("soak: after forgetting  {}", state(&server).await);
+    }
     assert!(server.stop().0.success());
 }
