@@ -153,8 +153,8 @@ async fn rotate(
     let id = key_id(&path)?;
     let grace_secs = rotation_grace(&read_small_body(body).await?)?;
     let (old, new) = state.keys.rotate(&user.0, &id, grace_secs).await?;
-    // Revoked at once: drop it here now. With a grace period the cached answer carries
-    // the new expiry only once looked up again.
+    // The next call with the old key looks it up again: refused at once without a grace
+    // period, accepted until its new expiry with one.
     state.verifier.forget_key(&old.id);
     Ok(HttpResponse::Created().json(CreatedKey::from(new)))
 }
