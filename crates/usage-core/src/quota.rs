@@ -167,6 +167,9 @@ pub struct QuotaBook {
     catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
     settings: QuotaSettings,
+    /// When (unix ms) idle slots are next looked for: a pass reads every slot under the
+    /// map's lock, so it runs a few times per idle period, not at every sync.
+    next_forget: AtomicI64,
 }
 
 impl std::fmt::Debug for QuotaBook {
@@ -196,6 +199,7 @@ impl QuotaBook {
     ) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
+            next_forget: AtomicI64::new(i64::MIN),
             counters,
             catalog,
             clock,
@@ -319,6 +323,13 @@ impl QuotaBook {
     /// A slot some call holds (it was looked up and is being used) is kept: its count
     /// could otherwise land in a slot nobody syncs.
     fn forget_idle(&self, now: i64) {
+        if now < self.next_forget.load(Ordering::Acquire) {
+            return;
+        }
+        let every =
+            (millis(self.settings.forget_idle_after) / 4).max(millis(self.settings.sync_every));
+        self.next_forget
+            .store(now.saturating_add(every), Ordering::Release);
         let idle_since = now.saturating_sub(millis(self.settings.forget_idle_after));
         let forgettable = |slot: &Arc<Slot>| {
             slot.last_used.load(Ordering::Acquire) < idle_since
