@@ -22,7 +22,7 @@ use crate::event::new_event_id;
 use crate::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DeadLetter, EndpointCount, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
-    UninvoicedOverage, User, UserPageQuery, UserSort,
+    SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery, UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -49,6 +49,9 @@ macro_rules! repository_conformance_tests {
         $crate::repository_conformance_tests!(@cases $make;
             users_crud,
             users_unique_id_and_email,
+            users_stripe_customers_are_unique,
+            subscription_changes_apply_once_and_in_order,
+            subscription_change_deliveries_at_once_apply_once,
             api_keys_crud,
             api_keys_unique_hash_and_known_user,
             api_keys_concurrent_issues_stop_at_the_limit,
@@ -541,6 +544,199 @@ pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
     assert_eq!(
         store.user_by_id(&u.id).await.unwrap().unwrap().email,
         "ada@example.com"
+    );
+}
+
+/// A Stripe customer belongs to one user: linking, unlinking, and the refusals.
+pub async fn users_stripe_customers_are_unique(store: Arc<dyn Store>) {
+    let mut ada = user("ada@example.com", Plan::Pro);
+    ada.stripe_customer_id = Some("cus_ada".to_owned());
+    store.create_user(&ada).await.unwrap();
+    let bob = user("bob@example.com", Plan::Free);
+    store.create_user(&bob).await.unwrap();
+    let taken = RepoError::Conflict {
+        entity: "user",
+        field: "stripe_customer_id",
+    };
+
+    let mut carol = user("carol@example.com", Plan::Free);
+    carol.stripe_customer_id = Some("cus_ada".to_owned());
+    assert_eq!(store.create_user(&carol).await, Err(taken.clone()));
+    assert_eq!(store.user_by_id(&carol.id).await.unwrap(), None);
+    assert_eq!(
+        store.set_stripe_customer(&bob.id, Some("cus_ada")).await,
+        Err(taken)
+    );
+    assert_eq!(
+        store
+            .user_by_id(&bob.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .stripe_customer_id,
+        None
+    );
+
+    let linked = store
+        .set_stripe_customer(&bob.id, Some("cus_bob"))
+        .await
+        .unwrap();
+    assert_eq!(linked.stripe_customer_id.as_deref(), Some("cus_bob"));
+    assert_eq!(linked.plan, Plan::Free);
+    // Setting a user's own customer again is no conflict; unlinking frees it.
+    store
+        .set_stripe_customer(&ada.id, Some("cus_ada"))
+        .await
+        .unwrap();
+    let unlinked = store.set_stripe_customer(&ada.id, None).await.unwrap();
+    assert_eq!(unlinked.stripe_customer_id, None);
+    store
+        .set_stripe_customer(&bob.id, Some("cus_ada"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .set_stripe_customer(&UserId::generate(), Some("cus_new"))
+            .await,
+        Err(RepoError::NotFound { entity: "user" })
+    );
+}
+
+fn subscription(
+    event_id: &str,
+    customer: &str,
+    plan: Plan,
+    created: OffsetDateTime,
+) -> SubscriptionChange {
+    SubscriptionChange {
+        event_id: event_id.to_owned(),
+        event_type: "customer.subscription.updated".to_owned(),
+        customer: customer.to_owned(),
+        plan,
+        created,
+    }
+}
+
+/// Stripe events: applied once, stale ones ignored, unknown customers leave no trace.
+pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>) {
+    let mut ada = user("ada@example.com", Plan::Free);
+    ada.stripe_customer_id = Some("cus_ada".to_owned());
+    store.create_user(&ada).await.unwrap();
+    let at = T0 + Duration::minutes(30);
+
+    let pro = subscription("evt_1", "cus_ada", Plan::Pro, T0);
+    let SubscriptionOutcome::Applied(after) =
+        store.apply_subscription_change(&pro, at).await.unwrap()
+    else {
+        panic!("the first event applies");
+    };
+    assert_eq!((after.id.clone(), after.plan), (ada.id.clone(), Plan::Pro));
+    assert_eq!(store.user_by_id(&ada.id).await.unwrap().unwrap(), after);
+    // The change is seen by the other instances' pollers, as `set_plan`'s.
+    assert_eq!(
+        store.plans_changed_since(at).await.unwrap(),
+        vec![ada.id.clone()]
+    );
+
+    // The same event again: nothing, even though the plan was changed by hand since.
+    store
+        .set_plan(&ada.id, Plan::Enterprise, at + Duration::minutes(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.apply_subscription_change(&pro, at).await.unwrap(),
+        SubscriptionOutcome::Duplicate
+    );
+    assert_eq!(
+        store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
+        Plan::Enterprise
+    );
+
+    // An event created before the latest applied one arrives late: ignored, remembered.
+    let older = subscription("evt_0", "cus_ada", Plan::Free, T0 - Duration::seconds(1));
+    assert_eq!(
+        store.apply_subscription_change(&older, at).await.unwrap(),
+        SubscriptionOutcome::Stale
+    );
+    assert_eq!(
+        store.apply_subscription_change(&older, at).await.unwrap(),
+        SubscriptionOutcome::Duplicate
+    );
+    assert_eq!(
+        store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
+        Plan::Enterprise
+    );
+    // The same second as the latest applied: applied (Stripe's times are in seconds).
+    let same_second = subscription("evt_2", "cus_ada", Plan::Free, T0);
+    assert!(matches!(
+        store.apply_subscription_change(&same_second, at).await.unwrap(),
+        SubscriptionOutcome::Applied(u) if u.plan == Plan::Free
+    ));
+
+    // Unknown customer: nothing recorded, so the event applies once the customer is linked.
+    let bob = user("bob@example.com", Plan::Free);
+    store.create_user(&bob).await.unwrap();
+    let early = subscription("evt_3", "cus_bob", Plan::Pro, T0 + Duration::minutes(1));
+    assert_eq!(
+        store.apply_subscription_change(&early, at).await.unwrap(),
+        SubscriptionOutcome::UnknownCustomer
+    );
+    store
+        .set_stripe_customer(&bob.id, Some("cus_bob"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.apply_subscription_change(&early, at).await.unwrap(),
+        SubscriptionOutcome::Applied(u) if u.id == bob.id && u.plan == Plan::Pro
+    ));
+    // Ada's events do not order Bob's.
+    let bob_older = subscription(
+        "evt_4",
+        "cus_bob",
+        Plan::Enterprise,
+        T0 + Duration::seconds(30),
+    );
+    assert_eq!(
+        store
+            .apply_subscription_change(&bob_older, at)
+            .await
+            .unwrap(),
+        SubscriptionOutcome::Stale
+    );
+    let ada_later = subscription("evt_5", "cus_ada", Plan::Pro, T0 + Duration::seconds(30));
+    assert!(matches!(
+        store
+            .apply_subscription_change(&ada_later, at)
+            .await
+            .unwrap(),
+        SubscriptionOutcome::Applied(_)
+    ));
+}
+
+/// The same event delivered many times at once takes effect exactly once.
+pub async fn subscription_change_deliveries_at_once_apply_once(store: Arc<dyn Store>) {
+    let mut ada = user("ada@example.com", Plan::Free);
+    ada.stripe_customer_id = Some("cus_ada".to_owned());
+    store.create_user(&ada).await.unwrap();
+    let change = subscription("evt_once", "cus_ada", Plan::Pro, T0);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, change) = (store.clone(), change.clone());
+            tokio::spawn(async move { store.apply_subscription_change(&change, T0).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            SubscriptionOutcome::Applied(_) => applied += 1,
+            SubscriptionOutcome::Duplicate => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(
+        store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
+        Plan::Pro
     );
 }
 

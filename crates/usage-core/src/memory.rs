@@ -13,9 +13,9 @@ use crate::repo::{
     DailyUsageRepository, DeadLetter, EndpointCount, EndpointStats, IncludedCalls, KeyIssue,
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord, UsageRepository, User,
-    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
-    plan_key_issue,
+    RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -34,6 +34,8 @@ struct State {
     audit: Vec<AdminAuditEntry>,
     quota: BTreeMap<(UserId, OffsetDateTime), u64>,
     plan_changed: BTreeMap<UserId, OffsetDateTime>,
+    /// Stripe events recorded: event id to (customer, created, applied).
+    stripe_events: HashMap<String, (String, OffsetDateTime, bool)>,
 }
 
 /// All repositories in one process-local map. Cheap to create; one per test.
@@ -79,6 +81,27 @@ impl MemoryStore {
     }
 }
 
+/// `Conflict` when a user other than `id` has `customer`.
+fn check_customer_free(
+    state: &State,
+    id: &UserId,
+    customer: Option<&str>,
+) -> Result<(), RepoError> {
+    let taken = customer.is_some_and(|c| {
+        state
+            .users
+            .values()
+            .any(|u| u.id != *id && u.stripe_customer_id.as_deref() == Some(c))
+    });
+    if taken {
+        return Err(RepoError::Conflict {
+            entity: "user",
+            field: "stripe_customer_id",
+        });
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl UserRepository for MemoryStore {
     async fn create_user(&self, user: &User) -> Result<(), RepoError> {
@@ -95,6 +118,7 @@ impl UserRepository for MemoryStore {
                 field: "email",
             });
         }
+        check_customer_free(&state, &user.id, user.stripe_customer_id.as_deref())?;
         state.users.insert(user.id.clone(), user.clone());
         Ok(())
     }
@@ -127,6 +151,55 @@ impl UserRepository for MemoryStore {
         let user = user.clone();
         state.plan_changed.insert(id.clone(), at);
         Ok(user)
+    }
+
+    async fn set_stripe_customer(
+        &self,
+        id: &UserId,
+        customer: Option<&str>,
+    ) -> Result<User, RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        check_customer_free(&state, id, customer)?;
+        let user = state
+            .users
+            .get_mut(id)
+            .ok_or(RepoError::NotFound { entity: "user" })?;
+        user.stripe_customer_id = customer.map(str::to_owned);
+        Ok(user.clone())
+    }
+
+    async fn apply_subscription_change(
+        &self,
+        change: &SubscriptionChange,
+        at: OffsetDateTime,
+    ) -> Result<SubscriptionOutcome, RepoError> {
+        let mut state = self.state();
+        let user = state
+            .users
+            .values()
+            .find(|u| u.stripe_customer_id.as_deref() == Some(change.customer.as_str()));
+        let latest_applied = state
+            .stripe_events
+            .values()
+            .filter(|(customer, _, applied)| *applied && *customer == change.customer)
+            .map(|(_, created, _)| *created)
+            .max();
+        let is_new = !state.stripe_events.contains_key(&change.event_id);
+        let outcome = plan_subscription_change(user, is_new, latest_applied, change);
+        if let SubscriptionOutcome::Applied(user) = &outcome {
+            state.users.insert(user.id.clone(), user.clone());
+            state.plan_changed.insert(user.id.clone(), at);
+        }
+        if let Some(stored) = outcome.stored_name() {
+            state.stripe_events.insert(
+                change.event_id.clone(),
+                (change.customer.clone(), change.created, stored == "applied"),
+            );
+        }
+        Ok(outcome)
     }
 
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {

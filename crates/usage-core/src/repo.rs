@@ -438,11 +438,93 @@ pub trait UserRepository: Send + Sync {
         plan: Plan,
         at: OffsetDateTime,
     ) -> Result<User, RepoError>;
+    /// Links a user to a Stripe customer (or unlinks with `None`) and returns the updated
+    /// user. `NotFound` for an unknown id; `Conflict` when another user has this customer.
+    async fn set_stripe_customer(
+        &self,
+        id: &UserId,
+        customer: Option<&str>,
+    ) -> Result<User, RepoError>;
+    /// Applies a plan change from a Stripe event, in one transaction: the user whose
+    /// customer it names gets the plan (as [`Self::set_plan`] at `at`) unless this event id
+    /// was seen before or a later event of that customer was applied already (see
+    /// [`plan_subscription_change`]). Nothing is written for an unknown customer, so that
+    /// the event can be sent again once the customer is linked.
+    async fn apply_subscription_change(
+        &self,
+        change: &SubscriptionChange,
+        at: OffsetDateTime,
+    ) -> Result<SubscriptionOutcome, RepoError>;
     /// Users whose plan changed at or after `since`, so that every running instance can
     /// drop their cached plan.
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError>;
     /// How many users each plan has (plans without users are left out).
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
+}
+
+/// A plan change asked by a Stripe event (`customer.subscription.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionChange {
+    /// Stripe's event id (`evt_...`): each takes effect once.
+    pub event_id: String,
+    /// Stripe's event type, kept with the event.
+    pub event_type: String,
+    /// The Stripe customer (`data.object.customer`).
+    pub customer: String,
+    /// The plan the subscription gives.
+    pub plan: Plan,
+    /// When Stripe created the event: events arrive in any order, the latest wins.
+    pub created: OffsetDateTime,
+}
+
+/// What [`UserRepository::apply_subscription_change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionOutcome {
+    /// The user's plan is now the event's; the user as they now are.
+    Applied(User),
+    /// This event id was applied (or found stale) before: nothing changed.
+    Duplicate,
+    /// An event of this customer created later was applied already: nothing changed.
+    Stale,
+    /// No user has this Stripe customer id: nothing was written.
+    UnknownCustomer,
+}
+
+/// What a store writes for a subscription change, shared by every store: given the
+/// event's user (read and locked inside the store's transaction), whether the event id is
+/// new, and the creation time of the latest event applied to that customer.
+/// `Applied` and `Stale` are recorded with the event id; the other two write nothing.
+pub fn plan_subscription_change(
+    user: Option<&User>,
+    event_is_new: bool,
+    latest_applied: Option<OffsetDateTime>,
+    change: &SubscriptionChange,
+) -> SubscriptionOutcome {
+    let Some(user) = user else {
+        return SubscriptionOutcome::UnknownCustomer;
+    };
+    if !event_is_new {
+        return SubscriptionOutcome::Duplicate;
+    }
+    // Stripe's `created` has one-second resolution: an event of the same second as the
+    // latest applied one is applied too (in arrival order).
+    if latest_applied.is_some_and(|latest| latest > change.created) {
+        return SubscriptionOutcome::Stale;
+    }
+    let mut user = user.clone();
+    user.plan = change.plan;
+    SubscriptionOutcome::Applied(user)
+}
+
+impl SubscriptionOutcome {
+    /// Stored outcome of a recorded event (`Applied`, `Stale`).
+    pub fn stored_name(&self) -> Option<&'static str> {
+        match self {
+            SubscriptionOutcome::Applied(_) => Some("applied"),
+            SubscriptionOutcome::Stale => Some("stale"),
+            SubscriptionOutcome::Duplicate | SubscriptionOutcome::UnknownCustomer => None,
+        }
+    }
 }
 
 /// A key to retire while issuing its replacement ([`ApiKeyRepository::issue_api_key`]).

@@ -10,6 +10,12 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
         // (PostgreSQL constraint, SQLite column, entity, field)
         ("eco_users_pkey", "eco_users.id", "user", "id"),
         ("eco_users_email_key", "eco_users.email", "user", "email"),
+        (
+            "eco_users_stripe_customer_id_key",
+            "eco_users.stripe_customer_id",
+            "user",
+            "stripe_customer_id",
+        ),
         ("eco_api_keys_pkey", "eco_api_keys.id", "API key", "id"),
         (
             "eco_api_keys_key_hash_key",

@@ -18,15 +18,17 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
     LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
-    UserUsageRow, plan_key_issue,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord,
+    UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow, plan_key_issue,
+    plan_subscription_change,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
 
 use self::schema::{
-    eco_api_keys, eco_api_usage, eco_overage_charges, eco_usage_daily, eco_usage_records, eco_users,
+    eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
+    eco_usage_records, eco_users,
 };
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, QuotaTakeRow, TRANSACTION_ATTEMPTS,
@@ -472,6 +474,84 @@ impl UserRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "user"))?
             .into_domain()
+    }
+
+    async fn set_stripe_customer(
+        &self,
+        id: &UserId,
+        customer: Option<&str>,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::stripe_customer_id.eq(customer))
+            .returning(UserRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?
+            .into_domain()
+    }
+
+    async fn apply_subscription_change(
+        &self,
+        change: &SubscriptionChange,
+        at: OffsetDateTime,
+    ) -> Result<SubscriptionOutcome, RepoError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| -> Result<SubscriptionOutcome, BatchError> {
+            // The user's row lock serialises the events of one customer, and two
+            // deliveries of one event.
+            let user = eco_users::table
+                .filter(eco_users::stripe_customer_id.eq(&change.customer))
+                .select(UserRow::as_select())
+                .for_update()
+                .first(conn)
+                .await
+                .optional()?
+                .map(UserRow::into_domain)
+                .transpose()
+                .map_err(BatchError::Repo)?;
+            let seen: Option<String> = eco_stripe_events::table
+                .find(&change.event_id)
+                .select(eco_stripe_events::event_id)
+                .first(conn)
+                .await
+                .optional()?;
+            let latest: Option<OffsetDateTime> = eco_stripe_events::table
+                .filter(eco_stripe_events::customer.eq(&change.customer))
+                .filter(eco_stripe_events::outcome.eq("applied"))
+                .select(diesel::dsl::max(eco_stripe_events::event_created))
+                .first(conn)
+                .await?;
+            let outcome = plan_subscription_change(user.as_ref(), seen.is_none(), latest, change);
+            let (Some(stored), Some(user)) = (outcome.stored_name(), user) else {
+                return Ok(outcome);
+            };
+            diesel::insert_into(eco_stripe_events::table)
+                .values((
+                    eco_stripe_events::event_id.eq(&change.event_id),
+                    eco_stripe_events::event_type.eq(&change.event_type),
+                    eco_stripe_events::customer.eq(&change.customer),
+                    eco_stripe_events::user_id.eq(user.id.as_str()),
+                    eco_stripe_events::plan.eq(change.plan.as_str()),
+                    eco_stripe_events::event_created.eq(change.created),
+                    eco_stripe_events::outcome.eq(stored),
+                    eco_stripe_events::received_at.eq(at),
+                ))
+                .execute(conn)
+                .await?;
+            if let SubscriptionOutcome::Applied(user) = &outcome {
+                diesel::update(eco_users::table.find(user.id.as_str()))
+                    .set((
+                        eco_users::plan.eq(user.plan.as_str()),
+                        eco_users::plan_changed_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(outcome)
+        })
+        .await
+        .map_err(|e| e.into_repo("user"))
     }
 
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {

@@ -83,6 +83,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    eco_stripe_events (event_id) {
+        event_id -> Text,
+        event_type -> Text,
+        customer -> Text,
+        user_id -> Text,
+        plan -> Text,
+        event_created -> Timestamptz,
+        outcome -> Text,
+        received_at -> Timestamptz,
+    }
+}
+
 // A key is read together with its user's plan (one lookup on the hot path).
 diesel::joinable!(eco_api_keys -> eco_users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(eco_api_keys, eco_users);
