@@ -86,6 +86,7 @@ async fn main() {
                 description: "baseline".to_owned(),
                 user_id: UserId::generate(),
                 period_start: datetime!(2026-11-01 00:00 UTC),
+                period_end: datetime!(2026-12-01 00:00 UTC),
                 overage_calls: 5,
                 calls_from: 0,
                 calls_to: 5,

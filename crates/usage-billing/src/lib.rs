@@ -1,6 +1,7 @@
 //! Overage billing of nexus-usage: the cost of overage ([`overage_cost`]), the billing
 //! run ([`OverageService`]) over the repository traits, and Stripe invoice items
-//! ([`stripe::StripeClient`], with [`stripe::HttpStripeClient`] as the real one).
+//! ([`stripe::StripeClient`], with [`stripe::HttpStripeClient`] as the real one), and
+//! Stripe's webhook, which sets plans from subscriptions ([`webhook::StripeWebhooks`]).
 //!
 //! Billing is incremental and idempotent: each run bills, per user and period, the
 //! overage calls between what was invoiced and the overage now, as one Stripe invoice
@@ -10,12 +11,14 @@
 
 pub mod service;
 pub mod stripe;
+pub mod webhook;
 
 pub use service::{
     BillingError, BillingFailure, BillingOptions, BillingSummary, OverageService, Reconciliation,
     Resolution, RunMode, UserBilling,
 };
 pub use stripe::{HttpStripeClient, StripeClient, StripeConfig, StripeError};
+pub use webhook::{PlanPrices, StripeWebhooks, WebhookError, WebhookOutcome};
 
 use usage_core::repo::UsageRecord;
 use usage_core::{Cents, PlanCatalog};

@@ -19,7 +19,7 @@ use usage_core::repo::{
     ChargeStatus, NewOverageCharge, OverageCharge, OverageLedgerEntry, UninvoicedOverage,
     UsageRecord,
 };
-use usage_core::{Clock, PlanCatalog, RepoError, Store, UserId};
+use usage_core::{BillingPeriod, Clock, PlanCatalog, RepoError, Store, UserId};
 
 use crate::stripe::{InvoiceItem, StripeClient};
 use crate::{OverageCost, overage_cost};
@@ -692,6 +692,11 @@ impl OverageService {
             ),
             user_id: charge.user_id.clone(),
             period_start: charge.period_start,
+            // Stable across retries: the stored creation time, not now.
+            period_end: BillingPeriod::containing(charge.period_start)
+                .end()
+                .min(charge.created_at)
+                .max(charge.period_start),
             overage_calls: calls,
             calls_from: charge.calls_from,
             calls_to: charge.calls_to,

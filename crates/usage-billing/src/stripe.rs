@@ -27,8 +27,11 @@ pub struct InvoiceItem {
     pub description: String,
     /// Whose overage (`metadata[user_id]`).
     pub user_id: UserId,
-    /// Which period (`metadata[period_start]`, RFC 3339).
+    /// Which period (`metadata[period_start]`, RFC 3339; `period[start]`, Unix seconds).
     pub period_start: OffsetDateTime,
+    /// When the billed calls end (`period[end]`, Unix seconds): the period's end, or the
+    /// charge's creation for a period still running.
+    pub period_end: OffsetDateTime,
     /// Overage calls billed by this item (`metadata[overage_calls]`).
     pub overage_calls: u64,
     /// The range billed: overage calls after `calls_from` up to `calls_to` (metadata too,
@@ -56,6 +59,8 @@ impl InvoiceItem {
             ("metadata[overage_calls]", self.overage_calls.to_string()),
             ("metadata[calls_from]", self.calls_from.to_string()),
             ("metadata[calls_to]", self.calls_to.to_string()),
+            ("period[start]", self.period_start.unix_timestamp().to_string()),
+            ("period[end]", self.period_end.unix_timestamp().to_string()),
         ]
     }
 }

@@ -151,6 +151,16 @@ async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
     );
     assert_eq!(a_item.form["metadata[user_id]"], a.0.as_str());
     assert_eq!(a_item.form["metadata[overage_calls]"], "5");
+    // The calls billed: from the period's start to the charge (the period still runs).
+    assert_eq!(
+        a_item.form["period[start]"],
+        nov.unix_timestamp().to_string()
+    );
+    assert_eq!(
+        a_item.form["period[end]"],
+        a_charges[0].created_at.unix_timestamp().to_string()
+    );
+    assert_eq!(a_charges[0].created_at, NOW);
     assert_eq!(invoiced(store, &a.0, NOV).await, (5, 5));
     assert_eq!(invoiced(store, &b.0, NOV).await, (5_001, 5_001));
     assert_eq!(invoiced(store, &c.0, NOV).await, (1, 0));
@@ -420,6 +430,14 @@ async fn ended_periods_are_billed_after_they_close(backend: Backend) {
     assert_eq!(
         created[0].form["metadata[period_start]"],
         "2026-11-01T00:00:00Z"
+    );
+    // An ended period: the item covers the whole month.
+    assert_eq!(
+        (
+            created[0].form["period[start]"].as_str(),
+            created[0].form["period[end]"].as_str()
+        ),
+        ("1793491200", "1796083200")
     );
     assert_eq!(invoiced(store, &a.0, NOV).await, (7, 7));
     assert_eq!(

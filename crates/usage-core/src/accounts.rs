@@ -17,6 +17,9 @@ pub enum AccountError {
     /// Another user has this email.
     #[error("a user with email {0} already exists")]
     EmailTaken(String),
+    /// Another user is linked to this Stripe customer.
+    #[error("another user is already linked to Stripe customer {0}")]
+    StripeCustomerTaken(String),
     /// No user has this id.
     #[error("no user with id {0}")]
     UnknownUser(UserId),
@@ -85,6 +88,12 @@ impl Accounts {
         match self.users.create_user(&user).await {
             Ok(()) => Ok(user),
             Err(RepoError::Conflict { field: "email", .. }) => Err(AccountError::EmailTaken(email)),
+            Err(RepoError::Conflict {
+                field: "stripe_customer_id",
+                ..
+            }) => Err(AccountError::StripeCustomerTaken(
+                user.stripe_customer_id.unwrap_or_default(),
+            )),
             Err(e) => Err(AccountError::Repo(e)),
         }
     }
@@ -95,6 +104,26 @@ impl Accounts {
         match self.users.set_plan(id, plan, self.clock.now()).await {
             Ok(user) => Ok(user),
             Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// Links a user to a Stripe customer (`cus_...`), or unlinks with `None`: overage is
+    /// invoiced to that customer and its subscription events set the user's plan.
+    pub async fn set_stripe_customer(
+        &self,
+        id: &UserId,
+        customer: Option<&str>,
+    ) -> Result<User, AccountError> {
+        if let Some(customer) = customer {
+            validate_stripe_customer_id(customer)?;
+        }
+        match self.users.set_stripe_customer(id, customer).await {
+            Ok(user) => Ok(user),
+            Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(RepoError::Conflict { .. }) => Err(AccountError::StripeCustomerTaken(
+                customer.unwrap_or_default().to_owned(),
+            )),
             Err(e) => Err(AccountError::Repo(e)),
         }
     }
@@ -153,6 +182,30 @@ mod tests {
         let pro = accounts.set_plan(&ada.id, Plan::Pro).await.unwrap();
         assert_eq!(pro.plan, Plan::Pro);
         let missing = accounts.set_plan(&UserId::generate(), Plan::Pro).await;
+        assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
+
+        let taken = accounts
+            .create_user("carol@example.com", Plan::Pro, Some("cus_Abc123"))
+            .await;
+        assert!(matches!(taken, Err(AccountError::StripeCustomerTaken(c)) if c == "cus_Abc123"));
+        let bob = accounts
+            .create_user("bob@example.com", Plan::Free, None)
+            .await
+            .unwrap();
+        let taken = accounts
+            .set_stripe_customer(&bob.id, Some("cus_Abc123"))
+            .await;
+        assert!(matches!(taken, Err(AccountError::StripeCustomerTaken(c)) if c == "cus_Abc123"));
+        let bad = accounts.set_stripe_customer(&bob.id, Some("cus_")).await;
+        assert!(matches!(bad, Err(AccountError::Invalid(_))));
+        let linked = accounts
+            .set_stripe_customer(&bob.id, Some("cus_Bob1"))
+            .await
+            .unwrap();
+        assert_eq!(linked.stripe_customer_id.as_deref(), Some("cus_Bob1"));
+        let missing = accounts
+            .set_stripe_customer(&UserId::generate(), Some("cus_X"))
+            .await;
         assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
     }
 }
