@@ -2,18 +2,19 @@
 //! the audit log. Every request with a valid token is written to the audit log, refused
 //! ones included; without a valid token it is a 401 and there is nobody to log.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use usage_analytics::admin::{parse_page, parse_user_list};
-use usage_core::Plan;
+use usage_analytics::admin::{parse_page, parse_user_list, parse_user_patch};
+use usage_core::{Plan, UserId};
 use usage_core::rate::RateDecision;
 use usage_core::repo::AdminAuditEntry;
 
 use crate::ApiError;
-use crate::http::AppState;
+use crate::http::{AppState, read_body};
 use crate::user_auth::authenticated_user;
 
 /// Longest query string kept in the audit log.
@@ -33,6 +34,12 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
                     .default_service(web::to(not_allowed)),
             )
             .service(
+                web::resource("/users/{id}")
+                    .route(web::get().to(user))
+                    .route(web::patch().to(update_user))
+                    .default_service(web::to(not_allowed)),
+            )
+            .service(
                 web::resource("/audit")
                     .route(web::get().to(audit))
                     .default_service(web::to(not_allowed)),
@@ -46,6 +53,21 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
 async fn admin_call<F, Fut>(
     req: &HttpRequest,
     state: &AppState,
+    handler: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce(HashMap<String, String>) -> Fut,
+    Fut: Future<Output = Result<HttpResponse, ApiError>>,
+{
+    admin_call_noted(req, state, &RefCell::new(String::new()), handler).await
+}
+
+/// [`admin_call`], with what the handler writes into `note` (a request body) appended to
+/// the audit entry's parameters.
+async fn admin_call_noted<F, Fut>(
+    req: &HttpRequest,
+    state: &AppState,
+    note: &RefCell<String>,
     handler: F,
 ) -> Result<HttpResponse, ApiError>
 where
@@ -91,7 +113,7 @@ where
         admin_id: user,
         method: req.method().to_string(),
         route: req.path().chars().take(MAX_LOGGED_PARAMS).collect(),
-        params: req.query_string().chars().take(MAX_LOGGED_PARAMS).collect(),
+        params: audit_params(req.query_string(), &note.borrow()),
         status: status.as_u16(),
         created_at: state.clock.now(),
     };
@@ -100,6 +122,74 @@ where
                         status = entry.status, "could not write the admin audit log");
     }
     result
+}
+
+/// The query string, then the noted body, bounded.
+fn audit_params(query: &str, note: &str) -> String {
+    let joined = match (query.is_empty(), note.is_empty()) {
+        (_, true) => query.to_owned(),
+        (true, false) => note.to_owned(),
+        (false, false) => format!("{query} {note}"),
+    };
+    joined.chars().take(MAX_LOGGED_PARAMS).collect()
+}
+
+/// Largest `PATCH` body.
+const MAX_PATCH_BYTES: usize = 16 * 1024;
+
+fn path_user_id(raw: &str) -> Result<UserId, ApiError> {
+    // An id that cannot exist is a user that does not exist.
+    UserId::parse(raw).map_err(|_| ApiError::not_found())
+}
+
+async fn user(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let reports = &state.admin_reports;
+    admin_call(&req, &state, |query| async move {
+        no_parameters(&query)?;
+        let id = path_user_id(&path)?;
+        Ok(HttpResponse::Ok().json(reports.user(&id).await?))
+    })
+    .await
+}
+
+async fn update_user(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let reports = &state.admin_reports;
+    let verifier = &state.verifier;
+    let note = RefCell::new(String::new());
+    let body_note = &note;
+    admin_call_noted(&req, &state, &note, |query| async move {
+        // Read after the checks: a non-admin's body is never read.
+        let body = read_body(body, MAX_PATCH_BYTES).await?;
+        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+        no_parameters(&query)?;
+        let id = path_user_id(&path)?;
+        let patch = parse_user_patch(&body)?;
+        let updated = reports.update_user(&id, &patch).await?;
+        // This instance follows a plan change at once; the others at their next poll.
+        verifier.forget_user(&id);
+        Ok(HttpResponse::Ok().json(updated))
+    })
+    .await
+}
+
+fn no_parameters(query: &HashMap<String, String>) -> Result<(), ApiError> {
+    match query.keys().next() {
+        Some(unknown) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("unknown parameter {unknown:?}; this endpoint takes none"),
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn overview(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

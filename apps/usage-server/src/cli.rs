@@ -249,6 +249,14 @@ pub struct GlobalOptions {
           value_parser = SecretString::parse)]
     pub stripe_webhook_secret: Option<SecretString>,
 
+    /// Stripe price id of the pro plan: subscriptions to it set the pro plan (webhook).
+    #[arg(long, env = "STRIPE_PRICE_PRO", global = true)]
+    pub stripe_price_pro: Option<String>,
+
+    /// Stripe price id of the enterprise plan (webhook).
+    #[arg(long, env = "STRIPE_PRICE_ENTERPRISE", global = true)]
+    pub stripe_price_enterprise: Option<String>,
+
     /// Stripe's API address (a local mock in tests).
     #[arg(long, env = "STRIPE_API_BASE", default_value = usage_billing::stripe::DEFAULT_API_BASE,
           global = true)]
@@ -389,6 +397,16 @@ pub enum UsersCommand {
         /// Plan: free, pro or enterprise.
         #[arg(long, value_parser = parse_plan)]
         plan: Plan,
+    },
+    /// Link a user to a Stripe customer: overage is invoiced to it, and its subscription
+    /// events (webhook) set the user's plan.
+    SetStripeCustomer {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// The Stripe customer id (cus_...).
+        #[arg(long)]
+        customer: String,
     },
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use usage_auth::jwt::JwtConfig;
 use usage_auth::secret::{SecretString, SharedSecret};
 use usage_auth::verify::KeyCacheConfig;
-use usage_billing::{BillingOptions, HttpStripeClient, OverageService, StripeConfig};
+use usage_billing::{BillingOptions, HttpStripeClient, OverageService, PlanPrices, StripeConfig};
 use usage_core::plan::{OverLimit, PlanTerms};
 use usage_core::quota::QuotaSettings;
 use usage_core::rate::{PlanRateLimits, RateLimit};
@@ -66,6 +66,8 @@ pub struct Config {
     pub admins: usage_auth::admin::AdminList,
     /// Short-window limit of each admin on the admin endpoints.
     pub admin_rate_limit: RateLimit,
+    /// Which Stripe prices sell which plan (`STRIPE_PRICE_PRO`, `STRIPE_PRICE_ENTERPRISE`).
+    pub stripe_prices: PlanPrices,
     /// Stripe, when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<StripeConfig>,
     /// How billing runs behave.
@@ -175,6 +177,13 @@ impl Config {
             admin_rate_limit: RateLimit {
                 per_second: options.admin_rate_limit_per_sec,
                 burst: options.admin_rate_limit_burst,
+            },
+            stripe_prices: PlanPrices {
+                pro: options.stripe_price_pro.clone().filter(|p| !p.is_empty()),
+                enterprise: options
+                    .stripe_price_enterprise
+                    .clone()
+                    .filter(|p| !p.is_empty()),
             },
             stripe: options
                 .stripe_secret_key

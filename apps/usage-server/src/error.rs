@@ -226,6 +226,10 @@ impl From<usage_analytics::AnalyticsError> for ApiError {
         match err {
             // A valid token for a user that does not exist (any more): bad credentials.
             usage_analytics::AnalyticsError::UnknownUser(_) => ApiError::unauthorized(),
+            usage_analytics::AnalyticsError::NoSuchUser(_) => ApiError::not_found(),
+            usage_analytics::AnalyticsError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
             usage_analytics::AnalyticsError::InvalidParameter { message, .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message)
             }
@@ -255,6 +259,29 @@ impl From<RepoError> for ApiError {
                     "The database could not complete the request; try again shortly.",
                 )
             }
+        }
+    }
+}
+
+impl From<usage_billing::WebhookError> for ApiError {
+    fn from(err: usage_billing::WebhookError) -> Self {
+        use usage_billing::WebhookError as E;
+        match err {
+            E::InvalidSignature(reason) => {
+                tracing::warn!(reason, "Stripe webhook refused: bad signature");
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_signature",
+                    "The Stripe-Signature header is missing, wrong or too old.",
+                )
+            }
+            E::InvalidEvent(reason) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_event",
+                format!("The body is not a Stripe event: {reason}."),
+            ),
+            // Not acknowledged: Stripe delivers it again later.
+            E::Repo(e) => e.into(),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::metrics;
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
-use crate::{admin_api, cron_api, keys_api};
+use crate::{admin_api, cron_api, keys_api, webhooks_api};
 use usage_analytics::DailyAggregation;
 use usage_analytics::UsageReports;
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, MAX_HISTORY_DAYS, parse_days};
@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     pub admin_reports: usage_analytics::admin::AdminReports,
     pub clock: Arc<dyn usage_core::Clock>,
     pub cron_secret: Option<usage_auth::secret::SharedSecret>,
+    /// Stripe's webhook, when `STRIPE_WEBHOOK_SECRET` is set.
+    pub webhooks: Option<usage_billing::StripeWebhooks>,
 }
 
 /// Migrates, opens the pool, starts the usage tracker, and serves on `config.bind`
@@ -114,6 +116,14 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let audit_retention = config
         .admin_audit_retention_days
         .map(|days| cron_api::schedule_audit_retention(admin_reports.clone(), days));
+    let webhooks = config.stripe_webhook_secret.as_ref().map(|secret| {
+        usage_billing::StripeWebhooks::new(
+            secret.expose(),
+            config.stripe_prices.clone(),
+            store.clone(),
+            clock.clone(),
+        )
+    });
     let quota_for_metrics = Arc::clone(&quota);
     let metering = Metering::new(MeteringDeps {
         authenticator: verifier.clone(),
@@ -144,6 +154,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         admin_reports: admin_reports.clone(),
         clock: clock_for_billing,
         cron_secret: config.cron_secret.clone(),
+        webhooks,
     });
     let unmetered = config.bench_unmetered;
     if unmetered {
@@ -161,6 +172,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .configure(keys_api::routes)
             .configure(cron_api::routes)
             .configure(admin_api::routes)
+            .configure(webhooks_api::routes)
             .default_service(web::to(not_found));
         if unmetered {
             app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
@@ -233,6 +245,11 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/api/usage/charges")
+            .route(web::get().to(charges))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/api/usage/history")
             .app_data(query_config())
             .route(web::get().to(history))
@@ -244,6 +261,24 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(endpoints))
             .default_service(web::to(method_not_allowed)),
     );
+}
+
+/// Reads a body of at most `limit` bytes; stops reading past that (413).
+pub(crate) async fn read_body(
+    mut body: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut bytes = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Payload(e)))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(actix_web::error::JsonPayloadError::Overflow { limit }.into());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.freeze())
 }
 
 /// Query strings that cannot be read at all are the contract's 400 too.
@@ -287,6 +322,14 @@ async fn overage(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.reports.overage(&user.0).await?))
+}
+
+async fn charges(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let items = state.reports.charges(&user.0).await?;
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
 
 async fn current_usage(

@@ -8,7 +8,7 @@ use usage_auth::keys::{IssuedKey, MAX_ROTATION_GRACE_SECS};
 use usage_core::ApiKeyId;
 use usage_core::repo::ApiKeyRecord;
 
-use crate::http::AppState;
+use crate::http::{AppState, read_body};
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, http::method_not_allowed};
 
@@ -151,27 +151,12 @@ async fn rotate(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = key_id(&path)?;
-    let grace_secs = rotation_grace(&read_small_body(body).await?)?;
+    let grace_secs = rotation_grace(&read_body(body, MAX_BODY).await?)?;
     let (old, new) = state.keys.rotate(&user.0, &id, grace_secs).await?;
     // The next call with the old key looks it up again: refused at once without a grace
     // period, accepted until its new expiry with one.
     state.verifier.forget_key(&old.id);
     Ok(HttpResponse::Created().json(CreatedKey::from(new)))
-}
-
-/// Reads a body of at most [`MAX_BODY`] bytes; stops reading past that.
-async fn read_small_body(mut body: web::Payload) -> Result<web::Bytes, ApiError> {
-    use futures_util::StreamExt as _;
-    let mut bytes = web::BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Payload(e)))?;
-        if bytes.len() + chunk.len() > MAX_BODY {
-            return Err(actix_web::error::JsonPayloadError::Overflow { limit: MAX_BODY }.into());
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok(bytes.freeze())
 }
 
 /// `grace_secs` of an optional `{"grace_secs": N}` body (0 when there is no body).

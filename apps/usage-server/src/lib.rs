@@ -14,6 +14,7 @@ mod keys_api;
 mod metrics;
 pub mod telemetry;
 mod user_auth;
+mod webhooks_api;
 
 use std::sync::Arc;
 
@@ -58,6 +59,14 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             let store = open_migrated(&config).await?;
             let user = Accounts::new(store, clock).set_plan(&user, plan).await?;
             eprintln!("{} is now on the {} plan", user.id, user.plan);
+            Ok(())
+        }
+        Command::Users(UsersCommand::SetStripeCustomer { user, customer }) => {
+            let store = open_migrated(&config).await?;
+            let user = Accounts::new(store, clock)
+                .set_stripe_customer(&user, Some(&customer))
+                .await?;
+            eprintln!("{} is linked to Stripe customer {customer}", user.id);
             Ok(())
         }
         Command::Keys(KeysCommand::Create { user, name }) => {

@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde_json::Value;
 use time::{Duration, OffsetDateTime};
-use usage_core::repo::{AdminAuditEntry, UserPageQuery, UserSort};
+use usage_core::accounts::{AccountError, Accounts, validate_stripe_customer_id};
+use usage_core::repo::{AdminAuditEntry, User, UserPageQuery, UserSort};
 use usage_core::{BillingPeriod, Clock, Plan, PlanCatalog, Store, UserId};
 
 use crate::AnalyticsError;
@@ -96,6 +98,94 @@ pub struct AdminUserRow {
     pub overage_calls: u64,
     /// Plan price plus this period's overage.
     pub revenue_cents: i64,
+}
+
+/// `GET /api/admin/users/{id}` (and the answer of `PATCH`): a user and this period's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminUserDetail {
+    /// Who.
+    pub user_id: UserId,
+    /// Email.
+    pub email: String,
+    /// Plan.
+    pub plan: Plan,
+    /// Sign-up time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Stripe customer overage is invoiced to, and whose subscriptions set the plan.
+    pub stripe_customer_id: Option<String>,
+    /// Calls this period (stored).
+    pub api_calls: u64,
+    /// Included calls per period; null for unlimited.
+    pub limit: Option<u64>,
+    /// Overage calls this period.
+    pub overage_calls: u64,
+    /// Plan price plus this period's overage.
+    pub revenue_cents: i64,
+}
+
+/// The changes of `PATCH /api/admin/users/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserPatch {
+    /// A new plan.
+    pub plan: Option<Plan>,
+    /// A new Stripe customer: `Some(None)` unlinks (`null`).
+    pub stripe_customer_id: Option<Option<String>>,
+}
+
+/// Parses the body of `PATCH /api/admin/users/{id}`: a JSON object with `plan` (free, pro
+/// or enterprise) and/or `stripe_customer_id` (`cus_...`, or null to unlink); any other
+/// field, or neither, is an error naming it.
+pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
+    let body: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid("body", format!("the body must be a JSON object ({e})")))?;
+    let Value::Object(fields) = body else {
+        return Err(invalid("body", "the body must be a JSON object".to_owned()));
+    };
+    let mut patch = UserPatch::default();
+    for (name, value) in &fields {
+        match (name.as_str(), value) {
+            ("plan", Value::String(plan)) => {
+                patch.plan = Some(plan.parse().map_err(|_| {
+                    invalid(
+                        "plan",
+                        format!("plan must be one of free, pro, enterprise (got {plan:?})"),
+                    )
+                })?);
+            }
+            ("plan", other) => {
+                return Err(invalid(
+                    "plan",
+                    format!("plan must be one of \"free\", \"pro\", \"enterprise\" (got {other})"),
+                ));
+            }
+            ("stripe_customer_id", Value::Null) => patch.stripe_customer_id = Some(None),
+            ("stripe_customer_id", Value::String(id)) => {
+                validate_stripe_customer_id(id)
+                    .map_err(|e| invalid("stripe_customer_id", e.to_string()))?;
+                patch.stripe_customer_id = Some(Some(id.clone()));
+            }
+            ("stripe_customer_id", other) => {
+                return Err(invalid(
+                    "stripe_customer_id",
+                    format!("stripe_customer_id must be a string cus_... or null (got {other})"),
+                ));
+            }
+            (unknown, _) => {
+                return Err(invalid(
+                    "body",
+                    format!("unknown field {unknown:?}; allowed: plan, stripe_customer_id"),
+                ));
+            }
+        }
+    }
+    if patch == UserPatch::default() {
+        return Err(invalid(
+            "body",
+            "the body must set plan and/or stripe_customer_id".to_owned(),
+        ));
+    }
+    Ok(patch)
 }
 
 /// A page of a list.
@@ -372,6 +462,68 @@ impl AdminReports {
         })
     }
 
+    /// `GET /api/admin/users/{id}`.
+    pub async fn user(&self, id: &UserId) -> Result<AdminUserDetail, AnalyticsError> {
+        let user = self
+            .store
+            .user_by_id(id)
+            .await?
+            .ok_or_else(|| AnalyticsError::NoSuchUser(id.clone()))?;
+        self.detail(user).await
+    }
+
+    /// `PATCH /api/admin/users/{id}`: the Stripe customer first (it may be refused as
+    /// taken), then the plan, through the same path as the CLI (every instance follows a
+    /// plan change at its next poll).
+    pub async fn update_user(
+        &self,
+        id: &UserId,
+        patch: &UserPatch,
+    ) -> Result<AdminUserDetail, AnalyticsError> {
+        let accounts = Accounts::new(self.store.clone(), self.clock.clone());
+        let account_error = |e: AccountError| match e {
+            AccountError::UnknownUser(id) => AnalyticsError::NoSuchUser(id),
+            AccountError::StripeCustomerTaken(_) | AccountError::EmailTaken(_) => {
+                AnalyticsError::Conflict(e.to_string())
+            }
+            AccountError::Invalid(e) => invalid("body", e.to_string()),
+            AccountError::Repo(e) => AnalyticsError::Repo(e),
+        };
+        let mut user = accounts.user(id).await.map_err(account_error)?;
+        if let Some(customer) = &patch.stripe_customer_id {
+            user = accounts
+                .set_stripe_customer(id, customer.as_deref())
+                .await
+                .map_err(account_error)?;
+        }
+        if let Some(plan) = patch.plan {
+            user = accounts.set_plan(id, plan).await.map_err(account_error)?;
+        }
+        self.detail(user).await
+    }
+
+    async fn detail(&self, user: User) -> Result<AdminUserDetail, AnalyticsError> {
+        let period = BillingPeriod::containing(self.clock.now());
+        // The same figures as the users list: the stored record of this period.
+        let (api_calls, overage_calls) = self
+            .store
+            .usage_record(&user.id, period.start())
+            .await?
+            .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+        Ok(AdminUserDetail {
+            limit: self.catalog.terms(user.plan).monthly_calls,
+            revenue_cents: self.catalog.terms(user.plan).price.0
+                + self.catalog.overage_price.total_in_cents(overage_calls).0,
+            user_id: user.id,
+            email: user.email,
+            plan: user.plan,
+            created_at: user.created_at,
+            stripe_customer_id: user.stripe_customer_id,
+            api_calls,
+            overage_calls,
+        })
+    }
+
     /// `GET /api/admin/audit`: newest first.
     pub async fn audit(
         &self,
@@ -402,8 +554,39 @@ mod tests {
     use time::macros::datetime;
     use usage_core::ManualClock;
     use usage_core::memory::MemoryStore;
-    use usage_core::repo::User;
     use usage_core::repo::UserRepository;
+
+    #[test]
+    fn user_patches_name_what_is_wrong() {
+        let ok = |body: &str| parse_user_patch(body.as_bytes()).unwrap();
+        let err = |body: &str| parse_user_patch(body.as_bytes()).unwrap_err().to_string();
+        assert_eq!(
+            ok(r#"{"plan": "pro"}"#),
+            UserPatch {
+                plan: Some(Plan::Pro),
+                stripe_customer_id: None
+            }
+        );
+        assert_eq!(
+            ok(r#"{"stripe_customer_id": "cus_X1", "plan": "free"}"#),
+            UserPatch {
+                plan: Some(Plan::Free),
+                stripe_customer_id: Some(Some("cus_X1".to_owned()))
+            }
+        );
+        assert_eq!(
+            ok(r#"{"stripe_customer_id": null}"#).stripe_customer_id,
+            Some(None)
+        );
+        assert!(err(r#"{"plan": "gold"}"#).starts_with("plan must be one of"));
+        assert!(err(r#"{"plan": 3}"#).starts_with("plan must be one of"));
+        assert!(err(r#"{"stripe_customer_id": "acct_1"}"#).contains("cus_"));
+        assert!(err(r#"{"stripe_customer_id": 5}"#).starts_with("stripe_customer_id must be"));
+        assert!(err(r#"{"plan": "pro", "email": "x@y.z"}"#).contains("unknown field \"email\""));
+        assert!(err("{}").contains("plan and/or stripe_customer_id"));
+        assert!(err("[]").contains("JSON object"));
+        assert!(err("not json").contains("JSON object"));
+    }
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -86,9 +86,15 @@ use crate::CurrentUsage;
 /// Why a report could not be made.
 #[derive(Debug, Error)]
 pub enum AnalyticsError {
-    /// No user has this id.
+    /// No user has this id (the caller's own token names a user that is gone).
     #[error("no user with id {0}")]
     UnknownUser(UserId),
+    /// No user has the id an admin asked for.
+    #[error("no user with id {0}")]
+    NoSuchUser(UserId),
+    /// The change would break a uniqueness rule (a Stripe customer linked twice).
+    #[error("{0}")]
+    Conflict(String),
     /// A parameter outside its form or range; the message names it.
     #[error("{message}")]
     InvalidParameter {
@@ -112,6 +118,36 @@ pub struct UsageReports {
     charges: Arc<dyn OverageChargeRepository>,
     quota: Arc<QuotaBook>,
     clock: Arc<dyn Clock>,
+}
+
+/// One overage charge of `GET /api/usage/charges`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChargeItem {
+    /// The charge's id.
+    pub id: i64,
+    /// The period whose overage it bills.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    /// Overage calls it bills.
+    pub overage_calls: u64,
+    /// What it costs.
+    pub amount_cents: i64,
+    /// `pending` (being sent), `invoiced` (Stripe has the item) or `failed`.
+    pub status: &'static str,
+    /// Stripe's invoice item, once invoiced.
+    pub stripe_invoice_item_id: Option<String>,
+    /// When it was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// The contract's name of a charge state.
+pub fn charge_status_name(status: ChargeStatus) -> &'static str {
+    match status {
+        ChargeStatus::Pending => "pending",
+        ChargeStatus::Succeeded => "invoiced",
+        ChargeStatus::Failed => "failed",
+    }
 }
 
 /// A user's overage this period, as `GET /api/usage/overage` answers it.
@@ -153,6 +189,25 @@ impl UsageReports {
             .user_by_id(user_id)
             .await?
             .ok_or_else(|| AnalyticsError::UnknownUser(user_id.clone()))
+    }
+
+    /// `GET /api/usage/charges` for `user_id`: every overage charge, newest first.
+    pub async fn charges(&self, user_id: &UserId) -> Result<Vec<ChargeItem>, AnalyticsError> {
+        self.user(user_id).await?;
+        let mut charges = self.charges.overage_charges_for_user(user_id).await?;
+        charges.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        Ok(charges
+            .into_iter()
+            .map(|c| ChargeItem {
+                id: c.id,
+                period_start: c.period_start,
+                overage_calls: c.calls_to.saturating_sub(c.calls_from),
+                amount_cents: c.amount_cents,
+                status: charge_status_name(c.status),
+                stripe_invoice_item_id: c.stripe_invoice_item_id,
+                created_at: c.created_at,
+            })
+            .collect())
     }
 
     /// `GET /api/usage/overage` for `user_id`.

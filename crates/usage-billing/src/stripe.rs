@@ -59,7 +59,10 @@ impl InvoiceItem {
             ("metadata[overage_calls]", self.overage_calls.to_string()),
             ("metadata[calls_from]", self.calls_from.to_string()),
             ("metadata[calls_to]", self.calls_to.to_string()),
-            ("period[start]", self.period_start.unix_timestamp().to_string()),
+            (
+                "period[start]",
+                self.period_start.unix_timestamp().to_string(),
+            ),
             ("period[end]", self.period_end.unix_timestamp().to_string()),
         ]
     }
