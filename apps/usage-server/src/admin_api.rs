@@ -9,9 +9,9 @@ use std::future::Future;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use usage_analytics::admin::{parse_page, parse_user_list, parse_user_patch};
-use usage_core::{Plan, UserId};
 use usage_core::rate::RateDecision;
 use usage_core::repo::AdminAuditEntry;
+use usage_core::{Plan, UserId};
 
 use crate::ApiError;
 use crate::http::{AppState, read_body};
