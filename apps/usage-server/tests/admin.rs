@@ -458,7 +458,222 @@ async fn admins_have_a_rate_limit(backend: Backend) {
     assert!(server.stop().0.success());
 }
 
+async fn patch(server: &common::Server, path: &str, bearer: &str, body: &str) -> (u16, Value) {
+    let res = reqwest::Client::new()
+        .patch(server.url(path))
+        .bearer_auth(bearer)
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET` and `PATCH /api/admin/users/{id}`: the figures match the users list, changes
+/// are refused with a reason or applied (the plan on the metered path too), and every
+/// request is in the audit log with what it asked.
+async fn admins_read_and_change_users(backend: Backend) {
+    let b = business(backend).await;
+    let server = b.db.start(&[
+        ("ADMIN_ECO_IDS", b.admin.as_str()),
+        ("PRO_MONTHLY_CALLS", "10"),
+        ("FREE_MONTHLY_CALLS", "5"),
+        ("ADMIN_RATE_LIMIT_PER_SEC", "1000"),
+        ("ADMIN_RATE_LIMIT_BURST", "1000"),
+    ]);
+    let admin = token(&b.admin);
+    let p0 = b.ids["p0"].as_str();
+    let path = format!("/api/admin/users/{p0}");
+
+    let (status, user) = get(&server, &path, &admin).await;
+    assert_eq!(status, 200, "{user}");
+    let (_, list) = get(
+        &server,
+        "/api/admin/analytics/users?q=p0@example.com",
+        &admin,
+    )
+    .await;
+    let row = &list["items"][0];
+    for field in [
+        "user_id",
+        "email",
+        "plan",
+        "created_at",
+        "api_calls",
+        "limit",
+        "overage_calls",
+        "revenue_cents",
+    ] {
+        assert_eq!(user[field], row[field], "{field}: {user} vs {row}");
+    }
+    assert_eq!(
+        (
+            user["api_calls"].as_u64(),
+            user["overage_calls"].as_u64(),
+            user["revenue_cents"].as_i64()
+        ),
+        (Some(25), Some(15), Some(4_900 + 2))
+    );
+    assert!(user["stripe_customer_id"].is_null(), "{user}");
+
+    let unknown = format!("/api/admin/users/{}", UserId::generate());
+    for missing in [unknown.as_str(), "/api/admin/users/not-an-id"] {
+        let (status, body) = get(&server, missing, &admin).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some("not_found")),
+            "{missing}"
+        );
+        let (status, _) = patch(&server, missing, &admin, r#"{"plan": "pro"}"#).await;
+        assert_eq!(status, 404, "{missing}");
+    }
+    let (status, _) = get(&server, &format!("{path}?x=1"), &admin).await;
+    assert_eq!(status, 400);
+
+    // Refused changes name the field; nothing changes.
+    for (body, names) in [
+        (r#"{"plan": "gold"}"#, "plan"),
+        (r#"{"plan": "pro", "email": "x@example.com"}"#, "email"),
+        (r#"{"stripe_customer_id": "acct_1"}"#, "cus_"),
+        (r#"{}"#, "plan and/or stripe_customer_id"),
+        ("nonsense", "JSON object"),
+    ] {
+        let (status, answer) = patch(&server, &path, &admin, body).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("invalid_parameter")),
+            "{body}: {answer}"
+        );
+        assert!(
+            answer["message"].as_str().unwrap().contains(names),
+            "{body}: {answer}"
+        );
+    }
+    let huge = format!(r#"{{"plan": "{}"}}"#, "x".repeat(20_000));
+    let (status, _) = patch(&server, &path, &admin, &huge).await;
+    assert_eq!(status, 413);
+
+    // Link a customer, then move to free: 25 calls of 5 on the metered path at once.
+    let key = b.db.create(&["keys", "create", "--user", p0]);
+    assert_eq!(server.ping(&key).await.status(), 200);
+    let (status, user) = patch(
+        &server,
+        &path,
+        &admin,
+        r#"{"stripe_customer_id": "cus_p0"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, user["stripe_customer_id"].as_str()),
+        (200, Some("cus_p0")),
+        "{user}"
+    );
+    let (status, user) = patch(&server, &path, &admin, r#"{"plan": "free"}"#).await;
+    assert_eq!(status, 200, "{user}");
+    assert_eq!(
+        (
+            user["plan"].as_str(),
+            user["limit"].as_u64(),
+            user["revenue_cents"].as_i64()
+        ),
+        (Some("free"), Some(5), Some(2))
+    );
+    let res = server.ping(&key).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["X-RateLimit-Limit"], "5");
+    assert_eq!(
+        b.store
+            .user_by_id(&b.ids["p0"])
+            .await
+            .unwrap()
+            .unwrap()
+            .plan,
+        Plan::Free
+    );
+    // A customer belongs to one user; null unlinks.
+    let p1 = format!("/api/admin/users/{}", b.ids["p1"]);
+    let (status, answer) = patch(
+        &server,
+        &p1,
+        &admin,
+        r#"{"stripe_customer_id": "cus_p0", "plan": "enterprise"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("conflict")),
+        "{answer}"
+    );
+    assert_eq!(
+        b.store
+            .user_by_id(&b.ids["p1"])
+            .await
+            .unwrap()
+            .unwrap()
+            .plan,
+        Plan::Pro,
+        "a refused change changes nothing"
+    );
+    let (status, user) = patch(&server, &path, &admin, r#"{"stripe_customer_id": null}"#).await;
+    assert_eq!(
+        (status, user["stripe_customer_id"].is_null()),
+        (200, true),
+        "{user}"
+    );
+
+    // Not an admin: 403, and the body is never applied.
+    let (status, _) = patch(
+        &server,
+        &path,
+        &token(&b.ids["p1"]),
+        r#"{"plan": "enterprise"}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = patch(&server, &path, "not-a-token", r#"{"plan": "enterprise"}"#).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        b.store
+            .user_by_id(&b.ids["p0"])
+            .await
+            .unwrap()
+            .unwrap()
+            .plan,
+        Plan::Free
+    );
+
+    let (_, audit) = get(&server, "/api/admin/audit?limit=100", &admin).await;
+    let patches: Vec<(String, u64)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["method"] == "PATCH")
+        .map(|e| {
+            (
+                e["params"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        patches.contains(&(r#"{"plan": "free"}"#.to_owned(), 200)),
+        "{patches:?}"
+    );
+    assert!(
+        patches.contains(&(r#"{"plan": "gold"}"#.to_owned(), 400)),
+        "{patches:?}"
+    );
+    assert!(
+        patches.contains(&(String::new(), 403)),
+        "a non-admin's body is not read: {patches:?}"
+    );
+    assert!(server.stop().0.success());
+}
+
 on_both_backends!(
+    admins_read_and_change_users,
     figures_sorts_filters_and_hostile_parameters,
     only_admins_get_in,
     admins_have_a_rate_limit,

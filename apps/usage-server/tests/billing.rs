@@ -124,6 +124,46 @@ async fn bills_overage_through_cron_and_cli(backend: Backend) {
         "{overage}"
     );
 
+    // And the charge itself.
+    let charges = |token: String| {
+        let client = client.clone();
+        let url = server.url("/api/usage/charges");
+        async move {
+            let res = client.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()["items"].clone()
+        }
+    };
+    let ada_charges = charges(token.clone()).await;
+    assert_eq!(ada_charges.as_array().unwrap().len(), 1, "{ada_charges}");
+    let charge = &ada_charges[0];
+    assert_eq!(
+        (
+            charge["overage_calls"].as_u64(),
+            charge["amount_cents"].as_i64(),
+            charge["status"].as_str(),
+            charge["stripe_invoice_item_id"].as_str(),
+        ),
+        (
+            Some(5),
+            Some(1),
+            Some("invoiced"),
+            Some(created[0].id.as_str())
+        ),
+        "{charge}"
+    );
+    assert_eq!(charge["period_start"], overage["period_start"]);
+    assert!(
+        charge["id"].is_i64() && charge["created_at"].is_string(),
+        "{charge}"
+    );
+    let res = client
+        .get(server.url("/api/usage/charges"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
     // The CLI, run again: nothing new to bill.
     let out = db.cli(&env, &["bill-overage"]);
     assert!(out.status.success(), "{out:?}");
@@ -131,6 +171,56 @@ async fn bills_overage_through_cron_and_cli(backend: Backend) {
     assert_eq!(
         (again["charged"].as_u64(), again["amount_cents"].as_i64()),
         (Some(0), Some(0))
+    );
+    assert_eq!(stripe.created().len(), 1);
+
+    // Bob is linked to a customer Stripe refuses: his charge is there, failed.
+    let bob_token = db.create(&["token", "--user", &bob]);
+    assert_eq!(charges(bob_token.clone()).await, serde_json::json!([]));
+    let out = db.cli(
+        &[],
+        &[
+            "users",
+            "set-stripe-customer",
+            "--user",
+            &bob,
+            "--customer",
+            "cus_ada",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "a customer belongs to one user");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cus_ada"),
+        "{out:?}"
+    );
+    let out = db.cli(
+        &[],
+        &[
+            "users",
+            "set-stripe-customer",
+            "--user",
+            &bob,
+            "--customer",
+            "cus_bob",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    stripe.refuse("cus_bob");
+    // Five more calls: 6 past the limit, 1 cent (one alone rounds to nothing to bill).
+    for _ in 0..5 {
+        assert_eq!(server.ping(&bob_key).await.status(), 200);
+    }
+    server.wait_flushed(17).await;
+    let out = db.cli(&env, &["bill-overage"]);
+    assert!(out.status.success(), "{out:?}");
+    let bob_charges = charges(bob_token).await;
+    assert_eq!(
+        (
+            bob_charges[0]["status"].as_str(),
+            bob_charges[0]["stripe_invoice_item_id"].is_null()
+        ),
+        (Some("failed"), true),
+        "{bob_charges}"
     );
     assert_eq!(stripe.created().len(), 1);
 
