@@ -216,6 +216,30 @@ fn bad_input_gets_one_clear_line() {
             "user id must look like eco_usr_",
         ),
         (
+            &[
+                "users",
+                "set-stripe-customer",
+                "--user",
+                "eco_usr_missing",
+                "--customer",
+                "cus_1",
+            ],
+            1,
+            "no user with id eco_usr_missing",
+        ),
+        (
+            &[
+                "users",
+                "set-stripe-customer",
+                "--user",
+                "eco_usr_missing",
+                "--customer",
+                "acct_1",
+            ],
+            1,
+            "cus_",
+        ),
+        (
             &["keys", "create", "--user", "eco_usr_missing"],
             1,
             "no user with id eco_usr_missing",

@@ -79,6 +79,10 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
     let admin = UserId::parse(&user).unwrap();
     let server = db.start(&[
         ("CRON_SECRET", "cron-secret-cron-secret-cron-secret"),
+        (
+            "STRIPE_WEBHOOK_SECRET",
+            "whsec-secret-whsec-secret-whsec-secret",
+        ),
         ("ADMIN_ECO_IDS", user.as_str()),
         ("ADMIN_RATE_LIMIT_BURST", "10000"),
         ("ADMIN_RATE_LIMIT_PER_SEC", "10000"),
@@ -223,12 +227,59 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
     )
     .await;
 
+    // Stripe's webhook: signatures of every wrong shape, a body too large; an admin's
+    // user changes that make no sense.
+    let webhook = server.url("/api/webhooks/stripe");
+    for signature in [
+        "",
+        "t=1",
+        "v1=00",
+        "t=-99999999999999999999,v1=00",
+        &format!("t=1,v1={}", "f".repeat(10_000)),
+        "t=1,v1=zz",
+        ",,,,=,=,",
+    ] {
+        expect_4xx(
+            client
+                .post(&webhook)
+                .header("Stripe-Signature", signature)
+                .body(r#"{"id": "evt_1", "type": "customer.subscription.updated"}"#),
+            &format!("webhook signed {signature:.20}"),
+        )
+        .await;
+    }
+    expect_4xx(
+        client.post(&webhook).body(vec![b'{'; 2 << 20]),
+        "webhook body of 2 MiB",
+    )
+    .await;
+    let admin_user = server.url(&format!("/api/admin/users/{user}"));
+    for body in [
+        "",
+        "null",
+        r#"{"plan": null}"#,
+        r#"{"plan": "pro", "plan": "gold"}"#,
+        r#"{"stripe_customer_id": "cus_\u0000"}"#,
+        &format!(r#"{{"stripe_customer_id": "cus_{}"}}"#, "a".repeat(300)),
+    ] {
+        expect_4xx(
+            client
+                .patch(&admin_user)
+                .bearer_auth(&token)
+                .body(body.to_owned()),
+            &format!("admin patch {body:.30}"),
+        )
+        .await;
+    }
+
     // Credentials: every failure, on every kind of route.
     for (path, method) in [
         ("/api/v1/ping", "GET"),
         ("/api/usage/current", "GET"),
+        ("/api/usage/charges", "GET"),
         ("/api/keys", "POST"),
         ("/api/admin/analytics/overview", "GET"),
+        ("/api/admin/users/eco_usr_x", "PATCH"),
         ("/api/cron/process-overage", "POST"),
     ] {
         for auth in [
@@ -249,7 +300,7 @@ async fn hostile_requests_get_json_4xx(backend: Backend) {
             expect_4xx(req, &format!("{path} with {:.20}", auth)).await;
         }
     }
-    assert_eq!(checked, 80, "every hostile request above was checked");
+    assert_eq!(checked, 110, "every hostile request above was checked");
 
     // Raw HTTP: bytes that are not UTF-8 in the path, a flood of headers, a huge header.
     let base = server.base.clone();
