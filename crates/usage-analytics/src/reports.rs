@@ -195,7 +195,7 @@ impl UsageReports {
     pub async fn charges(&self, user_id: &UserId) -> Result<Vec<ChargeItem>, AnalyticsError> {
         self.user(user_id).await?;
         let mut charges = self.charges.overage_charges_for_user(user_id).await?;
-        charges.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        charges.sort_by_key(|c| std::cmp::Reverse((c.created_at, c.id)));
         Ok(charges
             .into_iter()
             .map(|c| ChargeItem {
