@@ -124,6 +124,22 @@ async fn plan_of(db: &Db, user: &str) -> Plan {
         .plan
 }
 
+/// Ada, free, linked to `cus_ada`, and her key.
+fn free_customer_with_key(db: &Db) -> (String, String) {
+    let ada = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "ada@example.com",
+        "--plan",
+        "free",
+        "--stripe-customer-id",
+        "cus_ada",
+    ]);
+    let key = db.create(&["keys", "create", "--user", &ada]);
+    (ada, key)
+}
+
 fn env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
@@ -138,17 +154,7 @@ fn env() -> Vec<(&'static str, &'static str)> {
 
 async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
     let db = Db::new(backend);
-    let ada = db.create(&[
-        "users",
-        "create",
-        "--email",
-        "ada@example.com",
-        "--plan",
-        "free",
-        "--stripe-customer-id",
-        "cus_ada",
-    ]);
-    let key = db.create(&["keys", "create", "--user", &ada]);
+    let (ada, key) = free_customer_with_key(&db);
     let server = db.start(&env());
 
     // Free: 3 calls, then 429.
@@ -323,17 +329,7 @@ on_both_backends!(subscriptions_set_plans_and_quota_follows);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_event_on_two_instances_applies_once() {
     let db = Db::new(Backend::Postgres);
-    let ada = db.create(&[
-        "users",
-        "create",
-        "--email",
-        "ada@example.com",
-        "--plan",
-        "free",
-        "--stripe-customer-id",
-        "cus_ada",
-    ]);
-    let key = db.create(&["keys", "create", "--user", &ada]);
+    let (ada, key) = free_customer_with_key(&db);
     let a = db.start(&env());
     let b = db.start(&env());
     assert_eq!(b.ping(&key).await.headers()["X-RateLimit-Limit"], "3");
