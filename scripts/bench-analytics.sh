@@ -45,7 +45,7 @@ SELECT 'eco_key_bench' || lpad(i::text, 6, '0'), 'eco_usr_bench' || lpad(i::text
        'bench', 'eco_live_bnch', md5(i::text) || md5((i + 1)::text), now() - interval '60 days'
 FROM generate_series(1, $users) i;
 -- Bulk load without the indexes, then build them.
-ALTER TABLE eco_api_usage DROP CONSTRAINT eco_api_usage_event_id_key;
+DROP INDEX eco_api_usage_event_key;
 DROP INDEX eco_api_usage_user_time_cover_idx;
 DROP INDEX eco_api_usage_time_idx;
 INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method, status_code,
@@ -61,7 +61,7 @@ SELECT gen_random_uuid(),
        date_trunc('day', now()) - interval '29 days'
          + (i::double precision / $rows) * (now() - (date_trunc('day', now()) - interval '29 days'))
 FROM generate_series(1, $rows) i;
-ALTER TABLE eco_api_usage ADD CONSTRAINT eco_api_usage_event_id_key UNIQUE (event_id);
+CREATE UNIQUE INDEX eco_api_usage_event_key ON eco_api_usage (event_id, created_at);
 CREATE INDEX eco_api_usage_user_time_cover_idx ON eco_api_usage (user_id, created_at)
   INCLUDE (endpoint, method, status_code, response_time_ms);
 CREATE INDEX eco_api_usage_time_idx ON eco_api_usage (created_at);

@@ -14,8 +14,8 @@ use crate::repo::{
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
+    UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
+    UserUsageRow, late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -518,6 +518,59 @@ impl UsageRepository for MemoryStore {
             .iter()
             .filter(|id| state.dead_letters.remove(id).is_some())
             .count() as u64)
+    }
+
+    async fn prepare_usage_storage(
+        &self,
+        _now: OffsetDateTime,
+        _months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        Ok(Vec::new())
+    }
+
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<UsagePrune, RepoError> {
+        let mut state = self.state();
+        let expired: Vec<Uuid> = state
+            .events
+            .iter()
+            .filter(|e| e.created_at < before)
+            .map(|e| e.event_id)
+            .collect();
+        if !dry_run {
+            state.events.retain(|e| e.created_at >= before);
+            for id in &expired {
+                state.event_ids.remove(id);
+            }
+        }
+        Ok(UsagePrune {
+            rows: expired.len() as u64,
+            partitions: Vec::new(),
+        })
+    }
+
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        let state = self.state();
+        let mut page: Vec<UsageEvent> = state
+            .events
+            .iter()
+            .filter(|e| e.user_id == *user_id && e.created_at >= from && e.created_at < to)
+            .filter(|e| after.is_none_or(|a| (e.created_at, e.event_id) < a))
+            .cloned()
+            .collect();
+        page.sort_by_key(|e| std::cmp::Reverse((e.created_at, e.event_id)));
+        page.truncate(limit as usize);
+        Ok(page)
     }
 }
 

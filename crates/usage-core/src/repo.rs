@@ -754,6 +754,42 @@ pub trait UsageRepository: Send + Sync {
     ) -> Result<Vec<DeadLetter>, RepoError>;
     /// Forgets these letters (once replayed); returns how many went.
     async fn remove_dead_letters(&self, event_ids: &[uuid::Uuid]) -> Result<u64, RepoError>;
+    /// Readies the storage of calls for the month of `now` and the `months_ahead` after it
+    /// (on PostgreSQL, their monthly partitions); returns what it created.
+    async fn prepare_usage_storage(
+        &self,
+        now: OffsetDateTime,
+        months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError>;
+    /// Removes stored events with `created_at < before` (with `dry_run`, only counts
+    /// them), a bounded batch at a time. A store may keep some of them until the whole of
+    /// their storage unit has expired: PostgreSQL drops a monthly partition once all of its
+    /// month is before `before`, and keeps the month that `before` falls in.
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<UsagePrune, RepoError>;
+    /// A user's events with `from <= created_at < to`, newest first (by `created_at`, then
+    /// `event_id`, both descending), after `after` in that order when given (the last
+    /// event of the previous page); at most `limit`.
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, uuid::Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError>;
+}
+
+/// What [`UsageRepository::prune_usage`] removed, or would remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsagePrune {
+    /// Events removed (or that would be).
+    pub rows: u64,
+    /// Whole storage units dropped (PostgreSQL partitions), by name.
+    pub partitions: Vec<String>,
 }
 
 /// A call the store refused for good, kept in `eco_usage_dead_letters`.

@@ -579,3 +579,25 @@ pub(crate) fn lease_binds(lease: usage_core::repo::LeaseTerms) -> (i64, i64, i64
         to_i64(lease.share.max(1)),
     )
 }
+
+/// A stored event's columns as both backends read them (`event_id` as each stores it).
+pub(crate) type EventTuple<Id, At> = (Id, String, String, String, String, i32, i32, At);
+
+/// An event from its stored columns; `event_id` and `created_at` already parsed.
+pub(crate) fn event_from_columns(
+    event_id: uuid::Uuid,
+    (user_id, api_key_id, endpoint, method): (String, String, String, String),
+    (status_code, response_time_ms): (i32, i32),
+    created_at: time::OffsetDateTime,
+) -> usage_core::UsageEvent {
+    usage_core::UsageEvent {
+        event_id,
+        user_id: usage_core::UserId::from_stored(user_id),
+        api_key_id: usage_core::ApiKeyId::from_stored(api_key_id),
+        endpoint,
+        method,
+        status_code: u16::try_from(status_code).unwrap_or(0),
+        response_time_ms: u32::try_from(response_time_ms).unwrap_or(0),
+        created_at,
+    }
+}

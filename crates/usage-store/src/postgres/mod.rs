@@ -1,5 +1,6 @@
 //! PostgreSQL through diesel-async and a bb8 pool.
 
+mod partitions;
 mod schema;
 
 use async_trait::async_trait;
@@ -19,9 +20,9 @@ use usage_core::repo::{
     DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
     LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
     PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord,
-    UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow, plan_key_issue,
-    plan_subscription_change,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    plan_key_issue, plan_subscription_change,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -31,9 +32,10 @@ use self::schema::{
     eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, PeriodSumsRow, QuotaTakeRow, TRANSACTION_ATTEMPTS,
-    admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references, lease_binds,
-    parse_plan, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, EventTuple, PeriodSumsRow, QuotaTakeRow,
+    TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
+    distinct_references, event_from_columns, lease_binds, parse_plan, plan_counts,
+    projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -260,7 +262,7 @@ WITH inserted AS (
         (event_id, user_id, api_key_id, endpoint, method, status_code, response_time_ms, created_at)
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::int4[], $7::int4[], $8::timestamptz[])
-    ON CONFLICT (event_id) DO NOTHING
+    ON CONFLICT (event_id, created_at) DO NOTHING
     RETURNING user_id, created_at
 ), late AS (
     INSERT INTO eco_usage_days (date, late_writes)
@@ -977,6 +979,73 @@ impl UsageRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "dead letter"))?;
         Ok(n as u64)
+    }
+
+    async fn prepare_usage_storage(
+        &self,
+        now: OffsetDateTime,
+        months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        let mut conn = self.conn().await?;
+        partitions::ensure(&mut conn, now, months_ahead)
+            .await
+            .map_err(|e| repo_error(e, "usage partition"))
+    }
+
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<UsagePrune, RepoError> {
+        let mut conn = self.conn().await?;
+        partitions::prune(&mut conn, before, dry_run)
+            .await
+            .map_err(|e| repo_error(e, "usage partition"))
+    }
+
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        use self::schema::eco_api_usage::dsl as u;
+        let mut conn = self.conn().await?;
+        let mut query = u::eco_api_usage
+            .filter(u::user_id.eq(user_id.as_str()))
+            .filter(u::created_at.ge(from))
+            .filter(u::created_at.lt(to))
+            .into_boxed();
+        if let Some((at, id)) = after {
+            // `<= at` bounds the index scan; the rest orders ties by event id.
+            query = query
+                .filter(u::created_at.le(at))
+                .filter(u::created_at.lt(at).or(u::event_id.lt(id)));
+        }
+        let rows: Vec<EventTuple<Uuid, OffsetDateTime>> = query
+            .select((
+                u::event_id,
+                u::user_id,
+                u::api_key_id,
+                u::endpoint,
+                u::method,
+                u::status_code,
+                u::response_time_ms,
+                u::created_at,
+            ))
+            .order((u::created_at.desc(), u::event_id.desc()))
+            .limit(i64::from(limit))
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, user, key, endpoint, method, status, ms, at)| {
+                event_from_columns(id, (user, key, endpoint, method), (status, ms), at)
+            })
+            .collect())
     }
 }
 

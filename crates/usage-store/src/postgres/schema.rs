@@ -26,8 +26,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    eco_api_usage (id) {
-        id -> BigInt,
+    eco_api_usage (event_id, created_at) {
         event_id -> Uuid,
         user_id -> Text,
         api_key_id -> Text,

@@ -21,8 +21,8 @@ use usage_core::repo::{
     DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
     LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
     PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsageRecord,
-    UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
@@ -32,9 +32,10 @@ use self::schema::{
     eco_usage_records, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow,
-    admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references, lease_binds,
-    parse_plan, parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, EventTuple, LEDGER_SQL, LedgerCounts, PeriodSumsRow,
+    QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references,
+    event_from_columns, lease_binds, parse_plan, parse_top_endpoints, plan_counts,
+    projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -44,6 +45,9 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlit
 /// Readers run in parallel under WAL; more connections than this only wait on the
 /// single writer.
 const MAX_SQLITE_CONNECTIONS: u32 = 8;
+
+/// Rows deleted per statement by retention (each statement a short write transaction).
+const SQLITE_DELETE_BATCH: i64 = 5_000;
 
 /// Rows per INSERT statement (eight bind parameters a row, far below SQLite's limit).
 const SQLITE_INSERT_CHUNK: usize = 500;
@@ -1058,6 +1062,113 @@ impl UsageRepository for SqliteStore {
                         .map_err(db("dead letter"))?;
             }
             Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn prepare_usage_storage(
+        &self,
+        _now: OffsetDateTime,
+        _months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        // One table: nothing to prepare.
+        Ok(Vec::new())
+    }
+
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<UsagePrune, RepoError> {
+        let before = ts(before);
+        let mut outcome = UsagePrune::default();
+        if dry_run {
+            outcome.rows = self
+                .run("usage event", move |conn| {
+                    let n: i64 = eco_api_usage::table
+                        .filter(eco_api_usage::created_at.lt(before))
+                        .count()
+                        .get_result(conn)
+                        .map_err(db("usage event"))?;
+                    Ok(to_u64(n))
+                })
+                .await?;
+            return Ok(outcome);
+        }
+        // One short write transaction per batch: writers get the lock between batches.
+        loop {
+            let before = before.clone();
+            let deleted = self
+                .run("usage event", move |conn| {
+                    diesel::sql_query(
+                        "DELETE FROM eco_api_usage WHERE rowid IN (
+                             SELECT rowid FROM eco_api_usage WHERE created_at < ?1 LIMIT ?2)",
+                    )
+                    .bind::<Text, _>(before)
+                    .bind::<BigInt, _>(SQLITE_DELETE_BATCH)
+                    .execute(conn)
+                    .map_err(db("usage event"))
+                })
+                .await?;
+            outcome.rows += deleted as u64;
+            if (deleted as i64) < SQLITE_DELETE_BATCH {
+                return Ok(outcome);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, uuid::Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        use self::schema::eco_api_usage::dsl as u;
+        let (user_id, from, to) = (user_id.to_string(), ts(from), ts(to));
+        let after = after.map(|(at, id)| (ts(at), id.to_string()));
+        self.run("usage event", move |conn| {
+            let mut query = u::eco_api_usage
+                .filter(u::user_id.eq(user_id))
+                .filter(u::created_at.ge(from))
+                .filter(u::created_at.lt(to))
+                .into_boxed();
+            if let Some((at, id)) = after {
+                // `<= at` bounds the index scan; the rest orders ties by event id.
+                query = query
+                    .filter(u::created_at.le(at.clone()))
+                    .filter(u::created_at.lt(at).or(u::event_id.lt(id)));
+            }
+            let rows: Vec<EventTuple<String, String>> = query
+                .select((
+                    u::event_id,
+                    u::user_id,
+                    u::api_key_id,
+                    u::endpoint,
+                    u::method,
+                    u::status_code,
+                    u::response_time_ms,
+                    u::created_at,
+                ))
+                .order((u::created_at.desc(), u::event_id.desc()))
+                .limit(i64::from(limit))
+                .load(conn)
+                .map_err(db("usage event"))?;
+            rows.into_iter()
+                .map(|(id, user, key, endpoint, method, status, ms, at)| {
+                    let id = uuid::Uuid::parse_str(&id).map_err(|e| {
+                        RepoError::Backend(format!("bad stored event id {id:?}: {e}"))
+                    })?;
+                    Ok(event_from_columns(
+                        id,
+                        (user, key, endpoint, method),
+                        (status, ms),
+                        parse_ts(&at)?,
+                    ))
+                })
+                .collect()
         })
         .await
     }
