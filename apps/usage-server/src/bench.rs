@@ -4,7 +4,8 @@
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use usage_core::repo::{
-    DeadLetter, EndpointStats, IncludedCalls, RecordOutcome, UsageRecord, UsageRepository,
+    DeadLetter, EndpointStats, IncludedCalls, RecordOutcome, UsagePrune, UsageRecord,
+    UsageRepository,
 };
 use usage_core::{RepoError, UsageEvent, UserId};
 
@@ -58,5 +59,33 @@ impl UsageRepository for DiscardedUsage {
     }
     async fn remove_dead_letters(&self, _event_ids: &[uuid::Uuid]) -> Result<u64, RepoError> {
         Ok(0)
+    }
+    async fn prepare_usage_storage(
+        &self,
+        _now: OffsetDateTime,
+        _months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        Ok(Vec::new())
+    }
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        _dry_run: bool,
+    ) -> Result<UsagePrune, RepoError> {
+        Ok(UsagePrune {
+            before,
+            rows: 0,
+            partitions: Vec::new(),
+        })
+    }
+    async fn usage_events_page(
+        &self,
+        _user_id: &UserId,
+        _from: OffsetDateTime,
+        _to: OffsetDateTime,
+        _after: Option<(OffsetDateTime, uuid::Uuid)>,
+        _limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        Ok(Vec::new())
     }
 }

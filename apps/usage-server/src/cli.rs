@@ -302,6 +302,13 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     pub admin_audit_retention_days: u32,
 
+    /// Days raw calls are kept (1 to 36500; unset: for ever). Older calls are removed at
+    /// start and every day, never before their day is aggregated and their period's
+    /// overage invoiced; the daily aggregate keeps their history.
+    #[arg(long, env = "USAGE_RETENTION_DAYS", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub usage_retention_days: Option<u32>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -364,6 +371,28 @@ pub enum Command {
         /// Store every letter the store now takes, and forget those.
         #[arg(long)]
         replay: bool,
+    },
+    /// Remove raw calls older than USAGE_RETENTION_DAYS (aggregated and invoiced ones
+    /// only); prints what it removed as JSON.
+    PruneUsage {
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stream a user's recorded calls to stdout, newest first.
+    Export {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// First instant included (RFC 3339); default: the oldest call.
+        #[arg(long, value_parser = parse_time)]
+        from: Option<time::OffsetDateTime>,
+        /// First instant excluded (RFC 3339); default: now.
+        #[arg(long, value_parser = parse_time)]
+        to: Option<time::OffsetDateTime>,
+        /// One JSON object per line, or CSV with a header line.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Ndjson)]
+        format: ExportFormat,
     },
     /// Compare, per user and period, overage calls, invoiced calls and recorded charges;
     /// prints JSON and exits non-zero when something does not add up.
@@ -449,6 +478,19 @@ pub struct TokenArgs {
 fn parse_plan(s: &str) -> Result<Plan, String> {
     s.parse()
         .map_err(|e: usage_core::DomainError| e.to_string())
+}
+
+fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
+    usage_analytics::events::parse_time("time", s).map_err(|e| e.to_string())
+}
+
+/// Output of `export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line.
+    Ndjson,
+    /// Comma-separated values with a header line.
+    Csv,
 }
 
 fn parse_user_id(s: &str) -> Result<UserId, String> {

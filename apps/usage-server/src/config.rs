@@ -58,6 +58,8 @@ pub struct Config {
     pub stripe_webhook_secret: Option<SharedSecret>,
     /// Whether the server runs the daily aggregation itself.
     pub daily_aggregation: bool,
+    /// `USAGE_RETENTION_DAYS`; `None` keeps raw calls for ever.
+    pub usage_retention_days: Option<u32>,
     /// `ADMIN_AUDIT_RETENTION_DAYS`; `None` keeps the audit log for ever.
     pub admin_audit_retention_days: Option<u32>,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
@@ -170,6 +172,7 @@ impl Config {
             cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
             stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,
+            usage_retention_days: options.usage_retention_days,
             admin_audit_retention_days: Some(options.admin_audit_retention_days)
                 .filter(|days| *days > 0),
             clock_start: options.clock_start,

@@ -168,3 +168,43 @@ pub(crate) fn schedule_audit_retention(
         }
     })
 }
+
+/// Months of usage storage readied ahead of the current one (PostgreSQL partitions).
+const MONTHS_AHEAD: u32 = 2;
+
+/// At start and every day: readies the usage storage of this month and the next ones
+/// (PostgreSQL partitions), and, with a retention, removes the calls past it.
+pub(crate) fn schedule_usage_lifecycle(
+    store: std::sync::Arc<dyn usage_core::Store>,
+    retention: Option<usage_analytics::retention::UsageRetention>,
+    clock: std::sync::Arc<dyn Clock>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match store.prepare_usage_storage(clock.now(), MONTHS_AHEAD).await {
+                Ok(created) if created.is_empty() => {}
+                Ok(created) => tracing::info!(?created, "usage partitions created"),
+                Err(e) => tracing::error!(error = %e,
+                    "creating usage partitions failed; calls go to the default partition meanwhile"),
+            }
+            if let Some(retention) = &retention {
+                match retention.run(false).await {
+                    Ok(report) => {
+                        if !report.held_back.is_empty() {
+                            tracing::warn!(held_back = ?report.held_back, before = %report.before,
+                                "usage retention held back");
+                        }
+                        if report.rows > 0 || !report.partitions.is_empty() {
+                            tracing::info!(rows = report.rows, partitions = ?report.partitions,
+                                before = %report.before, "old usage removed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "usage retention failed; retried tomorrow")
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
+        }
+    })
+}

@@ -62,6 +62,12 @@ pub enum ServerError {
         /// What the OS said.
         reason: String,
     },
+    /// `prune-usage` without a retention.
+    #[error("USAGE_RETENTION_DAYS is not set: raw calls are kept for ever, nothing to prune")]
+    NoRetention,
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
     /// The HTTP server stopped with an error.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),

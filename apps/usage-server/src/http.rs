@@ -30,6 +30,7 @@ pub(crate) struct AppState {
     pub metering: Arc<MeteringStats>,
     pub quota: Arc<QuotaBook>,
     pub reports: UsageReports,
+    pub events: usage_analytics::events::UsageEvents,
     pub keys: KeyIssuer,
     pub verifier: Arc<KeyVerifier>,
     pub aggregation: DailyAggregation,
@@ -113,6 +114,14 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         config.plans.clone(),
         clock_for_billing.clone(),
     );
+    let events = usage_analytics::events::UsageEvents::new(store.clone(), clock.clone());
+    let lifecycle = cron_api::schedule_usage_lifecycle(
+        store.clone(),
+        config.usage_retention_days.map(|days| {
+            usage_analytics::retention::UsageRetention::new(store.clone(), clock.clone(), days)
+        }),
+        clock.clone(),
+    );
     let audit_retention = config
         .admin_audit_retention_days
         .map(|days| cron_api::schedule_audit_retention(admin_reports.clone(), days));
@@ -138,6 +147,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         metering: metering.stats(),
         quota: quota_for_metrics,
         reports,
+        events,
         keys,
         verifier,
         aggregation,
@@ -195,6 +205,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let served = server.run().await;
     access_watcher.abort();
     quota_sync.abort();
+    lifecycle.abort();
     for task in [schedule, audit_retention].into_iter().flatten() {
         task.abort();
     }
@@ -242,6 +253,12 @@ fn user_routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/usage/overage")
             .route(web::get().to(overage))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/usage/events")
+            .app_data(query_config())
+            .route(web::get().to(events))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -322,6 +339,15 @@ async fn overage(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.reports.overage(&user.0).await?))
+}
+
+async fn events(
+    user: AuthenticatedUser,
+    state: web::Data<AppState>,
+    query: QueryParams,
+) -> Result<HttpResponse, ApiError> {
+    let query = usage_analytics::events::parse_event_query(&query, state.events.now())?;
+    Ok(HttpResponse::Ok().json(state.events.page(&user.0, &query).await?))
 }
 
 async fn charges(

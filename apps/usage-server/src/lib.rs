@@ -138,6 +138,29 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             }
             Ok(())
         }
+        Command::PruneUsage { dry_run } => {
+            let days = config
+                .usage_retention_days
+                .ok_or(ServerError::NoRetention)?;
+            let store = open_migrated(&config).await?;
+            let report = usage_analytics::retention::UsageRetention::new(store, clock, days)
+                .run(dry_run)
+                .await?;
+            println!("{}", serde_json::json!(report));
+            Ok(())
+        }
+        Command::Export {
+            user,
+            from,
+            to,
+            format,
+        } => {
+            let store = open_migrated(&config).await?;
+            let events = usage_analytics::events::UsageEvents::new(store, clock.clone());
+            let from = from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let to = to.unwrap_or_else(|| clock.now());
+            export(&events, &user, (from, to), format).await
+        }
         Command::ReconcileOverage { attention_only } => {
             let store = open_migrated(&config).await?;
             let items: Vec<_> = config
@@ -172,4 +195,42 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
 async fn open_migrated(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     usage_store::migrate(&config.database_url).await?;
     Ok(usage_store::open(&config.database_url, &config.pool).await?)
+}
+
+/// Streams `user`'s calls to stdout; a reader that goes away (`| head`) ends it quietly.
+async fn export(
+    events: &usage_analytics::events::UsageEvents,
+    user: &usage_core::UserId,
+    (from, to): (time::OffsetDateTime, time::OffsetDateTime),
+    format: cli::ExportFormat,
+) -> Result<(), ServerError> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if format == cli::ExportFormat::Csv {
+        writeln!(out, "{}", usage_analytics::events::EventItem::CSV_HEADER)
+            .map_err(ServerError::Output)?;
+    }
+    let written = events
+        .export(user, from, to, |page| -> std::io::Result<()> {
+            for item in page {
+                match format {
+                    cli::ExportFormat::Ndjson => {
+                        serde_json::to_writer(&mut out, item).map_err(std::io::Error::other)?;
+                        out.write_all(b"\n")?;
+                    }
+                    cli::ExportFormat::Csv => writeln!(out, "{}", item.csv_row())?,
+                }
+            }
+            Ok(())
+        })
+        .await?
+        .and_then(|n| out.flush().map(|()| n));
+    match written {
+        Ok(n) => {
+            tracing::info!(calls = n, "export done");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(ServerError::Output(e)),
+    }
 }

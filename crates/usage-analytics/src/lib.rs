@@ -5,7 +5,9 @@
 
 pub mod admin;
 pub mod daily;
+pub mod events;
 pub mod reports;
+pub mod retention;
 
 pub use daily::{AggregationReport, DailyAggregation};
 pub use reports::{AnalyticsError, UsageReports};

@@ -8,7 +8,7 @@ use thiserror::Error;
 use time::{Date, Duration, OffsetDateTime};
 use usage_core::quota::QuotaBook;
 use usage_core::repo::{
-    ChargeStatus, DailyUsageRepository, OverageChargeRepository, UsageRepository, User,
+    ChargeStatus, DailyUsage, DailyUsageRepository, OverageChargeRepository, UsageRepository, User,
     UserRepository,
 };
 use usage_core::{BillingPeriod, Cents, Clock, RepoError, Store, UserId};
@@ -275,14 +275,22 @@ impl UsageReports {
         } else {
             HashSet::new()
         };
-        let mut stored: HashMap<Date, HistoryDay> = HashMap::new();
-        if !current.is_empty() {
+        // Days before retention's bound live in the aggregate; their calls stored since
+        // (not folded in yet) are added from the raw events below.
+        let pruned_before = self
+            .daily
+            .usage_pruned_before()
+            .await?
+            .map(|bound| bound.date());
+        let in_aggregate = |d: Date| current.contains(&d) || pruned_before.is_some_and(|b| d < b);
+        let mut stored: HashMap<Date, DailyUsage> = HashMap::new();
+        if first <= yesterday && (!current.is_empty() || pruned_before.is_some_and(|b| first < b)) {
             let aggregated = self.daily.daily_usage(user_id, first, yesterday).await?;
             stored.extend(
                 aggregated
                     .into_iter()
-                    .filter(|d| current.contains(&d.date))
-                    .map(|d| (d.date, history_day(&d))),
+                    .filter(|d| in_aggregate(d.date))
+                    .map(|d| (d.date, d)),
             );
         }
         // The raw events from the first day that is not current, today included.
@@ -294,20 +302,30 @@ impl UsageReports {
             .daily
             .daily_usage_from_events(user_id, first_raw, today)
             .await?;
-        stored.extend(
-            raw.into_iter()
-                .filter(|d| !current.contains(&d.date))
-                .map(|d| (d.date, history_day(&d))),
-        );
+        for day in raw.into_iter().filter(|d| !current.contains(&d.date)) {
+            match stored.get_mut(&day.date) {
+                Some(kept) => {
+                    kept.api_calls += day.api_calls;
+                    kept.error_calls += day.error_calls;
+                    kept.total_response_time_ms += day.total_response_time_ms;
+                }
+                None => {
+                    stored.insert(day.date, day);
+                }
+            }
+        }
         Ok((0..i64::from(days))
             .map(|i| first + Duration::days(i))
             .map(|date| {
-                stored.remove(&date).unwrap_or(HistoryDay {
-                    date,
-                    api_calls: 0,
-                    error_calls: 0,
-                    avg_response_time_ms: 0.0,
-                })
+                stored.remove(&date).map_or(
+                    HistoryDay {
+                        date,
+                        api_calls: 0,
+                        error_calls: 0,
+                        avg_response_time_ms: 0.0,
+                    },
+                    |d| history_day(&d),
+                )
             })
             .collect())
     }

@@ -806,8 +806,18 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let cutoff = datetime!(2025-02-01 00:00 UTC);
+    store
+        .aggregate_usage_day(old.date(), datetime!(2025-06-01 00:00 UTC))
+        .await
+        .unwrap();
+    assert_eq!(store.usage_pruned_before().await.unwrap(), None);
     let dry = store.prune_usage(cutoff, true).await.unwrap();
-    assert_eq!(dry.rows, 7);
+    assert_eq!((dry.rows, dry.before), (7, cutoff));
+    assert_eq!(
+        store.usage_pruned_before().await.unwrap(),
+        None,
+        "a dry run records nothing"
+    );
     let year = (
         datetime!(2025-01-01 00:00 UTC),
         datetime!(2026-01-01 00:00 UTC),
@@ -845,6 +855,60 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(left.iter().all(|e| e.created_at >= cutoff) && left.len() == 4);
+    assert_eq!(store.usage_pruned_before().await.unwrap(), Some(cutoff));
+
+    // Two calls of the pruned day arrive late (a replay): aggregating the day again adds
+    // them to its row and removes them, instead of rebuilding it from what is left.
+    store
+        .record_usage(
+            &events(&ada, &key, 2, old + Duration::hours(1)),
+            &IncludedCalls::new(),
+        )
+        .await
+        .unwrap();
+    store
+        .aggregate_usage_day(old.date(), datetime!(2025-06-02 00:00 UTC))
+        .await
+        .unwrap();
+    let day = store
+        .daily_usage(&ada, old.date(), old.date())
+        .await
+        .unwrap();
+    assert_eq!((day.len(), day[0].api_calls), (1, 9), "{day:?}");
+    assert_eq!(day[0].total_response_time_ms, 27);
+    assert!(!day[0].top_endpoints.is_empty(), "the top endpoints stay");
+    let day_range = (
+        old.date().midnight().assume_utc(),
+        old.date().midnight().assume_utc() + Duration::days(1),
+    );
+    assert_eq!(
+        store
+            .count_usage_events(&ada, day_range.0, day_range.1)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .aggregated_days(old.date(), old.date())
+            .await
+            .unwrap()
+            .contains(&old.date()),
+        "the day is current again"
+    );
+    // Again: nothing more to add.
+    store
+        .aggregate_usage_day(old.date(), datetime!(2025-06-03 00:00 UTC))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .daily_usage(&ada, old.date(), old.date())
+            .await
+            .unwrap()[0]
+            .api_calls,
+        9
+    );
 }
 
 pub async fn api_keys_crud(store: Arc<dyn Store>) {

@@ -34,6 +34,8 @@ struct State {
     audit: Vec<AdminAuditEntry>,
     quota: BTreeMap<(UserId, OffsetDateTime), u64>,
     plan_changed: BTreeMap<UserId, OffsetDateTime>,
+    /// Retention's bound: events before it were removed.
+    pruned_before: Option<OffsetDateTime>,
     /// Stripe events recorded: event id to (customer, created, applied).
     stripe_events: HashMap<String, (String, OffsetDateTime, bool)>,
 }
@@ -545,8 +547,10 @@ impl UsageRepository for MemoryStore {
             for id in &expired {
                 state.event_ids.remove(id);
             }
+            state.pruned_before = state.pruned_before.max(Some(before));
         }
         Ok(UsagePrune {
+            before,
             rows: expired.len() as u64,
             partitions: Vec::new(),
         })
@@ -624,10 +628,40 @@ impl DailyUsageRepository for MemoryStore {
             .into_iter()
             .map(|(user_id, events)| daily_row(user_id, date, &events))
             .collect();
-        state.daily.retain(|(_, d), _| *d != date);
         let users = rows.len() as u64;
-        for row in rows {
-            state.daily.insert((row.user_id.clone(), date), row);
+        if state.pruned_before.is_some_and(|bound| date < bound.date()) {
+            // Retention removed the day's events: add the late ones, then remove them.
+            for row in rows {
+                let kept = state
+                    .daily
+                    .entry((row.user_id.clone(), date))
+                    .or_insert(DailyUsage {
+                        api_calls: 0,
+                        error_calls: 0,
+                        total_response_time_ms: 0,
+                        ..row.clone()
+                    });
+                kept.api_calls += row.api_calls;
+                kept.error_calls += row.error_calls;
+                kept.total_response_time_ms += row.total_response_time_ms;
+                kept.avg_response_time_ms =
+                    kept.total_response_time_ms as f64 / kept.api_calls.max(1) as f64;
+            }
+            let folded: Vec<Uuid> = state
+                .events
+                .iter()
+                .filter(|e| e.created_at.date() == date)
+                .map(|e| e.event_id)
+                .collect();
+            state.events.retain(|e| e.created_at.date() != date);
+            for id in &folded {
+                state.event_ids.remove(id);
+            }
+        } else {
+            state.daily.retain(|(_, d), _| *d != date);
+            for row in rows {
+                state.daily.insert((row.user_id.clone(), date), row);
+            }
         }
         if date < OffsetDateTime::now_utc().date() {
             let day = state.days.entry(date).or_insert((0, None));
@@ -667,6 +701,10 @@ impl DailyUsageRepository for MemoryStore {
                 ..daily_row(user_id, day, &events)
             })
             .collect())
+    }
+
+    async fn usage_pruned_before(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        Ok(self.state().pruned_before)
     }
 
     async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {

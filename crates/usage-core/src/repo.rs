@@ -762,9 +762,10 @@ pub trait UsageRepository: Send + Sync {
         months_ahead: u32,
     ) -> Result<Vec<String>, RepoError>;
     /// Removes stored events with `created_at < before` (with `dry_run`, only counts
-    /// them), a bounded batch at a time. A store may keep some of them until the whole of
-    /// their storage unit has expired: PostgreSQL drops a monthly partition once all of its
-    /// month is before `before`, and keeps the month that `before` falls in.
+    /// them), a bounded batch at a time, and records the bound it used
+    /// ([`DailyUsageRepository::usage_pruned_before`]). A store may use an earlier bound
+    /// to remove whole storage units: PostgreSQL drops the monthly partitions wholly
+    /// before `before` and keeps the month `before` falls in.
     async fn prune_usage(
         &self,
         before: OffsetDateTime,
@@ -784,8 +785,12 @@ pub trait UsageRepository: Send + Sync {
 }
 
 /// What [`UsageRepository::prune_usage`] removed, or would remove.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UsagePrune {
+    /// Every event before this was removed (or would be): the bound asked for, or an
+    /// earlier one where the store removes whole units.
+    #[serde(with = "time::serde::rfc3339")]
+    pub before: OffsetDateTime,
     /// Events removed (or that would be).
     pub rows: u64,
     /// Whole storage units dropped (PostgreSQL partitions), by name.
@@ -810,7 +815,14 @@ pub struct DeadLetter {
 pub trait DailyUsageRepository: Send + Sync {
     /// Rebuilds every user's row for the UTC day `date` from the raw events, replacing
     /// what was there; returns the number of users with calls that day. Idempotent.
+    ///
+    /// A day before [`Self::usage_pruned_before`] lost its raw events to retention: its
+    /// rows are kept, and the events stored since (late writes) are added to them and
+    /// removed, in one transaction.
     async fn aggregate_usage_day(&self, date: Date, now: OffsetDateTime) -> Result<u64, RepoError>;
+    /// The bound below which retention has removed raw events
+    /// ([`UsageRepository::prune_usage`]), if it ever ran.
+    async fn usage_pruned_before(&self) -> Result<Option<OffsetDateTime>, RepoError>;
     /// A user's daily rows with `from <= date <= to`, oldest first (days without calls
     /// have no row).
     async fn daily_usage(

@@ -601,3 +601,16 @@ pub(crate) fn event_from_columns(
         created_at,
     }
 }
+
+/// How a day's late calls are added to a row already in `eco_usage_daily` (a day whose raw
+/// events retention removed): counts and sums add up; the top endpoints stay as they were.
+pub(crate) const FOLD_INTO_DAILY: &str = "\
+ON CONFLICT (user_id, date) DO UPDATE SET
+    api_calls = eco_usage_daily.api_calls + excluded.api_calls,
+    error_calls = eco_usage_daily.error_calls + excluded.error_calls,
+    total_response_time_ms = eco_usage_daily.total_response_time_ms
+                             + excluded.total_response_time_ms,
+    avg_response_time_ms = CAST(eco_usage_daily.total_response_time_ms
+                                + excluded.total_response_time_ms AS DOUBLE PRECISION)
+                           / (eco_usage_daily.api_calls + excluded.api_calls),
+    updated_at = excluded.updated_at";

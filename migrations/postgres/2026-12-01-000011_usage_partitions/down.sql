@@ -1,3 +1,4 @@
+DROP TABLE eco_usage_retention;
 -- Back to one table (copies every row).
 ALTER TABLE eco_api_usage RENAME TO eco_api_usage_partitioned;
 ALTER INDEX eco_api_usage_time_idx RENAME TO eco_api_usage_partitioned_time_idx;

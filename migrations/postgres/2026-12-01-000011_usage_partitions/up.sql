@@ -57,3 +57,10 @@ BEGIN
     END IF;
 END $$;
 CREATE TABLE eco_api_usage_default PARTITION OF eco_api_usage DEFAULT;
+
+-- Retention's bound: raw calls before it were removed. A day before it keeps its daily
+-- aggregate; calls of that day stored later are added to the aggregate, not rebuilt from.
+CREATE TABLE eco_usage_retention (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    pruned_before TIMESTAMPTZ NOT NULL
+);

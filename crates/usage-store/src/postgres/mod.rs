@@ -29,11 +29,11 @@ use uuid::Uuid;
 
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
-    eco_usage_records, eco_users,
+    eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, EventTuple, PeriodSumsRow, QuotaTakeRow,
-    TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
+    BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, PeriodSumsRow,
+    QuotaTakeRow, TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
     distinct_references, event_from_columns, lease_binds, parse_plan, plan_counts,
     projection_threshold, raw_day, to_i64, to_u64,
 };
@@ -1303,6 +1303,25 @@ impl DailyUsageRepository for PgStore {
         );
         let start = date.midnight().assume_utc();
         let end = start + time::Duration::days(1);
+        let fold = self
+            .usage_pruned_before()
+            .await?
+            .is_some_and(|bound| date < bound.date());
+        // The day's events are removed as they are counted (one statement), so that a call
+        // stored meanwhile is neither lost nor counted twice.
+        let fold_sql = format!(
+            "WITH gone AS (
+                DELETE FROM eco_api_usage WHERE created_at >= $2 AND created_at < $3
+                RETURNING user_id, status_code, response_time_ms
+            )
+            INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+                total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+            SELECT user_id, $1, count(*), count(*) FILTER (WHERE status_code >= 400),
+                   sum(response_time_ms)::bigint, sum(response_time_ms)::float8 / count(*),
+                   '[]'::jsonb, $4
+            FROM gone GROUP BY user_id
+            {FOLD_INTO_DAILY}"
+        );
         let mut conn = self.conn().await?;
         // A day that has ended (the database's clock) gets its row first, committed on its
         // own, so that every writer of a late call from now on marks it.
@@ -1326,10 +1345,12 @@ impl DailyUsageRepository for PgStore {
                 .get_result(conn)
                 .await
                 .optional()?;
-                diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(date)))
-                    .execute(conn)
-                    .await?;
-                let users = diesel::sql_query(&rebuild)
+                if !fold {
+                    diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(date)))
+                        .execute(conn)
+                        .await?;
+                }
+                let users = diesel::sql_query(if fold { &fold_sql } else { &rebuild })
                     .bind::<SqlDate, _>(date)
                     .bind::<Timestamptz, _>(start)
                     .bind::<Timestamptz, _>(end)
@@ -1411,6 +1432,16 @@ impl DailyUsageRepository for PgStore {
             .into_iter()
             .map(|r| raw_day(user_id, r.date, r.calls, r.errors, r.total_ms))
             .collect())
+    }
+
+    async fn usage_pruned_before(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_usage_retention::table
+            .select(eco_usage_retention::pruned_before)
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "usage retention"))
     }
 
     async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {

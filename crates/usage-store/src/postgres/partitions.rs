@@ -167,18 +167,33 @@ async fn count_before(
     Ok(u64::try_from(count.n).unwrap_or(0))
 }
 
-/// Drops every partition wholly before `before` (monthly ones, and the legacy one once
-/// all of it has expired) and deletes, in batches, the rows before `before` of the legacy
-/// and default partitions. Monthly partitions that `before` falls in are kept whole.
+/// Removes the calls before a bound: `before`, or the start of the monthly partition that
+/// `before` falls in (that month is kept whole until all of it has expired). Partitions
+/// wholly before the bound are dropped (monthly ones, and the legacy one once all of it has
+/// expired); rows before it in the legacy and default partitions are deleted in batches.
+/// The bound is recorded as retention's (not in a dry run).
 pub(crate) async fn prune(
     conn: &mut AsyncPgConnection,
     before: OffsetDateTime,
     dry_run: bool,
 ) -> Result<UsagePrune, diesel::result::Error> {
-    let mut outcome = UsagePrune::default();
-    for partition in list(conn).await? {
+    let partitions = list(conn).await?;
+    let bound = partitions
+        .iter()
+        .filter(|p| p.is_monthly())
+        .filter_map(|p| {
+            p.from
+                .filter(|from| *from < before && p.to.is_some_and(|to| to > before))
+        })
+        .fold(before, OffsetDateTime::min);
+    let mut outcome = UsagePrune {
+        before: bound,
+        rows: 0,
+        partitions: Vec::new(),
+    };
+    for partition in partitions {
         let name = &partition.name;
-        if !partition.is_default && partition.to.is_some_and(|to| to <= before) {
+        if !partition.is_default && partition.to.is_some_and(|to| to <= bound) {
             outcome.rows += count_before(conn, name, None).await?;
             if !dry_run {
                 conn.transaction(async |conn| {
@@ -192,9 +207,9 @@ pub(crate) async fn prune(
                 .await?;
             }
             outcome.partitions.push(name.clone());
-        } else if !partition.is_monthly() && partition.from.is_none_or(|from| from < before) {
+        } else if !partition.is_monthly() && partition.from.is_none_or(|from| from < bound) {
             if dry_run {
-                outcome.rows += count_before(conn, name, Some(before)).await?;
+                outcome.rows += count_before(conn, name, Some(bound)).await?;
                 continue;
             }
             loop {
@@ -202,7 +217,7 @@ pub(crate) async fn prune(
                     "DELETE FROM {name} WHERE ctid = ANY(ARRAY(
                          SELECT ctid FROM {name} WHERE created_at < $1 LIMIT $2))"
                 ))
-                .bind::<Timestamptz, _>(before)
+                .bind::<Timestamptz, _>(bound)
                 .bind::<BigInt, _>(DELETE_BATCH)
                 .execute(conn)
                 .await?;
@@ -212,6 +227,16 @@ pub(crate) async fn prune(
                 }
             }
         }
+    }
+    if !dry_run {
+        diesel::sql_query(
+            "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE
+             SET pruned_before = greatest(eco_usage_retention.pruned_before, excluded.pruned_before)",
+        )
+        .bind::<Timestamptz, _>(bound)
+        .execute(conn)
+        .await?;
     }
     Ok(outcome)
 }

@@ -95,6 +95,13 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    eco_usage_retention (id) {
+        id -> Integer,
+        pruned_before -> Timestamptz,
+    }
+}
+
 // A key is read together with its user's plan (one lookup on the hot path).
 diesel::joinable!(eco_api_keys -> eco_users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(eco_api_keys, eco_users);

@@ -29,13 +29,13 @@ use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, User
 
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
-    eco_usage_records, eco_users,
+    eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::common::{
-    BatchError, CountRow, EndpointStatsRow, EventTuple, LEDGER_SQL, LedgerCounts, PeriodSumsRow,
-    QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json, distinct_references,
-    event_from_columns, lease_binds, parse_plan, parse_top_endpoints, plan_counts,
-    projection_threshold, raw_day, to_i64, to_u64,
+    BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts,
+    PeriodSumsRow, QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json,
+    distinct_references, event_from_columns, lease_binds, parse_plan, parse_top_endpoints,
+    plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -1080,8 +1080,13 @@ impl UsageRepository for SqliteStore {
         before: OffsetDateTime,
         dry_run: bool,
     ) -> Result<UsagePrune, RepoError> {
+        let bound = before;
         let before = ts(before);
-        let mut outcome = UsagePrune::default();
+        let mut outcome = UsagePrune {
+            before: bound,
+            rows: 0,
+            partitions: Vec::new(),
+        };
         if dry_run {
             outcome.rows = self
                 .run("usage event", move |conn| {
@@ -1112,10 +1117,22 @@ impl UsageRepository for SqliteStore {
                 .await?;
             outcome.rows += deleted as u64;
             if (deleted as i64) < SQLITE_DELETE_BATCH {
-                return Ok(outcome);
+                break;
             }
             tokio::task::yield_now().await;
         }
+        self.run("usage retention", move |conn| {
+            diesel::sql_query(
+                "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE
+                 SET pruned_before = max(pruned_before, excluded.pruned_before)",
+            )
+            .bind::<Text, _>(before)
+            .execute(conn)
+            .map_err(db("usage retention"))
+        })
+        .await?;
+        Ok(outcome)
     }
 
     async fn usage_events_page(
@@ -1367,16 +1384,40 @@ impl DailyUsageRepository for SqliteStore {
         // A day that has ended is recorded as aggregated and current; one write
         // transaction, so no late write can fall between the rebuild and the mark.
         let ended = date < OffsetDateTime::now_utc().date();
+        let fold = self
+            .usage_pruned_before()
+            .await?
+            .is_some_and(|bound| date < bound.date());
+        let fold_sql = format!(
+            "INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+                total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+             SELECT user_id, ?1, count(*), sum(status_code >= 400), sum(response_time_ms),
+                    CAST(sum(response_time_ms) AS REAL) / count(*), '[]', ?4
+             FROM eco_api_usage WHERE created_at >= ?2 AND created_at < ?3
+             GROUP BY user_id
+             {FOLD_INTO_DAILY}"
+        );
         self.run("usage event", move |conn| {
             conn.immediate_transaction(|conn| {
-                diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))
-                    .execute(conn)?;
-                let users = diesel::sql_query(&rebuild)
+                if !fold {
+                    diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))
+                        .execute(conn)?;
+                }
+                let users = diesel::sql_query(if fold { &fold_sql } else { &rebuild })
                     .bind::<Text, _>(&day)
                     .bind::<Text, _>(&from)
                     .bind::<Text, _>(&to)
                     .bind::<Text, _>(&now)
                     .execute(conn)?;
+                if fold {
+                    // Retention removed the day's events: the late ones, now counted, go too.
+                    diesel::delete(
+                        eco_api_usage::table
+                            .filter(eco_api_usage::created_at.ge(&from))
+                            .filter(eco_api_usage::created_at.lt(&to)),
+                    )
+                    .execute(conn)?;
+                }
                 if ended {
                     diesel::sql_query(
                         "INSERT INTO eco_usage_days (date, late_writes, aggregated_writes,
@@ -1472,6 +1513,19 @@ impl DailyUsageRepository for SqliteStore {
                 .collect()
         })
         .await
+    }
+
+    async fn usage_pruned_before(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        let bound: Option<String> = self
+            .run("usage retention", |conn| {
+                eco_usage_retention::table
+                    .select(eco_usage_retention::pruned_before)
+                    .first(conn)
+                    .optional()
+                    .map_err(db("usage retention"))
+            })
+            .await?;
+        parse_ts_opt(bound)
     }
 
     async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {

@@ -1,0 +1,1 @@
+DROP TABLE eco_usage_retention;
