@@ -93,6 +93,35 @@ impl UsageRepository for FlakyStore {
     async fn remove_dead_letters(&self, event_ids: &[uuid::Uuid]) -> Result<u64, RepoError> {
         self.inner.remove_dead_letters(event_ids).await
     }
+
+    async fn prepare_usage_storage(
+        &self,
+        now: OffsetDateTime,
+        months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        self.inner.prepare_usage_storage(now, months_ahead).await
+    }
+
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<usage_core::repo::UsagePrune, RepoError> {
+        self.inner.prune_usage(before, dry_run).await
+    }
+
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, uuid::Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        self.inner
+            .usage_events_page(user_id, from, to, after, limit)
+            .await
+    }
 }
 
 struct Fixture {
