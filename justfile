@@ -68,6 +68,10 @@ bench-hot-path BACKEND="sqlite":
 bench-ingest BACKEND="postgres":
     bash scripts/bench-ingest.sh {{BACKEND}}
 
+# Partitioned vs plain ingest, a month removed by partition drop vs DELETE, export rows/s and memory (PostgreSQL).
+bench-lifecycle:
+    bash scripts/bench-lifecycle.sh
+
 # Analytics at scale on PostgreSQL (USERS=10000 ROWS=10000000 by default)
 bench-analytics:
     bash scripts/bench-analytics.sh

@@ -293,16 +293,19 @@ impl UsageReports {
                     .map(|d| (d.date, d)),
             );
         }
-        // The raw events from the first day that is not current, today included.
+        // Raw calls of a day before retention's bound are the ones not folded into its
+        // aggregate yet: always added to it.
+        let raw_counts = |d: Date| !current.contains(&d) || pruned_before.is_some_and(|b| d < b);
+        // The raw events from the first day that needs them, today included.
         let first_raw = (0..i64::from(days))
             .map(|i| first + Duration::days(i))
-            .find(|d| !current.contains(d))
+            .find(|d| raw_counts(*d))
             .unwrap_or(today);
         let raw = self
             .daily
             .daily_usage_from_events(user_id, first_raw, today)
             .await?;
-        for day in raw.into_iter().filter(|d| !current.contains(&d.date)) {
+        for day in raw.into_iter().filter(|d| raw_counts(d.date)) {
             match stored.get_mut(&day.date) {
                 Some(kept) => {
                     kept.api_calls += day.api_calls;

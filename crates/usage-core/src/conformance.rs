@@ -858,11 +858,22 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
     assert_eq!(store.usage_pruned_before().await.unwrap(), Some(cutoff));
 
     // Two calls of the pruned day arrive late (a replay): aggregating the day again adds
-    // them to its row and removes them, instead of rebuilding it from what is left.
+    // them to its row and removes them, instead of rebuilding it from what is left. Bob's
+    // late calls are overage not invoiced yet: they stay raw.
     store
         .record_usage(
             &events(&ada, &key, 2, old + Duration::hours(1)),
             &IncludedCalls::new(),
+        )
+        .await
+        .unwrap();
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let mut no_calls_included = IncludedCalls::new();
+    no_calls_included.insert(bob.clone(), 0);
+    store
+        .record_usage(
+            &events(&bob, &bob_key, 3, old + Duration::hours(2)),
+            &no_calls_included,
         )
         .await
         .unwrap();
@@ -880,6 +891,20 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
     let day_range = (
         old.date().midnight().assume_utc(),
         old.date().midnight().assume_utc() + Duration::days(1),
+    );
+    assert_eq!(
+        store
+            .count_usage_events(&bob, day_range.0, day_range.1)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(
+        store
+            .daily_usage(&bob, old.date(), old.date())
+            .await
+            .unwrap()
+            .is_empty()
     );
     assert_eq!(
         store

@@ -620,16 +620,27 @@ impl DailyUsageRepository for MemoryStore {
         _now: OffsetDateTime,
     ) -> Result<u64, RepoError> {
         let mut state = self.state();
+        let fold = state.pruned_before.is_some_and(|bound| date < bound.date());
+        let period = BillingPeriod::containing(date.midnight().assume_utc()).start();
+        // Folding leaves the calls of a period with overage still to invoice raw.
+        let foldable = |state: &State, user: &UserId| {
+            state
+                .records
+                .get(&(user.clone(), period))
+                .is_none_or(|r| r.overage_calls <= r.overage_invoiced_calls)
+        };
         let mut by_user: BTreeMap<&UserId, Vec<&UsageEvent>> = BTreeMap::new();
         for e in state.events.iter().filter(|e| e.created_at.date() == date) {
-            by_user.entry(&e.user_id).or_default().push(e);
+            if !fold || foldable(&state, &e.user_id) {
+                by_user.entry(&e.user_id).or_default().push(e);
+            }
         }
         let rows: Vec<DailyUsage> = by_user
             .into_iter()
             .map(|(user_id, events)| daily_row(user_id, date, &events))
             .collect();
         let users = rows.len() as u64;
-        if state.pruned_before.is_some_and(|bound| date < bound.date()) {
+        if fold {
             // Retention removed the day's events: add the late ones, then remove them.
             for row in rows {
                 let kept = state
@@ -647,13 +658,13 @@ impl DailyUsageRepository for MemoryStore {
                 kept.avg_response_time_ms =
                     kept.total_response_time_ms as f64 / kept.api_calls.max(1) as f64;
             }
-            let folded: Vec<Uuid> = state
+            let folded: HashSet<Uuid> = state
                 .events
                 .iter()
-                .filter(|e| e.created_at.date() == date)
+                .filter(|e| e.created_at.date() == date && foldable(&state, &e.user_id))
                 .map(|e| e.event_id)
                 .collect();
-            state.events.retain(|e| e.created_at.date() != date);
+            state.events.retain(|e| !folded.contains(&e.event_id));
             for id in &folded {
                 state.event_ids.remove(id);
             }

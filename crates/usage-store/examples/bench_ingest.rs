@@ -257,6 +257,13 @@ async fn main() {
     let store = usage_store::open(&url, &PoolOptions::default())
         .await
         .unwrap();
+    // This month's partition, as the server creates it at start (a plain table has none).
+    if let Err(e) = store
+        .prepare_usage_storage(OffsetDateTime::now_utc(), 1)
+        .await
+    {
+        eprintln!("no usage partitions prepared: {e}");
+    }
     println!(
         "== ingest, {} cores, {per_case} events per case, {} writer(s), batches as the server writes them",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

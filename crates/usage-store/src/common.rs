@@ -602,6 +602,17 @@ pub(crate) fn event_from_columns(
     }
 }
 
+/// Which of a pruned day's late calls may be folded into its aggregate (and removed): those
+/// of users whose period (`$5` / `?5`, the period's start) has no overage left to invoice.
+/// The others stay raw until it is invoiced: billing disputes need them.
+pub(crate) fn foldable(param: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM eco_usage_records r
+                     WHERE r.user_id = eco_api_usage.user_id AND r.period_start = {param}
+                       AND r.overage_calls > r.overage_invoiced_calls)"
+    )
+}
+
 /// How a day's late calls are added to a row already in `eco_usage_daily` (a day whose raw
 /// events retention removed): counts and sums add up; the top endpoints stay as they were.
 pub(crate) const FOLD_INTO_DAILY: &str = "\

@@ -24,7 +24,9 @@ use usage_core::repo::{
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     plan_key_issue, plan_subscription_change,
 };
-use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
+use usage_core::{
+    ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
+};
 use uuid::Uuid;
 
 use self::schema::{
@@ -34,7 +36,7 @@ use self::schema::{
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, PeriodSumsRow,
     QuotaTakeRow, TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
-    distinct_references, event_from_columns, lease_binds, parse_plan, plan_counts,
+    distinct_references, event_from_columns, foldable, lease_binds, parse_plan, plan_counts,
     projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
@@ -1311,7 +1313,8 @@ impl DailyUsageRepository for PgStore {
         // stored meanwhile is neither lost nor counted twice.
         let fold_sql = format!(
             "WITH gone AS (
-                DELETE FROM eco_api_usage WHERE created_at >= $2 AND created_at < $3
+                DELETE FROM eco_api_usage
+                WHERE created_at >= $2 AND created_at < $3 AND {}
                 RETURNING user_id, status_code, response_time_ms
             )
             INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
@@ -1320,7 +1323,8 @@ impl DailyUsageRepository for PgStore {
                    sum(response_time_ms)::bigint, sum(response_time_ms)::float8 / count(*),
                    '[]'::jsonb, $4
             FROM gone GROUP BY user_id
-            {FOLD_INTO_DAILY}"
+            {FOLD_INTO_DAILY}",
+            foldable("$5")
         );
         let mut conn = self.conn().await?;
         // A day that has ended (the database's clock) gets its row first, committed on its
@@ -1350,13 +1354,24 @@ impl DailyUsageRepository for PgStore {
                         .execute(conn)
                         .await?;
                 }
-                let users = diesel::sql_query(if fold { &fold_sql } else { &rebuild })
-                    .bind::<SqlDate, _>(date)
-                    .bind::<Timestamptz, _>(start)
-                    .bind::<Timestamptz, _>(end)
-                    .bind::<Timestamptz, _>(now)
-                    .execute(conn)
-                    .await?;
+                let users = if fold {
+                    diesel::sql_query(&fold_sql)
+                        .bind::<SqlDate, _>(date)
+                        .bind::<Timestamptz, _>(start)
+                        .bind::<Timestamptz, _>(end)
+                        .bind::<Timestamptz, _>(now)
+                        .bind::<Timestamptz, _>(BillingPeriod::containing(start).start())
+                        .execute(conn)
+                        .await?
+                } else {
+                    diesel::sql_query(&rebuild)
+                        .bind::<SqlDate, _>(date)
+                        .bind::<Timestamptz, _>(start)
+                        .bind::<Timestamptz, _>(end)
+                        .bind::<Timestamptz, _>(now)
+                        .execute(conn)
+                        .await?
+                };
                 if let Some(seen) = seen {
                     diesel::sql_query(
                         "UPDATE eco_usage_days SET aggregated_writes = $2, aggregated_at = $3

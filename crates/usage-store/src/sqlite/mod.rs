@@ -25,7 +25,9 @@ use usage_core::repo::{
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
-use usage_core::{ApiKeyId, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
+use usage_core::{
+    ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
+};
 
 use self::schema::{
     eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
@@ -34,8 +36,8 @@ use self::schema::{
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts,
     PeriodSumsRow, QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json,
-    distinct_references, event_from_columns, lease_binds, parse_plan, parse_top_endpoints,
-    plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
+    parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -1388,36 +1390,50 @@ impl DailyUsageRepository for SqliteStore {
             .usage_pruned_before()
             .await?
             .is_some_and(|bound| date < bound.date());
+        let fold_filter = foldable("?5");
         let fold_sql = format!(
             "INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
                 total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
              SELECT user_id, ?1, count(*), sum(status_code >= 400), sum(response_time_ms),
                     CAST(sum(response_time_ms) AS REAL) / count(*), '[]', ?4
-             FROM eco_api_usage WHERE created_at >= ?2 AND created_at < ?3
+             FROM eco_api_usage WHERE created_at >= ?2 AND created_at < ?3 AND {fold_filter}
              GROUP BY user_id
              {FOLD_INTO_DAILY}"
         );
+        let period = ts(BillingPeriod::containing(start).start());
         self.run("usage event", move |conn| {
             conn.immediate_transaction(|conn| {
                 if !fold {
                     diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(&day)))
                         .execute(conn)?;
                 }
-                let users = diesel::sql_query(if fold { &fold_sql } else { &rebuild })
-                    .bind::<Text, _>(&day)
+                let users = if fold {
+                    let users = diesel::sql_query(&fold_sql)
+                        .bind::<Text, _>(&day)
+                        .bind::<Text, _>(&from)
+                        .bind::<Text, _>(&to)
+                        .bind::<Text, _>(&now)
+                        .bind::<Text, _>(&period)
+                        .execute(conn)?;
+                    // Retention removed the day's events: the late ones, now counted, go too.
+                    diesel::sql_query(format!(
+                        "DELETE FROM eco_api_usage
+                         WHERE created_at >= ?1 AND created_at < ?2 AND {}",
+                        foldable("?3")
+                    ))
                     .bind::<Text, _>(&from)
                     .bind::<Text, _>(&to)
-                    .bind::<Text, _>(&now)
+                    .bind::<Text, _>(&period)
                     .execute(conn)?;
-                if fold {
-                    // Retention removed the day's events: the late ones, now counted, go too.
-                    diesel::delete(
-                        eco_api_usage::table
-                            .filter(eco_api_usage::created_at.ge(&from))
-                            .filter(eco_api_usage::created_at.lt(&to)),
-                    )
-                    .execute(conn)?;
-                }
+                    users
+                } else {
+                    diesel::sql_query(&rebuild)
+                        .bind::<Text, _>(&day)
+                        .bind::<Text, _>(&from)
+                        .bind::<Text, _>(&to)
+                        .bind::<Text, _>(&now)
+                        .execute(conn)?
+                };
                 if ended {
                     diesel::sql_query(
                         "INSERT INTO eco_usage_days (date, late_writes, aggregated_writes,
