@@ -88,11 +88,12 @@ psql_on parted -c "CREATE TABLE eco_api_usage_p2025_01 PARTITION OF eco_api_usag
                    FOR VALUES FROM ('2025-01-01 00:00:00+00') TO ('2025-02-01 00:00:00+00')"
 started=$(date +%s); load parted; echo "loaded the partition in $(( $(date +%s) - started )) s"
 started=$(date +%s); load plain; echo "loaded the plain table in $(( $(date +%s) - started )) s"
+psql_on parted -c "SELECT 'storage per call: ' || round(pg_total_relation_size('eco_api_usage_p2025_01')::numeric / $rows) || ' bytes (heap ' || round(pg_relation_size('eco_api_usage_p2025_01')::numeric / $rows) || ', indexes the rest)'"
 measure() { # $1 database, $2 label, $3 SQL; prints seconds and WAL bytes
   local lsn0 t0 t1 lsn1
   lsn0=$(psql_on "$1" -c "SELECT pg_current_wal_lsn()")
   t0=$(date +%s.%N)
-  psql_on "$1" -c "$3"
+  psql_on "$1" -c "$3" >/dev/null
   t1=$(date +%s.%N)
   lsn1=$(psql_on "$1" -c "SELECT pg_current_wal_lsn()")
   local wal
@@ -100,6 +101,14 @@ measure() { # $1 database, $2 label, $3 SQL; prints seconds and WAL bytes
   python3 -c "print(f'{\"$2\":<34} {($t1 - $t0):>9.3f} s {int($wal) / 1048576:>10.1f} MiB WAL')"
   python3 -c "print($t1 - $t0)" > "$work/$2.secs"
 }
+# What the upgrade migration costs on this table: one unique index build and one scan
+# checking the partition bound (the index can be built beforehand, CONCURRENTLY).
+measure plain "migration: unique index build" \
+  "DROP INDEX eco_api_usage_event_key;
+   CREATE UNIQUE INDEX eco_api_usage_event_key ON eco_api_usage (event_id, created_at)"
+measure plain "migration: bound check scan" \
+  "SET enable_indexscan = off; SET enable_bitmapscan = off;
+   SELECT count(*) FROM eco_api_usage WHERE NOT (created_at < '2027-01-01')"
 measure parted "partition drop (prune-usage)" \
   "SET lock_timeout = '5s'; DROP TABLE eco_api_usage_p2025_01"
 measure plain "DELETE on the plain table" \
