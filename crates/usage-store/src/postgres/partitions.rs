@@ -15,9 +15,9 @@ use usage_core::repo::UsagePrune;
 /// Rows deleted per statement from the legacy and default partitions.
 const DELETE_BATCH: i64 = 10_000;
 
-/// How long a partition drop waits for the table's lock before giving up (it retries at
-/// the next run): a drop must not queue every writer behind a long query.
-const DROP_LOCK_TIMEOUT: &str = "5s";
+/// How long creating or dropping a partition waits for the table's lock before giving up
+/// (the next run retries): it must not queue every writer behind a long query.
+const LOCK_TIMEOUT: &str = "5s";
 
 /// One partition of `eco_api_usage`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,13 +123,20 @@ pub(crate) async fn ensure(
             .any(|p| p.overlaps(month.start(), month.end()))
         {
             let name = monthly_name(month);
-            diesel::sql_query(format!(
+            let create = format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF eco_api_usage \
                  FOR VALUES FROM ('{}') TO ('{}')",
                 literal(month.start()),
                 literal(month.end())
-            ))
-            .execute(conn)
+            );
+            // Creating a partition locks the table: never queue the writers behind a long
+            // query for more than a moment (months are created ahead: the next run retries).
+            conn.transaction(async |conn| {
+                diesel::sql_query(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                    .execute(conn)
+                    .await?;
+                diesel::sql_query(&create).execute(conn).await
+            })
             .await?;
             created.push(name);
         }
@@ -197,7 +204,7 @@ pub(crate) async fn prune(
             outcome.rows += count_before(conn, name, None).await?;
             if !dry_run {
                 conn.transaction(async |conn| {
-                    diesel::sql_query(format!("SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'"))
+                    diesel::sql_query(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
                         .execute(conn)
                         .await?;
                     diesel::sql_query(format!("DROP TABLE {name}"))
