@@ -235,6 +235,9 @@ pub(crate) async fn prune(
             }
         }
     }
+    // Recorded once everything before it is gone: a day below the bound must have no raw
+    // calls but late ones. (A late call for a day in the middle of a removal is aggregated
+    // from what is left of that day: a window of one run, accepted.)
     if !dry_run {
         diesel::sql_query(
             "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, $1)

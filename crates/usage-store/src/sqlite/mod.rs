@@ -1123,6 +1123,7 @@ impl UsageRepository for SqliteStore {
             }
             tokio::task::yield_now().await;
         }
+        // Recorded once everything before it is gone (see the PostgreSQL store).
         self.run("usage retention", move |conn| {
             diesel::sql_query(
                 "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, ?1)
