@@ -15,38 +15,50 @@ use usage_core::{Plan, UserId};
 
 use crate::ApiError;
 use crate::http::{AppState, read_body};
+use crate::openapi::{
+    AdminErrors, ErrorResponse, PageParams, Registry, UserListParams, UserPatchBody,
+};
 use crate::user_auth::authenticated_user;
+use usage_analytics::admin::{AdminOverview, AdminUserDetail, AdminUserRow, Page};
 
 /// Longest query string kept in the audit log.
 const MAX_LOGGED_PARAMS: usize = 2_000;
 
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
+    const SCOPE: &str = "/api/admin";
+    let user_path = registry.path_in::<__path_user>(SCOPE);
+    debug_assert_eq!(user_path, registry.path_in::<__path_update_user>(SCOPE));
     cfg.service(
-        web::scope("/api/admin")
+        web::scope(SCOPE)
             .service(
-                web::resource("/analytics/overview")
+                web::resource(registry.path_in::<__path_overview>(SCOPE))
                     .route(web::get().to(overview))
                     .default_service(web::to(not_allowed)),
             )
             .service(
-                web::resource("/analytics/users")
+                web::resource(registry.path_in::<__path_users>(SCOPE))
                     .route(web::get().to(users))
                     .default_service(web::to(not_allowed)),
             )
             .service(
-                web::resource("/users/{id}")
+                web::resource(user_path)
                     .route(web::get().to(user))
                     .route(web::patch().to(update_user))
                     .default_service(web::to(not_allowed)),
             )
             .service(
-                web::resource("/audit")
+                web::resource(registry.path_in::<__path_audit>(SCOPE))
                     .route(web::get().to(audit))
                     .default_service(web::to(not_allowed)),
             )
             .default_service(web::to(unknown)),
     );
 }
+
+/// `GET /api/admin/analytics/users`: a page of users.
+type UsersPage = Page<AdminUserRow>;
+/// `GET /api/admin/audit`: a page of the audit log.
+type AuditPage = Page<AdminAuditEntry>;
 
 /// Checks the caller (401 without a valid token, 429 past the admin rate, 403 when not
 /// an admin), runs `handler`, and writes the audit entry with the status answered.
@@ -142,7 +154,12 @@ fn path_user_id(raw: &str) -> Result<UserId, ApiError> {
     UserId::parse(raw).map_err(|_| ApiError::not_found())
 }
 
-async fn user(
+/// A user and this period's figures.
+#[utoipa::path(get, path = "/api/admin/users/{id}", tag = "admin", security(("admin_jwt" = [])),
+    params(("id" = String, Path, description = "The user id, `eco_usr_...`.")),
+    responses((status = 200, body = AdminUserDetail),
+              (status = 404, description = "No such user.", body = ErrorResponse), AdminErrors))]
+pub(crate) async fn user(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -156,7 +173,16 @@ async fn user(
     .await
 }
 
-async fn update_user(
+/// Changes a user's plan and/or Stripe customer (audited with the body).
+#[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "admin", security(("admin_jwt" = [])),
+    params(("id" = String, Path, description = "The user id, `eco_usr_...`.")),
+    request_body(content = UserPatchBody, content_type = "application/json"),
+    responses((status = 200, body = AdminUserDetail),
+              (status = 404, description = "No such user.", body = ErrorResponse),
+              (status = 409, description = "The Stripe customer is linked to another user.", body = ErrorResponse),
+              (status = 413, description = "Body over 16 KiB.", body = ErrorResponse),
+              AdminErrors))]
+pub(crate) async fn update_user(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -192,14 +218,26 @@ fn no_parameters(query: &HashMap<String, String>) -> Result<(), ApiError> {
     }
 }
 
-async fn overview(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Users per plan, MRR, overage revenue, calls today and this month, top users.
+#[utoipa::path(get, path = "/api/admin/analytics/overview", tag = "admin",
+    security(("admin_jwt" = [])), responses((status = 200, body = AdminOverview), AdminErrors))]
+pub(crate) async fn overview(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     admin_call(&req, &state, |_| async {
         Ok(HttpResponse::Ok().json(state.admin_reports.overview().await?))
     })
     .await
 }
 
-async fn users(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Users with this period's figures: filter, search, sort, page.
+#[utoipa::path(get, path = "/api/admin/analytics/users", tag = "admin", params(UserListParams),
+    security(("admin_jwt" = [])), responses((status = 200, body = UsersPage), AdminErrors))]
+pub(crate) async fn users(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let reports = &state.admin_reports;
     admin_call(&req, &state, |query| async move {
         let params = parse_user_list(&query)?;
@@ -208,7 +246,13 @@ async fn users(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespo
     .await
 }
 
-async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/api/admin/audit", tag = "admin", params(PageParams),
+    security(("admin_jwt" = [])), responses((status = 200, body = AuditPage), AdminErrors))]
+pub(crate) async fn audit(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let reports = &state.admin_reports;
     admin_call(&req, &state, |query| async move {
         if let Some(unknown) = query.keys().find(|k| *k != "page" && *k != "limit") {

@@ -12,26 +12,40 @@ use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
 use crate::http::{AppState, invalid_query, method_not_allowed};
+use crate::openapi::{AggregateParams, BillingParams, CronErrors, Registry};
+use serde::Serialize;
+use usage_analytics::AggregationReport;
+use usage_billing::{BillingSummary, Reconciliation};
+use utoipa::ToSchema;
 
 /// How long after midnight UTC the built-in schedule aggregates the day that ended.
 const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
 
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
-        web::resource("/api/cron/aggregate-daily")
+        web::resource(registry.path::<__path_aggregate_daily>())
             .route(web::post().to(aggregate_daily))
             .default_service(web::to(method_not_allowed)),
     );
     cfg.service(
-        web::resource("/api/cron/process-overage")
+        web::resource(registry.path::<__path_process_overage>())
             .route(web::post().to(process_overage))
             .default_service(web::to(method_not_allowed)),
     );
     cfg.service(
-        web::resource("/api/cron/overage-reconciliation")
+        web::resource(registry.path::<__path_overage_reconciliation>())
             .route(web::get().to(overage_reconciliation))
             .default_service(web::to(method_not_allowed)),
     );
+}
+
+/// `GET /api/cron/overage-reconciliation`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReconciliationReport {
+    /// Periods that do not add up.
+    drift: usize,
+    /// Every user and period with overage or charges.
+    items: Vec<Reconciliation>,
 }
 
 #[derive(Deserialize)]
@@ -39,8 +53,11 @@ struct ProcessOverageQuery {
     dry_run: Option<String>,
 }
 
-/// `POST /api/cron/process-overage[?dry_run=true]`: the billing run's summary.
-async fn process_overage(
+/// Bills the overage not invoiced yet as Stripe invoice items (never a call twice).
+#[utoipa::path(post, path = "/api/cron/process-overage", tag = "cron", params(BillingParams),
+    security(("cron_secret" = [])),
+    responses((status = 200, body = BillingSummary), CronErrors))]
+pub(crate) async fn process_overage(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
@@ -60,16 +77,18 @@ async fn process_overage(
     Ok(HttpResponse::Ok().json(summary))
 }
 
-/// `GET /api/cron/overage-reconciliation`: every user and period with overage or
-/// charges, and what does not add up.
-async fn overage_reconciliation(
+/// Every user and period with overage or charges, and what does not add up.
+#[utoipa::path(get, path = "/api/cron/overage-reconciliation", tag = "cron",
+    security(("cron_secret" = [])),
+    responses((status = 200, body = ReconciliationReport), CronErrors))]
+pub(crate) async fn overage_reconciliation(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     check_cron_secret(&req, &state)?;
     let items = state.billing.reconcile().await?;
     let drift = items.iter().filter(|r| r.status == "drift").count();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "drift": drift, "items": items })))
+    Ok(HttpResponse::Ok().json(ReconciliationReport { drift, items }))
 }
 
 /// The secret first, then the query string: without a secret configured every request is
@@ -103,7 +122,11 @@ struct AggregateQuery {
     date: Option<String>,
 }
 
-async fn aggregate_daily(
+/// Rebuilds one day's rows of the daily aggregate (idempotent).
+#[utoipa::path(post, path = "/api/cron/aggregate-daily", tag = "cron", params(AggregateParams),
+    security(("cron_secret" = [])),
+    responses((status = 200, body = AggregationReport), CronErrors))]
+pub(crate) async fn aggregate_daily(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
-use serde_json::json;
 use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
 use usage_core::middleware::{Metering, MeteringDeps, MeteringStats};
@@ -15,13 +14,22 @@ use usage_core::{Caller, Store};
 
 use crate::config::Config;
 use crate::metrics;
+use crate::openapi::{
+    EndpointParams, ErrorResponse, EventParams, HistoryParams, QuotaExceeded, Registry, UserErrors,
+};
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
-use crate::{admin_api, cron_api, keys_api, webhooks_api};
+use crate::{admin_api, cron_api, keys_api, openapi, webhooks_api};
+use serde::Serialize;
+use usage_analytics::CurrentUsage;
 use usage_analytics::DailyAggregation;
 use usage_analytics::UsageReports;
+use usage_analytics::events::EventsPage;
+use usage_analytics::reports::{ChargeItem, EndpointUsage, HistoryDay, OverageReport};
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, MAX_HISTORY_DAYS, parse_days};
 use usage_auth::keys::KeyIssuer;
+use usage_core::{ApiKeyId, UserId};
+use utoipa::ToSchema;
 
 /// What the handlers share.
 pub(crate) struct AppState {
@@ -174,25 +182,16 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     }
 
     let server = HttpServer::new(move || {
-        let app = App::new()
+        App::new()
             .app_data(state.clone())
             .app_data(jwt.clone())
-            .configure(operations_routes)
-            .configure(user_routes)
-            .configure(keys_api::routes)
-            .configure(cron_api::routes)
-            .configure(admin_api::routes)
-            .configure(webhooks_api::routes)
-            .default_service(web::to(not_found));
-        if unmetered {
-            app.service(web::scope("/api/v1").route("/ping", web::get().to(ping_unmetered)))
-        } else {
-            app.service(
-                web::scope("/api/v1")
-                    .wrap(metering.clone())
-                    .configure(metered_routes),
-            )
-        }
+            .configure(|cfg| {
+                // One registry per worker, dropped once the routes are in: the test in
+                // `openapi` reads the same registrations.
+                let metering = (!unmetered).then(|| metering.clone());
+                routes(cfg, &mut Registry::default(), metering)
+            })
+            .default_service(web::to(not_found))
     })
     .bind(config.bind)
     .map_err(|e| ServerError::Bind {
@@ -233,47 +232,69 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// The metered sample API; a real service mounts its own routes here.
-fn metered_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/ping")
-            .route(web::get().to(ping))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .default_service(web::to(not_found));
+/// Every route: the metered API under `/api/v1` (behind `metering`; without it, the bare
+/// route of `--bench-unmetered`), the user, keys, admin, cron and webhook endpoints,
+/// operations and the API description. Each path comes from its handler's OpenAPI
+/// annotation, through `registry`.
+pub(crate) fn routes(
+    cfg: &mut web::ServiceConfig,
+    registry: &mut Registry,
+    metering: Option<Metering>,
+) {
+    operations_routes(cfg, registry);
+    user_routes(cfg, registry);
+    keys_api::routes(cfg, registry);
+    cron_api::routes(cfg, registry);
+    admin_api::routes(cfg, registry);
+    webhooks_api::routes(cfg, registry);
+    openapi::routes(cfg, registry);
+    let ping_path = registry.path_in::<__path_ping>("/api/v1");
+    match metering {
+        Some(metering) => cfg.service(
+            web::scope("/api/v1")
+                .wrap(metering)
+                .service(
+                    web::resource(ping_path)
+                        .route(web::get().to(ping))
+                        .default_service(web::to(method_not_allowed)),
+                )
+                .default_service(web::to(not_found)),
+        ),
+        None => cfg.service(web::scope("/api/v1").route(&ping_path, web::get().to(ping_unmetered))),
+    };
 }
 
 /// The customer's own endpoints (user JWT).
-fn user_routes(cfg: &mut web::ServiceConfig) {
+fn user_routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
-        web::resource("/api/usage/current")
+        web::resource(registry.path::<__path_current_usage>())
             .route(web::get().to(current_usage))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/usage/overage")
+        web::resource(registry.path::<__path_overage>())
             .route(web::get().to(overage))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/usage/events")
+        web::resource(registry.path::<__path_events>())
             .app_data(query_config())
             .route(web::get().to(events))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/usage/charges")
+        web::resource(registry.path::<__path_charges>())
             .route(web::get().to(charges))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/usage/history")
+        web::resource(registry.path::<__path_history>())
             .app_data(query_config())
             .route(web::get().to(history))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/usage/endpoints")
+        web::resource(registry.path::<__path_endpoints>())
             .app_data(query_config())
             .route(web::get().to(endpoints))
             .default_service(web::to(method_not_allowed)),
@@ -314,34 +335,74 @@ pub(crate) fn invalid_query(err: actix_web::error::QueryPayloadError) -> ApiErro
 
 type QueryParams = web::Query<std::collections::HashMap<String, String>>;
 
-async fn history(
+/// `GET /api/usage/history`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct History {
+    /// The window, in days.
+    days: u32,
+    /// One item per day, oldest first, days without calls included.
+    items: Vec<HistoryDay>,
+}
+
+/// `GET /api/usage/endpoints`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Endpoints {
+    /// The window, in days.
+    days: u32,
+    /// Most calls first.
+    items: Vec<EndpointUsage>,
+}
+
+/// `GET /api/usage/charges`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Charges {
+    /// Newest first.
+    items: Vec<ChargeItem>,
+}
+
+/// The caller's calls per day.
+#[utoipa::path(get, path = "/api/usage/history", tag = "usage", params(HistoryParams),
+    security(("user_jwt" = [])),
+    responses((status = 200, body = History), UserErrors))]
+pub(crate) async fn history(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     query: QueryParams,
 ) -> Result<HttpResponse, ApiError> {
     let days = parse_days(query.get("days").map(String::as_str), 30, MAX_HISTORY_DAYS)?;
     let items = state.reports.history(&user.0, days).await?;
-    Ok(HttpResponse::Ok().json(json!({ "days": days, "items": items })))
+    Ok(HttpResponse::Ok().json(History { days, items }))
 }
 
-async fn endpoints(
+/// The caller's calls per route pattern and method.
+#[utoipa::path(get, path = "/api/usage/endpoints", tag = "usage", params(EndpointParams),
+    security(("user_jwt" = [])),
+    responses((status = 200, body = Endpoints), UserErrors))]
+pub(crate) async fn endpoints(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     query: QueryParams,
 ) -> Result<HttpResponse, ApiError> {
     let days = parse_days(query.get("days").map(String::as_str), 7, MAX_ENDPOINT_DAYS)?;
     let items = state.reports.endpoints(&user.0, days).await?;
-    Ok(HttpResponse::Ok().json(json!({ "days": days, "items": items })))
+    Ok(HttpResponse::Ok().json(Endpoints { days, items }))
 }
 
-async fn overage(
+/// The caller's overage this period: calls, cost, what is invoiced.
+#[utoipa::path(get, path = "/api/usage/overage", tag = "usage", security(("user_jwt" = [])),
+    responses((status = 200, body = OverageReport), UserErrors))]
+pub(crate) async fn overage(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.reports.overage(&user.0).await?))
 }
 
-async fn events(
+/// The caller's recorded calls, newest first, by keyset pages.
+#[utoipa::path(get, path = "/api/usage/events", tag = "usage", params(EventParams),
+    security(("user_jwt" = [])),
+    responses((status = 200, body = EventsPage), UserErrors))]
+pub(crate) async fn events(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     query: QueryParams,
@@ -350,64 +411,128 @@ async fn events(
     Ok(HttpResponse::Ok().json(state.events.page(&user.0, &query).await?))
 }
 
-async fn charges(
+/// The caller's overage charges, newest first.
+#[utoipa::path(get, path = "/api/usage/charges", tag = "usage", security(("user_jwt" = [])),
+    responses((status = 200, body = Charges), UserErrors))]
+pub(crate) async fn charges(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let items = state.reports.charges(&user.0).await?;
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+    Ok(HttpResponse::Ok().json(Charges { items }))
 }
 
-async fn current_usage(
+/// The caller's calls this period, live (admitted calls not yet written included).
+#[utoipa::path(get, path = "/api/usage/current", tag = "usage", security(("user_jwt" = [])),
+    responses((status = 200, body = CurrentUsage), UserErrors))]
+pub(crate) async fn current_usage(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.reports.current(&user.0).await?))
 }
 
-fn operations_routes(cfg: &mut web::ServiceConfig) {
+fn operations_routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
-        web::resource("/healthz")
+        web::resource(registry.path::<__path_healthz>())
             .route(web::get().to(healthz))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/readyz")
+        web::resource(registry.path::<__path_readyz>())
             .route(web::get().to(readyz))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/metrics")
+        web::resource(registry.path::<__path_metrics_text>())
             .route(web::get().to(metrics_text))
             .default_service(web::to(method_not_allowed)),
     );
 }
 
-async fn ping(caller: web::ReqData<Caller>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({
-        "ok": true,
-        "user_id": caller.user_id,
-        "key_id": caller.api_key_id,
-    }))
+/// The sample metered route's answer.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Ping {
+    /// Always true.
+    ok: bool,
+    /// The caller (null only in the unmetered benchmark mode).
+    user_id: Option<UserId>,
+    /// The key used.
+    key_id: Option<ApiKeyId>,
+}
+
+/// The sample metered route: key check, quota, short window, tracking.
+#[utoipa::path(get, path = "/api/v1/ping", tag = "metered",
+    security(("api_key" = []), ("api_key_header" = [])),
+    responses(
+        (status = 200, body = Ping, headers(
+            ("X-RateLimit-Limit" = u64, description = "Monthly calls (limited plans)."),
+            ("X-RateLimit-Remaining" = u64, description = "Calls left this period, never negative."),
+            ("X-RateLimit-Reset" = u64, description = "Unix seconds when the period ends."))),
+        (status = 401, description = "Missing, unknown, revoked or expired API key.", body = ErrorResponse),
+        (status = 429, description = "Over the monthly quota (free plan) or the short window.",
+         body = QuotaExceeded, headers(
+            ("Retry-After" = u64, description = "Seconds."),
+            ("X-RateLimit-Limit" = u64), ("X-RateLimit-Remaining" = u64), ("X-RateLimit-Reset" = u64))),
+        (status = 503, description = "The database did not answer and the key was not known.", body = ErrorResponse),
+    ))]
+pub(crate) async fn ping(caller: web::ReqData<Caller>) -> HttpResponse {
+    HttpResponse::Ok().json(Ping {
+        ok: true,
+        user_id: Some(caller.user_id.clone()),
+        key_id: Some(caller.api_key_id.clone()),
+    })
 }
 
 async fn ping_unmetered() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"ok": true, "user_id": null, "key_id": null}))
+    HttpResponse::Ok().json(Ping {
+        ok: true,
+        user_id: None,
+        key_id: None,
+    })
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok`.
+    status: &'static str,
 }
 
-async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Ready {
+    /// `ready`.
+    status: &'static str,
+    /// `postgres` or `sqlite`.
+    database: &'static str,
+}
+
+/// The process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub(crate) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// The database answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Ready), (status = 503, body = ErrorResponse)))]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.store.ping().await.map_err(|e| {
         tracing::warn!(error = %e, "readiness check failed");
         ApiError::database_unavailable()
     })?;
-    Ok(HttpResponse::Ok().json(json!({"status": "ready", "database": state.store.backend_name()})))
+    Ok(HttpResponse::Ok().json(Ready {
+        status: "ready",
+        database: state.store.backend_name(),
+    }))
 }
 
-async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus text: requests, rejections, tracker queue and flushes, caches.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4.", body = String,
+               content_type = "text/plain; version=0.0.4; charset=utf-8")))]
+pub(crate) async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(metrics::render(&metrics::Sources {

@@ -9,27 +9,32 @@ use usage_core::ApiKeyId;
 use usage_core::repo::ApiKeyRecord;
 
 use crate::http::{AppState, read_body};
+use crate::openapi::{ErrorResponse, Registry, UserErrors};
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, http::method_not_allowed};
+use utoipa::ToSchema;
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 4 * 1024;
 
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
+    let keys = registry.path::<__path_create>();
+    debug_assert_eq!(keys, registry.path::<__path_list>());
+    let key = registry.path::<__path_revoke>();
     cfg.service(
-        web::resource("/api/keys")
+        web::resource(keys)
             .app_data(json_config())
             .route(web::post().to(create))
             .route(web::get().to(list))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/keys/{id}")
+        web::resource(key)
             .route(web::delete().to(revoke))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/api/keys/{id}/rotate")
+        web::resource(registry.path::<__path_rotate>())
             .route(web::post().to(rotate))
             .default_service(web::to(method_not_allowed)),
     );
@@ -42,14 +47,28 @@ fn json_config() -> web::JsonConfig {
         .error_handler(|err, _req| ApiError::from(err).into())
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/keys`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub(crate) struct CreateKey {
+    /// 1 to 64 printable characters; default `default`.
+    #[schema(min_length = 1, max_length = 64, example = "ci")]
     name: Option<String>,
 }
 
-#[derive(Serialize)]
-struct CreatedKey {
+/// `POST /api/keys/{id}/rotate` (the body is optional).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct RotateKey {
+    /// Seconds the old key keeps working; default 0 (it stops at once).
+    #[schema(minimum = 0, maximum = 86400)]
+    grace_secs: Option<u64>,
+}
+
+/// A new key: the only time `key` is shown.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CreatedKey {
     id: ApiKeyId,
     name: String,
     prefix: String,
@@ -71,8 +90,8 @@ impl From<IssuedKey> for CreatedKey {
 }
 
 /// A key as listed: never the key or its hash.
-#[derive(Serialize)]
-struct ListedKey {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ListedKey {
     id: ApiKeyId,
     name: String,
     prefix: String,
@@ -101,7 +120,23 @@ impl From<ApiKeyRecord> for ListedKey {
     }
 }
 
-async fn create(
+/// `GET /api/keys`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyList {
+    /// Every key of the caller, revoked ones included.
+    items: Vec<ListedKey>,
+}
+
+/// Issues a key (at most 20 active per user).
+#[utoipa::path(post, path = "/api/keys", tag = "keys", security(("user_jwt" = [])),
+    request_body(content = CreateKey, content_type = "application/json"),
+    responses(
+        (status = 201, body = CreatedKey),
+        (status = 400, description = "Bad name or body, or `key_limit_reached`.", body = ErrorResponse),
+        (status = 401, body = ErrorResponse),
+        (status = 413, description = "Body over 4 KiB.", body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
+pub(crate) async fn create(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     body: web::Json<CreateKey>,
@@ -114,7 +149,10 @@ async fn create(
     Ok(HttpResponse::Created().json(CreatedKey::from(issued)))
 }
 
-async fn list(
+/// The caller's keys.
+#[utoipa::path(get, path = "/api/keys", tag = "keys", security(("user_jwt" = [])),
+    responses((status = 200, body = KeyList), UserErrors))]
+pub(crate) async fn list(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
@@ -125,7 +163,7 @@ async fn list(
         .into_iter()
         .map(ListedKey::from)
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
+    Ok(HttpResponse::Ok().json(KeyList { items }))
 }
 
 /// A key id from the path; a malformed one cannot name a key.
@@ -133,7 +171,15 @@ fn key_id(raw: &str) -> Result<ApiKeyId, ApiError> {
     ApiKeyId::parse(raw).map_err(|_| ApiError::not_found())
 }
 
-async fn revoke(
+/// Revokes one of the caller's keys; it stops working at once on this instance.
+#[utoipa::path(delete, path = "/api/keys/{id}", tag = "keys", security(("user_jwt" = [])),
+    params(("id" = String, Path, description = "The key id, `eco_key_...`.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 401, body = ErrorResponse),
+        (status = 404, description = "Not one of the caller's keys.", body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
+pub(crate) async fn revoke(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -144,7 +190,18 @@ async fn revoke(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn rotate(
+/// Issues a new key and retires this one, together or not at all.
+#[utoipa::path(post, path = "/api/keys/{id}/rotate", tag = "keys", security(("user_jwt" = [])),
+    params(("id" = String, Path, description = "The key id, `eco_key_...`.")),
+    request_body(content = Option<RotateKey>, content_type = "application/json"),
+    responses(
+        (status = 201, body = CreatedKey),
+        (status = 400, body = ErrorResponse),
+        (status = 401, body = ErrorResponse),
+        (status = 404, description = "Not one of the caller's keys.", body = ErrorResponse),
+        (status = 413, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
+pub(crate) async fn rotate(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
     path: web::Path<String>,

@@ -12,6 +12,7 @@ mod error;
 mod http;
 mod keys_api;
 mod metrics;
+mod openapi;
 pub mod telemetry;
 mod user_auth;
 mod webhooks_api;

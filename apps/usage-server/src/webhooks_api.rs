@@ -2,24 +2,46 @@
 //! [`usage_billing::StripeWebhooks`]. 404 while `STRIPE_WEBHOOK_SECRET` is unset.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::json;
+use serde::Serialize;
 use usage_billing::WebhookOutcome;
+use utoipa::ToSchema;
 
 use crate::ApiError;
 use crate::http::{AppState, method_not_allowed, read_body};
+use crate::openapi::{ErrorResponse, Registry};
 
 /// Largest event accepted (Stripe's are a few kilobytes).
 const MAX_EVENT_BYTES: usize = 1 << 20;
 
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
-        web::resource("/api/webhooks/stripe")
+        web::resource(registry.path::<__path_stripe>())
             .route(web::post().to(stripe))
             .default_service(web::to(other_method)),
     );
 }
 
-async fn stripe(
+/// What a delivery did.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Acknowledged {
+    /// Always true.
+    received: bool,
+    /// `applied`, `duplicate`, `stale`, `unknown_customer`, `unknown_price` or `ignored`.
+    #[schema(example = "applied")]
+    outcome: &'static str,
+}
+
+/// Stripe's events: subscriptions set plans (signature checked over the raw body).
+#[utoipa::path(post, path = "/api/webhooks/stripe", tag = "stripe",
+    security(("stripe_signature" = [])),
+    request_body(content = Object, description = "A Stripe event.", content_type = "application/json"),
+    responses(
+        (status = 200, body = Acknowledged),
+        (status = 400, description = "`invalid_signature` (missing, wrong or older than 300 s), or a signed body that is not an event.", body = ErrorResponse),
+        (status = 404, description = "`STRIPE_WEBHOOK_SECRET` is not set.", body = ErrorResponse),
+        (status = 413, description = "Body over 1 MiB.", body = ErrorResponse),
+        (status = 503, description = "The database failed; Stripe delivers again.", body = ErrorResponse)))]
+pub(crate) async fn stripe(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Payload,
@@ -37,7 +59,10 @@ async fn stripe(
         // This instance follows at once; the others at their next poll.
         state.verifier.forget_user(user_id);
     }
-    Ok(HttpResponse::Ok().json(json!({"received": true, "outcome": outcome.as_str()})))
+    Ok(HttpResponse::Ok().json(Acknowledged {
+        received: true,
+        outcome: outcome.as_str(),
+    }))
 }
 
 async fn other_method(state: web::Data<AppState>) -> HttpResponse {

@@ -24,6 +24,7 @@ pub const MAX_SEARCH_CHARS: usize = 100;
 
 /// Users per plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsersPerPlan {
     /// Free plan.
     pub free: u64,
@@ -37,6 +38,7 @@ pub struct UsersPerPlan {
 
 /// One of the heaviest users this period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TopUser {
     /// Who.
     pub user_id: UserId,
@@ -50,6 +52,7 @@ pub struct TopUser {
 
 /// `GET /api/admin/analytics/overview`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminOverview {
     /// Users per plan and in all.
     pub users: UsersPerPlan,
@@ -80,6 +83,7 @@ pub struct AdminOverview {
 
 /// One row of `GET /api/admin/analytics/users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminUserRow {
     /// Who.
     pub user_id: UserId,
@@ -102,6 +106,7 @@ pub struct AdminUserRow {
 
 /// `GET /api/admin/users/{id}` (and the answer of `PATCH`): a user and this period's figures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminUserDetail {
     /// Who.
     pub user_id: UserId,
@@ -190,6 +195,7 @@ pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
 
 /// A page of a list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Page<T> {
     /// 1-based page number.
     pub page: u64,

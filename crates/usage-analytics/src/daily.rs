@@ -12,6 +12,7 @@ use crate::AnalyticsError;
 
 /// What one aggregation run did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AggregationReport {
     /// The UTC day aggregated.
     #[serde(with = "date_format")]

@@ -22,6 +22,7 @@ pub const EXPORT_PAGE: u32 = 5_000;
 
 /// One recorded call, as the API and the export show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventItem {
     /// Unique id of the call.
     pub event_id: Uuid,
@@ -89,6 +90,7 @@ fn csv_field(s: &str) -> String {
 
 /// `GET /api/usage/events`: one page and the cursor of the next (`None` at the end).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventsPage {
     /// The calls, newest first.
     pub items: Vec<EventItem>,

@@ -18,6 +18,7 @@ use usage_core::{BillingPeriod, Cents, Plan, PlanCatalog, UserId};
 
 /// A user's figures for the current period, as `GET /api/usage/current` answers them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CurrentUsage {
     /// Whose.
     pub user_id: UserId,

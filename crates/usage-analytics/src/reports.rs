@@ -41,6 +41,7 @@ fn history_day(d: &usage_core::repo::DailyUsage) -> HistoryDay {
 
 /// One day of `GET /api/usage/history`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryDay {
     /// The UTC day.
     #[serde(with = "crate::daily::date_format")]
@@ -55,6 +56,7 @@ pub struct HistoryDay {
 
 /// One route of `GET /api/usage/endpoints`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EndpointUsage {
     /// Route pattern.
     pub endpoint: String,
@@ -122,6 +124,7 @@ pub struct UsageReports {
 
 /// One overage charge of `GET /api/usage/charges`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChargeItem {
     /// The charge's id.
     pub id: i64,
@@ -152,6 +155,7 @@ pub fn charge_status_name(status: ChargeStatus) -> &'static str {
 
 /// A user's overage this period, as `GET /api/usage/overage` answers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OverageReport {
     /// First instant of the period.
     #[serde(with = "time::serde::rfc3339")]

@@ -59,6 +59,7 @@ pub enum RunMode {
 
 /// What a run did (the contract's summary of `POST /api/cron/process-overage`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingSummary {
     /// Users looked at: everyone on a plan with overage, and anyone else with overage
     /// not invoiced yet (after a plan change).
@@ -80,6 +81,7 @@ pub struct BillingSummary {
 
 /// Why one user's overage was not (all) billed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingFailure {
     /// Whose.
     pub user_id: UserId,
@@ -91,6 +93,7 @@ pub struct BillingFailure {
 
 /// What kind of failure a [`BillingFailure`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureCode {
     /// The user has overage but no Stripe customer id.
@@ -152,6 +155,7 @@ pub struct UserBilling {
 /// One user and period in the reconciliation: the counters, the ledger, and what does not
 /// add up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Reconciliation {
     /// Counters and ledger totals.
     #[serde(flatten)]

@@ -37,12 +37,14 @@ fn validate(value: &str, kind: &'static str, prefix: &'static str) -> Result<(),
 }
 
 macro_rules! prefixed_id {
-    ($(#[$doc:meta])* $name:ident, $kind:literal, $prefix:literal) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $prefix:literal, $example:literal) => {
         $(#[$doc])*
         ///
         /// Shared text: a clone (one per recorded call, on the hot path) copies a pointer,
         /// not the id.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        #[cfg_attr(feature = "openapi", schema(value_type = String, example = $example))]
         #[serde(transparent)]
         pub struct $name(Arc<str>);
 
@@ -84,13 +86,15 @@ prefixed_id!(
     /// A user's id, `eco_usr_` followed by base62 characters.
     UserId,
     "user",
-    "eco_usr_"
+    "eco_usr_",
+    "eco_usr_4fJk2q9XbLmN7pQr"
 );
 prefixed_id!(
     /// An API key's id (not the key itself), `eco_key_` followed by base62 characters.
     ApiKeyId,
     "API key",
-    "eco_key_"
+    "eco_key_",
+    "eco_key_8sTz3VwY1aBcD5eF"
 );
 
 /// Checks and normalises an email address: trimmed, lower-cased, `local@domain.tld`.

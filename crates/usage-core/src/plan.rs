@@ -9,6 +9,7 @@ use crate::{Cents, DomainError, MicroUsd};
 
 /// A subscription plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Plan {
     /// Blocked at its monthly limit.

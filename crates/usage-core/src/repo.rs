@@ -283,6 +283,7 @@ pub struct UninvoicedOverage {
 
 /// One user and period: the counters beside what the charge ledger says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OverageLedgerEntry {
     /// Whose.
     pub user_id: UserId,
@@ -305,6 +306,7 @@ pub struct OverageLedgerEntry {
 
 /// One admin request, for the audit log (`eco_admin_audit_log`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminAuditEntry {
     /// Row id (0 before it is stored).
     pub id: i64,
