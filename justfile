@@ -76,6 +76,10 @@ bench-lifecycle:
 bench-analytics:
     bash scripts/bench-analytics.sh
 
+# Schemathesis against a live server on SQLite and PostgreSQL, 1,000 examples per operation (CI runs 100)
+fuzz-api EXAMPLES="1000":
+    FUZZ_EXAMPLES={{EXAMPLES}} bash scripts/fuzz-api.sh
+
 # Memory soak: 100,000 distinct users through one server, twice; prints resident memory
 # before, at each peak and after idle state is forgotten
 soak-memory:

@@ -26,39 +26,38 @@ const MAX_LOGGED_PARAMS: usize = 2_000;
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     const SCOPE: &str = "/api/admin";
+    let overview_path = registry.path_in::<__path_overview>(SCOPE);
+    let users_path = registry.path_in::<__path_users>(SCOPE);
     let user_path = registry.path_in::<__path_user>(SCOPE);
     debug_assert_eq!(user_path, registry.path_in::<__path_update_user>(SCOPE));
+    let audit_path = registry.path_in::<__path_audit>(SCOPE);
+    let allow = |path: &str| registry.allow(&format!("{SCOPE}{path}"));
     cfg.service(
         web::scope(SCOPE)
             .service(
-                web::resource(registry.path_in::<__path_overview>(SCOPE))
+                web::resource(&overview_path)
                     .route(web::get().to(overview))
-                    .default_service(web::to(not_allowed)),
+                    .default_service(not_allowed(allow(&overview_path))),
             )
             .service(
-                web::resource(registry.path_in::<__path_users>(SCOPE))
+                web::resource(&users_path)
                     .route(web::get().to(users))
-                    .default_service(web::to(not_allowed)),
+                    .default_service(not_allowed(allow(&users_path))),
             )
             .service(
-                web::resource(user_path)
+                web::resource(&user_path)
                     .route(web::get().to(user))
                     .route(web::patch().to(update_user))
-                    .default_service(web::to(not_allowed)),
+                    .default_service(not_allowed(allow(&user_path))),
             )
             .service(
-                web::resource(registry.path_in::<__path_audit>(SCOPE))
+                web::resource(&audit_path)
                     .route(web::get().to(audit))
-                    .default_service(web::to(not_allowed)),
+                    .default_service(not_allowed(allow(&audit_path))),
             )
             .default_service(web::to(unknown)),
     );
 }
-
-/// `GET /api/admin/analytics/users`: a page of users.
-type UsersPage = Page<AdminUserRow>;
-/// `GET /api/admin/audit`: a page of the audit log.
-type AuditPage = Page<AdminAuditEntry>;
 
 /// Checks the caller (401 without a valid token, 429 past the admin rate, 403 when not
 /// an admin), runs `handler`, and writes the audit entry with the status answered.
@@ -233,7 +232,7 @@ pub(crate) async fn overview(
 
 /// Users with this period's figures: filter, search, sort, page.
 #[utoipa::path(get, path = "/api/admin/analytics/users", tag = "admin", params(UserListParams),
-    security(("admin_jwt" = [])), responses((status = 200, body = UsersPage), AdminErrors))]
+    security(("admin_jwt" = [])), responses((status = 200, body = Page<AdminUserRow>), AdminErrors))]
 pub(crate) async fn users(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -248,7 +247,7 @@ pub(crate) async fn users(
 
 /// The audit log, newest first.
 #[utoipa::path(get, path = "/api/admin/audit", tag = "admin", params(PageParams),
-    security(("admin_jwt" = [])), responses((status = 200, body = AuditPage), AdminErrors))]
+    security(("admin_jwt" = [])), responses((status = 200, body = Page<AdminAuditEntry>), AdminErrors))]
 pub(crate) async fn audit(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -268,14 +267,17 @@ pub(crate) async fn audit(
     .await
 }
 
-async fn not_allowed(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_call(&req, &state, |_| async {
-        Err(ApiError::method_not_allowed())
+/// 405 with `Allow: <allow>`, audited like every admin request.
+fn not_allowed(allow: String) -> actix_web::Route {
+    web::to(move |req: HttpRequest, state: web::Data<AppState>| {
+        let allow = allow.clone();
+        async move {
+            admin_call(&req, &state, |_| async {
+                Err(ApiError::method_not_allowed(allow))
+            })
+            .await
+        }
     })
-    .await
 }
 
 async fn unknown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -16,6 +16,7 @@ use crate::openapi::{AggregateParams, BillingParams, CronErrors, Registry};
 use serde::Serialize;
 use usage_analytics::AggregationReport;
 use usage_billing::{BillingSummary, Reconciliation};
+use utoipa::Path as _;
 use utoipa::ToSchema;
 
 /// How long after midnight UTC the built-in schedule aggregates the day that ended.
@@ -25,17 +26,23 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
         web::resource(registry.path::<__path_aggregate_daily>())
             .route(web::post().to(aggregate_daily))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_aggregate_daily::path()),
+            )),
     );
     cfg.service(
         web::resource(registry.path::<__path_process_overage>())
             .route(web::post().to(process_overage))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_process_overage::path()),
+            )),
     );
     cfg.service(
         web::resource(registry.path::<__path_overage_reconciliation>())
             .route(web::get().to(overage_reconciliation))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_overage_reconciliation::path()),
+            )),
     );
 }
 

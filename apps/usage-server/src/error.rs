@@ -89,6 +89,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after_secs: Option<u64>,
+    allow: Option<String>,
 }
 
 impl ApiError {
@@ -99,6 +100,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_secs: None,
+            allow: None,
         }
     }
 
@@ -118,13 +120,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", "No such resource.")
     }
 
-    /// 405.
-    pub fn method_not_allowed() -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "This method is not allowed on this resource.",
-        )
+    /// 405, with the `Allow` header listing the resource's methods (RFC 9110).
+    pub fn method_not_allowed(allow: impl Into<String>) -> Self {
+        let allow = allow.into();
+        Self {
+            allow: Some(allow.clone()),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("This method is not allowed on this resource (allowed: {allow})."),
+            )
+        }
     }
 
     /// 401 for a missing or bad user token (`WWW-Authenticate: Bearer` is added).
@@ -157,6 +163,9 @@ impl ResponseError for ApiError {
             response.insert_header(("Retry-After", secs.to_string()));
         } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "5"));
+        }
+        if let Some(allow) = &self.allow {
+            response.insert_header(("Allow", allow.as_str()));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response.insert_header(("WWW-Authenticate", "Bearer"));

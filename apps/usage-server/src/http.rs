@@ -29,6 +29,7 @@ use usage_analytics::reports::{ChargeItem, EndpointUsage, HistoryDay, OverageRep
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, MAX_HISTORY_DAYS, parse_days};
 use usage_auth::keys::KeyIssuer;
 use usage_core::{ApiKeyId, UserId};
+use utoipa::Path as _;
 use utoipa::ToSchema;
 
 /// What the handlers share.
@@ -256,7 +257,7 @@ pub(crate) fn routes(
                 .service(
                     web::resource(ping_path)
                         .route(web::get().to(ping))
-                        .default_service(web::to(method_not_allowed)),
+                        .default_service(method_not_allowed(registry.allow(&__path_ping::path()))),
                 )
                 .default_service(web::to(not_found)),
         ),
@@ -269,35 +270,39 @@ fn user_routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
         web::resource(registry.path::<__path_current_usage>())
             .route(web::get().to(current_usage))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_current_usage::path()),
+            )),
     )
     .service(
         web::resource(registry.path::<__path_overage>())
             .route(web::get().to(overage))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_overage::path()))),
     )
     .service(
         web::resource(registry.path::<__path_events>())
             .app_data(query_config())
             .route(web::get().to(events))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_events::path()))),
     )
     .service(
         web::resource(registry.path::<__path_charges>())
             .route(web::get().to(charges))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_charges::path()))),
     )
     .service(
         web::resource(registry.path::<__path_history>())
             .app_data(query_config())
             .route(web::get().to(history))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_history::path()))),
     )
     .service(
         web::resource(registry.path::<__path_endpoints>())
             .app_data(query_config())
             .route(web::get().to(endpoints))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_endpoints::path()),
+            )),
     );
 }
 
@@ -436,17 +441,19 @@ fn operations_routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
         web::resource(registry.path::<__path_healthz>())
             .route(web::get().to(healthz))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_healthz::path()))),
     )
     .service(
         web::resource(registry.path::<__path_readyz>())
             .route(web::get().to(readyz))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&__path_readyz::path()))),
     )
     .service(
         web::resource(registry.path::<__path_metrics_text>())
             .route(web::get().to(metrics_text))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(
+                registry.allow(&__path_metrics_text::path()),
+            )),
     );
 }
 
@@ -547,6 +554,10 @@ async fn not_found() -> HttpResponse {
     ApiError::not_found().error_response()
 }
 
-pub(crate) async fn method_not_allowed() -> HttpResponse {
-    ApiError::method_not_allowed().error_response()
+/// The default service of a resource: 405 with `Allow: <allow>`.
+pub(crate) fn method_not_allowed(allow: String) -> actix_web::Route {
+    web::to(move || {
+        let allow = allow.clone();
+        async move { ApiError::method_not_allowed(allow).error_response() }
+    })
 }

@@ -21,22 +21,23 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     let keys = registry.path::<__path_create>();
     debug_assert_eq!(keys, registry.path::<__path_list>());
     let key = registry.path::<__path_revoke>();
+    let rotate_path = registry.path::<__path_rotate>();
     cfg.service(
-        web::resource(keys)
+        web::resource(&keys)
             .app_data(json_config())
             .route(web::post().to(create))
             .route(web::get().to(list))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&keys))),
     )
     .service(
-        web::resource(key)
+        web::resource(&key)
             .route(web::delete().to(revoke))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&key))),
     )
     .service(
-        web::resource(registry.path::<__path_rotate>())
+        web::resource(&rotate_path)
             .route(web::post().to(rotate))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(method_not_allowed(registry.allow(&rotate_path))),
     );
 }
 
@@ -51,8 +52,13 @@ fn json_config() -> web::JsonConfig {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
-    /// 1 to 64 printable characters; default `default`.
-    #[schema(min_length = 1, max_length = 64, example = "ci")]
+    /// 1 to 64 characters once trimmed, no control characters; default `default`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        example = "ci",
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     name: Option<String>,
 }
 
@@ -226,9 +232,10 @@ fn rotation_grace(body: &[u8]) -> Result<u64, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(0);
     }
-    let parsed: RotateKey = serde_json::from_slice(body)
+    // `null` is no body too (the body is optional).
+    let parsed: Option<RotateKey> = serde_json::from_slice(body)
         .map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Deserialize(e)))?;
-    match parsed.grace_secs {
+    match parsed.and_then(|p| p.grace_secs) {
         None => Ok(0),
         Some(value) => value.as_u64().ok_or_else(|| {
             ApiError::from(usage_auth::AuthError::InvalidGrace {

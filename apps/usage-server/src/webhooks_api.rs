@@ -7,7 +7,7 @@ use usage_billing::WebhookOutcome;
 use utoipa::ToSchema;
 
 use crate::ApiError;
-use crate::http::{AppState, method_not_allowed, read_body};
+use crate::http::{AppState, read_body};
 use crate::openapi::{ErrorResponse, Registry};
 
 /// Largest event accepted (Stripe's are a few kilobytes).
@@ -66,8 +66,10 @@ pub(crate) async fn stripe(
 }
 
 async fn other_method(state: web::Data<AppState>) -> HttpResponse {
-    if state.webhooks.is_none() {
-        return actix_web::ResponseError::error_response(&ApiError::not_found());
-    }
-    method_not_allowed().await
+    let error = if state.webhooks.is_none() {
+        ApiError::not_found()
+    } else {
+        ApiError::method_not_allowed("POST")
+    };
+    actix_web::ResponseError::error_response(&error)
 }

@@ -39,9 +39,8 @@ fn validate(value: &str, kind: &'static str, prefix: &'static str) -> Result<(),
 macro_rules! prefixed_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $prefix:literal, $example:literal) => {
         $(#[$doc])*
-        ///
-        /// Shared text: a clone (one per recorded call, on the hot path) copies a pointer,
-        /// not the id.
+        // Shared text: a clone (one per recorded call, on the hot path) copies a pointer,
+        // not the id.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[cfg_attr(feature = "openapi", schema(value_type = String, example = $example))]
