@@ -135,14 +135,19 @@ where
     result
 }
 
-/// The query string, then the noted body, bounded.
+/// The query string, then the noted body, bounded. NUL (which PostgreSQL text cannot
+/// hold: the entry would be lost) becomes U+FFFD.
 fn audit_params(query: &str, note: &str) -> String {
     let joined = match (query.is_empty(), note.is_empty()) {
         (_, true) => query.to_owned(),
         (true, false) => note.to_owned(),
         (false, false) => format!("{query} {note}"),
     };
-    joined.chars().take(MAX_LOGGED_PARAMS).collect()
+    joined
+        .chars()
+        .take(MAX_LOGGED_PARAMS)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect()
 }
 
 /// Largest `PATCH` body.

@@ -234,8 +234,8 @@ pub(crate) struct UserListParams {
     /// Direction.
     #[param(inline)]
     order: Option<OrderParam>,
-    /// Matches email or id (up to 100 characters).
-    #[param(max_length = 100)]
+    /// Matches email or id (up to 100 characters, no control characters).
+    #[param(max_length = 100, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     q: Option<String>,
 }
 

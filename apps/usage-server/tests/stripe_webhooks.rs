@@ -264,6 +264,22 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
             .to_string();
     assert_eq!(signed(&server, &invoice).await, "ignored");
     assert_eq!(plan_of(&db, &ada).await, Plan::Pro);
+    // An id PostgreSQL could not store (NUL): refused as not an event, not a 503 for ever.
+    let nul = subscription_event(
+        "evt_\u{0}",
+        "updated",
+        t0 + 2,
+        "cus_ada",
+        "active",
+        &["price_ent"],
+    );
+    let (status, answer) =
+        deliver(&server, Some(&signature(WEBHOOK_SECRET, now(), &nul)), &nul).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (400, Some("invalid_event")),
+        "{answer}"
+    );
     // Signed but not an event: a 400 that says so (Stripe would retry; nothing changed).
     let (status, answer) = deliver(
         &server,

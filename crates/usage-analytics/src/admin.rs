@@ -317,6 +317,13 @@ pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParam
                 format!("q must be at most {MAX_SEARCH_CHARS} characters"),
             ));
         }
+        // No email or id holds one, and PostgreSQL text cannot hold NUL.
+        Some(q) if q.chars().any(char::is_control) => {
+            return Err(invalid(
+                "q",
+                "q must not contain control characters".to_owned(),
+            ));
+        }
         Some(q) if !q.trim().is_empty() => Some(q.trim().to_owned()),
         _ => None,
     };
@@ -666,6 +673,8 @@ mod tests {
                 false
             )
         );
+        let nul = parse_user_list(&params(&[("q", "ada\u{0}")])).unwrap_err();
+        assert_eq!(nul.to_string(), "q must not contain control characters");
     }
 
     #[tokio::test]

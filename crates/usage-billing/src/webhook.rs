@@ -229,7 +229,13 @@ impl StripeWebhooks {
         verify_signature(&self.secret, signature, body, now)?;
         let event: Value = serde_json::from_slice(body)
             .map_err(|e| WebhookError::InvalidEvent(format!("not JSON ({e})")))?;
-        let text = |v: &Value| v.as_str().map(str::to_owned);
+        // Ids and names never hold control characters (and PostgreSQL text cannot hold
+        // NUL): such an event is refused, not retried for ever.
+        let text = |v: &Value| {
+            v.as_str()
+                .filter(|s| !s.chars().any(char::is_control))
+                .map(str::to_owned)
+        };
         let id = text(&event["id"])
             .filter(|id| !id.is_empty() && id.len() <= 255)
             .ok_or_else(|| WebhookError::InvalidEvent("no event id".to_owned()))?;
