@@ -379,7 +379,13 @@ pub(crate) struct ApiDoc;
 #[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
     responses((status = 200, description = "This OpenAPI 3.1 document.", content_type = "application/json")))]
 pub(crate) async fn openapi_json() -> actix_web::HttpResponse {
-    actix_web::HttpResponse::Ok().json(ApiDoc::openapi())
+    // Built once: the document only changes with the binary.
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        serde_json::to_string(&ApiDoc::openapi()).unwrap_or_else(|_| "{}".to_owned())
+    });
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(DOCUMENT.as_str())
 }
 
 /// The interactive docs: a redirect to Swagger UI, served from the binary under
