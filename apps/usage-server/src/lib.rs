@@ -13,6 +13,7 @@ mod http;
 mod keys_api;
 mod metrics;
 mod openapi;
+mod request_id;
 pub mod telemetry;
 mod user_auth;
 mod webhooks_api;
