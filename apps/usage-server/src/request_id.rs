@@ -35,8 +35,7 @@ pub(crate) async fn middleware(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = request_id(req.headers().get(&REQUEST_ID));
-    // The id alone: the span is made for every call, and its fields are formatted then.
-    let span = tracing::info_span!("request", id = %id);
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.path());
     let mut res = next.call(req).instrument(span).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID, value);
