@@ -184,9 +184,6 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
 
     let server = HttpServer::new(move || {
         App::new()
-            .wrap(actix_web::middleware::from_fn(
-                crate::request_id::middleware,
-            ))
             .app_data(state.clone())
             .app_data(jwt.clone())
             .configure(|cfg| {

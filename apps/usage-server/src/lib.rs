@@ -13,7 +13,6 @@ mod http;
 mod keys_api;
 mod metrics;
 mod openapi;
-mod request_id;
 pub mod telemetry;
 mod user_auth;
 mod webhooks_api;

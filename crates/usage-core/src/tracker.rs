@@ -469,13 +469,7 @@ impl Shared {
             let mut backoff = self.config.retry_initial;
             let written = loop {
                 let started = Instant::now();
-                let span = tracing::debug_span!("usage_batch_write", events = part.len());
-                match tracing::Instrument::instrument(
-                    self.usage.record_usage(&part, &included),
-                    span,
-                )
-                .await
-                {
+                match self.usage.record_usage(&part, &included).await {
                     Ok(outcome) => break Some(Ok((outcome, started.elapsed()))),
                     Err(e) if e.is_permanent() => break Some(Err(e)),
                     Err(e) => {
