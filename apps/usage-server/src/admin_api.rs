@@ -28,8 +28,11 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     const SCOPE: &str = "/api/admin";
     let overview_path = registry.path_in::<__path_overview>(SCOPE);
     let users_path = registry.path_in::<__path_users>(SCOPE);
+    // Noted outside the assertion: in a release build `debug_assert!` does not run, and
+    // `Allow` would miss PATCH.
     let user_path = registry.path_in::<__path_user>(SCOPE);
-    debug_assert_eq!(user_path, registry.path_in::<__path_update_user>(SCOPE));
+    let update_path = registry.path_in::<__path_update_user>(SCOPE);
+    debug_assert_eq!(user_path, update_path, "GET and PATCH share their resource");
     let audit_path = registry.path_in::<__path_audit>(SCOPE);
     let allow = |path: &str| registry.allow(&format!("{SCOPE}{path}"));
     cfg.service(

@@ -246,13 +246,14 @@ mod tests {
             run.held_back.iter().any(|h| h.contains(bob.as_str())),
             "{run:?}"
         );
-        let _ = UsageRepository::count_usage_events(
+        let bob_september = UsageRepository::count_usage_events(
             store.as_ref(),
             &bob,
             datetime!(2026-09-01 00:00 UTC),
             datetime!(2026-10-01 00:00 UTC),
         )
         .await
-        .map(|n| assert_eq!(n, 2));
+        .unwrap();
+        assert_eq!(bob_september, 2, "uninvoiced calls stay raw");
     }
 }
