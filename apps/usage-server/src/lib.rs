@@ -158,6 +158,16 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         } => {
             let store = open_migrated(&config).await?;
             let events = usage_analytics::events::UsageEvents::new(store, clock.clone());
+            if let (Some(from), Some(to)) = (from, to)
+                && from >= to
+            {
+                // Both given and inverted: a mistake, not an empty export.
+                return Err(usage_analytics::AnalyticsError::InvalidParameter {
+                    name: "from",
+                    message: "--from must be before --to".to_owned(),
+                }
+                .into());
+            }
             let from = from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let to = to.unwrap_or_else(|| clock.now());
             export(&events, &user, (from, to), format).await

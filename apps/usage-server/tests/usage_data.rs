@@ -160,6 +160,23 @@ async fn customers_page_through_and_export_their_calls(backend: Backend) {
         String::from_utf8_lossy(&out.stderr).contains("no user with id"),
         "{out:?}"
     );
+    let out = db.cli(
+        &[],
+        &[
+            "export",
+            "--user",
+            &ada,
+            "--from",
+            "2030-01-01T00:00:00Z",
+            "--to",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--from must be before --to"),
+        "{out:?}"
+    );
     let out = db.cli(&[], &["export", "--user", &ada, "--to", "soon"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
