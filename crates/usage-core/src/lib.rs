@@ -25,6 +25,7 @@ mod error;
 pub mod event;
 pub mod ids;
 pub mod memory;
+pub mod meter;
 #[cfg(feature = "actix")]
 pub mod middleware;
 pub mod money;

@@ -40,6 +40,8 @@ pub struct QuotaStatus {
     pub limit: Option<u64>,
     /// Admitted calls this period, this one included when admitted.
     pub used: u64,
+    /// Start of the period.
+    pub period_start: OffsetDateTime,
     /// End of the period: when the count starts again.
     pub reset_at: OffsetDateTime,
 }
@@ -231,6 +233,7 @@ impl QuotaBook {
         let status = |used| QuotaStatus {
             limit: terms.monthly_calls,
             used,
+            period_start: period.start(),
             reset_at: period.end(),
         };
         let slot = self.open(user_id, period).await?;

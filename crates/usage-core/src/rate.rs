@@ -50,10 +50,12 @@ pub enum RateDecision {
     Unlimited,
     /// Within the limit.
     Allowed {
-        /// The burst size.
-        limit: u32,
+        /// The limit that applies.
+        rate: RateLimit,
         /// Requests that could still go at once.
         remaining: u32,
+        /// Until the whole burst is back, if no other request comes.
+        full_in: Duration,
     },
     /// Over the limit; not counted.
     Limited {
@@ -123,8 +125,9 @@ impl RateLimiter {
         }
         let remaining = (tolerance - (next - now)) / interval;
         RateDecision::Allowed {
-            limit: rate.burst,
+            rate,
             remaining: u32::try_from(remaining).unwrap_or(0),
+            full_in: Duration::from_micros(u64::try_from(next - now).unwrap_or(0)),
         }
     }
 }

@@ -1,0 +1,544 @@
+//! The metering decision, once, for every door: given the presented credential, admit
+//! the call (with its rate-limit headers) or refuse it (status, headers and JSON body);
+//! when an admitted call finishes, record it.
+//!
+//! It knows no web framework. The actix middleware (`middleware`, feature `actix`), the
+//! tower layer (`layer`, feature `tower`) and the server's forward-auth endpoint only
+//! translate requests into [`Meter::admit`] and [`Meter::record`], and [`Admitted`] /
+//! [`Refusal`] back into responses.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use usage_core::meter::{Admission, Meter, MeterDeps};
+//! # async fn demo(meter: Arc<Meter>) {
+//! match meter.admit(Some(b"Bearer eco_live_..."), None).await {
+//!     Admission::Admitted(call) => {
+//!         let user = &call.caller().user_id; // ... serve the call ...
+//!         meter.record(call, "GET", "/v1/items/{id}".into(), 200).await;
+//!     }
+//!     Admission::Refused(refusal) => {
+//!         let _ = (refusal.status, &refusal.headers, &refusal.body); // ... answer with it ...
+//!     }
+//! }
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sfv::{ListSerializer, key_ref, string_ref};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::caller::ApiKeyAuthenticator;
+use crate::event::new_event_id;
+use crate::quota::{QuotaBook, QuotaDecision, QuotaStatus};
+use crate::rate::{RateDecision, RateLimit, RateLimiter};
+use crate::tracker::{TrackedCall, UsageTracker};
+use crate::{Caller, Clock, UsageEvent};
+
+/// Route pattern recorded for calls that matched no route.
+pub const UNMATCHED_ROUTE: &str = "<unmatched>";
+
+/// What the meter needs.
+#[derive(Clone)]
+pub struct MeterDeps {
+    /// Finds the caller from the API key.
+    pub authenticator: Arc<dyn ApiKeyAuthenticator>,
+    /// Monthly quotas.
+    pub quota: Arc<QuotaBook>,
+    /// Short-window limits, when configured.
+    pub rate: Option<Arc<RateLimiter>>,
+    /// Where admitted calls are recorded.
+    pub tracker: UsageTracker,
+    /// Time of calls.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Counts of what the meter answered, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct MeteringStats {
+    /// Calls admitted and passed to the handler.
+    pub admitted: AtomicU64,
+    /// Calls without a valid key (401).
+    pub unauthorized: AtomicU64,
+    /// Calls refused by the monthly quota (429 quota_exceeded).
+    pub quota_rejected: AtomicU64,
+    /// Calls refused by the short-window limit (429 rate_limited).
+    pub rate_limited: AtomicU64,
+    /// Calls answered 503 because the database did not answer.
+    pub unavailable: AtomicU64,
+}
+
+/// Response header names the meter sets (lower case, as HTTP/2 sends them).
+pub mod header_names {
+    /// Monthly limit.
+    pub const X_RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
+    /// Monthly calls left.
+    pub const X_RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
+    /// Unix seconds when the period ends.
+    pub const X_RATELIMIT_RESET: &str = "x-ratelimit-reset";
+    /// Burst size of the short window.
+    pub const X_RATELIMIT_BURST_LIMIT: &str = "x-ratelimit-burst-limit";
+    /// Calls that could still go at once.
+    pub const X_RATELIMIT_BURST_REMAINING: &str = "x-ratelimit-burst-remaining";
+    /// IETF policies (draft-ietf-httpapi-ratelimit-headers-11).
+    pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
+    /// IETF current state of each policy.
+    pub const RATELIMIT: &str = "ratelimit";
+    /// Seconds to wait.
+    pub const RETRY_AFTER: &str = "retry-after";
+    /// The scheme a 401 asks for.
+    pub const WWW_AUTHENTICATE: &str = "www-authenticate";
+}
+use header_names::*;
+
+/// Headers as (lower-case name, value) pairs; values are visible ASCII.
+pub type Headers = Vec<(&'static str, String)>;
+
+/// Why a call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// No key, or an unknown, revoked or expired one (401).
+    Unauthorized,
+    /// The short-window limit (429 `rate_limited`).
+    RateLimited,
+    /// The monthly quota (429 `quota_exceeded`).
+    QuotaExceeded,
+    /// The database did not answer (503).
+    Unavailable,
+}
+
+/// A refused call: what to answer, whatever the door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why.
+    pub reason: RefusalReason,
+    /// HTTP status: 401, 429 or 503.
+    pub status: u16,
+    /// Response headers (rate-limit fields, `Retry-After`, `WWW-Authenticate`).
+    pub headers: Headers,
+    /// The JSON body (`{"error": ..., "message": ...}`).
+    pub body: String,
+}
+
+/// An admitted call: the caller, and what the meter needs to record it.
+#[derive(Debug)]
+pub struct Admitted {
+    caller: Caller,
+    at: OffsetDateTime,
+    started: Instant,
+    quota: QuotaStatus,
+    burst: Option<BurstStatus>,
+}
+
+/// The short-window state after an admitted or refused call.
+#[derive(Debug, Clone, Copy)]
+struct BurstStatus {
+    rate: RateLimit,
+    remaining: u32,
+    /// Until the whole burst is back (allowed) or the next call fits (refused).
+    reset_in: Duration,
+}
+
+impl Admitted {
+    /// Who is calling.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The rate-limit headers of the response: `X-RateLimit-*` and the IETF fields.
+    pub fn headers(&self) -> Headers {
+        rate_limit_headers(Some(&self.quota), self.burst.as_ref(), self.at)
+    }
+}
+
+/// The meter's answer to a call.
+#[derive(Debug)]
+pub enum Admission {
+    /// Serve it, then [`Meter::record`] it.
+    Admitted(Admitted),
+    /// Answer with this instead.
+    Refused(Refusal),
+}
+
+/// The metering engine: key check, short-window limit, monthly quota, recording.
+pub struct Meter {
+    deps: MeterDeps,
+    stats: Arc<MeteringStats>,
+}
+
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meter").field("stats", &self.stats).finish()
+    }
+}
+
+impl Meter {
+    /// A meter over `deps`.
+    pub fn new(deps: MeterDeps) -> Self {
+        Self {
+            deps,
+            stats: Arc::new(MeteringStats::default()),
+        }
+    }
+
+    /// Its live counts.
+    pub fn stats(&self) -> Arc<MeteringStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Decides a call from its `Authorization` and `X-API-Key` header values (raw bytes,
+    /// as any framework has them): the key from `Authorization: Bearer <key>` or, without
+    /// an `Authorization` header, `X-API-Key: <key>`.
+    pub async fn admit(&self, authorization: Option<&[u8]>, api_key: Option<&[u8]>) -> Admission {
+        let key = match authorization {
+            Some(value) => bearer_credential(value).ok(),
+            None => api_key
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .map(str::trim),
+        };
+        self.admit_key(key).await
+    }
+
+    /// Decides a call that presented `key` (`None`: no credential).
+    pub async fn admit_key(&self, key: Option<&str>) -> Admission {
+        let started = Instant::now();
+        let deps = &self.deps;
+        let stats = &self.stats;
+        let at = deps.clock.now();
+
+        let caller = match key {
+            None | Some("") => None,
+            Some(key) => match deps.authenticator.authenticate(key).await {
+                Ok(caller) => caller,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API key lookup failed");
+                    stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                    return Admission::Refused(unavailable());
+                }
+            },
+        };
+        let Some(caller) = caller else {
+            stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return Admission::Refused(unauthorized());
+        };
+
+        let mut burst = None;
+        if let Some(limiter) = &deps.rate {
+            match limiter.check(&caller.user_id, caller.plan) {
+                RateDecision::Unlimited => {}
+                RateDecision::Allowed {
+                    rate,
+                    remaining,
+                    full_in,
+                } => {
+                    burst = Some(BurstStatus {
+                        rate,
+                        remaining,
+                        reset_in: full_in,
+                    })
+                }
+                RateDecision::Limited { rate, retry_after } => {
+                    stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return Admission::Refused(rate_limited(rate, retry_after, at));
+                }
+            }
+        }
+
+        match deps.quota.admit_at(&caller.user_id, caller.plan, at).await {
+            Ok(QuotaDecision::Admitted(quota)) => {
+                stats.admitted.fetch_add(1, Ordering::Relaxed);
+                Admission::Admitted(Admitted {
+                    caller,
+                    at,
+                    started,
+                    quota,
+                    burst,
+                })
+            }
+            Ok(QuotaDecision::Rejected(quota)) => {
+                stats.quota_rejected.fetch_add(1, Ordering::Relaxed);
+                Admission::Refused(quota_exceeded(&quota, burst.as_ref(), at))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "loading the quota counter failed");
+                stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                Admission::Refused(unavailable())
+            }
+        }
+    }
+
+    /// Records an admitted call once it finished: its `method`, its route `endpoint` (a
+    /// pattern such as `/v1/items/{id}`, never the raw path) and the response `status`.
+    pub async fn record(&self, call: Admitted, method: &str, endpoint: String, status: u16) {
+        let included_calls = self
+            .deps
+            .quota
+            .catalog()
+            .included_calls_if_billed(call.caller.plan);
+        let tracked = TrackedCall {
+            event: UsageEvent {
+                event_id: new_event_id(call.at),
+                user_id: call.caller.user_id,
+                api_key_id: call.caller.api_key_id,
+                endpoint,
+                method: method.to_owned(),
+                status_code: status,
+                response_time_ms: u32::try_from(call.started.elapsed().as_millis())
+                    .unwrap_or(u32::MAX),
+                created_at: call.at,
+            },
+            included_calls,
+        };
+        if self.deps.tracker.track(tracked).await.is_err() {
+            // Only after shutdown, when no request should still be running.
+            tracing::error!("usage tracker closed; an admitted call was not recorded");
+        }
+    }
+}
+
+/// The credential of an `Authorization: Bearer <credential>` value (scheme in any case,
+/// spaces around the credential ignored). The error says what is wrong, for the log.
+///
+/// ```
+/// use usage_core::meter::bearer_credential;
+///
+/// assert_eq!(bearer_credential(b"bearer  eco_live_abc "), Ok("eco_live_abc"));
+/// assert!(bearer_credential(b"Basic dXNlcjpwYXNz").is_err());
+/// ```
+pub fn bearer_credential(value: &[u8]) -> Result<&str, &'static str> {
+    let value = std::str::from_utf8(value)
+        .ok()
+        .filter(|v| v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        .ok_or("the Authorization header is not visible ASCII")?;
+    let (scheme, credential) = value
+        .split_once(' ')
+        .ok_or("the Authorization header is not `Bearer <credential>`")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("the Authorization scheme is not Bearer");
+    }
+    match credential.trim() {
+        "" => Err("the bearer credential is empty"),
+        credential => Ok(credential),
+    }
+}
+
+/// Largest integer a structured field carries (RFC 9651: 15 digits).
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
+/// Whole seconds in `d`, rounded up.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The rate-limit headers for a quota state and a short-window state: `X-RateLimit-*`
+/// for the monthly quota (limited plans only), the burst ones, and the IETF fields
+/// listing the `"monthly"` and `"burst"` policies that apply.
+fn rate_limit_headers(
+    quota: Option<&QuotaStatus>,
+    burst: Option<&BurstStatus>,
+    now: OffsetDateTime,
+) -> Headers {
+    let mut headers = Headers::with_capacity(7);
+    let monthly = quota.and_then(|q| Some((q, q.limit?, q.remaining()?)));
+    let mut policy = ListSerializer::new();
+    let mut state = ListSerializer::new();
+    if let Some((status, limit, remaining)) = monthly {
+        headers.push((X_RATELIMIT_LIMIT, limit.to_string()));
+        headers.push((X_RATELIMIT_REMAINING, remaining.to_string()));
+        headers.push((X_RATELIMIT_RESET, status.reset_at.unix_timestamp().to_string()));
+        let window = status.reset_at - status.period_start;
+        let left = (status.reset_at - now).max(time::Duration::ZERO);
+        sf_item(
+            &mut policy,
+            "monthly",
+            ("q", limit),
+            ("w", u64::try_from(window.whole_seconds()).unwrap_or(0)),
+        );
+        sf_item(
+            &mut state,
+            "monthly",
+            ("r", remaining),
+            ("t", u64::try_from(left.whole_seconds()).unwrap_or(0)),
+        );
+    }
+    if let Some(burst) = burst {
+        headers.push((X_RATELIMIT_BURST_LIMIT, burst.rate.burst.to_string()));
+        headers.push((X_RATELIMIT_BURST_REMAINING, burst.remaining.to_string()));
+        let per_second = u64::from(burst.rate.per_second.max(1));
+        let window = u64::from(burst.rate.burst).div_ceil(per_second).max(1);
+        sf_item(
+            &mut policy,
+            "burst",
+            ("q", u64::from(burst.rate.burst)),
+            ("w", window),
+        );
+        sf_item(
+            &mut state,
+            "burst",
+            ("r", u64::from(burst.remaining)),
+            ("t", ceil_secs(burst.reset_in)),
+        );
+    }
+    if let (Some(policy), Some(state)) = (policy.finish(), state.finish()) {
+        headers.push((RATELIMIT_POLICY, policy));
+        headers.push((RATELIMIT, state));
+    }
+    headers
+}
+
+/// Appends `"name";a=..;b=..` to a structured-field list.
+fn sf_item(list: &mut ListSerializer<String>, name: &str, a: (&str, u64), b: (&str, u64)) {
+    let value = |v: u64| sfv::Integer::try_from(v.min(SF_INTEGER_MAX)).unwrap_or(sfv::integer(0));
+    let _ = list
+        .bare_item(string_ref(name))
+        .parameter(key_ref(a.0), value(a.1))
+        .parameter(key_ref(b.0), value(b.1));
+}
+
+fn refusal(reason: RefusalReason, status: u16, headers: Headers, body: serde_json::Value) -> Refusal {
+    Refusal {
+        reason,
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn unauthorized() -> Refusal {
+    refusal(
+        RefusalReason::Unauthorized,
+        401,
+        vec![(WWW_AUTHENTICATE, "Bearer".to_owned())],
+        json!({
+            "error": "unauthorized",
+            "message": "A valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>.",
+        }),
+    )
+}
+
+fn unavailable() -> Refusal {
+    refusal(
+        RefusalReason::Unavailable,
+        503,
+        vec![(RETRY_AFTER, "5".to_owned())],
+        json!({
+            "error": "database_unavailable",
+            "message": "The database is unavailable; try again shortly.",
+        }),
+    )
+}
+
+fn rate_limited(rate: RateLimit, retry_after: Duration, now: OffsetDateTime) -> Refusal {
+    let secs = ceil_secs(retry_after).max(1);
+    let burst = BurstStatus {
+        rate,
+        remaining: 0,
+        reset_in: retry_after,
+    };
+    let mut headers = vec![(RETRY_AFTER, secs.to_string())];
+    headers.extend(rate_limit_headers(None, Some(&burst), now));
+    refusal(
+        RefusalReason::RateLimited,
+        429,
+        headers,
+        json!({
+            "error": "rate_limited",
+            "message": format!(
+                "Too many requests: at most {} per second with bursts of {}. Retry in {secs} s.",
+                rate.per_second, rate.burst
+            ),
+        }),
+    )
+}
+
+fn quota_exceeded(status: &QuotaStatus, burst: Option<&BurstStatus>, now: OffsetDateTime) -> Refusal {
+    let limit = status.limit.unwrap_or_default();
+    let reset_at = status.reset_at.format(&Rfc3339).unwrap_or_default();
+    let retry_after = (status.reset_at - now).whole_seconds().max(1);
+    let mut headers = vec![(RETRY_AFTER, retry_after.to_string())];
+    headers.extend(rate_limit_headers(Some(status), burst, now));
+    refusal(
+        RefusalReason::QuotaExceeded,
+        429,
+        headers,
+        json!({
+            "error": "quota_exceeded",
+            "message": format!(
+                "The monthly quota of {limit} calls is used up until {reset_at}. Upgrade to Pro for more calls."
+            ),
+            "limit": limit,
+            "reset_at": reset_at,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn ietf_fields_list_the_monthly_and_burst_policies() {
+        let now = datetime!(2026-11-20 00:00 UTC);
+        let quota = QuotaStatus {
+            limit: Some(1000),
+            used: 1,
+            period_start: datetime!(2026-11-01 00:00 UTC),
+            reset_at: datetime!(2026-12-01 00:00 UTC),
+        };
+        let burst = BurstStatus {
+            rate: RateLimit {
+                per_second: 2,
+                burst: 5,
+            },
+            remaining: 4,
+            reset_in: Duration::from_millis(500),
+        };
+        let headers = rate_limit_headers(Some(&quota), Some(&burst), now);
+        let get = |name| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            get(RATELIMIT_POLICY),
+            Some(r#""monthly";q=1000;w=2592000, "burst";q=5;w=3"#)
+        );
+        assert_eq!(
+            get(RATELIMIT),
+            Some(r#""monthly";r=999;t=950400, "burst";r=4;t=1"#)
+        );
+        assert_eq!(get(X_RATELIMIT_RESET), Some("1796083200"));
+    }
+
+    #[test]
+    fn unlimited_plans_without_a_burst_carry_no_rate_limit_fields() {
+        let now = datetime!(2026-11-20 00:00 UTC);
+        let quota = QuotaStatus {
+            limit: None,
+            used: 7,
+            period_start: datetime!(2026-11-01 00:00 UTC),
+            reset_at: datetime!(2026-12-01 00:00 UTC),
+        };
+        assert!(rate_limit_headers(Some(&quota), None, now).is_empty());
+    }
+
+    #[test]
+    fn huge_numbers_stay_within_a_structured_field_integer() {
+        let now = datetime!(2026-11-20 00:00 UTC);
+        let quota = QuotaStatus {
+            limit: Some(u64::MAX),
+            used: 0,
+            period_start: datetime!(2026-11-01 00:00 UTC),
+            reset_at: datetime!(2026-12-01 00:00 UTC),
+        };
+        let headers = rate_limit_headers(Some(&quota), None, now);
+        let policy = &headers.iter().find(|(n, _)| *n == RATELIMIT_POLICY).unwrap().1;
+        assert_eq!(policy, r#""monthly";q=999999999999999;w=2592000"#);
+    }
+}
