@@ -21,9 +21,12 @@ pub mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod dead_letter;
+pub mod endpoint;
 mod error;
 pub mod event;
 pub mod ids;
+#[cfg(feature = "tower")]
+pub mod layer;
 pub mod memory;
 pub mod meter;
 #[cfg(feature = "actix")]

@@ -349,7 +349,10 @@ fn rate_limit_headers(
     if let Some((status, limit, remaining)) = monthly {
         headers.push((X_RATELIMIT_LIMIT, limit.to_string()));
         headers.push((X_RATELIMIT_REMAINING, remaining.to_string()));
-        headers.push((X_RATELIMIT_RESET, status.reset_at.unix_timestamp().to_string()));
+        headers.push((
+            X_RATELIMIT_RESET,
+            status.reset_at.unix_timestamp().to_string(),
+        ));
         let window = status.reset_at - status.period_start;
         let left = (status.reset_at - now).max(time::Duration::ZERO);
         sf_item(
@@ -399,7 +402,12 @@ fn sf_item(list: &mut ListSerializer<String>, name: &str, a: (&str, u64), b: (&s
         .parameter(key_ref(b.0), value(b.1));
 }
 
-fn refusal(reason: RefusalReason, status: u16, headers: Headers, body: serde_json::Value) -> Refusal {
+fn refusal(
+    reason: RefusalReason,
+    status: u16,
+    headers: Headers,
+    body: serde_json::Value,
+) -> Refusal {
     Refusal {
         reason,
         status,
@@ -455,7 +463,11 @@ fn rate_limited(rate: RateLimit, retry_after: Duration, now: OffsetDateTime) -> 
     )
 }
 
-fn quota_exceeded(status: &QuotaStatus, burst: Option<&BurstStatus>, now: OffsetDateTime) -> Refusal {
+fn quota_exceeded(
+    status: &QuotaStatus,
+    burst: Option<&BurstStatus>,
+    now: OffsetDateTime,
+) -> Refusal {
     let limit = status.limit.unwrap_or_default();
     let reset_at = status.reset_at.format(&Rfc3339).unwrap_or_default();
     let retry_after = (status.reset_at - now).whole_seconds().max(1);
@@ -538,7 +550,11 @@ mod tests {
             reset_at: datetime!(2026-12-01 00:00 UTC),
         };
         let headers = rate_limit_headers(Some(&quota), None, now);
-        let policy = &headers.iter().find(|(n, _)| *n == RATELIMIT_POLICY).unwrap().1;
+        let policy = &headers
+            .iter()
+            .find(|(n, _)| *n == RATELIMIT_POLICY)
+            .unwrap()
+            .1;
         assert_eq!(policy, r#""monthly";q=999999999999999;w=2592000"#);
     }
 }

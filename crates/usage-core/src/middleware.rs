@@ -105,14 +105,18 @@ where
     let headers = req.headers();
     let admission = meter
         .admit(
-            headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+            headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
             headers.get(&API_KEY).map(HeaderValue::as_bytes),
         )
         .await;
     let call = match admission {
         Admission::Admitted(call) => call,
         Admission::Refused(refusal) => {
-            return Ok(req.into_response(refusal_response(refusal)).map_into_right_body());
+            return Ok(req
+                .into_response(refusal_response(refusal))
+                .map_into_right_body());
         }
     };
     let endpoint = req
@@ -138,8 +142,7 @@ where
 
 /// The actix response for a refusal: its status, headers and JSON body.
 pub fn refusal_response(refusal: Refusal) -> HttpResponse {
-    let status =
-        StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = HttpResponse::build(status)
         .content_type("application/json")
         .body(refusal.body);
