@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use usage_auth::secret::SecretString;
+use usage_core::endpoint::EndpointPatterns;
 use usage_core::{ApiKeyId, Plan, UserId};
 
 /// Usage metering, API keys, monthly quotas and overage billing for SaaS APIs.
@@ -309,6 +310,12 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u32).range(1..=36_500))]
     pub usage_retention_days: Option<u32>,
 
+    /// Route templates for forward auth (comma-separated, e.g.
+    /// `/v1/items/{id},/v1/users/{id}/orders`): a path matching one is recorded as it;
+    /// others with each id-like segment as `{id}`.
+    #[arg(long, env = "FORWARD_AUTH_ROUTES", global = true, value_parser = parse_route_templates)]
+    pub forward_auth_routes: Option<EndpointPatterns>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -563,4 +570,8 @@ mod tests {
         .to_string();
         assert!(err.contains("--ttl-secs"), "{err}");
     }
+}
+
+fn parse_route_templates(list: &str) -> Result<EndpointPatterns, String> {
+    EndpointPatterns::parse(list).map_err(|e| e.to_string())
 }

@@ -60,6 +60,8 @@ pub struct Config {
     pub daily_aggregation: bool,
     /// `USAGE_RETENTION_DAYS`; `None` keeps raw calls for ever.
     pub usage_retention_days: Option<u32>,
+    /// `FORWARD_AUTH_ROUTES`: how forward auth names endpoints.
+    pub forward_auth_routes: usage_core::endpoint::EndpointPatterns,
     /// `ADMIN_AUDIT_RETENTION_DAYS`; `None` keeps the audit log for ever.
     pub admin_audit_retention_days: Option<u32>,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).
@@ -173,6 +175,7 @@ impl Config {
             stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,
             usage_retention_days: options.usage_retention_days,
+            forward_auth_routes: options.forward_auth_routes.clone().unwrap_or_default(),
             admin_audit_retention_days: Some(options.admin_audit_retention_days)
                 .filter(|days| *days > 0),
             clock_start: options.clock_start,

@@ -36,6 +36,9 @@ pub enum ServerError {
     /// The durable spool could not be opened.
     #[error(transparent)]
     Spool(#[from] usage_core::spool::SpoolError),
+    /// Metering could not start.
+    #[error(transparent)]
+    Embed(#[from] usage_embed::EmbedError),
     /// Reconciliation found periods that do not add up.
     #[error(
         "{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")"

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
-use usage_core::middleware::{Metering, MeteringDeps, MeteringStats};
+use usage_core::middleware::{Metering, MeteringStats};
+use usage_core::repo::UsageRepository;
+use usage_embed::{UsageMeter, UsageOptions};
 use usage_core::quota::QuotaBook;
 use usage_core::rate::{PlanRateLimits, RateLimiter};
 use usage_core::tracker::UsageTracker;
@@ -19,7 +21,7 @@ use crate::openapi::{
 };
 use crate::user_auth::AuthenticatedUser;
 use crate::{ApiError, ServerError};
-use crate::{admin_api, cron_api, keys_api, openapi, webhooks_api};
+use crate::{admin_api, cron_api, forward_auth, keys_api, openapi, webhooks_api};
 use serde::Serialize;
 use usage_analytics::CurrentUsage;
 use usage_analytics::DailyAggregation;
@@ -70,48 +72,35 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     if let Some(start) = config.clock_start {
         tracing::warn!(%start, "running on a shifted clock (USAGE_CLOCK_START)");
     }
-    let (tracker, tracker_worker) = match &config.spool {
-        Some(spool) => {
-            tracing::info!(dir = %spool.dir.display(), "durable mode: admitted calls are spooled to disk");
-            UsageTracker::start_durable(
-                store.clone(),
-                store.clone(),
-                config.tracker.clone(),
-                spool,
-            )?
-        }
-        None if config.bench_discard_usage => {
-            tracing::warn!("--bench-discard-usage: recorded calls are DROPPED, not written");
-            UsageTracker::start(
-                Arc::new(crate::bench::DiscardedUsage),
-                store.clone(),
-                config.tracker.clone(),
-            )
-        }
-        None => UsageTracker::start(store.clone(), store.clone(), config.tracker.clone()),
-    };
-    let verifier = Arc::new(KeyVerifier::new(
+    if config.bench_discard_usage {
+        tracing::warn!("--bench-discard-usage: recorded calls are DROPPED, not written");
+    }
+    if let Some(spool) = &config.spool {
+        tracing::info!(dir = %spool.dir.display(), "durable mode: admitted calls are spooled to disk");
+    }
+    // Key check, quota, short window and recording: the same engine an embedding service
+    // starts (`usage-embed`), shared by the middleware and forward auth.
+    let usage = UsageMeter::with_store(
         store.clone(),
-        store.clone(),
-        clock.clone(),
-        config.key_cache,
-    ));
-    // Revocations and plan changes by the CLI or another instance reach this instance's
-    // key cache.
-    let access_watcher = verifier.watch_access_changes(config.revocation_poll);
-    let quota = Arc::new(QuotaBook::new(
-        store.clone(),
-        config.plans.clone(),
-        clock.clone(),
-        config.quota,
-    ));
-    let quota_sync = quota.start_sync();
-    let quota_at_exit = Arc::clone(&quota);
+        UsageOptions {
+            migrate: false,
+            pool: config.pool.clone(),
+            tracker: config.tracker.clone(),
+            spool: config.spool.clone(),
+            key_cache: config.key_cache,
+            access_poll: config.revocation_poll,
+            plans: config.plans.clone(),
+            quota: config.quota,
+            rate_limits: config.rate_limits,
+            clock: clock.clone(),
+            record_to: config
+                .bench_discard_usage
+                .then(|| Arc::new(crate::bench::DiscardedUsage) as Arc<dyn UsageRepository>),
+            endpoint_patterns: config.forward_auth_routes.clone(),
+        },
+    )?;
+    let (tracker, verifier, quota) = (usage.tracker().clone(), usage.verifier(), usage.quota());
     let reports = UsageReports::new(store.clone(), Arc::clone(&quota), clock.clone());
-    let rate = config
-        .rate_limits
-        .any()
-        .then(|| Arc::new(RateLimiter::new(config.rate_limits, clock.clone())));
     let keys = KeyIssuer::new(store.clone(), clock.clone());
     let aggregation = DailyAggregation::new(store.clone(), clock.clone());
     let (store_for_billing, clock_for_billing) = (store.clone(), clock.clone());
@@ -142,19 +131,16 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             clock.clone(),
         )
     });
-    let quota_for_metrics = Arc::clone(&quota);
-    let metering = Metering::new(MeteringDeps {
-        authenticator: verifier.clone(),
-        quota,
-        rate,
-        tracker: tracker.clone(),
-        clock,
-    });
+    let metering = usage.actix();
+    let forward_auth = web::Data::new(forward_auth::ForwardAuth::new(
+        usage.meter(),
+        config.forward_auth_routes.clone(),
+    ));
     let state = web::Data::new(AppState {
         store,
         tracker,
         metering: metering.stats(),
-        quota: quota_for_metrics,
+        quota,
         reports,
         events,
         keys,
@@ -186,6 +172,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         App::new()
             .app_data(state.clone())
             .app_data(jwt.clone())
+            .app_data(forward_auth.clone())
             .configure(|cfg| {
                 // One registry per worker, dropped once the routes are in: the test in
                 // `openapi` reads the same registrations.
@@ -203,31 +190,14 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         tracing::info!("listening on http://{addr}");
     }
     let served = server.run().await;
-    access_watcher.abort();
-    quota_sync.abort();
     lifecycle.abort();
     for task in [schedule, audit_retention].into_iter().flatten() {
         task.abort();
     }
 
-    // No request is in flight any more: write everything still queued.
-    let report = tracker_worker.shutdown().await;
-    tracing::info!(
-        flushed_at_shutdown = report.flushed_at_shutdown,
-        flushed_total = report.flushed_total,
-        unwritten = report.unwritten,
-        "usage tracker stopped: {} event(s) written at shutdown",
-        report.flushed_at_shutdown
-    );
-    // Unspent quota leases go back for the other instances; counts not yet pushed go in.
-    match quota_at_exit.sync(true).await {
-        Ok(sync) => tracing::info!(
-            released = sync.released,
-            pushed = sync.pushed,
-            "quota leases given back"
-        ),
-        Err(e) => tracing::warn!(error = %e, "giving quota leases back failed"),
-    }
+    // No request is in flight any more: write everything still queued, give quota
+    // leases back.
+    usage.shutdown().await;
     served.map_err(ServerError::Http)?;
     tracing::info!("stopped");
     Ok(())
@@ -248,6 +218,7 @@ pub(crate) fn routes(
     cron_api::routes(cfg, registry);
     admin_api::routes(cfg, registry);
     webhooks_api::routes(cfg, registry);
+    forward_auth::routes(cfg, registry);
     openapi::routes(cfg, registry);
     let ping_path = registry.path_in::<__path_ping>("/api/v1");
     match metering {
@@ -475,12 +446,15 @@ pub(crate) struct Ping {
         (status = 200, body = Ping, headers(
             ("X-RateLimit-Limit" = u64, description = "Monthly calls (limited plans)."),
             ("X-RateLimit-Remaining" = u64, description = "Calls left this period, never negative."),
-            ("X-RateLimit-Reset" = u64, description = "Unix seconds when the period ends."))),
+            ("X-RateLimit-Reset" = u64, description = "Unix seconds when the period ends."),
+            ("RateLimit-Policy" = String, description = "IETF policies (draft-11), e.g. `\"monthly\";q=1000;w=2592000`, and `\"burst\";q=..;w=..` with a short window."),
+            ("RateLimit" = String, description = "IETF state of each policy, e.g. `\"monthly\";r=999;t=864000`."))),
         (status = 401, description = "Missing, unknown, revoked or expired API key.", body = ErrorResponse),
         (status = 429, description = "Over the monthly quota (free plan) or the short window.",
          body = QuotaExceeded, headers(
             ("Retry-After" = u64, description = "Seconds."),
-            ("X-RateLimit-Limit" = u64), ("X-RateLimit-Remaining" = u64), ("X-RateLimit-Reset" = u64))),
+            ("X-RateLimit-Limit" = u64), ("X-RateLimit-Remaining" = u64), ("X-RateLimit-Reset" = u64),
+            ("RateLimit-Policy" = String), ("RateLimit" = String))),
         (status = 503, description = "The database did not answer and the key was not known.", body = ErrorResponse),
     ))]
 pub(crate) async fn ping(caller: web::ReqData<Caller>) -> HttpResponse {

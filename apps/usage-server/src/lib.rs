@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 mod cron_api;
 mod error;
+mod forward_auth;
 mod http;
 mod keys_api;
 mod metrics;

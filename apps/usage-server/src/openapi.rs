@@ -360,6 +360,8 @@ impl Modify for SecuritySchemes {
         crate::cron_api::aggregate_daily,
         crate::cron_api::overage_reconciliation,
         crate::webhooks_api::stripe,
+        crate::forward_auth::forward_auth,
+        crate::forward_auth::forward_auth_path,
         openapi_json,
         docs,
     ),
@@ -370,6 +372,7 @@ impl Modify for SecuritySchemes {
         (name = "admin", description = "Business figures and users (admin JWT), audited."),
         (name = "cron", description = "Jobs for a scheduler (cron secret)."),
         (name = "stripe", description = "Stripe's webhook."),
+        (name = "forward-auth", description = "Metering for any upstream behind a reverse proxy (API key)."),
         (name = "operations", description = "Health, readiness, metrics, this document."),
     )
 )]
