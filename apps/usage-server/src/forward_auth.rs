@@ -25,6 +25,9 @@ impl ForwardAuth {
     }
 }
 
+/// The refusal's JSON body, repeated as a header of forward-auth refusals.
+static REFUSAL_BODY: header::HeaderName = header::HeaderName::from_static("x-usage-refusal");
+
 /// Where the bare endpoint ends: `/api/forward-auth/<original path>` carries the path.
 const PREFIX: &str = "/api/forward-auth";
 
@@ -67,7 +70,8 @@ macro_rules! decision_doc {
     };
 }
 
-decision_doc!("/api/forward-auth",
+decision_doc!(
+    "/api/forward-auth",
     "Meter a call a proxy is about to pass on: 200 to allow, else the metered API's refusal.",
     [],
     async fn forward_auth(req: HttpRequest, auth: web::Data<ForwardAuth>) -> HttpResponse {
@@ -75,9 +79,14 @@ decision_doc!("/api/forward-auth",
     }
 );
 
-decision_doc!("/api/forward-auth/{path}",
+decision_doc!(
+    "/api/forward-auth/{path}",
     "As `/api/forward-auth`, with the original path in the URL (when no header carries it).",
-    [("path" = String, Path, description = "The original path, without its leading `/`."),],
+    [(
+        "path" = String,
+        Path,
+        description = "The original path, without its leading `/`."
+    ),],
     async fn forward_auth_path(
         req: HttpRequest,
         auth: web::Data<ForwardAuth>,
@@ -110,13 +119,24 @@ async fn decide(req: &HttpRequest, auth: &ForwardAuth, tail: Option<String>) -> 
     let admission = auth
         .meter
         .admit(
-            headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+            headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
             headers.get("x-api-key").map(HeaderValue::as_bytes),
         )
         .await;
     let call = match admission {
         Admission::Admitted(call) => call,
-        Admission::Refused(refusal) => return refusal_response(refusal),
+        Admission::Refused(refusal) => {
+            // nginx's `auth_request` keeps a refusal's headers but not its body: the body
+            // also travels as a header, for the proxy to answer with (docs/FORWARD_AUTH.md).
+            let body = HeaderValue::from_str(&refusal.body).ok();
+            let mut response = refusal_response(refusal);
+            if let Some(body) = body {
+                response.headers_mut().insert(REFUSAL_BODY.clone(), body);
+            }
+            return response;
+        }
     };
     let mut response = HttpResponse::Ok();
     let caller = call.caller();

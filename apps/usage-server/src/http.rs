@@ -7,12 +7,12 @@ use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
 use usage_core::middleware::{Metering, MeteringStats};
-use usage_core::repo::UsageRepository;
-use usage_embed::{UsageMeter, UsageOptions};
 use usage_core::quota::QuotaBook;
 use usage_core::rate::{PlanRateLimits, RateLimiter};
+use usage_core::repo::UsageRepository;
 use usage_core::tracker::UsageTracker;
 use usage_core::{Caller, Store};
+use usage_embed::{UsageMeter, UsageOptions};
 
 use crate::config::Config;
 use crate::metrics;
