@@ -520,6 +520,10 @@ fn parse_rfc3339(value: &str) -> Result<time::OffsetDateTime, String> {
         })
 }
 
+fn parse_route_templates(list: &str) -> Result<EndpointPatterns, String> {
+    EndpointPatterns::parse(list).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,8 +574,4 @@ mod tests {
         .to_string();
         assert!(err.contains("--ttl-secs"), "{err}");
     }
-}
-
-fn parse_route_templates(list: &str) -> Result<EndpointPatterns, String> {
-    EndpointPatterns::parse(list).map_err(|e| e.to_string())
 }
