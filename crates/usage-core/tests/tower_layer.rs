@@ -1,0 +1,294 @@
+//! The tower layer on an axum 0.8 router, with in-memory repositories: the same answers
+//! as the actix middleware (tests/middleware.rs), the caller in the request's extensions,
+//! and the endpoint from axum's matched path, an `Endpoint` extension, or the id rule.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, Path};
+use axum::http::{Request, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::Value;
+use time::macros::datetime;
+use tower::ServiceExt;
+use usage_core::layer::{Endpoint, MeteringLayer};
+use usage_core::memory::MemoryStore;
+use usage_core::meter::{Meter, MeterDeps};
+use usage_core::quota::{QuotaBook, QuotaSettings};
+use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
+use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, UsageRepository, User, UserRepository};
+use usage_core::tracker::{TrackerConfig, TrackerWorker, UsageTracker};
+use usage_core::{
+    ApiKeyAuthenticator, ApiKeyId, BillingPeriod, Caller, Clock, ManualClock, Plan, PlanCatalog,
+    PlanTerms, RepoError, UserId,
+};
+
+const KEY: &str = "eco_live_testtesttesttesttesttesttesttest";
+const NOW: time::OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+
+struct OneKey(Caller);
+
+#[async_trait]
+impl ApiKeyAuthenticator for OneKey {
+    async fn authenticate(&self, key: &str) -> Result<Option<Caller>, RepoError> {
+        Ok((key == KEY).then(|| self.0.clone()))
+    }
+}
+
+struct Fixture {
+    store: Arc<MemoryStore>,
+    user: UserId,
+    meter: Arc<Meter>,
+    worker: TrackerWorker,
+}
+
+async fn fixture(rate: Option<RateLimit>) -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(NOW));
+    let user = User {
+        id: UserId::generate(),
+        email: "ada@example.com".into(),
+        plan: Plan::Free,
+        stripe_customer_id: None,
+        created_at: clock.now(),
+    };
+    store.create_user(&user).await.unwrap();
+    let key = ApiKeyRecord {
+        id: ApiKeyId::generate(),
+        user_id: user.id.clone(),
+        name: "k".into(),
+        prefix: "eco_live_test".into(),
+        key_hash: "0".repeat(64),
+        created_at: clock.now(),
+        last_used_at: None,
+        revoked_at: None,
+        expires_at: None,
+    };
+    store.create_api_key(&key).await.unwrap();
+    let catalog = PlanCatalog {
+        free: PlanTerms {
+            monthly_calls: Some(3),
+            ..PlanCatalog::default().free
+        },
+        ..PlanCatalog::default()
+    };
+    let (tracker, worker) =
+        UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
+    let rate = rate.map(|r| {
+        let limits = PlanRateLimits {
+            free: Some(r),
+            ..PlanRateLimits::default()
+        };
+        Arc::new(RateLimiter::new(limits, clock.clone()))
+    });
+    let meter = Arc::new(Meter::new(MeterDeps {
+        authenticator: Arc::new(OneKey(Caller {
+            user_id: user.id.clone(),
+            api_key_id: key.id,
+            plan: Plan::Free,
+        })),
+        quota: Arc::new(QuotaBook::new(
+            store.clone(),
+            catalog,
+            clock.clone(),
+            QuotaSettings::default(),
+        )),
+        rate,
+        tracker,
+        clock,
+    }));
+    Fixture {
+        store,
+        user: user.id,
+        meter,
+        worker,
+    }
+}
+
+async fn item(Path(id): Path<u32>, Extension(caller): Extension<Caller>) -> String {
+    format!("item {id} for {}", caller.user_id)
+}
+
+fn router(meter: &Arc<Meter>) -> Router {
+    Router::new()
+        .route("/v1/items/{id}", get(item))
+        .layer(MeteringLayer::new(Arc::clone(meter)))
+}
+
+fn request(path: &str, key: Option<&str>) -> Request<Body> {
+    let mut request = Request::get(path);
+    if let Some(key) = key {
+        request = request.header("Authorization", format!("Bearer {key}"));
+    }
+    request.body(Body::empty()).unwrap()
+}
+
+fn header<'a>(res: &'a Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+async fn json(res: Response) -> Value {
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Endpoints recorded for the fixture's user, after the tracker's final flush (in no
+/// particular order: the manual clock gives every call the same time).
+async fn recorded(f: Fixture) -> Vec<String> {
+    f.worker.shutdown().await;
+    let period = BillingPeriod::containing(NOW);
+    let events = f
+        .store
+        .usage_events_page(&f.user, period.start(), period.end(), None, 100)
+        .await
+        .unwrap();
+    events.into_iter().map(|e| e.endpoint).collect()
+}
+
+#[tokio::test]
+async fn admits_with_headers_then_refuses_over_quota_and_records_the_pattern() {
+    let f = fixture(None).await;
+    let app = router(&f.meter);
+    for remaining in [2, 1, 0] {
+        let res = app
+            .clone()
+            .oneshot(request("/v1/items/7", Some(KEY)))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-limit"), Some("3"));
+        assert_eq!(
+            header(&res, "x-ratelimit-remaining"),
+            Some(remaining.to_string().as_str())
+        );
+        assert_eq!(
+            header(&res, "ratelimit-policy"),
+            Some("\"monthly\";q=3;w=2592000")
+        );
+        // 8 days and 14 hours to the end of November.
+        let state = format!("\"monthly\";r={remaining};t={}", 8 * 86_400 + 14 * 3_600);
+        assert_eq!(header(&res, "ratelimit"), Some(state.as_str()));
+        let bytes = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+        assert_eq!(bytes, format!("item 7 for {}", f.user).as_bytes());
+    }
+    let res = app
+        .clone()
+        .oneshot(request("/v1/items/7", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "content-type"), Some("application/json"));
+    assert!(header(&res, "retry-after").is_some());
+    let body = json(res).await;
+    assert_eq!(body["error"], "quota_exceeded");
+    assert_eq!(body["limit"], 3);
+    assert_eq!(body["reset_at"], "2026-12-01T00:00:00Z");
+    assert_eq!(recorded(f).await, vec!["/v1/items/{id}"; 3]);
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_get_401_and_nothing_is_recorded() {
+    let f = fixture(None).await;
+    let app = router(&f.meter);
+    for key in [None, Some("eco_live_unknownunknownunknownunknown0000")] {
+        let res = app.clone().oneshot(request("/v1/items/7", key)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(&res, "www-authenticate"), Some("Bearer"));
+        assert_eq!(json(res).await["error"], "unauthorized");
+    }
+    // X-API-Key works too.
+    let res = app
+        .clone()
+        .oneshot(
+            Request::get("/v1/items/7")
+                .header("X-API-Key", KEY)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(recorded(f).await.len(), 1);
+}
+
+#[tokio::test]
+async fn unmatched_paths_record_ids_as_placeholders_and_an_endpoint_extension_wins() {
+    let f = fixture(None).await;
+    let app = router(&f.meter);
+    let res = app
+        .clone()
+        .oneshot(request("/v1/orders/123456", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // An outer layer names the endpoint itself.
+    let named = tower::ServiceBuilder::new()
+        .map_request(|mut req: Request<Body>| {
+            req.extensions_mut().insert(Endpoint("/custom".into()));
+            req
+        })
+        .service(app.clone());
+    let res = named
+        .oneshot(request("/v1/items/9", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut endpoints = recorded(f).await;
+    endpoints.sort();
+    assert_eq!(endpoints, vec!["/custom", "/v1/orders/{id}"]);
+}
+
+#[tokio::test]
+async fn the_short_window_adds_a_burst_policy_and_refuses_past_it() {
+    let f = fixture(Some(RateLimit {
+        per_second: 1,
+        burst: 2,
+    }))
+    .await;
+    let app = router(&f.meter);
+    let res = app
+        .clone()
+        .oneshot(request("/v1/items/1", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some("\"monthly\";q=3;w=2592000, \"burst\";q=2;w=2")
+    );
+    assert!(
+        header(&res, "ratelimit").unwrap().ends_with(", \"burst\";r=1;t=1"),
+        "{:?}",
+        header(&res, "ratelimit")
+    );
+    assert_eq!(header(&res, "x-ratelimit-burst-remaining"), Some("1"));
+    app.clone()
+        .oneshot(request("/v1/items/1", Some(KEY)))
+        .await
+        .unwrap();
+    let res = app
+        .clone()
+        .oneshot(request("/v1/items/1", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "ratelimit-policy"), Some("\"burst\";q=2;w=2"));
+    assert_eq!(header(&res, "ratelimit"), Some("\"burst\";r=0;t=1"));
+    assert_eq!(json(res).await["error"], "rate_limited");
+    assert_eq!(recorded(f).await.len(), 2);
+}
+
+#[test]
+fn rate_limit_fields_parse_as_structured_field_lists() {
+    use sfv::{List, Parser};
+    for field in [
+        "\"monthly\";q=3;w=2592000, \"burst\";q=2;w=2",
+        "\"monthly\";r=0;t=744000",
+    ] {
+        let list: List = Parser::new(field).parse().unwrap();
+        assert!(!list.is_empty());
+    }
+}
