@@ -10,6 +10,8 @@
 #             the middleware's own cost (key cache, quota, tracker queue)
 #   metered   end to end: the same, every call written to the database
 #   durable   (BENCH_DURABLE=1) metered plus the fsync'd spool (USAGE_SPOOL_DIR)
+#   forward   (in BENCH_MODES) forward auth: the same decision and recording asked at
+#             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
 # and prints requests/s, p50, p99, the ratios to bare, and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
 # for room in the queue, is marked NOT SUSTAINED: its throughput is not one the database
@@ -76,10 +78,11 @@ stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; }
 metric() { curl -sf "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 seconds_of() { awk -v d="$1" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; print n }'; }
 
-run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare)
+run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api/v1/ping)
   local script=()
   if [ -n "$3" ]; then script=(-s scripts/rotate-keys.lua); fi
-  local url="http://127.0.0.1:$1/api/v1/ping"
+  local url="http://127.0.0.1:$1${4:-/api/v1/ping}"
+  if [ -n "${4:-}" ]; then script+=(-H "X-Forwarded-Uri: /v1/items/42"); fi
   wrk -t"$threads" -c"$connections" -d2s "${script[@]}" "$url" ${3:+-- "$3"} >/dev/null  # warm-up
   local half; half=$(awk -v s="$(seconds_of "$duration")" 'BEGIN { print s / 2 }')
   ( sleep "$half"; metric usage_tracker_queue_depth >"$2.mid" 2>/dev/null || echo 0 >"$2.mid" ) &
@@ -104,6 +107,7 @@ for n in $key_counts; do
       alone) start_server "$work/$mode.log" --bench-discard-usage; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       metered) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       durable) USAGE_SPOOL_DIR="$work/spool" start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
+      forward) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
     esac
     stop_server
     rps=$(rps_of "$work/$mode.txt"); p50=$(pct_of "$work/$mode.txt" 50); p99=$(pct_of "$work/$mode.txt" 99)

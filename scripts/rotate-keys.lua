@@ -13,7 +13,10 @@ function init(args)
   i = math.random(#keys)
 end
 
+-- Headers given with -H (wrk.headers) go with every request too.
 function request()
   i = i % #keys + 1
-  return wrk.format(nil, nil, { ["X-API-Key"] = keys[i] })
+  local headers = { ["X-API-Key"] = keys[i] }
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+  return wrk.format(nil, nil, headers)
 end

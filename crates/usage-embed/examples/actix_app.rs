@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run -p usage-embed --features actix --example actix_app
-//! cargo run --release -p usage-server -- keys create --user <USER_ID>   # same database
+//! cargo run --release -p usage-server -- keys create --user <USER_ID>   # same database (users create --email .. --plan free)
 //! curl -i -H 'X-API-Key: <key>' http://127.0.0.1:8092/v1/items/42
 //! ```
 //!
