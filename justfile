@@ -64,6 +64,14 @@ ci:
 bench-hot-path BACKEND="sqlite":
     bash scripts/bench-hot-path.sh {{BACKEND}}
 
+# Forward auth against the bare route, alone (calls dropped) and end to end (BACKEND: sqlite or postgres)
+bench-forward-auth BACKEND="postgres":
+    BENCH_MODES="bare alone forward-alone metered forward" bash scripts/bench-hot-path.sh {{BACKEND}}
+
+# The doors suite: actix, forward auth, nginx auth_request, axum, on both backends
+test-doors:
+    cargo test -p usage-server --test doors -- --nocapture
+
 # Ingest: events/s the tracker stores for 1 to 100,000 users vs the raw INSERT ceiling
 bench-ingest BACKEND="postgres":
     bash scripts/bench-ingest.sh {{BACKEND}}

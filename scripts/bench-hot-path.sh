@@ -12,6 +12,7 @@
 #   durable   (BENCH_DURABLE=1) metered plus the fsync'd spool (USAGE_SPOOL_DIR)
 #   forward   (in BENCH_MODES) forward auth: the same decision and recording asked at
 #             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
+#   forward-alone  (in BENCH_MODES) forward auth, every recorded call dropped
 # and prints requests/s, p50, p99, the ratios to bare, and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
 # for room in the queue, is marked NOT SUSTAINED: its throughput is not one the database
@@ -96,7 +97,7 @@ rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
 pct_of() { to_ms "$(awk -v p="$2%" '$1 == p {print $2}' "$1")"; }
 
 echo "== $backend, $(nproc) cores, wrk -t$threads -c$connections -d$duration, enterprise keys rotated per request"
-printf '%-7s %-8s %11s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "q mid" "q end" steady
+printf '%-7s %-13s %11s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "q mid" "q end" steady
 for n in $key_counts; do
   head -n "$n" "$work/keys.all" >"$work/keys"
   for mode in $modes; do
@@ -108,6 +109,7 @@ for n in $key_counts; do
       metered) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       durable) USAGE_SPOOL_DIR="$work/spool" start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       forward) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
+      forward-alone) start_server "$work/$mode.log" --bench-discard-usage; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
     esac
     stop_server
     rps=$(rps_of "$work/$mode.txt"); p50=$(pct_of "$work/$mode.txt" 50); p99=$(pct_of "$work/$mode.txt" 99)
@@ -124,7 +126,7 @@ for n in $key_counts; do
       non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$mode.txt")
       [ -z "$non2xx" ] || { echo "$mode answered $non2xx non-2xx responses" >&2; exit 1; }
     fi
-    printf '%-7s %-8s %11.0f %8.2f %8.3f %8.3f %8s %8s  %s\n' "$n" "$mode" "$rps" \
+    printf '%-7s %-13s %11.0f %8.2f %8.3f %8.3f %8s %8s  %s\n' "$n" "$mode" "$rps" \
       "$(awk -v a="$rps" -v b="${bare_rps:-$rps}" 'BEGIN { print a / b }')" "$p50" "$p99" \
       "${mid:--}" "${end:--}" "$steady"
     if [ "$mode" != bare ] && [ -n "${bare_rps:-}" ]; then

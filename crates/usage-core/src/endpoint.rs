@@ -105,6 +105,13 @@ impl EndpointPatterns {
     /// The endpoint recorded for a request to `path_and_query`: the first matching
     /// template, else the path (without query or fragment) with id-like segments as `{id}`.
     pub fn endpoint(&self, path_and_query: &str) -> String {
+        // A full URL (`https://host/path`) counts by its path.
+        let path_and_query = match path_and_query.split_once("://") {
+            Some((_, rest)) if !path_and_query.starts_with('/') => {
+                rest.find('/').map_or("/", |i| &rest[i..])
+            }
+            _ => path_and_query,
+        };
         let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
         let path = if path.starts_with('/') { path } else { "/" };
         for template in &self.templates {
@@ -221,6 +228,12 @@ mod tests {
         assert_eq!(none.endpoint(""), "/");
         assert_eq!(none.endpoint("?q=1"), "/");
         assert_eq!(none.endpoint("/v1/items/"), "/v1/items/");
+        assert_eq!(
+            none.endpoint("https://api.example.com/v1/items/42?x=1"),
+            "/v1/items/{id}"
+        );
+        assert_eq!(none.endpoint("https://api.example.com"), "/");
+        assert_eq!(none.endpoint("/v1/go?to=https://x.example/y"), "/v1/go");
     }
 
     #[test]
