@@ -21,7 +21,8 @@
 # usage: scripts/bench-hot-path.sh [sqlite|postgres]
 # env:   BENCH_KEYS ("1000"; several: "1 1000 10000 100000"), BENCH_DURATION (30s),
 #        BENCH_CONNECTIONS (32), BENCH_THREADS (1), BENCH_DURABLE (0), BENCH_MODES
-#        ("bare alone metered")
+#        ("bare alone metered"), BENCH_PLAN (enterprise: no quota headers; pro: quota
+#        headers and IETF fields on every response)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,8 +65,9 @@ export RUST_LOG=warn
 
 "$bin" migrate 2>/dev/null
 most=$(printf '%s\n' $key_counts | sort -n | tail -1)
-python3 scripts/bench_seed.py "$DATABASE_URL" "$most" enterprise >"$work/keys.all"
-echo "== seeded $most enterprise users, one key each"
+plan=${BENCH_PLAN:-enterprise}
+python3 scripts/bench_seed.py "$DATABASE_URL" "$most" "$plan" >"$work/keys.all"
+echo "== seeded $most $plan users, one key each"
 
 start_server() { # $1: log file, rest: extra args; sets $port and $server_pid
   port=$(free_port)
@@ -96,7 +98,7 @@ run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api
 rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
 pct_of() { to_ms "$(awk -v p="$2%" '$1 == p {print $2}' "$1")"; }
 
-echo "== $backend, $(nproc) cores, wrk -t$threads -c$connections -d$duration, enterprise keys rotated per request"
+echo "== $backend, $(nproc) cores, wrk -t$threads -c$connections -d$duration, $plan keys rotated per request"
 printf '%-7s %-13s %11s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "q mid" "q end" steady
 for n in $key_counts; do
   head -n "$n" "$work/keys.all" >"$work/keys"
