@@ -42,7 +42,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
 macro_rules! decision_doc {
     ($path:literal, $summary:literal, [$($params:tt)*], $handler:item) => {
         #[doc = $summary]
-        #[utoipa::path(method(get, post, put, patch, delete, head, options), path = $path,
+        #[utoipa::path(method(get, post, put, patch, delete, head, options, trace), path = $path,
             tag = "forward-auth",
             security(("api_key" = []), ("api_key_header" = [])),
             params(

@@ -132,7 +132,9 @@ fn header<'a>(res: &'a Response, name: &str) -> Option<&'a str> {
 }
 
 async fn json(res: Response) -> Value {
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
     serde_json::from_slice(&bytes).unwrap()
 }
 
@@ -195,7 +197,11 @@ async fn missing_and_unknown_keys_get_401_and_nothing_is_recorded() {
     let f = fixture(None).await;
     let app = router(&f.meter);
     for key in [None, Some("eco_live_unknownunknownunknownunknown0000")] {
-        let res = app.clone().oneshot(request("/v1/items/7", key)).await.unwrap();
+        let res = app
+            .clone()
+            .oneshot(request("/v1/items/7", key))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(header(&res, "www-authenticate"), Some("Bearer"));
         assert_eq!(json(res).await["error"], "unauthorized");
@@ -260,7 +266,9 @@ async fn the_short_window_adds_a_burst_policy_and_refuses_past_it() {
         Some("\"monthly\";q=3;w=2592000, \"burst\";q=2;w=2")
     );
     assert!(
-        header(&res, "ratelimit").unwrap().ends_with(", \"burst\";r=1;t=1"),
+        header(&res, "ratelimit")
+            .unwrap()
+            .ends_with(", \"burst\";r=1;t=1"),
         "{:?}",
         header(&res, "ratelimit")
     );
