@@ -22,7 +22,8 @@ use crate::event::new_event_id;
 use crate::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DeadLetter, EndpointCount, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
-    SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery, UserSort,
+    SessionRepository, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User,
+    UserPageQuery, UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -74,6 +75,8 @@ macro_rules! repository_conformance_tests {
             admin_audit_is_pruned_in_batches,
             quota_counters_lease_under_the_cap,
             quota_concurrent_takes_stop_at_the_cap,
+            sign_in_links_work_once_and_expire,
+            sessions_expire_end_and_are_pruned,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2200,4 +2203,110 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     // A third of the period gone: ada heads for 45 calls (35 over), dan for 90 (80 over);
     // free and enterprise users have no overage.
     assert_eq!(figures.projected_cents, 4 + 8);
+}
+
+pub async fn sign_in_links_work_once_and_expire(store: Arc<dyn Store>) {
+    let u = user("link@example.com", Plan::Free);
+    store.create_user(&u).await.unwrap();
+    let expires = T0 + Duration::minutes(15);
+    store
+        .create_login_link("hash-a", &u.id, T0, expires)
+        .await
+        .unwrap();
+    store
+        .create_login_link("hash-b", &u.id, T0, expires)
+        .await
+        .unwrap();
+    // Unknown users and reused hashes are refused.
+    assert!(matches!(
+        store
+            .create_login_link("hash-c", &UserId::generate(), T0, expires)
+            .await,
+        Err(RepoError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.create_login_link("hash-a", &u.id, T0, expires).await,
+        Err(RepoError::Conflict { .. })
+    ));
+    // Once: the second use finds nothing.
+    assert_eq!(
+        store.consume_login_link("hash-a", T0).await.unwrap(),
+        Some(u.id.clone())
+    );
+    assert_eq!(store.consume_login_link("hash-a", T0).await.unwrap(), None);
+    assert_eq!(store.consume_login_link("unknown", T0).await.unwrap(), None);
+    // Expired at its expiry instant, not a microsecond later.
+    assert_eq!(
+        store.consume_login_link("hash-b", expires).await.unwrap(),
+        None
+    );
+
+    // Of many uses at once, exactly one signs in.
+    store
+        .create_login_link("hash-d", &u.id, T0, expires)
+        .await
+        .unwrap();
+    let uses = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.consume_login_link("hash-d", T0).await.unwrap() })
+    });
+    let mut signed_in = 0;
+    for used in uses {
+        signed_in += usize::from(used.await.unwrap().is_some());
+    }
+    assert_eq!(signed_in, 1);
+
+    // Used and expired links go; nothing else was there.
+    assert_eq!(store.prune_sessions(expires).await.unwrap(), 3);
+    assert_eq!(store.prune_sessions(expires).await.unwrap(), 0);
+}
+
+pub async fn sessions_expire_end_and_are_pruned(store: Arc<dyn Store>) {
+    let u = user("session@example.com", Plan::Pro);
+    let other = user("other@example.com", Plan::Free);
+    store.create_user(&u).await.unwrap();
+    store.create_user(&other).await.unwrap();
+    let short = T0 + Duration::hours(1);
+    let long = T0 + Duration::hours(12);
+    store.create_session("s1", &u.id, T0, short).await.unwrap();
+    store
+        .create_session("s2", &other.id, T0, long)
+        .await
+        .unwrap();
+    store.create_session("s3", &u.id, T0, long).await.unwrap();
+    assert!(matches!(
+        store
+            .create_session("s4", &UserId::generate(), T0, long)
+            .await,
+        Err(RepoError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.create_session("s1", &u.id, T0, long).await,
+        Err(RepoError::Conflict { .. })
+    ));
+
+    assert_eq!(
+        store.session_user("s1", T0).await.unwrap(),
+        Some(u.id.clone())
+    );
+    assert_eq!(
+        store.session_user("s2", T0).await.unwrap(),
+        Some(other.id.clone())
+    );
+    assert_eq!(store.session_user("nope", T0).await.unwrap(), None);
+    assert_eq!(store.session_user("s1", short).await.unwrap(), None);
+    assert_eq!(
+        store.session_user("s3", short).await.unwrap(),
+        Some(u.id.clone())
+    );
+
+    assert!(store.delete_session("s3").await.unwrap());
+    assert!(!store.delete_session("s3").await.unwrap());
+    assert_eq!(store.session_user("s3", T0).await.unwrap(), None);
+
+    assert_eq!(store.prune_sessions(short).await.unwrap(), 1);
+    assert_eq!(
+        store.session_user("s2", short).await.unwrap(),
+        Some(other.id)
+    );
 }

@@ -13,9 +13,10 @@ use crate::repo::{
     DailyUsageRepository, DeadLetter, EndpointCount, EndpointStats, IncludedCalls, KeyIssue,
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
-    UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
-    UserUsageRow, late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
+    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
+    UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size, plan_key_issue,
+    plan_subscription_change,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -38,6 +39,10 @@ struct State {
     pruned_before: Option<OffsetDateTime>,
     /// Stripe events recorded: event id to (customer, created, applied).
     stripe_events: HashMap<String, (String, OffsetDateTime, bool)>,
+    /// Dashboard sessions: token hash to (user, expires at).
+    sessions: HashMap<String, (UserId, OffsetDateTime)>,
+    /// Sign-in links: token hash to (user, expires at, used).
+    login_links: HashMap<String, (UserId, OffsetDateTime, bool)>,
 }
 
 /// All repositories in one process-local map. Cheap to create; one per test.
@@ -1132,6 +1137,99 @@ impl QuotaCounterRepository for MemoryStore {
                 *count
             })
             .collect())
+    }
+}
+
+#[async_trait]
+impl SessionRepository for MemoryStore {
+    async fn create_login_link(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        _created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(user_id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        if state.login_links.contains_key(token_hash) {
+            return Err(RepoError::Conflict {
+                entity: "sign-in link",
+                field: "token",
+            });
+        }
+        state
+            .login_links
+            .insert(token_hash.to_owned(), (user_id.clone(), expires_at, false));
+        Ok(())
+    }
+
+    async fn consume_login_link(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        let mut state = self.state();
+        Ok(match state.login_links.get_mut(token_hash) {
+            Some((user, expires_at, used)) if !*used && *expires_at > now => {
+                *used = true;
+                Some(user.clone())
+            }
+            _ => None,
+        })
+    }
+
+    async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        _created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if !state.users.contains_key(user_id) {
+            return Err(RepoError::NotFound { entity: "user" });
+        }
+        if state.sessions.contains_key(token_hash) {
+            return Err(RepoError::Conflict {
+                entity: "session",
+                field: "token",
+            });
+        }
+        state
+            .sessions
+            .insert(token_hash.to_owned(), (user_id.clone(), expires_at));
+        Ok(())
+    }
+
+    async fn session_user(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .sessions
+            .get(token_hash)
+            .filter(|(_, expires_at)| *expires_at > now)
+            .map(|(user, _)| user.clone()))
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError> {
+        Ok(self.state().sessions.remove(token_hash).is_some())
+    }
+
+    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
+        let mut state = self.state();
+        let before = state.sessions.len() + state.login_links.len();
+        state
+            .sessions
+            .retain(|_, (_, expires_at)| *expires_at > now);
+        state
+            .login_links
+            .retain(|_, (_, expires_at, used)| *expires_at > now && !*used);
+        Ok((before - state.sessions.len() - state.login_links.len()) as u64)
     }
 }
 

@@ -924,6 +924,46 @@ pub trait OverageChargeRepository: Send + Sync {
     async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError>;
 }
 
+/// Dashboard sign-in: sessions and one-time sign-in links, kept by the SHA-256 (hex) of
+/// their token, never the token.
+#[async_trait]
+pub trait SessionRepository: Send + Sync {
+    /// Stores a sign-in link for `user_id`, usable once until `expires_at`. `NotFound` for
+    /// an unknown user.
+    async fn create_login_link(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError>;
+    /// Uses a link: its user when it exists, was never used and has not expired at `now`;
+    /// marked used in the same statement, so that of two uses at once one wins.
+    async fn consume_login_link(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError>;
+    /// Stores a session for `user_id` until `expires_at`. `NotFound` for an unknown user.
+    async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError>;
+    /// The user of a session that has not expired at `now`.
+    async fn session_user(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError>;
+    /// Ends a session; whether there was one.
+    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError>;
+    /// Removes sessions and links expired at `now`, and used links; how many went.
+    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError>;
+}
+
 /// Everything a backend provides: all repositories plus a health check.
 ///
 /// Services take the narrower traits (`Arc<dyn UserRepository>`); an `Arc<dyn Store>`
@@ -937,6 +977,7 @@ pub trait Store:
     + OverageChargeRepository
     + AdminRepository
     + QuotaCounterRepository
+    + SessionRepository
     + Send
     + Sync
 {

@@ -625,3 +625,44 @@ ON CONFLICT (user_id, date) DO UPDATE SET
                                 + excluded.total_response_time_ms AS DOUBLE PRECISION)
                            / (eco_usage_daily.api_calls + excluded.api_calls),
     updated_at = excluded.updated_at";
+
+/// Dashboard sessions and sign-in links: the same statements on both backends
+/// (`$n` placeholders; SQLite's through `admin_sql::sqlite_params`). Timestamps compare
+/// correctly on both: `timestamptz` on PostgreSQL, fixed-width UTC text on SQLite.
+pub(crate) mod session_sql {
+    use diesel::QueryableByName;
+    use diesel::sql_types::Text;
+
+    /// The user a session or link belongs to.
+    #[derive(QueryableByName)]
+    pub(crate) struct UserIdRow {
+        #[diesel(sql_type = Text)]
+        pub(crate) user_id: String,
+    }
+
+    /// `$1` hash, `$2` user, `$3` created, `$4` expires.
+    pub(crate) const INSERT_LINK: &str = "
+        INSERT INTO eco_login_links (token_hash, user_id, created_at, expires_at)
+        VALUES ($1, $2, $3, $4)";
+    /// `$1` hash, `$2` now: one statement, so that of two uses at once one wins.
+    pub(crate) const CONSUME_LINK: &str = "
+        UPDATE eco_login_links SET used_at = $2
+        WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2
+        RETURNING user_id";
+    /// `$1` hash, `$2` user, `$3` created, `$4` expires.
+    pub(crate) const INSERT_SESSION: &str = "
+        INSERT INTO eco_dashboard_sessions (token_hash, user_id, created_at, expires_at)
+        VALUES ($1, $2, $3, $4)";
+    /// `$1` hash, `$2` now.
+    pub(crate) const SESSION_USER: &str = "
+        SELECT user_id FROM eco_dashboard_sessions WHERE token_hash = $1 AND expires_at > $2";
+    /// `$1` hash.
+    pub(crate) const DELETE_SESSION: &str =
+        "DELETE FROM eco_dashboard_sessions WHERE token_hash = $1";
+    /// `$1` now.
+    pub(crate) const PRUNE_SESSIONS: &str =
+        "DELETE FROM eco_dashboard_sessions WHERE expires_at <= $1";
+    /// `$1` now.
+    pub(crate) const PRUNE_LINKS: &str =
+        "DELETE FROM eco_login_links WHERE expires_at <= $1 OR used_at IS NOT NULL";
+}

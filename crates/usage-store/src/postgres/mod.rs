@@ -19,7 +19,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
     LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     plan_key_issue, plan_subscription_change,
@@ -37,7 +37,7 @@ use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, PeriodSumsRow,
     QuotaTakeRow, TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
     distinct_references, event_from_columns, foldable, lease_binds, parse_plan, plan_counts,
-    projection_threshold, raw_day, to_i64, to_u64,
+    projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
@@ -1995,6 +1995,125 @@ impl UserPageRow {
             overage_calls: to_u64(self.overage_calls),
             revenue_cents: self.revenue_cents,
         })
+    }
+}
+
+#[async_trait]
+impl SessionRepository for PgStore {
+    async fn create_login_link(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_LINK,
+            token_hash,
+            user_id,
+            created_at,
+            expires_at,
+        )
+        .await
+    }
+
+    async fn consume_login_link(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::CONSUME_LINK, token_hash, now)
+            .await
+    }
+
+    async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_SESSION,
+            token_hash,
+            user_id,
+            created_at,
+            expires_at,
+        )
+        .await
+    }
+
+    async fn session_user(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::SESSION_USER, token_hash, now)
+            .await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let n = diesel::sql_query(session_sql::DELETE_SESSION)
+            .bind::<Text, _>(token_hash)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "session"))?;
+        Ok(n > 0)
+    }
+
+    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let mut removed = 0;
+        for sql in [session_sql::PRUNE_SESSIONS, session_sql::PRUNE_LINKS] {
+            removed += diesel::sql_query(sql)
+                .bind::<Timestamptz, _>(now)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| repo_error(e, "session"))? as u64;
+        }
+        Ok(removed)
+    }
+}
+
+impl PgStore {
+    /// A session or link row: `sql` is `INSERT_LINK` or `INSERT_SESSION`.
+    async fn insert_token(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::sql_query(sql)
+            .bind::<Text, _>(token_hash)
+            .bind::<Text, _>(user_id.as_str())
+            .bind::<Timestamptz, _>(created_at)
+            .bind::<Timestamptz, _>(expires_at)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        Ok(())
+    }
+
+    /// The user `sql` (`CONSUME_LINK` or `SESSION_USER`) finds for a token at `now`.
+    async fn token_user(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let row: Option<session_sql::UserIdRow> = diesel::sql_query(sql)
+            .bind::<Text, _>(token_hash)
+            .bind::<Timestamptz, _>(now)
+            .get_result(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| repo_error(e, "session"))?;
+        Ok(row.map(|r| UserId::from_stored(r.user_id)))
     }
 }
 

@@ -20,7 +20,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
     LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome,
+    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, plan_key_issue, plan_subscription_change,
@@ -37,7 +37,7 @@ use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts,
     PeriodSumsRow, QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json,
     distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
-    parse_top_endpoints, plan_counts, projection_threshold, raw_day, to_i64, to_u64,
+    parse_top_endpoints, plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
@@ -2093,6 +2093,133 @@ impl UserPageRow {
             overage_calls: to_u64(self.overage_calls),
             revenue_cents: self.revenue_cents,
         })
+    }
+}
+
+#[async_trait]
+impl SessionRepository for SqliteStore {
+    async fn create_login_link(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_LINK,
+            token_hash,
+            user_id,
+            created_at,
+            expires_at,
+        )
+        .await
+    }
+
+    async fn consume_login_link(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::CONSUME_LINK, token_hash, now)
+            .await
+    }
+
+    async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_SESSION,
+            token_hash,
+            user_id,
+            created_at,
+            expires_at,
+        )
+        .await
+    }
+
+    async fn session_user(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::SESSION_USER, token_hash, now)
+            .await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError> {
+        let token_hash = token_hash.to_owned();
+        self.run("session", move |conn| {
+            let n = diesel::sql_query(admin_sql::sqlite_params(session_sql::DELETE_SESSION))
+                .bind::<Text, _>(&token_hash)
+                .execute(conn)
+                .map_err(db("session"))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
+        self.run("session", move |conn| {
+            let mut removed = 0;
+            for sql in [session_sql::PRUNE_SESSIONS, session_sql::PRUNE_LINKS] {
+                removed += diesel::sql_query(admin_sql::sqlite_params(sql))
+                    .bind::<Text, _>(ts(now))
+                    .execute(conn)
+                    .map_err(db("session"))? as u64;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+impl SqliteStore {
+    /// A session or link row: `sql` is `INSERT_LINK` or `INSERT_SESSION`.
+    async fn insert_token(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        let (token_hash, user_id) = (token_hash.to_owned(), user_id.clone());
+        self.run("user", move |conn| {
+            diesel::sql_query(admin_sql::sqlite_params(sql))
+                .bind::<Text, _>(&token_hash)
+                .bind::<Text, _>(user_id.as_str())
+                .bind::<Text, _>(ts(created_at))
+                .bind::<Text, _>(ts(expires_at))
+                .execute(conn)
+                .map_err(db("user"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The user `sql` (`CONSUME_LINK` or `SESSION_USER`) finds for a token at `now`.
+    async fn token_user(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        let token_hash = token_hash.to_owned();
+        self.run("session", move |conn| {
+            let row: Option<session_sql::UserIdRow> =
+                diesel::sql_query(admin_sql::sqlite_params(sql))
+                    .bind::<Text, _>(&token_hash)
+                    .bind::<Text, _>(ts(now))
+                    .get_result(conn)
+                    .optional()
+                    .map_err(db("session"))?;
+            Ok(row.map(|r| UserId::from_stored(r.user_id)))
+        })
+        .await
     }
 }
 

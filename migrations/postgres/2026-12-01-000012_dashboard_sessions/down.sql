@@ -1,0 +1,2 @@
+DROP TABLE eco_login_links;
+DROP TABLE eco_dashboard_sessions;
