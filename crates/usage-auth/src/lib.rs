@@ -10,6 +10,7 @@ pub mod admin;
 pub mod jwt;
 pub mod keys;
 pub mod secret;
+pub mod session;
 pub mod verify;
 
 use thiserror::Error;
