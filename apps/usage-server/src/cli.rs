@@ -98,6 +98,11 @@ pub struct GlobalOptions {
     )]
     pub bind: SocketAddr,
 
+    /// The address users reach this server at, for dashboard sign-in links
+    /// (default `http://{BIND_ADDR}`); `https://...` makes the session cookie `Secure`.
+    #[arg(long, env = "PUBLIC_URL", global = true, value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
     /// Write a batch of usage events once this many are waiting.
     #[arg(long, env = "USAGE_BATCH_SIZE", default_value_t = 100, global = true,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -345,6 +350,8 @@ pub enum Command {
     Keys(KeysCommand),
     /// Print a user JWT signed with the configured secret.
     Token(TokenArgs),
+    /// Print a one-time dashboard sign-in URL for a user.
+    LoginLink(LoginLinkArgs),
     /// Rebuild one UTC day's rows of the daily aggregate; prints the JSON summary.
     Aggregate {
         /// The day, YYYY-MM-DD (default: yesterday, UTC).
@@ -480,6 +487,31 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..=usage_auth::jwt::MAX_TTL_SECS))]
     pub ttl_secs: u64,
+}
+
+/// Options of `login-link`.
+#[derive(Debug, Args)]
+pub struct LoginLinkArgs {
+    /// The user id (eco_usr_...) the link signs in.
+    #[arg(long, value_parser = parse_user_id)]
+    pub user: UserId,
+    /// Seconds the link stays usable (1 to 86400); it works once.
+    #[arg(long, default_value_t = usage_auth::session::LINK_TTL_DEFAULT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=usage_auth::session::LINK_TTL_MAX_SECS))]
+    pub ttl_secs: u64,
+}
+
+/// `http://` or `https://` and a host, without a path's trailing slash.
+fn parse_public_url(raw: &str) -> Result<String, String> {
+    let url = raw.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("PUBLIC_URL must start with http:// or https:// (got {raw:?})"))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("PUBLIC_URL must name a host (got {raw:?})"));
+    }
+    Ok(url.to_owned())
 }
 
 fn parse_plan(s: &str) -> Result<Plan, String> {

@@ -36,6 +36,8 @@ pub struct Config {
     pub plans: PlanCatalog,
     /// `BIND_ADDR`.
     pub bind: std::net::SocketAddr,
+    /// `PUBLIC_URL`: where users reach this server (default `http://{BIND_ADDR}`).
+    pub public_url: String,
     /// The usage tracker.
     pub tracker: TrackerConfig,
     /// The API key verification cache.
@@ -117,6 +119,10 @@ impl Config {
                 overage_price: MicroUsd(options.overage_price_microusd),
             },
             bind: options.bind,
+            public_url: options
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", options.bind)),
             tracker: TrackerConfig {
                 batch_size: usize::try_from(options.usage_batch_size).unwrap_or(usize::MAX),
                 flush_interval: Duration::from_millis(options.usage_flush_interval_ms),

@@ -132,6 +132,33 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         )
     });
     let metering = usage.actix();
+    let sessions =
+        usage_auth::session::DashboardSessions::new(store.clone(), store.clone(), clock.clone());
+    let dashboard = web::Data::new(usage_web::Dashboard {
+        store: store.clone(),
+        sessions: sessions.clone(),
+        jwt: jwt.clone().into_inner(),
+        reports: reports.clone(),
+        admin: admin_reports.clone(),
+        keys: keys.clone(),
+        admins: config.admins.clone(),
+        verifier: verifier.clone(),
+        catalog: config.plans.clone(),
+        clock: clock.clone(),
+        secure_cookies: config.public_url.starts_with("https://"),
+    });
+    // Expired sessions and used or expired sign-in links go every hour.
+    let session_pruning = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match sessions.prune().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "dashboard sessions pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning dashboard sessions failed"),
+            }
+        }
+    });
     let forward_auth = web::Data::new(forward_auth::ForwardAuth::new(
         usage.meter(),
         config.forward_auth_routes.clone(),
@@ -173,6 +200,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             .app_data(state.clone())
             .app_data(jwt.clone())
             .app_data(forward_auth.clone())
+            .app_data(dashboard.clone())
+            .configure(usage_web::configure)
             .configure(|cfg| {
                 // One registry per worker, dropped once the routes are in: the test in
                 // `openapi` reads the same registrations.
@@ -191,6 +220,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let served = server.run().await;
     lifecycle.abort();
+    session_pruning.abort();
     for task in [schedule, audit_retention].into_iter().flatten() {
         task.abort();
     }

@@ -189,6 +189,14 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             }
             Ok(())
         }
+        Command::LoginLink(args) => {
+            let store = open_migrated(&config).await?;
+            let sessions =
+                usage_auth::session::DashboardSessions::new(store.clone(), store, clock.clone());
+            let token = sessions.issue_login_link(&args.user, args.ttl_secs).await?;
+            println!("{}/dashboard/login?token={token}", config.public_url);
+            Ok(())
+        }
         Command::Token(args) => {
             let keys = JwtKeys::new(&config.jwt()?)?;
             let store = open_migrated(&config).await?;

@@ -555,6 +555,15 @@ impl AdminReports {
         })
     }
 
+    /// Calls per aggregated day over all users, `from` to `to` (both included).
+    pub async fn daily_totals(
+        &self,
+        from: time::Date,
+        to: time::Date,
+    ) -> Result<Vec<usage_core::repo::DayTotal>, AnalyticsError> {
+        Ok(self.store.daily_totals(from, to).await?)
+    }
+
     /// Appends to the audit log.
     pub async fn record(&self, entry: &AdminAuditEntry) -> Result<(), AnalyticsError> {
         Ok(self.store.record_admin_action(entry).await?)

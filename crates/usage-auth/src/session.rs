@@ -245,7 +245,13 @@ mod tests {
         }
         // Junk never reaches the store, and is no session.
         assert!(sessions.sign_in_with_link("x").await.unwrap().is_none());
-        assert!(sessions.user("'; DROP TABLE x; --").await.unwrap().is_none());
+        assert!(
+            sessions
+                .user("'; DROP TABLE x; --")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]

@@ -20,10 +20,10 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    AdminAuditEntry, ApiKeyRecord, ChargeStatus, DeadLetter, EndpointCount, IncludedCalls,
-    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake, RecordOutcome,
-    SessionRepository, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User,
-    UserPageQuery, UserSort,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, EndpointCount,
+    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
+    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage,
+    User, UserPageQuery, UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -76,6 +76,7 @@ macro_rules! repository_conformance_tests {
             quota_counters_lease_under_the_cap,
             quota_concurrent_takes_stop_at_the_cap,
             sign_in_links_work_once_and_expire,
+            daily_totals_follow_the_aggregation,
             sessions_expire_end_and_are_pruned,
         );
     };
@@ -2308,5 +2309,63 @@ pub async fn sessions_expire_end_and_are_pruned(store: Arc<dyn Store>) {
     assert_eq!(
         store.session_user("s2", short).await.unwrap(),
         Some(other.id)
+    );
+}
+
+pub async fn daily_totals_follow_the_aggregation(store: Arc<dyn Store>) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Free).await;
+    let day = date!(2026 - 11 - 20);
+    let next = date!(2026 - 11 - 21);
+    let at = day.midnight().assume_utc();
+    let mut batch = vec![
+        event(&ada, &key, at + Duration::hours(1)),
+        event(&ada, &key, at + Duration::hours(2)),
+        event(&bob, &bob_key, at + Duration::hours(3)),
+        event(&bob, &bob_key, at + Duration::days(1)),
+    ];
+    batch[1].status_code = 500;
+    store
+        .record_usage(&batch, &IncludedCalls::new())
+        .await
+        .unwrap();
+    // Nothing before the day is aggregated.
+    assert!(store.daily_totals(day, next).await.unwrap().is_empty());
+    let now = at + Duration::days(2);
+    store.aggregate_usage_day(day, now).await.unwrap();
+    assert_eq!(
+        store.daily_totals(day, next).await.unwrap(),
+        vec![DayTotal {
+            date: day,
+            api_calls: 3,
+            error_calls: 1
+        }]
+    );
+    // A late call and the day's new aggregation: the total follows.
+    store
+        .record_usage(
+            &[event(&bob, &bob_key, at + Duration::hours(4))],
+            &IncludedCalls::new(),
+        )
+        .await
+        .unwrap();
+    store.aggregate_usage_day(day, now).await.unwrap();
+    store.aggregate_usage_day(next, now).await.unwrap();
+    let totals = store.daily_totals(day, next).await.unwrap();
+    assert_eq!(
+        totals
+            .iter()
+            .map(|t| (t.date, t.api_calls))
+            .collect::<Vec<_>>(),
+        vec![(day, 4), (next, 1)]
+    );
+    // The range is inclusive at both ends, and nothing outside it comes back.
+    assert_eq!(store.daily_totals(next, next).await.unwrap().len(), 1);
+    assert!(
+        store
+            .daily_totals(date!(2026 - 11 - 22), date!(2026 - 11 - 30))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DeadLetter, EndpointCount, EndpointStats, IncludedCalls, KeyIssue,
-    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    DailyUsageRepository, DayTotal, DeadLetter, EndpointCount, EndpointStats, IncludedCalls,
+    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
     UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
@@ -956,6 +956,26 @@ impl OverageChargeRepository for MemoryStore {
 
 #[async_trait]
 impl AdminRepository for MemoryStore {
+    async fn daily_totals(&self, from: Date, to: Date) -> Result<Vec<DayTotal>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .days
+            .range(from..=to)
+            .filter(|(_, (_, seen))| seen.is_some())
+            .map(|(date, _)| {
+                let rows = state.daily.iter().filter(|((_, d), _)| d == date);
+                let (api_calls, error_calls) = rows.fold((0, 0), |(c, e), (_, r)| {
+                    (c + r.api_calls, e + r.error_calls)
+                });
+                DayTotal {
+                    date: *date,
+                    api_calls,
+                    error_calls,
+                }
+            })
+            .collect())
+    }
+
     async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
         let mut state = self.state();
         let id = state.audit.last().map_or(1, |e| e.id + 1);

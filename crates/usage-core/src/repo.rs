@@ -387,9 +387,23 @@ pub struct PeriodFigures {
     pub projected_cents: i64,
 }
 
+/// Calls of one ended day over all users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayTotal {
+    /// The UTC day.
+    pub date: Date,
+    /// Calls that day.
+    pub api_calls: u64,
+    /// Calls answered with status >= 400.
+    pub error_calls: u64,
+}
+
 /// Admin figures and the audit log.
 #[async_trait]
 pub trait AdminRepository: Send + Sync {
+    /// Calls per aggregated day from `from` to `to` (both included), over all users,
+    /// oldest first; days not aggregated yet are missing.
+    async fn daily_totals(&self, from: Date, to: Date) -> Result<Vec<DayTotal>, RepoError>;
     /// Appends one entry to the audit log (its `id` is ignored).
     async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError>;
     /// The audit log, newest first: `(total entries, this page)`.

@@ -629,6 +629,20 @@ ON CONFLICT (user_id, date) DO UPDATE SET
 /// Dashboard sessions and sign-in links: the same statements on both backends
 /// (`$n` placeholders; SQLite's through `admin_sql::sqlite_params`). Timestamps compare
 /// correctly on both: `timestamptz` on PostgreSQL, fixed-width UTC text on SQLite.
+/// Keeps an ended day's calls over all users with the day (`$1`), after its aggregation.
+pub(crate) const DAY_TOTALS: &str = "
+    UPDATE eco_usage_days SET
+        api_calls = (SELECT CAST(COALESCE(sum(api_calls), 0) AS BIGINT)
+                     FROM eco_usage_daily WHERE date = $1),
+        error_calls = (SELECT CAST(COALESCE(sum(error_calls), 0) AS BIGINT)
+                       FROM eco_usage_daily WHERE date = $1)
+    WHERE date = $1";
+
+/// Aggregated days' totals from `$1` to `$2`.
+pub(crate) const DAILY_TOTALS: &str = "
+    SELECT date, api_calls, error_calls FROM eco_usage_days
+    WHERE date >= $1 AND date <= $2 AND api_calls IS NOT NULL ORDER BY date";
+
 pub(crate) mod session_sql {
     use diesel::QueryableByName;
     use diesel::sql_types::Text;

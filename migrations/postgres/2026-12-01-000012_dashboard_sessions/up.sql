@@ -17,3 +17,12 @@ CREATE TABLE eco_login_links (
     used_at    TIMESTAMPTZ
 );
 CREATE INDEX eco_login_links_expires_idx ON eco_login_links (expires_at);
+
+-- Calls per day over all users, for the admin overview's chart: kept with each ended
+-- day when it is aggregated (so the chart reads one row a day, not one per user and day).
+ALTER TABLE eco_usage_days ADD COLUMN api_calls BIGINT;
+ALTER TABLE eco_usage_days ADD COLUMN error_calls BIGINT;
+UPDATE eco_usage_days SET
+    api_calls = (SELECT CAST(COALESCE(sum(d.api_calls), 0) AS BIGINT) FROM eco_usage_daily d WHERE d.date = eco_usage_days.date),
+    error_calls = (SELECT CAST(COALESCE(sum(d.error_calls), 0) AS BIGINT) FROM eco_usage_daily d WHERE d.date = eco_usage_days.date)
+WHERE aggregated_at IS NOT NULL;

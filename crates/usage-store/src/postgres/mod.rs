@@ -17,12 +17,12 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
-    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    plan_key_issue, plan_subscription_change,
+    DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
+    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
+    UserRepository, UserSort, UserUsageRow, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{
     ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
@@ -39,6 +39,7 @@ use crate::common::{
     distinct_references, event_from_columns, foldable, lease_binds, parse_plan, plan_counts,
     projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
+use crate::common::{DAILY_TOTALS, DAY_TOTALS};
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
 
@@ -1382,6 +1383,10 @@ impl DailyUsageRepository for PgStore {
                     .bind::<Timestamptz, _>(now)
                     .execute(conn)
                     .await?;
+                    diesel::sql_query(DAY_TOTALS)
+                        .bind::<SqlDate, _>(date)
+                        .execute(conn)
+                        .await?;
                 }
                 Ok(users)
             })
@@ -1736,6 +1741,33 @@ impl LedgerRow {
 
 #[async_trait]
 impl AdminRepository for PgStore {
+    async fn daily_totals(&self, from: Date, to: Date) -> Result<Vec<DayTotal>, RepoError> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = SqlDate)]
+            date: Date,
+            #[diesel(sql_type = BigInt)]
+            api_calls: i64,
+            #[diesel(sql_type = BigInt)]
+            error_calls: i64,
+        }
+        let mut conn = self.conn().await?;
+        let rows: Vec<Row> = diesel::sql_query(DAILY_TOTALS)
+            .bind::<SqlDate, _>(from)
+            .bind::<SqlDate, _>(to)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "usage day"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DayTotal {
+                date: r.date,
+                api_calls: to_u64(r.api_calls),
+                error_calls: to_u64(r.error_calls),
+            })
+            .collect())
+    }
+
     async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
         let mut conn = self.conn().await?;
         diesel::sql_query(admin_sql::INSERT_AUDIT)

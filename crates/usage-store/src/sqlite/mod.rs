@@ -18,12 +18,13 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DeadLetter, EndpointStats, IncludedCalls, KeyIssue, KeyRetirement,
-    LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry,
-    PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    late_write_cutoff, plan_key_issue, plan_subscription_change,
+    DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
+    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
+    UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
+    plan_subscription_change,
 };
 use usage_core::{
     ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
@@ -39,6 +40,7 @@ use crate::common::{
     distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
     parse_top_endpoints, plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
+use crate::common::{DAILY_TOTALS, DAY_TOTALS};
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
 
@@ -1445,6 +1447,9 @@ impl DailyUsageRepository for SqliteStore {
                     .bind::<Text, _>(&day)
                     .bind::<Text, _>(&now)
                     .execute(conn)?;
+                    diesel::sql_query(admin_sql::sqlite_params(DAY_TOTALS))
+                        .bind::<Text, _>(&day)
+                        .execute(conn)?;
                 }
                 Ok(users)
             })
@@ -1832,6 +1837,36 @@ struct LedgerRow {
 
 #[async_trait]
 impl AdminRepository for SqliteStore {
+    async fn daily_totals(&self, from: Date, to: Date) -> Result<Vec<DayTotal>, RepoError> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Text)]
+            date: String,
+            #[diesel(sql_type = BigInt)]
+            api_calls: i64,
+            #[diesel(sql_type = BigInt)]
+            error_calls: i64,
+        }
+        let (from, to) = (date_text(from), date_text(to));
+        self.run("usage day", move |conn| {
+            let rows: Vec<Row> = diesel::sql_query(admin_sql::sqlite_params(DAILY_TOTALS))
+                .bind::<Text, _>(&from)
+                .bind::<Text, _>(&to)
+                .load(conn)
+                .map_err(db("usage day"))?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(DayTotal {
+                        date: parse_date(&r.date)?,
+                        api_calls: to_u64(r.api_calls),
+                        error_calls: to_u64(r.error_calls),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
         let entry = entry.clone();
         self.run("audit entry", move |conn| {
