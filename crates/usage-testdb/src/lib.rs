@@ -231,16 +231,19 @@ impl TestServer {
         run_as: Option<(u32, u32)>,
     ) -> Result<Self, String> {
         let log = dir.join("server.log");
+        // A failed attempt's log says FATAL: it must not fail this one.
+        let _ = fs::remove_file(&log);
         // The guardian: start postgres, wait for stdin to close (this process ended), then
-        // stop it fast and remove the cluster.
+        // stop it fast and remove the cluster. A launch that failed (its port taken) says
+        // `retry`: the cluster stays for the next attempt on another port.
         let script = r#"
 "$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PGPORT_NUM" -k "$TESTDB_DIR" $PGSETTINGS \
   >"$TESTDB_LOG" 2>&1 &
 pid=$!
-read _ignored
+read command
 kill -INT "$pid" 2>/dev/null
 wait "$pid"
-rm -rf "$TESTDB_DIR"
+[ "$command" = retry ] || rm -rf "$TESTDB_DIR"
 "#;
         let mut guardian = Command::new("/bin/sh");
         guardian
@@ -282,16 +285,20 @@ rm -rf "$TESTDB_DIR"
                 let _ = f.read_to_string(&mut log_text);
             }
             if log_text.contains("FATAL") || Instant::now() > deadline {
-                server.stop_now();
+                server.stop_for_retry();
                 return Err(format!("postgres did not start: {}", log_text.trim()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    fn stop_now(&self) {
+    /// Stops a server that did not start, keeping its cluster for another attempt.
+    fn stop_for_retry(&self) {
         if let Ok(mut stdin) = self._guardian_stdin.lock() {
-            let _ = stdin.write_all(b"stop\n");
+            let _ = stdin.write_all(b"retry\n");
+        }
+        if let Ok(mut guardian) = self._guardian.lock() {
+            let _ = guardian.wait();
         }
     }
 

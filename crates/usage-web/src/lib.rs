@@ -285,12 +285,17 @@ pub(crate) fn check_form(
     }
 }
 
-/// A POST from a page of another site carries its `Origin` (or, without one, a
-/// `Sec-Fetch-Site` other than `same-origin`): refused.
+/// A POST from a page of another site carries its `Origin` (or, where that is `null`, as
+/// under `Referrer-Policy: no-referrer`, a `Sec-Fetch-Site` other than `same-origin`):
+/// refused. The CSRF token is the defence; this is a second one.
 pub(crate) fn same_origin(req: &HttpRequest) -> Result<(), PageError> {
     let headers = req.headers();
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| *o != "null");
+    if let Some(origin) = origin {
         let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
         if Some(origin_host) != host {
             return Err(PageError::Forbidden("This form came from another site."));
