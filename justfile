@@ -72,6 +72,10 @@ bench-forward-auth BACKEND="postgres":
 test-doors:
     cargo test -p usage-server --test doors -- --nocapture
 
+# Screenshots of every dashboard page into docs/screenshots/ (the browser test on SQLite)
+screenshots:
+    DASHBOARD_SCREENSHOTS="$PWD/docs/screenshots" cargo test -p usage-server --test dashboard sqlite
+
 # Ingest: events/s the tracker stores for 1 to 100,000 users vs the raw INSERT ceiling
 bench-ingest BACKEND="postgres":
     bash scripts/bench-ingest.sh {{BACKEND}}
