@@ -4,7 +4,8 @@
 # then loads each user endpoint with wrk (rotating over 100 users' tokens) and each admin
 # endpoint (the first user is the admin) and prints requests/s, p50 and p99.
 #
-# usage: scripts/bench-analytics.sh      env: USERS (10000), ROWS (10000000), BENCH_DURATION (10s)
+# usage: scripts/bench-analytics.sh      env: USERS (10000), ROWS (10000000), BENCH_DURATION (10s),
+#        ONLY_DASHBOARD (0; 1 skips the JSON endpoints and measures the dashboard's admin pages only)
 # The admin issue's figures: USERS=100000 scripts/bench-analytics.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,6 +122,8 @@ measure() { # tokens file, path[, connections]
   non2xx=$(awk '/Non-2xx/ {print $5}' "$work/wrk.txt")
   printf '%-48s %12.0f %10.3f %10.3f %8s\n' "$2" "$rps" "$p50" "$p99" "${non2xx:-0}"
 }
+only_dashboard=${ONLY_DASHBOARD:-0}
+if [ "$only_dashboard" != 1 ]; then
 for path in /api/usage/current "/api/usage/history?days=30" "/api/usage/endpoints?days=7" /api/usage/overage; do
   measure "$work/tokens" "$path"
 done
@@ -138,3 +141,33 @@ for path in /api/admin/analytics/overview \
   measure "$work/admin-token" "$path" "$c"
 done
 done
+fi
+
+# The dashboard's admin pages (HTML), one admin at a time: a session from a one-time link.
+echo "== dashboard admin pages (wrk -t1 -c1 -d$duration, one admin session)"
+link=$(PUBLIC_URL="http://127.0.0.1:$port" "$bin" login-link --user eco_usr_bench000001)
+session=$(curl -s -o /dev/null -D - "$link" | awk -F'[=;]' 'tolower($1) ~ /^set-cookie: usage_session/ { print $2 }')
+[ -n "$session" ] || { echo "no dashboard session" >&2; exit 1; }
+cat >"$work/cookie.lua" <<LUA
+request = function()
+  return wrk.format("GET", nil, { ["Cookie"] = "usage_session=$session" })
+end
+LUA
+for path in /dashboard/admin \
+  "/dashboard/admin/users?sort=api_calls&order=desc" \
+  "/dashboard/admin/users?sort=created_at&order=desc" \
+  "/dashboard/admin/users?sort=email&order=asc" \
+  "/dashboard/admin/users?sort=revenue&order=desc" \
+  "/dashboard/admin/users?plan=pro&sort=api_calls&page=50" \
+  "/dashboard/admin/users?q=user4242" \
+  /dashboard/admin/users/eco_usr_bench004242 \
+  /dashboard/admin/audit; do
+  wrk -t1 -c1 -d2s -s "$work/cookie.lua" "http://127.0.0.1:$port$path" >/dev/null
+  wrk -t1 -c1 -d"$duration" --latency -s "$work/cookie.lua" "http://127.0.0.1:$port$path" >"$work/wrk.txt"
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.txt")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")")
+  non2xx=$(awk '/Non-2xx/ {print $5}' "$work/wrk.txt")
+  printf '%-52s %12.0f %10.3f %10.3f %8s\n' "$path" "$rps" "$p50" "$p99" "${non2xx:-0}"
+done
+

@@ -132,8 +132,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         )
     });
     let metering = usage.actix();
-    let sessions =
-        usage_auth::session::DashboardSessions::new(store.clone(), store.clone(), clock.clone());
+    let sessions = usage_auth::session::DashboardSessions::new(store.clone(), clock.clone());
     let dashboard = web::Data::new(usage_web::Dashboard {
         store: store.clone(),
         sessions: sessions.clone(),

@@ -191,8 +191,7 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::LoginLink(args) => {
             let store = open_migrated(&config).await?;
-            let sessions =
-                usage_auth::session::DashboardSessions::new(store.clone(), store, clock.clone());
+            let sessions = usage_auth::session::DashboardSessions::new(store, clock.clone());
             let token = sessions.issue_login_link(&args.user, args.ttl_secs).await?;
             println!("{}/dashboard/login?token={token}", config.public_url);
             Ok(())

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 use usage_core::ids::random_base62;
-use usage_core::repo::{SessionRepository, UserRepository};
+use usage_core::repo::SessionRepository;
 use usage_core::{Clock, RepoError, UserId};
 
 use crate::AuthError;
@@ -44,22 +44,13 @@ pub struct SignedIn {
 #[derive(Clone)]
 pub struct DashboardSessions {
     sessions: Arc<dyn SessionRepository>,
-    users: Arc<dyn UserRepository>,
     clock: Arc<dyn Clock>,
 }
 
 impl DashboardSessions {
     /// Sessions stored in `sessions`.
-    pub fn new(
-        sessions: Arc<dyn SessionRepository>,
-        users: Arc<dyn UserRepository>,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self {
-            sessions,
-            users,
-            clock,
-        }
+    pub fn new(sessions: Arc<dyn SessionRepository>, clock: Arc<dyn Clock>) -> Self {
+        Self { sessions, clock }
     }
 
     /// A one-time sign-in token for `user_id`, valid `ttl_secs` (1 to a day).
@@ -124,20 +115,16 @@ impl DashboardSessions {
         })
     }
 
-    /// The user of a live session; `None` for unknown or expired ones, and for users that
-    /// no longer exist.
+    /// The user of a live session; `None` for unknown or expired ones (a user's sessions
+    /// go with the user: the foreign key cascades).
     pub async fn user(&self, token: &str) -> Result<Option<UserId>, AuthError> {
         if !well_formed(token) {
             return Ok(None);
         }
-        let Some(user_id) = self
+        Ok(self
             .sessions
             .session_user(&hash(token), self.clock.now())
-            .await?
-        else {
-            return Ok(None);
-        };
-        Ok(self.users.user_by_id(&user_id).await?.map(|u| u.id))
+            .await?)
     }
 
     /// Ends a session (nothing happens for an unknown one).
@@ -191,7 +178,7 @@ mod tests {
     use super::*;
     use time::macros::datetime;
     use usage_core::memory::MemoryStore;
-    use usage_core::repo::User;
+    use usage_core::repo::{User, UserRepository};
     use usage_core::{ManualClock, Plan};
 
     async fn fixture() -> (DashboardSessions, Arc<ManualClock>, UserId) {
@@ -205,11 +192,7 @@ mod tests {
             created_at: clock.now(),
         };
         store.create_user(&user).await.unwrap();
-        (
-            DashboardSessions::new(store.clone(), store, clock.clone()),
-            clock,
-            user.id,
-        )
+        (DashboardSessions::new(store, clock.clone()), clock, user.id)
     }
 
     #[tokio::test]

@@ -22,8 +22,8 @@ use crate::event::new_event_id;
 use crate::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, EndpointCount,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
-    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage,
-    User, UserPageQuery, UserSort,
+    RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
+    UserSort,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 

@@ -43,7 +43,7 @@ pub fn bars(title: &str, bars: &[Bar]) -> Markup {
                             rect.errors x=(fmt(x)) y=(fmt(f64::from(BASELINE) - e)) width=(fmt(bar_width)) height=(fmt(e)) {}
                         }
                     }
-                    @if i % label_every == 0 {
+                    @if i.is_multiple_of(label_every) {
                         text.label x=(fmt(x)) y=(BASELINE + 16) { (short_label(&bar.label)) }
                     }
                 }
@@ -81,7 +81,7 @@ pub fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
