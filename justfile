@@ -76,6 +76,14 @@ test-doors:
 screenshots:
     DASHBOARD_SCREENSHOTS="$PWD/docs/screenshots" cargo test -p usage-server --test dashboard sqlite
 
+# Mutation testing of the money and quota path (cargo-mutants; tens of minutes, not in CI):
+# each file's mutants against its own crate's tests. Extra args go to cargo mutants.
+mutants *ARGS:
+    command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked
+    cargo mutants --no-shuffle -p usage-billing -f crates/usage-billing/src/service.rs -f crates/usage-billing/src/stripe.rs {{ARGS}}
+    cargo mutants --no-shuffle -p usage-core -f crates/usage-core/src/money.rs -f crates/usage-core/src/plan.rs -f crates/usage-core/src/period.rs -f crates/usage-core/src/quota.rs {{ARGS}}
+    cargo mutants --no-shuffle -p usage-auth -f crates/usage-auth/src/keys.rs -f crates/usage-auth/src/jwt.rs -f crates/usage-auth/src/verify.rs {{ARGS}}
+
 # Ingest: events/s the tracker stores for 1 to 100,000 users vs the raw INSERT ceiling
 bench-ingest BACKEND="postgres":
     bash scripts/bench-ingest.sh {{BACKEND}}

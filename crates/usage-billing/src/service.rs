@@ -352,35 +352,6 @@ impl OverageService {
         Ok(summary)
     }
 
-    /// Bills one user's overage not yet invoiced, in every period.
-    pub async fn charge_user(
-        &self,
-        user_id: &UserId,
-        mode: RunMode,
-    ) -> Result<UserBilling, BillingError> {
-        if mode == RunMode::Live && self.stripe.is_none() {
-            return Err(BillingError::StripeNotConfigured);
-        }
-        let user = self
-            .store
-            .user_by_id(user_id)
-            .await?
-            .ok_or_else(|| BillingError::UnknownUser(user_id.clone()))?;
-        let periods = self
-            .store
-            .uninvoiced_overage()
-            .await?
-            .into_iter()
-            .filter(|p| &p.user_id == user_id)
-            .collect();
-        let work = UserWork {
-            user_id: user.id,
-            stripe_customer_id: user.stripe_customer_id,
-            periods,
-        };
-        Ok(self.bill_user(work, mode, self.clock.now()).await)
-    }
-
     /// Settles a pending charge by hand, after looking in Stripe for an item with its
     /// idempotency key (in the item's metadata range): for a charge left pending longer
     /// than Stripe keeps keys, which runs no longer resend.

@@ -759,6 +759,189 @@ async fn database_failures_are_reported_without_database_text() {
     assert!(billing.stripe.created().is_empty());
 }
 
+/// A pending charge as a run leaves it when it stops after recording the charge and before
+/// Stripe answered (a crash, a deploy): created `ago` before `NOW`, never touched since.
+async fn left_pending(store: &Arc<dyn Store>, user: &UserId, calls_to: u64, ago: Duration) {
+    let nov = BillingPeriod::containing(NOV).start();
+    store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: user.clone(),
+            period_start: nov,
+            calls_from: 0,
+            calls_to,
+            amount_cents: 500,
+            idempotency_key: idempotency_key(user, nov, 0, calls_to, 0),
+            created_at: NOW - ago,
+        })
+        .await
+        .unwrap();
+}
+
+/// A run stopped between recording a charge and sending it: the next run sends it once,
+/// with the same key, and in the same run bills the calls that came after it (the resumed
+/// success frees its period; the invoiced count is read again).
+async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    left_pending(store, &a.0, 5_001, Duration::minutes(10)).await;
+    // 20 more overage calls after the crashed run recorded its charge.
+    calls(store, &a, 20, NOV + Duration::hours(1), INCLUDED).await;
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
+
+    let service = billing.service(store);
+    let run = service.process_all(RunMode::Live).await.unwrap();
+    // 500 cents for 0..5,001 (resumed), then 502 - 500 = 2 cents for 5,001..5,021.
+    assert_eq!(
+        (
+            run.processed,
+            run.charged,
+            run.skipped,
+            run.failed,
+            run.amount_cents
+        ),
+        (1, 1, 0, 0, 502),
+        "{run:?}"
+    );
+    let nov = BillingPeriod::containing(NOV).start();
+    let keys: Vec<_> = billing
+        .stripe
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key.unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            idempotency_key(&a.0, nov, 0, 5_001, 0),
+            idempotency_key(&a.0, nov, 5_001, 5_021, 0)
+        ]
+    );
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 5_021));
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(charges.len(), 2);
+    assert!(charges.iter().all(|c| c.status == ChargeStatus::Succeeded));
+
+    // Nothing is left: the next run sends nothing.
+    billing.clock.advance(Duration::hours(1));
+    let again = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (
+            again.processed,
+            again.charged,
+            again.skipped,
+            again.amount_cents
+        ),
+        (1, 0, 1, 0),
+        "{again:?}"
+    );
+    assert_eq!(billing.stripe.received().len(), 2);
+}
+
+/// A pending charge touched less than the in-flight grace ago may be being sent by the run
+/// that made it: left alone, and its period gets no new charge; at the grace exactly, it
+/// is resumed.
+async fn a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10 + 20, NOV, INCLUDED).await;
+    let grace = BillingOptions::default().in_flight_grace;
+    left_pending(store, &a.0, 5_001, grace - Duration::seconds(1)).await;
+
+    let service = billing.service(store);
+    let run = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(
+        (
+            run.processed,
+            run.charged,
+            run.skipped,
+            run.failed,
+            run.amount_cents
+        ),
+        (1, 0, 1, 0, 0),
+        "{run:?}"
+    );
+    assert!(billing.stripe.received().is_empty());
+    assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
+
+    billing.clock.advance(Duration::seconds(1));
+    let run = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!((run.charged, run.amount_cents), (1, 502), "{run:?}");
+    assert_eq!(billing.stripe.received().len(), 2);
+}
+
+/// The idempotency window's edge: a charge pending exactly as long as Stripe keeps keys
+/// (less the margin) is still sent again with its key; a second longer, it is reported.
+async fn the_idempotency_window_is_inclusive(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let window = BillingOptions::default().idempotency_window;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    calls(store, &b, 5_001 + 10, NOV, INCLUDED).await;
+    left_pending(store, &a.0, 5_001, window).await;
+    left_pending(store, &b.0, 5_001, window + Duration::seconds(1)).await;
+
+    let run = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(
+        (run.processed, run.charged, run.failed, run.amount_cents),
+        (2, 1, 1, 500),
+        "{run:?}"
+    );
+    assert_eq!(run.errors[0].user_id, b.0);
+    let nov = BillingPeriod::containing(NOV).start();
+    let sent: Vec<_> = billing
+        .stripe
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key.unwrap())
+        .collect();
+    assert_eq!(sent, vec![idempotency_key(&a.0, nov, 0, 5_001, 0)]);
+}
+
+/// A dry run while a charge is pending says what resuming it would bill, sends nothing,
+/// and leaves it exactly as it was; the period gets no new charge in the plan either.
+async fn a_dry_run_counts_pending_charges_and_touches_nothing(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10 + 20, NOV, INCLUDED).await;
+    left_pending(store, &a.0, 5_001, Duration::hours(1)).await;
+    let before = store.overage_charges_for_user(&a.0).await.unwrap();
+
+    let run = billing
+        .service(store)
+        .process_all(RunMode::DryRun)
+        .await
+        .unwrap();
+    assert!(run.dry_run);
+    assert_eq!(
+        (
+            run.processed,
+            run.charged,
+            run.skipped,
+            run.failed,
+            run.amount_cents
+        ),
+        (1, 1, 0, 0, 500),
+        "{run:?}"
+    );
+    assert!(billing.stripe.received().is_empty());
+    assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap(), before);
+    assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -800,4 +983,8 @@ on_every_store!(
     reconciliation_flags_drift,
     a_stale_pending_charge_is_resolved_by_hand,
     a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed,
+    a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed,
+    a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends,
+    the_idempotency_window_is_inclusive,
+    a_dry_run_counts_pending_charges_and_touches_nothing,
 );
