@@ -819,6 +819,14 @@ async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(back
             idempotency_key(&a.0, nov, 5_001, 5_021, 0)
         ]
     );
+    // The second item bills the 20 calls of its range, not the range's ends.
+    let second = &billing.stripe.received()[1];
+    assert_eq!(second.form["metadata[overage_calls]"], "20");
+    assert!(
+        second.form["description"].ends_with(": 20 call(s) past the plan's monthly limit"),
+        "{:?}",
+        second.form
+    );
     assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 5_021));
     let charges = store.overage_charges_for_user(&a.0).await.unwrap();
     assert_eq!(charges.len(), 2);
@@ -942,6 +950,188 @@ async fn a_dry_run_counts_pending_charges_and_touches_nothing(backend: Backend) 
     assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
 }
 
+/// A user who moved to a plan without overage (enterprise here) keeps the overage of the
+/// months before to bill: counted in `processed` with the users of overage plans, and
+/// billed.
+async fn overage_left_after_a_plan_change_is_counted_and_billed(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    let _quiet = pro_user(store, "quiet@example.com", Some("cus_q")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    calls(store, &b, 2_000 + 10, NOV, INCLUDED).await;
+    store.set_plan(&b.0, Plan::Enterprise, NOV).await.unwrap();
+
+    let run = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // Two users on the overage plan (a, quiet) and one off it with overage left (b).
+    assert_eq!(
+        (
+            run.processed,
+            run.charged,
+            run.skipped,
+            run.failed,
+            run.amount_cents
+        ),
+        (3, 2, 1, 0, 700),
+        "{run:?}"
+    );
+    assert_eq!(invoiced(store, &b.0, NOV).await, (2_000, 2_000));
+}
+
+/// Without a Stripe customer, the failure counts the calls still to bill: the overage
+/// less what was already invoiced.
+async fn a_missing_customer_counts_only_the_calls_not_invoiced(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    let service = billing.service(store);
+    assert_eq!(service.process_all(RunMode::Live).await.unwrap().charged, 1);
+    store.set_stripe_customer(&a.0, None).await.unwrap();
+    calls(store, &a, 20, NOV + Duration::hours(1), INCLUDED).await;
+    billing.clock.advance(Duration::hours(1));
+    let run = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(run.failed, 1, "{run:?}");
+    assert!(
+        run.errors[0]
+            .reason
+            .starts_with("20 overage call(s) to bill but the user has no Stripe customer id"),
+        "{run:?}"
+    );
+}
+
+/// A pending charge resumed and refused by Stripe leaves its period alone for the rest of
+/// the run: no second charge of the same range right after the refusal.
+async fn a_resumed_charge_refused_gets_no_new_attempt_in_the_same_run(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    billing.stripe.refuse("cus_declined");
+    let a = pro_user(store, "a@example.com", Some("cus_declined")).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    left_pending(store, &a.0, 5_001, Duration::hours(1)).await;
+    let run = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!((run.failed, run.amount_cents), (1, 0), "{run:?}");
+    assert_eq!(billing.stripe.received().len(), 1, "one attempt, not two");
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].status, ChargeStatus::Failed);
+}
+
+/// Two periods with charges left pending: the one resumed successfully is freed for its
+/// later calls even while the other period's charge is still in flight.
+async fn a_charge_in_flight_in_one_period_does_not_hold_back_another(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let oct_at = datetime!(2026-10-10 12:00 UTC);
+    let oct = BillingPeriod::containing(oct_at).start();
+    let nov = BillingPeriod::containing(NOV).start();
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10 + 20, oct_at, INCLUDED).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    // October's was left by a crash an hour ago; November's is being sent right now.
+    for (period, ago) in [(oct, Duration::hours(1)), (nov, Duration::seconds(10))] {
+        store
+            .create_overage_charge(&NewOverageCharge {
+                user_id: a.0.clone(),
+                period_start: period,
+                calls_from: 0,
+                calls_to: 5_001,
+                amount_cents: 500,
+                idempotency_key: idempotency_key(&a.0, period, 0, 5_001, 0),
+                created_at: NOW - ago,
+            })
+            .await
+            .unwrap();
+    }
+    let run = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // October: the resumed 500 cents, then its 20 later calls (502 - 500 = 2 cents).
+    assert_eq!(
+        (run.charged, run.failed, run.amount_cents),
+        (1, 0, 502),
+        "{run:?}"
+    );
+    let sent: Vec<_> = billing
+        .stripe
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key.unwrap())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            idempotency_key(&a.0, oct, 0, 5_001, 0),
+            idempotency_key(&a.0, oct, 5_001, 5_021, 0)
+        ]
+    );
+}
+
+/// A refusal counts only for a new attempt of the same range (same period, same start):
+/// another period's refused charge does not change this period's key.
+async fn a_refusal_changes_the_key_of_its_own_range_only(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let oct_at = datetime!(2026-10-10 12:00 UTC);
+    let oct = BillingPeriod::containing(oct_at).start();
+    let nov = BillingPeriod::containing(NOV).start();
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    calls(store, &a, 5_001 + 10, oct_at, INCLUDED).await;
+    calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
+    // October's first attempt was refused (the card has been fixed since).
+    let refused = store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: a.0.clone(),
+            period_start: oct,
+            calls_from: 0,
+            calls_to: 5_001,
+            amount_cents: 500,
+            idempotency_key: idempotency_key(&a.0, oct, 0, 5_001, 0),
+            created_at: NOW - Duration::days(3),
+        })
+        .await
+        .unwrap();
+    store
+        .fail_overage_charge(refused.id, "card_declined", NOW - Duration::days(3))
+        .await
+        .unwrap();
+    let run = billing
+        .service(store)
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!((run.charged, run.amount_cents), (1, 1_000), "{run:?}");
+    let mut sent: Vec<_> = billing
+        .stripe
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key.unwrap())
+        .collect();
+    sent.sort();
+    let mut expected = vec![
+        idempotency_key(&a.0, oct, 0, 5_001, 1),
+        idempotency_key(&a.0, nov, 0, 5_001, 0),
+    ];
+    expected.sort();
+    assert_eq!(sent, expected);
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -987,4 +1177,9 @@ on_every_store!(
     a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends,
     the_idempotency_window_is_inclusive,
     a_dry_run_counts_pending_charges_and_touches_nothing,
+    overage_left_after_a_plan_change_is_counted_and_billed,
+    a_missing_customer_counts_only_the_calls_not_invoiced,
+    a_resumed_charge_refused_gets_no_new_attempt_in_the_same_run,
+    a_charge_in_flight_in_one_period_does_not_hold_back_another,
+    a_refusal_changes_the_key_of_its_own_range_only,
 );
