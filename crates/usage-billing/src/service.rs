@@ -781,6 +781,25 @@ fn planned(new: &NewOverageCharge) -> OverageCharge {
 mod tests {
     use super::*;
     use time::macros::datetime;
+    use usage_core::SystemClock;
+    use usage_core::memory::MemoryStore;
+
+    #[test]
+    fn debug_says_whether_stripe_is_configured_and_nothing_else() {
+        let service = OverageService::new(
+            Arc::new(MemoryStore::new()),
+            None,
+            PlanCatalog::default(),
+            Arc::new(SystemClock),
+            BillingOptions::default(),
+        );
+        let shown = format!("{service:?}");
+        assert!(
+            shown.starts_with("OverageService { stripe: false, options: "),
+            "{shown}"
+        );
+        assert!(shown.ends_with(", .. }"), "{shown}");
+    }
 
     #[test]
     fn keys_are_deterministic_and_change_after_a_refusal() {
