@@ -759,22 +759,44 @@ async fn database_failures_are_reported_without_database_text() {
     assert!(billing.stripe.created().is_empty());
 }
 
+/// A run's summary as (processed, charged, skipped, failed, amount_cents).
+fn tally(run: &usage_billing::BillingSummary) -> (u64, u64, u64, u64, i64) {
+    (
+        run.processed,
+        run.charged,
+        run.skipped,
+        run.failed,
+        run.amount_cents,
+    )
+}
+
 /// A pending charge as a run leaves it when it stops after recording the charge and before
 /// Stripe answered (a crash, a deploy): created `ago` before `NOW`, never touched since.
 async fn left_pending(store: &Arc<dyn Store>, user: &UserId, calls_to: u64, ago: Duration) {
-    let nov = BillingPeriod::containing(NOV).start();
+    left_pending_in(store, user, NOV, calls_to, ago).await;
+}
+
+/// As [`left_pending`], in the period containing `at`; returns the charge.
+async fn left_pending_in(
+    store: &Arc<dyn Store>,
+    user: &UserId,
+    at: OffsetDateTime,
+    calls_to: u64,
+    ago: Duration,
+) -> usage_core::repo::OverageCharge {
+    let period = BillingPeriod::containing(at).start();
     store
         .create_overage_charge(&NewOverageCharge {
             user_id: user.clone(),
-            period_start: nov,
+            period_start: period,
             calls_from: 0,
             calls_to,
             amount_cents: 500,
-            idempotency_key: idempotency_key(user, nov, 0, calls_to, 0),
+            idempotency_key: idempotency_key(user, period, 0, calls_to, 0),
             created_at: NOW - ago,
         })
         .await
-        .unwrap();
+        .unwrap()
 }
 
 /// A run stopped between recording a charge and sending it: the next run sends it once,
@@ -794,17 +816,7 @@ async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(back
     let service = billing.service(store);
     let run = service.process_all(RunMode::Live).await.unwrap();
     // 500 cents for 0..5,001 (resumed), then 502 - 500 = 2 cents for 5,001..5,021.
-    assert_eq!(
-        (
-            run.processed,
-            run.charged,
-            run.skipped,
-            run.failed,
-            run.amount_cents
-        ),
-        (1, 1, 0, 0, 502),
-        "{run:?}"
-    );
+    assert_eq!(tally(&run), (1, 1, 0, 0, 502), "{run:?}");
     let nov = BillingPeriod::containing(NOV).start();
     let keys: Vec<_> = billing
         .stripe
@@ -862,17 +874,7 @@ async fn a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends(back
 
     let service = billing.service(store);
     let run = service.process_all(RunMode::Live).await.unwrap();
-    assert_eq!(
-        (
-            run.processed,
-            run.charged,
-            run.skipped,
-            run.failed,
-            run.amount_cents
-        ),
-        (1, 0, 1, 0, 0),
-        "{run:?}"
-    );
+    assert_eq!(tally(&run), (1, 0, 1, 0, 0), "{run:?}");
     assert!(billing.stripe.received().is_empty());
     assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
 
@@ -934,17 +936,7 @@ async fn a_dry_run_counts_pending_charges_and_touches_nothing(backend: Backend) 
         .await
         .unwrap();
     assert!(run.dry_run);
-    assert_eq!(
-        (
-            run.processed,
-            run.charged,
-            run.skipped,
-            run.failed,
-            run.amount_cents
-        ),
-        (1, 1, 0, 0, 500),
-        "{run:?}"
-    );
+    assert_eq!(tally(&run), (1, 1, 0, 0, 500), "{run:?}");
     assert!(billing.stripe.received().is_empty());
     assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap(), before);
     assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
@@ -970,17 +962,7 @@ async fn overage_left_after_a_plan_change_is_counted_and_billed(backend: Backend
         .await
         .unwrap();
     // Two users on the overage plan (a, quiet) and one off it with overage left (b).
-    assert_eq!(
-        (
-            run.processed,
-            run.charged,
-            run.skipped,
-            run.failed,
-            run.amount_cents
-        ),
-        (3, 2, 1, 0, 700),
-        "{run:?}"
-    );
+    assert_eq!(tally(&run), (3, 2, 1, 0, 700), "{run:?}");
     assert_eq!(invoiced(store, &b.0, NOV).await, (2_000, 2_000));
 }
 
@@ -1037,25 +1019,12 @@ async fn a_charge_in_flight_in_one_period_does_not_hold_back_another(backend: Ba
     let billing = Billing::start().await;
     let oct_at = datetime!(2026-10-10 12:00 UTC);
     let oct = BillingPeriod::containing(oct_at).start();
-    let nov = BillingPeriod::containing(NOV).start();
     let a = pro_user(store, "a@example.com", Some("cus_a")).await;
     calls(store, &a, 5_001 + 10 + 20, oct_at, INCLUDED).await;
     calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
     // October's was left by a crash an hour ago; November's is being sent right now.
-    for (period, ago) in [(oct, Duration::hours(1)), (nov, Duration::seconds(10))] {
-        store
-            .create_overage_charge(&NewOverageCharge {
-                user_id: a.0.clone(),
-                period_start: period,
-                calls_from: 0,
-                calls_to: 5_001,
-                amount_cents: 500,
-                idempotency_key: idempotency_key(&a.0, period, 0, 5_001, 0),
-                created_at: NOW - ago,
-            })
-            .await
-            .unwrap();
-    }
+    left_pending_in(store, &a.0, oct_at, 5_001, Duration::hours(1)).await;
+    left_pending_in(store, &a.0, NOV, 5_001, Duration::seconds(10)).await;
     let run = billing
         .service(store)
         .process_all(RunMode::Live)
@@ -1095,18 +1064,7 @@ async fn a_refusal_changes_the_key_of_its_own_range_only(backend: Backend) {
     calls(store, &a, 5_001 + 10, oct_at, INCLUDED).await;
     calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
     // October's first attempt was refused (the card has been fixed since).
-    let refused = store
-        .create_overage_charge(&NewOverageCharge {
-            user_id: a.0.clone(),
-            period_start: oct,
-            calls_from: 0,
-            calls_to: 5_001,
-            amount_cents: 500,
-            idempotency_key: idempotency_key(&a.0, oct, 0, 5_001, 0),
-            created_at: NOW - Duration::days(3),
-        })
-        .await
-        .unwrap();
+    let refused = left_pending_in(store, &a.0, oct_at, 5_001, Duration::days(3)).await;
     store
         .fail_overage_charge(refused.id, "card_declined", NOW - Duration::days(3))
         .await
