@@ -58,4 +58,14 @@ mod tests {
         assert_eq!(price.total_in_cents(5_000), Cents(500));
         assert_eq!(MicroUsd(i64::MAX).total_in_cents(u64::MAX), Cents(i64::MAX));
     }
+
+    #[test]
+    fn a_negative_price_rounds_half_away_from_zero_and_saturates() {
+        let credit = MicroUsd(-1_000);
+        assert_eq!(credit.total_in_cents(4), Cents(0));
+        assert_eq!(credit.total_in_cents(5), Cents(-1));
+        assert_eq!(credit.total_in_cents(15), Cents(-2));
+        assert_eq!(credit.total_in_cents(5_000), Cents(-500));
+        assert_eq!(MicroUsd(i64::MIN).total_in_cents(u64::MAX), Cents(i64::MIN));
+    }
 }

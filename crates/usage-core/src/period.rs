@@ -72,6 +72,12 @@ mod tests {
         assert_eq!(nov.next(), dec);
         assert_eq!(dec.previous(), nov);
         assert!(!nov.contains(dec.start()));
+        // The start is in, the end is out, and nothing before the start.
+        let micro = time::Duration::microseconds(1);
+        assert!(nov.contains(nov.start()));
+        assert!(nov.contains(nov.end() - micro));
+        assert!(!nov.contains(nov.start() - micro));
+        assert!(dec.contains(nov.end()));
     }
 
     #[test]

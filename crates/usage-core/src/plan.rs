@@ -144,7 +144,9 @@ mod tests {
     fn plan_names_round_trip_and_unknown_names_are_rejected() {
         for plan in Plan::ALL {
             assert_eq!(plan.as_str().parse::<Plan>(), Ok(plan));
+            assert_eq!(plan.to_string(), plan.as_str());
         }
+        assert_eq!(format!("{}", Plan::Enterprise), "enterprise");
         let err = "gold".parse::<Plan>().unwrap_err();
         assert_eq!(
             err.to_string(),
