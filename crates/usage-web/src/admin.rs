@@ -159,7 +159,8 @@ pub(crate) async fn users(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpR
                 .collect();
             p.sort();
             p.push(("page".into(), page.to_string()));
-            format!("/dashboard/admin/users?{}", encode(&p))
+            let query = serde_urlencoded::to_string(&p).unwrap_or_default();
+            format!("/dashboard/admin/users?{query}")
         };
         let selected = |key: &str, value: &str| params.get(key).is_some_and(|v| v == value);
         let body = html! {
@@ -219,25 +220,6 @@ pub(crate) async fn users(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpR
         ))
     })
     .await
-}
-
-/// Query-string encoding of `pairs` (letters, digits and `-_.~` kept).
-fn encode(pairs: &[(String, String)]) -> String {
-    let escape = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// `GET /dashboard/admin/users/{id}`: a user's figures, chart, keys, plan, charges.
