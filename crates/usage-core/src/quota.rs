@@ -946,6 +946,8 @@ mod tests {
         down: std::sync::atomic::AtomicBool,
         calls: AtomicU64,
         gated: std::sync::atomic::AtomicBool,
+        /// While set, a lease waits inside the same way.
+        lease_gated: std::sync::atomic::AtomicBool,
         inside: tokio::sync::Notify,
         go: tokio::sync::Notify,
     }
@@ -957,6 +959,7 @@ mod tests {
                 down: false.into(),
                 calls: AtomicU64::new(0),
                 gated: false.into(),
+                lease_gated: false.into(),
                 inside: tokio::sync::Notify::new(),
                 go: tokio::sync::Notify::new(),
             }
@@ -985,6 +988,10 @@ mod tests {
             lease: LeaseTerms,
         ) -> Result<crate::repo::QuotaTake, RepoError> {
             self.check()?;
+            if self.lease_gated.load(Ordering::SeqCst) {
+                self.inside.notify_one();
+                self.go.notified().await;
+            }
             self.inner.take_quota(u, p, add, lease).await
         }
         async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
@@ -1095,5 +1102,182 @@ mod tests {
             "no count lost"
         );
         assert_eq!(store.quota_count(&free, period).await.unwrap(), 63);
+    }
+
+    fn flaky_book(
+        store: &Arc<MemoryStore>,
+        clock: &Arc<ManualClock>,
+        free: u64,
+        settings: QuotaSettings,
+    ) -> (Arc<FlakyCounters>, Arc<QuotaBook>) {
+        let counters = Arc::new(FlakyCounters::new(store.clone()));
+        let book = Arc::new(QuotaBook::new(
+            counters.clone(),
+            catalog(free, 1_000),
+            clock.clone(),
+            settings,
+        ));
+        (counters, book)
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_the_database_is_asked_again_one_second_later_to_the_millisecond() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let (counters, book) = flaky_book(&store, &clock, 1_000, QuotaSettings::default());
+        counters.down.store(true, Ordering::SeqCst);
+        assert!(book.admit(&user, Plan::Free).await.is_err());
+        let calls = counters.calls.load(Ordering::SeqCst);
+        counters.down.store(false, Ordering::SeqCst);
+        clock.advance(time::Duration::milliseconds(FAILURE_HOLD_MS - 1));
+        assert!(
+            book.admit(&user, Plan::Free).await.is_err(),
+            "still held: fails at once"
+        );
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls, "not asked");
+        clock.advance(time::Duration::milliseconds(1));
+        assert!(matches!(
+            book.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Admitted(QuotaStatus { used: 1, .. })
+        ));
+        // The counter read that failed, then the lease.
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 2);
+    }
+
+    #[tokio::test]
+    async fn a_user_at_the_limit_is_refused_from_memory_until_one_sync_interval_has_passed() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 10).await;
+        let (counters, book) = flaky_book(&store, &clock, 10, QuotaSettings::default());
+        assert!(matches!(
+            book.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Rejected(_)
+        ));
+        let calls = counters.calls.load(Ordering::SeqCst);
+        clock.advance(time::Duration::milliseconds(499));
+        assert!(matches!(
+            book.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Rejected(QuotaStatus { used: 10, .. })
+        ));
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls, "not asked");
+        // At 500 ms exactly the counter is read again (and still full).
+        clock.advance(time::Duration::milliseconds(1));
+        assert!(matches!(
+            book.admit(&user, Plan::Free).await.unwrap(),
+            QuotaDecision::Rejected(_)
+        ));
+        assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_waited_for_another_calls_lease_spends_it_instead_of_leasing_again() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let (counters, book) = flaky_book(&store, &clock, 1_000, QuotaSettings::default());
+        counters.lease_gated.store(true, Ordering::SeqCst);
+        let call = |book: &Arc<QuotaBook>| {
+            let (book, user) = (Arc::clone(book), user.clone());
+            tokio::spawn(async move { book.admit(&user, Plan::Free).await })
+        };
+        let first = call(&book);
+        counters.inside.notified().await;
+        // The second call finds no lease and waits for the first one's.
+        let second = call(&book);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        counters.lease_gated.store(false, Ordering::SeqCst);
+        counters.go.notify_one();
+        for call in [first, second] {
+            assert!(matches!(
+                call.await.unwrap().unwrap(),
+                QuotaDecision::Admitted(_)
+            ));
+        }
+        let period = BillingPeriod::containing(clock.now()).start();
+        assert_eq!(
+            store.quota_count(&user, period).await.unwrap(),
+            62,
+            "one lease of 62 (1,000 / 16), not two"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_users_are_looked_for_every_quarter_of_the_idle_time_and_forgotten_after_it() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let settings = QuotaSettings {
+            forget_idle_after: Duration::from_millis(4_000),
+            ..QuotaSettings::default()
+        };
+        let book = QuotaBook::new(store.clone(), catalog(10, 1_000), clock.clone(), settings);
+        let start = clock.now();
+        let sync_at = |ms: i64| {
+            clock.set(start + time::Duration::milliseconds(ms));
+            book.sync(false)
+        };
+        book.admit(&user, Plan::Pro).await.unwrap();
+        // Passes at 0, 1,000, 2,000, 3,000 and 4,000 ms (a quarter of 4 s): at 4,000 the
+        // user has been idle for exactly the idle time, which is not yet past it.
+        for ms in [0, 1_000, 2_000, 3_000, 4_000] {
+            assert_eq!(sync_at(ms).await.unwrap().pushed, u64::from(ms == 0));
+            assert_eq!(book.users_in_memory(), 1, "kept at {ms} ms");
+        }
+        // No pass before the next quarter, although the user is idle by then.
+        sync_at(4_999).await.unwrap();
+        assert_eq!(book.users_in_memory(), 1, "no pass at 4,999 ms");
+        sync_at(5_000).await.unwrap();
+        assert_eq!(
+            book.users_in_memory(),
+            0,
+            "forgotten at the pass of 5,000 ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unused_lease_goes_back_once_idle_for_more_than_two_sync_intervals() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let book = QuotaBook::new(
+            store.clone(),
+            catalog(1_000, 1_000),
+            clock.clone(),
+            QuotaSettings::default(),
+        );
+        book.admit(&user, Plan::Free).await.unwrap(); // leases 62, spends 1
+        let start = clock.now();
+        for ms in [500, 1_000] {
+            clock.set(start + time::Duration::milliseconds(ms));
+            assert_eq!(
+                book.sync(false).await.unwrap(),
+                SyncReport::default(),
+                "kept at {ms} ms"
+            );
+        }
+        clock.set(start + time::Duration::milliseconds(1_001));
+        assert_eq!(
+            book.sync(false).await.unwrap(),
+            SyncReport {
+                pushed: 0,
+                released: 61
+            }
+        );
+    }
+
+    #[test]
+    fn the_book_debugs_as_its_plans_and_settings() {
+        let book = QuotaBook::new(
+            Arc::new(MemoryStore::new()),
+            catalog(10, 1_000),
+            Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
+            QuotaSettings::default(),
+        );
+        let text = format!("{book:?}");
+        assert!(text.starts_with("QuotaBook {"), "{text}");
+        assert!(text.contains("monthly_calls: Some(10)"), "{text}");
+        assert!(text.contains("sync_every: 500ms"), "{text}");
     }
 }
