@@ -80,8 +80,9 @@ pub(crate) async fn process_overage(
             ));
         }
     };
-    let summary = state.billing.process_all(mode).await?;
-    Ok(HttpResponse::Ok().json(summary))
+    let run = state.billing.process_all(mode).await;
+    state.metrics.billing_run(&run);
+    Ok(HttpResponse::Ok().json(run?))
 }
 
 /// Every user and period with overage or charges, and what does not add up.

@@ -39,6 +39,9 @@ pub enum ServerError {
     /// Metering could not start.
     #[error(transparent)]
     Embed(#[from] usage_embed::EmbedError),
+    /// The metrics registry refused a metric (two of the same name).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// Reconciliation found periods that do not add up.
     #[error(
         "{0} period(s) where overage, invoiced calls and charges do not add up (status \"drift\")"

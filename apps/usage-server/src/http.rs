@@ -6,11 +6,9 @@ use std::sync::Arc;
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
-use usage_core::middleware::{Metering, MeteringStats};
-use usage_core::quota::QuotaBook;
+use usage_core::middleware::Metering;
 use usage_core::rate::{PlanRateLimits, RateLimiter};
 use usage_core::repo::UsageRepository;
-use usage_core::tracker::UsageTracker;
 use usage_core::{Caller, Store};
 use usage_embed::{UsageMeter, UsageOptions};
 
@@ -37,9 +35,7 @@ use utoipa::ToSchema;
 /// What the handlers share.
 pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
-    pub tracker: UsageTracker,
-    pub metering: Arc<MeteringStats>,
-    pub quota: Arc<QuotaBook>,
+    pub metrics: Arc<metrics::Metrics>,
     pub reports: UsageReports,
     pub events: usage_analytics::events::UsageEvents,
     pub keys: KeyIssuer,
@@ -78,6 +74,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     if let Some(spool) = &config.spool {
         tracing::info!(dir = %spool.dir.display(), "durable mode: admitted calls are spooled to disk");
     }
+    let metrics = Arc::new(metrics::Metrics::new()?);
     // Key check, quota, short window and recording: the same engine an embedding service
     // starts (`usage-embed`), shared by the middleware and forward auth.
     let usage = UsageMeter::with_store(
@@ -85,7 +82,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         UsageOptions {
             migrate: false,
             pool: config.pool.clone(),
-            tracker: config.tracker.clone(),
+            tracker: usage_core::tracker::TrackerConfig {
+                observer: Some(metrics.batch_observer()),
+                ..config.tracker.clone()
+            },
             spool: config.spool.clone(),
             key_cache: config.key_cache,
             access_poll: config.revocation_poll,
@@ -162,11 +162,16 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         usage.meter(),
         config.forward_auth_routes.clone(),
     ));
+    metrics.watch(metrics::Sources {
+        metering: metering.stats(),
+        tracker,
+        quota: Arc::clone(&quota),
+        verifier: Arc::clone(&verifier),
+        store: store.clone(),
+    })?;
     let state = web::Data::new(AppState {
         store,
-        tracker,
-        metering: metering.stats(),
-        quota,
+        metrics: Arc::clone(&metrics),
         reports,
         events,
         keys,
@@ -196,6 +201,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
 
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(crate::observe::Observe::new(Arc::clone(&metrics)))
             .app_data(state.clone())
             .app_data(jwt.clone())
             .app_data(forward_auth.clone())
@@ -545,12 +551,7 @@ pub(crate) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, A
 pub(crate) async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(metrics::render(&metrics::Sources {
-            metering: &state.metering,
-            tracker: &state.tracker,
-            quota: &state.quota,
-            verifier: &state.verifier,
-        }))
+        .body(state.metrics.render())
 }
 
 async fn not_found() -> HttpResponse {

@@ -13,6 +13,7 @@ mod forward_auth;
 mod http;
 mod keys_api;
 mod metrics;
+mod observe;
 mod openapi;
 pub mod telemetry;
 mod user_auth;

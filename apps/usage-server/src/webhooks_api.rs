@@ -54,7 +54,9 @@ pub(crate) async fn stripe(
         .headers()
         .get("Stripe-Signature")
         .and_then(|v| v.to_str().ok());
-    let outcome = webhooks.handle(signature, &body).await?;
+    let handled = webhooks.handle(signature, &body).await;
+    state.metrics.webhook(&handled);
+    let outcome = handled?;
     if let WebhookOutcome::Applied { user_id, .. } = &outcome {
         // This instance follows at once; the others at their next poll.
         state.verifier.forget_user(user_id);

@@ -102,6 +102,18 @@ async fn bills_overage_through_cron_and_cli(backend: Backend) {
         ("cus_ada", 1)
     );
     assert_eq!(created[0].form["metadata[overage_calls]"], "5");
+    // The runs as an operator sees them: one dry, one live with a charge and a failure.
+    for (series, value) in [
+        ("usage_billing_runs_total{outcome=\"dry_run\"}", 1.0),
+        ("usage_billing_runs_total{outcome=\"completed\"}", 1.0),
+        ("usage_billing_runs_total{outcome=\"failed\"}", 0.0),
+        ("usage_billing_users_total{result=\"charged\"}", 1.0),
+        ("usage_billing_users_total{result=\"failed\"}", 1.0),
+        ("usage_billing_users_total{result=\"skipped\"}", 0.0),
+        ("usage_billing_charged_cents_total", 1.0),
+    ] {
+        assert_eq!(server.metric(series).await, value, "{series}");
+    }
 
     // Ada's own view shows it invoiced.
     let token = db.create(&["token", "--user", &ada]);

@@ -318,6 +318,21 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
     );
     assert_eq!(signed(&server, &late).await, "stale");
     assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    // Each delivery is counted under its outcome, refused ones included.
+    for (outcome, deliveries) in [
+        ("invalid_signature", 7.0),
+        ("duplicate", 1.0),
+        ("stale", 1.0),
+    ] {
+        let series = format!("usage_stripe_webhook_events_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(server.metric(&series).await, deliveries, "{series}");
+    }
+    assert!(
+        server
+            .metric("usage_stripe_webhook_events_total{outcome=\"applied\"}")
+            .await
+            >= 3.0
+    );
 
     let res = reqwest::Client::new()
         .get(server.url("/api/webhooks/stripe"))

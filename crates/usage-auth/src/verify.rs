@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,16 @@ pub struct KeyVerifier {
     known: Cache,
     /// Answers naming no caller (unknown, revoked, user gone).
     unknown: Cache,
+    lookups: CacheLookups,
+}
+
+/// How keys were answered, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CacheLookups {
+    /// From the cache.
+    pub hits: AtomicU64,
+    /// From the database (not cached, or cached too long ago).
+    pub misses: AtomicU64,
 }
 
 type Cache = quick_cache::sync::Cache<[u8; 32], Arc<Entry>>;
@@ -98,6 +109,7 @@ impl KeyVerifier {
             config,
             known: Cache::new(config.capacity.max(1)),
             unknown: Cache::new(config.negative_capacity.max(1)),
+            lookups: CacheLookups::default(),
         }
     }
 
@@ -183,6 +195,11 @@ impl KeyVerifier {
         self.unknown.retain(|_, e| now < e.stale_until);
     }
 
+    /// How keys were answered so far (keys that cannot be API keys are not counted).
+    pub fn lookups(&self) -> &CacheLookups {
+        &self.lookups
+    }
+
     /// Keys currently cached (known and unknown).
     pub fn cached(&self) -> usize {
         self.known.len() + self.unknown.len()
@@ -262,8 +279,12 @@ impl ApiKeyAuthenticator for KeyVerifier {
         let now = self.clock.now();
         let cached = self.cached_entry(&digest);
         let entry = match cached {
-            Some(entry) if now < entry.cached_until => entry,
+            Some(entry) if now < entry.cached_until => {
+                self.lookups.hits.fetch_add(1, Ordering::Relaxed);
+                entry
+            }
             stale => {
+                self.lookups.misses.fetch_add(1, Ordering::Relaxed);
                 if let Some(stale) = stale.as_ref().filter(|e| now < e.stale_until) {
                     // This call looks the key up again; the calls that come meanwhile use
                     // the answer in hand rather than all waiting on the database.
@@ -449,6 +470,15 @@ mod tests {
         assert_eq!(f.verifier.authenticate(&unknown).await.unwrap(), None);
         assert_eq!(f.verifier.authenticate(&unknown).await.unwrap(), None);
         assert_eq!(f.lookups(), 2);
+        // Counted as the database saw them; junk is neither.
+        let counted = f.verifier.lookups();
+        assert_eq!(counted.misses.load(Ordering::Relaxed), 2);
+        assert_eq!(counted.hits.load(Ordering::Relaxed), 2);
+        // Past the TTL, the next answer comes from the database again.
+        f.clock.advance(time::Duration::seconds(10));
+        f.verifier.authenticate(&key.plaintext).await.unwrap();
+        assert_eq!(counted.misses.load(Ordering::Relaxed), 3);
+        assert_eq!(f.lookups(), 3);
     }
 
     #[tokio::test]

@@ -999,4 +999,19 @@ pub trait Store:
     async fn ping(&self) -> Result<(), RepoError>;
     /// Which backend this is ("memory", "sqlite", "postgres"), for logs.
     fn backend_name(&self) -> &'static str;
+    /// The connection pool's use now; `None` without a pool (memory).
+    fn pool_state(&self) -> Option<PoolState> {
+        None
+    }
+}
+
+/// A connection pool's use, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// Most connections the pool opens.
+    pub max: u32,
+    /// Connections open now (idle or in use).
+    pub open: u32,
+    /// Open connections not in use.
+    pub idle: u32,
 }

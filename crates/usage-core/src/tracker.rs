@@ -6,7 +6,7 @@
 //! produced the call is held back (back-pressure) rather than its call being dropped.
 //! Each such wait is counted ([`TrackerStats::queue_full_waits`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,15 @@ pub struct TrackerConfig {
     /// sustained load, the queue after an outage). Larger batches touch each customer's
     /// counter once for more calls.
     pub max_batch: usize,
+    /// Told of every batch stored (for histograms kept elsewhere, e.g. the server's
+    /// `/metrics`).
+    pub observer: Option<Arc<dyn BatchObserver>>,
+}
+
+/// Told of every batch the tracker stores, from its writer task: keep it cheap.
+pub trait BatchObserver: Send + Sync + std::fmt::Debug {
+    /// `events` calls were stored in one write that took `took` (retries not included).
+    fn batch_stored(&self, events: usize, took: Duration);
 }
 
 impl Default for TrackerConfig {
@@ -55,6 +64,7 @@ impl Default for TrackerConfig {
             shutdown_retry_for: Duration::from_secs(30),
             concurrency: 1,
             max_batch: 2_000,
+            observer: None,
         }
     }
 }
@@ -70,7 +80,7 @@ pub struct TrackedCall {
 }
 
 /// Live figures of the tracker, for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TrackerStats {
     /// Calls handed to `track`.
     pub tracked: AtomicU64,
@@ -94,6 +104,28 @@ pub struct TrackerStats {
     pub dead_letters: AtomicU64,
     /// Keys whose last use is remembered (those used in the last minute or two).
     pub keys_remembered: AtomicU64,
+    /// When the oldest call not yet stored was handed over, in microseconds since the
+    /// tracker started; `u64::MAX` when none waits. Updated by the writer every tick.
+    oldest_waiting_micros: AtomicU64,
+}
+
+impl Default for TrackerStats {
+    fn default() -> Self {
+        Self {
+            tracked: AtomicU64::new(0),
+            queue_full_waits: AtomicU64::new(0),
+            in_batch: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            flush_failures: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            flush_micros: AtomicU64::new(0),
+            spool_failures: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            keys_remembered: AtomicU64::new(0),
+            oldest_waiting_micros: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// What the tracker did by the time it stopped.
@@ -117,6 +149,8 @@ pub struct TrackerClosed;
 struct Queued {
     call: TrackedCall,
     spooled_in: Option<u64>,
+    /// When it was handed over, for the age of the oldest waiting call.
+    queued_at: Instant,
 }
 
 /// Where calls are handed over. Cheap to clone; every clone feeds the same queue.
@@ -125,6 +159,8 @@ pub struct UsageTracker {
     tx: mpsc::Sender<Queued>,
     stats: Arc<TrackerStats>,
     spool: Option<Arc<Spool>>,
+    /// What `TrackerStats::oldest_waiting_micros` counts from.
+    started: Instant,
 }
 
 /// Owns the background writer; [`TrackerWorker::shutdown`] drains and stops it.
@@ -161,6 +197,7 @@ impl UsageTracker {
                 let queued = Queued {
                     call,
                     spooled_in: Some(file),
+                    queued_at: Instant::now(),
                 };
                 if tx.send(queued).await.is_err() {
                     break; // shut down first: the rest stays in the spool for next time
@@ -179,7 +216,9 @@ impl UsageTracker {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(TrackerStats::default());
+        let started = Instant::now();
         let writer = Writer {
+            started,
             shared: Arc::new(Shared {
                 usage,
                 keys,
@@ -190,7 +229,13 @@ impl UsageTracker {
             }),
         };
         let task = tokio::spawn(writer.run(rx, stop_rx));
-        (Self { tx, stats, spool }, TrackerWorker { stop, task })
+        let tracker = Self {
+            tx,
+            stats,
+            spool,
+            started,
+        };
+        (tracker, TrackerWorker { stop, task })
     }
 
     /// Queues a finished call. Returns at once unless the queue is full, in which case it
@@ -209,7 +254,11 @@ impl UsageTracker {
                 }
             }
         }
-        let queued = Queued { call, spooled_in };
+        let queued = Queued {
+            call,
+            spooled_in,
+            queued_at: Instant::now(),
+        };
         match self.tx.try_send(queued) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(queued)) => {
@@ -224,6 +273,21 @@ impl UsageTracker {
     pub fn queue_depth(&self) -> u64 {
         let queued = self.tx.max_capacity() - self.tx.capacity();
         queued as u64 + self.stats.in_batch.load(Ordering::Relaxed)
+    }
+
+    /// Calls the queue holds before [`UsageTracker::track`] waits for room.
+    pub fn queue_capacity(&self) -> u64 {
+        self.tx.max_capacity() as u64
+    }
+
+    /// How long the oldest call not yet stored has waited (as of the writer's last
+    /// look, at most a few milliseconds ago); `None` when every call is stored.
+    pub fn oldest_waiting(&self) -> Option<Duration> {
+        let micros = self.stats.oldest_waiting_micros.load(Ordering::Relaxed);
+        (micros != u64::MAX).then(|| {
+            let queued_at = self.started + Duration::from_micros(micros);
+            Instant::now().saturating_duration_since(queued_at)
+        })
     }
 
     /// Live figures.
@@ -252,6 +316,7 @@ impl TrackerWorker {
 
 struct Writer {
     shared: Arc<Shared>,
+    started: Instant,
 }
 
 /// What every batch write needs.
@@ -326,7 +391,11 @@ impl Writer {
         // the calls' own handling.
         let tick = config.flush_interval.min(TICK);
         let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
-        let mut in_flight: JoinSet<u64> = JoinSet::new();
+        // Batches being written: number → when its oldest call was handed over. Calls
+        // are taken in order, so the lowest number holds the oldest call waiting.
+        let mut in_flight: JoinSet<(u64, u64)> = JoinSet::new();
+        let mut oldest_in_flight: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut batches_taken = 0u64;
         let mut unwritten = 0;
         let mut deadline = Instant::now() + config.flush_interval;
         loop {
@@ -337,19 +406,30 @@ impl Writer {
                 () = tokio::time::sleep(tick) => {}
             }
             while let Some(done) = in_flight.try_join_next() {
-                unwritten += done.unwrap_or(0);
+                if let Ok((number, given_up)) = done {
+                    oldest_in_flight.remove(&number);
+                    unwritten += given_up;
+                }
             }
             if in_flight.len() >= concurrency {
-                continue; // every writer busy: calls wait in the queue (back-pressure)
+                // Every writer busy: calls wait in the queue (back-pressure).
+                self.note_oldest(&oldest_in_flight, &batch);
+                continue;
             }
             let disconnected = take_waiting(&mut rx, &mut batch, max_batch, &self.shared.stats);
             let now = Instant::now();
-            if !batch.is_empty() && (batch.len() >= batch_size || now >= deadline) {
+            if let Some(first) = batch.first().map(|q| q.queued_at)
+                && (batch.len() >= batch_size || now >= deadline)
+            {
                 let taken = self.shared.take(&mut batch);
                 let shared = Arc::clone(&self.shared);
                 let stop = stop.clone();
-                in_flight.spawn(async move { shared.write(taken, stop, None).await });
+                let number = batches_taken;
+                batches_taken += 1;
+                oldest_in_flight.insert(number, first);
+                in_flight.spawn(async move { (number, shared.write(taken, stop, None).await) });
             }
+            self.note_oldest(&oldest_in_flight, &batch);
             // The interval runs from a write, or from the first call after a quiet spell
             // (while the batch is empty the deadline keeps being moved to a tick from now;
             // pushing it further on every tick would let it run away while idle).
@@ -368,7 +448,7 @@ impl Writer {
         let give_up_at = before_drain + config.shutdown_retry_for;
         let flushed_before = self.shared.stats.flushed.load(Ordering::Relaxed);
         while let Some(done) = in_flight.join_next().await {
-            unwritten += done.unwrap_or(0);
+            unwritten += done.map_or(0, |(_, given_up)| given_up);
         }
         loop {
             let room = max_batch - batch.len();
@@ -391,6 +471,7 @@ impl Writer {
         if let Some(spool) = &self.shared.spool {
             spool.close();
         }
+        self.note_oldest(&BTreeMap::new(), &[]);
         let flushed_total = self.shared.stats.flushed.load(Ordering::Relaxed);
         let report = FlushReport {
             flushed_at_shutdown: flushed_total - flushed_before,
@@ -404,6 +485,26 @@ impl Writer {
             );
         }
         report
+    }
+}
+
+impl Writer {
+    /// Publishes when the oldest call not yet stored was handed over: the first of the
+    /// oldest batch being written, else the first of the batch being gathered.
+    fn note_oldest(&self, in_flight: &BTreeMap<u64, Instant>, gathering: &[Queued]) {
+        let oldest = in_flight
+            .values()
+            .next()
+            .copied()
+            .or_else(|| gathering.first().map(|q| q.queued_at));
+        let micros = oldest.map_or(u64::MAX, |at| {
+            let since = at.saturating_duration_since(self.started).as_micros();
+            u64::try_from(since).unwrap_or(u64::MAX - 1)
+        });
+        self.shared
+            .stats
+            .oldest_waiting_micros
+            .store(micros, Ordering::Relaxed);
     }
 }
 
@@ -492,6 +593,9 @@ impl Shared {
                     s.flushes.fetch_add(1, Ordering::Relaxed);
                     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     s.flush_micros.fetch_add(micros, Ordering::Relaxed);
+                    if let Some(observer) = &self.config.observer {
+                        observer.batch_stored(part.len(), took);
+                    }
                     self.touch_keys(&part).await;
                 }
                 Some(Err(_)) if part.len() > 1 => {

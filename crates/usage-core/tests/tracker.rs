@@ -653,3 +653,51 @@ async fn keys_are_remembered_only_while_recently_used() {
     assert!(stored.iter().all(|k| k.last_used_at.is_some()));
     worker.shutdown().await;
 }
+
+/// Remembers what the tracker told it.
+#[derive(Debug, Default)]
+struct Batches(std::sync::Mutex<Vec<usize>>);
+
+impl usage_core::tracker::BatchObserver for Batches {
+    fn batch_stored(&self, events: usize, _took: Duration) {
+        self.0.lock().unwrap().push(events);
+    }
+}
+
+#[tokio::test]
+async fn the_oldest_waiting_call_ages_while_the_store_is_down_and_every_stored_batch_is_told() {
+    let f = fixture().await;
+    let batches = Arc::new(Batches::default());
+    let (tracker, worker) = f.start(TrackerConfig {
+        observer: Some(batches.clone()),
+        ..config(5, Duration::from_secs(3600))
+    });
+    assert_eq!(tracker.oldest_waiting(), None, "nothing waits");
+    f.store.fail_next.store(u32::MAX, Ordering::SeqCst);
+    for i in 0..5 {
+        tracker
+            .track(f.call(T0 + time::Duration::milliseconds(i)))
+            .await
+            .unwrap();
+    }
+    eventually("the batch is being retried", async || {
+        tracker.stats().flush_failures.load(Ordering::Relaxed) > 1
+    })
+    .await;
+    let first = tracker.oldest_waiting().expect("a call waits");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let later = tracker.oldest_waiting().expect("still waiting");
+    assert!(
+        later >= first + Duration::from_millis(50),
+        "the same call, older: {first:?} then {later:?}"
+    );
+    assert!(batches.0.lock().unwrap().is_empty(), "nothing stored yet");
+
+    f.store.fail_next.store(0, Ordering::SeqCst);
+    eventually("stored and nothing waits", async || {
+        f.stored(T0).await == 5 && tracker.oldest_waiting().is_none()
+    })
+    .await;
+    assert_eq!(*batches.0.lock().unwrap(), vec![5]);
+    worker.shutdown().await;
+}

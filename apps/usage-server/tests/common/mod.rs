@@ -239,6 +239,8 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
+                    // Text logs end the line there; JSON logs close the string.
+                    let addr = addr.split(['"', ' ']).next().unwrap_or_default();
                     let _ = tx.send(addr.trim().to_owned());
                 }
                 sink.lock().unwrap().push(line);

@@ -19,7 +19,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
     UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
     UserRepository, UserSort, UserUsageRow, plan_key_issue, plan_subscription_change,
@@ -93,6 +93,8 @@ pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
 /// All repositories on one PostgreSQL database.
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
+    /// The pool's size (bb8 does not tell it back).
+    max_connections: u32,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -130,7 +132,10 @@ impl PgStore {
                 url: redact(url),
                 reason: e.to_string(),
             })?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            max_connections: options.max_connections,
+        };
         // The driver's message alone ("error connecting to server") does not say what to check.
         store.ping().await.map_err(|e| StoreError::Connect {
             url: redact(url),
@@ -2160,5 +2165,14 @@ impl Store for PgStore {
 
     fn backend_name(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pool_state(&self) -> Option<PoolState> {
+        let state = self.pool.state();
+        Some(PoolState {
+            max: self.max_connections,
+            open: state.connections,
+            idle: state.idle_connections,
+        })
     }
 }

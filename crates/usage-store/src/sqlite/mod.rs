@@ -20,7 +20,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
     UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
     UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
@@ -2270,6 +2270,15 @@ impl Store for SqliteStore {
 
     fn backend_name(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn pool_state(&self) -> Option<PoolState> {
+        let state = self.pool.state();
+        Some(PoolState {
+            max: self.pool.max_size(),
+            open: state.connections,
+            idle: state.idle_connections,
+        })
     }
 }
 
