@@ -367,6 +367,19 @@ async fn a_database_refusing_writes_loses_nothing(backend: Backend) {
 
     refuse_usage_writes(&db, false);
     server.wait_flushed(CALLS as u64).await;
+    // Each failed write was logged inside the span of the batch it was writing.
+    let retries: Vec<String> = server
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("will retry"))
+        .collect();
+    assert!(!retries.is_empty());
+    assert!(
+        retries
+            .iter()
+            .all(|l| l.contains("usage_batch_write{events=")),
+        "{retries:?}"
+    );
     assert!(server.stop().0.success());
     assert_eq!(db.stored(&user).await, (CALLS as u64, CALLS as u64, 0));
 }

@@ -568,22 +568,33 @@ impl Shared {
         let mut parts = vec![events];
         while let Some(mut part) = parts.pop() {
             let mut backoff = self.config.retry_initial;
-            let written = loop {
-                let started = Instant::now();
-                match self.usage.record_usage(&part, &included).await {
-                    Ok(outcome) => break Some(Ok((outcome, started.elapsed()))),
-                    Err(e) if e.is_permanent() => break Some(Err(e)),
-                    Err(e) => {
-                        let what = "usage batch";
-                        if !self
-                            .wait_to_retry(&e, what, &mut backoff, &mut stop, &mut give_up_at)
-                            .await
-                        {
-                            break None;
+            // Lines logged while writing (a failure, each retry) say which batch.
+            let span = tracing::info_span!("usage_batch_write", events = part.len());
+            let written = tracing::Instrument::instrument(
+                async {
+                    loop {
+                        let started = Instant::now();
+                        match self.usage.record_usage(&part, &included).await {
+                            Ok(outcome) => break Some(Ok((outcome, started.elapsed()))),
+                            Err(e) if e.is_permanent() => break Some(Err(e)),
+                            Err(e) => {
+                                let retry = self.wait_to_retry(
+                                    &e,
+                                    "usage batch",
+                                    &mut backoff,
+                                    &mut stop,
+                                    &mut give_up_at,
+                                );
+                                if !retry.await {
+                                    break None;
+                                }
+                            }
                         }
                     }
-                }
-            };
+                },
+                span,
+            )
+            .await;
             match written {
                 Some(Ok((outcome, took))) => {
                     let s = &self.stats;
