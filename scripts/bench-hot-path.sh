@@ -20,6 +20,7 @@
 #
 # usage: scripts/bench-hot-path.sh [sqlite|postgres]
 # env:   BENCH_KEYS ("1000"; several: "1 1000 10000 100000"), BENCH_DURATION (30s),
+#        BENCH_BIN (a server binary to measure instead of building this tree's),
 #        BENCH_CONNECTIONS (32), BENCH_THREADS (1), BENCH_DURABLE (0), BENCH_MODES
 #        ("bare alone metered"), BENCH_PLAN (enterprise: no quota headers; pro: quota
 #        headers and IETF fields on every response)
@@ -35,8 +36,13 @@ modes=${BENCH_MODES:-bare alone metered}
 if [ "${BENCH_DURABLE:-0}" = 1 ]; then modes="$modes durable"; fi
 source scripts/lib.sh
 ensure_wrk
-cargo build --release -q -p usage-server
-bin=$PWD/target/release/usage-server
+# BENCH_BIN: a server binary built elsewhere (another commit, to compare), else this tree's.
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  cargo build --release -q -p usage-server
+  bin=$PWD/target/release/usage-server
+fi
 work=$(mktemp -d /tmp/usage-bench.XXXXXX)
 chmod 755 "$work"
 pids=()

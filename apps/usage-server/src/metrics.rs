@@ -142,14 +142,16 @@ impl Metrics {
         self.registry.register(Box::new(LiveFigures::new(sources)?))
     }
 
-    /// One request answered.
-    pub(crate) fn request_done(&self, route: &str, method: &str, status: &str, took: Duration) {
-        if let Ok(histogram) = self
-            .requests
+    /// The latency series of requests to `route` with `method`, answered `status`.
+    pub(crate) fn request_histogram(
+        &self,
+        route: &str,
+        method: &str,
+        status: &str,
+    ) -> Option<Histogram> {
+        self.requests
             .get_metric_with_label_values(&[route, method, status])
-        {
-            histogram.observe(took.as_secs_f64());
-        }
+            .ok()
     }
 
     /// One billing run finished (or failed as a whole).

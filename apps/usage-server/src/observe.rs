@@ -3,6 +3,8 @@
 //! call is in, and the request's latency in `/metrics` by route pattern, method and
 //! status.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::{Ready, ready};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,12 +15,16 @@ use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forwar
 use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use futures_util::future::LocalBoxFuture;
+use prometheus::Histogram;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
 
 /// The header, both ways.
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The route label of a request no route matched.
+const UNMATCHED: &str = "unmatched";
 
 /// Longest id taken from a caller.
 const MAX_ID_LEN: usize = 128;
@@ -89,14 +95,19 @@ where
         ready(Ok(ObserveService {
             service: Rc::new(service),
             metrics: Arc::clone(&self.metrics),
+            histograms: Rc::default(),
         }))
     }
 }
 
-/// [`Observe`] around one service.
+/// [`Observe`] around one service (one per worker thread).
 pub(crate) struct ObserveService<S> {
     service: Rc<S>,
     metrics: Arc<Metrics>,
+    /// This worker's handles on the latency histogram's series: the shared family is
+    /// looked up (label hashing under its lock) once per series, not once per request.
+    /// Bounded: routes are patterns, methods and statuses come from short lists.
+    histograms: Rc<RefCell<HashMap<(String, &'static str, u16), Histogram>>>,
 }
 
 impl<S, B> Service<ServiceRequest> for ObserveService<S>
@@ -117,15 +128,27 @@ where
         let method = method_label(req.method());
         let call = span.in_scope(|| self.service.call(req));
         let metrics = Arc::clone(&self.metrics);
+        let histograms = Rc::clone(&self.histograms);
         Box::pin(async move {
             let mut res = call.instrument(span).await?;
-            let route = res.request().match_pattern();
-            metrics.request_done(
-                route.as_deref().unwrap_or("unmatched"),
-                method,
-                res.status().as_str(),
-                started.elapsed(),
-            );
+            let took = started.elapsed();
+            let route = res
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| UNMATCHED.to_owned());
+            let status = res.status();
+            let key = (route, method, status.as_u16());
+            let mut histograms = histograms.borrow_mut();
+            let histogram = match histograms.get(&key) {
+                Some(histogram) => Some(histogram),
+                None => metrics
+                    .request_histogram(&key.0, method, status.as_str())
+                    .map(|histogram| &*histograms.entry(key).or_insert(histogram)),
+            };
+            if let Some(histogram) = histogram {
+                histogram.observe(took.as_secs_f64());
+            }
+            drop(histograms);
             res.headers_mut().insert(X_REQUEST_ID, id);
             Ok(res)
         })

@@ -119,17 +119,19 @@ where
                 .map_into_right_body());
         }
     };
-    let endpoint = req
-        .match_pattern()
-        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
     let method = req.method().clone();
     req.extensions_mut().insert(call.caller().clone());
 
     let result = service.call(req).await;
-    let status = match &result {
-        Ok(res) => res.status(),
-        Err(e) => e.as_response_error().status_code(),
+    // The pattern once routed: actix then reads it from the matched resource's ids;
+    // asked before, it matches the path against every pattern again (regex per route).
+    // A service that fails with an error instead of a response is one in front of the
+    // routing (handlers' errors are responses by now): no route to name.
+    let (status, endpoint) = match &result {
+        Ok(res) => (res.status(), res.request().match_pattern()),
+        Err(e) => (e.as_response_error().status_code(), None),
     };
+    let endpoint = endpoint.unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
     let rate_headers = call.headers();
     meter
         .record(call, method.as_str(), endpoint, status.as_u16())
