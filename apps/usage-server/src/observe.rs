@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::{Ready, ready};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -107,7 +108,7 @@ pub(crate) struct ObserveService<S> {
     /// This worker's handles on the latency histogram's series: the shared family is
     /// looked up (label hashing under its lock) once per series, not once per request.
     /// Bounded: routes are patterns, methods and statuses come from short lists.
-    histograms: Rc<RefCell<HashMap<(String, &'static str, u16), Histogram>>>,
+    histograms: Rc<RefCell<HashMap<Series, Histogram>>>,
 }
 
 impl<S, B> Service<ServiceRequest> for ObserveService<S>
@@ -136,23 +137,35 @@ where
                 .request()
                 .match_pattern()
                 .unwrap_or_else(|| UNMATCHED.to_owned());
-            let status = res.status();
-            let key = (route, method, status.as_u16());
-            let mut histograms = histograms.borrow_mut();
-            let histogram = match histograms.get(&key) {
-                Some(histogram) => Some(histogram),
-                None => metrics
-                    .request_histogram(&key.0, method, status.as_str())
-                    .map(|histogram| &*histograms.entry(key).or_insert(histogram)),
-            };
-            if let Some(histogram) = histogram {
-                histogram.observe(took.as_secs_f64());
-            }
-            drop(histograms);
+            let series = (route, method, res.status().as_u16());
+            observe_latency(&metrics, &mut histograms.borrow_mut(), series, took);
             res.headers_mut().insert(X_REQUEST_ID, id);
             Ok(res)
         })
     }
+}
+
+/// A route pattern, method label and status: one series of the latency histogram.
+type Series = (String, &'static str, u16);
+
+/// Adds `took` to its series, through this worker's handle on it.
+fn observe_latency(
+    metrics: &Metrics,
+    handles: &mut HashMap<Series, Histogram>,
+    series: Series,
+    took: std::time::Duration,
+) {
+    let handle = match handles.entry(series) {
+        Entry::Occupied(known) => known.into_mut(),
+        Entry::Vacant(new) => {
+            let (route, method, status) = new.key();
+            match metrics.request_histogram(route, method, &status.to_string()) {
+                Some(handle) => new.insert(handle),
+                None => return,
+            }
+        }
+    };
+    handle.observe(took.as_secs_f64());
 }
 
 #[cfg(test)]
