@@ -338,7 +338,12 @@ impl StripeClient for HttpStripeClient {
         idempotency_key: &str,
     ) -> Result<CreatedInvoiceItem, StripeError> {
         let mut last = String::new();
+        // Set by a failed attempt, waited before the next one: none after the last.
+        let mut wait = None;
         for attempt in 1..=self.config.max_attempts {
+            if let Some(wait) = wait.take() {
+                tokio::time::sleep(wait).await;
+            }
             match self.attempt(item, idempotency_key).await {
                 Attempt::Done(Err(StripeError::Unavailable { reason, .. })) => {
                     return Err(StripeError::Unavailable {
@@ -358,9 +363,7 @@ impl StripeClient for HttpStripeClient {
                         "Stripe invoice item not created yet"
                     );
                     last = reason;
-                    if attempt < self.config.max_attempts {
-                        tokio::time::sleep(self.backoff(attempt, retry_after)).await;
-                    }
+                    wait = Some(self.backoff(attempt, retry_after));
                 }
             }
         }

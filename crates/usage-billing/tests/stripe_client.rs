@@ -109,6 +109,50 @@ async fn server_errors_and_429_are_retried_with_the_same_key() {
 }
 
 #[tokio::test]
+async fn a_retry_waits_as_long_as_stripe_asks() {
+    let stripe = FakeStripe::start().await;
+    let busy = || Scripted::Fail {
+        status: 503,
+        headers: vec![("retry-after", "1".to_owned())],
+    };
+    stripe.script([busy(), busy(), busy()]);
+    let client = HttpStripeClient::new(StripeConfig {
+        api_base: stripe.uri(),
+        secret_key: SECRET.to_owned(),
+        timeout: Duration::from_secs(5),
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_secs(5),
+    })
+    .unwrap();
+    let err = client
+        .create_invoice_item(&item("cus_1"), "key-busy")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StripeError::Unavailable { attempts: 2, .. }),
+        "{err}"
+    );
+    let received = stripe.received();
+    assert_eq!(received.len(), 2, "two attempts, as configured");
+    let gap = received[1].at - received[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "Retry-After: 1 is honoured, waited {gap:?}"
+    );
+}
+
+#[test]
+fn the_configuration_debugs_without_the_secret_key() {
+    let config = StripeConfig::new("sk_live_very_secret");
+    let text = format!("{config:?}");
+    assert!(text.starts_with("StripeConfig {"), "{text}");
+    assert!(text.contains("api.stripe.com"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(!text.contains("sk_live"), "{text}");
+}
+
+#[tokio::test]
 async fn a_timeout_after_stripe_applied_the_item_is_retried_into_the_same_item() {
     let stripe = FakeStripe::start().await;
     stripe.script([Scripted::ApplyThenStall(Duration::from_secs(2))]);

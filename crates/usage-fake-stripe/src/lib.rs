@@ -41,6 +41,8 @@ pub struct Received {
     pub idempotency_key: Option<String>,
     pub content_type: Option<String>,
     pub form: HashMap<String, String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// One item created.
@@ -83,6 +85,7 @@ impl Respond for Responder {
             idempotency_key: header("idempotency-key"),
             content_type: header("content-type"),
             form: form.clone(),
+            at: std::time::Instant::now(),
         };
         let mut state = self.0.lock().unwrap();
         state.received.push(received.clone());
