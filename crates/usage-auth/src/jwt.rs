@@ -342,6 +342,36 @@ mod tests {
     }
 
     #[test]
+    fn a_token_lives_at_most_one_year() {
+        let k = keys(SECRET, "authenticated");
+        let (user, now) = (UserId::generate(), OffsetDateTime::now_utc());
+        const YEAR: u64 = 365 * 86_400;
+        let token = k.mint(&user, YEAR, now).unwrap();
+        assert_eq!(k.verify(&token).unwrap(), user);
+        assert!(matches!(
+            k.mint(&user, YEAR + 1, now),
+            Err(AuthError::InvalidTtl { max: YEAR, got }) if got == YEAR + 1
+        ));
+    }
+
+    #[test]
+    fn settings_and_keys_debug_without_the_secret() {
+        let config = JwtConfig {
+            secret: b"a-secret-that-must-never-be-printed".to_vec(),
+            audience: "authenticated".into(),
+            issuer: Some("https://issuer.example".into()),
+        };
+        let keys = JwtKeys::new(&config).unwrap();
+        for text in [format!("{config:?}"), format!("{keys:?}")] {
+            assert!(text.contains("authenticated"), "{text}");
+            assert!(!text.contains("never-be-printed"), "{text}");
+        }
+        assert!(format!("{config:?}").starts_with("JwtConfig {"));
+        assert!(format!("{config:?}").contains("https://issuer.example"));
+        assert!(format!("{keys:?}").starts_with("JwtKeys {"));
+    }
+
+    #[test]
     fn short_secrets_are_refused() {
         let err = JwtKeys::new(&JwtConfig {
             secret: b"short".to_vec(),
