@@ -262,6 +262,15 @@ mod tests {
             !format!("{a:?}").contains(&a.plaintext),
             "Debug must not print the key"
         );
+        // Shown for display: the prefix and four random characters.
+        assert_eq!(a.prefix, a.plaintext[..13]);
+        assert_eq!(DISPLAY_PREFIX_LEN, 13);
+        let debug = format!("{a:?}");
+        assert!(debug.starts_with("GeneratedKey {"), "{debug}");
+        assert!(
+            debug.contains(&a.prefix) && debug.contains(&a.hash),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -320,6 +329,11 @@ mod tests {
         assert_eq!(stored, Some(issued.record.clone()));
         assert_eq!(issued.record.name, "ci");
 
+        let debug = format!("{issued:?}");
+        assert!(debug.starts_with("IssuedKey {"), "{debug}");
+        assert!(debug.contains(issued.record.id.as_str()), "{debug}");
+        assert!(!debug.contains(&issued.plaintext), "{debug}");
+
         let missing = issuer.issue(&UserId::generate(), "ci").await;
         assert!(matches!(missing, Err(AuthError::UnknownUser(_))));
 
@@ -341,5 +355,35 @@ mod tests {
             issuer.rotate(&other, &new.record.id, 0).await,
             Err(AuthError::UnknownKey(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_key_works_for_its_grace_period_of_at_most_a_day() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(usage_core::ManualClock::new(time::macros::datetime!(
+            2026-11-22 10:00 UTC
+        )));
+        let issuer = KeyIssuer::new(store.clone(), clock.clone());
+        let user = User {
+            id: UserId::generate(),
+            email: "ada@example.com".into(),
+            plan: Plan::Pro,
+            stripe_customer_id: None,
+            created_at: clock.now(),
+        };
+        store.create_user(&user).await.unwrap();
+        let key = issuer.issue(&user.id, "ci").await.unwrap();
+        const DAY: u64 = 86_400;
+        assert!(matches!(
+            issuer.rotate(&user.id, &key.record.id, DAY + 1).await,
+            Err(AuthError::InvalidGrace { max: DAY, .. })
+        ));
+        let (old, _) = issuer.rotate(&user.id, &key.record.id, DAY).await.unwrap();
+        assert_eq!(
+            (old.revoked_at, old.expires_at),
+            (None, Some(clock.now() + time::Duration::days(1))),
+            "expires a day from now"
+        );
+        assert!(old.is_active(clock.now()));
     }
 }

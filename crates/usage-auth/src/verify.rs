@@ -332,6 +332,8 @@ mod tests {
     struct CountingKeys {
         inner: Arc<MemoryStore>,
         lookups: AtomicUsize,
+        /// Polls of the watcher (each asks for revocations once, after its purge).
+        polls: AtomicUsize,
         /// Lookups fail (the database is down) while set.
         down: std::sync::atomic::AtomicBool,
     }
@@ -383,6 +385,7 @@ mod tests {
             &self,
             since: OffsetDateTime,
         ) -> Result<Vec<ApiKeyId>, RepoError> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
             self.inner.api_keys_revoked_since(since).await
         }
     }
@@ -400,6 +403,7 @@ mod tests {
         let keys = Arc::new(CountingKeys {
             inner: store.clone(),
             lookups: AtomicUsize::new(0),
+            polls: AtomicUsize::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
@@ -729,6 +733,89 @@ mod tests {
         f.clock.advance(time::Duration::seconds(41));
         f.verifier.purge_expired(f.clock.now());
         assert_eq!(f.verifier.cached(), 0);
+    }
+
+    /// Waits (bounded) until `check` holds.
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..400 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    #[tokio::test]
+    async fn the_watcher_looks_back_past_its_start_and_purges_once_a_minute() {
+        let f = fixture(100).await;
+        let verifier = Arc::new(f.verifier);
+        let issuer = KeyIssuer::new(f.store.clone(), f.clock.clone());
+        let t0 = f.clock.now();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let (a, b) = (
+            issuer.issue(&f.user.id, "a").await.unwrap(),
+            issuer.issue(&f.user.id, "b").await.unwrap(),
+        );
+        for key in [&a, &b] {
+            verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // Both are past all use at 100 s (10 s TTL, 60 s grace) but not purged yet.
+        f.clock.set(at(100));
+        let c = issuer.issue(&f.user.id, "c").await.unwrap();
+        verifier.authenticate(&c.plaintext).await.unwrap().unwrap();
+        assert_eq!(verifier.cached(), 3);
+        // Revoked by another process 20 s before this one starts watching.
+        f.store
+            .revoke_api_key(&f.user.id, &a.record.id, at(80))
+            .await
+            .unwrap();
+
+        // One poll: it looks back 30 s (A goes) and purges nothing before a minute.
+        let once = verifier.watch_access_changes(Duration::from_secs(3600));
+        until("A forgotten, B and C kept", || verifier.cached() == 2).await;
+        once.abort();
+
+        // Polling on: the purge at 160 s takes B (stale since 70 s), not C (until 170 s).
+        let polls = || f.keys.polls.load(Ordering::SeqCst);
+        let before = polls();
+        let watcher = verifier.watch_access_changes(Duration::from_millis(5));
+        until("the watcher started at 100 s", || polls() > before).await;
+        f.clock.set(at(160));
+        until("B purged", || verifier.cached() == 1).await;
+        // C is past all use at 171 s, but the next purge is a minute after the last.
+        f.clock.set(at(171));
+        let seen = polls();
+        until("two more polls", || polls() >= seen + 2).await;
+        assert_eq!(verifier.cached(), 1, "no purge before 220 s");
+        f.clock.set(at(220));
+        until("C purged", || verifier.cached() == 0).await;
+        watcher.abort();
+    }
+
+    #[test]
+    fn the_verifier_debugs_as_its_cache_settings() {
+        let verifier = KeyVerifier::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryStore::new()),
+            Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
+            KeyCacheConfig {
+                ttl: Duration::from_secs(7),
+                capacity: 3,
+                negative_capacity: 5,
+                stale_if_error: Duration::from_secs(11),
+            },
+        );
+        let text = format!("{verifier:?}");
+        assert!(text.starts_with("KeyVerifier {"), "{text}");
+        assert!(
+            text.contains("ttl: 7s") && text.contains("capacity: 3"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
