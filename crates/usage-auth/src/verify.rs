@@ -334,6 +334,8 @@ mod tests {
         lookups: AtomicUsize,
         /// Polls of the watcher (each asks for revocations once, after its purge).
         polls: AtomicUsize,
+        /// Each lookup takes this long (milliseconds).
+        slow_ms: AtomicU64,
         /// Lookups fail (the database is down) while set.
         down: std::sync::atomic::AtomicBool,
     }
@@ -359,6 +361,10 @@ mod tests {
             hash: &str,
         ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
+            let slow = self.slow_ms.load(Ordering::SeqCst);
+            if slow > 0 {
+                tokio::time::sleep(Duration::from_millis(slow)).await;
+            }
             if self.down.load(Ordering::SeqCst) {
                 return Err(RepoError::Unavailable("connection refused".into()));
             }
@@ -404,6 +410,7 @@ mod tests {
             inner: store.clone(),
             lookups: AtomicUsize::new(0),
             polls: AtomicUsize::new(0),
+            slow_ms: AtomicU64::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
@@ -795,6 +802,84 @@ mod tests {
         f.clock.set(at(220));
         until("C purged", || verifier.cached() == 0).await;
         watcher.abort();
+    }
+
+    #[tokio::test]
+    async fn each_answer_ends_at_its_instant_to_the_second() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let mut expiring = key.record.clone();
+        expiring.id = ApiKeyId::generate();
+        let generated = crate::keys::generate_api_key();
+        expiring.key_hash = generated.hash.clone();
+        expiring.expires_at = Some(f.clock.now() + time::Duration::seconds(5));
+        f.store.create_api_key(&expiring).await.unwrap();
+        let answer = async |plaintext: &str| f.verifier.authenticate(plaintext).await;
+        assert!(answer(&generated.plaintext).await.unwrap().is_some());
+        assert!(answer(&key.plaintext).await.unwrap().is_some());
+        // A key expiring at 5 s is refused at 5 s, though its answer is cached.
+        f.clock.advance(time::Duration::seconds(5));
+        assert_eq!(answer(&generated.plaintext).await.unwrap(), None);
+        // The database goes away: the last answer serves until 70 s (10 s TTL and 60 s
+        // grace), not at 70 s.
+        f.keys.down.store(true, Ordering::SeqCst);
+        f.clock.set(f.clock.now() + time::Duration::seconds(64));
+        assert!(answer(&key.plaintext).await.unwrap().is_some(), "at 69 s");
+        f.clock.advance(time::Duration::seconds(1));
+        assert!(answer(&key.plaintext).await.is_err(), "at 70 s");
+        // And the purge takes what is past all use at that same instant.
+        let fresh = f.issue().await;
+        f.keys.down.store(false, Ordering::SeqCst);
+        assert!(answer(&fresh.plaintext).await.unwrap().is_some());
+        let unknown = crate::keys::generate_api_key().plaintext;
+        assert!(answer(&unknown).await.unwrap().is_none());
+        let both_until = f.clock.now() + time::Duration::seconds(70);
+        f.verifier
+            .purge_expired(both_until - time::Duration::seconds(1));
+        assert_eq!(
+            f.verifier.cached(),
+            2,
+            "a second before: both kept (older ones gone)"
+        );
+        f.verifier.purge_expired(both_until);
+        assert_eq!(
+            f.verifier.cached(),
+            0,
+            "at the instant: known and unknown gone"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_during_a_refresh_use_the_answer_in_hand() {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let verifier = Arc::new(f.verifier);
+        verifier
+            .authenticate(&key.plaintext)
+            .await
+            .unwrap()
+            .unwrap();
+        // Past the TTL; the database answers slowly.
+        f.clock.advance(time::Duration::seconds(15));
+        f.keys.slow_ms.store(300, Ordering::SeqCst);
+        let refreshing = {
+            let (verifier, key) = (Arc::clone(&verifier), key.plaintext.clone());
+            tokio::spawn(async move { verifier.authenticate(&key).await })
+        };
+        until("the refresh asked the database", || {
+            f.keys.lookups.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        // Meanwhile another call is answered at once, from the answer in hand.
+        assert!(
+            verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(f.keys.lookups.load(Ordering::SeqCst), 2, "not asked again");
+        assert!(refreshing.await.unwrap().unwrap().is_some());
     }
 
     #[test]
