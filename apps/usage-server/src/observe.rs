@@ -125,7 +125,9 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let started = Instant::now();
         let id = request_id(req.headers().get(&X_REQUEST_ID));
-        let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
+        // `%`: written as it is; a `&str` field would be escaped character by character
+        // (it is only ever letters, digits, `.`, `_` and `-`).
+        let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
         let method = method_label(req.method());
         let call = span.in_scope(|| self.service.call(req));
         let metrics = Arc::clone(&self.metrics);
