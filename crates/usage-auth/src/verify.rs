@@ -445,6 +445,22 @@ mod tests {
                 .await
                 .unwrap()
         }
+        /// Another key of `key`'s user that expires in `secs`.
+        async fn expiring_key(
+            &self,
+            key: &crate::keys::IssuedKey,
+            secs: i64,
+        ) -> crate::keys::GeneratedKey {
+            let generated = crate::keys::generate_api_key();
+            let record = ApiKeyRecord {
+                id: ApiKeyId::generate(),
+                key_hash: generated.hash.clone(),
+                expires_at: Some(self.clock.now() + time::Duration::seconds(secs)),
+                ..key.record.clone()
+            };
+            self.store.create_api_key(&record).await.unwrap();
+            generated
+        }
         fn lookups(&self) -> usize {
             self.keys.lookups.load(Ordering::SeqCst)
         }
@@ -613,12 +629,7 @@ mod tests {
     async fn expired_keys_and_plan_changes() {
         let f = fixture(100).await;
         let key = f.issue().await;
-        let mut expiring = key.record.clone();
-        expiring.id = ApiKeyId::generate();
-        let plaintext = crate::keys::generate_api_key();
-        expiring.key_hash = plaintext.hash.clone();
-        expiring.expires_at = Some(f.clock.now() + time::Duration::seconds(5));
-        f.store.create_api_key(&expiring).await.unwrap();
+        let plaintext = f.expiring_key(&key, 5).await;
         assert!(
             f.verifier
                 .authenticate(&plaintext.plaintext)
@@ -808,12 +819,7 @@ mod tests {
     async fn each_answer_ends_at_its_instant_to_the_second() {
         let f = fixture(100).await;
         let key = f.issue().await;
-        let mut expiring = key.record.clone();
-        expiring.id = ApiKeyId::generate();
-        let generated = crate::keys::generate_api_key();
-        expiring.key_hash = generated.hash.clone();
-        expiring.expires_at = Some(f.clock.now() + time::Duration::seconds(5));
-        f.store.create_api_key(&expiring).await.unwrap();
+        let generated = f.expiring_key(&key, 5).await;
         let answer = async |plaintext: &str| f.verifier.authenticate(plaintext).await;
         assert!(answer(&generated.plaintext).await.unwrap().is_some());
         assert!(answer(&key.plaintext).await.unwrap().is_some());
