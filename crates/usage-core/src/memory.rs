@@ -1160,6 +1160,29 @@ impl QuotaCounterRepository for MemoryStore {
     }
 }
 
+/// Stores a sign-in link or session of `user_id` (checked to exist) under its token hash;
+/// a token already there is a conflict.
+fn insert_token<V>(
+    users: &BTreeMap<UserId, User>,
+    tokens: &mut HashMap<String, V>,
+    entity: &'static str,
+    token_hash: &str,
+    user_id: &UserId,
+    value: V,
+) -> Result<(), RepoError> {
+    if !users.contains_key(user_id) {
+        return Err(RepoError::NotFound { entity: "user" });
+    }
+    if tokens.contains_key(token_hash) {
+        return Err(RepoError::Conflict {
+            entity,
+            field: "token",
+        });
+    }
+    tokens.insert(token_hash.to_owned(), value);
+    Ok(())
+}
+
 #[async_trait]
 impl SessionRepository for MemoryStore {
     async fn create_login_link(
@@ -1169,20 +1192,16 @@ impl SessionRepository for MemoryStore {
         _created_at: OffsetDateTime,
         expires_at: OffsetDateTime,
     ) -> Result<(), RepoError> {
-        let mut state = self.state();
-        if !state.users.contains_key(user_id) {
-            return Err(RepoError::NotFound { entity: "user" });
-        }
-        if state.login_links.contains_key(token_hash) {
-            return Err(RepoError::Conflict {
-                entity: "sign-in link",
-                field: "token",
-            });
-        }
-        state
-            .login_links
-            .insert(token_hash.to_owned(), (user_id.clone(), expires_at, false));
-        Ok(())
+        let state = &mut *self.state();
+        let value = (user_id.clone(), expires_at, false);
+        insert_token(
+            &state.users,
+            &mut state.login_links,
+            "sign-in link",
+            token_hash,
+            user_id,
+            value,
+        )
     }
 
     async fn consume_login_link(
@@ -1207,20 +1226,16 @@ impl SessionRepository for MemoryStore {
         _created_at: OffsetDateTime,
         expires_at: OffsetDateTime,
     ) -> Result<(), RepoError> {
-        let mut state = self.state();
-        if !state.users.contains_key(user_id) {
-            return Err(RepoError::NotFound { entity: "user" });
-        }
-        if state.sessions.contains_key(token_hash) {
-            return Err(RepoError::Conflict {
-                entity: "session",
-                field: "token",
-            });
-        }
-        state
-            .sessions
-            .insert(token_hash.to_owned(), (user_id.clone(), expires_at));
-        Ok(())
+        let state = &mut *self.state();
+        let value = (user_id.clone(), expires_at);
+        insert_token(
+            &state.users,
+            &mut state.sessions,
+            "session",
+            token_hash,
+            user_id,
+            value,
+        )
     }
 
     async fn session_user(

@@ -680,3 +680,70 @@ pub(crate) mod session_sql {
     pub(crate) const PRUNE_LINKS: &str =
         "DELETE FROM eco_login_links WHERE expires_at <= $1 OR used_at IS NOT NULL";
 }
+
+/// The dashboard-session repository of a backend: the same on both, from the backend's
+/// four statement runners (`insert_token`, `token_user`, `delete_session_row`,
+/// `prune_session_rows`) and the SQL of [`session_sql`].
+macro_rules! session_repository {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl usage_core::repo::SessionRepository for $store {
+            async fn create_login_link(
+                &self,
+                token_hash: &str,
+                user_id: &usage_core::UserId,
+                created_at: time::OffsetDateTime,
+                expires_at: time::OffsetDateTime,
+            ) -> Result<(), usage_core::RepoError> {
+                let sql = $crate::common::session_sql::INSERT_LINK;
+                self.insert_token(sql, token_hash, user_id, created_at, expires_at)
+                    .await
+            }
+
+            async fn consume_login_link(
+                &self,
+                token_hash: &str,
+                now: time::OffsetDateTime,
+            ) -> Result<Option<usage_core::UserId>, usage_core::RepoError> {
+                let sql = $crate::common::session_sql::CONSUME_LINK;
+                self.token_user(sql, token_hash, now).await
+            }
+
+            async fn create_session(
+                &self,
+                token_hash: &str,
+                user_id: &usage_core::UserId,
+                created_at: time::OffsetDateTime,
+                expires_at: time::OffsetDateTime,
+            ) -> Result<(), usage_core::RepoError> {
+                let sql = $crate::common::session_sql::INSERT_SESSION;
+                self.insert_token(sql, token_hash, user_id, created_at, expires_at)
+                    .await
+            }
+
+            async fn session_user(
+                &self,
+                token_hash: &str,
+                now: time::OffsetDateTime,
+            ) -> Result<Option<usage_core::UserId>, usage_core::RepoError> {
+                let sql = $crate::common::session_sql::SESSION_USER;
+                self.token_user(sql, token_hash, now).await
+            }
+
+            async fn delete_session(
+                &self,
+                token_hash: &str,
+            ) -> Result<bool, usage_core::RepoError> {
+                self.delete_session_row(token_hash).await
+            }
+
+            async fn prune_sessions(
+                &self,
+                now: time::OffsetDateTime,
+            ) -> Result<u64, usage_core::RepoError> {
+                self.prune_session_rows(now).await
+            }
+        }
+    };
+}
+pub(crate) use session_repository;

@@ -20,9 +20,9 @@ use usage_core::repo::{
     DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
     KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
-    UserRepository, UserSort, UserUsageRow, plan_key_issue, plan_subscription_change,
+    RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
+    UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
+    UserUsageRow, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{
     ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
@@ -2035,61 +2035,11 @@ impl UserPageRow {
     }
 }
 
-#[async_trait]
-impl SessionRepository for PgStore {
-    async fn create_login_link(
-        &self,
-        token_hash: &str,
-        user_id: &UserId,
-        created_at: OffsetDateTime,
-        expires_at: OffsetDateTime,
-    ) -> Result<(), RepoError> {
-        self.insert_token(
-            session_sql::INSERT_LINK,
-            token_hash,
-            user_id,
-            created_at,
-            expires_at,
-        )
-        .await
-    }
+crate::common::session_repository!(PgStore);
 
-    async fn consume_login_link(
-        &self,
-        token_hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<UserId>, RepoError> {
-        self.token_user(session_sql::CONSUME_LINK, token_hash, now)
-            .await
-    }
-
-    async fn create_session(
-        &self,
-        token_hash: &str,
-        user_id: &UserId,
-        created_at: OffsetDateTime,
-        expires_at: OffsetDateTime,
-    ) -> Result<(), RepoError> {
-        self.insert_token(
-            session_sql::INSERT_SESSION,
-            token_hash,
-            user_id,
-            created_at,
-            expires_at,
-        )
-        .await
-    }
-
-    async fn session_user(
-        &self,
-        token_hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<UserId>, RepoError> {
-        self.token_user(session_sql::SESSION_USER, token_hash, now)
-            .await
-    }
-
-    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError> {
+impl PgStore {
+    /// Ends a session; whether it existed.
+    async fn delete_session_row(&self, token_hash: &str) -> Result<bool, RepoError> {
         let mut conn = self.conn().await?;
         let n = diesel::sql_query(session_sql::DELETE_SESSION)
             .bind::<Text, _>(token_hash)
@@ -2099,7 +2049,8 @@ impl SessionRepository for PgStore {
         Ok(n > 0)
     }
 
-    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
+    /// Removes expired sessions and used or expired links; how many.
+    async fn prune_session_rows(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
         let mut conn = self.conn().await?;
         let mut removed = 0;
         for sql in [session_sql::PRUNE_SESSIONS, session_sql::PRUNE_LINKS] {
@@ -2111,9 +2062,7 @@ impl SessionRepository for PgStore {
         }
         Ok(removed)
     }
-}
 
-impl PgStore {
     /// A session or link row: `sql` is `INSERT_LINK` or `INSERT_SESSION`.
     async fn insert_token(
         &self,
