@@ -237,12 +237,7 @@ async fn server_errors_then_success_make_one_charge_with_one_key(backend: Backen
         (1, 500),
         "{summary:?}"
     );
-    let keys: HashSet<String> = billing
-        .stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let keys: HashSet<String> = billing.stripe.idempotency_keys().into_iter().collect();
     assert_eq!(billing.stripe.received().len(), 3);
     assert_eq!(keys.len(), 1, "the same key on every try");
     assert_eq!(billing.stripe.created().len(), 1);
@@ -818,12 +813,7 @@ async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(back
     // 500 cents for 0..5,001 (resumed), then 502 - 500 = 2 cents for 5,001..5,021.
     assert_eq!(tally(&run), (1, 1, 0, 0, 502), "{run:?}");
     let nov = BillingPeriod::containing(NOV).start();
-    let keys: Vec<_> = billing
-        .stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let keys = billing.stripe.idempotency_keys();
     assert_eq!(
         keys,
         vec![
@@ -910,12 +900,7 @@ async fn the_idempotency_window_is_inclusive(backend: Backend) {
     );
     assert_eq!(run.errors[0].user_id, b.0);
     let nov = BillingPeriod::containing(NOV).start();
-    let sent: Vec<_> = billing
-        .stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let sent = billing.stripe.idempotency_keys();
     assert_eq!(sent, vec![idempotency_key(&a.0, nov, 0, 5_001, 0)]);
 }
 
@@ -1036,12 +1021,7 @@ async fn a_charge_in_flight_in_one_period_does_not_hold_back_another(backend: Ba
         (1, 0, 502),
         "{run:?}"
     );
-    let sent: Vec<_> = billing
-        .stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let sent = billing.stripe.idempotency_keys();
     assert_eq!(
         sent,
         vec![
@@ -1075,12 +1055,7 @@ async fn a_refusal_changes_the_key_of_its_own_range_only(backend: Backend) {
         .await
         .unwrap();
     assert_eq!((run.charged, run.amount_cents), (1, 1_000), "{run:?}");
-    let mut sent: Vec<_> = billing
-        .stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let mut sent = billing.stripe.idempotency_keys();
     sent.sort();
     let mut expected = vec![
         idempotency_key(&a.0, oct, 0, 5_001, 1),

@@ -99,11 +99,7 @@ async fn server_errors_and_429_are_retried_with_the_same_key() {
         .await
         .unwrap();
     assert_eq!(created.id, "ii_fake1");
-    let keys: Vec<_> = stripe
-        .received()
-        .into_iter()
-        .map(|r| r.idempotency_key.unwrap())
-        .collect();
+    let keys = stripe.idempotency_keys();
     assert_eq!(keys, vec!["key-retry"; 4]);
     assert_eq!(stripe.created().len(), 1);
 }

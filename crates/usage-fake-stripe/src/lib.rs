@@ -191,6 +191,14 @@ impl FakeStripe {
         self.state.lock().unwrap().received.clone()
     }
 
+    /// The `Idempotency-Key` of every request received, in order.
+    pub fn idempotency_keys(&self) -> Vec<String> {
+        self.received()
+            .into_iter()
+            .map(|r| r.idempotency_key.unwrap_or_default())
+            .collect()
+    }
+
     pub fn created(&self) -> Vec<Created> {
         self.state.lock().unwrap().created.clone()
     }
