@@ -13,7 +13,8 @@
 #   forward   (in BENCH_MODES) forward auth: the same decision and recording asked at
 #             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
 #   forward-alone  (in BENCH_MODES) forward auth, every recorded call dropped
-# and prints requests/s, p50, p99, the ratios to bare, and the tracker's queue depth at
+# and prints requests/s, p50, p99, the ratios to bare, the server's own CPU per request
+# (µs, from /proc), and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
 # for room in the queue, is marked NOT SUSTAINED: its throughput is not one the database
 # keeps up with.
@@ -85,6 +86,8 @@ start_server() { # $1: log file, rest: extra args; sets $port and $server_pid
 }
 stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; }
 metric() { curl -sf "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+# CPU ticks (user + system, every thread) a process has used so far.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 seconds_of() { awk -v d="$1" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; print n }'; }
 
 run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api/v1/ping)
@@ -96,7 +99,9 @@ run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api
   local half; half=$(awk -v s="$(seconds_of "$duration")" 'BEGIN { print s / 2 }')
   ( sleep "$half"; metric usage_tracker_queue_depth >"$2.mid" 2>/dev/null || echo 0 >"$2.mid" ) &
   local sampler=$!
+  local cpu_before; cpu_before=$(cpu_ticks "$server_pid")
   wrk -t"$threads" -c"$connections" -d"$duration" --latency "${script[@]}" "$url" ${3:+-- "$3"} >"$2"
+  echo $(( $(cpu_ticks "$server_pid") - cpu_before )) >"$2.cpu"
   wait "$sampler" || true
   metric usage_tracker_queue_depth >"$2.end" 2>/dev/null || echo 0 >"$2.end"
   metric usage_tracker_queue_full_total >"$2.full" 2>/dev/null || echo 0 >"$2.full"
@@ -105,7 +110,7 @@ rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
 pct_of() { to_ms "$(awk -v p="$2%" '$1 == p {print $2}' "$1")"; }
 
 echo "== $backend, $(nproc) cores, wrk -t$threads -c$connections -d$duration, $plan keys rotated per request"
-printf '%-7s %-13s %11s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "q mid" "q end" steady
+printf '%-7s %-13s %11s %8s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "srv us" "q mid" "q end" steady
 for n in $key_counts; do
   head -n "$n" "$work/keys.all" >"$work/keys"
   for mode in $modes; do
@@ -134,9 +139,14 @@ for n in $key_counts; do
       non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$mode.txt")
       [ -z "$non2xx" ] || { echo "$mode answered $non2xx non-2xx responses" >&2; exit 1; }
     fi
-    printf '%-7s %-13s %11.0f %8.2f %8.3f %8.3f %8s %8s  %s\n' "$n" "$mode" "$rps" \
+    # The server's own CPU per request (µs; wrk, the kernel's share for wrk and the
+    # database are not in it): from its ticks during the measured run.
+    requests=$(awk '/requests in/ { print $1 }' "$work/$mode.txt")
+    srv_us=$(awk -v t="$(cat "$work/$mode.txt.cpu")" -v r="$requests" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { printf "%.2f", (r > 0 ? t / hz * 1e6 / r : 0) }')
+    printf '%-7s %-13s %11.0f %8.2f %8.3f %8.3f %8s %8s %8s  %s\n' "$n" "$mode" "$rps" \
       "$(awk -v a="$rps" -v b="${bare_rps:-$rps}" 'BEGIN { print a / b }')" "$p50" "$p99" \
-      "${mid:--}" "${end:--}" "$steady"
+      "$srv_us" "${mid:--}" "${end:--}" "$steady"
     if [ "$mode" != bare ] && [ -n "${bare_rps:-}" ]; then
       awk -v l="$mode" -v a50="$p50" -v a99="$p99" -v b50="$bare_p50" -v b99="$bare_p99" \
         'BEGIN { printf "                 %s adds p50 %+.3f ms, p99 %+.3f ms\n", l, a50 - b50, a99 - b99 }'

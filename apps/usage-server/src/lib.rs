@@ -4,7 +4,6 @@
 #![warn(missing_docs)]
 
 mod admin_api;
-mod bench;
 pub mod cli;
 pub mod config;
 mod cron_api;

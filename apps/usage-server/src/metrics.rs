@@ -251,8 +251,25 @@ struct LiveFigures {
     families: Vec<Family>,
 }
 
-fn load(counter: &AtomicU64) -> f64 {
-    counter.load(Ordering::Relaxed) as f64
+fn load(counter: &impl Count) -> f64 {
+    counter.count() as f64
+}
+
+/// The libraries' counts: plain atomics, and the striped counters of the hot path.
+trait Count {
+    fn count(&self) -> u64;
+}
+
+impl Count for AtomicU64 {
+    fn count(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+impl Count for usage_core::counter::Counter {
+    fn count(&self) -> u64 {
+        self.get()
+    }
 }
 
 /// A family without labels.

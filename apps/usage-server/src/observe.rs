@@ -4,7 +4,7 @@
 //! status.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::collections::hash_map::Entry;
 use std::future::{Ready, ready};
 use std::rc::Rc;

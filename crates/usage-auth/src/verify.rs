@@ -8,12 +8,12 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use usage_core::counter::Counter;
 use usage_core::repo::{ApiKeyRepository, UserRepository};
 use usage_core::{ApiKeyAuthenticator, ApiKeyId, Caller, Clock, RepoError, UserId};
 
@@ -79,9 +79,9 @@ pub struct KeyVerifier {
 #[derive(Debug, Default)]
 pub struct CacheLookups {
     /// From the cache.
-    pub hits: AtomicU64,
+    pub hits: Counter,
     /// From the database (not cached, or cached too long ago).
-    pub misses: AtomicU64,
+    pub misses: Counter,
 }
 
 type Cache = quick_cache::sync::Cache<[u8; 32], Arc<Entry>>;
@@ -280,11 +280,11 @@ impl ApiKeyAuthenticator for KeyVerifier {
         let cached = self.cached_entry(&digest);
         let entry = match cached {
             Some(entry) if now < entry.cached_until => {
-                self.lookups.hits.fetch_add(1, Ordering::Relaxed);
+                self.lookups.hits.add(1);
                 entry
             }
             stale => {
-                self.lookups.misses.fetch_add(1, Ordering::Relaxed);
+                self.lookups.misses.add(1);
                 if let Some(stale) = stale.as_ref().filter(|e| now < e.stale_until) {
                     // This call looks the key up again; the calls that come meanwhile use
                     // the answer in hand rather than all waiting on the database.
@@ -319,7 +319,7 @@ impl Entry {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use super::*;
     use crate::keys::KeyIssuer;
@@ -499,12 +499,12 @@ mod tests {
         assert_eq!(f.lookups(), 2);
         // Counted as the database saw them; junk is neither.
         let counted = f.verifier.lookups();
-        assert_eq!(counted.misses.load(Ordering::Relaxed), 2);
-        assert_eq!(counted.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(counted.misses.get(), 2);
+        assert_eq!(counted.hits.get(), 2);
         // Past the TTL, the next answer comes from the database again.
         f.clock.advance(time::Duration::seconds(10));
         f.verifier.authenticate(&key.plaintext).await.unwrap();
-        assert_eq!(counted.misses.load(Ordering::Relaxed), 3);
+        assert_eq!(counted.misses.get(), 3);
         assert_eq!(f.lookups(), 3);
     }
 

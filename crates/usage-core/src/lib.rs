@@ -20,6 +20,7 @@ pub mod caller;
 pub mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod counter;
 pub mod dead_letter;
 pub mod endpoint;
 mod error;

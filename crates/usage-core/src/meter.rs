@@ -24,7 +24,6 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -33,6 +32,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::caller::ApiKeyAuthenticator;
+use crate::counter::Counter;
 use crate::event::new_event_id;
 use crate::quota::{QuotaBook, QuotaDecision, QuotaStatus};
 use crate::rate::{RateDecision, RateLimit, RateLimiter};
@@ -61,15 +61,15 @@ pub struct MeterDeps {
 #[derive(Debug, Default)]
 pub struct MeteringStats {
     /// Calls admitted and passed to the handler.
-    pub admitted: AtomicU64,
+    pub admitted: Counter,
     /// Calls without a valid key (401).
-    pub unauthorized: AtomicU64,
+    pub unauthorized: Counter,
     /// Calls refused by the monthly quota (429 quota_exceeded).
-    pub quota_rejected: AtomicU64,
+    pub quota_rejected: Counter,
     /// Calls refused by the short-window limit (429 rate_limited).
-    pub rate_limited: AtomicU64,
+    pub rate_limited: Counter,
     /// Calls answered 503 because the database did not answer.
-    pub unavailable: AtomicU64,
+    pub unavailable: Counter,
 }
 
 /// Response header names the meter sets (lower case, as HTTP/2 sends them).
@@ -216,13 +216,13 @@ impl Meter {
                 Ok(caller) => caller,
                 Err(e) => {
                     tracing::warn!(error = %e, "API key lookup failed");
-                    stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                    stats.unavailable.add(1);
                     return Admission::Refused(unavailable());
                 }
             },
         };
         let Some(caller) = caller else {
-            stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            stats.unauthorized.add(1);
             return Admission::Refused(unauthorized());
         };
 
@@ -242,7 +242,7 @@ impl Meter {
                     })
                 }
                 RateDecision::Limited { rate, retry_after } => {
-                    stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    stats.rate_limited.add(1);
                     return Admission::Refused(rate_limited(rate, retry_after, at));
                 }
             }
@@ -250,7 +250,7 @@ impl Meter {
 
         match deps.quota.admit_at(&caller.user_id, caller.plan, at).await {
             Ok(QuotaDecision::Admitted(quota)) => {
-                stats.admitted.fetch_add(1, Ordering::Relaxed);
+                stats.admitted.add(1);
                 Admission::Admitted(Admitted {
                     caller,
                     at,
@@ -260,12 +260,12 @@ impl Meter {
                 })
             }
             Ok(QuotaDecision::Rejected(quota)) => {
-                stats.quota_rejected.fetch_add(1, Ordering::Relaxed);
+                stats.quota_rejected.add(1);
                 Admission::Refused(quota_exceeded(&quota, burst.as_ref(), at))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "loading the quota counter failed");
-                stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                stats.unavailable.add(1);
                 Admission::Refused(unavailable())
             }
         }

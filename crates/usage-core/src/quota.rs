@@ -13,7 +13,6 @@
 //!
 //! The design, its worst cases and its costs are in `docs/SCALING.md`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -164,7 +163,8 @@ pub struct SyncReport {
 
 /// Quota decisions for every user of this instance.
 pub struct QuotaBook {
-    slots: RwLock<HashMap<UserId, Vec<Arc<Slot>>>>,
+    /// Looked up on every call: a fast hasher (user ids are ours, not a client's).
+    slots: RwLock<foldhash::HashMap<UserId, Vec<Arc<Slot>>>>,
     counters: Arc<dyn QuotaCounterRepository>,
     catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
@@ -200,7 +200,7 @@ impl QuotaBook {
         settings: QuotaSettings,
     ) -> Self {
         Self {
-            slots: RwLock::new(HashMap::new()),
+            slots: RwLock::new(foldhash::HashMap::default()),
             next_forget: AtomicI64::new(i64::MIN),
             counters,
             catalog,
@@ -480,7 +480,9 @@ impl QuotaBook {
         slot
     }
 
-    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<UserId, Vec<Arc<Slot>>>> {
+    fn read_slots(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, foldhash::HashMap<UserId, Vec<Arc<Slot>>>> {
         self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 }

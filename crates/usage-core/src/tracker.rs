@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::counter::Counter;
 use crate::repo::{ApiKeyRepository, DeadLetter, IncludedCalls, UsageRepository};
 use crate::spool::{Spool, SpoolConfig, SpoolError};
 use crate::{ApiKeyId, UsageEvent};
@@ -83,7 +84,7 @@ pub struct TrackedCall {
 #[derive(Debug)]
 pub struct TrackerStats {
     /// Calls handed to `track`.
-    pub tracked: AtomicU64,
+    pub tracked: Counter,
     /// Times `track` found the queue full and waited.
     pub queue_full_waits: AtomicU64,
     /// Calls taken off the queue but not yet stored (held for a batch, or being written).
@@ -112,7 +113,7 @@ pub struct TrackerStats {
 impl Default for TrackerStats {
     fn default() -> Self {
         Self {
-            tracked: AtomicU64::new(0),
+            tracked: Counter::default(),
             queue_full_waits: AtomicU64::new(0),
             in_batch: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
@@ -242,7 +243,7 @@ impl UsageTracker {
     /// waits for room (never drops the call). In durable mode, first waits until the call
     /// is in the spool on disk.
     pub async fn track(&self, call: TrackedCall) -> Result<(), TrackerClosed> {
-        self.stats.tracked.fetch_add(1, Ordering::Relaxed);
+        self.stats.tracked.add(1);
         let mut spooled_in = None;
         if let Some(spool) = &self.spool {
             match spool.append(&call).await {
@@ -334,7 +335,7 @@ struct Shared {
 /// Keys whose `last_used_at` was written lately.
 #[derive(Debug, Default)]
 struct Touched {
-    at: HashMap<ApiKeyId, OffsetDateTime>,
+    at: foldhash::HashMap<ApiKeyId, OffsetDateTime>,
     /// When entries older than [`TOUCH_EVERY`] are next dropped: such an entry decides
     /// nothing any more (the key is written again either way), so memory holds only the
     /// keys used in the last minute or two.
@@ -735,7 +736,9 @@ impl Shared {
     /// Moves `last_used_at` of the batch's keys forward, at most once a minute per key;
     /// best effort (not billable data).
     async fn touch_keys(&self, events: &[UsageEvent]) {
-        let mut last: HashMap<&ApiKeyId, OffsetDateTime> = HashMap::new();
+        // Per call of the batch: a fast hasher (our own ids as keys).
+        let mut last: foldhash::HashMap<&ApiKeyId, OffsetDateTime> =
+            foldhash::HashMap::with_capacity_and_hasher(events.len(), Default::default());
         for e in events {
             let at = last.entry(&e.api_key_id).or_insert(e.created_at);
             *at = (*at).max(e.created_at);

@@ -241,12 +241,7 @@ async fn free_is_blocked_at_its_limit_with_the_contract_answer() {
     );
 
     let stats = f.metering.stats();
-    assert_eq!(
-        stats
-            .quota_rejected
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(stats.quota_rejected.get(), 1);
     let stored = stored_calls(f).await;
     assert_eq!(stored, 3, "the rejected call is not counted");
 }

@@ -1,0 +1,192 @@
+//! CPU per call of the metering itself, without HTTP or a database: what
+//! `usage-server`'s middleware adds to a request, measured apart from actix, the kernel
+//! and the load generator.
+//!
+//! One thread (a current-thread runtime, so the tracker's writer, the quota sync and the
+//! access watcher run on it too and their work is in the figures) admits calls from `KEYS`
+//! distinct users in turn, builds their rate-limit headers and records them into a sink
+//! that drops them (`DiscardUsage`, as `--bench-discard-usage`). Keys, users and quota
+//! counters live in the in-memory store, warmed before the clock starts.
+//!
+//! ```text
+//! cargo run --release -p usage-embed --example bench_meter -- [KEYS] [CALLS] [PLAN]
+//! ```
+//!
+//! Prints nanoseconds per call for each step, the SHA-256 of a key alone (work no cache
+//! can skip), and the total.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use time::OffsetDateTime;
+use usage_auth::keys::{KeyIssuer, hash_api_key};
+use usage_core::memory::{DiscardUsage, MemoryStore};
+use usage_core::meter::Admission;
+use usage_core::repo::{User, UserRepository};
+use usage_core::{Plan, UserId};
+use usage_embed::{UsageMeter, UsageOptions};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let keys: usize = args.next().map_or(Ok(1_000), |a| a.parse())?;
+    let calls: usize = args.next().map_or(Ok(2_000_000), |a| a.parse())?;
+    let plan = match args.next().as_deref() {
+        None | Some("enterprise") => Plan::Enterprise,
+        Some("pro") => Plan::Pro,
+        Some(other) => return Err(format!("PLAN is enterprise or pro, not {other}").into()),
+    };
+    if keys == 0 || calls == 0 {
+        return Err("KEYS and CALLS are at least 1".into());
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(keys, calls, plan))
+}
+
+async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::error::Error>> {
+    let store = Arc::new(MemoryStore::new());
+    let issuer = KeyIssuer::new(store.clone(), Arc::new(usage_core::SystemClock));
+    let mut plaintexts = Vec::with_capacity(keys);
+    for i in 0..keys {
+        let user = User {
+            id: UserId::generate(),
+            email: format!("bench{i}@example.com"),
+            plan,
+            stripe_customer_id: None,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        store.create_user(&user).await?;
+        plaintexts.push(issuer.issue(&user.id, "bench").await?.plaintext);
+    }
+    let usage = UsageMeter::with_store(
+        store,
+        UsageOptions {
+            record_to: Some(Arc::new(DiscardUsage)),
+            ..UsageOptions::default()
+        },
+    )?;
+    let meter = usage.meter();
+    // Warm: every key cached, every user's quota state loaded.
+    for key in &plaintexts {
+        let Admission::Admitted(_) = meter.admit(None, Some(key.as_bytes())).await else {
+            return Err("a seeded key was refused".into());
+        };
+    }
+
+    println!("bench_meter: {keys} keys ({plan:?}), {calls} calls per step, one thread");
+    // CPU time, not wall time: the loop lets the writer and the timers run every
+    // `YIELD_EVERY` calls (a server's workers wait for their sockets all the time), and
+    // their work counts.
+    let per_call = |started: Instant, cpu: u64| {
+        let cpu_ns = process_cpu_ns().saturating_sub(cpu) as f64;
+        (
+            cpu_ns / calls as f64,
+            started.elapsed().as_nanos() as f64 / calls as f64,
+        )
+    };
+
+    let (started, cpu) = (Instant::now(), process_cpu_ns());
+    for i in 0..calls {
+        if i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        black_box(hash_api_key(&plaintexts[i % keys]));
+    }
+    let sha = per_call(started, cpu);
+
+    let (started, cpu) = (Instant::now(), process_cpu_ns());
+    for i in 0..calls {
+        if i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        match meter
+            .admit(None, Some(plaintexts[i % keys].as_bytes()))
+            .await
+        {
+            Admission::Admitted(call) => drop(black_box(call)),
+            Admission::Refused(_) => return Err("a call was refused".into()),
+        }
+    }
+    let admit = per_call(started, cpu);
+
+    let (started, cpu) = (Instant::now(), process_cpu_ns());
+    for i in 0..calls {
+        if i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        match meter
+            .admit(None, Some(plaintexts[i % keys].as_bytes()))
+            .await
+        {
+            Admission::Admitted(call) => drop(black_box(call.headers())),
+            Admission::Refused(_) => return Err("a call was refused".into()),
+        }
+    }
+    let headers = per_call(started, cpu);
+
+    let (started, cpu) = (Instant::now(), process_cpu_ns());
+    for i in 0..calls {
+        if i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        match meter
+            .admit(None, Some(plaintexts[i % keys].as_bytes()))
+            .await
+        {
+            Admission::Admitted(call) => {
+                black_box(call.headers());
+                meter
+                    .record(call, "GET", "/api/v1/ping".to_owned(), 200)
+                    .await;
+            }
+            Admission::Refused(_) => return Err("a call was refused".into()),
+        }
+    }
+    let full = per_call(started, cpu);
+
+    println!("  step                             CPU ns/call   wall ns/call");
+    println!(
+        "  sha-256 of a key alone          {:>12.0} {:>14.0}",
+        sha.0, sha.1
+    );
+    println!(
+        "  admit (key, quota)              {:>12.0} {:>14.0}",
+        admit.0, admit.1
+    );
+    println!(
+        "  + rate-limit headers            {:>12.0} {:>14.0}",
+        headers.0, headers.1
+    );
+    println!(
+        "  + record (event, queue, writer) {:>12.0} {:>14.0}",
+        full.0, full.1
+    );
+    let report = usage.shutdown().await;
+    println!("  recorded {} calls", report.usage.flushed_total);
+    Ok(())
+}
+
+/// Calls between two yields to the runtime.
+const YIELD_EVERY: usize = 256;
+
+/// CPU time of the whole process so far (user and system, every thread), from
+/// `/proc/self/stat` (clock ticks of 10 ms: run enough calls).
+fn process_cpu_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and
+    // 13th of them.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000_000
+}
