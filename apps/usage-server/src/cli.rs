@@ -142,9 +142,11 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub usage_retry_max_ms: u64,
 
-    /// How long a verified (or unknown) API key is remembered (milliseconds). Plan changes
-    /// made by another process reach this one within this time.
-    #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 10_000, global = true,
+    /// How long a verified (or unknown) API key is remembered (milliseconds). Revocations,
+    /// plan changes and ended rotations made by another process reach this one through the
+    /// poll (`KEY_REVOCATION_POLL_MS`), not this: it bounds an answer's life if the poll
+    /// stops; each key is read again this often.
+    #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 60_000, global = true,
           value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub api_key_cache_ttl_ms: u64,
 

@@ -3,8 +3,8 @@
 //! call is in, and the request's latency in `/metrics` by route pattern, method and
 //! status.
 
-use std::cell::RefCell;
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::future::{Ready, ready};
 use std::rc::Rc;

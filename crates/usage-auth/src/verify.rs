@@ -22,8 +22,9 @@ use crate::keys::looks_like_api_key;
 /// Cache settings.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyCacheConfig {
-    /// How long an answer is reused (`API_KEY_CACHE_TTL_MS`). Revocations and plan
-    /// changes made by another process reach this one within this time.
+    /// How long an answer is reused (`API_KEY_CACHE_TTL_MS`). Without
+    /// [`KeyVerifier::watch_access_changes`] running, revocations and plan changes made by
+    /// another process reach this one within this time; with it, within its interval.
     pub ttl: Duration,
     /// Most known keys remembered (`API_KEY_CACHE_CAPACITY`).
     pub capacity: usize,
@@ -38,7 +39,7 @@ pub struct KeyCacheConfig {
 impl Default for KeyCacheConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(10),
+            ttl: Duration::from_secs(60),
             capacity: 100_000,
             negative_capacity: 10_000,
             stale_if_error: Duration::from_secs(300),
@@ -157,7 +158,10 @@ impl KeyVerifier {
                     next_purge = polled_at + PURGE_EVERY;
                 }
                 let changes = async {
-                    let keys = verifier.keys.api_keys_revoked_since(since).await?;
+                    let keys = verifier
+                        .keys
+                        .api_keys_retired_since(since, polled_at)
+                        .await?;
                     let users = verifier.users.plans_changed_since(since).await?;
                     Ok::<_, RepoError>((keys, users))
                 };
@@ -387,12 +391,13 @@ mod tests {
         ) -> Result<(), RepoError> {
             self.inner.touch_api_keys(used).await
         }
-        async fn api_keys_revoked_since(
+        async fn api_keys_retired_since(
             &self,
             since: OffsetDateTime,
+            now: OffsetDateTime,
         ) -> Result<Vec<ApiKeyId>, RepoError> {
             self.polls.fetch_add(1, Ordering::SeqCst);
-            self.inner.api_keys_revoked_since(since).await
+            self.inner.api_keys_retired_since(since, now).await
         }
     }
 
@@ -623,6 +628,53 @@ mod tests {
         }
         watcher.abort();
         assert!(upgraded, "the watcher dropped the user's cached plan");
+    }
+
+    #[tokio::test]
+    async fn a_rotation_elsewhere_ends_the_old_key_at_its_grace_not_at_the_ttl() {
+        let f = fixture(100).await;
+        let old = f.issue().await;
+        let verifier = Arc::new(f.verifier);
+        assert!(
+            verifier
+                .authenticate(&old.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let watcher = verifier.watch_access_changes(Duration::from_millis(10));
+        // Another process rotates with 5 s of grace: the cached answer here knows no
+        // expiry, and stays within its TTL (10 s) after the grace ends.
+        KeyIssuer::new(f.store.clone(), f.clock.clone())
+            .rotate(&f.user.id, &old.record.id, 5)
+            .await
+            .unwrap();
+        f.clock.advance(time::Duration::seconds(4));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            verifier
+                .authenticate(&old.plaintext)
+                .await
+                .unwrap()
+                .is_some(),
+            "still in its grace"
+        );
+        f.clock.advance(time::Duration::seconds(2));
+        let mut refused = false;
+        for _ in 0..200 {
+            if verifier
+                .authenticate(&old.plaintext)
+                .await
+                .unwrap()
+                .is_none()
+            {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watcher.abort();
+        assert!(refused, "the watcher dropped the key once its grace ended");
     }
 
     #[tokio::test]

@@ -992,13 +992,40 @@ pub async fn api_keys_crud(store: Arc<dyn Store>) {
             .unwrap(),
         None
     );
-    // Revocations can be found by time, for the instances' caches.
+    // Revocations can be found by time, for the instances' caches, and so can expiries
+    // once they have passed (not before: the key still works).
     assert_eq!(
-        store.api_keys_revoked_since(at).await.unwrap(),
+        store.api_keys_retired_since(at, at).await.unwrap(),
         vec![older.id.clone()]
     );
     let later = at + Duration::microseconds(1);
-    assert_eq!(store.api_keys_revoked_since(later).await.unwrap(), vec![]);
+    assert_eq!(
+        store.api_keys_retired_since(later, later).await.unwrap(),
+        vec![]
+    );
+    let expiry = T0 + Duration::days(30);
+    let mut retired = store.api_keys_retired_since(at, expiry).await.unwrap();
+    retired.sort();
+    let mut expected = vec![older.id.clone(), newer.id.clone()];
+    expected.sort();
+    assert_eq!(retired, expected, "revoked since, and expired by now");
+    assert_eq!(
+        store
+            .api_keys_retired_since(later, expiry - Duration::microseconds(1))
+            .await
+            .unwrap(),
+        vec![],
+        "not expired yet"
+    );
+    let after = expiry + Duration::microseconds(1);
+    assert_eq!(
+        store
+            .api_keys_retired_since(after, after + Duration::days(1))
+            .await
+            .unwrap(),
+        vec![],
+        "expired before the window"
+    );
 
     // last_used_at only moves forward.
     let later = T0 + Duration::hours(3);

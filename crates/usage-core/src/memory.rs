@@ -356,15 +356,19 @@ impl ApiKeyRepository for MemoryStore {
         Ok(())
     }
 
-    async fn api_keys_revoked_since(
+    async fn api_keys_retired_since(
         &self,
         since: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError> {
         Ok(self
             .state()
             .keys
             .values()
-            .filter(|k| k.revoked_at.is_some_and(|at| at >= since))
+            .filter(|k| {
+                k.revoked_at.is_some_and(|at| at >= since)
+                    || k.expires_at.is_some_and(|at| since <= at && at <= now)
+            })
             .map(|k| k.id.clone())
             .collect())
     }

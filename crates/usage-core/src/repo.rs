@@ -635,11 +635,13 @@ pub trait ApiKeyRepository: Send + Sync {
     ) -> Result<Option<ApiKeyRecord>, RepoError>;
     /// Moves `last_used_at` forward (never back) for each key.
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError>;
-    /// Keys revoked at or after `since`, so that every running instance can drop them from
-    /// its verification cache.
-    async fn api_keys_revoked_since(
+    /// Keys that stopped working lately, so that every running instance can drop them
+    /// from its verification cache: revoked at or after `since`, or whose expiry (a
+    /// rotation's grace period ending, an expiring key) fell between `since` and `now`.
+    async fn api_keys_retired_since(
         &self,
         since: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError>;
 }
 

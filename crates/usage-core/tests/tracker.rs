@@ -249,11 +249,12 @@ impl ApiKeyRepository for KeysOf {
     async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
         self.0.inner.touch_api_keys(used).await
     }
-    async fn api_keys_revoked_since(
+    async fn api_keys_retired_since(
         &self,
         since: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError> {
-        self.0.inner.api_keys_revoked_since(since).await
+        self.0.inner.api_keys_retired_since(since, now).await
     }
 }
 

@@ -24,6 +24,7 @@ use usage_auth::keys::{KeyIssuer, hash_api_key};
 use usage_core::memory::{DiscardUsage, MemoryStore};
 use usage_core::meter::Admission;
 use usage_core::repo::{User, UserRepository};
+use usage_core::tracker::TrackerConfig;
 use usage_core::{Plan, UserId};
 use usage_embed::{UsageMeter, UsageOptions};
 
@@ -64,6 +65,12 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
         store,
         UsageOptions {
             record_to: Some(Arc::new(DiscardUsage)),
+            // The server's default largest batch (`USAGE_MAX_BATCH`): the library's
+            // 2,000 per 10 ms tick would cap the writer below this loop's pace.
+            tracker: TrackerConfig {
+                max_batch: 20_000,
+                ..TrackerConfig::default()
+            },
             ..UsageOptions::default()
         },
     )?;

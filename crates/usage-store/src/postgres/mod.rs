@@ -750,13 +750,18 @@ impl ApiKeyRepository for PgStore {
         Ok(())
     }
 
-    async fn api_keys_revoked_since(
+    async fn api_keys_retired_since(
         &self,
         since: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError> {
         let mut conn = self.conn().await?;
         let ids: Vec<String> = eco_api_keys::table
-            .filter(eco_api_keys::revoked_at.ge(since))
+            .filter(
+                eco_api_keys::revoked_at
+                    .ge(since)
+                    .or(eco_api_keys::expires_at.between(since, now)),
+            )
             .select(eco_api_keys::id)
             .load(&mut conn)
             .await

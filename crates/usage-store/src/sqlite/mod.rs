@@ -742,14 +742,19 @@ impl ApiKeyRepository for SqliteStore {
         .await
     }
 
-    async fn api_keys_revoked_since(
+    async fn api_keys_retired_since(
         &self,
         since: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError> {
-        let since = ts(since);
+        let (since, now) = (ts(since), ts(now));
         self.run("API key", move |conn| {
             let ids: Vec<String> = eco_api_keys::table
-                .filter(eco_api_keys::revoked_at.ge(since))
+                .filter(
+                    eco_api_keys::revoked_at
+                        .ge(since.clone())
+                        .or(eco_api_keys::expires_at.between(since, now)),
+                )
                 .select(eco_api_keys::id)
                 .load(conn)
                 .map_err(db("API key"))?;

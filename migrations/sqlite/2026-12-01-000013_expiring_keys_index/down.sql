@@ -1,0 +1,1 @@
+DROP INDEX eco_api_keys_expires_idx;
