@@ -1,19 +1,14 @@
 -- wrk script: every request carries the next API key of a file (one key per line), so the
 -- load comes from many customers, as production's does. Each wrk thread starts at its own
--- offset. usage: wrk ... -s scripts/rotate-keys.lua URL -- KEYS_FILE [once]
--- With "once" (a warm-up, one thread), wrk stops after as many responses as there are
--- keys: every key has been presented once (each customer's first call is behind us).
+-- offset. usage: wrk ... -s scripts/rotate-keys.lua URL -- KEYS_FILE
 local keys = {}
 local i = 0
-local once = false
-local responses = 0
 
 function init(args)
   for line in io.lines(args[1]) do
     if #line > 0 then keys[#keys + 1] = line end
   end
   if #keys == 0 then error("no keys in " .. tostring(args[1])) end
-  once = args[2] == "once"
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
   i = math.random(#keys)
 end
@@ -24,11 +19,4 @@ function request()
   local headers = { ["X-API-Key"] = keys[i] }
   for name, value in pairs(wrk.headers) do headers[name] = value end
   return wrk.format(nil, nil, headers)
-end
-
-function response(status, headers, body)
-  if once then
-    responses = responses + 1
-    if responses >= #keys then wrk.thread:stop() end
-  end
 end
