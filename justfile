@@ -84,6 +84,10 @@ mutants *ARGS:
     cargo mutants --no-shuffle -p usage-core -f crates/usage-core/src/money.rs -f crates/usage-core/src/plan.rs -f crates/usage-core/src/period.rs -f crates/usage-core/src/quota.rs {{ARGS}}
     cargo mutants --no-shuffle -p usage-auth -f crates/usage-auth/src/keys.rs -f crates/usage-auth/src/jwt.rs -f crates/usage-auth/src/verify.rs {{ARGS}}
 
+# The metering's own CPU per call (key check, quota, headers, record), no HTTP, one thread.
+bench-meter KEYS="1000":
+    cargo run --release -q -p usage-embed --example bench_meter -- {{KEYS}}
+
 # Ingest: events/s the tracker stores for 1 to 100,000 users vs the raw INSERT ceiling
 bench-ingest BACKEND="postgres":
     bash scripts/bench-ingest.sh {{BACKEND}}
