@@ -68,6 +68,9 @@ pub enum ServerError {
         /// What the OS said.
         reason: String,
     },
+    /// The stop signals' handlers could not be installed.
+    #[error("cannot handle stop signals: {0}")]
+    Signals(String),
     /// `prune-usage` without a retention.
     #[error("USAGE_RETENTION_DAYS is not set: raw calls are kept for ever, nothing to prune")]
     NoRetention,

@@ -199,6 +199,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         );
     }
 
+    // Our own signal handlers, installed before the port opens: actix installs its own
+    // only once the server runs, and a SIGTERM in between (a deploy right after a start)
+    // would kill the process without the drain below.
+    let stop_signals = StopSignals::install()?;
     let server = HttpServer::new(move || {
         App::new()
             // The bare benchmark baseline is a route as the customer's own service would
@@ -228,7 +232,10 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     for addr in server.addrs() {
         tracing::info!("listening on http://{addr}");
     }
-    let served = server.run().await;
+    let server = server.disable_signals().run();
+    let stopping = stop_signals.stop_on_signal(server.handle());
+    let served = server.await;
+    stopping.abort();
     lifecycle.abort();
     session_pruning.abort();
     for task in [schedule, audit_retention].into_iter().flatten() {
@@ -241,6 +248,43 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     served.map_err(ServerError::Http)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGTERM (graceful: requests in flight finish), SIGINT and SIGQUIT (at once), as
+/// actix would handle them; either way the usage still queued is written after.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self, ServerError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install =
+            |kind: SignalKind| signal(kind).map_err(|e| ServerError::Signals(e.to_string()));
+        Ok(Self {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            quit: install(SignalKind::quit())?,
+        })
+    }
+
+    /// Stops `server` at the first signal.
+    fn stop_on_signal(
+        mut self,
+        server: actix_web::dev::ServerHandle,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let graceful = tokio::select! {
+                _ = self.terminate.recv() => true,
+                _ = self.interrupt.recv() => false,
+                _ = self.quit.recv() => false,
+            };
+            tracing::info!(graceful, "stop signal received");
+            server.stop(graceful).await;
+        })
+    }
 }
 
 /// Every route: the metered API under `/api/v1` (behind `metering`; without it, the bare

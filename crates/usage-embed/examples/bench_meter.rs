@@ -83,75 +83,35 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
     }
 
     println!("bench_meter: {keys} keys ({plan:?}), {calls} calls per step, one thread");
-    // CPU time, not wall time: the loop lets the writer and the timers run every
-    // `YIELD_EVERY` calls (a server's workers wait for their sockets all the time), and
-    // their work counts.
-    let per_call = |started: Instant, cpu: u64| {
-        let cpu_ns = process_cpu_ns().saturating_sub(cpu) as f64;
-        (
-            cpu_ns / calls as f64,
-            started.elapsed().as_nanos() as f64 / calls as f64,
-        )
+    let key = |i: usize| plaintexts[i % keys].as_bytes();
+    let admitted = async |i: usize| match meter.admit(None, Some(key(i))).await {
+        Admission::Admitted(call) => Ok(call),
+        Admission::Refused(_) => Err("a call was refused"),
     };
-
-    let (started, cpu) = (Instant::now(), process_cpu_ns());
-    for i in 0..calls {
-        if i % YIELD_EVERY == 0 {
-            tokio::task::yield_now().await;
-        }
+    let sha = measure(calls, async |i| {
         black_box(hash_api_key(&plaintexts[i % keys]));
-    }
-    let sha = per_call(started, cpu);
-
-    let (started, cpu) = (Instant::now(), process_cpu_ns());
-    for i in 0..calls {
-        if i % YIELD_EVERY == 0 {
-            tokio::task::yield_now().await;
-        }
-        match meter
-            .admit(None, Some(plaintexts[i % keys].as_bytes()))
+        Ok(())
+    })
+    .await?;
+    let admit = measure(calls, async |i| {
+        admitted(i).await.map(|call| drop(black_box(call)))
+    })
+    .await?;
+    let headers = measure(calls, async |i| {
+        admitted(i)
             .await
-        {
-            Admission::Admitted(call) => drop(black_box(call)),
-            Admission::Refused(_) => return Err("a call was refused".into()),
-        }
-    }
-    let admit = per_call(started, cpu);
-
-    let (started, cpu) = (Instant::now(), process_cpu_ns());
-    for i in 0..calls {
-        if i % YIELD_EVERY == 0 {
-            tokio::task::yield_now().await;
-        }
-        match meter
-            .admit(None, Some(plaintexts[i % keys].as_bytes()))
-            .await
-        {
-            Admission::Admitted(call) => drop(black_box(call.headers())),
-            Admission::Refused(_) => return Err("a call was refused".into()),
-        }
-    }
-    let headers = per_call(started, cpu);
-
-    let (started, cpu) = (Instant::now(), process_cpu_ns());
-    for i in 0..calls {
-        if i % YIELD_EVERY == 0 {
-            tokio::task::yield_now().await;
-        }
-        match meter
-            .admit(None, Some(plaintexts[i % keys].as_bytes()))
-            .await
-        {
-            Admission::Admitted(call) => {
-                black_box(call.headers());
-                meter
-                    .record(call, "GET", "/api/v1/ping".to_owned(), 200)
-                    .await;
-            }
-            Admission::Refused(_) => return Err("a call was refused".into()),
-        }
-    }
-    let full = per_call(started, cpu);
+            .map(|call| drop(black_box(call.headers())))
+    })
+    .await?;
+    let full = measure(calls, async |i| {
+        let call = admitted(i).await?;
+        black_box(call.headers());
+        meter
+            .record(call, "GET", "/api/v1/ping".to_owned(), 200)
+            .await;
+        Ok(())
+    })
+    .await?;
 
     println!("  step                             CPU ns/call   wall ns/call");
     println!(
@@ -173,6 +133,27 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
     let report = usage.shutdown().await;
     println!("  recorded {} calls", report.usage.flushed_total);
     Ok(())
+}
+
+/// Runs `step` for calls `0..calls` and returns (CPU ns, wall ns) per call. CPU time,
+/// not wall time: the loop lets the writer and the timers run every `YIELD_EVERY` calls
+/// (a server's workers wait for their sockets all the time), and their work counts.
+async fn measure(
+    calls: usize,
+    step: impl AsyncFn(usize) -> Result<(), &'static str>,
+) -> Result<(f64, f64), &'static str> {
+    let (started, cpu) = (Instant::now(), process_cpu_ns());
+    for i in 0..calls {
+        if i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        step(i).await?;
+    }
+    let cpu_ns = process_cpu_ns().saturating_sub(cpu) as f64;
+    Ok((
+        cpu_ns / calls as f64,
+        started.elapsed().as_nanos() as f64 / calls as f64,
+    ))
 }
 
 /// Calls between two yields to the runtime.
