@@ -250,8 +250,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// SIGTERM (graceful: requests in flight finish), SIGINT and SIGQUIT (at once), as
-/// actix would handle them; either way the usage still queued is written after.
+/// SIGTERM and SIGINT (Ctrl-C) stop gracefully: requests in flight finish (docs/OPERATIONS.md);
+/// SIGQUIT at once. Either way the usage still queued is written after.
 struct StopSignals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -278,7 +278,7 @@ impl StopSignals {
         tokio::spawn(async move {
             let graceful = tokio::select! {
                 _ = self.terminate.recv() => true,
-                _ = self.interrupt.recv() => false,
+                _ = self.interrupt.recv() => true,
                 _ = self.quit.recv() => false,
             };
             tracing::info!(graceful, "stop signal received");
