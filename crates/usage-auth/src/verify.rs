@@ -560,15 +560,20 @@ mod tests {
         );
     }
 
-    /// Whether `key` is refused within about 2 s (the watcher polls in the background).
-    async fn refused_within_2s(verifier: &KeyVerifier, key: &str) -> bool {
+    /// Whether `check` holds within about 2 s (the watcher polls in the background).
+    async fn within_2s(check: impl AsyncFn() -> bool) -> bool {
         for _ in 0..200 {
-            if verifier.authenticate(key).await.unwrap().is_none() {
+            if check().await {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
+    }
+
+    /// Whether `key` is refused within about 2 s.
+    async fn refused_within_2s(verifier: &KeyVerifier, key: &str) -> bool {
+        within_2s(async || verifier.authenticate(key).await.unwrap().is_none()).await
     }
 
     #[tokio::test]
@@ -616,14 +621,7 @@ mod tests {
             .set_plan(&f.user.id, Plan::Pro, f.clock.now())
             .await
             .unwrap();
-        let mut upgraded = false;
-        for _ in 0..200 {
-            if plan().await == Plan::Pro {
-                upgraded = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let upgraded = within_2s(async || plan().await == Plan::Pro).await;
         watcher.abort();
         assert!(upgraded, "the watcher dropped the user's cached plan");
     }
