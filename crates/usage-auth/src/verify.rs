@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +25,9 @@ use crate::keys::looks_like_api_key;
 pub struct KeyCacheConfig {
     /// How long an answer is reused (`API_KEY_CACHE_TTL_MS`). Without
     /// [`KeyVerifier::watch_access_changes`] running, revocations and plan changes made by
-    /// another process reach this one within this time; with it, within its interval.
+    /// another process reach this one within this time; with it, within its interval,
+    /// and a known key in use is not read again while the polls go on: each successful
+    /// poll vouches for it, and its answer lasts this long past the last such poll.
     pub ttl: Duration,
     /// Most known keys remembered (`API_KEY_CACHE_CAPACITY`).
     pub capacity: usize,
@@ -53,6 +56,16 @@ const PURGE_EVERY: time::Duration = time::Duration::minutes(1);
 /// While the database is down, a stale answer is looked up again at most this often.
 const STALE_RETRY: time::Duration = time::Duration::SECOND;
 
+/// The watcher asks for changes this far back past its last poll: change times come from
+/// other processes' clocks, and a change committed a little after its stamp must still
+/// be seen. Each change is reported by every poll for this long.
+const POLL_OVERLAP: time::Duration = time::Duration::seconds(30);
+
+/// A lookup slower than this is never vouched for by the polls: a change it missed could
+/// have been reported (and forgotten) before its answer was cached, and the polls report
+/// a change only for [`POLL_OVERLAP`]. Such an answer lasts its TTL, as without a watcher.
+const VOUCHED_LOOKUP_MAX: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 struct Entry {
     /// `None`: no active key with this hash (unknown, revoked, or its user is gone).
@@ -61,6 +74,9 @@ struct Entry {
     cached_until: OffsetDateTime,
     /// Past `cached_until`, still used while the database fails, until this time.
     stale_until: OffsetDateTime,
+    /// When the lookup behind this answer began; `None` when the watcher's polls may not
+    /// vouch for it (an unknown key, whose creation no poll reports, or a slow lookup).
+    vouchable_from: Option<OffsetDateTime>,
 }
 
 /// The verifier the metering middleware uses ([`ApiKeyAuthenticator`]).
@@ -74,6 +90,40 @@ pub struct KeyVerifier {
     /// Answers naming no caller (unknown, revoked, user gone).
     unknown: Cache,
     lookups: CacheLookups,
+    /// What the watcher's polls vouch for: see [`Vouched`].
+    vouched: Vouched,
+}
+
+/// What the access polls vouch for. A poll reports every retirement and plan change since
+/// the previous one (with an overlap); once it is applied, every known answer looked up
+/// since the watcher started is still right as of the poll. Such an answer is renewed,
+/// without the database, until `ttl` past the last poll: while the polls go on, a key in
+/// use is never read again; once they stop, the TTL ends every answer as before.
+#[derive(Debug)]
+struct Vouched {
+    /// Answers looked up before this instant (unix ns) are not vouched for: no poll
+    /// covered the time since; `i64::MAX` until a watcher starts.
+    since: AtomicI64,
+    /// Every vouchable answer is right as of this instant (unix ns), the last poll's.
+    through: AtomicI64,
+}
+
+impl Default for Vouched {
+    fn default() -> Self {
+        Self {
+            since: AtomicI64::new(i64::MAX),
+            through: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+/// `at` in unix nanoseconds, saturated to `i64` (years 1678 to 2262).
+fn unix_ns(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos()).unwrap_or(if at.year() < 1970 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 /// How keys were answered, for `/metrics`.
@@ -111,6 +161,7 @@ impl KeyVerifier {
             known: Cache::new(config.capacity.max(1)),
             unknown: Cache::new(config.negative_capacity.max(1)),
             lookups: CacheLookups::default(),
+            vouched: Vouched::default(),
         }
     }
 
@@ -141,14 +192,14 @@ impl KeyVerifier {
     /// after a lost connection still sees what happened meanwhile (a notification sent
     /// while the listener was disconnected is gone).
     pub fn watch_access_changes(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        // Change times come from other processes' clocks: look back a little further than
-        // the interval, and accept seeing a change twice.
-        const OVERLAP: time::Duration = time::Duration::seconds(30);
         let verifier = Arc::clone(self);
+        let mut since = verifier.clock.now() - POLL_OVERLAP;
+        // From now on the polls cover every change since `since`: answers looked up
+        // earlier (by another watcher, now gone, or none) are not vouched for.
+        verifier.vouched.since.store(unix_ns(since), Ordering::Release);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut since = verifier.clock.now() - OVERLAP;
             let mut next_purge = verifier.clock.now() + PURGE_EVERY;
             loop {
                 ticker.tick().await;
@@ -169,7 +220,12 @@ impl KeyVerifier {
                     Ok((keys, users)) => {
                         verifier.forget_keys(&keys);
                         verifier.forget_users(&users);
-                        since = polled_at - OVERLAP;
+                        // Only once the changes are applied.
+                        verifier
+                            .vouched
+                            .through
+                            .fetch_max(unix_ns(polled_at), Ordering::AcqRel);
+                        since = polled_at - POLL_OVERLAP;
                     }
                     Err(e) => tracing::debug!(error = %e, "polling for access changes failed"),
                 }
@@ -246,19 +302,27 @@ impl KeyVerifier {
         Ok(entry.usable_caller(now))
     }
 
+    fn ttl(&self) -> time::Duration {
+        time::Duration::try_from(self.config.ttl).unwrap_or(time::Duration::ZERO)
+    }
+
+    fn grace(&self) -> time::Duration {
+        time::Duration::try_from(self.config.stale_if_error).unwrap_or(time::Duration::ZERO)
+    }
+
     async fn look_up(&self, digest: &[u8; 32], now: OffsetDateTime) -> Result<Entry, RepoError> {
-        let ttl = time::Duration::try_from(self.config.ttl).unwrap_or(time::Duration::ZERO);
+        // Tokio's clock: the tests pause it.
+        let started = tokio::time::Instant::now();
         let found = self
             .keys
             .api_key_and_plan_by_hash(&hex::encode(digest))
             .await?;
-        let grace =
-            time::Duration::try_from(self.config.stale_if_error).unwrap_or(time::Duration::ZERO);
         let mut entry = Entry {
             caller: None,
             key_expires_at: None,
-            cached_until: now + ttl,
-            stale_until: now + ttl + grace,
+            cached_until: now + self.ttl(),
+            stale_until: now + self.ttl() + self.grace(),
+            vouchable_from: None,
         };
         if let Some((key, plan)) = found.filter(|(k, _)| k.is_active(now)) {
             entry.caller = Some(Caller {
@@ -267,8 +331,31 @@ impl KeyVerifier {
                 plan,
             });
             entry.key_expires_at = key.expires_at;
+            entry.vouchable_from = (started.elapsed() < VOUCHED_LOOKUP_MAX).then_some(now);
         }
         Ok(entry)
+    }
+
+    /// `entry`, past its `cached_until`, renewed until `ttl` past the last poll when the
+    /// polls vouch for it (see [`Vouched`]); `None` otherwise.
+    fn renewed(&self, digest: [u8; 32], entry: &Entry, now: OffsetDateTime) -> Option<Arc<Entry>> {
+        let looked_up = unix_ns(entry.vouchable_from?);
+        if looked_up < self.vouched.since.load(Ordering::Acquire) {
+            return None;
+        }
+        let through = self.vouched.through.load(Ordering::Acquire);
+        let through = OffsetDateTime::from_unix_timestamp_nanos(i128::from(through)).ok()?;
+        let cached_until = through + self.ttl();
+        if now >= cached_until {
+            return None;
+        }
+        let renewed = Arc::new(Entry {
+            cached_until,
+            stale_until: cached_until + self.grace(),
+            ..entry.clone()
+        });
+        self.remember(digest, Arc::clone(&renewed));
+        Some(renewed)
     }
 }
 
@@ -281,7 +368,12 @@ impl ApiKeyAuthenticator for KeyVerifier {
         }
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         let now = self.clock.now();
-        let cached = self.cached_entry(&digest);
+        let mut cached = self.cached_entry(&digest);
+        if let Some(past) = cached.as_ref().filter(|e| now >= e.cached_until)
+            && let Some(renewed) = self.renewed(digest, past, now)
+        {
+            cached = Some(renewed);
+        }
         let entry = match cached {
             Some(entry) if now < entry.cached_until => {
                 self.lookups.hits.add(1);
@@ -405,11 +497,15 @@ mod tests {
         store: Arc<MemoryStore>,
         keys: Arc<CountingKeys>,
         clock: Arc<ManualClock>,
-        verifier: KeyVerifier,
+        verifier: Arc<KeyVerifier>,
         user: User,
     }
 
     async fn fixture(capacity: usize) -> Fixture {
+        fixture_with_ttl(capacity, 10).await
+    }
+
+    async fn fixture_with_ttl(capacity: usize, ttl_secs: u64) -> Fixture {
         let store = Arc::new(MemoryStore::new());
         let keys = Arc::new(CountingKeys {
             inner: store.clone(),
@@ -428,12 +524,17 @@ mod tests {
         };
         store.create_user(&user).await.unwrap();
         let config = KeyCacheConfig {
-            ttl: Duration::from_secs(10),
+            ttl: Duration::from_secs(ttl_secs),
             capacity,
             negative_capacity: capacity,
             stale_if_error: Duration::from_secs(60),
         };
-        let verifier = KeyVerifier::new(keys.clone(), store.clone(), clock.clone(), config);
+        let verifier = Arc::new(KeyVerifier::new(
+            keys.clone(),
+            store.clone(),
+            clock.clone(),
+            config,
+        ));
         Fixture {
             store,
             keys,
@@ -468,6 +569,15 @@ mod tests {
         }
         fn lookups(&self) -> usize {
             self.keys.lookups.load(Ordering::SeqCst)
+        }
+        fn polls(&self) -> usize {
+            self.keys.polls.load(Ordering::SeqCst)
+        }
+        /// Waits until the watcher has polled twice more: at least once entirely at the
+        /// clock's current time.
+        async fn two_more_polls(&self) {
+            let seen = self.polls();
+            until("two more polls", || self.polls() >= seen + 2).await;
         }
     }
 
@@ -579,7 +689,7 @@ mod tests {
     #[tokio::test]
     async fn revocations_and_plan_changes_by_another_process_are_picked_up_by_the_watcher() {
         let f = fixture(100).await;
-        let verifier = Arc::new(f.verifier);
+        let verifier = Arc::clone(&f.verifier);
         let key = KeyIssuer::new(f.store.clone(), f.clock.clone())
             .issue(&f.user.id, "k")
             .await
@@ -630,7 +740,7 @@ mod tests {
     async fn a_rotation_elsewhere_ends_the_old_key_at_its_grace_not_at_the_ttl() {
         let f = fixture(100).await;
         let old = f.issue().await;
-        let verifier = Arc::new(f.verifier);
+        let verifier = Arc::clone(&f.verifier);
         assert!(
             verifier
                 .authenticate(&old.plaintext)
@@ -803,7 +913,7 @@ mod tests {
     #[tokio::test]
     async fn the_watcher_looks_back_past_its_start_and_purges_once_a_minute() {
         let f = fixture(100).await;
-        let verifier = Arc::new(f.verifier);
+        let verifier = Arc::clone(&f.verifier);
         let issuer = KeyIssuer::new(f.store.clone(), f.clock.clone());
         let t0 = f.clock.now();
         let at = |secs: i64| t0 + time::Duration::seconds(secs);
@@ -895,7 +1005,7 @@ mod tests {
     async fn calls_during_a_refresh_use_the_answer_in_hand() {
         let f = fixture(100).await;
         let key = f.issue().await;
-        let verifier = Arc::new(f.verifier);
+        let verifier = Arc::clone(&f.verifier);
         verifier
             .authenticate(&key.plaintext)
             .await
@@ -922,6 +1032,100 @@ mod tests {
         );
         assert_eq!(f.keys.lookups.load(Ordering::SeqCst), 2, "not asked again");
         assert!(refreshing.await.unwrap().unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn while_the_polls_go_on_a_key_in_use_is_not_read_again_and_after_them_its_ttl_ends_it()
+    {
+        let f = fixture(100).await;
+        let key = f.issue().await;
+        let verifier = Arc::clone(&f.verifier);
+        let known = async || verifier.authenticate(&key.plaintext).await.unwrap();
+        let watcher = verifier.watch_access_changes(Duration::from_millis(5));
+        assert!(known().await.is_some());
+        // Ten TTLs (10 s each) go by, the watcher polling throughout: one lookup in all.
+        for _ in 0..10 {
+            f.clock.advance(time::Duration::seconds(11));
+            f.two_more_polls().await;
+            assert!(known().await.is_some());
+        }
+        assert_eq!(f.lookups(), 1, "vouched for by the polls");
+        // A plan change still arrives through the poll, and the answer is read anew.
+        f.store
+            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .await
+            .unwrap();
+        let upgraded = within_2s(async || known().await.unwrap().plan == Plan::Pro).await;
+        assert!(upgraded, "the watcher dropped the user's cached plan");
+        // (Each poll reports the change for 30 s: past that, the answer is kept again.)
+        f.clock.advance(time::Duration::seconds(31));
+        f.two_more_polls().await;
+        assert!(known().await.is_some());
+
+        // The polls stop: the answer lasts the TTL past the last one, no longer.
+        f.clock.advance(time::Duration::seconds(11));
+        f.two_more_polls().await;
+        watcher.abort();
+        let last_poll = f.clock.now();
+        let lookups = f.lookups();
+        assert!(known().await.is_some(), "renewed until 10 s past the last poll");
+        f.clock.set(last_poll + time::Duration::seconds(9));
+        assert!(known().await.is_some());
+        assert_eq!(f.lookups(), lookups);
+        f.clock.set(last_poll + time::Duration::seconds(10));
+        assert!(known().await.is_some());
+        assert_eq!(f.lookups(), lookups + 1, "read again at the TTL past the last poll");
+    }
+
+    #[tokio::test]
+    async fn the_polls_vouch_neither_for_unknown_keys_nor_for_answers_older_than_the_watcher() {
+        // A TTL longer than the watcher's look-back (30 s).
+        let f = fixture_with_ttl(100, 60).await;
+        let (before, after) = (f.issue().await, f.issue().await);
+        let verifier = Arc::clone(&f.verifier);
+        let t0 = f.clock.now();
+        let unknown = crate::keys::generate_api_key().plaintext;
+        let answer = async |key: &str| verifier.authenticate(key).await.unwrap();
+        assert!(answer(&before.plaintext).await.is_some());
+        assert!(answer(&unknown).await.is_none());
+        // The watcher starts at 40 s, looking back to 10 s: the answer from 0 s predates it.
+        f.clock.set(t0 + time::Duration::seconds(40));
+        let watcher = verifier.watch_access_changes(Duration::from_millis(5));
+        assert!(answer(&after.plaintext).await.is_some());
+        assert_eq!(f.lookups(), 3);
+        f.clock.set(t0 + time::Duration::seconds(101));
+        f.two_more_polls().await;
+        assert!(answer(&after.plaintext).await.is_some());
+        assert_eq!(f.lookups(), 3, "looked up at 40 s, vouched for at 101 s");
+        assert!(answer(&before.plaintext).await.is_some());
+        assert!(answer(&unknown).await.is_none());
+        watcher.abort();
+        assert_eq!(f.lookups(), 5, "the older answer and the unknown key: read again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_lookup_is_not_vouched_for() {
+        let f = fixture(100).await;
+        let (slow, quick) = (f.issue().await, f.issue().await);
+        let verifier = Arc::clone(&f.verifier);
+        let watcher = verifier.watch_access_changes(Duration::from_millis(5));
+        // Slower than a change could stay reported: the polls cannot vouch for it.
+        f.keys.slow_ms.store(11_000, Ordering::SeqCst);
+        assert!(verifier.authenticate(&slow.plaintext).await.unwrap().is_some());
+        f.keys.slow_ms.store(9_000, Ordering::SeqCst);
+        assert!(verifier.authenticate(&quick.plaintext).await.unwrap().is_some());
+        f.keys.slow_ms.store(0, Ordering::SeqCst);
+        f.clock.advance(time::Duration::seconds(11));
+        // Paused time moves on by itself while every task waits.
+        let seen = f.polls();
+        while f.polls() < seen + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for key in [&slow, &quick] {
+            assert!(verifier.authenticate(&key.plaintext).await.unwrap().is_some());
+        }
+        watcher.abort();
+        assert_eq!(f.lookups(), 3, "only the slow lookup is done again");
     }
 
     #[test]
