@@ -342,8 +342,11 @@ fn rate_limit_headers(
     burst: Option<&BurstStatus>,
     now: OffsetDateTime,
 ) -> Headers {
-    let mut headers = Headers::with_capacity(7);
     let monthly = quota.and_then(|q| Some((q, q.limit?, q.remaining()?)));
+    if monthly.is_none() && burst.is_none() {
+        return Headers::new(); // unlimited, no burst limit: no allocation
+    }
+    let mut headers = Headers::with_capacity(7);
     let mut policy = ListSerializer::new();
     let mut state = ListSerializer::new();
     if let Some((status, limit, remaining)) = monthly {

@@ -161,10 +161,56 @@ pub struct SyncReport {
     pub released: u64,
 }
 
+/// Each user's slots (this month's, and last month's around midnight).
+type UserSlots = foldhash::HashMap<UserId, Vec<Arc<Slot>>>;
+
+/// The users' slots in shards, each behind its own lock. Looked up on every call: with
+/// one lock, every call of either request worker wrote its lock word (a read lock is an
+/// atomic add), which then moved between the cores; a call now writes one of many.
+/// A fast hasher: user ids are ours, not a client's.
+struct SlotMap {
+    shards: Box<[Shard]>,
+    hasher: foldhash::fast::FixedState,
+}
+
+/// One shard, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(RwLock<UserSlots>);
+
+impl SlotMap {
+    const SHARDS: usize = 64;
+
+    fn new() -> Self {
+        Self {
+            shards: (0..Self::SHARDS).map(|_| Shard::default()).collect(),
+            hasher: foldhash::fast::FixedState::default(),
+        }
+    }
+
+    fn shard(&self, user_id: &UserId) -> &RwLock<UserSlots> {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(user_id);
+        // The hash's high bits: the shard's map uses the low ones.
+        &self.shards[(hash >> 58) as usize % Self::SHARDS].0
+    }
+
+    fn read(shard: &RwLock<UserSlots>) -> std::sync::RwLockReadGuard<'_, UserSlots> {
+        shard.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(shard: &RwLock<UserSlots>) -> std::sync::RwLockWriteGuard<'_, UserSlots> {
+        shard.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &RwLock<UserSlots>> {
+        self.shards.iter().map(|s| &s.0)
+    }
+}
+
 /// Quota decisions for every user of this instance.
 pub struct QuotaBook {
-    /// Looked up on every call: a fast hasher (user ids are ours, not a client's).
-    slots: RwLock<foldhash::HashMap<UserId, Vec<Arc<Slot>>>>,
+    slots: SlotMap,
     counters: Arc<dyn QuotaCounterRepository>,
     catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
@@ -200,7 +246,7 @@ impl QuotaBook {
         settings: QuotaSettings,
     ) -> Self {
         Self {
-            slots: RwLock::new(foldhash::HashMap::default()),
+            slots: SlotMap::new(),
             next_forget: AtomicI64::new(i64::MIN),
             counters,
             catalog,
@@ -237,7 +283,10 @@ impl QuotaBook {
             reset_at: period.end(),
         };
         let slot = self.open(user_id, period).await?;
-        let now = unix_ms(self.clock.now());
+        // The call's arrival is now, give or take the key check: no second clock read.
+        // (After `open` waited for the database, `now` is a little old: an exhausted or
+        // failed state is held that much longer.)
+        let now = unix_ms(at);
         slot.last_used.fetch_max(now, Ordering::Relaxed);
         let limit = match (terms.monthly_calls, terms.over_limit) {
             (Some(limit), OverLimit::Block) => limit,
@@ -319,7 +368,7 @@ impl QuotaBook {
 
     /// Users this instance holds state for.
     pub fn users_in_memory(&self) -> usize {
-        self.read_slots().len()
+        self.slots.all().map(|s| SlotMap::read(s).len()).sum()
     }
 
     /// Forgets the slots idle for `forget_idle_after` with nothing to push or give back.
@@ -340,25 +389,30 @@ impl QuotaBook {
                 && slot.unspent.load(Ordering::Acquire) == 0
                 && Arc::strong_count(slot) == 1
         };
-        // A read pass first: most syncs find nothing to forget and take no write lock.
-        if !self.read_slots().values().flatten().any(forgettable) {
-            return;
+        for shard in self.slots.all() {
+            // A read pass first: most syncs find nothing to forget and take no write lock.
+            if !SlotMap::read(shard).values().flatten().any(forgettable) {
+                continue;
+            }
+            SlotMap::write(shard).retain(|_, slots| {
+                slots.retain(|slot| !forgettable(slot));
+                !slots.is_empty()
+            });
         }
-        let mut all = self.slots.write().unwrap_or_else(|e| e.into_inner());
-        all.retain(|_, slots| {
-            slots.retain(|slot| !forgettable(slot));
-            !slots.is_empty()
-        });
     }
 
     async fn push_and_release(&self, release_all: bool) -> Result<SyncReport, RepoError> {
         let now = unix_ms(self.clock.now());
         let idle_since = now.saturating_sub(2 * millis(self.settings.sync_every));
-        let slots: Vec<(UserId, Arc<Slot>)> = self
-            .read_slots()
-            .iter()
-            .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), Arc::clone(s))))
-            .collect();
+        let mut slots: Vec<(UserId, Arc<Slot>)> = Vec::new();
+        for shard in self.slots.all() {
+            let shard = SlotMap::read(shard);
+            slots.extend(
+                shard
+                    .iter()
+                    .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), Arc::clone(s)))),
+            );
+        }
         let mut work: Vec<(Arc<Slot>, u64, u64, OwnedMutexGuard<()>)> = Vec::new();
         let mut deltas = Vec::new();
         for (user_id, slot) in slots {
@@ -462,10 +516,11 @@ impl QuotaBook {
 
     fn slot(&self, user_id: &UserId, period: BillingPeriod) -> Arc<Slot> {
         let find = |slots: &[Arc<Slot>]| slots.iter().find(|s| s.period == period).cloned();
-        if let Some(slot) = self.read_slots().get(user_id).and_then(|s| find(s)) {
+        let shard = self.slots.shard(user_id);
+        if let Some(slot) = SlotMap::read(shard).get(user_id).and_then(|s| find(s)) {
             return slot;
         }
-        let mut all = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut all = SlotMap::write(shard);
         let slots = all.entry(user_id.clone()).or_default();
         if let Some(slot) = find(slots) {
             return slot; // added while we waited for the lock
@@ -478,12 +533,6 @@ impl QuotaBook {
         slots.sort_by_key(|s| std::cmp::Reverse(s.period));
         slots.truncate(2);
         slot
-    }
-
-    fn read_slots(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, foldhash::HashMap<UserId, Vec<Arc<Slot>>>> {
-        self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
