@@ -172,6 +172,13 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub quota_lease_share: u64,
 
+    /// Longest a user's calls on a plan that never blocks (pro, enterprise) wait before a
+    /// quota sync pushes them to the shared counter (milliseconds); 16 waiting calls are
+    /// pushed at the next sync.
+    #[arg(long, env = "QUOTA_PUSH_WITHIN_MS", default_value_t = 10_000, global = true,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub quota_push_within_ms: u64,
+
     /// Forget a user's quota state after this many milliseconds without a call (1000 to
     /// 86400000); their next call reads the shared counter again.
     #[arg(long, env = "QUOTA_FORGET_IDLE_MS", default_value_t = 300_000, global = true,

@@ -163,6 +163,7 @@ impl Config {
                 lease_max: options.quota_lease_max,
                 lease_share: options.quota_lease_share,
                 forget_idle_after: Duration::from_millis(options.quota_forget_idle_ms),
+                push_within: Duration::from_millis(options.quota_push_within_ms),
             },
             rate_limits: PlanRateLimits {
                 free: rate(

@@ -196,7 +196,10 @@ impl KeyVerifier {
         let mut since = verifier.clock.now() - POLL_OVERLAP;
         // From now on the polls cover every change since `since`: answers looked up
         // earlier (by another watcher, now gone, or none) are not vouched for.
-        verifier.vouched.since.store(unix_ns(since), Ordering::Release);
+        verifier
+            .vouched
+            .since
+            .store(unix_ns(since), Ordering::Release);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1035,8 +1038,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn while_the_polls_go_on_a_key_in_use_is_not_read_again_and_after_them_its_ttl_ends_it()
-    {
+    async fn while_the_polls_go_on_a_key_in_use_is_not_read_again_and_after_them_its_ttl_ends_it() {
         let f = fixture(100).await;
         let key = f.issue().await;
         let verifier = Arc::clone(&f.verifier);
@@ -1068,13 +1070,20 @@ mod tests {
         watcher.abort();
         let last_poll = f.clock.now();
         let lookups = f.lookups();
-        assert!(known().await.is_some(), "renewed until 10 s past the last poll");
+        assert!(
+            known().await.is_some(),
+            "renewed until 10 s past the last poll"
+        );
         f.clock.set(last_poll + time::Duration::seconds(9));
         assert!(known().await.is_some());
         assert_eq!(f.lookups(), lookups);
         f.clock.set(last_poll + time::Duration::seconds(10));
         assert!(known().await.is_some());
-        assert_eq!(f.lookups(), lookups + 1, "read again at the TTL past the last poll");
+        assert_eq!(
+            f.lookups(),
+            lookups + 1,
+            "read again at the TTL past the last poll"
+        );
     }
 
     #[tokio::test]
@@ -1100,7 +1109,11 @@ mod tests {
         assert!(answer(&before.plaintext).await.is_some());
         assert!(answer(&unknown).await.is_none());
         watcher.abort();
-        assert_eq!(f.lookups(), 5, "the older answer and the unknown key: read again");
+        assert_eq!(
+            f.lookups(),
+            5,
+            "the older answer and the unknown key: read again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1111,9 +1124,21 @@ mod tests {
         let watcher = verifier.watch_access_changes(Duration::from_millis(5));
         // Slower than a change could stay reported: the polls cannot vouch for it.
         f.keys.slow_ms.store(11_000, Ordering::SeqCst);
-        assert!(verifier.authenticate(&slow.plaintext).await.unwrap().is_some());
+        assert!(
+            verifier
+                .authenticate(&slow.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
         f.keys.slow_ms.store(9_000, Ordering::SeqCst);
-        assert!(verifier.authenticate(&quick.plaintext).await.unwrap().is_some());
+        assert!(
+            verifier
+                .authenticate(&quick.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
         f.keys.slow_ms.store(0, Ordering::SeqCst);
         f.clock.advance(time::Duration::seconds(11));
         // Paused time moves on by itself while every task waits.
@@ -1122,7 +1147,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for key in [&slow, &quick] {
-            assert!(verifier.authenticate(&key.plaintext).await.unwrap().is_some());
+            assert!(
+                verifier
+                    .authenticate(&key.plaintext)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
         }
         watcher.abort();
         assert_eq!(f.lookups(), 3, "only the slow lookup is done again");

@@ -23,7 +23,12 @@ use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageE
 #[derive(Debug, Default)]
 struct State {
     users: BTreeMap<UserId, User>,
+    /// Emails are unique and never change: an index, so that seeding 100,000 users is
+    /// not quadratic.
+    user_by_email: HashMap<String, UserId>,
     keys: BTreeMap<ApiKeyId, ApiKeyRecord>,
+    /// Key hashes are unique and never change: the lookup on every uncached call.
+    key_by_hash: HashMap<String, ApiKeyId>,
     event_ids: HashSet<Uuid>,
     events: Vec<UsageEvent>,
     records: BTreeMap<(UserId, OffsetDateTime), UsageRecord>,
@@ -119,13 +124,16 @@ impl UserRepository for MemoryStore {
                 field: "id",
             });
         }
-        if state.users.values().any(|u| u.email == user.email) {
+        if state.user_by_email.contains_key(&user.email) {
             return Err(RepoError::Conflict {
                 entity: "user",
                 field: "email",
             });
         }
         check_customer_free(&state, &user.id, user.stripe_customer_id.as_deref())?;
+        state
+            .user_by_email
+            .insert(user.email.clone(), user.id.clone());
         state.users.insert(user.id.clone(), user.clone());
         Ok(())
     }
@@ -135,11 +143,11 @@ impl UserRepository for MemoryStore {
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
-        Ok(self
-            .state()
-            .users
-            .values()
-            .find(|u| u.email == email)
+        let state = self.state();
+        Ok(state
+            .user_by_email
+            .get(email)
+            .and_then(|id| state.users.get(id))
             .cloned())
     }
 
@@ -247,12 +255,15 @@ impl ApiKeyRepository for MemoryStore {
                 field: "id",
             });
         }
-        if state.keys.values().any(|k| k.key_hash == key.key_hash) {
+        if state.key_by_hash.contains_key(&key.key_hash) {
             return Err(RepoError::Conflict {
                 entity: "API key",
                 field: "key_hash",
             });
         }
+        state
+            .key_by_hash
+            .insert(key.key_hash.clone(), key.id.clone());
         state.keys.insert(key.id.clone(), key.clone());
         Ok(())
     }
@@ -277,14 +288,15 @@ impl ApiKeyRepository for MemoryStore {
         let KeyIssue::Issued { retired } = &plan else {
             return Ok(plan);
         };
-        if state.keys.contains_key(&key.id)
-            || state.keys.values().any(|k| k.key_hash == key.key_hash)
-        {
+        if state.keys.contains_key(&key.id) || state.key_by_hash.contains_key(&key.key_hash) {
             return Err(RepoError::Conflict {
                 entity: "API key",
                 field: "id",
             });
         }
+        state
+            .key_by_hash
+            .insert(key.key_hash.clone(), key.id.clone());
         state.keys.insert(key.id.clone(), key.clone());
         if let Some(old) = retired {
             state.keys.insert(old.id.clone(), old.clone());
@@ -298,18 +310,18 @@ impl ApiKeyRepository for MemoryStore {
     ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
         let state = self.state();
         Ok(state
-            .keys
-            .values()
-            .find(|k| k.key_hash == key_hash)
+            .key_by_hash
+            .get(key_hash)
+            .and_then(|id| state.keys.get(id))
             .and_then(|k| Some((k.clone(), state.users.get(&k.user_id)?.plan))))
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
-        Ok(self
-            .state()
-            .keys
-            .values()
-            .find(|k| k.key_hash == key_hash)
+        let state = self.state();
+        Ok(state
+            .key_by_hash
+            .get(key_hash)
+            .and_then(|id| state.keys.get(id))
             .cloned())
     }
 

@@ -66,7 +66,17 @@ pub struct QuotaSettings {
     /// forgotten (`QUOTA_FORGET_IDLE_MS`): memory stays proportional to the users active
     /// lately, not to every user ever seen. Their next call reads the counter again.
     pub forget_idle_after: Duration,
+    /// Longest a user's calls on a plan that never blocks wait in memory before a sync
+    /// pushes them (`QUOTA_PUSH_WITHIN_MS`); sooner once [`PUSH_AT_CALLS`] wait. With
+    /// thousands of customers each calling a few times a second, pushing every user at
+    /// every sync wrote a counter row per customer per sync.
+    pub push_within: Duration,
 }
+
+/// A sync pushes a user's count on a plan that never blocks once this many calls wait,
+/// whatever [`QuotaSettings::push_within`]: busy users are pushed at every sync, and
+/// another instance's view of a quiet one lags by fewer calls than this.
+pub const PUSH_AT_CALLS: u64 = 16;
 
 impl Default for QuotaSettings {
     fn default() -> Self {
@@ -75,6 +85,7 @@ impl Default for QuotaSettings {
             lease_max: 1_000,
             lease_share: 16,
             forget_idle_after: Duration::from_secs(300),
+            push_within: Duration::from_secs(10),
         }
     }
 }
@@ -95,6 +106,8 @@ struct Slot {
     exhausted_until: AtomicI64,
     /// Last admission (unix ms), to give idle leases back.
     last_used: AtomicI64,
+    /// Last time (unix ms) a sync pushed `pending`.
+    pushed_at: AtomicI64,
     /// Until when (unix ms) the database is taken to be down after a failure: calls that
     /// need it fail at once instead of each waiting for the pool to give up.
     unavailable_until: AtomicI64,
@@ -113,6 +126,7 @@ impl Slot {
             pending: AtomicU64::new(0),
             exhausted_until: AtomicI64::new(i64::MIN),
             last_used: AtomicI64::new(i64::MIN),
+            pushed_at: AtomicI64::new(i64::MIN),
             unavailable_until: AtomicI64::new(i64::MIN),
             leasing: Arc::new(Mutex::new(())),
         }
@@ -357,9 +371,10 @@ impl QuotaBook {
         Ok(slot.used())
     }
 
-    /// Pushes counts not yet pushed, and gives back leases unused for two sync intervals
-    /// (or all of them, with `release_all`, at shutdown). On failure nothing is lost: the
-    /// counts stay to be pushed next time.
+    /// Pushes counts not yet pushed (a user's few calls on a plan that never blocks wait
+    /// up to [`QuotaSettings::push_within`]; everything with `release_all`), and gives
+    /// back leases unused for two sync intervals (or all of them, with `release_all`, at
+    /// shutdown). On failure nothing is lost: the counts stay to be pushed next time.
     pub async fn sync(&self, release_all: bool) -> Result<SyncReport, RepoError> {
         let report = self.push_and_release(release_all).await;
         self.forget_idle(unix_ms(self.clock.now()));
@@ -404,6 +419,7 @@ impl QuotaBook {
     async fn push_and_release(&self, release_all: bool) -> Result<SyncReport, RepoError> {
         let now = unix_ms(self.clock.now());
         let idle_since = now.saturating_sub(2 * millis(self.settings.sync_every));
+        let push_due = now.saturating_sub(millis(self.settings.push_within));
         let mut slots: Vec<(UserId, Arc<Slot>)> = Vec::new();
         for shard in self.slots.all() {
             let shard = SlotMap::read(shard);
@@ -431,6 +447,14 @@ impl QuotaBook {
                 }
             };
             let pending = slot.pending.load(Ordering::Acquire);
+            let pending = if release_all
+                || pending >= PUSH_AT_CALLS
+                || slot.pushed_at.load(Ordering::Acquire) <= push_due
+            {
+                pending
+            } else {
+                0 // a few calls, pushed lately: they wait for more
+            };
             let released = if release_all || slot.last_used.load(Ordering::Acquire) < idle_since {
                 slot.unspent.swap(0, Ordering::AcqRel)
             } else {
@@ -459,6 +483,9 @@ impl QuotaBook {
                     // never less busy than they are.
                     slot.counted.store(count, Ordering::Release);
                     slot.pending.fetch_sub(pending, Ordering::AcqRel);
+                    if pending > 0 {
+                        slot.pushed_at.store(now, Ordering::Release);
+                    }
                     report.pushed += pending;
                     report.released += released;
                 }
@@ -849,6 +876,39 @@ mod tests {
         );
         assert_eq!(b.used(&user).await.unwrap(), 100);
         assert_eq!(a.used(&user).await.unwrap(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_users_calls_wait_for_more_or_for_push_within() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let (a, b) = two_instances(&store, &clock, 10, QuotaSettings::default());
+        let calls = async |n: u64| {
+            for _ in 0..n {
+                a.admit(&user, Plan::Pro).await.unwrap();
+            }
+        };
+        let pushed = async |release_all| a.sync(release_all).await.unwrap().pushed;
+        calls(3).await;
+        assert_eq!(pushed(false).await, 3, "a user's first count goes at once");
+        calls(PUSH_AT_CALLS - 1).await;
+        assert_eq!(
+            pushed(false).await,
+            0,
+            "fifteen calls, pushed moments ago: they wait"
+        );
+        clock.advance(time::Duration::seconds(9));
+        assert_eq!(pushed(false).await, 0);
+        assert_eq!(b.used(&user).await.unwrap(), 3);
+        clock.advance(time::Duration::seconds(1));
+        assert_eq!(pushed(false).await, 15, "ten seconds after the last push");
+        assert_eq!(b.used(&user).await.unwrap(), 18);
+        calls(PUSH_AT_CALLS).await;
+        assert_eq!(pushed(false).await, 16, "sixteen go at the next sync");
+        calls(1).await;
+        assert_eq!(pushed(true).await, 1, "and everything at shutdown");
+        assert_eq!(b.used(&user).await.unwrap(), 35);
     }
 
     #[tokio::test]
