@@ -111,6 +111,15 @@ run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api
   metric usage_tracker_queue_depth >"$2.end" 2>/dev/null || echo 0 >"$2.end"
   metric usage_tracker_queue_full_total >"$2.full" 2>/dev/null || echo 0 >"$2.full"
 }
+# Each mode starts on a quiet database: without this, the vacuum and checkpoint that the
+# last end-to-end run's writes set off (or the seeding's) ran during the next mode, and
+# slowed its baseline.
+quiesce_database() {
+  if [ "$backend" = postgres ]; then
+    "${psql_cmd[@]}" -c 'VACUUM (ANALYZE)' >/dev/null
+    "${psql_cmd[@]}" -c 'CHECKPOINT' >/dev/null
+  fi
+}
 rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
 pct_of() { to_ms "$(awk -v p="$2%" '$1 == p {print $2}' "$1")"; }
 
@@ -119,6 +128,7 @@ printf '%-7s %-13s %11s %8s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x
 for n in $key_counts; do
   head -n "$n" "$work/keys.all" >"$work/keys"
   for mode in $modes; do
+    quiesce_database
     case "$mode" in
       # The same requests, key header included: wrk's own cost (the Lua script) is in
       # the baseline too.

@@ -162,6 +162,45 @@ impl Slot {
     }
 }
 
+/// What one sync does to a slot.
+struct SyncWindow {
+    /// Everything goes (shutdown).
+    release_all: bool,
+    /// Leases unused since this instant (unix ms) go back.
+    idle_since: i64,
+    /// A few pending calls go if the last push was at or before this instant (unix ms).
+    push_due: i64,
+}
+
+impl SyncWindow {
+    /// The pending calls to push now: all of them once [`PUSH_AT_CALLS`] wait or the
+    /// last push is old enough; none while a few wait after a recent push.
+    fn pending_due(&self, slot: &Slot) -> u64 {
+        let pending = slot.pending.load(Ordering::Acquire);
+        if self.release_all
+            || pending >= PUSH_AT_CALLS
+            || slot.pushed_at.load(Ordering::Acquire) <= self.push_due
+        {
+            pending
+        } else {
+            0
+        }
+    }
+
+    /// Whether the slot's unspent lease goes back.
+    fn lease_idle(&self, slot: &Slot) -> bool {
+        self.release_all || slot.last_used.load(Ordering::Acquire) < self.idle_since
+    }
+
+    /// Whether the sync has anything to push or give back for the slot. At shutdown
+    /// every slot: one whose lease is being taken has nothing yet, but will.
+    fn has_work(&self, slot: &Slot) -> bool {
+        self.release_all
+            || self.pending_due(slot) > 0
+            || (slot.unspent.load(Ordering::Acquire) > 0 && self.lease_idle(slot))
+    }
+}
+
 /// After a failed lease or counter read, calls of that user that need the database fail
 /// at once for this long.
 const FAILURE_HOLD_MS: i64 = 1_000;
@@ -420,21 +459,26 @@ impl QuotaBook {
         let now = unix_ms(self.clock.now());
         let idle_since = now.saturating_sub(2 * millis(self.settings.sync_every));
         let push_due = now.saturating_sub(millis(self.settings.push_within));
+        let window = SyncWindow {
+            release_all,
+            idle_since,
+            push_due,
+        };
+        // Only the slots with something to do are taken out (with 100,000 users, taking
+        // every one twice a second cost more than the calls' own handling).
         let mut slots: Vec<(UserId, Arc<Slot>)> = Vec::new();
         for shard in self.slots.all() {
             let shard = SlotMap::read(shard);
-            slots.extend(
-                shard
+            slots.extend(shard.iter().flat_map(|(user, slots)| {
+                slots
                     .iter()
-                    .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), Arc::clone(s)))),
-            );
+                    .filter(|s| s.opened.get().is_some() && window.has_work(s))
+                    .map(|s| (user.clone(), Arc::clone(s)))
+            }));
         }
         let mut work: Vec<(Arc<Slot>, u64, u64, OwnedMutexGuard<()>)> = Vec::new();
         let mut deltas = Vec::new();
         for (user_id, slot) in slots {
-            if slot.opened.get().is_none() {
-                continue;
-            }
             // A lease being taken pushes the pending counts itself: this slot waits for
             // the next sync (or, at shutdown, for the lease).
             let leasing = Arc::clone(&slot.leasing);
@@ -446,16 +490,8 @@ impl QuotaBook {
                     Err(_) => continue,
                 }
             };
-            let pending = slot.pending.load(Ordering::Acquire);
-            let pending = if release_all
-                || pending >= PUSH_AT_CALLS
-                || slot.pushed_at.load(Ordering::Acquire) <= push_due
-            {
-                pending
-            } else {
-                0 // a few calls, pushed lately: they wait for more
-            };
-            let released = if release_all || slot.last_used.load(Ordering::Acquire) < idle_since {
+            let pending = window.pending_due(&slot);
+            let released = if window.lease_idle(&slot) {
                 slot.unspent.swap(0, Ordering::AcqRel)
             } else {
                 0
