@@ -3,6 +3,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use usage_server::cli::{Cli, Command};
 
+// With 100,000 keys glibc's malloc took 12% of the request workers' time; mimalloc cut the
+// server's CPU per call from 42.8 to 34.4 µs there (docs/BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
