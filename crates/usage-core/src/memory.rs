@@ -50,6 +50,15 @@ struct State {
     login_links: HashMap<String, (UserId, OffsetDateTime, bool)>,
 }
 
+impl State {
+    /// Stores a new key, and indexes its hash.
+    fn insert_key(&mut self, key: &ApiKeyRecord) {
+        self.key_by_hash
+            .insert(key.key_hash.clone(), key.id.clone());
+        self.keys.insert(key.id.clone(), key.clone());
+    }
+}
+
 /// All repositories in one process-local map. Cheap to create; one per test.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -261,10 +270,7 @@ impl ApiKeyRepository for MemoryStore {
                 field: "key_hash",
             });
         }
-        state
-            .key_by_hash
-            .insert(key.key_hash.clone(), key.id.clone());
-        state.keys.insert(key.id.clone(), key.clone());
+        state.insert_key(key);
         Ok(())
     }
 
@@ -294,10 +300,7 @@ impl ApiKeyRepository for MemoryStore {
                 field: "id",
             });
         }
-        state
-            .key_by_hash
-            .insert(key.key_hash.clone(), key.id.clone());
-        state.keys.insert(key.id.clone(), key.clone());
+        state.insert_key(key);
         if let Some(old) = retired {
             state.keys.insert(old.id.clone(), old.clone());
         }
