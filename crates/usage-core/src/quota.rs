@@ -336,10 +336,9 @@ impl QuotaBook {
             reset_at: period.end(),
         };
         let slot = self.open(user_id, period).await?;
-        // The call's arrival is now, give or take the key check: no second clock read.
-        // (After `open` waited for the database, `now` is a little old: an exhausted or
-        // failed state is held that much longer.)
-        let now = unix_ms(at);
+        // Now, not `at`: a call may arrive before midnight and be admitted after it, and
+        // `open` may have waited for the database.
+        let now = unix_ms(self.clock.now());
         slot.last_used.fetch_max(now, Ordering::Relaxed);
         let limit = match (terms.monthly_calls, terms.over_limit) {
             (Some(limit), OverLimit::Block) => limit,
