@@ -13,8 +13,10 @@
 //! just bench-ingest postgres          # scripts/bench-ingest.sh: PostgreSQL with fsync on
 //! DATABASE_URL=sqlite:///tmp/i.db cargo run --release -p usage-store --example bench_ingest
 //! ```
-//! env: DATABASE_URL (required), EVENTS (200000 per case), USERS ("1 1000 10000 100000"),
-//! MAX_BATCH (the server's default: 20000 on PostgreSQL, 10000 on SQLite)
+//! env: DATABASE_URL (required), EVENTS (200000 per phase), USERS ("1 1000 10000 100000"),
+//! ROUNDS (3: raw then tracker, alternating; medians shown), MAX_BATCH (the server's
+//! default: 20000 on PostgreSQL, 10000 on SQLite), CONCURRENCY (the server's default:
+//! 4 writers on PostgreSQL, 1 on SQLite)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -33,9 +35,10 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Batches written at once, as the server does by default.
+/// Batches written at once, as the server does by default (`USAGE_FLUSH_CONCURRENCY`).
 fn concurrency(url: &str) -> usize {
-    if url.starts_with("sqlite") { 1 } else { 4 }
+    let default = if url.starts_with("sqlite") { "1" } else { "4" };
+    env_or("CONCURRENCY", default).parse().unwrap()
 }
 
 /// Largest batch, as the server writes them by default (`USAGE_MAX_BATCH`); the raw
@@ -66,7 +69,7 @@ async fn seed(store: &Arc<dyn Store>, users: usize, run: &str) -> Vec<(UserId, A
             user_id: user.id.clone(),
             name: "ingest".into(),
             prefix: "eco_live_abcd".into(),
-            key_hash: format!("{run}{i:058}"),
+            key_hash: format!("{run}{i:052}"),
             created_at: now,
             last_used_at: None,
             revoked_at: None,
@@ -253,6 +256,8 @@ async fn main() {
         .split_whitespace()
         .map(|n| n.parse().unwrap())
         .collect();
+    let rounds: usize = env_or("ROUNDS", "3").parse().unwrap();
+    assert!(rounds > 0, "ROUNDS must be at least 1");
     usage_store::migrate(&url).await.unwrap();
     let store = usage_store::open(&url, &PoolOptions::default())
         .await
@@ -265,22 +270,71 @@ async fn main() {
         eprintln!("no usage partitions prepared: {e}");
     }
     println!(
-        "== ingest, {} cores, {per_case} events per case, {} writer(s), batches as the server writes them",
+        "== ingest, {} cores, {per_case} events per phase, {rounds} rounds of raw then tracker per case (medians), {} writer(s), batches as the server writes them",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         concurrency(&url)
     );
     println!(
-        "{:>8} {:>16} {:>16} {:>9}",
+        "{:>8} {:>16} {:>16} {:>9}   each round",
         "users", "tracker ev/s", "raw ev/s", "tracker/raw"
     );
+    // Seeded names are unique per invocation, so a database can be benchmarked again.
+    let tag = OffsetDateTime::now_utc().unix_timestamp();
     for (run, users) in user_counts.into_iter().enumerate() {
-        let callers = seed(&store, users, &format!("r{run}")).await;
-        // Raw first, then the tracker, each on fresh rows of the same shape.
-        let raw = raw_rate(&url, events(&callers, per_case)).await;
-        let tracked = tracker_rate(&store, &url, events(&callers, per_case)).await;
+        let callers = seed(&store, users, &format!("{tag}r{run}")).await;
+        // Raw and tracker alternate, each on fresh rows of the same shape and from the
+        // same quiet database: this machine's ceiling drifts by tens of percent between
+        // runs a minute apart, so each ratio pairs neighbours and the median is shown.
+        let (mut raws, mut trackeds, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            quiesce(&url).await;
+            let raw = raw_rate(&url, events(&callers, per_case)).await;
+            quiesce(&url).await;
+            let tracked = tracker_rate(&store, &url, events(&callers, per_case)).await;
+            raws.push(raw);
+            trackeds.push(tracked);
+            ratios.push(100.0 * tracked / raw);
+        }
+        let all: Vec<String> = ratios.iter().map(|r| format!("{r:.1}")).collect();
         println!(
-            "{users:>8} {tracked:>16.0} {raw:>16.0} {:>8.1}%",
-            100.0 * tracked / raw
+            "{users:>8} {:>16.0} {:>16.0} {:>8.1}%   {}",
+            median(&mut trackeds),
+            median(&mut raws),
+            median(&mut ratios.clone()),
+            all.join(" ")
         );
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Starts each measurement from the same state: PostgreSQL vacuumed, analysed and
+/// checkpointed (the previous phase's dirty pages written, not left to slow this one);
+/// SQLite's write-ahead log folded into the database.
+async fn quiesce(url: &str) {
+    if url.starts_with("sqlite") {
+        let path = url.trim_start_matches("sqlite://").to_owned();
+        tokio::task::spawn_blocking(move || {
+            use diesel::Connection;
+            use diesel::connection::SimpleConnection;
+            let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+            conn.batch_execute("PRAGMA wal_checkpoint(TRUNCATE);")
+                .unwrap();
+        })
+        .await
+        .unwrap();
+    } else {
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+        conn.batch_execute("VACUUM (ANALYZE)").await.unwrap();
+        conn.batch_execute("CHECKPOINT").await.unwrap();
     }
 }
