@@ -5,9 +5,16 @@
 //! When the queue is full, [`UsageTracker::track`] waits for room: the request that
 //! produced the call is held back (back-pressure) rather than its call being dropped.
 //! Each such wait is counted ([`TrackerStats::queue_full_waits`]).
+//!
+//! With more than one writer ([`TrackerConfig::concurrency`]), the queue is split into
+//! one lane per writer and each customer's calls go to one lane: batches written at the
+//! same time then hold different customers, so each batch updates a quarter as many
+//! counters for as many calls, and no writer waits on another's counter rows. One
+//! customer's burst still gets every writer: while its lane's writer is busy, its calls
+//! go to a lane with nothing to do (never to another busy one).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +44,8 @@ pub struct TrackerConfig {
     /// At shutdown, how long to keep retrying a failing store before giving up.
     pub shutdown_retry_for: Duration,
     /// Batches written at once (`USAGE_FLUSH_CONCURRENCY`): more than one pays off on
-    /// PostgreSQL; SQLite has a single writer anyway.
+    /// PostgreSQL; SQLite has a single writer anyway. Each writer has its lane of the
+    /// queue (`queue_capacity` is shared between them).
     pub concurrency: usize,
     /// Largest batch written at once when more than `batch_size` calls wait (a burst,
     /// sustained load, the queue after an outage). Larger batches touch each customer's
@@ -105,9 +113,6 @@ pub struct TrackerStats {
     pub dead_letters: AtomicU64,
     /// Keys whose last use is remembered (those used in the last minute or two).
     pub keys_remembered: AtomicU64,
-    /// When the oldest call not yet stored was handed over, in microseconds since the
-    /// tracker started; `u64::MAX` when none waits. Updated by the writer every tick.
-    oldest_waiting_micros: AtomicU64,
 }
 
 impl Default for TrackerStats {
@@ -124,7 +129,6 @@ impl Default for TrackerStats {
             spool_failures: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             keys_remembered: AtomicU64::new(0),
-            oldest_waiting_micros: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -157,18 +161,68 @@ struct Queued {
 /// Where calls are handed over. Cheap to clone; every clone feeds the same queue.
 #[derive(Debug, Clone)]
 pub struct UsageTracker {
-    tx: mpsc::Sender<Queued>,
+    /// One per writer. Only the trackers hold them: once every clone is gone, the
+    /// writers see their lanes disconnected and stop.
+    lanes: Arc<[mpsc::Sender<Queued>]>,
+    /// What each lane's writer is doing, shared with the writers.
+    lane_states: Arc<[LaneState]>,
+    /// A lane with this many calls waiting has a batch ready.
+    batch_size: usize,
     stats: Arc<TrackerStats>,
     spool: Option<Arc<Spool>>,
-    /// What `TrackerStats::oldest_waiting_micros` counts from.
+    /// What `LaneState::oldest_waiting_micros` counts from.
     started: Instant,
 }
 
-/// Owns the background writer; [`TrackerWorker::shutdown`] drains and stops it.
+/// One lane's writer, as the callers see it.
+#[derive(Debug)]
+struct LaneState {
+    /// A batch of this lane is being written (each lane writes one at a time).
+    writing: AtomicBool,
+    /// When the lane's oldest call not yet stored was handed over, in microseconds since
+    /// the tracker started; `u64::MAX` when none waits. Updated by the writer every tick.
+    oldest_waiting_micros: AtomicU64,
+}
+
+/// What a lane's writer has to do, as [`choose_lane`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct LaneLoad {
+    /// Its writer is writing a batch.
+    writing: bool,
+    /// A batch's worth of calls waits in it.
+    batch_ready: bool,
+}
+
+/// The lane for a call whose customer's lane is `home`, of `lanes`: `home`, unless its
+/// writer is busy with a batch ready behind it; then the next lane with nothing to do,
+/// if any.
+fn choose_lane(home: usize, lanes: usize, load: impl Fn(usize) -> LaneLoad) -> usize {
+    let backed_up = |l: LaneLoad| l.writing && l.batch_ready;
+    let idle = |l: LaneLoad| !l.writing && !l.batch_ready;
+    if !backed_up(load(home)) {
+        return home;
+    }
+    (1..lanes)
+        .map(|i| (home + i) % lanes)
+        .find(|&lane| idle(load(lane)))
+        .unwrap_or(home)
+}
+
+/// Which lane a customer's calls go to: the same one for the process's life.
+fn home_lane(user: &crate::UserId, lanes: usize) -> usize {
+    use std::hash::BuildHasher;
+    let hash = foldhash::fast::FixedState::with_seed(0x5eed).hash_one(user.as_str());
+    // The remainder is below `lanes`, a usize.
+    (hash % lanes as u64) as usize
+}
+
+/// Owns the background writers; [`TrackerWorker::shutdown`] drains and stops them.
 #[derive(Debug)]
 pub struct TrackerWorker {
     stop: watch::Sender<bool>,
-    task: JoinHandle<FlushReport>,
+    /// Joins the lanes' writers; returns the calls given up on.
+    task: JoinHandle<u64>,
+    stats: Arc<TrackerStats>,
 }
 
 impl UsageTracker {
@@ -192,7 +246,7 @@ impl UsageTracker {
     ) -> Result<(Self, TrackerWorker), SpoolError> {
         let (spool, replay) = Spool::open(spool)?;
         let (tracker, worker) = Self::start_with(usage, keys, config, Some(Arc::new(spool)));
-        let tx = tracker.tx.clone();
+        let replayer = tracker.clone();
         tokio::spawn(async move {
             for (file, call) in replay {
                 let queued = Queued {
@@ -200,7 +254,7 @@ impl UsageTracker {
                     spooled_in: Some(file),
                     queued_at: Instant::now(),
                 };
-                if tx.send(queued).await.is_err() {
+                if replayer.enqueue(queued).await.is_err() {
                     break; // shut down first: the rest stays in the spool for next time
                 }
             }
@@ -214,29 +268,67 @@ impl UsageTracker {
         config: TrackerConfig,
         spool: Option<Arc<Spool>>,
     ) -> (Self, TrackerWorker) {
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let lane_count = config.concurrency.max(1);
+        let per_lane = config.queue_capacity.max(1).div_ceil(lane_count);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..lane_count).map(|_| mpsc::channel(per_lane)).unzip();
+        let lane_states: Arc<[LaneState]> = (0..lane_count)
+            .map(|_| LaneState {
+                writing: AtomicBool::new(false),
+                oldest_waiting_micros: AtomicU64::new(u64::MAX),
+            })
+            .collect();
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(TrackerStats::default());
         let started = Instant::now();
-        let writer = Writer {
-            started,
-            shared: Arc::new(Shared {
-                usage,
-                keys,
-                config,
-                stats: Arc::clone(&stats),
-                touched: Mutex::new(Touched::default()),
-                spool: spool.clone(),
-            }),
-        };
-        let task = tokio::spawn(writer.run(rx, stop_rx));
+        let batch_size = config.batch_size.max(1);
+        let shared = Arc::new(Shared {
+            usage,
+            keys,
+            config,
+            stats: Arc::clone(&stats),
+            touched: Mutex::new(Touched::default()),
+            spool: spool.clone(),
+        });
+        let mut writers = JoinSet::new();
+        for (lane, rx) in receivers.into_iter().enumerate() {
+            let writer = Writer {
+                started,
+                shared: Arc::clone(&shared),
+                lanes: Arc::clone(&lane_states),
+                lane,
+            };
+            writers.spawn(writer.run(rx, stop_rx.clone()));
+        }
+        // Dropping this task (an abort) drops the set, which aborts every writer.
+        let task = tokio::spawn(async move {
+            let mut unwritten = 0;
+            while let Some(done) = writers.join_next().await {
+                match done {
+                    Ok(given_up) => unwritten += given_up,
+                    Err(e) => tracing::error!(error = %e, "a usage writer failed"),
+                }
+            }
+            if let Some(spool) = &shared.spool {
+                spool.close();
+            }
+            if unwritten > 0 {
+                tracing::error!(
+                    unwritten,
+                    "usage events could not be stored before shutdown"
+                );
+            }
+            unwritten
+        });
         let tracker = Self {
-            tx,
-            stats,
+            lanes: senders.into(),
+            lane_states,
+            batch_size,
+            stats: Arc::clone(&stats),
             spool,
             started,
         };
-        (tracker, TrackerWorker { stop, task })
+        (tracker, TrackerWorker { stop, task, stats })
     }
 
     /// Queues a finished call. Returns at once unless the queue is full, in which case it
@@ -255,36 +347,77 @@ impl UsageTracker {
                 }
             }
         }
-        let queued = Queued {
+        self.enqueue(Queued {
             call,
             spooled_in,
             queued_at: Instant::now(),
-        };
-        match self.tx.try_send(queued) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(queued)) => {
-                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                self.tx.send(queued).await.map_err(|_| TrackerClosed)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrackerClosed),
-        }
+        })
+        .await
     }
 
-    /// Calls waiting: in the queue, plus the batch being written.
+    /// Puts a call in its lane (see [`UsageTracker::lane_for`]); when that lane is full,
+    /// in any lane with room; when every lane is full, waits for room in its lane.
+    async fn enqueue(&self, queued: Queued) -> Result<(), TrackerClosed> {
+        let lane = self.lane_for(&queued.call.event.user_id);
+        let mut queued = match self.lanes[lane].try_send(queued) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(queued)) => queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(TrackerClosed),
+        };
+        for other in (1..self.lanes.len()).map(|i| (lane + i) % self.lanes.len()) {
+            match self.lanes[other].try_send(queued) {
+                Ok(()) => return Ok(()),
+                Err(
+                    mpsc::error::TrySendError::Full(back) | mpsc::error::TrySendError::Closed(back),
+                ) => queued = back,
+            }
+        }
+        self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+        self.lanes[lane]
+            .send(queued)
+            .await
+            .map_err(|_| TrackerClosed)
+    }
+
+    /// The customer's own lane, unless its writer is busy with a batch ready behind it:
+    /// then a lane with nothing to do, if any. Under balanced load every lane is busy and
+    /// each customer stays in its lane.
+    fn lane_for(&self, user: &crate::UserId) -> usize {
+        let n = self.lanes.len();
+        if n == 1 {
+            return 0;
+        }
+        choose_lane(home_lane(user, n), n, |lane| LaneLoad {
+            writing: self.lane_states[lane].writing.load(Ordering::Relaxed),
+            batch_ready: self.queued_in(lane) >= self.batch_size,
+        })
+    }
+
+    fn queued_in(&self, lane: usize) -> usize {
+        let tx = &self.lanes[lane];
+        tx.max_capacity() - tx.capacity()
+    }
+
+    /// Calls waiting: in the queue, plus the batches being gathered and written.
     pub fn queue_depth(&self) -> u64 {
-        let queued = self.tx.max_capacity() - self.tx.capacity();
+        let queued: usize = (0..self.lanes.len()).map(|lane| self.queued_in(lane)).sum();
         queued as u64 + self.stats.in_batch.load(Ordering::Relaxed)
     }
 
     /// Calls the queue holds before [`UsageTracker::track`] waits for room.
     pub fn queue_capacity(&self) -> u64 {
-        self.tx.max_capacity() as u64
+        self.lanes.iter().map(|tx| tx.max_capacity() as u64).sum()
     }
 
-    /// How long the oldest call not yet stored has waited (as of the writer's last
+    /// How long the oldest call not yet stored has waited (as of the writers' last
     /// look, at most a few milliseconds ago); `None` when every call is stored.
     pub fn oldest_waiting(&self) -> Option<Duration> {
-        let micros = self.stats.oldest_waiting_micros.load(Ordering::Relaxed);
+        let micros = self
+            .lane_states
+            .iter()
+            .map(|lane| lane.oldest_waiting_micros.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(u64::MAX);
         (micros != u64::MAX).then(|| {
             let queued_at = self.started + Duration::from_micros(micros);
             Instant::now().saturating_duration_since(queued_at)
@@ -307,17 +440,27 @@ impl TrackerWorker {
     /// Stops taking calls, writes every call still queued, and reports. Call it after the
     /// HTTP server has finished its in-flight requests.
     pub async fn shutdown(self) -> FlushReport {
+        let flushed_before = self.stats.flushed.load(Ordering::Relaxed);
         let _ = self.stop.send(true);
-        self.task.await.unwrap_or_else(|e| {
+        let unwritten = self.task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "usage tracker task failed");
-            FlushReport::default()
-        })
+            0
+        });
+        let flushed_total = self.stats.flushed.load(Ordering::Relaxed);
+        FlushReport {
+            flushed_at_shutdown: flushed_total - flushed_before,
+            flushed_total,
+            unwritten,
+        }
     }
 }
 
+/// The writer of one lane.
 struct Writer {
     shared: Arc<Shared>,
     started: Instant,
+    lanes: Arc<[LaneState]>,
+    lane: usize,
 }
 
 /// What every batch write needs.
@@ -376,27 +519,23 @@ fn take_waiting(
 }
 
 impl Writer {
-    async fn run(
-        self,
-        mut rx: mpsc::Receiver<Queued>,
-        mut stop: watch::Receiver<bool>,
-    ) -> FlushReport {
+    /// Writes the lane's calls until a stop is requested or every tracker is gone, then
+    /// drains the lane. Returns the number of calls given up on.
+    async fn run(self, mut rx: mpsc::Receiver<Queued>, mut stop: watch::Receiver<bool>) -> u64 {
         let config = &self.shared.config;
         let batch_size = config.batch_size.max(1);
         // When more than a batch waits (a burst, or after an outage), write up to this many
         // at once.
         let max_batch = batch_size.max(config.max_batch);
-        let concurrency = config.concurrency.max(1);
+        let writing = &self.lanes[self.lane].writing;
         // The writer looks at the queue on a short tick instead of being woken by every
         // call: at tens of thousands of calls a second, per-call wake-ups cost more than
         // the calls' own handling.
         let tick = config.flush_interval.min(TICK);
         let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
-        // Batches being written: number → when its oldest call was handed over. Calls
-        // are taken in order, so the lowest number holds the oldest call waiting.
-        let mut in_flight: JoinSet<(u64, u64)> = JoinSet::new();
-        let mut oldest_in_flight: BTreeMap<u64, Instant> = BTreeMap::new();
-        let mut batches_taken = 0u64;
+        // The batch being written (at most one), and when its oldest call was handed over.
+        let mut in_flight: JoinSet<u64> = JoinSet::new();
+        let mut oldest_in_flight: Option<Instant> = None;
         let mut unwritten = 0;
         let mut deadline = Instant::now() + config.flush_interval;
         loop {
@@ -406,15 +545,14 @@ impl Writer {
                 _ = stop.changed() => break,
                 () = tokio::time::sleep(tick) => {}
             }
-            while let Some(done) = in_flight.try_join_next() {
-                if let Ok((number, given_up)) = done {
-                    oldest_in_flight.remove(&number);
-                    unwritten += given_up;
-                }
+            if let Some(done) = in_flight.try_join_next() {
+                oldest_in_flight = None;
+                unwritten += done.unwrap_or(0);
             }
-            if in_flight.len() >= concurrency {
-                // Every writer busy: calls wait in the queue (back-pressure).
-                self.note_oldest(&oldest_in_flight, &batch);
+            writing.store(!in_flight.is_empty(), Ordering::Relaxed);
+            if !in_flight.is_empty() {
+                // One batch at a time per lane: calls wait in the queue (back-pressure).
+                self.note_oldest(oldest_in_flight, &batch);
                 continue;
             }
             let disconnected = take_waiting(&mut rx, &mut batch, max_batch, &self.shared.stats);
@@ -425,12 +563,11 @@ impl Writer {
                 let taken = self.shared.take(&mut batch);
                 let shared = Arc::clone(&self.shared);
                 let stop = stop.clone();
-                let number = batches_taken;
-                batches_taken += 1;
-                oldest_in_flight.insert(number, first);
-                in_flight.spawn(async move { (number, shared.write(taken, stop, None).await) });
+                oldest_in_flight = Some(first);
+                in_flight.spawn(async move { shared.write(taken, stop, None).await });
+                writing.store(true, Ordering::Relaxed);
             }
-            self.note_oldest(&oldest_in_flight, &batch);
+            self.note_oldest(oldest_in_flight, &batch);
             // The interval runs from a write, or from the first call after a quiet spell
             // (while the batch is empty the deadline keeps being moved to a tick from now;
             // pushing it further on every tick would let it run away while idle).
@@ -445,11 +582,9 @@ impl Writer {
         // Drain: no new calls are taken; what is being written finishes, then everything
         // still queued is written.
         rx.close();
-        let before_drain = Instant::now();
-        let give_up_at = before_drain + config.shutdown_retry_for;
-        let flushed_before = self.shared.stats.flushed.load(Ordering::Relaxed);
+        let give_up_at = Instant::now() + config.shutdown_retry_for;
         while let Some(done) = in_flight.join_next().await {
-            unwritten += done.map_or(0, |(_, given_up)| given_up);
+            unwritten += done.unwrap_or(0);
         }
         loop {
             let room = max_batch - batch.len();
@@ -469,41 +604,22 @@ impl Writer {
                     .await;
             }
         }
-        if let Some(spool) = &self.shared.spool {
-            spool.close();
-        }
-        self.note_oldest(&BTreeMap::new(), &[]);
-        let flushed_total = self.shared.stats.flushed.load(Ordering::Relaxed);
-        let report = FlushReport {
-            flushed_at_shutdown: flushed_total - flushed_before,
-            flushed_total,
-            unwritten,
-        };
-        if unwritten > 0 {
-            tracing::error!(
-                unwritten,
-                "usage events could not be stored before shutdown"
-            );
-        }
-        report
+        self.note_oldest(None, &[]);
+        writing.store(false, Ordering::Relaxed);
+        unwritten
     }
 }
 
 impl Writer {
     /// Publishes when the oldest call not yet stored was handed over: the first of the
     /// oldest batch being written, else the first of the batch being gathered.
-    fn note_oldest(&self, in_flight: &BTreeMap<u64, Instant>, gathering: &[Queued]) {
-        let oldest = in_flight
-            .values()
-            .next()
-            .copied()
-            .or_else(|| gathering.first().map(|q| q.queued_at));
+    fn note_oldest(&self, in_flight: Option<Instant>, gathering: &[Queued]) {
+        let oldest = in_flight.or_else(|| gathering.first().map(|q| q.queued_at));
         let micros = oldest.map_or(u64::MAX, |at| {
             let since = at.saturating_duration_since(self.started).as_micros();
             u64::try_from(since).unwrap_or(u64::MAX - 1)
         });
-        self.shared
-            .stats
+        self.lanes[self.lane]
             .oldest_waiting_micros
             .store(micros, Ordering::Relaxed);
     }
@@ -773,5 +889,64 @@ impl Shared {
         if let Err(e) = self.keys.touch_api_keys(&used).await {
             tracing::warn!(error = %e, "updating last_used_at failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(writing: bool, batch_ready: bool) -> LaneLoad {
+        LaneLoad {
+            writing,
+            batch_ready,
+        }
+    }
+
+    #[test]
+    fn a_call_leaves_its_lane_only_for_an_idle_one_while_its_writer_is_behind() {
+        let lanes = |loads: [LaneLoad; 4]| move |lane: usize| loads[lane];
+        let quiet = load(false, false);
+        // Its writer free, or busy with no batch waiting: its own lane.
+        assert_eq!(choose_lane(1, 4, lanes([quiet; 4])), 1);
+        assert_eq!(
+            choose_lane(1, 4, lanes([quiet, load(true, false), quiet, quiet])),
+            1
+        );
+        assert_eq!(
+            choose_lane(1, 4, lanes([quiet, load(false, true), quiet, quiet])),
+            1
+        );
+        // Busy with a batch waiting: the next idle lane after it, wrapping around.
+        let behind = load(true, true);
+        assert_eq!(choose_lane(1, 4, lanes([quiet, behind, quiet, quiet])), 2);
+        assert_eq!(
+            choose_lane(1, 4, lanes([quiet, behind, behind, load(true, false)])),
+            0
+        );
+        // Never to a lane that is writing or has a batch waiting: balanced load stays put.
+        assert_eq!(
+            choose_lane(
+                1,
+                4,
+                lanes([load(true, false), behind, load(false, true), behind])
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn customers_spread_over_the_lanes_and_each_keeps_its_own() {
+        let mut per_lane = [0; 4];
+        for _ in 0..4_000 {
+            let user = crate::UserId::generate();
+            let lane = home_lane(&user, 4);
+            assert_eq!(home_lane(&user, 4), lane, "always the same lane");
+            per_lane[lane] += 1;
+        }
+        assert!(
+            per_lane.iter().all(|&n| (800..1_200).contains(&n)),
+            "{per_lane:?}"
+        );
     }
 }

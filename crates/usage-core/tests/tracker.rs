@@ -27,6 +27,8 @@ struct FlakyStore {
     write_ms: AtomicU32,
     writing: AtomicU32,
     most_writing: AtomicU32,
+    /// The customers of each write, in the order they started.
+    batches: std::sync::Mutex<Vec<std::collections::BTreeSet<UserId>>>,
 }
 
 #[async_trait]
@@ -43,6 +45,10 @@ impl UsageRepository for FlakyStore {
         if failing {
             return Err(RepoError::Unavailable("database is down".into()));
         }
+        self.batches
+            .lock()
+            .unwrap()
+            .push(events.iter().map(|e| e.user_id.clone()).collect());
         let now = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_writing.fetch_max(now, Ordering::SeqCst);
         let ms = self.write_ms.load(Ordering::SeqCst);
@@ -139,6 +145,7 @@ async fn fixture() -> Fixture {
         write_ms: AtomicU32::new(0),
         writing: AtomicU32::new(0),
         most_writing: AtomicU32::new(0),
+        batches: Default::default(),
     });
     let user = User {
         id: UserId::generate(),
@@ -500,6 +507,75 @@ async fn concurrent_writers_store_every_event_once() {
     assert_eq!(tracker.stats().duplicates.load(Ordering::Relaxed), 0);
     let most = f.store.most_writing.load(Ordering::SeqCst);
     assert!((2..=4).contains(&most), "{most} writes at once");
+}
+
+/// With several writers, each customer's calls wait in one lane: batches written at the
+/// same time hold different customers (each counter is updated by one of them, and no
+/// writer waits on another's rows), and every lane is written at once.
+#[tokio::test(start_paused = true)]
+async fn each_customers_calls_go_to_one_writer_and_the_writers_run_at_once() {
+    let f = fixture().await;
+    f.store.write_ms.store(1_000, Ordering::SeqCst);
+    let mut callers = Vec::new();
+    for i in 0..30 {
+        let user = User {
+            id: UserId::generate(),
+            email: format!("c{i}@example.com"),
+            plan: Plan::Pro,
+            stripe_customer_id: None,
+            created_at: T0,
+        };
+        f.store.inner.create_user(&user).await.unwrap();
+        let key = ApiKeyRecord {
+            id: ApiKeyId::generate(),
+            user_id: user.id.clone(),
+            name: "k".into(),
+            prefix: "eco_live_abcd".into(),
+            key_hash: format!("{i:064}"),
+            created_at: T0,
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        f.store.inner.create_api_key(&key).await.unwrap();
+        callers.push((user.id, key.id));
+    }
+    let (tracker, worker) = f.start(TrackerConfig {
+        concurrency: 4,
+        max_batch: 10_000,
+        ..config(10, Duration::from_secs(3600))
+    });
+    // Ten calls from each customer, interleaved, all queued before any writer looks.
+    for round in 0..10 {
+        for (user, key) in &callers {
+            let mut call = f.call(T0 + time::Duration::milliseconds(round));
+            call.event.user_id = user.clone();
+            call.event.api_key_id = key.clone();
+            tracker.track(call).await.unwrap();
+        }
+    }
+    let report = worker.shutdown().await;
+    assert_eq!((report.flushed_total, report.unwritten), (300, 0));
+    let batches = f.store.batches.lock().unwrap().clone();
+    assert_eq!(batches.len(), 4, "one batch per lane");
+    let mut seen = std::collections::BTreeSet::new();
+    for batch in &batches {
+        for user in batch {
+            assert!(seen.insert(user.clone()), "{user} written by two writers");
+        }
+    }
+    assert_eq!(seen.len(), 30);
+    assert_eq!(f.store.most_writing.load(Ordering::SeqCst), 4);
+    for (user, _) in &callers {
+        let counter = f
+            .store
+            .inner
+            .usage_record(user, BillingPeriod::containing(T0).start())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(counter.api_calls, 10);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
