@@ -119,7 +119,8 @@ pub struct GlobalOptions {
     pub usage_queue_capacity: u64,
 
     /// Usage batches written at once; 0 picks for the backend (4 on PostgreSQL, 1 on
-    /// SQLite, which has a single writer).
+    /// SQLite, which has a single writer). Each writer has its lane of the queue and its
+    /// share of the customers.
     #[arg(long, env = "USAGE_FLUSH_CONCURRENCY", default_value_t = 0, global = true,
           value_parser = clap::value_parser!(u64).range(0..=64))]
     pub usage_flush_concurrency: u64,
