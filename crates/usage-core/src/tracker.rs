@@ -8,8 +8,9 @@
 //!
 //! With more than one writer ([`TrackerConfig::concurrency`]), the queue is split into
 //! one lane per writer and each customer's calls go to one lane: batches written at the
-//! same time then hold different customers, so each batch updates a quarter as many
-//! counters for as many calls, and no writer waits on another's counter rows. One
+//! same time then hold different customers, so each batch updates fewer counters for as
+//! many calls (a quarter as many with four writers and many customers), and no writer
+//! waits on another's counter rows. One
 //! customer's burst still gets every writer: while its lane's writer is busy, its calls
 //! go to a lane with nothing to do (never to another busy one).
 
