@@ -300,7 +300,7 @@ async fn main() {
             "{users:>8} {:>16.0} {:>16.0} {:>8.1}%   {}",
             median(&mut trackeds),
             median(&mut raws),
-            median(&mut ratios.clone()),
+            median(&mut ratios),
             all.join(" ")
         );
     }
