@@ -155,23 +155,29 @@ async fn fixture() -> Fixture {
         created_at: T0,
     };
     store.inner.create_user(&user).await.unwrap();
+    let key = add_key(&store, &user.id, "f".repeat(64)).await;
+    Fixture {
+        store,
+        user: user.id,
+        key,
+    }
+}
+
+/// A new key of `user`, stored.
+async fn add_key(store: &FlakyStore, user: &UserId, key_hash: String) -> ApiKeyId {
     let key = ApiKeyRecord {
         id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
+        user_id: user.clone(),
         name: "k".into(),
         prefix: "eco_live_abcd".into(),
-        key_hash: "f".repeat(64),
+        key_hash,
         created_at: T0,
         last_used_at: None,
         revoked_at: None,
         expires_at: None,
     };
     store.inner.create_api_key(&key).await.unwrap();
-    Fixture {
-        store,
-        user: user.id,
-        key: key.id,
-    }
+    key.id
 }
 
 impl Fixture {
@@ -526,19 +532,8 @@ async fn each_customers_calls_go_to_one_writer_and_the_writers_run_at_once() {
             created_at: T0,
         };
         f.store.inner.create_user(&user).await.unwrap();
-        let key = ApiKeyRecord {
-            id: ApiKeyId::generate(),
-            user_id: user.id.clone(),
-            name: "k".into(),
-            prefix: "eco_live_abcd".into(),
-            key_hash: format!("{i:064}"),
-            created_at: T0,
-            last_used_at: None,
-            revoked_at: None,
-            expires_at: None,
-        };
-        f.store.inner.create_api_key(&key).await.unwrap();
-        callers.push((user.id, key.id));
+        let key = add_key(&f.store, &user.id, format!("{i:064}")).await;
+        callers.push((user.id, key));
     }
     let (tracker, worker) = f.start(TrackerConfig {
         concurrency: 4,
@@ -691,19 +686,7 @@ async fn keys_are_remembered_only_while_recently_used() {
     let (tracker, worker) = f.start(config(1_000, Duration::from_millis(20)));
     let mut keys = Vec::new();
     for i in 0..300 {
-        let key = ApiKeyRecord {
-            id: ApiKeyId::generate(),
-            user_id: f.user.clone(),
-            name: "k".into(),
-            prefix: "eco_live_abcd".into(),
-            key_hash: format!("{i:064x}"),
-            created_at: T0,
-            last_used_at: None,
-            revoked_at: None,
-            expires_at: None,
-        };
-        f.store.inner.create_api_key(&key).await.unwrap();
-        keys.push(key.id);
+        keys.push(add_key(&f.store, &f.user, format!("{i:064x}")).await);
     }
     for (i, key) in keys.iter().enumerate() {
         let mut call = f.call(T0 + time::Duration::milliseconds(i as i64));
