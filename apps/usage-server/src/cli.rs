@@ -125,9 +125,10 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(0..=64))]
     pub usage_flush_concurrency: u64,
 
-    /// Largest batch written at once under load (0: 20000 on PostgreSQL, 10000 on
-    /// SQLite; at most 100000). Larger batches touch each customer's counter once for
-    /// more calls; on SQLite a batch holds the write lock while it is written.
+    /// Largest batch written at once under load (0: 20000 on PostgreSQL, 50000 on
+    /// SQLite; at most 100000). Larger batches touch each customer's counter and index
+    /// pages once for more calls; on SQLite a batch holds the write lock while it is
+    /// written (about a second for 50000 calls of 10000 customers).
     #[arg(long, env = "USAGE_MAX_BATCH", default_value_t = 0, global = true,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub usage_max_batch: u64,

@@ -140,7 +140,7 @@ impl Config {
                     options.usage_max_batch,
                     options.database_url.starts_with("sqlite"),
                 ) {
-                    (0, true) => 10_000,
+                    (0, true) => 50_000,
                     (0, false) => 20_000,
                     (n, _) => usize::try_from(n).unwrap_or(20_000),
                 },

@@ -15,7 +15,7 @@
 //! ```
 //! env: DATABASE_URL (required), EVENTS (200000 per phase), USERS ("1 1000 10000 100000"),
 //! ROUNDS (3: raw then tracker, alternating; medians shown), MAX_BATCH (the server's
-//! default: 20000 on PostgreSQL, 10000 on SQLite), CONCURRENCY (the server's default:
+//! default: 20000 on PostgreSQL, 50000 on SQLite), CONCURRENCY (the server's default:
 //! 4 writers on PostgreSQL, 1 on SQLite)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +45,7 @@ fn concurrency(url: &str) -> usize {
 /// ceiling inserts the same number of rows per transaction.
 fn max_batch(url: &str) -> usize {
     let default = if url.starts_with("sqlite") {
-        "10000"
+        "50000"
     } else {
         "20000"
     };

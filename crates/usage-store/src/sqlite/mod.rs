@@ -770,19 +770,22 @@ struct Count {
     n: i64,
 }
 
-/// How many of `ids` exist in `table` (a constant table name, never input).
+/// How many of `ids` exist in `table` (a constant table name, never input). The ids go
+/// in as one JSON array: a batch may name more users or keys than SQLite allows bound
+/// parameters in one statement (32,766).
 fn count_existing(
     conn: &mut SqliteConnection,
     table: &'static str,
     ids: &[String],
 ) -> diesel::QueryResult<i64> {
-    let placeholders = vec!["?"; ids.len()].join(", ");
-    let sql = format!("SELECT count(*) AS n FROM {table} WHERE id IN ({placeholders})");
-    let mut query = diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>();
-    for id in ids {
-        query = query.bind::<Text, _>(id);
-    }
-    Ok(query.get_result::<Count>(conn)?.n)
+    let sql =
+        format!("SELECT count(*) AS n FROM {table} WHERE id IN (SELECT value FROM json_each(?1))");
+    let ids = serde_json::to_string(ids)
+        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    Ok(diesel::sql_query(sql)
+        .bind::<Text, _>(ids)
+        .get_result::<Count>(conn)?
+        .n)
 }
 
 #[derive(QueryableByName)]
