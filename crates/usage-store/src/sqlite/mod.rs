@@ -55,6 +55,16 @@ const SQLITE_DELETE_BATCH: i64 = 5_000;
 /// Rows per INSERT statement (eight bind parameters a row, far below SQLite's limit).
 const SQLITE_INSERT_CHUNK: usize = 500;
 
+/// Page cache of every connection (KiB).
+const CACHE_KIB: u32 = 32 * 1024;
+
+/// Page cache of a connection while it writes a batch of usage (KiB): a large batch from
+/// thousands of customers dirties more index pages than `CACHE_KIB` holds, and SQLite
+/// would spill them to the WAL before the commit and read them back as the batch goes
+/// on (+25% stored calls/s with 10,000 customers, docs/BENCHMARKS.md). Set back to
+/// `CACHE_KIB` after the batch, which frees the pages above it.
+const USAGE_WRITE_CACHE_KIB: u32 = 128 * 1024;
+
 const TIMESTAMP: &[BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 const DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day]");
@@ -103,7 +113,7 @@ fn pragmas(busy_timeout: Duration) -> String {
     format!(
         "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
          PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
+         PRAGMA cache_size = -{CACHE_KIB}; PRAGMA temp_store = MEMORY;",
         busy_timeout.as_millis()
     )
 }
@@ -879,8 +889,10 @@ impl UsageRepository for SqliteStore {
         let (users, keys) = distinct_references(events);
         let inserted = self
             .run("user or API key", move |conn| {
+                conn.batch_execute(&format!("PRAGMA cache_size = -{USAGE_WRITE_CACHE_KIB}"))
+                    .map_err(db("usage event"))?;
                 // IMMEDIATE takes the write lock up front: no lock upgrade to fail midway.
-                conn.immediate_transaction(|conn| {
+                let written = conn.immediate_transaction(|conn| {
                     // The events table has no foreign keys (two lookups a row); check the
                     // batch's users and keys once instead.
                     if count_existing(conn, "eco_users", &users)? != users.len() as i64 {
@@ -935,8 +947,13 @@ impl UsageRepository for SqliteStore {
                             .execute(conn)?;
                     }
                     Ok(count)
-                })
-                .map_err(|e| e.into_repo("user or API key"))
+                });
+                // The batch is committed (or not) whatever this gives: a connection left
+                // with the larger cache only holds more pages.
+                if let Err(e) = conn.batch_execute(&format!("PRAGMA cache_size = -{CACHE_KIB}")) {
+                    tracing::warn!(error = %e, "could not shrink the page cache after a usage batch");
+                }
+                written.map_err(|e| e.into_repo("user or API key"))
             })
             .await?;
         Ok(RecordOutcome {
