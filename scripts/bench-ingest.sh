@@ -6,7 +6,7 @@
 #
 # usage: scripts/bench-ingest.sh [postgres|sqlite]
 # env:   EVENTS (200000 per phase), USERS ("1 1000 10000 100000"), ROUNDS (3),
-#        MAX_BATCH, CONCURRENCY (the server's defaults)
+#        MAX_BATCH, CONCURRENCY, QUEUE (the server's defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backend=${1:-postgres}

@@ -16,7 +16,8 @@
 //! env: DATABASE_URL (required), EVENTS (200000 per phase), USERS ("1 1000 10000 100000"),
 //! ROUNDS (3: raw then tracker, alternating; medians shown), MAX_BATCH (the server's
 //! default: 20000 on PostgreSQL, 50000 on SQLite), CONCURRENCY (the server's default:
-//! 4 writers on PostgreSQL, 1 on SQLite)
+//! 4 writers on PostgreSQL, 1 on SQLite), QUEUE (the server's default: 100000, shared
+//! by the writers)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -106,6 +107,7 @@ async fn tracker_rate(store: &Arc<dyn Store>, url: &str, batch: Vec<UsageEvent>)
     let config = TrackerConfig {
         concurrency: concurrency(url),
         max_batch: max_batch(url),
+        queue_capacity: env_or("QUEUE", "100000").parse().unwrap(),
         ..TrackerConfig::default()
     };
     let (tracker, worker) = UsageTracker::start(store.clone(), store.clone(), config);
