@@ -155,8 +155,8 @@ async fn raw_rate(url: &str, batch: Vec<UsageEvent>) -> f64 {
                 let mut sql = String::from("BEGIN IMMEDIATE;");
                 for rows in tx.chunks(500) {
                     sql.push_str(
-                        "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
-                         method, status_code, response_time_ms, created_at) VALUES ",
+                        "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, \
+                         endpoint, method, status_code, response_time_ms, created_at) VALUES ",
                     );
                     let values: Vec<String> = rows
                         .iter()

@@ -810,9 +810,12 @@ fn insert_events(
     rows: &[NewUsageRow],
 ) -> diesel::query_builder::BoxedSqlQuery<'_, diesel::sqlite::Sqlite, diesel::query_builder::SqlQuery>
 {
+    // OR IGNORE rather than ON CONFLICT DO NOTHING: the same for the one constraint a row
+    // can break here (a replayed event_id; every column is given), and a statement that
+    // cannot abort half-way needs no statement journal (a copy of every page it changes).
     let mut sql = String::from(
-        "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method, \
-         status_code, response_time_ms, created_at) VALUES ",
+        "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
+         method, status_code, response_time_ms, created_at) VALUES ",
     );
     for i in 0..rows.len() {
         sql.push_str(if i == 0 {
@@ -821,7 +824,7 @@ fn insert_events(
             ", (?, ?, ?, ?, ?, ?, ?, ?)"
         });
     }
-    sql.push_str(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+    sql.push_str(" RETURNING event_id");
     let mut query = diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>();
     for r in rows {
         query = query
