@@ -840,7 +840,6 @@ fn insert_events(
     query
 }
 
-/// Adds a batch's inserted events to one (user, period) counter; see the PostgreSQL twin.
 /// Adds a batch's inserted events to every (user, period) counter it touches, in one
 /// statement whatever the number of users: `?1` is a JSON array of
 /// `[user, period start, period end, calls, included or null]`.
