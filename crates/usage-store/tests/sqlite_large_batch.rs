@@ -79,7 +79,13 @@ async fn a_batch_from_more_users_than_a_statement_binds_is_stored_and_counted() 
     let refused = store
         .record_usage(&with_stranger, &IncludedCalls::new())
         .await;
-    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Err(usage_core::RepoError::NotFound { entity: "user" })
+        ),
+        "{refused:?}"
+    );
 
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);

@@ -813,6 +813,8 @@ fn insert_events(
     // OR IGNORE rather than ON CONFLICT DO NOTHING: the same for the one constraint a row
     // can break here (a replayed event_id; every column is given), and a statement that
     // cannot abort half-way needs no statement journal (a copy of every page it changes).
+    // A CHECK added to eco_api_usage would make OR IGNORE skip rows that break it, and
+    // the batch would count them as replays: check such values here instead.
     let mut sql = String::from(
         "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
          method, status_code, response_time_ms, created_at) VALUES ",
