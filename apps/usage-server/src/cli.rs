@@ -54,6 +54,13 @@ pub struct GlobalOptions {
     #[arg(long, env = "JWT_ISSUER", global = true)]
     pub jwt_issuer: Option<String>,
 
+    /// Longest lifetime of a user token, in seconds (1 to 31536000): a token whose `exp`
+    /// lies further ahead is refused, and `token --ttl-secs` may not ask for more.
+    #[arg(long, env = "JWT_MAX_TTL_SECS", global = true,
+          default_value_t = usage_auth::jwt::DEFAULT_MAX_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=usage_auth::jwt::MAX_TTL_SECS))]
+    pub jwt_max_ttl_secs: u64,
+
     /// Monthly calls of the free plan.
     #[arg(long, env = "FREE_MONTHLY_CALLS", default_value_t = 1_000, global = true,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -298,7 +305,7 @@ pub struct GlobalOptions {
     /// server then lives on another day, e.g. across a month boundary). User tokens are
     /// still minted and checked on the real clock.
     #[arg(long, env = "USAGE_CLOCK_START", hide = true, global = true,
-          value_parser = parse_rfc3339)]
+          value_parser = parse_time)]
     pub clock_start: Option<time::OffsetDateTime>,
 
     /// Secret for the cron endpoints (`Authorization: Bearer <secret>`); unset, they
@@ -494,7 +501,7 @@ pub struct TokenArgs {
     /// The user id (eco_usr_...) the token is for.
     #[arg(long, value_parser = parse_user_id)]
     pub user: UserId,
-    /// Lifetime in seconds (1 to 31536000).
+    /// Lifetime in seconds (1 to `JWT_MAX_TTL_SECS`, 30 days by default).
     #[arg(long, default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..=usage_auth::jwt::MAX_TTL_SECS))]
     pub ttl_secs: u64,
@@ -553,14 +560,6 @@ fn parse_key_id(s: &str) -> Result<ApiKeyId, String> {
 
 fn parse_admin_list(value: &str) -> Result<usage_auth::admin::AdminList, String> {
     usage_auth::admin::AdminList::parse(value)
-}
-
-fn parse_rfc3339(value: &str) -> Result<time::OffsetDateTime, String> {
-    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.to_offset(time::UtcOffset::UTC))
-        .map_err(|_| {
-            format!("expected an RFC 3339 instant like 2026-12-01T00:00:00Z, got {value:?}")
-        })
 }
 
 fn parse_route_templates(list: &str) -> Result<EndpointPatterns, String> {

@@ -38,6 +38,9 @@ pub struct Config {
     pub bind: std::net::SocketAddr,
     /// `PUBLIC_URL`: where users reach this server (default `http://{BIND_ADDR}`).
     pub public_url: String,
+    /// The origin of `PUBLIC_URL` when it is configured: dashboard forms must come from
+    /// it (unset: `http://` and the request's `Host`).
+    pub public_origin: Option<String>,
     /// The usage tracker.
     pub tracker: TrackerConfig,
     /// The API key verification cache.
@@ -81,6 +84,7 @@ pub struct Config {
     jwt_secret: Option<SecretString>,
     jwt_audience: String,
     jwt_issuer: Option<String>,
+    jwt_max_ttl_secs: u64,
 }
 
 impl Config {
@@ -123,6 +127,7 @@ impl Config {
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", options.bind)),
+            public_origin: options.public_url.as_deref().and_then(usage_web::origin_of),
             tracker: TrackerConfig {
                 batch_size: usize::try_from(options.usage_batch_size).unwrap_or(usize::MAX),
                 flush_interval: Duration::from_millis(options.usage_flush_interval_ms),
@@ -225,6 +230,7 @@ impl Config {
             jwt_secret: options.jwt_secret.clone().filter(|s| !s.is_empty()),
             jwt_audience: options.jwt_audience.clone(),
             jwt_issuer: options.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            jwt_max_ttl_secs: options.jwt_max_ttl_secs,
         })
     }
 
@@ -257,10 +263,15 @@ impl Config {
         }
     }
 
-    /// The JWT settings. Without `JWT_SECRET`, a SQLite deployment uses (and on first use
+    /// The keys of user tokens. Without `JWT_SECRET`, a SQLite deployment uses (and on first use
     /// creates, mode 0600) a random secret beside its database file, so that `serve` and
     /// `token` agree; PostgreSQL deployments must configure one.
-    pub fn jwt(&self) -> Result<JwtConfig, ServerError> {
+    pub fn jwt_keys(&self) -> Result<usage_auth::jwt::JwtKeys, ServerError> {
+        Ok(usage_auth::jwt::JwtKeys::new(&self.jwt()?)?.with_max_ttl(self.jwt_max_ttl_secs)?)
+    }
+
+    /// The JWT settings (see [`Config::jwt_keys`]).
+    fn jwt(&self) -> Result<JwtConfig, ServerError> {
         let secret = match (&self.jwt_secret, DatabaseUrl::parse(&self.database_url)?) {
             (Some(secret), _) => secret.expose().to_owned(),
             (None, DatabaseUrl::Sqlite(db_path)) => read_or_create_secret(&secret_path(&db_path))?,

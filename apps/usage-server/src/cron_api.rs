@@ -121,7 +121,7 @@ fn check_cron_secret(req: &HttpRequest, state: &AppState) -> Result<(), ApiError
             path = req.path(),
             "cron call with a wrong or missing secret"
         );
-        Err(ApiError::unauthorized())
+        Err(ApiError::cron_unauthorized())
     }
 }
 

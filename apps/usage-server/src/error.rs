@@ -151,6 +151,15 @@ impl ApiError {
         )
     }
 
+    /// 401 for a missing or wrong cron secret.
+    pub fn cron_unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "The cron secret is required: Authorization: Bearer <CRON_SECRET>.",
+        )
+    }
+
     /// 503 for a database that does not answer.
     pub fn database_unavailable() -> Self {
         Self::new(

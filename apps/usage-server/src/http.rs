@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
-use usage_auth::jwt::JwtKeys;
 use usage_auth::verify::KeyVerifier;
 use usage_core::middleware::Metering;
 use usage_core::rate::{PlanRateLimits, RateLimiter};
@@ -56,7 +55,7 @@ pub(crate) struct AppState {
 /// recorded call, exit.
 pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     // Fail at start, not at the first request, when the JWT settings are unusable.
-    let jwt = web::Data::new(JwtKeys::new(&config.jwt()?)?);
+    let jwt = web::Data::new(config.jwt_keys()?);
     let applied = usage_store::migrate(&config.database_url).await?;
     if applied > 0 {
         tracing::info!(applied, "database migrated");
@@ -145,6 +144,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         catalog: config.plans.clone(),
         clock: clock.clone(),
         secure_cookies: config.public_url.starts_with("https://"),
+        public_origin: config.public_origin.clone(),
     });
     // Expired sessions and used or expired sign-in links go every hour.
     let session_pruning = tokio::spawn(async move {

@@ -21,7 +21,6 @@ mod webhooks_api;
 use std::sync::Arc;
 
 use usage_analytics::DailyAggregation;
-use usage_auth::jwt::JwtKeys;
 use usage_auth::keys::KeyIssuer;
 use usage_billing::RunMode;
 use usage_core::accounts::Accounts;
@@ -197,7 +196,7 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             Ok(())
         }
         Command::Token(args) => {
-            let keys = JwtKeys::new(&config.jwt()?)?;
+            let keys = config.jwt_keys()?;
             let store = open_migrated(&config).await?;
             // A token for a user that does not exist would only fail later, less clearly.
             Accounts::new(store, clock.clone()).user(&args.user).await?;

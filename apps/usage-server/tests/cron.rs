@@ -33,6 +33,11 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
     let res = call(String::new(), None).await.unwrap();
     assert_eq!(res.status(), 401);
     assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    // The refusal names what is missing: the cron secret, not a user token.
+    let body: Value = res.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("CRON_SECRET"), "{body}");
+    assert!(!message.contains("user token"), "{body}");
     assert_eq!(
         call(String::new(), Some("wrong-secret-wrong-secre"))
             .await
@@ -44,6 +49,9 @@ async fn aggregates_through_the_cron_endpoint_and_the_cli(backend: Backend) {
         ("?date=yesterday", "date must be a day as YYYY-MM-DD"),
         ("?date=2026-02-30", "date must be a day as YYYY-MM-DD"),
         ("?date=2999-01-01", "date must not be after today"),
+        ("?date=-0001-12-31", "from 0000-01-01 to 9999-12-31"),
+        ("?date=+10000-01-01", "date must be a day as YYYY-MM-DD"),
+        ("?date=9999-12-31", "date must not be after today"),
     ] {
         let res = call(
             query.to_owned(),

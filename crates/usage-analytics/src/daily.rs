@@ -26,10 +26,15 @@ time::serde::format_description!(pub(crate) date_format, Date, "[year]-[month]-[
 /// Parses `YYYY-MM-DD`, naming the parameter in the error.
 pub fn parse_day(raw: &str) -> Result<Date, AnalyticsError> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    Date::parse(raw, &format).map_err(|_| AnalyticsError::InvalidParameter {
-        name: "date",
-        message: format!("date must be a day as YYYY-MM-DD (got {raw:?})"),
-    })
+    Date::parse(raw, &format)
+        .ok()
+        .filter(|d| usage_core::clock::CALLER_YEARS.contains(&d.year()))
+        .ok_or_else(|| AnalyticsError::InvalidParameter {
+            name: "date",
+            message: format!(
+                "date must be a day as YYYY-MM-DD, from 0000-01-01 to 9999-12-31 (got {raw:?})"
+            ),
+        })
 }
 
 /// Runs the daily aggregation.

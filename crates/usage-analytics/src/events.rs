@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use usage_core::clock::caller_instant;
 use usage_core::repo::{UsageRepository, UserRepository};
 use usage_core::{ApiKeyId, BillingPeriod, Clock, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -115,14 +116,21 @@ fn invalid(name: &'static str, message: String) -> AnalyticsError {
     AnalyticsError::InvalidParameter { name, message }
 }
 
-/// Parses an RFC 3339 time parameter, naming it in the error.
+/// Parses an RFC 3339 time parameter into UTC, naming it in the error; a time outside
+/// the years 0000 to 9999 once in UTC is refused ([`usage_core::clock::caller_instant`]).
 pub fn parse_time(name: &'static str, raw: &str) -> Result<OffsetDateTime, AnalyticsError> {
-    OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| {
-        invalid(
-            name,
-            format!("{name} must be an RFC 3339 time such as 2026-11-01T00:00:00Z (got {raw:?})"),
-        )
-    })
+    OffsetDateTime::parse(raw, &Rfc3339)
+        .ok()
+        .and_then(caller_instant)
+        .ok_or_else(|| {
+            invalid(
+                name,
+                format!(
+                    "{name} must be an RFC 3339 time such as 2026-11-01T00:00:00Z, from \
+                     0000-01-01T00:00:00Z to 9999-12-31T23:59:59Z (got {raw:?})"
+                ),
+            )
+        })
 }
 
 /// The opaque cursor of the page after `event`.
@@ -137,6 +145,7 @@ fn cursor(event: &EventItem) -> String {
 fn parse_cursor(raw: &str) -> Result<(OffsetDateTime, Uuid), AnalyticsError> {
     let parsed = raw.split_once('.').and_then(|(nanos, id)| {
         let at = OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?;
+        let at = caller_instant(at)?;
         Some((at, Uuid::try_parse(id).ok()?))
     });
     parsed.ok_or_else(|| {

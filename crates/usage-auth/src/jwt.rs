@@ -9,8 +9,12 @@ use crate::AuthError;
 
 /// Shortest secret accepted (HS256 wants at least 256 bits of key).
 pub const MIN_SECRET_LEN: usize = 32;
-/// Longest token lifetime `mint` accepts: one year.
+/// Longest token lifetime that can be configured: one year.
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+/// Longest lifetime accepted by default (`JWT_MAX_TTL_SECS`): 30 days. A token whose
+/// `exp` lies further ahead is refused, whoever signed it: a leaked token must not work
+/// for ever.
+pub const DEFAULT_MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
 
@@ -50,6 +54,7 @@ struct Claims {
 #[derive(Deserialize)]
 struct Subject {
     sub: String,
+    exp: i64,
 }
 
 /// Signs and verifies user tokens.
@@ -60,6 +65,7 @@ pub struct JwtKeys {
     validation: Validation,
     audience: String,
     issuer: Option<String>,
+    max_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -95,7 +101,26 @@ impl JwtKeys {
             validation,
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
+            max_ttl_secs: DEFAULT_MAX_TTL_SECS,
         })
+    }
+
+    /// The same keys accepting and minting lifetimes up to `max_ttl_secs` (1 to
+    /// [`MAX_TTL_SECS`]; the default is [`DEFAULT_MAX_TTL_SECS`]).
+    pub fn with_max_ttl(mut self, max_ttl_secs: u64) -> Result<Self, AuthError> {
+        if !(1..=MAX_TTL_SECS).contains(&max_ttl_secs) {
+            return Err(AuthError::InvalidTtl {
+                max: MAX_TTL_SECS,
+                got: max_ttl_secs,
+            });
+        }
+        self.max_ttl_secs = max_ttl_secs;
+        Ok(self)
+    }
+
+    /// The longest lifetime a token may have.
+    pub fn max_ttl_secs(&self) -> u64 {
+        self.max_ttl_secs
     }
 
     /// A token for `user_id`, valid for `ttl_secs` from `now`.
@@ -117,9 +142,9 @@ impl JwtKeys {
         ttl_secs: u64,
         now: OffsetDateTime,
     ) -> Result<String, AuthError> {
-        if !(1..=MAX_TTL_SECS).contains(&ttl_secs) {
+        if !(1..=self.max_ttl_secs).contains(&ttl_secs) {
             return Err(AuthError::InvalidTtl {
-                max: MAX_TTL_SECS,
+                max: self.max_ttl_secs,
                 got: ttl_secs,
             });
         }
@@ -135,14 +160,28 @@ impl JwtKeys {
             .map_err(|e| AuthError::Signing(e.to_string()))
     }
 
-    /// The user a valid token names. Any fault (signature, algorithm, expiry, audience,
-    /// issuer, shape of `sub`) is an [`AuthError::InvalidToken`].
+    /// The user a valid token names. Any fault (signature, algorithm, expiry, an `exp`
+    /// more than the maximum lifetime ahead, audience, issuer, shape of `sub`) is an
+    /// [`AuthError::InvalidToken`].
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        self.verify_at(token, OffsetDateTime::now_utc())
+    }
+
+    /// As [`JwtKeys::verify`], the lifetime measured from `now` (the signature's library
+    /// checks expiry on the system clock).
+    pub fn verify_at(&self, token: &str, now: OffsetDateTime) -> Result<UserId, AuthError> {
         // Only `sub` is read into a struct: `exp`, `aud` and `iss` are checked by the
         // validation on the raw claims, so tokens from other issuers (no `iat`, `aud` as an
         // array, extra claims) verify as long as they follow the contract.
         let data = jsonwebtoken::decode::<Subject>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let latest = now.unix_timestamp().saturating_add_unsigned(self.max_ttl_secs + LEEWAY_SECS);
+        if data.claims.exp > latest {
+            return Err(AuthError::InvalidToken(format!(
+                "exp lies more than {} s ahead (JWT_MAX_TTL_SECS)",
+                self.max_ttl_secs
+            )));
+        }
         UserId::parse(&data.claims.sub).map_err(|e| AuthError::InvalidToken(e.to_string()))
     }
 }
@@ -182,7 +221,40 @@ mod tests {
         ));
         assert!(k.verify("not.a.jwt").is_err());
         assert!(k.mint(&user, 0, now).is_err());
-        assert!(k.mint(&user, MAX_TTL_SECS + 1, now).is_err());
+        assert!(k.mint(&user, DEFAULT_MAX_TTL_SECS + 1, now).is_err());
+        assert!(k.clone().with_max_ttl(MAX_TTL_SECS + 1).is_err());
+        let yearly = k.clone().with_max_ttl(MAX_TTL_SECS).unwrap();
+        assert!(yearly.mint(&user, MAX_TTL_SECS, now).is_ok());
+    }
+
+    #[test]
+    fn an_exp_past_the_maximum_lifetime_is_refused() {
+        let k = keys(SECRET, "authenticated");
+        let user = UserId::generate();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let token = |exp: i64| {
+            let claims = Claims {
+                sub: user.to_string(),
+                exp,
+                iat: now,
+                aud: "authenticated".to_owned(),
+                iss: None,
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let max = DEFAULT_MAX_TTL_SECS as i64;
+        assert_eq!(k.verify(&token(now + max)).unwrap(), user, "at the maximum");
+        // The year 5138, as a probe sent: refused, and by a shorter maximum too.
+        assert!(k.verify(&token(99_999_999_999)).is_err());
+        assert!(k.verify(&token(now + max + 3_600)).is_err());
+        let hourly = k.clone().with_max_ttl(3_600).unwrap();
+        assert!(hourly.verify(&token(now + max)).is_err());
+        assert_eq!(hourly.verify(&token(now + 600)).unwrap(), user);
     }
 
     #[test]

@@ -134,21 +134,39 @@ impl KeyIssuer {
     /// and written in one transaction: concurrent creations never pass it).
     pub async fn issue(&self, user_id: &UserId, name: &str) -> Result<IssuedKey, AuthError> {
         let name = validate_key_name(name)?;
-        self.store_new(user_id, name, None)
+        self.store_new(user_id, name, None, ApiKeyId::generate())
             .await
             .map(|(issued, _)| issued)
     }
 
-    /// Generates a key and stores it, retiring `retire` in the same transaction.
+    /// As [`KeyIssuer::issue`], with the new key's id given: `None` when a key of that id
+    /// exists already, so that a request sent twice (a form posted again by a reload)
+    /// creates one key.
+    pub async fn issue_once(
+        &self,
+        user_id: &UserId,
+        name: &str,
+        id: ApiKeyId,
+    ) -> Result<Option<IssuedKey>, AuthError> {
+        let name = validate_key_name(name)?;
+        match self.store_new(user_id, name, None, id).await {
+            Ok((issued, _)) => Ok(Some(issued)),
+            Err(AuthError::Repo(RepoError::Conflict { field: "id", .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Generates a key and stores it under `id`, retiring `retire` in the same transaction.
     async fn store_new(
         &self,
         user_id: &UserId,
         name: String,
         retire: Option<KeyRetirement>,
+        id: ApiKeyId,
     ) -> Result<(IssuedKey, Option<ApiKeyRecord>), AuthError> {
         let key = generate_api_key();
         let record = ApiKeyRecord {
-            id: ApiKeyId::generate(),
+            id,
             user_id: user_id.clone(),
             name,
             prefix: key.prefix,
@@ -210,19 +228,23 @@ impl KeyIssuer {
                 got: grace_secs.to_string(),
             });
         }
+        // A revoked or expired key is not replaced: there is nothing left to rotate.
+        let now = self.clock.now();
         let old = self
             .keys
             .api_keys_for_user(user_id)
             .await?
             .into_iter()
-            .find(|k| &k.id == key_id)
+            .find(|k| &k.id == key_id && k.is_active(now))
             .ok_or_else(|| AuthError::UnknownKey(key_id.clone()))?;
         let retire = KeyRetirement {
             key_id: key_id.clone(),
             // Whole seconds within the checked range: no overflow.
-            at: self.clock.now() + time::Duration::seconds(grace_secs as i64),
+            at: now + time::Duration::seconds(grace_secs as i64),
         };
-        let (new, retired) = self.store_new(user_id, old.name, Some(retire)).await?;
+        let (new, retired) = self
+            .store_new(user_id, old.name, Some(retire), ApiKeyId::generate())
+            .await?;
         let retired = retired.ok_or_else(|| AuthError::UnknownKey(key_id.clone()))?;
         Ok((retired, new))
     }

@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 use usage_core::ids::random_base62;
 use usage_core::repo::SessionRepository;
-use usage_core::{Clock, RepoError, UserId};
+use usage_core::{ApiKeyId, Clock, RepoError, UserId};
 
 use crate::AuthError;
 
@@ -148,6 +148,24 @@ impl DashboardSessions {
         digest.update(b"nexus-usage dashboard csrf\0");
         digest.update(session_token.as_bytes());
         hex::encode(digest.finalize())
+    }
+
+    /// The id of the key a dashboard form creates: the same for the same session and form
+    /// (a form posted twice makes one key, [`crate::keys::KeyIssuer::issue_once`]),
+    /// different for any other, and not chosen by the browser.
+    pub fn form_key_id(session_token: &str, form_id: &str) -> ApiKeyId {
+        const BASE62: &[u8; 62] =
+            b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut digest = Sha256::new();
+        digest.update(b"nexus-usage dashboard key form\0");
+        digest.update(session_token.as_bytes());
+        digest.update(b"\0");
+        digest.update(form_id.as_bytes());
+        let text: String = digest.finalize()[..20]
+            .iter()
+            .map(|b| char::from(BASE62[usize::from(*b) % BASE62.len()]))
+            .collect();
+        ApiKeyId::from_stored(format!("{}{text}", ApiKeyId::PREFIX))
     }
 
     /// Whether `presented` is the CSRF token of the session (constant time).

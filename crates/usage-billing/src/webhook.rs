@@ -253,6 +253,7 @@ impl StripeWebhooks {
         let created = event["created"]
             .as_i64()
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(usage_core::clock::caller_instant)
             .ok_or_else(|| WebhookError::InvalidEvent("no created time".to_owned()))?;
         let status = object["status"].as_str().unwrap_or_default();
         let price_ids: Vec<&str> = object["items"]["data"]

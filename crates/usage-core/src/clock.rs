@@ -18,6 +18,25 @@ pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
 }
 
+/// The first and last years a time given by a caller may fall in, once converted to UTC
+/// (`../shared/API.md`, "Hardening rules"): every store and format we use holds them.
+pub const CALLER_YEARS: std::ops::RangeInclusive<i32> = 0..=9999;
+
+/// `t` in UTC when its UTC year is within [`CALLER_YEARS`]; `None` otherwise, including
+/// when the conversion itself would leave the representable range (`9999-12-31T23:59:59-00:01`).
+///
+/// ```
+/// use time::macros::datetime;
+/// use usage_core::clock::caller_instant;
+/// assert_eq!(caller_instant(datetime!(2026-12-01 01:00 +01:00)), Some(datetime!(2026-12-01 00:00 UTC)));
+/// assert_eq!(caller_instant(datetime!(9999-12-31 23:59:59 -00:01)), None);
+/// assert_eq!(caller_instant(datetime!(0000-01-01 00:00 +00:01)), None);
+/// ```
+pub fn caller_instant(t: OffsetDateTime) -> Option<OffsetDateTime> {
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|utc| CALLER_YEARS.contains(&utc.year()))
+}
+
 /// The operating system's clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;

@@ -58,7 +58,8 @@ pub(crate) fn distinct_references(events: &[UsageEvent]) -> (Vec<String>, Vec<St
 /// read.
 pub(crate) fn dead_letters_json(letters: &[usage_core::repo::DeadLetter]) -> String {
     let utc = |t: time::OffsetDateTime| {
-        t.to_offset(time::UtcOffset::UTC)
+        t.checked_to_offset(time::UtcOffset::UTC)
+            .unwrap_or(t)
             .format(time::macros::format_description!(
                 "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
             ))

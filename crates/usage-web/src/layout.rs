@@ -29,6 +29,7 @@ pub(crate) fn page(viewer: Option<&Viewer>, nav: Nav, title: &str, body: Markup)
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · nexus-usage" }
+                link rel="icon" type="image/svg+xml" href="/dashboard/assets/icon.svg";
                 link rel="stylesheet" href="/dashboard/assets/dashboard.css";
                 script src="/dashboard/assets/dashboard.js" defer {}
             }
@@ -97,6 +98,21 @@ pub(crate) fn sign_in_response(message: Option<&str>, status: StatusCode) -> Htt
     };
     page_response(
         &mut HttpResponse::build(status),
+        page(None, Nav::None, "Sign in", body),
+    )
+}
+
+/// The page a sign-in link opens: one button posts the link's token back.
+pub(crate) fn confirm_link_response(token: &str) -> HttpResponse {
+    let body = html! {
+        p { "This one-time link signs you in to the dashboard." }
+        form.stack method="post" action="/dashboard/login" {
+            input type="hidden" name="token" value=(token);
+            button #sign-in type="submit" { "Sign in" }
+        }
+    };
+    page_response(
+        &mut HttpResponse::build(StatusCode::OK),
         page(None, Nav::None, "Sign in", body),
     )
 }

@@ -67,11 +67,38 @@ pub struct Dashboard {
     pub clock: Arc<dyn Clock>,
     /// `Secure` cookies (`PUBLIC_URL` is https).
     pub secure_cookies: bool,
+    /// The origin forms must come from (`scheme://host[:port]` of `PUBLIC_URL`); `None`
+    /// when `PUBLIC_URL` is not configured: then `http://` and the request's `Host`.
+    pub public_origin: Option<String>,
+}
+
+/// The origin (`scheme://host[:port]`, lowercase) of a URL such as `PUBLIC_URL`.
+///
+/// ```
+/// assert_eq!(usage_web::origin_of("https://Usage.Example.com/base/"), Some("https://usage.example.com".into()));
+/// assert_eq!(usage_web::origin_of("http://127.0.0.1:8080"), Some("http://127.0.0.1:8080".into()));
+/// assert_eq!(usage_web::origin_of("usage.example.com"), None);
+/// ```
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    (!scheme.is_empty() && !authority.is_empty())
+        .then(|| format!("{scheme}://{authority}").to_ascii_lowercase())
 }
 
 /// Mounts `GET /` (to `/dashboard`) and everything under `/dashboard`. The app must hold
 /// a `web::Data<Dashboard>`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    // Browsers ask for `/favicon.ico` whatever the page declares.
+    cfg.route(
+        "/favicon.ico",
+        web::get().to(|| async {
+            HttpResponse::Ok()
+                .content_type("image/svg+xml")
+                .insert_header((header::CACHE_CONTROL, "public, max-age=86400"))
+                .body(ICON)
+        }),
+    );
     cfg.route(
         "/",
         web::get().to(|| async {
@@ -102,7 +129,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     }),
             )
             .route("/assets/{file}", web::get().to(asset))
-            .route("/login", web::get().to(user::login_with_link))
+            .route("/login", web::get().to(user::confirm_login_link))
+            .route("/login", web::post().to(user::login_with_link))
             .route("/session", web::post().to(user::login_with_token))
             .route("/logout", web::post().to(user::logout))
             .route("", web::get().to(user::usage))
@@ -285,28 +313,36 @@ pub(crate) fn check_form(
     }
 }
 
-/// A POST from a page of another site carries its `Origin` (or, where that is `null`, as
-/// under `Referrer-Policy: no-referrer`, a `Sec-Fetch-Site` other than `same-origin`):
-/// refused. The CSRF token is the defence; this is a second one.
+/// Only same-origin posts are taken (`../shared/API.md`, "Hardening rules"): an `Origin`
+/// equal to this dashboard's, scheme included, or no `Origin` and
+/// `Sec-Fetch-Site: same-origin`. `Origin: null` (a sandboxed frame, a redirect across
+/// sites) and a post that says nothing of where it comes from are refused. The CSRF token
+/// is the first defence; this is a second one, and the only one of the sign-in forms.
 pub(crate) fn same_origin(req: &HttpRequest) -> Result<(), PageError> {
+    const REFUSED: PageError = PageError::Forbidden("This form came from another site.");
     let headers = req.headers();
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin = headers
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-        .filter(|o| *o != "null");
-    if let Some(origin) = origin {
-        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-        if Some(origin_host) != host {
-            return Err(PageError::Forbidden("This form came from another site."));
-        }
-    } else if let Some(site) = headers.get("sec-fetch-site").and_then(|s| s.to_str().ok())
-        && site != "same-origin"
-        && site != "none"
-    {
-        return Err(PageError::Forbidden("This form came from another site."));
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(origin) = text(header::ORIGIN) else {
+        return match text(header::HeaderName::from_static("sec-fetch-site")) {
+            Some("same-origin") => Ok(()),
+            _ => Err(REFUSED),
+        };
+    };
+    let configured = req
+        .app_data::<web::Data<Dashboard>>()
+        .and_then(|dash| dash.public_origin.clone());
+    let expected = match configured {
+        Some(origin) => origin,
+        None => match text(header::HOST) {
+            Some(host) => format!("http://{host}").to_ascii_lowercase(),
+            None => return Err(REFUSED),
+        },
+    };
+    if origin.eq_ignore_ascii_case(&expected) {
+        Ok(())
+    } else {
+        Err(REFUSED)
     }
-    Ok(())
 }
 
 /// The session cookie for a new session.
@@ -345,11 +381,13 @@ pub(crate) fn user_id(raw: &str) -> Result<UserId, PageError> {
 
 const CSS: &str = include_str!("../assets/dashboard.css");
 const JS: &str = include_str!("../assets/dashboard.js");
+const ICON: &str = include_str!("../assets/icon.svg");
 
 async fn asset(path: web::Path<String>) -> HttpResponse {
     let (body, content_type) = match path.as_str() {
         "dashboard.css" => (CSS, "text/css; charset=utf-8"),
         "dashboard.js" => (JS, "text/javascript; charset=utf-8"),
+        "icon.svg" => (ICON, "image/svg+xml"),
         _ => return HttpResponse::NotFound().finish(),
     };
     HttpResponse::Ok()

@@ -8,6 +8,7 @@ use maud::{Markup, html};
 use time::OffsetDateTime;
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, parse_days};
 use usage_auth::keys::IssuedKey;
+use usage_auth::session::DashboardSessions;
 use usage_core::repo::ApiKeyRecord;
 use usage_core::{ApiKeyId, Cents};
 
@@ -20,13 +21,34 @@ use crate::{
 
 type Form = web::Form<HashMap<String, String>>;
 
-/// `GET /dashboard/login?token=...`: a one-time link signs in, then the usage page.
-pub(crate) async fn login_with_link(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpResponse {
+/// `GET /dashboard/login?token=...`: the page of a one-time link, whose button signs in.
+/// Opening the link uses nothing up: a mail scanner that follows it leaves it valid.
+pub(crate) async fn confirm_login_link(req: HttpRequest) -> HttpResponse {
     let token = query(&req)
         .ok()
         .and_then(|mut q| q.remove("token"))
         .unwrap_or_default();
-    match dash.sessions.sign_in_with_link(&token).await {
+    if token.is_empty() {
+        return layout::sign_in_response(
+            Some("This sign-in link has no token. Ask for a new one."),
+            StatusCode::BAD_REQUEST,
+        );
+    }
+    layout::confirm_link_response(&token)
+}
+
+/// `POST /dashboard/login` with the link's `token`: signs in (the link is used up), then
+/// the usage page.
+pub(crate) async fn login_with_link(
+    req: HttpRequest,
+    dash: web::Data<Dashboard>,
+    form: Form,
+) -> HttpResponse {
+    if let Err(e) = same_origin(&req) {
+        return e.response(None);
+    }
+    let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
+    match dash.sessions.sign_in_with_link(token).await {
         Ok(Some(signed_in)) => {
             tracing::info!(user_id = %signed_in.user_id, "dashboard: signed in with a link");
             let mut response = see_other("/dashboard");
@@ -224,6 +246,16 @@ pub(crate) async fn keys(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpRe
     .await
 }
 
+/// What the keys page shows above the list.
+enum Shown<'a> {
+    /// Nothing more.
+    Nothing,
+    /// A key just issued, once (the heading says which way).
+    Issued(&'a str, &'a IssuedKey),
+    /// The creation form was posted again: its key exists and was shown then.
+    Resent,
+}
+
 /// The keys page, with a key just issued shown once.
 async fn keys_page(
     dash: &Dashboard,
@@ -231,10 +263,28 @@ async fn keys_page(
     issued: Option<(&str, &IssuedKey)>,
     status: StatusCode,
 ) -> PageResult {
+    let shown = match issued {
+        Some((what, issued)) => Shown::Issued(what, issued),
+        None => Shown::Nothing,
+    };
+    keys_page_with(dash, viewer, shown, status).await
+}
+
+/// The keys page with `shown` above the list; every creation form gets a new `form_id`.
+async fn keys_page_with(
+    dash: &Dashboard,
+    viewer: &Viewer,
+    shown: Shown<'_>,
+    status: StatusCode,
+) -> PageResult {
     let keys = dash.keys.list(&viewer.user.id).await?;
     let now = dash.clock.now();
+    let form_id = usage_core::ids::random_base62(20);
     let body = html! {
-        @if let Some((what, issued)) = issued {
+        @if let Shown::Resent = shown {
+            p.notice #resent role="status" { "This form was sent before: its key was created then and shown once. Nothing new was created." }
+        }
+        @if let Shown::Issued(what, issued) = shown {
             section.new-key aria-labelledby="new-key-title" {
                 h2 #new-key-title { (what) }
                 p { "Copy it now: it is shown only this once and cannot be recovered." }
@@ -248,6 +298,7 @@ async fn keys_page(
             h2 #create { "Create a key" }
             form.inline method="post" action="/dashboard/keys" {
                 (csrf_field(viewer))
+                input type="hidden" name="form_id" value=(form_id);
                 label for="name" { "Name" }
                 input #name name="name" required maxlength="100" placeholder="production";
                 button type="submit" { "Create key" }
@@ -304,7 +355,9 @@ fn key_status(key: &ApiKeyRecord, now: OffsetDateTime) -> String {
     }
 }
 
-/// `POST /dashboard/keys` (`name`): the new key, shown once.
+/// `POST /dashboard/keys` (`name`, `form_id`): the new key, shown once. The key's id
+/// follows from the session and the form's `form_id`, so the same form posted again (a
+/// reload of this page) creates nothing and says so.
 pub(crate) async fn create_key(
     req: HttpRequest,
     dash: web::Data<Dashboard>,
@@ -313,9 +366,33 @@ pub(crate) async fn create_key(
     signed_in(&req, &dash, async |viewer: Viewer| {
         check_form(&req, &viewer, &form)?;
         let name = form.get("name").map(|n| n.trim()).unwrap_or_default();
-        let issued = dash.keys.issue(&viewer.user.id, name).await?;
-        tracing::info!(user_id = %viewer.user.id, key_id = %issued.record.id, "dashboard: key created");
-        keys_page(&dash, &viewer, Some(("Your new key", &issued)), StatusCode::CREATED).await
+        let form_id = form
+            .get("form_id")
+            .filter(|id| !id.is_empty() && id.len() <= 64)
+            .ok_or_else(|| {
+                PageError::BadRequest(
+                    "form_id is missing: reload the keys page and create the key again."
+                        .to_owned(),
+                )
+            })?;
+        let id = DashboardSessions::form_key_id(&viewer.session, form_id);
+        match dash.keys.issue_once(&viewer.user.id, name, id).await? {
+            Some(issued) => {
+                tracing::info!(user_id = %viewer.user.id, key_id = %issued.record.id, "dashboard: key created");
+                keys_page(&dash, &viewer, Some(("Your new key", &issued)), StatusCode::CREATED)
+                    .await
+            }
+            None => {
+                tracing::info!(user_id = %viewer.user.id, "dashboard: a key form was posted again; nothing created");
+                keys_page_with(
+                    &dash,
+                    &viewer,
+                    Shown::Resent,
+                    StatusCode::OK,
+                )
+                .await
+            }
+        }
     })
     .await
 }

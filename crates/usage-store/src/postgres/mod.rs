@@ -1481,7 +1481,7 @@ impl DailyUsageRepository for PgStore {
             .first(&mut conn)
             .await
             .map_err(|e| repo_error(e, "usage event"))?;
-        Ok(first.map(|t| t.to_offset(time::UtcOffset::UTC).date()))
+        Ok(first.map(|t| t.checked_to_offset(time::UtcOffset::UTC).unwrap_or(t).date()))
     }
 }
 

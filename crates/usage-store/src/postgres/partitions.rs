@@ -90,7 +90,8 @@ const LITERAL: &[BorrowedFormatItem<'_>] =
 
 /// A timestamp as an SQL literal (UTC); only ever month starts computed here.
 fn literal(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .unwrap_or(t)
         .format(LITERAL)
         .unwrap_or_else(|_| "1970-01-01 00:00:00+00".to_owned())
 }

@@ -71,7 +71,8 @@ const DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day
 
 /// A timestamp as stored: fixed width and UTC, so text order is time order.
 fn ts(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC)
+    t.checked_to_offset(UtcOffset::UTC)
+        .unwrap_or(t)
         .format(TIMESTAMP)
         .unwrap_or_else(|_| String::from("0000-00-00T00:00:00.000000Z"))
 }
