@@ -18,7 +18,7 @@ use crate::http::{AppState, read_body};
 use crate::openapi::{
     AdminErrors, ErrorResponse, PageParams, Registry, UserListParams, UserPatchBody,
 };
-use crate::user_auth::authenticated_user;
+use crate::user_auth::{current_user, token_user};
 use usage_analytics::admin::{AdminOverview, AdminUserDetail, AdminUserRow, Page};
 
 /// Longest query string kept in the audit log.
@@ -88,7 +88,7 @@ where
     F: FnOnce(HashMap<String, String>) -> Fut,
     Fut: Future<Output = Result<HttpResponse, ApiError>>,
 {
-    let user = authenticated_user(req)?;
+    let user = token_user(req)?;
     // The rate limit comes first and applies to every token holder, so that refused
     // requests (each one audited) are bounded too.
     let result = if let RateDecision::Limited { retry_after, .. } =
@@ -107,6 +107,8 @@ where
         Err(ApiError::forbidden(
             "This endpoint is for admins (ADMIN_ECO_IDS).",
         ))
+    } else if let Err(gone) = current_user(req, state, &user).await {
+        Err(gone)
     } else {
         // Parsed after the checks, so that a non-admin learns nothing from a 400.
         match web::Query::<HashMap<String, String>>::from_query(req.query_string()) {

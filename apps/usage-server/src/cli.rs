@@ -459,6 +459,26 @@ pub enum UsersCommand {
         #[arg(long, value_parser = parse_plan)]
         plan: Plan,
     },
+    /// Block a user: revokes every key (running servers refuse them within
+    /// KEY_REVOCATION_POLL_MS), then refuses the user's tokens and dashboard sign-ins.
+    Block {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+    },
+    /// Lift a block: the user may sign in and create keys again (revoked keys stay revoked).
+    Unblock {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+    },
+    /// Delete a user and everything stored of them (keys, usage counters, charges,
+    /// sessions): revokes every key first. Recorded calls stay until retention removes them.
+    Delete {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+    },
     /// Link a user to a Stripe customer: overage is invoiced to it, and its subscription
     /// events (webhook) set the user's plan.
     SetStripeCustomer {
@@ -486,6 +506,16 @@ pub enum KeysCommand {
     /// Revoke a user's API key. Running servers stop accepting it within
     /// KEY_REVOCATION_POLL_MS.
     Revoke {
+        /// The user id (eco_usr_...).
+        #[arg(long, value_parser = parse_user_id)]
+        user: UserId,
+        /// The key id (eco_key_...), not the key itself.
+        #[arg(long, value_parser = parse_key_id)]
+        key: ApiKeyId,
+    },
+    /// Delete a user's API key: revokes it, then removes its row. Running servers stop
+    /// accepting it within KEY_REVOCATION_POLL_MS.
+    Delete {
         /// The user id (eco_usr_...).
         #[arg(long, value_parser = parse_user_id)]
         user: UserId,

@@ -71,6 +71,9 @@ pub enum ServerError {
     /// The stop signals' handlers could not be installed.
     #[error("cannot handle stop signals: {0}")]
     Signals(String),
+    /// A key asked for a blocked user.
+    #[error("user {0} is blocked: `users unblock` first")]
+    Blocked(usage_core::UserId),
     /// `prune-usage` without a retention.
     #[error("USAGE_RETENTION_DAYS is not set: raw calls are kept for ever, nothing to prune")]
     NoRetention,

@@ -70,8 +70,48 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             eprintln!("{} is linked to Stripe customer {customer}", user.id);
             Ok(())
         }
+        Command::Users(UsersCommand::Block { user }) => {
+            let store = open_migrated(&config).await?;
+            let revoked = KeyIssuer::new(store.clone(), clock.clone())
+                .revoke_all(&user)
+                .await?;
+            let user = Accounts::new(store, clock).set_blocked(&user, true).await?;
+            eprintln!("{} is blocked; {} key(s) revoked", user.id, revoked.len());
+            Ok(())
+        }
+        Command::Users(UsersCommand::Unblock { user }) => {
+            let store = open_migrated(&config).await?;
+            let user = Accounts::new(store, clock)
+                .set_blocked(&user, false)
+                .await?;
+            eprintln!("{} is no longer blocked", user.id);
+            Ok(())
+        }
+        Command::Users(UsersCommand::Delete { user }) => {
+            let store = open_migrated(&config).await?;
+            let revoked = KeyIssuer::new(store.clone(), clock.clone())
+                .revoke_all(&user)
+                .await?;
+            Accounts::new(store, clock).delete(&user).await?;
+            eprintln!("{user} is deleted; {} key(s) revoked first", revoked.len());
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Delete { user, key }) => {
+            let store = open_migrated(&config).await?;
+            KeyIssuer::new(store, clock).delete(&user, &key).await?;
+            eprintln!("{key} is deleted");
+            Ok(())
+        }
         Command::Keys(KeysCommand::Create { user, name }) => {
             let store = open_migrated(&config).await?;
+            if store
+                .user_by_id(&user)
+                .await
+                .map_err(ServerError::from)?
+                .is_some_and(|u| u.blocked_at.is_some())
+            {
+                return Err(ServerError::Blocked(user));
+            }
             let issued = KeyIssuer::new(store, clock).issue(&user, &name).await?;
             println!("{}", issued.plaintext);
             Ok(())

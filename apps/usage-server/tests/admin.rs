@@ -56,6 +56,8 @@ async fn business(backend: Backend) -> Business {
                 plan,
                 stripe_customer_id: None,
                 created_at: base + time::Duration::minutes(n),
+                plan_subscription_id: None,
+                blocked_at: None,
             };
             n += 1;
             store.create_user(&user).await.unwrap();

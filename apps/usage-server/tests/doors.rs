@@ -24,7 +24,10 @@ use serde_json::{Value, json};
 use usage_core::{BillingPeriod, Caller, PlanCatalog, UserId};
 use usage_embed::{UsageMeter, UsageOptions};
 
-on_both_backends!(every_door_gives_the_same_answers);
+on_both_backends!(
+    every_door_gives_the_same_answers,
+    forged_forwarded_headers_are_overwritten_by_nginx
+);
 
 /// Free calls a month in this suite.
 const FREE_CALLS: u64 = 3;
@@ -291,6 +294,62 @@ async fn every_door_gives_the_same_answers(backend: Backend) {
     let report = axum_usage.await.unwrap();
     assert_eq!(report.usage.unwritten, 0);
     let (status, _) = doors.server.stop();
+    assert!(status.success());
+}
+
+/// A client behind nginx cannot choose the recorded endpoint or method: the documented
+/// configuration overwrites `X-Forwarded-*` and `X-Original-*` on the auth subrequest.
+async fn forged_forwarded_headers_are_overwritten_by_nginx(backend: Backend) {
+    let db = Db::new(backend);
+    let server = db.start(&[
+        ("FORWARD_AUTH_ROUTES", "/v1/items/{id}"),
+        ("USAGE_FLUSH_INTERVAL_MS", "50"),
+    ]);
+    let nginx = Nginx::start(port_of(&server.base));
+    let (user, key) = db.user_with_key("forger@example.com", "pro");
+    let client = reqwest::Client::new();
+    let forged = [
+        ("X-Forwarded-Uri", "/totally/fake"),
+        ("X-Forwarded-Method", "DELETE"),
+        ("X-Original-URI", "/also/fake"),
+        ("X-Original-Method", "PATCH"),
+    ];
+    for _ in 0..2 {
+        let mut request = client
+            .get(format!("{}/v1/items/777", nginx.base))
+            .bearer_auth(&key);
+        for (name, value) in forged {
+            request = request.header(name, value);
+        }
+        let res = request.send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["upstream"], true, "{body}");
+    }
+    let store = db.store().await;
+    let user_id = UserId::parse(&user).unwrap();
+    let period = BillingPeriod::containing(time::OffsetDateTime::now_utc());
+    eventually("both calls recorded", Duration::from_secs(10), async || {
+        store
+            .count_usage_events(&user_id, period.start(), period.end())
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    let events = store
+        .usage_events_page(&user_id, period.start(), period.end(), None, 10)
+        .await
+        .unwrap();
+    for event in &events {
+        assert_eq!(
+            (event.endpoint.as_str(), event.method.as_str()),
+            ("/v1/items/{id}", "GET"),
+            "what nginx served is recorded, not what the client claimed"
+        );
+    }
+    drop(nginx);
+    let (status, _) = server.stop();
     assert!(status.success());
 }
 

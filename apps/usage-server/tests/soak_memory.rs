@@ -30,6 +30,8 @@ async fn seed(db: &Db, n: usize, wave: usize) -> Vec<String> {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: now,
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = usage_auth::keys::generate_api_key();

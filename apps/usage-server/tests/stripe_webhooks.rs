@@ -353,7 +353,100 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
     assert_eq!((status, answer["error"].as_str()), (404, Some("not_found")));
 }
 
-on_both_backends!(subscriptions_set_plans_and_quota_follows);
+on_both_backends!(
+    subscriptions_set_plans_and_quota_follows,
+    the_end_of_an_old_subscription_keeps_the_new_ones_plan
+);
+
+/// An upgrade made as a new subscription, then the old one deleted (or cancelled): the
+/// customer keeps the plan they pay for, and is not refused with 429s.
+async fn the_end_of_an_old_subscription_keeps_the_new_ones_plan(backend: Backend) {
+    let db = Db::new(backend);
+    let (ada, key) = free_customer_with_key(&db);
+    let server = db.start(&env());
+    let of = |sub: &str, event: String| event.replace("sub_123", sub);
+    let t0 = now();
+    let old = of(
+        "sub_OLD",
+        subscription_event(
+            "evt_o1",
+            "created",
+            t0 - 60,
+            "cus_ada",
+            "active",
+            &["price_pro"],
+        ),
+    );
+    assert_eq!(signed(&server, &old).await, "applied");
+    let new = of(
+        "sub_NEW",
+        subscription_event(
+            "evt_n1",
+            "created",
+            t0 - 30,
+            "cus_ada",
+            "active",
+            &["price_ent"],
+        ),
+    );
+    assert_eq!(signed(&server, &new).await, "applied");
+    assert_eq!(plan_of(&db, &ada).await, Plan::Enterprise);
+
+    // The old one ends, both ways Stripe says it: nothing changes.
+    let cancelled = of(
+        "sub_OLD",
+        subscription_event(
+            "evt_o2",
+            "updated",
+            t0 - 20,
+            "cus_ada",
+            "canceled",
+            &["price_pro"],
+        ),
+    );
+    assert_eq!(signed(&server, &cancelled).await, "other_subscription");
+    let deleted = of(
+        "sub_OLD",
+        subscription_event(
+            "evt_o3",
+            "deleted",
+            t0 - 10,
+            "cus_ada",
+            "canceled",
+            &["price_pro"],
+        ),
+    );
+    assert_eq!(signed(&server, &deleted).await, "other_subscription");
+    assert_eq!(signed(&server, &deleted).await, "duplicate");
+    assert_eq!(plan_of(&db, &ada).await, Plan::Enterprise);
+    // Past the free plan's 3 calls: still admitted.
+    for _ in 0..5 {
+        assert_eq!(server.ping(&key).await.status(), 200);
+    }
+
+    // The subscription that set the plan ends: back to free, and the quota follows.
+    let ended = of(
+        "sub_NEW",
+        subscription_event(
+            "evt_n2",
+            "deleted",
+            t0,
+            "cus_ada",
+            "canceled",
+            &["price_ent"],
+        ),
+    );
+    assert_eq!(signed(&server, &ended).await, "applied");
+    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    eventually(
+        "free again: over quota",
+        Duration::from_secs(10),
+        async || server.ping(&key).await.status() == 429,
+    )
+    .await;
+    let (status, _) = server.stop();
+    assert!(status.success());
+}
 
 /// Two instances on one PostgreSQL: each event, delivered to both at once, is applied by
 /// exactly one; the plan change reaches the other instance's quota decisions.

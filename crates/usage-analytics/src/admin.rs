@@ -698,6 +698,8 @@ mod tests {
                         plan,
                         stripe_customer_id: None,
                         created_at: datetime!(2026-11-01 00:00 UTC),
+                        plan_subscription_id: None,
+                        blocked_at: None,
                     })
                     .await
                     .unwrap();

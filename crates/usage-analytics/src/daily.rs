@@ -168,6 +168,8 @@ mod tests {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

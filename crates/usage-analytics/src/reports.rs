@@ -397,6 +397,8 @@ mod tests {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let catalog = PlanCatalog {
@@ -463,6 +465,8 @@ mod tests {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: datetime!(2026-11-01 00:00 UTC),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

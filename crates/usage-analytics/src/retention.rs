@@ -160,6 +160,8 @@ mod tests {
             plan,
             stripe_customer_id: None,
             created_at: datetime!(2026-01-01 00:00 UTC),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

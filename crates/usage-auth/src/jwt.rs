@@ -175,7 +175,9 @@ impl JwtKeys {
         // array, extra claims) verify as long as they follow the contract.
         let data = jsonwebtoken::decode::<Subject>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-        let latest = now.unix_timestamp().saturating_add_unsigned(self.max_ttl_secs + LEEWAY_SECS);
+        let latest = now
+            .unix_timestamp()
+            .saturating_add_unsigned(self.max_ttl_secs + LEEWAY_SECS);
         if data.claims.exp > latest {
             return Err(AuthError::InvalidToken(format!(
                 "exp lies more than {} s ahead (JWT_MAX_TTL_SECS)",
@@ -414,14 +416,27 @@ mod tests {
     }
 
     #[test]
-    fn a_token_lives_at_most_one_year() {
-        let k = keys(SECRET, "authenticated");
+    fn a_token_lives_at_most_its_maximum_thirty_days_by_default() {
         let (user, now) = (UserId::generate(), OffsetDateTime::now_utc());
-        const YEAR: u64 = 365 * 86_400;
-        let token = k.mint(&user, YEAR, now).unwrap();
+        const MONTH: u64 = 30 * 86_400;
+        let k = keys(SECRET, "authenticated");
+        let token = k.mint(&user, MONTH, now).unwrap();
         assert_eq!(k.verify(&token).unwrap(), user);
         assert!(matches!(
-            k.mint(&user, YEAR + 1, now),
+            k.mint(&user, MONTH + 1, now),
+            Err(AuthError::InvalidTtl { max: MONTH, got }) if got == MONTH + 1
+        ));
+        // Configured up to a year, no further.
+        const YEAR: u64 = 365 * 86_400;
+        let yearly = keys(SECRET, "authenticated").with_max_ttl(YEAR).unwrap();
+        let token = yearly.mint(&user, YEAR, now).unwrap();
+        assert_eq!(yearly.verify(&token).unwrap(), user);
+        assert!(
+            k.verify(&token).is_err(),
+            "a year-long token is refused by default"
+        );
+        assert!(matches!(
+            yearly.mint(&user, YEAR + 1, now),
             Err(AuthError::InvalidTtl { max: YEAR, got }) if got == YEAR + 1
         ));
     }

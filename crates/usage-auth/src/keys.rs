@@ -249,6 +249,30 @@ impl KeyIssuer {
         Ok((retired, new))
     }
 
+    /// Revokes every key of `user_id` still active (before blocking or deleting the user);
+    /// returns the keys revoked.
+    pub async fn revoke_all(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        let now = self.clock.now();
+        let mut revoked = Vec::new();
+        for key in self.keys.api_keys_for_user(user_id).await? {
+            if key.revoked_at.is_none() {
+                revoked.extend(self.keys.revoke_api_key(user_id, &key.id, now).await?);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Revokes one of `user_id`'s keys, then deletes its row. Running servers drop it at
+    /// their next poll either way.
+    pub async fn delete(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<(), AuthError> {
+        self.revoke(user_id, key_id).await?;
+        if self.keys.delete_api_key(user_id, key_id).await? {
+            Ok(())
+        } else {
+            Err(AuthError::UnknownKey(key_id.clone()))
+        }
+    }
+
     /// Revokes one of `user_id`'s keys (kept revoked at its first revocation time).
     /// Running servers drop it from their verification caches when they next poll for
     /// revocations ([`crate::verify::KeyVerifier::watch_access_changes`]).
@@ -340,6 +364,8 @@ mod tests {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: SystemClock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
 
@@ -392,6 +418,8 @@ mod tests {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = issuer.issue(&user.id, "ci").await.unwrap();

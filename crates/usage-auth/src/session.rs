@@ -154,8 +154,7 @@ impl DashboardSessions {
     /// (a form posted twice makes one key, [`crate::keys::KeyIssuer::issue_once`]),
     /// different for any other, and not chosen by the browser.
     pub fn form_key_id(session_token: &str, form_id: &str) -> ApiKeyId {
-        const BASE62: &[u8; 62] =
-            b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut digest = Sha256::new();
         digest.update(b"nexus-usage dashboard key form\0");
         digest.update(session_token.as_bytes());
@@ -208,6 +207,8 @@ mod tests {
             plan: Plan::Free,
             stripe_customer_id: None,
             created_at: clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         (DashboardSessions::new(store, clock.clone()), clock, user.id)

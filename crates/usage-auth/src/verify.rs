@@ -66,6 +66,36 @@ const POLL_OVERLAP: time::Duration = time::Duration::seconds(30);
 /// a change only for [`POLL_OVERLAP`]. Such an answer lasts its TTL, as without a watcher.
 const VOUCHED_LOOKUP_MAX: Duration = Duration::from_secs(10);
 
+/// Where the watcher's next poll for deleted keys starts: each deletion, like each other
+/// change, is reported by every poll for [`POLL_OVERLAP`], so that a lookup that began
+/// before the deletion and was cached after a poll reported it is dropped by a later one.
+#[derive(Debug, Default)]
+struct DeletionCursor {
+    /// Deletions numbered after this one are asked for.
+    after: i64,
+    /// (when a poll ran, the last deletion it saw), oldest first.
+    seen: std::collections::VecDeque<(OffsetDateTime, i64)>,
+}
+
+impl DeletionCursor {
+    /// The number to ask from at `now`: the last deletion seen by a poll that ran at least
+    /// [`POLL_OVERLAP`] ago.
+    fn after(&mut self, now: OffsetDateTime) -> i64 {
+        while let Some(&(at, through)) = self.seen.front() {
+            if at > now - POLL_OVERLAP {
+                break;
+            }
+            self.after = through;
+            self.seen.pop_front();
+        }
+        self.after
+    }
+
+    fn saw(&mut self, at: OffsetDateTime, through: i64) {
+        self.seen.push_back((at, through));
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     /// `None`: no active key with this hash (unknown, revoked, or its user is gone).
@@ -184,9 +214,10 @@ impl KeyVerifier {
     }
 
     /// Drops from the cache, every `every` until the returned task is aborted, every key
-    /// revoked and every user whose plan changed since the last poll, by any process:
-    /// revocations and plan changes made elsewhere (the CLI, another instance) take effect
-    /// here within about `every` instead of the cache TTL.
+    /// revoked or deleted and every user whose plan changed since the last poll, by any
+    /// process: revocations, deletions (of a key or its user, by hand in the database too)
+    /// and plan changes made elsewhere (the CLI, another instance) take effect here within
+    /// about `every` instead of the cache TTL.
     ///
     /// Polling, not PostgreSQL's LISTEN/NOTIFY: it works the same on SQLite, and a poll
     /// after a lost connection still sees what happened meanwhile (a notification sent
@@ -204,6 +235,9 @@ impl KeyVerifier {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut next_purge = verifier.clock.now() + PURGE_EVERY;
+            // From the oldest deletion still kept: one before the start may concern an
+            // answer cached before it.
+            let mut deletions = DeletionCursor::default();
             loop {
                 ticker.tick().await;
                 let polled_at = verifier.clock.now();
@@ -217,11 +251,18 @@ impl KeyVerifier {
                         .api_keys_retired_since(since, polled_at)
                         .await?;
                     let users = verifier.users.plans_changed_since(since).await?;
-                    Ok::<_, RepoError>((keys, users))
+                    // A deleted row reports no change time: deletions come by number.
+                    let deleted = verifier
+                        .keys
+                        .api_keys_deleted_after(deletions.after(polled_at))
+                        .await?;
+                    Ok::<_, RepoError>((keys, users, deleted))
                 };
                 match changes.await {
-                    Ok((keys, users)) => {
+                    Ok((keys, users, deleted)) => {
                         verifier.forget_keys(&keys);
+                        verifier.forget_keys(&deleted.keys);
+                        deletions.saw(polled_at, deleted.through);
                         verifier.forget_users(&users);
                         // Only once the changes are applied.
                         verifier
@@ -494,6 +535,15 @@ mod tests {
             self.polls.fetch_add(1, Ordering::SeqCst);
             self.inner.api_keys_retired_since(since, now).await
         }
+        async fn delete_api_key(&self, user: &UserId, key: &ApiKeyId) -> Result<bool, RepoError> {
+            self.inner.delete_api_key(user, key).await
+        }
+        async fn api_keys_deleted_after(
+            &self,
+            after: i64,
+        ) -> Result<usage_core::repo::DeletedKeys, RepoError> {
+            self.inner.api_keys_deleted_after(after).await
+        }
     }
 
     struct Fixture {
@@ -524,6 +574,8 @@ mod tests {
             plan: Plan::Free,
             stripe_customer_id: None,
             created_at: clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let config = KeyCacheConfig {
@@ -687,6 +739,71 @@ mod tests {
     /// Whether `key` is refused within about 2 s.
     async fn refused_within_2s(verifier: &KeyVerifier, key: &str) -> bool {
         within_2s(async || verifier.authenticate(key).await.unwrap().is_none()).await
+    }
+
+    #[tokio::test]
+    async fn deletions_by_another_process_are_picked_up_by_the_watcher() {
+        let f = fixture(100).await;
+        let verifier = Arc::clone(&f.verifier);
+        let issuer = KeyIssuer::new(f.store.clone(), f.clock.clone());
+        let key = issuer.issue(&f.user.id, "k").await.unwrap();
+        let kept = issuer.issue(&f.user.id, "kept").await.unwrap();
+        let mut bob = f.user.clone();
+        bob.id = UserId::generate();
+        bob.email = "bob@example.com".to_owned();
+        f.store.create_user(&bob).await.unwrap();
+        let bobs = issuer.issue(&bob.id, "b").await.unwrap();
+        for k in [&key, &kept, &bobs] {
+            assert!(verifier.authenticate(&k.plaintext).await.unwrap().is_some());
+        }
+        let watcher = verifier.watch_access_changes(Duration::from_millis(10));
+        f.two_more_polls().await;
+        let lookups = f.lookups();
+        // Rows deleted behind the verifier's back (a DELETE by hand); the clock does not
+        // move, so only the watcher can end the cached answers, which its polls renew.
+        assert!(
+            f.store
+                .delete_api_key(&f.user.id, &key.record.id)
+                .await
+                .unwrap()
+        );
+        assert!(
+            refused_within_2s(&verifier, &key.plaintext).await,
+            "the watcher dropped the deleted key"
+        );
+        assert!(f.store.delete_user(&bob.id).await.unwrap());
+        assert!(
+            refused_within_2s(&verifier, &bobs.plaintext).await,
+            "the watcher dropped the key of the deleted user"
+        );
+        // The other key is still answered from the cache.
+        f.two_more_polls().await;
+        assert!(
+            verifier
+                .authenticate(&kept.plaintext)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            f.lookups(),
+            lookups + 2,
+            "only the two deleted keys were read again"
+        );
+        watcher.abort();
+    }
+
+    #[test]
+    fn each_deletion_is_asked_for_again_for_the_overlap() {
+        let t0 = datetime!(2026-11-22 10:00 UTC);
+        let mut cursor = DeletionCursor::default();
+        assert_eq!(cursor.after(t0), 0);
+        cursor.saw(t0, 5);
+        cursor.saw(t0 + time::Duration::seconds(1), 7);
+        assert_eq!(cursor.after(t0 + time::Duration::seconds(29)), 0);
+        assert_eq!(cursor.after(t0 + POLL_OVERLAP), 5);
+        assert_eq!(cursor.after(t0 + time::Duration::minutes(5)), 7);
+        assert_eq!(cursor.after(t0 + time::Duration::minutes(6)), 7);
     }
 
     #[tokio::test]

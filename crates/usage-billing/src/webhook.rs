@@ -111,6 +111,8 @@ impl PlanPrices {
 pub enum PlanDecision {
     /// Set this plan.
     Set(Plan),
+    /// The subscription ended: back to free, if it is the one that set the plan.
+    End,
     /// The subscription is live but sells none of our prices: no change.
     UnknownPrice,
     /// A status that changes nothing (`incomplete`, `past_due`, `paused`).
@@ -118,7 +120,7 @@ pub enum PlanDecision {
 }
 
 /// The plan a `customer.subscription.*` event gives: deleted, `canceled`, `unpaid` or
-/// `incomplete_expired` → free; `active` or `trialing` → the highest plan among the
+/// `incomplete_expired` → its end (free, when it set the plan); `active` or `trialing` → the highest plan among the
 /// items' prices; any other status changes nothing.
 pub fn subscription_plan(
     event_type: &str,
@@ -127,10 +129,10 @@ pub fn subscription_plan(
     prices: &PlanPrices,
 ) -> PlanDecision {
     if event_type == "customer.subscription.deleted" {
-        return PlanDecision::Set(Plan::Free);
+        return PlanDecision::End;
     }
     match status {
-        "canceled" | "unpaid" | "incomplete_expired" => PlanDecision::Set(Plan::Free),
+        "canceled" | "unpaid" | "incomplete_expired" => PlanDecision::End,
         "active" | "trialing" => price_ids
             .iter()
             .filter_map(|id| prices.plan_of(id))
@@ -158,6 +160,8 @@ pub enum WebhookOutcome {
     Duplicate,
     /// A later event of the customer was applied already.
     Stale,
+    /// The end of a subscription that did not set the user's plan.
+    OtherSubscription,
     /// No user is linked to the customer.
     UnknownCustomer,
     /// A live subscription to none of the configured prices.
@@ -173,6 +177,7 @@ impl WebhookOutcome {
             WebhookOutcome::Applied { .. } => "applied",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",
+            WebhookOutcome::OtherSubscription => "other_subscription",
             WebhookOutcome::UnknownCustomer => "unknown_customer",
             WebhookOutcome::UnknownPrice => "unknown_price",
             WebhookOutcome::Ignored => "ignored",
@@ -265,8 +270,9 @@ impl StripeWebhooks {
                     .collect()
             })
             .unwrap_or_default();
-        let plan = match subscription_plan(&event_type, status, &price_ids, &self.prices) {
-            PlanDecision::Set(plan) => plan,
+        let (plan, ends) = match subscription_plan(&event_type, status, &price_ids, &self.prices) {
+            PlanDecision::Set(plan) => (plan, false),
+            PlanDecision::End => (Plan::Free, true),
             PlanDecision::UnknownPrice => {
                 tracing::warn!(event = %id, %customer, prices = ?price_ids,
                     "Stripe subscription to no configured price (STRIPE_PRICE_PRO, STRIPE_PRICE_ENTERPRISE): plan unchanged");
@@ -283,6 +289,8 @@ impl StripeWebhooks {
             customer: customer.clone(),
             plan,
             created,
+            subscription: text(&object["id"]).filter(|id| !id.is_empty() && id.len() <= 255),
+            ends,
         };
         let outcome = match self.users.apply_subscription_change(&change, now).await? {
             SubscriptionOutcome::Applied(user) => {
@@ -297,6 +305,11 @@ impl StripeWebhooks {
             SubscriptionOutcome::Stale => {
                 tracing::info!(event = %id, %customer, "Stripe event older than one applied: ignored");
                 WebhookOutcome::Stale
+            }
+            SubscriptionOutcome::OtherSubscription => {
+                tracing::info!(event = %id, %customer,
+                    "the end of a subscription that did not set the plan: plan unchanged");
+                WebhookOutcome::OtherSubscription
             }
             SubscriptionOutcome::UnknownCustomer => {
                 tracing::warn!(event = %id, %customer,
@@ -391,7 +404,7 @@ mod tests {
         for status in ["canceled", "unpaid", "incomplete_expired"] {
             assert_eq!(
                 subscription_plan(updated, status, &["price_pro"], &prices),
-                set(Plan::Free)
+                PlanDecision::End
             );
         }
         for status in ["past_due", "incomplete", "paused", ""] {
@@ -407,7 +420,7 @@ mod tests {
                 &["price_pro"],
                 &prices
             ),
-            set(Plan::Free)
+            PlanDecision::End
         );
         assert_eq!(
             subscription_plan(updated, "active", &["price_pro"], &PlanPrices::default()),

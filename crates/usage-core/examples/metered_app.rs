@@ -49,6 +49,8 @@ async fn main() -> std::io::Result<()> {
         plan: Plan::Free,
         stripe_customer_id: None,
         created_at: clock.now(),
+        plan_subscription_id: None,
+        blocked_at: None,
     };
     store
         .create_user(&user)

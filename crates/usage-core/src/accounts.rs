@@ -84,6 +84,8 @@ impl Accounts {
             plan,
             stripe_customer_id: stripe_customer_id.map(str::to_owned),
             created_at: self.clock.now(),
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         match self.users.create_user(&user).await {
             Ok(()) => Ok(user),
@@ -104,6 +106,30 @@ impl Accounts {
         match self.users.set_plan(id, plan, self.clock.now()).await {
             Ok(user) => Ok(user),
             Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// Blocks a user (`block: true`) or lifts the block. A blocked user's tokens and
+    /// dashboard sessions are refused; revoke their keys first
+    /// (`usage_auth::keys::KeyIssuer::revoke_all`), so that every instance drops them at
+    /// its next poll.
+    pub async fn set_blocked(&self, id: &UserId, block: bool) -> Result<User, AccountError> {
+        let at = block.then(|| self.clock.now());
+        match self.users.set_user_blocked(id, at).await {
+            Ok(user) => Ok(user),
+            Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// Deletes a user with everything stored of them. Revoke their keys first
+    /// (`usage_auth::keys::KeyIssuer::revoke_all`): instances drop deleted keys at their
+    /// next poll too, but a revocation is also seen by instances of an older version.
+    pub async fn delete(&self, id: &UserId) -> Result<(), AccountError> {
+        match self.users.delete_user(id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AccountError::UnknownUser(id.clone())),
             Err(e) => Err(AccountError::Repo(e)),
         }
     }

@@ -20,7 +20,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::event::new_event_id;
 use crate::repo::{
-    AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, EndpointCount,
+    AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, DeletedKeys, EndpointCount,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
     UserSort,
@@ -53,6 +53,9 @@ macro_rules! repository_conformance_tests {
             users_stripe_customers_are_unique,
             subscription_changes_apply_once_and_in_order,
             subscription_change_deliveries_at_once_apply_once,
+            a_subscription_end_takes_back_only_the_plan_it_set,
+            deleted_keys_are_reported_in_order_however_deleted,
+            users_are_blocked_and_unblocked,
             api_keys_crud,
             api_keys_unique_hash_and_known_user,
             api_keys_concurrent_issues_stop_at_the_limit,
@@ -100,6 +103,8 @@ fn user(email: &str, plan: Plan) -> User {
         plan,
         stripe_customer_id: None,
         created_at: T0,
+        plan_subscription_id: None,
+        blocked_at: None,
     }
 }
 
@@ -620,7 +625,160 @@ fn subscription(
         customer: customer.to_owned(),
         plan,
         created,
+        subscription: None,
+        ends: false,
     }
+}
+
+/// The event of a subscription (`data.object.id`) starting (`ends: false`) or ending.
+fn subscription_of(
+    event_id: &str,
+    subscription: &str,
+    plan: Plan,
+    ends: bool,
+    created: OffsetDateTime,
+) -> SubscriptionChange {
+    SubscriptionChange {
+        subscription: Some(subscription.to_owned()),
+        ends,
+        ..self::subscription(event_id, "cus_ada", plan, created)
+    }
+}
+
+/// A customer with two subscriptions: the end of the one that did not set the plan changes
+/// nothing (a paying customer is never downgraded by an old subscription's deletion); the
+/// end of the one that did takes the plan back to free.
+pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn Store>) {
+    let mut ada = user("ada@example.com", Plan::Free);
+    ada.stripe_customer_id = Some("cus_ada".to_owned());
+    store.create_user(&ada).await.unwrap();
+    let at = T0 + Duration::minutes(30);
+    let apply = async |change: &SubscriptionChange| {
+        store.apply_subscription_change(change, at).await.unwrap()
+    };
+    let stored = async || store.user_by_id(&ada.id).await.unwrap().unwrap();
+
+    let old = subscription_of("evt_1", "sub_OLD", Plan::Pro, false, T0);
+    assert!(matches!(apply(&old).await, SubscriptionOutcome::Applied(_)));
+    let new_start = T0 + Duration::seconds(10);
+    let new = subscription_of("evt_2", "sub_NEW", Plan::Enterprise, false, new_start);
+    assert!(matches!(apply(&new).await, SubscriptionOutcome::Applied(_)));
+    let now = stored().await;
+    assert_eq!(now.plan, Plan::Enterprise);
+    assert_eq!(now.plan_subscription_id.as_deref(), Some("sub_NEW"));
+
+    // The old subscription is deleted after: nothing changes, and a replay is a duplicate.
+    let old_end = subscription_of(
+        "evt_3",
+        "sub_OLD",
+        Plan::Free,
+        true,
+        T0 + Duration::seconds(20),
+    );
+    assert_eq!(
+        apply(&old_end).await,
+        SubscriptionOutcome::OtherSubscription
+    );
+    assert_eq!(apply(&old_end).await, SubscriptionOutcome::Duplicate);
+    assert_eq!(stored().await, now);
+    // An event without a subscription id ends nothing either.
+    let anonymous_end = SubscriptionChange {
+        subscription: None,
+        ..subscription_of("evt_4", "", Plan::Free, true, T0 + Duration::seconds(21))
+    };
+    assert_eq!(
+        apply(&anonymous_end).await,
+        SubscriptionOutcome::OtherSubscription
+    );
+    assert_eq!(stored().await.plan, Plan::Enterprise);
+
+    // The subscription that set the plan ends: free, and no subscription holds it.
+    let new_end = subscription_of(
+        "evt_5",
+        "sub_NEW",
+        Plan::Free,
+        true,
+        T0 + Duration::seconds(30),
+    );
+    assert!(matches!(
+        apply(&new_end).await,
+        SubscriptionOutcome::Applied(_)
+    ));
+    let after = stored().await;
+    assert_eq!((after.plan, after.plan_subscription_id), (Plan::Free, None));
+
+    // A plan no subscription is known to have set goes back at any end, as before.
+    store
+        .set_plan(&ada.id, Plan::Pro, at + Duration::minutes(1))
+        .await
+        .unwrap();
+    let any_end = subscription_of(
+        "evt_6",
+        "sub_X",
+        Plan::Free,
+        true,
+        T0 + Duration::seconds(40),
+    );
+    assert!(
+        matches!(apply(&any_end).await, SubscriptionOutcome::Applied(u) if u.plan == Plan::Free)
+    );
+}
+
+/// Deleted keys are reported by number, whether deleted one by one or with their user; a
+/// poll from the last number sees only later ones.
+pub async fn deleted_keys_are_reported_in_order_however_deleted(store: Arc<dyn Store>) {
+    let start = store.api_keys_deleted_after(0).await.unwrap();
+    assert!(start.keys.is_empty(), "a fresh store has deleted nothing");
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let bob_second = key_for(&bob, &format!("{:064x}", rand::random::<u128>()), T0);
+    store.create_api_key(&bob_second).await.unwrap();
+
+    // Only the owner's key is deleted.
+    assert!(!store.delete_api_key(&bob, &ada_key).await.unwrap());
+    assert!(store.delete_api_key(&ada, &ada_key).await.unwrap());
+    assert!(!store.delete_api_key(&ada, &ada_key).await.unwrap());
+    let first = store.api_keys_deleted_after(start.through).await.unwrap();
+    assert_eq!(first.keys, vec![ada_key.clone()]);
+    assert!(first.through > start.through);
+    assert!(store.api_keys_for_user(&ada).await.unwrap().is_empty());
+
+    // A user's deletion takes their keys with it, and reports them.
+    assert!(store.delete_user(&bob).await.unwrap());
+    assert!(!store.delete_user(&bob).await.unwrap());
+    assert_eq!(store.user_by_id(&bob).await.unwrap(), None);
+    let second = store.api_keys_deleted_after(first.through).await.unwrap();
+    let mut gone = second.keys.clone();
+    gone.sort();
+    let mut expected = vec![bob_key, bob_second.id];
+    expected.sort();
+    assert_eq!(gone, expected);
+    let none = store.api_keys_deleted_after(second.through).await.unwrap();
+    assert_eq!(
+        none,
+        DeletedKeys {
+            keys: vec![],
+            through: second.through
+        }
+    );
+    // From the start again: every deletion, in order.
+    let all = store.api_keys_deleted_after(start.through).await.unwrap();
+    assert_eq!(all.keys.len(), 3);
+    assert_eq!(all.keys[0], ada_key);
+}
+
+/// Blocking is stored and read back; unblocking clears it.
+pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
+    let (ada, _) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let blocked = store.set_user_blocked(&ada, Some(T0)).await.unwrap();
+    assert_eq!(blocked.blocked_at, Some(T0));
+    assert_eq!(store.user_by_id(&ada).await.unwrap().unwrap(), blocked);
+    let unblocked = store.set_user_blocked(&ada, None).await.unwrap();
+    assert_eq!(unblocked.blocked_at, None);
+    assert_eq!(
+        store.set_user_blocked(&UserId::generate(), Some(T0)).await,
+        Err(RepoError::NotFound { entity: "user" })
+    );
 }
 
 /// Stripe events: applied once, stale ones ignored, unknown customers leave no trace.

@@ -10,13 +10,13 @@ use uuid::Uuid;
 
 use crate::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DayTotal, DeadLetter, EndpointCount, EndpointStats, IncludedCalls,
-    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
-    UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size, plan_key_issue,
-    plan_subscription_change,
+    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
+    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
+    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta,
+    QuotaTake, RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome,
+    TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User,
+    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
+    plan_key_issue, plan_subscription_change,
 };
 use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
 
@@ -48,6 +48,19 @@ struct State {
     sessions: HashMap<String, (UserId, OffsetDateTime)>,
     /// Sign-in links: token hash to (user, expires at, used).
     login_links: HashMap<String, (UserId, OffsetDateTime, bool)>,
+    /// Deleted keys, numbered from 1 in the order of their deletion.
+    deleted_keys: Vec<(i64, ApiKeyId)>,
+}
+
+impl State {
+    /// Removes a key and numbers its deletion.
+    fn delete_key(&mut self, id: &ApiKeyId) {
+        if let Some(key) = self.keys.remove(id) {
+            self.key_by_hash.remove(&key.key_hash);
+            let seq = self.deleted_keys.last().map_or(1, |(seq, _)| seq + 1);
+            self.deleted_keys.push((seq, key.id));
+        }
+    }
 }
 
 impl State {
@@ -236,6 +249,46 @@ impl UserRepository for MemoryStore {
             .collect())
     }
 
+    async fn set_user_blocked(
+        &self,
+        id: &UserId,
+        at: Option<OffsetDateTime>,
+    ) -> Result<User, RepoError> {
+        let mut state = self.state();
+        let user = state
+            .users
+            .get_mut(id)
+            .ok_or(RepoError::NotFound { entity: "user" })?;
+        user.blocked_at = at;
+        Ok(user.clone())
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, RepoError> {
+        let mut state = self.state();
+        let Some(user) = state.users.remove(id) else {
+            return Ok(false);
+        };
+        // As the databases' ON DELETE CASCADE.
+        state.user_by_email.remove(&user.email);
+        let keys: Vec<ApiKeyId> = state
+            .keys
+            .values()
+            .filter(|k| &k.user_id == id)
+            .map(|k| k.id.clone())
+            .collect();
+        for key in &keys {
+            state.delete_key(key);
+        }
+        state.records.retain(|(user, _), _| user != id);
+        state.daily.retain(|(user, _), _| user != id);
+        state.charges.retain(|c| &c.user_id != id);
+        state.quota.retain(|(user, _), _| user != id);
+        state.plan_changed.remove(id);
+        state.sessions.retain(|_, (user, _)| user != id);
+        state.login_links.retain(|_, (user, _, _)| user != id);
+        Ok(true)
+    }
+
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
         let state = self.state();
         Ok(Plan::ALL
@@ -386,6 +439,28 @@ impl ApiKeyRepository for MemoryStore {
             })
             .map(|k| k.id.clone())
             .collect())
+    }
+
+    async fn delete_api_key(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<bool, RepoError> {
+        let mut state = self.state();
+        if state.keys.get(key_id).is_none_or(|k| &k.user_id != user_id) {
+            return Ok(false);
+        }
+        state.delete_key(key_id);
+        Ok(true)
+    }
+
+    async fn api_keys_deleted_after(&self, after: i64) -> Result<DeletedKeys, RepoError> {
+        let state = self.state();
+        let newer: Vec<&(i64, ApiKeyId)> = state
+            .deleted_keys
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .collect();
+        Ok(DeletedKeys {
+            through: newer.last().map_or(after, |(seq, _)| *seq),
+            keys: newer.into_iter().map(|(_, id)| id.clone()).collect(),
+        })
     }
 }
 

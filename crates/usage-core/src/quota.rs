@@ -634,6 +634,8 @@ mod tests {
             plan: Plan::Free,
             stripe_customer_id: None,
             created_at: at,
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

@@ -60,6 +60,10 @@ pub struct User {
     pub stripe_customer_id: Option<String>,
     /// When the user was created.
     pub created_at: OffsetDateTime,
+    /// The Stripe subscription whose event set the plan: only its end takes the plan back.
+    pub plan_subscription_id: Option<String>,
+    /// Since when the user is blocked (keys revoked, tokens and sign-ins refused).
+    pub blocked_at: Option<OffsetDateTime>,
 }
 
 /// A stored API key (`eco_api_keys`): never the key itself, only its SHA-256.
@@ -476,6 +480,17 @@ pub trait UserRepository: Send + Sync {
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError>;
     /// How many users each plan has (plans without users are left out).
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
+    /// Blocks the user since `at` (`None`: unblocks) and returns the user as they now are;
+    /// `NotFound` for an unknown id. Keys are not touched: revoke them first.
+    async fn set_user_blocked(
+        &self,
+        id: &UserId,
+        at: Option<OffsetDateTime>,
+    ) -> Result<User, RepoError>;
+    /// Deletes the user with everything that refers to them (keys, counters, charges,
+    /// sessions); `false` when there was no such user. Their keys are reported by
+    /// [`ApiKeyRepository::api_keys_deleted_after`].
+    async fn delete_user(&self, id: &UserId) -> Result<bool, RepoError>;
 }
 
 /// A plan change asked by a Stripe event (`customer.subscription.*`).
@@ -491,6 +506,11 @@ pub struct SubscriptionChange {
     pub plan: Plan,
     /// When Stripe created the event: events arrive in any order, the latest wins.
     pub created: OffsetDateTime,
+    /// The subscription (`data.object.id`), when the event names one.
+    pub subscription: Option<String>,
+    /// The subscription ended (deleted, or a status that ends it): the plan goes back only
+    /// if this subscription is the one that set it.
+    pub ends: bool,
 }
 
 /// What [`UserRepository::apply_subscription_change`] did.
@@ -502,6 +522,8 @@ pub enum SubscriptionOutcome {
     Duplicate,
     /// An event of this customer created later was applied already: nothing changed.
     Stale,
+    /// The end of a subscription other than the one that set the plan: nothing changed.
+    OtherSubscription,
     /// No user has this Stripe customer id: nothing was written.
     UnknownCustomer,
 }
@@ -527,8 +549,25 @@ pub fn plan_subscription_change(
     if latest_applied.is_some_and(|latest| latest > change.created) {
         return SubscriptionOutcome::Stale;
     }
+    // A customer may hold several subscriptions (an upgrade made as a new one, then the
+    // old one cancelled): the end of one that did not set the plan changes nothing. A plan
+    // no subscription is known to have set (set by hand, or before subscriptions were
+    // recorded) goes back at any end, as before.
+    if change.ends
+        && user
+            .plan_subscription_id
+            .as_deref()
+            .is_some_and(|set_by| change.subscription.as_deref() != Some(set_by))
+    {
+        return SubscriptionOutcome::OtherSubscription;
+    }
     let mut user = user.clone();
     user.plan = change.plan;
+    user.plan_subscription_id = if change.ends {
+        None
+    } else {
+        change.subscription.clone()
+    };
     SubscriptionOutcome::Applied(user)
 }
 
@@ -538,6 +577,7 @@ impl SubscriptionOutcome {
         match self {
             SubscriptionOutcome::Applied(_) => Some("applied"),
             SubscriptionOutcome::Stale => Some("stale"),
+            SubscriptionOutcome::OtherSubscription => Some("other_subscription"),
             SubscriptionOutcome::Duplicate | SubscriptionOutcome::UnknownCustomer => None,
         }
     }
@@ -643,6 +683,22 @@ pub trait ApiKeyRepository: Send + Sync {
         since: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError>;
+    /// Deletes one of `user_id`'s keys; `false` when the user has no key with this id.
+    async fn delete_api_key(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<bool, RepoError>;
+    /// Keys whose rows were deleted after the deletion numbered `after` (0: every one
+    /// still kept, which is a day's), however they were deleted: by
+    /// [`Self::delete_api_key`], with their user, or by hand in the database. Deletions
+    /// are numbered in the order they were made; `through` is the last one returned.
+    async fn api_keys_deleted_after(&self, after: i64) -> Result<DeletedKeys, RepoError>;
+}
+
+/// What [`ApiKeyRepository::api_keys_deleted_after`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedKeys {
+    /// The keys deleted, oldest deletion first.
+    pub keys: Vec<ApiKeyId>,
+    /// The number of the last deletion returned; `after` when there was none.
+    pub through: i64,
 }
 
 /// What a quota lease may take: see [`lease_size`].

@@ -48,6 +48,8 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         plan,
         stripe_customer_id: None,
         created_at: clock.now(),
+        plan_subscription_id: None,
+        blocked_at: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

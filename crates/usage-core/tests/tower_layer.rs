@@ -55,6 +55,8 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         plan: Plan::Free,
         stripe_customer_id: None,
         created_at: clock.now(),
+        plan_subscription_id: None,
+        blocked_at: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

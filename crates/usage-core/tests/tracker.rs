@@ -153,6 +153,8 @@ async fn fixture() -> Fixture {
         plan: Plan::Pro,
         stripe_customer_id: None,
         created_at: T0,
+        plan_subscription_id: None,
+        blocked_at: None,
     };
     store.inner.create_user(&user).await.unwrap();
     let key = add_key(&store, &user.id, "f".repeat(64)).await;
@@ -268,6 +270,15 @@ impl ApiKeyRepository for KeysOf {
         now: OffsetDateTime,
     ) -> Result<Vec<ApiKeyId>, RepoError> {
         self.0.inner.api_keys_retired_since(since, now).await
+    }
+    async fn delete_api_key(&self, user: &UserId, key: &ApiKeyId) -> Result<bool, RepoError> {
+        self.0.inner.delete_api_key(user, key).await
+    }
+    async fn api_keys_deleted_after(
+        &self,
+        after: i64,
+    ) -> Result<usage_core::repo::DeletedKeys, RepoError> {
+        self.0.inner.api_keys_deleted_after(after).await
     }
 }
 
@@ -530,6 +541,8 @@ async fn each_customers_calls_go_to_one_writer_and_the_writers_run_at_once() {
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: T0,
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         f.store.inner.create_user(&user).await.unwrap();
         let key = add_key(&f.store, &user.id, format!("{i:064}")).await;

@@ -63,6 +63,8 @@ async fn seed(store: &Arc<dyn Store>, users: usize, run: &str) -> Vec<(UserId, A
             plan: Plan::Pro,
             stripe_customer_id: None,
             created_at: now,
+            plan_subscription_id: None,
+            blocked_at: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

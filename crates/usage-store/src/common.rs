@@ -748,3 +748,15 @@ macro_rules! session_repository {
     };
 }
 pub(crate) use session_repository;
+
+/// Deletions read from `eco_deleted_keys` (sequence, key id), in sequence order, as the
+/// repository reports them.
+pub(crate) fn deleted_keys(rows: Vec<(i64, String)>, after: i64) -> usage_core::repo::DeletedKeys {
+    usage_core::repo::DeletedKeys {
+        through: rows.last().map_or(after, |(seq, _)| *seq),
+        keys: rows
+            .into_iter()
+            .map(|(_, id)| usage_core::ApiKeyId::from_stored(id))
+            .collect(),
+    }
+}

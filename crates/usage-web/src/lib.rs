@@ -178,7 +178,13 @@ impl Viewer {
         let Some(user_id) = dash.sessions.user(&token).await? else {
             return Ok(None);
         };
-        let Some(user) = dash.store.user_by_id(&user_id).await? else {
+        // A blocked user's sessions end with the block (`users block`).
+        let Some(user) = dash
+            .store
+            .user_by_id(&user_id)
+            .await?
+            .filter(|u| u.blocked_at.is_none())
+        else {
             return Ok(None);
         };
         Ok(Some(Self {

@@ -192,6 +192,24 @@ impl Db {
         (user, key)
     }
 
+    /// Runs SQL on the database behind the server's back, as an operator's shell would
+    /// (SQLite: the sqlite3 shell's defaults, foreign keys off).
+    pub fn sql(&self, sql: &str) {
+        match &self.pg {
+            Some(pg) => {
+                pg.psql(sql).unwrap();
+            }
+            None => {
+                use diesel::connection::SimpleConnection;
+                use diesel::{Connection, SqliteConnection};
+                let path = self.url.strip_prefix("sqlite://").unwrap();
+                let mut conn = SqliteConnection::establish(path).unwrap();
+                conn.batch_execute(&format!("PRAGMA busy_timeout = 10000; {sql}"))
+                    .unwrap();
+            }
+        }
+    }
+
     pub fn start(&self, env: &[(&str, &str)]) -> Server {
         Server::start(self, env)
     }

@@ -92,6 +92,8 @@ pub async fn user_on(
         plan,
         stripe_customer_id: customer.map(str::to_owned),
         created_at,
+        plan_subscription_id: None,
+        blocked_at: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

@@ -17,8 +17,8 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use time::{Date, OffsetDateTime};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
-    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
+    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
     UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
@@ -30,14 +30,14 @@ use usage_core::{
 use uuid::Uuid;
 
 use self::schema::{
-    eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
-    eco_usage_records, eco_usage_retention, eco_users,
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_stripe_events,
+    eco_usage_daily, eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, PeriodSumsRow,
     QuotaTakeRow, TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json,
-    distinct_references, event_from_columns, foldable, lease_binds, parse_plan, plan_counts,
-    projection_threshold, raw_day, session_sql, to_i64, to_u64,
+    deleted_keys, distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
+    plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::common::{DAILY_TOTALS, DAY_TOTALS};
 use crate::error::{is_retryable, repo_error};
@@ -160,6 +160,8 @@ struct UserRow {
     plan: String,
     stripe_customer_id: Option<String>,
     created_at: OffsetDateTime,
+    plan_subscription_id: Option<String>,
+    blocked_at: Option<OffsetDateTime>,
 }
 
 impl UserRow {
@@ -170,6 +172,8 @@ impl UserRow {
             plan: u.plan.as_str().to_owned(),
             stripe_customer_id: u.stripe_customer_id.clone(),
             created_at: u.created_at,
+            plan_subscription_id: u.plan_subscription_id.clone(),
+            blocked_at: u.blocked_at,
         }
     }
 
@@ -180,6 +184,8 @@ impl UserRow {
             plan: parse_plan(&self.plan)?,
             stripe_customer_id: self.stripe_customer_id,
             created_at: self.created_at,
+            plan_subscription_id: self.plan_subscription_id,
+            blocked_at: self.blocked_at,
         })
     }
 }
@@ -553,6 +559,7 @@ impl UserRepository for PgStore {
                 diesel::update(eco_users::table.find(user.id.as_str()))
                     .set((
                         eco_users::plan.eq(user.plan.as_str()),
+                        eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
                         eco_users::plan_changed_at.eq(at),
                     ))
                     .execute(conn)
@@ -585,6 +592,30 @@ impl UserRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "user"))?;
         plan_counts(rows)
+    }
+
+    async fn set_user_blocked(
+        &self,
+        id: &UserId,
+        at: Option<OffsetDateTime>,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::blocked_at.eq(at))
+            .returning(UserRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?
+            .into_domain()
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let deleted = diesel::delete(eco_users::table.find(id.as_str()))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "user"))?;
+        Ok(deleted > 0)
     }
 }
 
@@ -767,6 +798,31 @@ impl ApiKeyRepository for PgStore {
             .await
             .map_err(|e| repo_error(e, "API key"))?;
         Ok(ids.into_iter().map(ApiKeyId::from_stored).collect())
+    }
+
+    async fn delete_api_key(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let deleted = diesel::delete(
+            eco_api_keys::table
+                .filter(eco_api_keys::id.eq(key_id.as_str()))
+                .filter(eco_api_keys::user_id.eq(user_id.as_str())),
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "API key"))?;
+        Ok(deleted > 0)
+    }
+
+    async fn api_keys_deleted_after(&self, after: i64) -> Result<DeletedKeys, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(i64, String)> = eco_deleted_keys::table
+            .filter(eco_deleted_keys::seq.gt(after))
+            .order(eco_deleted_keys::seq)
+            .select((eco_deleted_keys::seq, eco_deleted_keys::key_id))
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "API key"))?;
+        Ok(deleted_keys(rows, after))
     }
 }
 
@@ -1481,7 +1537,11 @@ impl DailyUsageRepository for PgStore {
             .first(&mut conn)
             .await
             .map_err(|e| repo_error(e, "usage event"))?;
-        Ok(first.map(|t| t.checked_to_offset(time::UtcOffset::UTC).unwrap_or(t).date()))
+        Ok(first.map(|t| {
+            t.checked_to_offset(time::UtcOffset::UTC)
+                .unwrap_or(t)
+                .date()
+        }))
     }
 }
 
@@ -2032,6 +2092,8 @@ impl UserPageRow {
                 plan: parse_plan(&self.plan)?,
                 stripe_customer_id: self.stripe_customer_id,
                 created_at: self.created_at,
+                plan_subscription_id: None,
+                blocked_at: None,
             },
             api_calls: to_u64(self.api_calls),
             overage_calls: to_u64(self.overage_calls),

@@ -8,6 +8,8 @@ diesel::table! {
         stripe_customer_id -> Nullable<Text>,
         created_at -> Timestamptz,
         plan_changed_at -> Nullable<Timestamptz>,
+        plan_subscription_id -> Nullable<Text>,
+        blocked_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -99,6 +101,15 @@ diesel::table! {
     eco_usage_retention (id) {
         id -> Integer,
         pruned_before -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    eco_deleted_keys (seq) {
+        seq -> BigInt,
+        key_id -> Text,
+        user_id -> Text,
+        deleted_at -> Timestamptz,
     }
 }
 

@@ -18,8 +18,8 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DayTotal, DeadLetter, EndpointStats, IncludedCalls, KeyIssue,
-    KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
+    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage,
     UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort,
@@ -30,13 +30,13 @@ use usage_core::{
 };
 
 use self::schema::{
-    eco_api_keys, eco_api_usage, eco_overage_charges, eco_stripe_events, eco_usage_daily,
-    eco_usage_records, eco_usage_retention, eco_users,
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_stripe_events,
+    eco_usage_daily, eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::common::{
     BatchError, CountRow, EndpointStatsRow, EventTuple, FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts,
     PeriodSumsRow, QuotaTakeRow, admin_sql, billed_limit, counter_deltas, dead_letters_json,
-    distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
+    deleted_keys, distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
     parse_top_endpoints, plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::common::{DAILY_TOTALS, DAY_TOTALS};
@@ -234,6 +234,8 @@ struct UserRow {
     plan: String,
     stripe_customer_id: Option<String>,
     created_at: String,
+    plan_subscription_id: Option<String>,
+    blocked_at: Option<String>,
 }
 
 impl UserRow {
@@ -244,6 +246,8 @@ impl UserRow {
             plan: parse_plan(&self.plan)?,
             stripe_customer_id: self.stripe_customer_id,
             created_at: parse_ts(&self.created_at)?,
+            plan_subscription_id: self.plan_subscription_id,
+            blocked_at: parse_ts_opt(self.blocked_at)?,
         })
     }
 }
@@ -419,6 +423,8 @@ impl UserRepository for SqliteStore {
             plan: user.plan.as_str().to_owned(),
             stripe_customer_id: user.stripe_customer_id.clone(),
             created_at: ts(user.created_at),
+            plan_subscription_id: user.plan_subscription_id.clone(),
+            blocked_at: user.blocked_at.map(ts),
         };
         self.run("user", move |conn| {
             diesel::insert_into(eco_users::table)
@@ -547,6 +553,7 @@ impl UserRepository for SqliteStore {
                     diesel::update(eco_users::table.find(user.id.as_str()))
                         .set((
                             eco_users::plan.eq(user.plan.as_str()),
+                            eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
                             eco_users::plan_changed_at.eq(&at),
                         ))
                         .execute(conn)?;
@@ -580,6 +587,34 @@ impl UserRepository for SqliteStore {
                 .load(conn)
                 .map_err(db("user"))?;
             plan_counts(rows)
+        })
+        .await
+    }
+
+    async fn set_user_blocked(
+        &self,
+        id: &UserId,
+        at: Option<OffsetDateTime>,
+    ) -> Result<User, RepoError> {
+        let (id, at) = (id.to_string(), at.map(ts));
+        self.run("user", move |conn| {
+            diesel::update(eco_users::table.find(id))
+                .set(eco_users::blocked_at.eq(at))
+                .returning(UserRow::as_returning())
+                .get_result(conn)
+                .map_err(db("user"))?
+                .into_domain()
+        })
+        .await
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, RepoError> {
+        let id = id.to_string();
+        self.run("user", move |conn| {
+            let deleted = diesel::delete(eco_users::table.find(id))
+                .execute(conn)
+                .map_err(db("user"))?;
+            Ok(deleted > 0)
         })
         .await
     }
@@ -770,6 +805,34 @@ impl ApiKeyRepository for SqliteStore {
                 .load(conn)
                 .map_err(db("API key"))?;
             Ok(ids.into_iter().map(ApiKeyId::from_stored).collect())
+        })
+        .await
+    }
+
+    async fn delete_api_key(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<bool, RepoError> {
+        let (user_id, key_id) = (user_id.to_string(), key_id.to_string());
+        self.run("API key", move |conn| {
+            let deleted = diesel::delete(
+                eco_api_keys::table
+                    .filter(eco_api_keys::id.eq(key_id))
+                    .filter(eco_api_keys::user_id.eq(user_id)),
+            )
+            .execute(conn)
+            .map_err(db("API key"))?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn api_keys_deleted_after(&self, after: i64) -> Result<DeletedKeys, RepoError> {
+        self.run("API key", move |conn| {
+            let rows: Vec<(i64, String)> = eco_deleted_keys::table
+                .filter(eco_deleted_keys::seq.gt(after))
+                .order(eco_deleted_keys::seq)
+                .select((eco_deleted_keys::seq, eco_deleted_keys::key_id))
+                .load(conn)
+                .map_err(db("API key"))?;
+            Ok(deleted_keys(rows, after))
         })
         .await
     }
@@ -2152,6 +2215,8 @@ impl UserPageRow {
                 plan: parse_plan(&self.plan)?,
                 stripe_customer_id: self.stripe_customer_id,
                 created_at: parse_ts(&self.created_at)?,
+                plan_subscription_id: None,
+                blocked_at: None,
             },
             api_calls: to_u64(self.api_calls),
             overage_calls: to_u64(self.overage_calls),

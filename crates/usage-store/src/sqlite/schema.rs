@@ -8,6 +8,8 @@ diesel::table! {
         stripe_customer_id -> Nullable<Text>,
         created_at -> Text,
         plan_changed_at -> Nullable<Text>,
+        plan_subscription_id -> Nullable<Text>,
+        blocked_at -> Nullable<Text>,
     }
 }
 
@@ -100,6 +102,15 @@ diesel::table! {
     eco_usage_retention (id) {
         id -> Integer,
         pruned_before -> Text,
+    }
+}
+
+diesel::table! {
+    eco_deleted_keys (seq) {
+        seq -> BigInt,
+        key_id -> Text,
+        user_id -> Text,
+        deleted_at -> Text,
     }
 }
 
