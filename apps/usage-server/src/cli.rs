@@ -159,8 +159,23 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub api_key_cache_ttl_ms: u64,
 
-    /// How often to look for keys revoked and plans changed by another process (the CLI,
-    /// another instance) and drop them from the cache (milliseconds).
+    /// A request body must arrive whole within this many seconds of the request's start,
+    /// else 408 and the connection closes (1 to 300).
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT_SECS", default_value_t = 10, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_body_timeout_secs: u64,
+
+    /// Connections served at once, in all (more wait in the listen queue). Default: what
+    /// the open-file limit leaves once the database pool and the process's own files are
+    /// counted, so that a flood of connections never takes the descriptors the database
+    /// and the spool need. The soft open-file limit is raised to the hard one at start.
+    #[arg(long, env = "MAX_CONNECTIONS", global = true,
+          value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub max_connections: Option<u64>,
+
+    /// How often to look for keys revoked or deleted and plans changed by another process
+    /// (the CLI, another instance, a row deleted by hand) and drop them from the cache
+    /// (milliseconds).
     #[arg(long, env = "KEY_REVOCATION_POLL_MS", default_value_t = 500, global = true,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub key_revocation_poll_ms: u64,

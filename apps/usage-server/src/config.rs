@@ -47,6 +47,10 @@ pub struct Config {
     pub key_cache: KeyCacheConfig,
     /// How often revocations made elsewhere are looked for.
     pub revocation_poll: Duration,
+    /// `REQUEST_BODY_TIMEOUT_SECS`.
+    pub request_body_timeout: Duration,
+    /// `MAX_CONNECTIONS`, when set.
+    pub max_connections: Option<usize>,
     /// How instances share quota counters.
     pub quota: QuotaSettings,
     /// Durable mode: the spool of admitted calls.
@@ -162,6 +166,10 @@ impl Config {
                 stale_if_error: Duration::from_millis(options.api_key_cache_stale_if_error_ms),
             },
             revocation_poll: Duration::from_millis(options.key_revocation_poll_ms),
+            request_body_timeout: Duration::from_secs(options.request_body_timeout_secs),
+            max_connections: options
+                .max_connections
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             spool: options.usage_spool_dir.clone().map(SpoolConfig::new),
             quota: QuotaSettings {
                 sync_every: Duration::from_millis(options.quota_sync_ms),

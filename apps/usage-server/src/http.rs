@@ -11,6 +11,7 @@ use usage_core::repo::UsageRepository;
 use usage_core::{Caller, Store};
 use usage_embed::{UsageMeter, UsageOptions};
 
+use crate::body_deadline::BodyDeadline;
 use crate::config::Config;
 use crate::metrics;
 use crate::openapi::{
@@ -192,6 +193,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         cron_secret: config.cron_secret.clone(),
         webhooks,
     });
+    let body_timeout = config.request_body_timeout;
     let unmetered = config.bench_unmetered;
     if unmetered {
         tracing::warn!(
@@ -203,6 +205,9 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     // only once the server runs, and a SIGTERM in between (a deploy right after a start)
     // would kill the process without the drain below.
     let stop_signals = StopSignals::install()?;
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let connections = connection_limit(config.max_connections, config.pool.max_connections);
+    tracing::info!(connections, workers, "connection limit");
     let server = HttpServer::new(move || {
         App::new()
             // The bare benchmark baseline is a route as the customer's own service would
@@ -219,11 +224,12 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
                 // One registry per worker, dropped once the routes are in: the test in
                 // `openapi` reads the same registrations.
                 let metering = (!unmetered).then(|| metering.clone());
-                routes(cfg, &mut Registry::default(), metering)
+                routes(cfg, &mut Registry::default(), metering, body_timeout)
             })
-            .configure(usage_web::configure)
             .default_service(web::to(not_found))
     })
+    .workers(workers)
+    .max_connections(connections.div_ceil(workers))
     .bind(config.bind)
     .map_err(|e| ServerError::Bind {
         addr: config.bind,
@@ -248,6 +254,40 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     served.map_err(ServerError::Http)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for the process's own files besides the pool's connections: the
+/// SQLite database, its WAL and shared memory, the spool's segments, logs, the listener.
+const RESERVED_FILES: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one, and returns how many connections may
+/// be served at once: `configured`, or what the limit leaves past the pool and
+/// [`RESERVED_FILES`], so that a flood of connections (slow ones included) never takes
+/// the descriptors the database and the spool need.
+fn connection_limit(configured: Option<usize>, pool: u32) -> usize {
+    let files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let budget = files
+        .saturating_sub(u64::from(pool) + RESERVED_FILES)
+        .max(2);
+    let budget = usize::try_from(budget).unwrap_or(usize::MAX);
+    match configured {
+        Some(n) if n > budget => {
+            tracing::warn!(
+                max_connections = n,
+                open_files = files,
+                "MAX_CONNECTIONS is above what the open-file limit leaves: accepting may fail for lack of descriptors"
+            );
+            n
+        }
+        Some(n) => n,
+        None => budget,
+    }
 }
 
 /// SIGTERM and SIGINT (Ctrl-C) stop gracefully: requests in flight finish (docs/OPERATIONS.md);
@@ -295,6 +335,7 @@ pub(crate) fn routes(
     cfg: &mut web::ServiceConfig,
     registry: &mut Registry,
     metering: Option<Metering>,
+    body_timeout: std::time::Duration,
 ) {
     // The metered API and forward auth first: they are the hot path, and actix tries the
     // routes in order (a regex for each one with a parameter).
@@ -313,13 +354,21 @@ pub(crate) fn routes(
         None => cfg.service(web::scope("/api/v1").route(&ping_path, web::get().to(ping_unmetered))),
     };
     forward_auth::routes(cfg, registry);
-    operations_routes(cfg, registry);
-    user_routes(cfg, registry);
-    keys_api::routes(cfg, registry);
-    cron_api::routes(cfg, registry);
-    admin_api::routes(cfg, registry);
-    webhooks_api::routes(cfg, registry);
-    openapi::routes(cfg, registry);
+    // Every other route, behind the body deadline (the two above read no body).
+    let mut rest = web::scope("")
+        .wrap(BodyDeadline::new(body_timeout))
+        .default_service(web::to(not_found));
+    rest = rest.configure(|cfg| {
+        operations_routes(cfg, registry);
+        user_routes(cfg, registry);
+        keys_api::routes(cfg, registry);
+        cron_api::routes(cfg, registry);
+        admin_api::routes(cfg, registry);
+        webhooks_api::routes(cfg, registry);
+        openapi::routes(cfg, registry);
+        usage_web::configure(cfg);
+    });
+    cfg.service(rest);
 }
 
 /// The customer's own endpoints (user JWT).

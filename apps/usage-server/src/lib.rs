@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod admin_api;
+mod body_deadline;
 pub mod cli;
 pub mod config;
 mod cron_api;

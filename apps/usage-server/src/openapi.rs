@@ -433,7 +433,7 @@ mod tests {
     fn registered_routes_and_documented_operations_are_the_same() {
         let mut registry = Registry::default();
         let _app = actix_web::App::new().configure(|cfg| {
-            crate::http::routes(cfg, &mut registry, None);
+            crate::http::routes(cfg, &mut registry, None, std::time::Duration::from_secs(10));
         });
         let doc = ApiDoc::openapi();
         let mut documented = BTreeSet::new();

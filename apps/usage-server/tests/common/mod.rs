@@ -246,6 +246,32 @@ impl Server {
     fn start(db: &Db, env: &[(&str, &str)]) -> Self {
         let mut cmd = db.command(env);
         cmd.args(["serve", "--bind", "127.0.0.1:0"]);
+        Self::spawn(cmd)
+    }
+
+    /// The server with at most `open_files` file descriptors (soft and hard limit), as an
+    /// operator's `ulimit -n` would set.
+    pub fn start_with_file_limit(db: &Db, env: &[(&str, &str)], open_files: u32) -> Self {
+        let mut cmd = db.command(env);
+        let program = cmd.get_program().to_owned();
+        let mut limited = Command::new("sh");
+        limited
+            .arg("-c")
+            .arg(format!("ulimit -n {open_files} && exec \"$0\" \"$@\""))
+            .arg(program)
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .current_dir(&db.dir.0);
+        for (name, value) in cmd.get_envs() {
+            match value {
+                Some(value) => limited.env(name, value),
+                None => limited.env_remove(name),
+            };
+        }
+        let _ = &mut cmd;
+        Self::spawn(limited)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
