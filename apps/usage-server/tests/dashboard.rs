@@ -248,7 +248,12 @@ async fn the_dashboard_in_a_real_browser(backend: Backend) {
         url.starts_with(&format!("{base}/dashboard/login?token=")),
         "{url}"
     );
+    // A mail scanner following the link first uses nothing up.
+    let scanned = http.get(&url).send().await.unwrap();
+    assert_eq!(scanned.status(), StatusCode::OK);
     browser.goto(&url).await;
+    assert_eq!(browser.title().await, "Sign in");
+    browser.click("#sign-in").await;
     assert_eq!(browser.title().await, "Usage");
     assert!(
         browser
@@ -346,6 +351,7 @@ async fn the_dashboard_in_a_real_browser(backend: Backend) {
     let forged = http
         .post(format!("{base}/dashboard/admin/users/{user}/plan"))
         .header("Cookie", session_cookie(&browser).await)
+        .header("Origin", &base)
         .form(&[("plan", "enterprise")])
         .send()
         .await
@@ -358,17 +364,20 @@ async fn the_dashboard_in_a_real_browser(backend: Backend) {
         .await;
     assert_eq!(browser.title().await, "Sign in");
     browser.goto(&url).await;
+    browser.click("#sign-in").await;
     assert_eq!(browser.title().await, "Sign in");
     assert!(browser.body().await.contains("already used"));
 
     // The admin changes the user's plan in the page; the user's next call has the pro
     // quota.
     browser.goto(&public(&admin)).await;
+    browser.click("#sign-in").await;
     assert_eq!(browser.title().await, "Usage");
-    // Even an admin's form is refused without its CSRF token.
+    // Even an admin's form, from this origin, is refused without its CSRF token.
     let forged = http
         .post(format!("{base}/dashboard/admin/users/{user}/plan"))
         .header("Cookie", session_cookie(&browser).await)
+        .header("Origin", &base)
         .form(&[("plan", "enterprise")])
         .send()
         .await

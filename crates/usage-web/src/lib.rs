@@ -8,7 +8,9 @@
 //! the session's CSRF token and must come from this origin; every page is authorized on
 //! the server and sends a `Content-Security-Policy` that allows only this server's own
 //! stylesheet and script (no inline script or style), `frame-ancestors 'none'` and
-//! `Referrer-Policy: no-referrer` (sign-in links carry a token in their URL).
+//! `Referrer-Policy: same-origin` (sign-in links carry a token in their URL: it never
+//! leaves this server; and `no-referrer` would make browsers send `Origin: null` on this
+//! server's own forms, which are refused).
 #![warn(missing_docs)]
 
 mod admin;
@@ -114,7 +116,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .add((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
                     .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                     .add((header::X_FRAME_OPTIONS, "DENY"))
-                    .add((header::REFERRER_POLICY, "no-referrer")),
+                    .add((header::REFERRER_POLICY, "same-origin")),
             )
             .app_data(
                 web::FormConfig::default()
