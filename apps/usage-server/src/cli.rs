@@ -203,6 +203,13 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub quota_push_within_ms: u64,
 
+    /// How often counters that lost counts (an instance killed before pushing them) are
+    /// brought up to the calls stored (milliseconds). A shortfall is raised only once it
+    /// has lasted QUOTA_PUSH_WITHIN_MS and two syncs, so no call is counted twice.
+    #[arg(long, env = "QUOTA_HEAL_MS", default_value_t = 60_000, global = true,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub quota_heal_ms: u64,
+
     /// Forget a user's quota state after this many milliseconds without a call (1000 to
     /// 86400000); their next call reads the shared counter again.
     #[arg(long, env = "QUOTA_FORGET_IDLE_MS", default_value_t = 300_000, global = true,

@@ -177,6 +177,7 @@ impl Config {
                 lease_share: options.quota_lease_share,
                 forget_idle_after: Duration::from_millis(options.quota_forget_idle_ms),
                 push_within: Duration::from_millis(options.quota_push_within_ms),
+                heal_every: Duration::from_millis(options.quota_heal_ms),
             },
             rate_limits: PlanRateLimits {
                 free: rate(

@@ -205,7 +205,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     // only once the server runs, and a SIGTERM in between (a deploy right after a start)
     // would kill the process without the drain below.
     let stop_signals = StopSignals::install()?;
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    // actix's own default, stated so that the connection limit can be divided among them.
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let connections = connection_limit(config.max_connections, config.pool.max_connections);
     tracing::info!(connections, workers, "connection limit");
     let server = HttpServer::new(move || {

@@ -77,6 +77,7 @@ macro_rules! repository_conformance_tests {
             admin_figures_and_audit,
             admin_audit_is_pruned_in_batches,
             quota_counters_lease_under_the_cap,
+            counters_below_their_stored_calls_are_found_and_raised,
             quota_concurrent_takes_stop_at_the_cap,
             sign_in_links_work_once_and_expire,
             daily_totals_follow_the_aggregation,
@@ -205,6 +206,64 @@ pub async fn users_crud(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Counters below the calls stored for their user are listed with those calls, and raised
+/// to a floor without ever being lowered; users without a counter are left alone.
+pub async fn counters_below_their_stored_calls_are_found_and_raised(store: Arc<dyn Store>) {
+    let period = BillingPeriod::containing(T0).start();
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (carl, carl_key) = caller(&store, "carl@example.com", Plan::Pro).await;
+    // Ada's counter exists before her 5 calls are stored (their counts were lost); Bob's
+    // starts from his 3; Carl has calls and no counter.
+    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 0);
+    let store_calls = async |user: &UserId, key: &ApiKeyId, n: usize| {
+        store
+            .record_usage(&events(user, key, n, T0), &IncludedCalls::new())
+            .await
+            .unwrap();
+    };
+    store_calls(&ada, &ada_key, 5).await;
+    store_calls(&bob, &bob_key, 3).await;
+    store_calls(&carl, &carl_key, 2).await;
+    assert_eq!(store.quota_count(&bob, period).await.unwrap(), 3);
+    assert_eq!(
+        store.counters_below_stored(period).await.unwrap(),
+        vec![(ada.clone(), 5)]
+    );
+    let next = BillingPeriod::containing(T0).next().start();
+    assert!(store.counters_below_stored(next).await.unwrap().is_empty());
+
+    assert_eq!(
+        store
+            .raise_quota_counters(period, &[(ada.clone(), 4)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 4);
+    let floors = [(carl.clone(), 9), (bob.clone(), 1), (ada.clone(), 5)];
+    assert_eq!(
+        store.raise_quota_counters(period, &floors).await.unwrap(),
+        1
+    );
+    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 5);
+    assert_eq!(
+        store.quota_count(&bob, period).await.unwrap(),
+        3,
+        "never lowered"
+    );
+    assert_eq!(store.raise_quota_counters(next, &floors).await.unwrap(), 0);
+    assert!(
+        store
+            .counters_below_stored(period)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Carl's counter, created now, starts from his stored calls.
+    assert_eq!(store.quota_count(&carl, period).await.unwrap(), 2);
 }
 
 /// Quota counters start from the period's stored calls; takes lease under the cap, adds

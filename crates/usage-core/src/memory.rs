@@ -1252,6 +1252,40 @@ impl QuotaCounterRepository for MemoryStore {
             })
             .collect())
     }
+
+    async fn counters_below_stored(
+        &self,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .records
+            .iter()
+            .filter(|((_, start), _)| *start == period_start)
+            .filter_map(|((user, start), record)| {
+                let counted = state.quota.get(&(user.clone(), *start))?;
+                (*counted < record.api_calls).then(|| (user.clone(), record.api_calls))
+            })
+            .collect())
+    }
+
+    async fn raise_quota_counters(
+        &self,
+        period_start: OffsetDateTime,
+        floors: &[(UserId, u64)],
+    ) -> Result<u64, RepoError> {
+        let mut state = self.state();
+        let mut raised = 0;
+        for (user, floor) in floors {
+            if let Some(count) = state.quota.get_mut(&(user.clone(), period_start))
+                && *count < *floor
+            {
+                *count = *floor;
+                raised += 1;
+            }
+        }
+        Ok(raised)
+    }
 }
 
 /// Stores a sign-in link or session of `user_id` (checked to exist) under its token hash;

@@ -71,6 +71,9 @@ pub struct QuotaSettings {
     /// thousands of customers each calling a few times a second, pushing every user at
     /// every sync wrote a counter row per customer per sync.
     pub push_within: Duration,
+    /// How often counters are brought up to the calls stored (`QUOTA_HEAL_MS`): see
+    /// [`QuotaBook::heal`].
+    pub heal_every: Duration,
 }
 
 /// A sync pushes a user's count on a plan that never blocks once this many calls wait,
@@ -86,8 +89,19 @@ impl Default for QuotaSettings {
             lease_share: 16,
             forget_idle_after: Duration::from_secs(300),
             push_within: Duration::from_secs(10),
+            heal_every: Duration::from_secs(60),
         }
     }
+}
+
+/// Counters found below the calls stored for their user, at one instant: raised to those
+/// stored calls once every count pending then has surely been pushed
+/// ([`QuotaBook::heal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealSnapshot {
+    at: OffsetDateTime,
+    period: BillingPeriod,
+    floors: Vec<(UserId, u64)>,
 }
 
 /// One user's state for one period on this instance.
@@ -535,16 +549,77 @@ impl QuotaBook {
         }
     }
 
-    /// Runs [`QuotaBook::sync`] every `sync_every` until the returned task is aborted.
+    /// Brings counters that lost counts up to the calls stored for their user, so that
+    /// the counter (the quota's and `GET /api/usage/current`'s figure) converges to what
+    /// is stored. Counts are lost when an instance dies before pushing them (SIGKILL): its
+    /// calls are stored all the same (spool replay, or written before the kill), so the
+    /// counter stays below them for the rest of the period.
+    ///
+    /// A counter below its stored calls at one instant may only be waiting for counts
+    /// still pending in a live instance: raising it then, and the push after, would count
+    /// those calls twice. So the floors found at one call are applied at a later call,
+    /// once every count pending at the first has been pushed (`push_within` and two
+    /// syncs later): any shortfall left then is lost counts, and raising a counter to
+    /// calls stored before can never count a call twice. Pass back what the last call
+    /// returned; the first call only looks.
+    pub async fn heal(
+        &self,
+        earlier: Option<HealSnapshot>,
+    ) -> Result<(u64, Option<HealSnapshot>), RepoError> {
+        let now = self.clock.now();
+        let period = BillingPeriod::containing(now);
+        let settled =
+            time::Duration::try_from(self.settings.push_within + self.settings.sync_every * 2)
+                .unwrap_or(time::Duration::MAX);
+        let mut raised = 0;
+        match earlier {
+            // Too young: keep it until its counts have had time to be pushed.
+            Some(snapshot) if snapshot.period == period && now - snapshot.at < settled => {
+                return Ok((0, Some(snapshot)));
+            }
+            Some(snapshot) if snapshot.period == period => {
+                raised = self
+                    .counters
+                    .raise_quota_counters(period.start(), &snapshot.floors)
+                    .await?;
+                if raised > 0 {
+                    tracing::warn!(
+                        raised,
+                        "quota counters raised to the calls stored (counts lost, e.g. with a killed instance)"
+                    );
+                }
+            }
+            _ => {}
+        }
+        let floors = self.counters.counters_below_stored(period.start()).await?;
+        let next = (!floors.is_empty()).then_some(HealSnapshot {
+            at: now,
+            period,
+            floors,
+        });
+        Ok((raised, next))
+    }
+
+    /// Runs [`QuotaBook::sync`] every `sync_every`, and [`QuotaBook::heal`] every
+    /// `heal_every`, until the returned task is aborted.
     pub fn start_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let book = Arc::clone(self);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(book.settings.sync_every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut heal_at = tokio::time::Instant::now();
+            let mut healing: Option<HealSnapshot> = None;
             loop {
                 ticker.tick().await;
                 if let Err(e) = book.sync(false).await {
                     tracing::debug!(error = %e, "quota sync failed; will retry");
+                }
+                if tokio::time::Instant::now() >= heal_at {
+                    heal_at = tokio::time::Instant::now() + book.settings.heal_every;
+                    match book.heal(healing.take()).await {
+                        Ok((_, next)) => healing = next,
+                        Err(e) => tracing::debug!(error = %e, "quota heal failed; will retry"),
+                    }
                 }
             }
         })
@@ -806,6 +881,75 @@ mod tests {
             panic!("enterprise is never blocked");
         };
         assert_eq!((status.limit, status.remaining()), (None, None));
+    }
+
+    #[tokio::test]
+    async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+        let user = user_with_stored_calls(&store, clock.now(), 0).await;
+        let period = BillingPeriod::containing(clock.now()).start();
+        let book = QuotaBook::new(
+            store.clone(),
+            catalog(1_000_000, 1_000),
+            clock.clone(),
+            QuotaSettings::default(),
+        );
+        assert_eq!(book.used(&user).await.unwrap(), 0);
+        // 30 calls are stored (a killed instance's spool replayed) whose counts never
+        // reached the counter; 10 of them are in fact still pending in a live instance.
+        let key = store.api_keys_for_user(&user).await.unwrap().remove(0).id;
+        let events: Vec<UsageEvent> = (0..30)
+            .map(|_| UsageEvent {
+                event_id: crate::event::new_event_id(clock.now()),
+                user_id: user.clone(),
+                api_key_id: key.clone(),
+                endpoint: "/api/v1/ping".into(),
+                method: "GET".into(),
+                status_code: 200,
+                response_time_ms: 1,
+                created_at: clock.now(),
+            })
+            .collect();
+        store
+            .record_usage(&events, &IncludedCalls::new())
+            .await
+            .unwrap();
+
+        // The first look raises nothing: the shortfall may be counts not yet pushed.
+        let (raised, snapshot) = book.heal(None).await.unwrap();
+        assert_eq!(raised, 0);
+        assert!(snapshot.is_some());
+        assert_eq!(store.quota_count(&user, period).await.unwrap(), 0);
+        // Too soon to tell: kept, nothing raised.
+        clock.advance(time::Duration::seconds(5));
+        let (raised, snapshot) = book.heal(snapshot).await.unwrap();
+        assert_eq!(raised, 0);
+        // The live instance pushes its 10.
+        store
+            .apply_quota_deltas(&[QuotaDelta {
+                user_id: user.clone(),
+                period_start: period,
+                delta: 10,
+            }])
+            .await
+            .unwrap();
+        // Once every pending count has had its time: the 20 lost are added, not 30 more.
+        clock.advance(time::Duration::seconds(6));
+        let (raised, snapshot) = book.heal(snapshot).await.unwrap();
+        assert_eq!(raised, 1);
+        assert_eq!(store.quota_count(&user, period).await.unwrap(), 30);
+        assert_eq!(book.used(&user).await.unwrap(), 30);
+        assert_eq!(snapshot, None, "nothing left below its stored calls");
+        // A snapshot of another period is dropped, not applied.
+        let stale = HealSnapshot {
+            at: clock.now(),
+            period: BillingPeriod::containing(clock.now()).next(),
+            floors: vec![(user.clone(), 1_000)],
+        };
+        clock.advance(time::Duration::minutes(5));
+        assert_eq!(book.heal(Some(stale)).await.unwrap(), (0, None));
+        assert_eq!(store.quota_count(&user, period).await.unwrap(), 30);
     }
 
     fn two_instances(
@@ -1149,6 +1293,21 @@ mod tests {
                 self.go.notified().await;
             }
             self.inner.apply_quota_deltas(d).await
+        }
+        async fn counters_below_stored(
+            &self,
+            p: OffsetDateTime,
+        ) -> Result<Vec<(UserId, u64)>, RepoError> {
+            self.check()?;
+            self.inner.counters_below_stored(p).await
+        }
+        async fn raise_quota_counters(
+            &self,
+            p: OffsetDateTime,
+            floors: &[(UserId, u64)],
+        ) -> Result<u64, RepoError> {
+            self.check()?;
+            self.inner.raise_quota_counters(p, floors).await
         }
     }
 

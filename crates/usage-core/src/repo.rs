@@ -781,6 +781,21 @@ pub trait QuotaCounterRepository: Send + Sync {
     /// Applies many deltas at once (never below zero) and returns each counter after it,
     /// in the order given. Counters that do not exist are created first.
     async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError>;
+    /// The users whose counter of the period stands below the calls stored for them
+    /// (`eco_usage_records`), with those stored calls: counts lost with a killed
+    /// instance, or counts not yet pushed (see [`crate::quota::QuotaBook::heal`]).
+    async fn counters_below_stored(
+        &self,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(UserId, u64)>, RepoError>;
+    /// Raises each user's counter of the period to at least its floor, atomically (a
+    /// counter already higher is left as it is); returns how many were raised. Counters
+    /// that do not exist are left alone: they start from the stored calls when created.
+    async fn raise_quota_counters(
+        &self,
+        period_start: OffsetDateTime,
+        floors: &[(UserId, u64)],
+    ) -> Result<u64, RepoError>;
 }
 
 /// Raw usage events (`eco_api_usage`) and the period counters (`eco_usage_records`).

@@ -760,3 +760,38 @@ pub(crate) fn deleted_keys(rows: Vec<(i64, String)>, after: i64) -> usage_core::
             .collect(),
     }
 }
+
+/// Counters of a period below the calls stored for their user (`$1`: the period's start;
+/// both backends number it so).
+pub(crate) const COUNTERS_BELOW_STORED: &str = "\
+SELECT r.user_id, r.api_calls AS n FROM eco_usage_records r
+JOIN eco_quota_counters q ON q.user_id = r.user_id AND q.period_start = r.period_start
+WHERE r.period_start = $1 AND q.admitted < r.api_calls";
+
+/// A user and a count read by [`COUNTERS_BELOW_STORED`].
+#[derive(diesel::QueryableByName)]
+pub(crate) struct StoredCallsRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    user_id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+impl StoredCallsRow {
+    pub(crate) fn into_pair(self) -> (usage_core::UserId, u64) {
+        (
+            usage_core::UserId::from_stored(self.user_id),
+            to_u64(self.n),
+        )
+    }
+}
+
+/// Floors as one column of user ids and one of counts, in user order (one lock order).
+pub(crate) fn floor_columns(floors: &[(usage_core::UserId, u64)]) -> (Vec<String>, Vec<i64>) {
+    let mut sorted: Vec<&(usage_core::UserId, u64)> = floors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted
+        .into_iter()
+        .map(|(user, floor)| (user.to_string(), to_i64(*floor)))
+        .unzip()
+}

@@ -39,7 +39,9 @@ use crate::common::{
     deleted_keys, distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
     plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
-use crate::common::{DAILY_TOTALS, DAY_TOTALS};
+use crate::common::{
+    COUNTERS_BELOW_STORED, DAILY_TOTALS, DAY_TOTALS, StoredCallsRow, floor_columns,
+};
 use crate::error::{is_retryable, repo_error};
 use crate::{PoolOptions, StoreError, redact};
 
@@ -1284,6 +1286,48 @@ impl QuotaCounterRepository for PgStore {
         Err(RepoError::NotFound {
             entity: "quota counter",
         })
+    }
+
+    async fn counters_below_stored(
+        &self,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<StoredCallsRow> = diesel::sql_query(COUNTERS_BELOW_STORED)
+            .bind::<Timestamptz, _>(period_start)
+            .load(&mut conn)
+            .await
+            .map_err(|e| repo_error(e, "quota counter"))?;
+        Ok(rows.into_iter().map(StoredCallsRow::into_pair).collect())
+    }
+
+    async fn raise_quota_counters(
+        &self,
+        period_start: OffsetDateTime,
+        floors: &[(UserId, u64)],
+    ) -> Result<u64, RepoError> {
+        if floors.is_empty() {
+            return Ok(0);
+        }
+        let (users, floors) = floor_columns(floors);
+        let mut conn = self.conn().await?;
+        let raised = diesel::sql_query(
+            "UPDATE eco_quota_counters c SET admitted = d.floor
+             FROM unnest($2::text[], $3::int8[]) AS d(user_id, floor)
+             WHERE c.user_id = d.user_id AND c.period_start = $1 AND c.admitted < d.floor
+               AND (SELECT count(*) FROM (
+                     SELECT 1 FROM eco_quota_counters l
+                     WHERE l.user_id = ANY($2) AND l.period_start = $1
+                     ORDER BY l.user_id
+                     FOR UPDATE OF l) locked) >= 0",
+        )
+        .bind::<Timestamptz, _>(period_start)
+        .bind::<Array<Text>, _>(&users)
+        .bind::<Array<BigInt>, _>(&floors)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| repo_error(e, "quota counter"))?;
+        Ok(raised as u64)
     }
 
     async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {

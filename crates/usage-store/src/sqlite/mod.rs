@@ -39,7 +39,9 @@ use crate::common::{
     deleted_keys, distinct_references, event_from_columns, foldable, lease_binds, parse_plan,
     parse_top_endpoints, plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
-use crate::common::{DAILY_TOTALS, DAY_TOTALS};
+use crate::common::{
+    COUNTERS_BELOW_STORED, DAILY_TOTALS, DAY_TOTALS, StoredCallsRow, floor_columns,
+};
 use crate::error::repo_error;
 use crate::{PoolOptions, StoreError};
 
@@ -1412,6 +1414,56 @@ impl QuotaCounterRepository for SqliteStore {
                 Ok(row.into_domain())
             })
             .map_err(db("quota counter"))
+        })
+        .await
+    }
+
+    async fn counters_below_stored(
+        &self,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        let period = ts(period_start);
+        self.run("quota counter", move |conn| {
+            let rows: Vec<StoredCallsRow> = diesel::sql_query(COUNTERS_BELOW_STORED)
+                .bind::<Text, _>(period)
+                .load(conn)
+                .map_err(db("quota counter"))?;
+            Ok(rows.into_iter().map(StoredCallsRow::into_pair).collect())
+        })
+        .await
+    }
+
+    async fn raise_quota_counters(
+        &self,
+        period_start: OffsetDateTime,
+        floors: &[(UserId, u64)],
+    ) -> Result<u64, RepoError> {
+        if floors.is_empty() {
+            return Ok(0);
+        }
+        let (users, floors) = floor_columns(floors);
+        let floors = serde_json::Value::Array(
+            users
+                .iter()
+                .zip(&floors)
+                .map(|(user, floor)| serde_json::json!([user, floor]))
+                .collect(),
+        )
+        .to_string();
+        let period = ts(period_start);
+        self.run("quota counter", move |conn| {
+            let raised = diesel::sql_query(
+                "UPDATE eco_quota_counters SET admitted = d.floor
+                 FROM (SELECT value ->> 0 AS user_id, value ->> 1 AS floor FROM json_each(?2)) AS d
+                 WHERE eco_quota_counters.user_id = d.user_id
+                   AND eco_quota_counters.period_start = ?1
+                   AND eco_quota_counters.admitted < d.floor",
+            )
+            .bind::<Text, _>(period)
+            .bind::<Text, _>(floors)
+            .execute(conn)
+            .map_err(db("quota counter"))?;
+            Ok(raised as u64)
         })
         .await
     }
