@@ -46,8 +46,8 @@ macro_rules! decision_doc {
             tag = "forward-auth",
             security(("api_key" = []), ("api_key_header" = [])),
             params(
-                ("X-Forwarded-Method" = Option<String>, Header, description = "The original method (Traefik, Caddy); or `X-Original-Method` (nginx). Default: this request's."),
-                ("X-Forwarded-Uri" = Option<String>, Header, description = "The original path and query (Traefik, Caddy); or `X-Original-URI` (nginx). Default: the path after `/api/forward-auth`."),
+                ("X-Forwarded-Method" = Option<String>, Header, description = "The original method, set by the proxy (overwriting any the client sent); wins over `X-Original-Method`. Default: this request's."),
+                ("X-Forwarded-Uri" = Option<String>, Header, description = "The original path and query, set by the proxy (overwriting any the client sent); wins over `X-Original-URI`. Default: the path after `/api/forward-auth`."),
                 $($params)*
             ),
             responses(
