@@ -14,10 +14,10 @@ use usage_core::repo::AdminAuditEntry;
 use usage_core::{Plan, UserId};
 
 use crate::ApiError;
-use crate::http::{AppState, read_body};
-use crate::openapi::{
+use crate::api_types::{
     AdminErrors, ErrorResponse, PageParams, Registry, UserListParams, UserPatchBody,
 };
+use crate::state::{AppState, read_body};
 use crate::user_auth::{current_user, token_user};
 use usage_analytics::admin::{AdminOverview, AdminUserDetail, AdminUserRow, Page};
 

@@ -1,26 +1,21 @@
-//! Cron endpoints (`Authorization: Bearer <CRON_SECRET>`), and the built-in daily schedule.
+//! Cron endpoints (`Authorization: Bearer <CRON_SECRET>`); the built-in schedules are in
+//! [`crate::jobs`].
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use time::Duration;
-use usage_analytics::DailyAggregation;
 use usage_billing::RunMode;
-use usage_core::Clock;
 use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
-use crate::http::{AppState, invalid_query, method_not_allowed};
-use crate::openapi::{AggregateParams, BillingParams, CronErrors, Registry};
+use crate::api_types::{AggregateParams, BillingParams, CronErrors, Registry};
+use crate::state::{AppState, invalid_query, method_not_allowed};
 use serde::Serialize;
 use usage_analytics::AggregationReport;
 use usage_billing::{BillingSummary, Reconciliation};
 use utoipa::Path as _;
 use utoipa::ToSchema;
-
-/// How long after midnight UTC the built-in schedule aggregates the day that ended.
-const AFTER_MIDNIGHT: Duration = Duration::minutes(5);
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     cfg.service(
@@ -147,95 +142,4 @@ pub(crate) async fn aggregate_daily(
     let report = state.aggregation.run(date).await?;
     tracing::info!(date = %report.date, users = report.users, "daily aggregation (cron)");
     Ok(HttpResponse::Ok().json(report))
-}
-
-/// Days the catch-up looks back for days never aggregated.
-const CATCH_UP_LOOKBACK_DAYS: u32 = 400;
-/// How often the catch-up runs besides shortly after midnight: days with calls stored
-/// late are aggregated again within this time (their history is exact meanwhile).
-const CATCH_UP_EVERY: Duration = Duration::hours(1);
-
-/// Aggregates, at start, shortly after every UTC midnight and every hour, every past day
-/// whose aggregate is missing or no longer current, until aborted.
-pub(crate) fn schedule_daily_aggregation(
-    job: DailyAggregation,
-    clock: std::sync::Arc<dyn Clock>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match job.catch_up(CATCH_UP_LOOKBACK_DAYS).await {
-                Ok(done) => {
-                    for r in done {
-                        tracing::info!(date = %r.date, users = r.users, "daily aggregation (schedule)");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "daily aggregation failed; the next run goes on from there")
-                }
-            }
-            let now = clock.now();
-            let next = DailyAggregation::next_run(now, AFTER_MIDNIGHT).min(now + CATCH_UP_EVERY);
-            let wait = std::time::Duration::try_from(next - now).unwrap_or_default();
-            tokio::time::sleep(wait).await;
-        }
-    })
-}
-
-/// Removes audit entries older than the retention, at start and every day, until aborted.
-pub(crate) fn schedule_audit_retention(
-    reports: usage_analytics::admin::AdminReports,
-    retention_days: u32,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match reports.prune_audit(retention_days).await {
-                Ok(0) => {}
-                Ok(removed) => {
-                    tracing::info!(removed, retention_days, "old admin audit entries removed")
-                }
-                Err(e) => tracing::warn!(error = %e, "pruning the admin audit log failed"),
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
-        }
-    })
-}
-
-/// Months of usage storage readied ahead of the current one (PostgreSQL partitions).
-const MONTHS_AHEAD: u32 = 2;
-
-/// At start and every day: readies the usage storage of this month and the next ones
-/// (PostgreSQL partitions), and, with a retention, removes the calls past it.
-pub(crate) fn schedule_usage_lifecycle(
-    store: std::sync::Arc<dyn usage_core::Store>,
-    retention: Option<usage_analytics::retention::UsageRetention>,
-    clock: std::sync::Arc<dyn Clock>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match store.prepare_usage_storage(clock.now(), MONTHS_AHEAD).await {
-                Ok(created) if created.is_empty() => {}
-                Ok(created) => tracing::info!(?created, "usage partitions created"),
-                Err(e) => tracing::error!(error = %e,
-                    "creating usage partitions failed; calls go to the default partition meanwhile"),
-            }
-            if let Some(retention) = &retention {
-                match retention.run(false).await {
-                    Ok(report) => {
-                        if !report.held_back.is_empty() {
-                            tracing::warn!(held_back = ?report.held_back, before = %report.before,
-                                "usage retention held back");
-                        }
-                        if report.rows > 0 || !report.partitions.is_empty() {
-                            tracing::info!(rows = report.rows, partitions = ?report.partitions,
-                                before = %report.before, "old usage removed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "usage retention failed; retried tomorrow")
-                    }
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
-        }
-    })
 }

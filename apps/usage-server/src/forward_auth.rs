@@ -11,7 +11,7 @@ use usage_core::endpoint::EndpointPatterns;
 use usage_core::meter::{Admission, Meter};
 use usage_core::middleware::{insert_headers, refusal_response};
 
-use crate::openapi::{ErrorResponse, QuotaExceeded, Registry};
+use crate::api_types::{ErrorResponse, QuotaExceeded, Registry};
 
 /// The meter and how endpoints are named.
 pub(crate) struct ForwardAuth {

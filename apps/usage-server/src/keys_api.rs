@@ -8,10 +8,11 @@ use usage_auth::keys::{IssuedKey, MAX_ROTATION_GRACE_SECS};
 use usage_core::ApiKeyId;
 use usage_core::repo::ApiKeyRecord;
 
-use crate::http::{AppState, read_body};
-use crate::openapi::{ErrorResponse, Registry, UserErrors};
+use crate::ApiError;
+use crate::api_types::{ErrorResponse, Registry, UserErrors};
+use crate::state::method_not_allowed;
+use crate::state::{AppState, read_body};
 use crate::user_auth::AuthenticatedUser;
-use crate::{ApiError, http::method_not_allowed};
 use utoipa::ToSchema;
 
 /// Largest accepted request body.

@@ -3,7 +3,11 @@
 //! [`run`], so tests and other programs can start the same server.
 #![warn(missing_docs)]
 
+// Layers, each using only those above it: `state` and `api_types` (what handlers share),
+// `user_auth`, the API modules (`*_api`, `forward_auth`), `openapi` (the document of
+// their operations), `routes` (all of them), `jobs`, and `http` (the server).
 mod admin_api;
+mod api_types;
 mod body_deadline;
 pub mod cli;
 pub mod config;
@@ -11,11 +15,16 @@ mod cron_api;
 mod error;
 mod forward_auth;
 mod http;
+mod jobs;
 mod keys_api;
 mod metrics;
 mod observe;
 mod openapi;
+mod ops_api;
+mod routes;
+mod state;
 pub mod telemetry;
+mod user_api;
 mod user_auth;
 mod webhooks_api;
 

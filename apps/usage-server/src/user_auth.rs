@@ -7,7 +7,7 @@ use usage_core::UserId;
 use usage_core::middleware::bearer_credential;
 
 use crate::ApiError;
-use crate::http::AppState;
+use crate::state::AppState;
 
 /// The user a valid `Authorization: Bearer <jwt>` names, who exists and is not blocked.
 /// A bad token or a user that no longer exists answers 401 with

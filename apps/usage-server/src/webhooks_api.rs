@@ -7,8 +7,8 @@ use usage_billing::WebhookOutcome;
 use utoipa::ToSchema;
 
 use crate::ApiError;
-use crate::http::{AppState, read_body};
-use crate::openapi::{ErrorResponse, Registry};
+use crate::api_types::{ErrorResponse, Registry};
+use crate::state::{AppState, read_body};
 
 /// Largest event accepted (Stripe's are a few kilobytes).
 const MAX_EVENT_BYTES: usize = 1 << 20;
