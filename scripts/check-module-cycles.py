@@ -8,11 +8,7 @@ import sys
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 # Cycles known and left for later, each with why: keep this list short.
-ALLOWED = {
-    # usage-core: the tracker spools calls and the spool replays into the tracker's type
-    # (issue "One store, written once", step 2).
-    ("usage-core", frozenset({"tracker", "spool"})),
-}
+ALLOWED = set()
 
 
 def code_of(path):

@@ -26,6 +26,17 @@ pub struct UsageEvent {
     pub created_at: OffsetDateTime,
 }
 
+/// One finished call to record: the event, and what its plan includes (the tracker's and
+/// the spool's unit).
+#[derive(Debug, Clone)]
+pub struct TrackedCall {
+    /// The event to store.
+    pub event: UsageEvent,
+    /// Calls the caller's plan includes before overage; `None` when overage does not
+    /// apply (unlimited or blocking plans).
+    pub included_calls: Option<u64>,
+}
+
 /// A new UUID v7 for an event at `at`, so event ids sort by time even under a fake clock.
 ///
 /// The 74 random bits come from the thread's CSPRNG rather than a `getrandom` system

@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::tracker::TrackedCall;
+use crate::event::TrackedCall;
 use crate::{ApiKeyId, UsageEvent, UserId};
 
 /// Spool settings.

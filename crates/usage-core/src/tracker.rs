@@ -79,15 +79,9 @@ impl Default for TrackerConfig {
     }
 }
 
-/// One finished call to record.
-#[derive(Debug, Clone)]
-pub struct TrackedCall {
-    /// The event to store.
-    pub event: UsageEvent,
-    /// Calls the caller's plan includes before overage; `None` when overage does not
-    /// apply (unlimited or blocking plans).
-    pub included_calls: Option<u64>,
-}
+// Where it has always been imported from; it lives beside the event, so that the spool
+// (which the tracker uses) does not use the tracker back.
+pub use crate::event::TrackedCall;
 
 /// Live figures of the tracker, for `/metrics`.
 #[derive(Debug)]
