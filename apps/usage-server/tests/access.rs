@@ -10,19 +10,10 @@ use std::time::Duration;
 
 use common::{Backend, Db, Server, eventually};
 use reqwest::StatusCode;
-use serde_json::Value;
 
-/// The key's id, as the user's own API lists it.
+/// The user's key ids, as their own API lists them (newest first).
 async fn key_ids(server: &Server, token: &str) -> Vec<String> {
-    let res = reqwest::Client::new()
-        .get(server.url("/api/keys"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let body: Value = res.json().await.unwrap();
-    body["items"]
+    server.get_json("/api/keys", token).await["items"]
         .as_array()
         .unwrap()
         .iter()

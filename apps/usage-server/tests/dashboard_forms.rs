@@ -161,15 +161,7 @@ async fn a_key_form_posted_twice_makes_one_key(backend: Backend) {
         .await
         .unwrap();
     let cookie = session_of(&signed_in).unwrap();
-    let keys_page = http
-        .get(server.url("/dashboard/keys"))
-        .header("Cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let keys_page = server.page("/dashboard/keys", &cookie).await;
     let (csrf, form_id) = (hidden(&keys_page, "csrf"), hidden(&keys_page, "form_id"));
     let submit = || {
         http.post(server.url("/dashboard/keys"))
@@ -194,15 +186,7 @@ async fn a_key_form_posted_twice_makes_one_key(backend: Backend) {
         !page.contains("id=\"new-key\""),
         "the key is not shown again"
     );
-    let listed: serde_json::Value = http
-        .get(server.url("/api/keys"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = server.get_json("/api/keys", &token).await;
     let named_twice = listed["items"]
         .as_array()
         .unwrap()
@@ -211,29 +195,13 @@ async fn a_key_form_posted_twice_makes_one_key(backend: Backend) {
         .count();
     assert_eq!(named_twice, 1);
     // A new page's form makes a new key.
-    let fresh = http
-        .get(server.url("/dashboard/keys"))
-        .header("Cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let fresh = server.page("/dashboard/keys", &cookie).await;
     assert_ne!(hidden(&fresh, "form_id"), form_id);
 
     // Blocked: the session no longer opens the dashboard.
     let out = db.cli(&[], &["users", "block", "--user", &user]);
     assert!(out.status.success());
-    let page = http
-        .get(server.url("/dashboard"))
-        .header("Cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = server.page("/dashboard", &cookie).await;
     assert!(page.contains("<title>Sign in"), "{page}");
     let (status, _) = server.stop();
     assert!(status.success());
@@ -249,12 +217,7 @@ async fn the_dashboard_has_an_icon() {
         assert_eq!(res.headers()[CONTENT_TYPE], "image/svg+xml", "{path}");
         assert!(res.text().await.unwrap().starts_with("<svg"), "{path}");
     }
-    let page = reqwest::get(server.url("/dashboard"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = server.page("/dashboard", "").await;
     assert!(page.contains("rel=\"icon\""), "{page}");
     let (status, _) = server.stop();
     assert!(status.success());

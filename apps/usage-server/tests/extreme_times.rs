@@ -137,18 +137,10 @@ async fn every_time_parameter_over_http(backend: Backend) {
     ]);
     assert_eq!(server.ping(&key).await.status(), 200);
     let client = reqwest::Client::new();
-    let key_id = {
-        let listed: Value = client
-            .get(server.url("/api/keys"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        listed["items"][0]["id"].as_str().unwrap().to_owned()
-    };
+    let key_id = server.get_json("/api/keys", &token).await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // The probe that panicked, and the edges of the range, with their exact answers.
     let events = |query: &str| {

@@ -84,16 +84,9 @@ async fn sigkill_under_load(backend: Backend) {
     // current figure converges to the calls stored all the same.
     let token = db.create(&["token", "--user", &user]);
     let current = async || -> u64 {
-        let body: serde_json::Value = reqwest::Client::new()
-            .get(server.url("/api/usage/current"))
-            .bearer_auth(&token)
-            .send()
-            .await
+        server.get_json("/api/usage/current", &token).await["api_calls"]
+            .as_u64()
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["api_calls"].as_u64().unwrap()
     };
     let at_restart = current().await;
     common::eventually(

@@ -366,6 +366,31 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// `GET path` with a user token: the JSON answer (a 2xx asserted).
+    pub async fn get_json(&self, path: &str, token: &str) -> serde_json::Value {
+        let res = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    /// `GET path` with a cookie: the page's text.
+    pub async fn page(&self, path: &str, cookie: &str) -> String {
+        reqwest::Client::new()
+            .get(self.url(path))
+            .header("Cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A counter's value from `/metrics`.
     /// The server's resident memory, in KiB (`VmRSS`).
     pub fn resident_kib(&self) -> u64 {
