@@ -826,12 +826,51 @@ pub async fn deleted_keys_are_reported_in_order_however_deleted(store: Arc<dyn S
     assert_eq!(all.keys[0], ada_key);
 }
 
-/// Blocking is stored and read back; unblocking clears it.
+/// Blocking is stored and read back, by the users list too (each sort is its own query);
+/// unblocking clears it.
 pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
-    let (ada, _) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    // One user with calls this period, one without: the list reads both kinds of rows.
+    caller(&store, "bob@example.com", Plan::Pro).await;
+    store
+        .record_usage(&events(&ada, &key, 2, T0), &IncludedCalls::new())
+        .await
+        .unwrap();
     let blocked = store.set_user_blocked(&ada, Some(T0)).await.unwrap();
     assert_eq!(blocked.blocked_at, Some(T0));
     assert_eq!(store.user_by_id(&ada).await.unwrap().unwrap(), blocked);
+    for sort in [
+        UserSort::ApiCalls,
+        UserSort::CreatedAt,
+        UserSort::Email,
+        UserSort::Revenue,
+    ] {
+        let query = UserPageQuery {
+            period_start: BillingPeriod::containing(T0).start(),
+            plan: None,
+            search: None,
+            sort,
+            descending: true,
+            offset: 0,
+            limit: 10,
+        };
+        let (_, rows) = store
+            .users_page(&query, &PlanCatalog::default())
+            .await
+            .unwrap();
+        let listed: Vec<(&str, Option<OffsetDateTime>)> = rows
+            .iter()
+            .map(|r| (r.user.email.as_str(), r.user.blocked_at))
+            .collect();
+        assert!(
+            listed.contains(&("ada@example.com", Some(T0))),
+            "{sort:?}: {listed:?}"
+        );
+        assert!(
+            listed.contains(&("bob@example.com", None)),
+            "{sort:?}: {listed:?}"
+        );
+    }
     let unblocked = store.set_user_blocked(&ada, None).await.unwrap();
     assert_eq!(unblocked.blocked_at, None);
     assert_eq!(

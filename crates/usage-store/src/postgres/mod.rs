@@ -2119,6 +2119,10 @@ struct UserPageRow {
     stripe_customer_id: Option<String>,
     #[diesel(sql_type = Timestamptz)]
     created_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<Text>)]
+    plan_subscription_id: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    blocked_at: Option<OffsetDateTime>,
     #[diesel(sql_type = BigInt)]
     api_calls: i64,
     #[diesel(sql_type = BigInt)]
@@ -2136,8 +2140,8 @@ impl UserPageRow {
                 plan: parse_plan(&self.plan)?,
                 stripe_customer_id: self.stripe_customer_id,
                 created_at: self.created_at,
-                plan_subscription_id: None,
-                blocked_at: None,
+                plan_subscription_id: self.plan_subscription_id,
+                blocked_at: self.blocked_at,
             },
             api_calls: to_u64(self.api_calls),
             overage_calls: to_u64(self.overage_calls),
