@@ -71,9 +71,6 @@ pub enum ServerError {
     /// The stop signals' handlers could not be installed.
     #[error("cannot handle stop signals: {0}")]
     Signals(String),
-    /// A key asked for a blocked user.
-    #[error("user {0} is blocked: `users unblock` first")]
-    Blocked(usage_core::UserId),
     /// `prune-usage` without a retention.
     #[error("USAGE_RETENTION_DAYS is not set: raw calls are kept for ever, nothing to prune")]
     NoRetention,
@@ -203,6 +200,7 @@ impl From<AuthError> for ApiError {
         match err {
             AuthError::UnknownKey(_) => ApiError::not_found(),
             AuthError::UnknownUser(_) => ApiError::unauthorized(),
+            AuthError::Blocked(_) => ApiError::forbidden("This account is blocked."),
             AuthError::InvalidKeyName { .. }
             | AuthError::InvalidTtl { .. }
             | AuthError::InvalidGrace { .. } => ApiError::new(

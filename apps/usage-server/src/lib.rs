@@ -31,6 +31,7 @@ mod webhooks_api;
 use std::sync::Arc;
 
 use usage_analytics::DailyAggregation;
+use usage_auth::access::UserAccess;
 use usage_auth::keys::KeyIssuer;
 use usage_billing::RunMode;
 use usage_core::accounts::Accounts;
@@ -82,27 +83,19 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Users(UsersCommand::Block { user }) => {
             let store = open_migrated(&config).await?;
-            let revoked = KeyIssuer::new(store.clone(), clock.clone())
-                .revoke_all(&user)
-                .await?;
-            let user = Accounts::new(store, clock).set_blocked(&user, true).await?;
+            let (user, revoked) = UserAccess::new(store, clock).block(&user).await?;
             eprintln!("{} is blocked; {} key(s) revoked", user.id, revoked.len());
             Ok(())
         }
         Command::Users(UsersCommand::Unblock { user }) => {
             let store = open_migrated(&config).await?;
-            let user = Accounts::new(store, clock)
-                .set_blocked(&user, false)
-                .await?;
+            let user = UserAccess::new(store, clock).unblock(&user).await?;
             eprintln!("{} is no longer blocked", user.id);
             Ok(())
         }
         Command::Users(UsersCommand::Delete { user }) => {
             let store = open_migrated(&config).await?;
-            let revoked = KeyIssuer::new(store.clone(), clock.clone())
-                .revoke_all(&user)
-                .await?;
-            Accounts::new(store, clock).delete(&user).await?;
+            let revoked = UserAccess::new(store, clock).delete(&user).await?;
             eprintln!("{user} is deleted; {} key(s) revoked first", revoked.len());
             Ok(())
         }
@@ -114,15 +107,9 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Keys(KeysCommand::Create { user, name }) => {
             let store = open_migrated(&config).await?;
-            if store
-                .user_by_id(&user)
-                .await
-                .map_err(ServerError::from)?
-                .is_some_and(|u| u.blocked_at.is_some())
-            {
-                return Err(ServerError::Blocked(user));
-            }
-            let issued = KeyIssuer::new(store, clock).issue(&user, &name).await?;
+            let issued = UserAccess::new(store, clock)
+                .issue_key(&user, &name)
+                .await?;
             println!("{}", issued.plaintext);
             Ok(())
         }

@@ -47,15 +47,11 @@ pub(crate) async fn current_user(
     state: &AppState,
     user: &UserId,
 ) -> Result<(), ApiError> {
-    match state.store.user_by_id(user).await? {
-        Some(u) if u.blocked_at.is_none() => Ok(()),
-        Some(_) => {
-            tracing::info!(path = req.path(), %user, "a blocked user's token refused");
-            Err(ApiError::forbidden("This account is blocked."))
-        }
-        None => {
-            tracing::info!(path = req.path(), %user, "a token of a user that no longer exists refused");
-            Err(ApiError::unauthorized())
+    match usage_auth::access::active_user(state.store.as_ref(), user).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::info!(path = req.path(), %user, reason = %e, "user token refused");
+            Err(e.into())
         }
     }
 }

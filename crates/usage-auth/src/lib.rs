@@ -4,8 +4,10 @@
 //!   revoking them through [`usage_core::repo::ApiKeyRepository`].
 //! - [`jwt`]: minting and verifying HS256 user tokens with a pinned algorithm.
 //! - [`admin`]: which users are admins (`ADMIN_ECO_IDS`).
+//! - [`access`]: whether a user may still sign in; blocking and deleting users.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod jwt;
 pub mod keys;
@@ -22,6 +24,9 @@ pub enum AuthError {
     /// No user has this id.
     #[error("no user with id {0}")]
     UnknownUser(UserId),
+    /// The user is blocked (`users unblock` lifts it).
+    #[error("user {0} is blocked")]
+    Blocked(UserId),
     /// The user has no key with this id.
     #[error("no API key with id {0} for this user")]
     UnknownKey(usage_core::ApiKeyId),

@@ -110,30 +110,6 @@ impl Accounts {
         }
     }
 
-    /// Blocks a user (`block: true`) or lifts the block. A blocked user's tokens and
-    /// dashboard sessions are refused; revoke their keys first
-    /// (`usage_auth::keys::KeyIssuer::revoke_all`), so that every instance drops them at
-    /// its next poll.
-    pub async fn set_blocked(&self, id: &UserId, block: bool) -> Result<User, AccountError> {
-        let at = block.then(|| self.clock.now());
-        match self.users.set_user_blocked(id, at).await {
-            Ok(user) => Ok(user),
-            Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
-            Err(e) => Err(AccountError::Repo(e)),
-        }
-    }
-
-    /// Deletes a user with everything stored of them. Revoke their keys first
-    /// (`usage_auth::keys::KeyIssuer::revoke_all`): instances drop deleted keys at their
-    /// next poll too, but a revocation is also seen by instances of an older version.
-    pub async fn delete(&self, id: &UserId) -> Result<(), AccountError> {
-        match self.users.delete_user(id).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(AccountError::UnknownUser(id.clone())),
-            Err(e) => Err(AccountError::Repo(e)),
-        }
-    }
-
     /// Links a user to a Stripe customer (`cus_...`), or unlinks with `None`: overage is
     /// invoiced to that customer and its subscription events set the user's plan.
     pub async fn set_stripe_customer(

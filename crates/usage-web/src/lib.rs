@@ -181,13 +181,10 @@ impl Viewer {
             return Ok(None);
         };
         // A blocked user's sessions end with the block (`users block`).
-        let Some(user) = dash
-            .store
-            .user_by_id(&user_id)
-            .await?
-            .filter(|u| u.blocked_at.is_none())
-        else {
-            return Ok(None);
+        let user = match usage_auth::access::active_user(dash.store.as_ref(), &user_id).await {
+            Ok(user) => user,
+            Err(AuthError::UnknownUser(_) | AuthError::Blocked(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
         Ok(Some(Self {
             admin: dash.admins.is_admin(&user.id),
