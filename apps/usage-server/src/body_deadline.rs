@@ -75,7 +75,7 @@ fn has_body(req: &ServiceRequest) -> bool {
 }
 
 /// The 408 of a body too slow: the connection closes after it.
-pub(crate) fn body_timeout(limit: Duration) -> ApiError {
+fn body_timeout(limit: Duration) -> ApiError {
     ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
         "request_timeout",

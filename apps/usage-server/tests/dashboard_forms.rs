@@ -203,6 +203,17 @@ async fn a_key_form_posted_twice_makes_one_key(backend: Backend) {
     assert!(out.status.success());
     let page = server.page("/dashboard", &cookie).await;
     assert!(page.contains("<title>Sign in"), "{page}");
+    // Signing in again is refused, and says why.
+    let again = http
+        .post(server.url("/dashboard/session"))
+        .header("Origin", &server.base)
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::FORBIDDEN);
+    assert_eq!(session_of(&again), None);
+    assert!(again.text().await.unwrap().contains("blocked"));
     let (status, _) = server.stop();
     assert!(status.success());
 }

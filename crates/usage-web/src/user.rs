@@ -8,7 +8,7 @@ use maud::{Markup, html};
 use time::OffsetDateTime;
 use usage_analytics::reports::{MAX_ENDPOINT_DAYS, parse_days};
 use usage_auth::keys::IssuedKey;
-use usage_auth::session::DashboardSessions;
+use usage_auth::session::{DashboardSessions, SignedIn};
 use usage_core::repo::ApiKeyRecord;
 use usage_core::{ApiKeyId, Cents};
 
@@ -51,9 +51,7 @@ pub(crate) async fn login_with_link(
     match dash.sessions.sign_in_with_link(token).await {
         Ok(Some(signed_in)) => {
             tracing::info!(user_id = %signed_in.user_id, "dashboard: signed in with a link");
-            let mut response = see_other("/dashboard");
-            let _ = response.add_cookie(&session_cookie(&dash, signed_in.token));
-            response
+            session_started(&dash, signed_in).await
         }
         Ok(None) => layout::sign_in_response(
             Some(
@@ -88,15 +86,30 @@ pub(crate) async fn login_with_token(
         }
     };
     match dash.sessions.sign_in(&user_id).await {
-        Ok(signed_in) => {
-            let mut response = see_other("/dashboard");
-            let _ = response.add_cookie(&session_cookie(&dash, signed_in.token));
-            response
-        }
+        Ok(signed_in) => session_started(&dash, signed_in).await,
         Err(usage_auth::AuthError::UnknownUser(_)) => layout::sign_in_response(
             Some("That token names no user of this service."),
             StatusCode::UNAUTHORIZED,
         ),
+        Err(e) => PageError::from(e).response(None),
+    }
+}
+
+/// The answer to a sign-in: the usage page with the session's cookie, or, for a blocked
+/// user, the sign-in page saying so (the session just made is ended).
+async fn session_started(dash: &Dashboard, signed_in: SignedIn) -> HttpResponse {
+    match usage_auth::access::active_user(dash.store.as_ref(), &signed_in.user_id).await {
+        Ok(_) => {
+            let mut response = see_other("/dashboard");
+            let _ = response.add_cookie(&session_cookie(dash, signed_in.token));
+            response
+        }
+        Err(usage_auth::AuthError::Blocked(_)) => {
+            if let Err(e) = dash.sessions.sign_out(&signed_in.token).await {
+                return PageError::from(e).response(None);
+            }
+            layout::sign_in_response(Some("This account is blocked."), StatusCode::FORBIDDEN)
+        }
         Err(e) => PageError::from(e).response(None),
     }
 }
