@@ -64,8 +64,10 @@ impl UserAccess {
         }
     }
 
-    /// A new key for an active user ([`KeyIssuer::issue`]).
+    /// A new key for an active user ([`KeyIssuer::issue`]); the name is checked first, as
+    /// the issuer does, so a bad one is reported whoever the user is.
     pub async fn issue_key(&self, id: &UserId, name: &str) -> Result<IssuedKey, AuthError> {
+        crate::keys::validate_key_name(name)?;
         active_user(self.users.as_ref(), id).await?;
         self.keys.issue(id, name).await
     }
