@@ -19,10 +19,12 @@ migrate:
 # Format every crate
 fmt:
     cargo fmt --all
+    rustfmt --edition 2024 crates/usage-store/src/repositories.rs
 
 # Fail if formatting is off
 fmt-check:
     cargo fmt --all -- --check
+    rustfmt --edition 2024 --check crates/usage-store/src/repositories.rs
 
 # Clippy with warnings as errors
 lint:

@@ -6,7 +6,8 @@
 #
 # usage: scripts/bench-ingest.sh [postgres|sqlite]
 # env:   EVENTS (200000 per phase), USERS ("1 1000 10000 100000"), ROUNDS (3),
-#        MAX_BATCH, CONCURRENCY, QUEUE (the server's defaults)
+#        MAX_BATCH, CONCURRENCY, QUEUE (the server's defaults), BENCH_BIN (a bench_ingest
+#        binary built elsewhere, to compare commits, instead of this tree's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backend=${1:-postgres}
@@ -23,4 +24,8 @@ case "$backend" in
   sqlite) export DATABASE_URL="sqlite://$work/usage.db" ;;
   *) echo "usage: $0 [postgres|sqlite]" >&2; exit 2 ;;
 esac
-cargo run --release -q -p usage-store --example bench_ingest
+if [ -n "${BENCH_BIN:-}" ]; then
+  "$BENCH_BIN"
+else
+  cargo run --release -q -p usage-store --example bench_ingest
+fi

@@ -106,6 +106,10 @@ impl Config {
             pool: PoolOptions {
                 max_connections: options.database_max_connections,
                 connect_timeout: Duration::from_secs(options.database_connect_timeout_secs),
+                clock: match options.clock_start {
+                    Some(start) => Arc::new(ShiftedClock::starting_at(start)),
+                    None => Arc::new(SystemClock),
+                },
                 ..PoolOptions::default()
             },
             plans: PlanCatalog {
@@ -264,12 +268,9 @@ impl Config {
         ))
     }
 
-    /// The clock: the system's, or the shifted one of `USAGE_CLOCK_START`.
+    /// The clock: the system's, or the shifted one of `USAGE_CLOCK_START` (the store's).
     pub fn clock(&self) -> Arc<dyn Clock> {
-        match self.clock_start {
-            Some(start) => Arc::new(ShiftedClock::starting_at(start)),
-            None => Arc::new(SystemClock),
-        }
+        self.pool.clock.clone()
     }
 
     /// The keys of user tokens. Without `JWT_SECRET`, a SQLite deployment uses (and on first use

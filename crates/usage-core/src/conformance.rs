@@ -1,11 +1,12 @@
 //! The repository conformance suite: one set of cases that every [`Store`] must pass.
 //!
 //! A backend's tests expand [`repository_conformance_tests!`](crate::repository_conformance_tests)
-//! with an async function that returns a fresh, migrated, empty [`TestStore`]:
+//! with an async function that returns a fresh, migrated, empty [`TestStore`] reading the
+//! clock it is given (a [`ManualClock`](crate::ManualClock) the cases move):
 //!
 //! ```ignore
-//! async fn fresh_store() -> usage_core::conformance::TestStore {
-//!     TestStore::new(Arc::new(MemoryStore::new()), ())
+//! async fn fresh_store(clock: Arc<dyn Clock>) -> usage_core::conformance::TestStore {
+//!     TestStore::new(Arc::new(MemoryStore::with_clock(clock)), ())
 //! }
 //! usage_core::repository_conformance_tests!(fresh_store);
 //! ```
@@ -25,7 +26,9 @@ use crate::repo::{
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
     UserSort,
 };
-use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
+use crate::{
+    ApiKeyId, BillingPeriod, Clock as _, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
+};
 
 /// A store under test and whatever must live as long as it (a temporary database).
 pub struct TestStore {
@@ -43,7 +46,8 @@ impl TestStore {
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each on a fresh store made by
-/// `$make` (an async fn returning [`TestStore`]).
+/// `$make` (an async fn taking the store's clock and returning [`TestStore`]). The clock
+/// stands at the time the test starts; the cases of the second list get it to move.
 #[macro_export]
 macro_rules! repository_conformance_tests {
     ($make:path) => {
@@ -81,15 +85,29 @@ macro_rules! repository_conformance_tests {
             quota_concurrent_takes_stop_at_the_cap,
             sign_in_links_work_once_and_expire,
             daily_totals_follow_the_aggregation,
-            sessions_expire_end_and_are_pruned,
+            sessions_expire_end_and_are_pruned;
+            late_writes_are_marked_by_the_store_clock,
         );
     };
-    (@cases $make:path; $($case:ident),* $(,)?) => {
+    (@cases $make:path; $($case:ident),* $(,)?; $($clock_case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let test_store = $make().await;
+                let clock = std::sync::Arc::new($crate::ManualClock::new(
+                    time::OffsetDateTime::now_utc(),
+                ));
+                let test_store = $make(clock).await;
                 $crate::conformance::$case(test_store.store.clone()).await;
+            }
+        )*
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $clock_case() {
+                let clock = std::sync::Arc::new($crate::ManualClock::new(
+                    time::OffsetDateTime::now_utc(),
+                ));
+                let test_store = $make(clock.clone()).await;
+                $crate::conformance::$clock_case(test_store.store.clone(), clock).await;
             }
         )*
     };
@@ -1836,6 +1854,41 @@ pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
         1
     );
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
+/// The late-write margin (`LATE_WRITE_MARGIN`, 5 minutes) is read on the store's clock:
+/// a call stored while the clock is within the margin of its day's end marks the day, as
+/// after the end; one stored before the margin does not.
+pub async fn late_writes_are_marked_by_the_store_clock(
+    store: Arc<dyn Store>,
+    clock: Arc<crate::ManualClock>,
+) {
+    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let included = IncludedCalls::new();
+    let day = T0.date();
+    let midnight = (day + Duration::days(1)).midnight().assume_utc();
+    let aggregate = async || {
+        clock.set(midnight + Duration::minutes(10));
+        store.aggregate_usage_day(day, clock.now()).await.unwrap();
+        assert_eq!(store.aggregated_days(day, day).await.unwrap(), vec![day]);
+    };
+    aggregate().await;
+    // 4 min 59 s before midnight: within the margin, so the day is marked.
+    clock.set(midnight - Duration::seconds(299));
+    let within = events(&ada, &key, 1, clock.now());
+    store.record_usage(&within, &included).await.unwrap();
+    assert!(store.aggregated_days(day, day).await.unwrap().is_empty());
+    aggregate().await;
+    // 5 min 1 s before: outside the margin, the day's aggregate is taken as current.
+    clock.set(midnight - Duration::seconds(301));
+    let before = events(&ada, &key, 1, clock.now());
+    store.record_usage(&before, &included).await.unwrap();
+    assert_eq!(store.aggregated_days(day, day).await.unwrap(), vec![day]);
+    // After the day's end, any call of the day marks it.
+    clock.set(midnight + Duration::days(40));
+    let late = events(&ada, &key, 1, T0);
+    store.record_usage(&late, &included).await.unwrap();
+    assert!(store.aggregated_days(day, day).await.unwrap().is_empty());
 }
 
 pub async fn daily_aggregates_are_current_until_a_late_write(store: Arc<dyn Store>) {

@@ -2,7 +2,7 @@
 //! They follow the same contract as the database stores (see the conformance suite).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use time::{Date, OffsetDateTime};
@@ -18,7 +18,10 @@ use crate::repo::{
     UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
     plan_key_issue, plan_subscription_change,
 };
-use crate::{ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId};
+use crate::{
+    ApiKeyId, BillingPeriod, Clock, Plan, PlanCatalog, RepoError, Store, SystemClock, UsageEvent,
+    UserId,
+};
 
 #[derive(Debug, Default)]
 struct State {
@@ -73,15 +76,31 @@ impl State {
 }
 
 /// All repositories in one process-local map. Cheap to create; one per test.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// What the store's rules of time read (which calls are late for their day).
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store on the system clock.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store reading `clock`.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            state: Mutex::default(),
+            clock,
+        }
     }
 
     /// Counts an attempt on a charge, recording why it did not succeed.
@@ -484,7 +503,7 @@ impl UsageRepository for MemoryStore {
         }
         let mut outcome = RecordOutcome::default();
         let mut added: HashMap<(UserId, BillingPeriod), u64> = HashMap::new();
-        let cutoff = late_write_cutoff(OffsetDateTime::now_utc());
+        let cutoff = late_write_cutoff(self.clock.now());
         let mut late_days = BTreeSet::new();
         for e in events {
             if !state.event_ids.insert(e.event_id) {

@@ -2,11 +2,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::sync::Arc;
 
+use usage_core::Clock;
 use usage_core::conformance::TestStore;
 use usage_core::memory::MemoryStore;
 
-async fn fresh_store() -> TestStore {
-    TestStore::new(Arc::new(MemoryStore::new()), ())
+async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
+    TestStore::new(Arc::new(MemoryStore::with_clock(clock)), ())
 }
 
 usage_core::repository_conformance_tests!(fresh_store);

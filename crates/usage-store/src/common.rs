@@ -289,8 +289,8 @@ impl LedgerCounts {
     }
 }
 
-/// Admin queries, in plain SQL both backends understand. Parameters are written `$N`;
-/// SQLite gets them as `?N` (see `sqlite_params`). Nothing from a request is ever
+/// Admin queries, in plain SQL both backends understand. Parameters are written `$N`
+/// (SQLite's store translates them). Nothing from a request is ever
 /// interpolated: the only text spliced in is an ORDER BY chosen from constants by
 /// [`order_by`].
 pub(crate) mod admin_sql {
@@ -477,11 +477,6 @@ pub(crate) mod admin_sql {
               FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
               WHERE r.period_start = $1 AND r.api_calls >= $8) x";
 
-    /// The same text with SQLite's numbered parameters.
-    pub(crate) fn sqlite_params(sql: &str) -> String {
-        sql.replace('$', "?")
-    }
-
     /// A LIKE pattern matching `text` literally anywhere, lower-cased; '' for none.
     pub(crate) fn contains_pattern(text: Option<&str>) -> String {
         match text.map(str::trim).filter(|t| !t.is_empty()) {
@@ -632,9 +627,6 @@ ON CONFLICT (user_id, date) DO UPDATE SET
                            / (eco_usage_daily.api_calls + excluded.api_calls),
     updated_at = excluded.updated_at";
 
-/// Dashboard sessions and sign-in links: the same statements on both backends
-/// (`$n` placeholders; SQLite's through `admin_sql::sqlite_params`). Timestamps compare
-/// correctly on both: `timestamptz` on PostgreSQL, fixed-width UTC text on SQLite.
 /// Keeps an ended day's calls over all users with the day (`$1`), after its aggregation.
 pub(crate) const DAY_TOTALS: &str = "
     UPDATE eco_usage_days SET
@@ -649,6 +641,8 @@ pub(crate) const DAILY_TOTALS: &str = "
     SELECT date, api_calls, error_calls FROM eco_usage_days
     WHERE date >= $1 AND date <= $2 AND api_calls IS NOT NULL ORDER BY date";
 
+/// Dashboard sessions and sign-in links. Times compare correctly on both backends:
+/// `timestamptz` on PostgreSQL, fixed-width UTC text on SQLite.
 pub(crate) mod session_sql {
     use diesel::QueryableByName;
     use diesel::sql_types::Text;
@@ -686,73 +680,6 @@ pub(crate) mod session_sql {
     pub(crate) const PRUNE_LINKS: &str =
         "DELETE FROM eco_login_links WHERE expires_at <= $1 OR used_at IS NOT NULL";
 }
-
-/// The dashboard-session repository of a backend: the same on both, from the backend's
-/// four statement runners (`insert_token`, `token_user`, `delete_session_row`,
-/// `prune_session_rows`) and the SQL of [`session_sql`].
-macro_rules! session_repository {
-    ($store:ty) => {
-        #[async_trait::async_trait]
-        impl usage_core::repo::SessionRepository for $store {
-            async fn create_login_link(
-                &self,
-                token_hash: &str,
-                user_id: &usage_core::UserId,
-                created_at: time::OffsetDateTime,
-                expires_at: time::OffsetDateTime,
-            ) -> Result<(), usage_core::RepoError> {
-                let sql = $crate::common::session_sql::INSERT_LINK;
-                self.insert_token(sql, token_hash, user_id, created_at, expires_at)
-                    .await
-            }
-
-            async fn consume_login_link(
-                &self,
-                token_hash: &str,
-                now: time::OffsetDateTime,
-            ) -> Result<Option<usage_core::UserId>, usage_core::RepoError> {
-                let sql = $crate::common::session_sql::CONSUME_LINK;
-                self.token_user(sql, token_hash, now).await
-            }
-
-            async fn create_session(
-                &self,
-                token_hash: &str,
-                user_id: &usage_core::UserId,
-                created_at: time::OffsetDateTime,
-                expires_at: time::OffsetDateTime,
-            ) -> Result<(), usage_core::RepoError> {
-                let sql = $crate::common::session_sql::INSERT_SESSION;
-                self.insert_token(sql, token_hash, user_id, created_at, expires_at)
-                    .await
-            }
-
-            async fn session_user(
-                &self,
-                token_hash: &str,
-                now: time::OffsetDateTime,
-            ) -> Result<Option<usage_core::UserId>, usage_core::RepoError> {
-                let sql = $crate::common::session_sql::SESSION_USER;
-                self.token_user(sql, token_hash, now).await
-            }
-
-            async fn delete_session(
-                &self,
-                token_hash: &str,
-            ) -> Result<bool, usage_core::RepoError> {
-                self.delete_session_row(token_hash).await
-            }
-
-            async fn prune_sessions(
-                &self,
-                now: time::OffsetDateTime,
-            ) -> Result<u64, usage_core::RepoError> {
-                self.prune_session_rows(now).await
-            }
-        }
-    };
-}
-pub(crate) use session_repository;
 
 /// Deletions read from `eco_deleted_keys` (sequence, key id), in sequence order, as the
 /// repository reports them.

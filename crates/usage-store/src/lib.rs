@@ -1,8 +1,11 @@
 //! The diesel repositories of nexus-usage.
 //!
 //! - PostgreSQL through diesel-async and a bb8 pool: production, any number of instances.
-//! - SQLite through diesel (bundled, WAL, busy timeout, foreign keys) behind the same
-//!   async traits: the embedded default.
+//! - SQLite through diesel (bundled, WAL, busy timeout, foreign keys) and diesel-async's
+//!   `SyncConnectionWrapper`: the embedded default.
+//!
+//! Each repository method is written once, in `repositories.rs`, and compiled for each
+//! backend; what differs between them is named in the table at its top.
 //!
 //! The backend is chosen at run time from the database URL, and both implement
 //! [`usage_core::Store`]. Migrations are embedded in the binary.
@@ -19,16 +22,20 @@
 
 mod common;
 mod error;
+mod pool;
 mod postgres;
+mod schema;
 mod sqlite;
+mod types;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use usage_core::Store;
+use usage_core::{Clock, Store, SystemClock};
 
+pub use pool::SqlStore;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -57,7 +64,7 @@ pub enum StoreError {
     },
 }
 
-/// Connection pool settings, explicit on both backends.
+/// Connection pool settings, explicit on both backends, and the store's clock.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     /// Most connections open at once.
@@ -67,6 +74,9 @@ pub struct PoolOptions {
     /// Longest a single statement may run (PostgreSQL `statement_timeout`; SQLite waits
     /// this long for a locked database).
     pub statement_timeout: Duration,
+    /// What the store's rules of time read (which calls are late for their day): the
+    /// server's clock, so that a fake one in tests holds for the database too.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for PoolOptions {
@@ -75,6 +85,7 @@ impl Default for PoolOptions {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
         }
     }
 }

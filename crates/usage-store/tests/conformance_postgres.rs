@@ -1,10 +1,13 @@
 //! The repository conformance suite against a real PostgreSQL (a private server started
 //! by the tests, one database per test).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::sync::Arc;
+
+use usage_core::Clock;
 use usage_core::conformance::TestStore;
 use usage_store::PoolOptions;
 
-async fn fresh_store() -> TestStore {
+async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     let db = usage_testdb::fresh_database();
     let applied = usage_store::migrate(db.url()).await.expect("migrate");
     assert!(applied > 0);
@@ -12,6 +15,7 @@ async fn fresh_store() -> TestStore {
     assert_eq!(usage_store::migrate(db.url()).await.expect("re-migrate"), 0);
     let options = PoolOptions {
         max_connections: 8,
+        clock,
         ..PoolOptions::default()
     };
     let store = usage_store::open(db.url(), &options).await.expect("open");

@@ -1,5 +1,8 @@
 //! The repository conformance suite against SQLite files in temporary directories.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::sync::Arc;
+
+use usage_core::Clock;
 use usage_core::conformance::TestStore;
 use usage_store::PoolOptions;
 
@@ -11,14 +14,16 @@ impl Drop for TempDir {
     }
 }
 
-async fn fresh_store() -> TestStore {
+async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     let dir = std::env::temp_dir().join(format!("usage-sqlite-{}", uuid::Uuid::now_v7()));
     let url = format!("sqlite://{}/usage.db", dir.display());
     let applied = usage_store::migrate(&url).await.expect("migrate");
     assert!(applied > 0);
-    let store = usage_store::open(&url, &PoolOptions::default())
-        .await
-        .expect("open");
+    let options = PoolOptions {
+        clock,
+        ..PoolOptions::default()
+    };
+    let store = usage_store::open(&url, &options).await.expect("open");
     assert_eq!(store.backend_name(), "sqlite");
     TestStore::new(store, TempDir(dir))
 }

@@ -179,7 +179,7 @@ async fn count_before(
 /// `before` falls in (that month is kept whole until all of it has expired). Partitions
 /// wholly before the bound are dropped (monthly ones, and the legacy one once all of it has
 /// expired); rows before it in the legacy and default partitions are deleted in batches.
-/// The bound is recorded as retention's (not in a dry run).
+/// The caller records the bound as retention's once this returns.
 pub(crate) async fn prune(
     conn: &mut AsyncPgConnection,
     before: OffsetDateTime,
@@ -235,19 +235,6 @@ pub(crate) async fn prune(
                 }
             }
         }
-    }
-    // Recorded once everything before it is gone: a day below the bound must have no raw
-    // calls but late ones. (A late call for a day in the middle of a removal is aggregated
-    // from what is left of that day: a window of one run, accepted.)
-    if !dry_run {
-        diesel::sql_query(
-            "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, $1)
-             ON CONFLICT (id) DO UPDATE
-             SET pruned_before = greatest(eco_usage_retention.pruned_before, excluded.pruned_before)",
-        )
-        .bind::<Timestamptz, _>(bound)
-        .execute(conn)
-        .await?;
     }
     Ok(outcome)
 }

@@ -1,59 +1,76 @@
-// The PostgreSQL tables, as in migrations/postgres.
+// The tables of both backends, as in migrations/postgres and migrations/sqlite. Times,
+// event ids and JSON are the types of `crate::types`, stored as each backend stores them.
+// SQLite's tables of events and records also have an integer `id`, which no query reads.
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_users (id) {
         id -> Text,
         email -> Text,
         plan -> Text,
         stripe_customer_id -> Nullable<Text>,
-        created_at -> Timestamptz,
-        plan_changed_at -> Nullable<Timestamptz>,
+        created_at -> Stamp,
+        plan_changed_at -> Nullable<Stamp>,
         plan_subscription_id -> Nullable<Text>,
-        blocked_at -> Nullable<Timestamptz>,
+        blocked_at -> Nullable<Stamp>,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_api_keys (id) {
         id -> Text,
         user_id -> Text,
         name -> Text,
         prefix -> Text,
         key_hash -> Text,
-        created_at -> Timestamptz,
-        last_used_at -> Nullable<Timestamptz>,
-        revoked_at -> Nullable<Timestamptz>,
-        expires_at -> Nullable<Timestamptz>,
+        created_at -> Stamp,
+        last_used_at -> Nullable<Stamp>,
+        revoked_at -> Nullable<Stamp>,
+        expires_at -> Nullable<Stamp>,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_api_usage (event_id, created_at) {
-        event_id -> Uuid,
+        event_id -> EventId,
         user_id -> Text,
         api_key_id -> Text,
         endpoint -> Text,
         method -> Text,
         status_code -> Integer,
         response_time_ms -> Integer,
-        created_at -> Timestamptz,
+        created_at -> Stamp,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_usage_records (user_id, period_start) {
         user_id -> Text,
-        period_start -> Timestamptz,
-        period_end -> Timestamptz,
+        period_start -> Stamp,
+        period_end -> Stamp,
         api_calls -> BigInt,
         overage_calls -> BigInt,
         overage_invoiced_calls -> BigInt,
-        updated_at -> Timestamptz,
+        updated_at -> Stamp,
         included_calls -> Nullable<BigInt>,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_usage_daily (user_id, date) {
         user_id -> Text,
         date -> Date,
@@ -61,16 +78,19 @@ diesel::table! {
         error_calls -> BigInt,
         total_response_time_ms -> BigInt,
         avg_response_time_ms -> Double,
-        top_endpoints -> Jsonb,
-        updated_at -> Timestamptz,
+        top_endpoints -> JsonText,
+        updated_at -> Stamp,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_overage_charges (id) {
         id -> BigInt,
         user_id -> Text,
-        period_start -> Timestamptz,
+        period_start -> Stamp,
         calls_from -> BigInt,
         calls_to -> BigInt,
         amount_cents -> BigInt,
@@ -79,37 +99,46 @@ diesel::table! {
         stripe_invoice_item_id -> Nullable<Text>,
         attempts -> Integer,
         last_error -> Nullable<Text>,
-        created_at -> Timestamptz,
-        updated_at -> Timestamptz,
+        created_at -> Stamp,
+        updated_at -> Stamp,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_stripe_events (event_id) {
         event_id -> Text,
         event_type -> Text,
         customer -> Text,
         user_id -> Text,
         plan -> Text,
-        event_created -> Timestamptz,
+        event_created -> Stamp,
         outcome -> Text,
-        received_at -> Timestamptz,
+        received_at -> Stamp,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_usage_retention (id) {
         id -> Integer,
-        pruned_before -> Timestamptz,
+        pruned_before -> Stamp,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_deleted_keys (seq) {
         seq -> BigInt,
         key_id -> Text,
         user_id -> Text,
-        deleted_at -> Timestamptz,
+        deleted_at -> Stamp,
     }
 }
 

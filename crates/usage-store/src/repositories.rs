@@ -1,0 +1,2197 @@
+// Every repository method, written once for both SQL backends.
+//
+// This file is compiled twice: `postgres/mod.rs` and `sqlite/mod.rs` each `include!` it,
+// after naming what differs (the seam, in `crate::dialect`'s terms):
+//
+// | name | PostgreSQL | SQLite |
+// |---|---|---|
+// | `This` | `PgStore` | `SqliteStore` |
+// | `Db`, `Conn` | `Pg`, `AsyncPgConnection` | `Sqlite`, `SyncConnectionWrapper<SqliteConnection>` |
+// | `write_transaction` | `BEGIN` (row locks serialise) | `BEGIN IMMEDIATE` (one writer) |
+// | `for_update!` | `SELECT ... FOR UPDATE` | the query as is (the write lock is held) |
+// | `translate` | the text as is | `$n` to `?n`, `GREATEST`/`LEAST` to `MAX`/`MIN` |
+// | `json_rows` | `jsonb_to_recordset` | `json_each` |
+// | `insert_usage_rows` | `unnest` of one array per column | multi-row `INSERT OR IGNORE` |
+// | `DayOf`, `Aggregates` | `jsonb_agg`, `AT TIME ZONE` | `json_group_array`, `substr` |
+// | usage storage | monthly partitions | one table, pruned in batches |
+//
+// So a query is read and fixed in one place, and the compiler checks it against each
+// backend's types. Times come from the caller or the store's injected clock, never from
+// the database's.
+
+use async_trait::async_trait;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Date as SqlDate, Integer, Nullable, Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use time::{Date, OffsetDateTime};
+use usage_core::repo::{
+    AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
+    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
+    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
+    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
+    UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
+    plan_subscription_change,
+};
+use usage_core::{
+    ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
+};
+use uuid::Uuid;
+
+use crate::common::{
+    BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
+    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow, StoredCallsRow,
+    TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json, deleted_keys,
+    distinct_references, floor_columns, foldable, lease_binds, parse_plan, parse_top_endpoints,
+    plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
+};
+use crate::error::{is_retryable, repo_error};
+use crate::schema::{
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_stripe_events,
+    eco_usage_daily, eco_usage_records, eco_usage_retention, eco_users,
+};
+use crate::types::{At, EventId, Id, Stamp, utc_text};
+
+/// diesel errors to repository errors; `missing` names what a foreign key refers to.
+fn db(missing: &'static str) -> impl Fn(diesel::result::Error) -> RepoError {
+    move |e| repo_error(e, missing)
+}
+
+/// A raw statement written with `$n` parameters, in this backend's dialect.
+fn query(sql: &str) -> diesel::query_builder::SqlQuery {
+    diesel::sql_query(translate(sql))
+}
+
+/// Rows given as one JSON array of objects, for set-based statements whatever their
+/// number (one bind parameter; SQLite allows at most 32,766).
+fn json_array(rows: impl Iterator<Item = serde_json::Value>) -> String {
+    serde_json::Value::Array(rows.collect()).to_string()
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_users, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct UserRow {
+    id: String,
+    email: String,
+    plan: String,
+    stripe_customer_id: Option<String>,
+    created_at: OffsetDateTime,
+    plan_subscription_id: Option<String>,
+    blocked_at: Option<OffsetDateTime>,
+}
+
+impl UserRow {
+    fn into_domain(self) -> Result<User, RepoError> {
+        Ok(User {
+            id: UserId::from_stored(self.id),
+            email: self.email,
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            created_at: self.created_at,
+            plan_subscription_id: self.plan_subscription_id,
+            blocked_at: self.blocked_at,
+        })
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_api_keys, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct ApiKeyRow {
+    id: String,
+    user_id: String,
+    name: String,
+    prefix: String,
+    key_hash: String,
+    created_at: OffsetDateTime,
+    last_used_at: Option<OffsetDateTime>,
+    revoked_at: Option<OffsetDateTime>,
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// An API key's columns, to insert.
+macro_rules! key_values {
+    ($k:expr) => {
+        (
+            eco_api_keys::id.eq($k.id.as_str()),
+            eco_api_keys::user_id.eq($k.user_id.as_str()),
+            eco_api_keys::name.eq(&$k.name),
+            eco_api_keys::prefix.eq(&$k.prefix),
+            eco_api_keys::key_hash.eq(&$k.key_hash),
+            eco_api_keys::created_at.eq(At($k.created_at)),
+            eco_api_keys::last_used_at.eq($k.last_used_at.map(At)),
+            eco_api_keys::revoked_at.eq($k.revoked_at.map(At)),
+            eco_api_keys::expires_at.eq($k.expires_at.map(At)),
+        )
+    };
+}
+
+impl ApiKeyRow {
+    fn into_domain(self) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: ApiKeyId::from_stored(self.id),
+            user_id: UserId::from_stored(self.user_id),
+            name: self.name,
+            prefix: self.prefix,
+            key_hash: self.key_hash,
+            created_at: self.created_at,
+            last_used_at: self.last_used_at,
+            revoked_at: self.revoked_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+#[async_trait]
+impl UserRepository for This {
+    async fn create_user(&self, user: &User) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_users::table)
+            .values((
+                eco_users::id.eq(user.id.as_str()),
+                eco_users::email.eq(&user.email),
+                eco_users::plan.eq(user.plan.as_str()),
+                eco_users::stripe_customer_id.eq(&user.stripe_customer_id),
+                eco_users::created_at.eq(At(user.created_at)),
+                eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
+                eco_users::blocked_at.eq(user.blocked_at.map(At)),
+            ))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok(())
+    }
+
+    async fn user_by_id(&self, id: &UserId) -> Result<Option<User>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_users::table
+            .find(id.as_str())
+            .select(UserRow::as_select())
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("user"))?
+            .map(UserRow::into_domain)
+            .transpose()
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_users::table
+            .filter(eco_users::email.eq(email))
+            .select(UserRow::as_select())
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("user"))?
+            .map(UserRow::into_domain)
+            .transpose()
+    }
+
+    async fn set_plan(
+        &self,
+        id: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set((
+                eco_users::plan.eq(plan.as_str()),
+                eco_users::plan_changed_at.eq(At(at)),
+            ))
+            .returning(UserRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?
+            .into_domain()
+    }
+
+    async fn set_stripe_customer(
+        &self,
+        id: &UserId,
+        customer: Option<&str>,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::stripe_customer_id.eq(customer))
+            .returning(UserRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?
+            .into_domain()
+    }
+
+    async fn apply_subscription_change(
+        &self,
+        change: &SubscriptionChange,
+        at: OffsetDateTime,
+    ) -> Result<SubscriptionOutcome, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<
+            SubscriptionOutcome,
+            BatchError,
+        > {
+            // The user's row lock (or SQLite's one writer) serialises the events of one
+            // customer, and two deliveries of one event.
+            let user = for_update!(
+                eco_users::table
+                    .filter(eco_users::stripe_customer_id.eq(&change.customer))
+                    .select(UserRow::as_select())
+            )
+            .first(conn)
+            .await
+            .optional()?
+            .map(UserRow::into_domain)
+            .transpose()
+            .map_err(BatchError::Repo)?;
+            let seen: Option<String> = eco_stripe_events::table
+                .find(&change.event_id)
+                .select(eco_stripe_events::event_id)
+                .first(conn)
+                .await
+                .optional()?;
+            let latest: Option<OffsetDateTime> = eco_stripe_events::table
+                .filter(eco_stripe_events::customer.eq(&change.customer))
+                .filter(eco_stripe_events::outcome.eq("applied"))
+                .select(diesel::dsl::max(eco_stripe_events::event_created))
+                .first(conn)
+                .await?;
+            let outcome = plan_subscription_change(user.as_ref(), seen.is_none(), latest, change);
+            let (Some(stored), Some(user)) = (outcome.stored_name(), user) else {
+                return Ok(outcome);
+            };
+            diesel::insert_into(eco_stripe_events::table)
+                .values((
+                    eco_stripe_events::event_id.eq(&change.event_id),
+                    eco_stripe_events::event_type.eq(&change.event_type),
+                    eco_stripe_events::customer.eq(&change.customer),
+                    eco_stripe_events::user_id.eq(user.id.as_str()),
+                    eco_stripe_events::plan.eq(change.plan.as_str()),
+                    eco_stripe_events::event_created.eq(At(change.created)),
+                    eco_stripe_events::outcome.eq(stored),
+                    eco_stripe_events::received_at.eq(At(at)),
+                ))
+                .execute(conn)
+                .await?;
+            if let SubscriptionOutcome::Applied(user) = &outcome {
+                diesel::update(eco_users::table.find(user.id.as_str()))
+                    .set((
+                        eco_users::plan.eq(user.plan.as_str()),
+                        eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
+                        eco_users::plan_changed_at.eq(At(at)),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(outcome)
+        })
+        .await
+        .map_err(|e| e.into_repo("user"))
+    }
+
+    async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = eco_users::table
+            .filter(eco_users::plan_changed_at.ge(At(since)))
+            .select(eco_users::id)
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok(ids.into_iter().map(UserId::from_stored).collect())
+    }
+
+    async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, i64)> = eco_users::table
+            .group_by(eco_users::plan)
+            .select((eco_users::plan, diesel::dsl::count_star()))
+            .order(eco_users::plan)
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        plan_counts(rows)
+    }
+
+    async fn set_user_blocked(
+        &self,
+        id: &UserId,
+        at: Option<OffsetDateTime>,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::blocked_at.eq(at.map(At)))
+            .returning(UserRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?
+            .into_domain()
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let deleted = diesel::delete(eco_users::table.find(id.as_str()))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok(deleted > 0)
+    }
+}
+
+#[async_trait]
+impl ApiKeyRepository for This {
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_api_keys::table)
+            .values(key_values!(key))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok(())
+    }
+
+    async fn issue_api_key(
+        &self,
+        key: &ApiKeyRecord,
+        max_active: usize,
+        retire: Option<&KeyRetirement>,
+    ) -> Result<KeyIssue, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<KeyIssue, BatchError> {
+            // The user's row lock (or SQLite's one writer) serialises issues for one user:
+            // the count below cannot be raced past the limit.
+            let user: Option<String> = for_update!(
+                eco_users::table
+                    .filter(eco_users::id.eq(key.user_id.as_str()))
+                    .select(eco_users::id)
+            )
+            .first(conn)
+            .await
+            .optional()?;
+            if user.is_none() {
+                return Err(BatchError::Missing("user"));
+            }
+            let users_keys: Vec<ApiKeyRecord> = eco_api_keys::table
+                .filter(eco_api_keys::user_id.eq(key.user_id.as_str()))
+                .select(ApiKeyRow::as_select())
+                .load(conn)
+                .await?
+                .into_iter()
+                .map(ApiKeyRow::into_domain)
+                .collect();
+            let plan = plan_key_issue(&users_keys, key, max_active, retire);
+            let KeyIssue::Issued { retired } = &plan else {
+                return Ok(plan);
+            };
+            diesel::insert_into(eco_api_keys::table)
+                .values(key_values!(key))
+                .execute(conn)
+                .await?;
+            if let Some(old) = retired {
+                diesel::update(eco_api_keys::table.find(old.id.as_str()))
+                    .set((
+                        eco_api_keys::revoked_at.eq(old.revoked_at.map(At)),
+                        eco_api_keys::expires_at.eq(old.expires_at.map(At)),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(plan)
+        })
+        .await
+        .map_err(|e| e.into_repo("user"))
+    }
+
+    async fn api_key_and_plan_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let found: Option<(ApiKeyRow, String)> = eco_api_keys::table
+            .inner_join(eco_users::table)
+            .filter(eco_api_keys::key_hash.eq(key_hash))
+            .select((ApiKeyRow::as_select(), eco_users::plan))
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("API key"))?;
+        found
+            .map(|(key, plan)| Ok((key.into_domain(), parse_plan(&plan)?)))
+            .transpose()
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        Ok(eco_api_keys::table
+            .filter(eco_api_keys::key_hash.eq(key_hash))
+            .select(ApiKeyRow::as_select())
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("API key"))?
+            .map(ApiKeyRow::into_domain))
+    }
+
+    async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ApiKeyRow> = eco_api_keys::table
+            .filter(eco_api_keys::user_id.eq(user_id.as_str()))
+            .order((eco_api_keys::created_at.desc(), eco_api_keys::id.desc()))
+            .select(ApiKeyRow::as_select())
+            .load(&mut *conn)
+            .await
+            .map_err(db("API key"))?;
+        Ok(rows.into_iter().map(ApiKeyRow::into_domain).collect())
+    }
+
+    async fn revoke_api_key(
+        &self,
+        user_id: &UserId,
+        key_id: &ApiKeyId,
+        at: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        // A second revocation keeps the first time.
+        let keep_first = diesel::dsl::sql::<Nullable<Stamp>>("COALESCE(revoked_at, ")
+            .bind::<Stamp, _>(At(at))
+            .sql(")");
+        Ok(diesel::update(
+            eco_api_keys::table
+                .filter(eco_api_keys::id.eq(key_id.as_str()))
+                .filter(eco_api_keys::user_id.eq(user_id.as_str())),
+        )
+        .set(eco_api_keys::revoked_at.eq(keep_first))
+        .returning(ApiKeyRow::as_returning())
+        .get_result(&mut *conn)
+        .await
+        .optional()
+        .map_err(db("API key"))?
+        .map(ApiKeyRow::into_domain))
+    }
+
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), RepoError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        // One statement whatever the number of keys, in id order.
+        let mut used: Vec<(&str, OffsetDateTime)> =
+            used.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+        used.sort_unstable();
+        let rows = json_array(
+            used.iter()
+                .map(|(id, at)| serde_json::json!({"id": id, "at": utc_text(*at)})),
+        );
+        let sql = format!(
+            "UPDATE eco_api_keys AS k SET last_used_at = d.at
+             FROM (SELECT id, max(at) AS at FROM {} GROUP BY id) AS d
+             WHERE k.id = d.id AND (k.last_used_at IS NULL OR k.last_used_at < d.at)",
+            json_rows("$1", &[("id", "text"), ("at", "timestamptz")])
+        );
+        let mut conn = self.conn().await?;
+        query(&sql)
+            .bind::<Text, _>(rows)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("API key"))?;
+        Ok(())
+    }
+
+    async fn api_keys_retired_since(
+        &self,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Vec<ApiKeyId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = eco_api_keys::table
+            .filter(
+                eco_api_keys::revoked_at
+                    .ge(At(since))
+                    .or(eco_api_keys::expires_at.between(At(since), At(now))),
+            )
+            .select(eco_api_keys::id)
+            .load(&mut *conn)
+            .await
+            .map_err(db("API key"))?;
+        Ok(ids.into_iter().map(ApiKeyId::from_stored).collect())
+    }
+
+    async fn delete_api_key(&self, user_id: &UserId, key_id: &ApiKeyId) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let deleted = diesel::delete(
+            eco_api_keys::table
+                .filter(eco_api_keys::id.eq(key_id.as_str()))
+                .filter(eco_api_keys::user_id.eq(user_id.as_str())),
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(db("API key"))?;
+        Ok(deleted > 0)
+    }
+
+    async fn api_keys_deleted_after(&self, after: i64) -> Result<DeletedKeys, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(i64, String)> = eco_deleted_keys::table
+            .filter(eco_deleted_keys::seq.gt(after))
+            .order(eco_deleted_keys::seq)
+            .select((eco_deleted_keys::seq, eco_deleted_keys::key_id))
+            .load(&mut *conn)
+            .await
+            .map_err(db("API key"))?;
+        Ok(deleted_keys(rows, after))
+    }
+}
+
+/// Checks, once per batch, that every user and key it names exists (the events table
+/// has no foreign keys, to spare two lookups per row).
+async fn check_references(
+    conn: &mut Conn,
+    users: &[String],
+    keys: &[String],
+) -> Result<(), BatchError> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = BigInt)]
+        users: i64,
+        #[diesel(sql_type = BigInt)]
+        keys: i64,
+    }
+    let ids = |ids: &[String]| json_array(ids.iter().map(|id| serde_json::json!({"id": id})));
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM eco_users WHERE id IN (SELECT id FROM {})) AS users,
+                (SELECT count(*) FROM eco_api_keys WHERE id IN (SELECT id FROM {})) AS keys",
+        json_rows("$1", &[("id", "text")]),
+        json_rows("$2", &[("id", "text")]),
+    );
+    let found: Found = query(&sql)
+        .bind::<Text, _>(ids(users))
+        .bind::<Text, _>(ids(keys))
+        .get_result(conn)
+        .await?;
+    if found.users != users.len() as i64 {
+        return Err(BatchError::Missing("user"));
+    }
+    if found.keys != keys.len() as i64 {
+        return Err(BatchError::Missing("API key"));
+    }
+    Ok(())
+}
+
+/// Adds a batch's inserted events to every (user, period) counter it touches, in one
+/// statement whatever the number of users, rows in (user, period) order so that
+/// concurrent writers lock counters in the same order. `included` is each plan's
+/// included calls, null for unlimited; the update reads it back from EXCLUDED.
+async fn upsert_counters(
+    conn: &mut Conn,
+    deltas: &[crate::common::CounterDelta],
+    now: OffsetDateTime,
+) -> diesel::QueryResult<usize> {
+    let rows = json_array(deltas.iter().map(|d| {
+        serde_json::json!({
+            "user_id": d.user_id.as_str(),
+            "period_start": utc_text(d.period.start()),
+            "period_end": utc_text(d.period.end()),
+            "calls": d.calls,
+            "included": d.included,
+        })
+    }));
+    let sql = format!(
+        "INSERT INTO eco_usage_records (user_id, period_start, period_end, api_calls,
+                                        overage_calls, included_calls, updated_at)
+         SELECT d.user_id, d.period_start, d.period_end, d.calls,
+                CASE WHEN d.included IS NULL THEN 0 ELSE GREATEST(0, d.calls - d.included) END,
+                d.included, $2
+         FROM {} WHERE true
+         ORDER BY d.user_id, d.period_start
+         ON CONFLICT (user_id, period_start) DO UPDATE SET
+             api_calls = eco_usage_records.api_calls + excluded.api_calls,
+             overage_calls = CASE WHEN excluded.included_calls IS NULL THEN 0
+                 ELSE GREATEST(0, eco_usage_records.api_calls + excluded.api_calls
+                                  - excluded.included_calls) END,
+             included_calls = excluded.included_calls,
+             updated_at = excluded.updated_at",
+        json_rows(
+            "$1",
+            &[
+                ("user_id", "text"),
+                ("period_start", "timestamptz"),
+                ("period_end", "timestamptz"),
+                ("calls", "int8"),
+                ("included", "int8"),
+            ]
+        )
+    );
+    query(&sql)
+        .bind::<Text, _>(rows)
+        .bind::<Stamp, _>(now)
+        .execute(conn)
+        .await
+}
+
+/// Who and when of a stored call, as `insert_usage_rows` returns them.
+#[derive(QueryableByName)]
+struct InsertedEvent {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Stamp)]
+    created_at: OffsetDateTime,
+}
+
+impl InsertedEvent {
+    fn into_pair(self) -> (UserId, OffsetDateTime) {
+        (UserId::from_stored(self.user_id), self.created_at)
+    }
+}
+
+/// Marks the days of calls stored late (a day that has ended, or ends within
+/// `LATE_WRITE_MARGIN` of `now`): their aggregates, if any, are no longer current.
+async fn mark_late_days(
+    conn: &mut Conn,
+    inserted: &[(UserId, OffsetDateTime)],
+    now: OffsetDateTime,
+) -> diesel::QueryResult<()> {
+    let cutoff = late_write_cutoff(now);
+    let days: std::collections::BTreeSet<Date> = inserted
+        .iter()
+        .filter(|(_, at)| *at < cutoff)
+        .map(|(_, at)| at.date())
+        .collect();
+    for day in days {
+        query(
+            "INSERT INTO eco_usage_days (date, late_writes) VALUES ($1, 1)
+             ON CONFLICT (date) DO UPDATE SET late_writes = eco_usage_days.late_writes + 1",
+        )
+        .bind::<SqlDate, _>(day)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl UsageRepository for This {
+    async fn record_usage(
+        &self,
+        events: &[UsageEvent],
+        included: &IncludedCalls,
+    ) -> Result<RecordOutcome, RepoError> {
+        if events.is_empty() {
+            return Ok(RecordOutcome::default());
+        }
+        // One lock order for every writer: no deadlock between overlapping retries.
+        let mut sorted: Vec<&UsageEvent> = events.iter().collect();
+        sorted.sort_by_key(|e| e.event_id);
+        let (users, keys) = distinct_references(events);
+        let (sorted, users, keys) = (&sorted, &users, &keys);
+        let mut attempt = 1;
+        loop {
+            let now = self.clock.now();
+            let mut conn = self.conn().await?;
+            widen_usage_cache(&mut conn).await;
+            let result = write_transaction!(&mut conn, async |conn| -> Result<u64, BatchError> {
+                check_references(conn, users, keys).await?;
+                // RETURNING names the rows actually inserted: replayed events are neither
+                // stored nor counted again.
+                let inserted = insert_usage_rows(conn, sorted).await?;
+                mark_late_days(conn, &inserted, now).await?;
+                let count = inserted.len() as u64;
+                let deltas = counter_deltas(inserted, included);
+                if !deltas.is_empty() {
+                    upsert_counters(conn, &deltas, now).await?;
+                }
+                Ok(count)
+            })
+            .await;
+            narrow_usage_cache(&mut conn).await;
+            match result {
+                Ok(inserted) => {
+                    return Ok(RecordOutcome {
+                        inserted,
+                        duplicates: events.len() as u64 - inserted,
+                    });
+                }
+                Err(BatchError::Db(e)) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "retrying usage batch");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into_repo("user")),
+            }
+        }
+    }
+
+    async fn usage_record(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Option<UsageRecord>, RepoError> {
+        let mut conn = self.conn().await?;
+        Ok(eco_usage_records::table
+            .filter(eco_usage_records::user_id.eq(user_id.as_str()))
+            .filter(eco_usage_records::period_start.eq(At(period_start)))
+            .select(UsageRecordRow::as_select())
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("usage record"))?
+            .map(UsageRecordRow::into_domain))
+    }
+
+    async fn endpoint_stats(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<EndpointStats>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<EndpointStatsRow> = query(
+            "SELECT endpoint, method, count(*) AS calls,
+                    count(*) FILTER (WHERE status_code >= 400) AS error_calls,
+                    CAST(sum(response_time_ms) AS BIGINT) AS total_ms
+             FROM eco_api_usage
+             WHERE user_id = $1 AND created_at >= $2 AND created_at < $3
+             GROUP BY endpoint, method
+             ORDER BY calls DESC, endpoint COLLATE \"C\", method COLLATE \"C\"",
+        )
+        .bind::<Text, _>(user_id.as_str())
+        .bind::<Stamp, _>(from)
+        .bind::<Stamp, _>(to)
+        .load(&mut *conn)
+        .await
+        .map_err(db("usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(EndpointStatsRow::into_domain)
+            .collect())
+    }
+
+    async fn count_usage_events(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let n: i64 = eco_api_usage::table
+            .filter(eco_api_usage::user_id.eq(user_id.as_str()))
+            .filter(eco_api_usage::created_at.ge(At(from)))
+            .filter(eco_api_usage::created_at.lt(At(to)))
+            .count()
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("usage event"))?;
+        Ok(to_u64(n))
+    }
+
+    async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), RepoError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id, endpoint, method,
+                 status_code, response_time_ms, created_at, included_calls, reason, failed_at)
+             SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
+                    response_time_ms, created_at, included_calls, reason, failed_at
+             FROM {} WHERE true
+             ON CONFLICT (event_id) DO NOTHING",
+            json_rows(
+                "$1",
+                &[
+                    ("event_id", "uuid"),
+                    ("user_id", "text"),
+                    ("api_key_id", "text"),
+                    ("endpoint", "text"),
+                    ("method", "text"),
+                    ("status_code", "int4"),
+                    ("response_time_ms", "int4"),
+                    ("created_at", "timestamptz"),
+                    ("included_calls", "int8"),
+                    ("reason", "text"),
+                    ("failed_at", "timestamptz"),
+                ]
+            )
+        );
+        let mut conn = self.conn().await?;
+        query(&sql)
+            .bind::<Text, _>(dead_letters_json(letters))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("dead letter"))?;
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DeadLetterRow> = query(
+            "SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
+                    response_time_ms, created_at, included_calls, reason, failed_at
+             FROM eco_usage_dead_letters
+             WHERE $1 IS NULL OR event_id > $1 ORDER BY event_id LIMIT $2",
+        )
+        .bind::<Nullable<EventId>, _>(after)
+        .bind::<BigInt, _>(i64::from(limit))
+        .load(&mut *conn)
+        .await
+        .map_err(db("dead letter"))?;
+        Ok(rows.into_iter().map(DeadLetterRow::into_domain).collect())
+    }
+
+    async fn remove_dead_letters(&self, event_ids: &[Uuid]) -> Result<u64, RepoError> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = json_array(event_ids.iter().map(|id| serde_json::json!({"id": id})));
+        let sql = format!(
+            "DELETE FROM eco_usage_dead_letters WHERE event_id IN (SELECT id FROM {})",
+            json_rows("$1", &[("id", "uuid")])
+        );
+        let mut conn = self.conn().await?;
+        let n = query(&sql)
+            .bind::<Text, _>(ids)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("dead letter"))?;
+        Ok(n as u64)
+    }
+
+    async fn prepare_usage_storage(
+        &self,
+        now: OffsetDateTime,
+        months_ahead: u32,
+    ) -> Result<Vec<String>, RepoError> {
+        let mut conn = self.conn().await?;
+        prepare_usage_storage(&mut conn, now, months_ahead)
+            .await
+            .map_err(db("usage partition"))
+    }
+
+    async fn prune_usage(
+        &self,
+        before: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<UsagePrune, RepoError> {
+        let pruned = self.prune_usage_rows(before, dry_run).await?;
+        if !dry_run {
+            // Recorded once everything before it is gone: readers then know that days
+            // before it are counted only in their aggregates.
+            let mut conn = self.conn().await?;
+            query(
+                "INSERT INTO eco_usage_retention (id, pruned_before) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE
+                 SET pruned_before = GREATEST(eco_usage_retention.pruned_before,
+                                              excluded.pruned_before)",
+            )
+            .bind::<Stamp, _>(pruned.before)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("usage retention"))?;
+        }
+        Ok(pruned)
+    }
+
+    async fn usage_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, RepoError> {
+        use crate::schema::eco_api_usage::dsl as u;
+        let mut conn = self.conn().await?;
+        let mut events = u::eco_api_usage
+            .filter(u::user_id.eq(user_id.as_str()))
+            .filter(u::created_at.ge(At(from)))
+            .filter(u::created_at.lt(At(to)))
+            .into_boxed();
+        if let Some((at, id)) = after {
+            // `<= at` bounds the index scan; the rest orders ties by event id.
+            events = events
+                .filter(u::created_at.le(At(at)))
+                .filter(u::created_at.lt(At(at)).or(u::event_id.lt(Id(id))));
+        }
+        let rows: Vec<crate::common::EventTuple<Uuid, OffsetDateTime>> = events
+            .select((
+                u::event_id,
+                u::user_id,
+                u::api_key_id,
+                u::endpoint,
+                u::method,
+                u::status_code,
+                u::response_time_ms,
+                u::created_at,
+            ))
+            .order((u::created_at.desc(), u::event_id.desc()))
+            .limit(i64::from(limit))
+            .load(&mut *conn)
+            .await
+            .map_err(db("usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, user, key, endpoint, method, status, ms, at)| {
+                crate::common::event_from_columns(
+                    id,
+                    (user, key, endpoint, method),
+                    (status, ms),
+                    at,
+                )
+            })
+            .collect())
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_records, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct UsageRecordRow {
+    user_id: String,
+    period_start: OffsetDateTime,
+    period_end: OffsetDateTime,
+    api_calls: i64,
+    overage_calls: i64,
+    overage_invoiced_calls: i64,
+    updated_at: OffsetDateTime,
+}
+
+impl UsageRecordRow {
+    fn into_domain(self) -> UsageRecord {
+        UsageRecord {
+            user_id: UserId::from_stored(self.user_id),
+            period_start: self.period_start,
+            period_end: self.period_end,
+            api_calls: to_u64(self.api_calls),
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct DeadLetterRow {
+    #[diesel(sql_type = EventId)]
+    event_id: Uuid,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    api_key_id: String,
+    #[diesel(sql_type = Text)]
+    endpoint: String,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Integer)]
+    status_code: i32,
+    #[diesel(sql_type = Integer)]
+    response_time_ms: i32,
+    #[diesel(sql_type = Stamp)]
+    created_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    included_calls: Option<i64>,
+    #[diesel(sql_type = Text)]
+    reason: String,
+    #[diesel(sql_type = Stamp)]
+    failed_at: OffsetDateTime,
+}
+
+impl DeadLetterRow {
+    fn into_domain(self) -> DeadLetter {
+        DeadLetter {
+            event: crate::common::event_from_columns(
+                self.event_id,
+                (self.user_id, self.api_key_id, self.endpoint, self.method),
+                (self.status_code, self.response_time_ms),
+                self.created_at,
+            ),
+            included_calls: self.included_calls.map(to_u64),
+            reason: self.reason,
+            failed_at: self.failed_at,
+        }
+    }
+}
+
+/// A (user, period) counter as the quota statements return it.
+#[derive(QueryableByName)]
+struct QuotaCountRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Stamp)]
+    period_start: OffsetDateTime,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// The (user, period) pairs of quota statements, as JSON rows.
+fn counter_keys(keys: &[(&str, OffsetDateTime)], deltas: Option<&[i64]>) -> String {
+    json_array(keys.iter().enumerate().map(|(i, (user, period))| {
+        serde_json::json!({
+            "uid": user,
+            "at": utc_text(*period),
+            "delta": deltas.and_then(|d| d.get(i)),
+        })
+    }))
+}
+
+/// The columns of [`counter_keys`]: user, period start, delta (named apart from the
+/// counters' own columns, which `RETURNING` names unqualified).
+const COUNTER_KEY_COLUMNS: &[(&str, &str)] =
+    &[("uid", "text"), ("at", "timestamptz"), ("delta", "int8")];
+
+/// Creates missing counters from the periods' stored calls, in one order for every writer.
+async fn seed_quota_counters(
+    conn: &mut Conn,
+    keys: &[(&str, OffsetDateTime)],
+) -> Result<(), RepoError> {
+    let sql = format!(
+        "INSERT INTO eco_quota_counters (user_id, period_start, admitted)
+         SELECT d.uid, d.at, COALESCE(r.api_calls, 0)
+         FROM {}
+         LEFT JOIN eco_usage_records r ON r.user_id = d.uid AND r.period_start = d.at
+         WHERE true
+         ORDER BY d.uid, d.at
+         ON CONFLICT (user_id, period_start) DO NOTHING",
+        json_rows("$1", COUNTER_KEY_COLUMNS)
+    );
+    query(&sql)
+        .bind::<Text, _>(counter_keys(keys, None))
+        .execute(conn)
+        .await
+        .map_err(db("quota counter"))?;
+    Ok(())
+}
+
+/// Adds each delta to its counter, in one statement: on PostgreSQL the counters are first
+/// locked in one order for every writer (an InitPlan, run before the update), so that
+/// syncs of several instances never deadlock; returns the counts after. Counters that do
+/// not exist yet are not returned.
+async fn apply_counter_deltas(
+    conn: &mut Conn,
+    keys: &[(&str, OffsetDateTime)],
+    deltas: &[i64],
+) -> Result<Vec<QuotaCountRow>, RepoError> {
+    let rows = json_rows("$1", COUNTER_KEY_COLUMNS);
+    let sql = format!(
+        "UPDATE eco_quota_counters AS c SET admitted = GREATEST(0, c.admitted + d.delta)
+         FROM {rows}
+         WHERE c.user_id = d.uid AND c.period_start = d.at
+           AND (SELECT count(*) FROM (
+                 SELECT 1 FROM eco_quota_counters l
+                 JOIN {rows} ON l.user_id = d.uid AND l.period_start = d.at
+                 ORDER BY l.user_id, l.period_start {LOCK_ROWS}) locked) >= 0
+         RETURNING user_id, period_start, admitted AS n"
+    );
+    query(&sql)
+        .bind::<Text, _>(counter_keys(keys, Some(deltas)))
+        .load(conn)
+        .await
+        .map_err(db("quota counter"))
+}
+
+#[async_trait]
+impl QuotaCounterRepository for This {
+    async fn quota_count(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start)]).await?;
+        let row: CountRow = query(
+            "SELECT admitted AS n FROM eco_quota_counters WHERE user_id = $1 AND period_start = $2",
+        )
+        .bind::<Text, _>(user_id.as_str())
+        .bind::<Stamp, _>(period_start)
+        .get_result(&mut *conn)
+        .await
+        .map_err(db("quota counter"))?;
+        Ok(to_u64(row.n))
+    }
+
+    async fn take_quota(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        add: u64,
+        lease: LeaseTerms,
+    ) -> Result<QuotaTake, RepoError> {
+        // Adds $3, then leases `lease_size` (max $4, cap $5, share $6) in one statement:
+        // the right-hand sides all read the row as it was, so `last_taken` and `admitted`
+        // get the same lease, and the row lock makes concurrent leases queue.
+        const TAKE_QUOTA: &str = "\
+            UPDATE eco_quota_counters SET
+                last_taken = LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6),
+                                   GREATEST(0, $5 - (admitted + $3))),
+                admitted = admitted + $3
+                    + LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6),
+                            GREATEST(0, $5 - (admitted + $3)))
+            WHERE user_id = $1 AND period_start = $2
+            RETURNING last_taken AS taken, admitted AS n";
+        let mut conn = self.conn().await?;
+        let (max, cap, share) = lease_binds(lease);
+        for attempt in 0..2 {
+            let row: Option<QuotaTakeRow> = query(TAKE_QUOTA)
+                .bind::<Text, _>(user_id.as_str())
+                .bind::<Stamp, _>(period_start)
+                .bind::<BigInt, _>(to_i64(add))
+                .bind::<BigInt, _>(max)
+                .bind::<BigInt, _>(cap)
+                .bind::<BigInt, _>(share)
+                .get_result(&mut *conn)
+                .await
+                .optional()
+                .map_err(db("quota counter"))?;
+            match row {
+                Some(row) => return Ok(row.into_domain()),
+                None if attempt == 0 => {
+                    seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start)]).await?;
+                }
+                None => {}
+            }
+        }
+        Err(RepoError::NotFound {
+            entity: "quota counter",
+        })
+    }
+
+    async fn counters_below_stored(
+        &self,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<StoredCallsRow> = query(COUNTERS_BELOW_STORED)
+            .bind::<Stamp, _>(period_start)
+            .load(&mut *conn)
+            .await
+            .map_err(db("quota counter"))?;
+        Ok(rows.into_iter().map(StoredCallsRow::into_pair).collect())
+    }
+
+    async fn raise_quota_counters(
+        &self,
+        period_start: OffsetDateTime,
+        floors: &[(UserId, u64)],
+    ) -> Result<u64, RepoError> {
+        if floors.is_empty() {
+            return Ok(0);
+        }
+        let (users, floors) = floor_columns(floors);
+        let rows = json_rows("$2", &[("user_id", "text"), ("floor", "int8")]);
+        let sql = format!(
+            "UPDATE eco_quota_counters AS c SET admitted = d.floor
+             FROM {rows}
+             WHERE c.user_id = d.user_id AND c.period_start = $1 AND c.admitted < d.floor
+               AND (SELECT count(*) FROM (
+                     SELECT 1 FROM eco_quota_counters l JOIN {rows} ON l.user_id = d.user_id
+                     WHERE l.period_start = $1
+                     ORDER BY l.user_id {LOCK_ROWS}) locked) >= 0"
+        );
+        let rows = json_array(
+            users
+                .iter()
+                .zip(&floors)
+                .map(|(user, floor)| serde_json::json!({"user_id": user, "floor": floor})),
+        );
+        let mut conn = self.conn().await?;
+        let raised = query(&sql)
+            .bind::<Stamp, _>(period_start)
+            .bind::<Text, _>(rows)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("quota counter"))?;
+        Ok(raised as u64)
+    }
+
+    async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
+        if deltas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<(&str, OffsetDateTime)> = deltas
+            .iter()
+            .map(|d| (d.user_id.as_str(), d.period_start))
+            .collect();
+        let amounts: Vec<i64> = deltas.iter().map(|d| d.delta).collect();
+        let mut conn = self.conn().await?;
+        // Counters exist once a user's first call read them: one statement, as a rule.
+        let mut rows = apply_counter_deltas(&mut conn, &keys, &amounts).await?;
+        if rows.len() < deltas.len() {
+            let done: std::collections::HashSet<(&str, OffsetDateTime)> = rows
+                .iter()
+                .map(|r| (r.user_id.as_str(), r.period_start))
+                .collect();
+            let missing: Vec<usize> = (0..keys.len())
+                .filter(|&i| !done.contains(&keys[i]))
+                .collect();
+            let keys: Vec<(&str, OffsetDateTime)> = missing.iter().map(|&i| keys[i]).collect();
+            let amounts: Vec<i64> = missing.iter().map(|&i| amounts[i]).collect();
+            seed_quota_counters(&mut conn, &keys).await?;
+            let more = apply_counter_deltas(&mut conn, &keys, &amounts).await?;
+            rows.extend(more);
+        }
+        let after: std::collections::HashMap<(String, OffsetDateTime), i64> = rows
+            .into_iter()
+            .map(|r| ((r.user_id, r.period_start), r.n))
+            .collect();
+        deltas
+            .iter()
+            .map(|d| {
+                after
+                    .get(&(d.user_id.to_string(), d.period_start))
+                    .map(|n| to_u64(*n))
+                    .ok_or(RepoError::NotFound {
+                        entity: "quota counter",
+                    })
+            })
+            .collect()
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_usage_daily, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct DailyRow {
+    user_id: String,
+    date: Date,
+    api_calls: i64,
+    error_calls: i64,
+    total_response_time_ms: i64,
+    avg_response_time_ms: f64,
+    top_endpoints: String,
+}
+
+impl DailyRow {
+    fn into_domain(self) -> Result<DailyUsage, RepoError> {
+        Ok(DailyUsage {
+            user_id: UserId::from_stored(self.user_id),
+            date: self.date,
+            api_calls: to_u64(self.api_calls),
+            error_calls: to_u64(self.error_calls),
+            total_response_time_ms: to_u64(self.total_response_time_ms),
+            avg_response_time_ms: self.avg_response_time_ms,
+            top_endpoints: parse_top_endpoints(&self.top_endpoints)?,
+        })
+    }
+}
+
+#[derive(QueryableByName)]
+struct LateWrites {
+    #[diesel(sql_type = BigInt)]
+    late_writes: i64,
+}
+
+#[derive(QueryableByName)]
+struct DayRow {
+    #[diesel(sql_type = SqlDate)]
+    date: Date,
+}
+
+#[derive(QueryableByName)]
+struct RawDayRow {
+    #[diesel(sql_type = SqlDate)]
+    date: Date,
+    #[diesel(sql_type = BigInt)]
+    calls: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    total_ms: i64,
+}
+
+#[async_trait]
+impl DailyUsageRepository for This {
+    async fn aggregate_usage_day(&self, date: Date, now: OffsetDateTime) -> Result<u64, RepoError> {
+        // Set-based: one statement over the day's index range, whatever the row count.
+        let rebuild = format!(
+            "WITH per_endpoint AS (
+                SELECT user_id, endpoint, method, count(*) AS calls,
+                       count(*) FILTER (WHERE status_code >= 400) AS errors,
+                       CAST(sum(response_time_ms) AS BIGINT) AS total_ms
+                FROM eco_api_usage
+                WHERE created_at >= $2 AND created_at < $3
+                GROUP BY user_id, endpoint, method
+            ), ranked AS (
+                SELECT *, row_number() OVER (
+                    PARTITION BY user_id
+                    ORDER BY calls DESC, endpoint COLLATE \"C\", method COLLATE \"C\") AS rank
+                FROM per_endpoint
+            )
+            INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+                total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+            SELECT user_id, $1, CAST(sum(calls) AS BIGINT), CAST(sum(errors) AS BIGINT),
+                   CAST(sum(total_ms) AS BIGINT),
+                   CAST(sum(total_ms) AS DOUBLE PRECISION) / sum(calls),
+                   {} FILTER (WHERE rank <= {TOP_ENDPOINTS}),
+                   $4
+            FROM ranked WHERE true
+            GROUP BY user_id",
+            TOP_ENDPOINTS_JSON
+        );
+        let start = date.midnight().assume_utc();
+        let end = start + time::Duration::days(1);
+        let ended = date < now.date();
+        let fold = self
+            .usage_pruned_before()
+            .await?
+            .is_some_and(|bound| date < bound.date());
+        let mut conn = self.conn().await?;
+        // A day that has ended gets its row first, committed on its own, so that every
+        // writer of a late call from now on marks it.
+        if ended {
+            query("INSERT INTO eco_usage_days (date) VALUES ($1) ON CONFLICT (date) DO NOTHING")
+                .bind::<SqlDate, _>(date)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("usage day"))?;
+        }
+        let period = BillingPeriod::containing(start).start();
+        let users = write_transaction!(&mut conn, async |conn| -> Result<usize, BatchError> {
+            // Late writes before this read are in the rebuild below (PostgreSQL's read
+            // committed sees every commit up to its start; SQLite has the write lock);
+            // later ones leave the day stale.
+            let seen: Option<LateWrites> =
+                query("SELECT late_writes FROM eco_usage_days WHERE date = $1")
+                    .bind::<SqlDate, _>(date)
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+            let users = if fold {
+                fold_late_calls(conn, date, (start, end), now, period).await?
+            } else {
+                diesel::delete(eco_usage_daily::table.filter(eco_usage_daily::date.eq(date)))
+                    .execute(conn)
+                    .await?;
+                query(&rebuild)
+                    .bind::<SqlDate, _>(date)
+                    .bind::<Stamp, _>(start)
+                    .bind::<Stamp, _>(end)
+                    .bind::<Stamp, _>(now)
+                    .execute(conn)
+                    .await?
+            };
+            if let (true, Some(seen)) = (ended, seen) {
+                query(
+                    "UPDATE eco_usage_days SET aggregated_writes = $2, aggregated_at = $3
+                     WHERE date = $1",
+                )
+                .bind::<SqlDate, _>(date)
+                .bind::<BigInt, _>(seen.late_writes)
+                .bind::<Stamp, _>(now)
+                .execute(conn)
+                .await?;
+                query(DAY_TOTALS)
+                    .bind::<SqlDate, _>(date)
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(users)
+        })
+        .await
+        .map_err(|e| e.into_repo("usage event"))?;
+        Ok(users as u64)
+    }
+
+    async fn daily_usage(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DailyRow> = eco_usage_daily::table
+            .filter(eco_usage_daily::user_id.eq(user_id.as_str()))
+            .filter(eco_usage_daily::date.between(from, to))
+            .order(eco_usage_daily::date.asc())
+            .select(DailyRow::as_select())
+            .load(&mut *conn)
+            .await
+            .map_err(db("daily usage"))?;
+        rows.into_iter().map(DailyRow::into_domain).collect()
+    }
+
+    async fn aggregated_days(&self, from: Date, to: Date) -> Result<Vec<Date>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<DayRow> = query(
+            "SELECT date FROM eco_usage_days
+             WHERE date BETWEEN $1 AND $2 AND aggregated_writes = late_writes ORDER BY date",
+        )
+        .bind::<SqlDate, _>(from)
+        .bind::<SqlDate, _>(to)
+        .load(&mut *conn)
+        .await
+        .map_err(db("usage day"))?;
+        Ok(rows.into_iter().map(|r| r.date).collect())
+    }
+
+    async fn daily_usage_from_events(
+        &self,
+        user_id: &UserId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<DailyUsage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let sql = format!(
+            "SELECT {DAY_OF_CREATED_AT} AS date, count(*) AS calls,
+                    count(*) FILTER (WHERE status_code >= 400) AS errors,
+                    CAST(coalesce(sum(response_time_ms), 0) AS BIGINT) AS total_ms
+             FROM eco_api_usage
+             WHERE user_id = $1 AND created_at >= $2 AND created_at < $3
+             GROUP BY 1 ORDER BY 1"
+        );
+        let rows: Vec<RawDayRow> = query(&sql)
+            .bind::<Text, _>(user_id.as_str())
+            .bind::<Stamp, _>(from.midnight().assume_utc())
+            .bind::<Stamp, _>(to.midnight().assume_utc() + time::Duration::days(1))
+            .load(&mut *conn)
+            .await
+            .map_err(db("usage event"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| raw_day(user_id, r.date, r.calls, r.errors, r.total_ms))
+            .collect())
+    }
+
+    async fn usage_pruned_before(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_usage_retention::table
+            .select(eco_usage_retention::pruned_before)
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("usage retention"))
+    }
+
+    async fn first_usage_day(&self) -> Result<Option<Date>, RepoError> {
+        let mut conn = self.conn().await?;
+        let first: Option<OffsetDateTime> = eco_api_usage::table
+            .select(diesel::dsl::min(eco_api_usage::created_at))
+            .first(&mut *conn)
+            .await
+            .map_err(db("usage event"))?;
+        Ok(first.map(|t| {
+            t.checked_to_offset(time::UtcOffset::UTC)
+                .unwrap_or(t)
+                .date()
+        }))
+    }
+}
+
+/// The SQL that folds a pruned day's late calls into its aggregate (`$1` date, `$2..$3`
+/// the day, `$4` now, `$5` the period's start): only calls of periods with nothing left
+/// to invoice ([`foldable`]); the others stay raw until invoiced.
+fn fold_insert(source: &str) -> String {
+    format!(
+        "INSERT INTO eco_usage_daily (user_id, date, api_calls, error_calls,
+            total_response_time_ms, avg_response_time_ms, top_endpoints, updated_at)
+         SELECT user_id, $1, count(*), count(*) FILTER (WHERE status_code >= 400),
+                CAST(sum(response_time_ms) AS BIGINT),
+                CAST(sum(response_time_ms) AS DOUBLE PRECISION) / count(*), {EMPTY_JSON}, $4
+         FROM {source} GROUP BY user_id
+         {FOLD_INTO_DAILY}"
+    )
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_overage_charges, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct ChargeRow {
+    id: i64,
+    user_id: String,
+    period_start: OffsetDateTime,
+    calls_from: i64,
+    calls_to: i64,
+    amount_cents: i64,
+    idempotency_key: String,
+    status: String,
+    stripe_invoice_item_id: Option<String>,
+    attempts: i32,
+    last_error: Option<String>,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl ChargeRow {
+    fn into_domain(self) -> Result<OverageCharge, RepoError> {
+        Ok(OverageCharge {
+            id: self.id,
+            user_id: UserId::from_stored(self.user_id),
+            period_start: self.period_start,
+            calls_from: to_u64(self.calls_from),
+            calls_to: to_u64(self.calls_to),
+            amount_cents: self.amount_cents,
+            idempotency_key: self.idempotency_key,
+            status: ChargeStatus::from_stored(&self.status).ok_or_else(|| {
+                RepoError::Backend(format!("unknown charge status {:?}", self.status))
+            })?,
+            stripe_invoice_item_id: self.stripe_invoice_item_id,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            last_error: self.last_error,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[async_trait]
+impl OverageChargeRepository for This {
+    async fn create_overage_charge(
+        &self,
+        charge: &NewOverageCharge,
+    ) -> Result<OverageCharge, RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_overage_charges::table)
+            .values((
+                eco_overage_charges::user_id.eq(charge.user_id.as_str()),
+                eco_overage_charges::period_start.eq(At(charge.period_start)),
+                eco_overage_charges::calls_from.eq(to_i64(charge.calls_from)),
+                eco_overage_charges::calls_to.eq(to_i64(charge.calls_to)),
+                eco_overage_charges::amount_cents.eq(charge.amount_cents),
+                eco_overage_charges::idempotency_key.eq(&charge.idempotency_key),
+                eco_overage_charges::status.eq(ChargeStatus::Pending.as_str()),
+                eco_overage_charges::created_at.eq(At(charge.created_at)),
+                eco_overage_charges::updated_at.eq(At(charge.created_at)),
+            ))
+            .returning(ChargeRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?
+            .into_domain()
+    }
+
+    async fn overage_charge_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        let mut conn = self.conn().await?;
+        eco_overage_charges::table
+            .filter(eco_overage_charges::idempotency_key.eq(idempotency_key))
+            .select(ChargeRow::as_select())
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("overage charge"))?
+            .map(ChargeRow::into_domain)
+            .transpose()
+    }
+
+    async fn complete_overage_charge(
+        &self,
+        id: i64,
+        stripe_invoice_item_id: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use crate::schema::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<ChargeRow, BatchError> {
+            let charge: ChargeRow = diesel::update(c::eco_overage_charges.find(id))
+                .set((
+                    c::status.eq(ChargeStatus::Succeeded.as_str()),
+                    c::stripe_invoice_item_id.eq(stripe_invoice_item_id),
+                    c::attempts.eq(c::attempts + 1),
+                    c::last_error.eq(None::<String>),
+                    c::updated_at.eq(At(at)),
+                ))
+                .returning(ChargeRow::as_returning())
+                .get_result(conn)
+                .await?;
+            query(
+                "UPDATE eco_usage_records
+                 SET overage_invoiced_calls = GREATEST(overage_invoiced_calls, $3), updated_at = $4
+                 WHERE user_id = $1 AND period_start = $2",
+            )
+            .bind::<Text, _>(&charge.user_id)
+            .bind::<Stamp, _>(charge.period_start)
+            .bind::<BigInt, _>(charge.calls_to)
+            .bind::<Stamp, _>(at)
+            .execute(conn)
+            .await?;
+            Ok(charge)
+        })
+        .await
+        .map_err(|e| e.into_repo("overage charge"))?
+        .into_domain()
+    }
+
+    async fn claim_overage_charge(
+        &self,
+        id: i64,
+        seen_updated_at: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<OverageCharge>, RepoError> {
+        use crate::schema::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        diesel::update(
+            c::eco_overage_charges
+                .find(id)
+                .filter(c::status.eq(ChargeStatus::Pending.as_str()))
+                .filter(c::updated_at.eq(At(seen_updated_at))),
+        )
+        .set(c::updated_at.eq(At(at)))
+        .returning(ChargeRow::as_returning())
+        .get_result(&mut *conn)
+        .await
+        .optional()
+        .map_err(db("overage charge"))?
+        .map(ChargeRow::into_domain)
+        .transpose()
+    }
+
+    async fn note_overage_charge_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        self.update_charge(id, None, error, at).await
+    }
+
+    async fn fail_overage_charge(
+        &self,
+        id: i64,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        self.update_charge(id, Some(ChargeStatus::Failed), error, at)
+            .await
+    }
+
+    async fn overage_charges_for_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OverageCharge>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<ChargeRow> = eco_overage_charges::table
+            .filter(eco_overage_charges::user_id.eq(user_id.as_str()))
+            .order(eco_overage_charges::id.asc())
+            .select(ChargeRow::as_select())
+            .load(&mut *conn)
+            .await
+            .map_err(db("overage charge"))?;
+        rows.into_iter().map(ChargeRow::into_domain).collect()
+    }
+
+    async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<UninvoicedRow> = query(
+            "SELECT r.user_id, u.plan, u.stripe_customer_id, r.period_start, r.period_end,
+                    r.overage_calls, r.overage_invoiced_calls
+             FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+             WHERE r.overage_calls > r.overage_invoiced_calls
+             ORDER BY r.user_id, r.period_start",
+        )
+        .load(&mut *conn)
+        .await
+        .map_err(db("usage record"))?;
+        rows.into_iter().map(UninvoicedRow::into_domain).collect()
+    }
+
+    async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<LedgerRow> = query(LEDGER_SQL)
+            .load(&mut *conn)
+            .await
+            .map_err(db("overage charge"))?;
+        Ok(rows.into_iter().map(LedgerRow::into_domain).collect())
+    }
+}
+
+impl This {
+    /// Counts a failed attempt at a charge; `status` set when it is given up.
+    async fn update_charge(
+        &self,
+        id: i64,
+        status: Option<ChargeStatus>,
+        error: &str,
+        at: OffsetDateTime,
+    ) -> Result<OverageCharge, RepoError> {
+        use crate::schema::eco_overage_charges::dsl as c;
+        let mut conn = self.conn().await?;
+        let status = status.map(ChargeStatus::as_str);
+        diesel::update(c::eco_overage_charges.find(id))
+            .set((
+                c::status.eq(diesel::dsl::sql::<Text>("COALESCE(")
+                    .bind::<Nullable<Text>, _>(status)
+                    .sql(", status)")),
+                c::attempts.eq(c::attempts + 1),
+                c::last_error.eq(error),
+                c::updated_at.eq(At(at)),
+            ))
+            .returning(ChargeRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("overage charge"))?
+            .into_domain()
+    }
+}
+
+#[derive(QueryableByName)]
+struct UninvoicedRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    stripe_customer_id: Option<String>,
+    #[diesel(sql_type = Stamp)]
+    period_start: OffsetDateTime,
+    #[diesel(sql_type = Stamp)]
+    period_end: OffsetDateTime,
+    #[diesel(sql_type = BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    overage_invoiced_calls: i64,
+}
+
+impl UninvoicedRow {
+    fn into_domain(self) -> Result<UninvoicedOverage, RepoError> {
+        Ok(UninvoicedOverage {
+            user_id: UserId::from_stored(self.user_id),
+            plan: parse_plan(&self.plan)?,
+            stripe_customer_id: self.stripe_customer_id,
+            period_start: self.period_start,
+            period_end: self.period_end,
+            overage_calls: to_u64(self.overage_calls),
+            overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
+        })
+    }
+}
+
+#[derive(QueryableByName)]
+struct LedgerRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Stamp)]
+    period_start: OffsetDateTime,
+    #[diesel(embed)]
+    counts: LedgerCounts,
+}
+
+impl LedgerRow {
+    fn into_domain(self) -> OverageLedgerEntry {
+        self.counts
+            .into_entry(UserId::from_stored(self.user_id), self.period_start)
+    }
+}
+
+#[async_trait]
+impl AdminRepository for This {
+    async fn daily_totals(&self, from: Date, to: Date) -> Result<Vec<DayTotal>, RepoError> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = SqlDate)]
+            date: Date,
+            #[diesel(sql_type = BigInt)]
+            api_calls: i64,
+            #[diesel(sql_type = BigInt)]
+            error_calls: i64,
+        }
+        let mut conn = self.conn().await?;
+        let rows: Vec<Row> = query(DAILY_TOTALS)
+            .bind::<SqlDate, _>(from)
+            .bind::<SqlDate, _>(to)
+            .load(&mut *conn)
+            .await
+            .map_err(db("usage day"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DayTotal {
+                date: r.date,
+                api_calls: to_u64(r.api_calls),
+                error_calls: to_u64(r.error_calls),
+            })
+            .collect())
+    }
+
+    async fn record_admin_action(&self, entry: &AdminAuditEntry) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        query(admin_sql::INSERT_AUDIT)
+            .bind::<Text, _>(entry.admin_id.as_str())
+            .bind::<Text, _>(&entry.method)
+            .bind::<Text, _>(&entry.route)
+            .bind::<Text, _>(&entry.params)
+            .bind::<Integer, _>(i32::from(entry.status))
+            .bind::<Stamp, _>(entry.created_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("audit entry"))?;
+        Ok(())
+    }
+
+    async fn prune_admin_actions(
+        &self,
+        before: OffsetDateTime,
+        batch: u32,
+    ) -> Result<u64, RepoError> {
+        let mut removed = 0;
+        loop {
+            // A connection per batch: other writers get in between.
+            let mut conn = self.conn().await?;
+            let n = query(admin_sql::PRUNE_AUDIT)
+                .bind::<Stamp, _>(before)
+                .bind::<BigInt, _>(i64::from(batch.max(1)))
+                .execute(&mut *conn)
+                .await
+                .map_err(db("audit entry"))?;
+            removed += n as u64;
+            if n < batch.max(1) as usize {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn admin_actions(
+        &self,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<AdminAuditEntry>), RepoError> {
+        let mut conn = self.conn().await?;
+        let total: CountRow = query(admin_sql::COUNT_AUDIT)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("audit entry"))?;
+        let rows: Vec<AuditRow> = query(admin_sql::AUDIT_PAGE)
+            .bind::<BigInt, _>(i64::from(limit))
+            .bind::<BigInt, _>(to_i64(offset))
+            .load(&mut *conn)
+            .await
+            .map_err(db("audit entry"))?;
+        Ok((
+            to_u64(total.n),
+            rows.into_iter().map(AuditRow::into_domain).collect(),
+        ))
+    }
+
+    async fn users_page(
+        &self,
+        page: &UserPageQuery,
+        catalog: &PlanCatalog,
+    ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
+        let mut conn = self.conn().await?;
+        let plan = page.plan.map_or("", Plan::as_str);
+        let pattern = admin_sql::contains_pattern(page.search.as_deref());
+        let total: CountRow = query(admin_sql::COUNT_USERS)
+            .bind::<Text, _>(plan)
+            .bind::<Text, _>(&pattern)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        let total = to_u64(total.n);
+        // A page past the end costs nothing.
+        if page.offset >= total {
+            return Ok((total, Vec::new()));
+        }
+        if page.sort != UserSort::ApiCalls {
+            let sql = admin_sql::users_page(page.sort, page.descending);
+            let rows = user_rows(&mut conn, &sql, page, catalog, page.offset, page.limit).await?;
+            return Ok((total, rows));
+        }
+        // By calls: users with a record this period, then those without (descending).
+        let with = admin_sql::calls_page_with_records(page.descending);
+        let without = admin_sql::calls_page_without_records(page.descending);
+        let (first, second) = if page.descending {
+            (&with, &without)
+        } else {
+            (&without, &with)
+        };
+        let mut rows = user_rows(&mut conn, first, page, catalog, page.offset, page.limit).await?;
+        let first_total = if rows.is_empty() {
+            let counted: CountRow = query(&admin_sql::count_with_records())
+                .bind::<Stamp, _>(page.period_start)
+                .bind::<Text, _>(plan)
+                .bind::<Text, _>(&pattern)
+                .get_result(&mut *conn)
+                .await
+                .map_err(db("user"))?;
+            let with_records = to_u64(counted.n);
+            Some(if page.descending {
+                with_records
+            } else {
+                total - with_records.min(total)
+            })
+        } else {
+            None
+        };
+        if let Some((offset, limit)) =
+            admin_sql::second_group(page.offset, page.limit, rows.len(), first_total)
+        {
+            rows.extend(user_rows(&mut conn, second, page, catalog, offset, limit).await?);
+        }
+        Ok((total, rows))
+    }
+
+    async fn period_figures(
+        &self,
+        period_start: OffsetDateTime,
+        today: (OffsetDateTime, OffsetDateTime),
+        (elapsed, length): (i64, i64),
+        catalog: &PlanCatalog,
+    ) -> Result<PeriodFigures, RepoError> {
+        let mut conn = self.conn().await?;
+        let today_calls: CountRow = query(admin_sql::CALLS_BETWEEN)
+            .bind::<Stamp, _>(today.0)
+            .bind::<Stamp, _>(today.1)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("usage event"))?;
+        let sums: PeriodSumsRow = query(admin_sql::PERIOD_SUMS)
+            .bind::<Stamp, _>(period_start)
+            .bind::<BigInt, _>(catalog.overage_price.0)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("usage record"))?;
+        let extra = match projection_threshold(catalog, (elapsed, length)) {
+            None => 0,
+            Some(threshold) => {
+                let row: CountRow = query(admin_sql::PROJECTION_EXTRA)
+                    .bind::<Stamp, _>(period_start)
+                    .bind::<BigInt, _>(catalog.overage_price.0)
+                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Free))
+                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Pro))
+                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Enterprise))
+                    .bind::<BigInt, _>(length)
+                    .bind::<BigInt, _>(elapsed.max(1))
+                    .bind::<BigInt, _>(threshold)
+                    .get_result(&mut *conn)
+                    .await
+                    .map_err(db("usage record"))?;
+                row.n
+            }
+        };
+        Ok(sums.into_figures(today_calls.n, extra))
+    }
+}
+
+/// One page of users rows from `sql` (parameters as `admin_sql::users_page`).
+async fn user_rows(
+    conn: &mut Conn,
+    sql: &str,
+    page: &UserPageQuery,
+    catalog: &PlanCatalog,
+    offset: u64,
+    limit: u32,
+) -> Result<Vec<UserUsageRow>, RepoError> {
+    let rows: Vec<UserPageRow> = query(sql)
+        .bind::<Stamp, _>(page.period_start)
+        .bind::<BigInt, _>(catalog.free.price.0)
+        .bind::<BigInt, _>(catalog.pro.price.0)
+        .bind::<BigInt, _>(catalog.enterprise.price.0)
+        .bind::<BigInt, _>(catalog.overage_price.0)
+        .bind::<Text, _>(page.plan.map_or("", Plan::as_str))
+        .bind::<Text, _>(admin_sql::contains_pattern(page.search.as_deref()))
+        .bind::<BigInt, _>(i64::from(limit))
+        .bind::<BigInt, _>(to_i64(offset))
+        .load(conn)
+        .await
+        .map_err(db("user"))?;
+    rows.into_iter().map(UserPageRow::into_domain).collect()
+}
+
+#[derive(QueryableByName)]
+struct AuditRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    admin_id: String,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Text)]
+    route: String,
+    #[diesel(sql_type = Text)]
+    params: String,
+    #[diesel(sql_type = Integer)]
+    status: i32,
+    #[diesel(sql_type = Stamp)]
+    created_at: OffsetDateTime,
+}
+
+impl AuditRow {
+    fn into_domain(self) -> AdminAuditEntry {
+        AdminAuditEntry {
+            id: self.id,
+            admin_id: UserId::from_stored(self.admin_id),
+            method: self.method,
+            route: self.route,
+            params: self.params,
+            status: u16::try_from(self.status).unwrap_or(0),
+            created_at: self.created_at,
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct UserPageRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    stripe_customer_id: Option<String>,
+    #[diesel(sql_type = Stamp)]
+    created_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<Text>)]
+    plan_subscription_id: Option<String>,
+    #[diesel(sql_type = Nullable<Stamp>)]
+    blocked_at: Option<OffsetDateTime>,
+    #[diesel(sql_type = BigInt)]
+    api_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    overage_calls: i64,
+    #[diesel(sql_type = BigInt)]
+    revenue_cents: i64,
+}
+
+impl UserPageRow {
+    fn into_domain(self) -> Result<UserUsageRow, RepoError> {
+        Ok(UserUsageRow {
+            user: User {
+                id: UserId::from_stored(self.id),
+                email: self.email,
+                plan: parse_plan(&self.plan)?,
+                stripe_customer_id: self.stripe_customer_id,
+                created_at: self.created_at,
+                plan_subscription_id: self.plan_subscription_id,
+                blocked_at: self.blocked_at,
+            },
+            api_calls: to_u64(self.api_calls),
+            overage_calls: to_u64(self.overage_calls),
+            revenue_cents: self.revenue_cents,
+        })
+    }
+}
+
+#[async_trait]
+impl SessionRepository for This {
+    async fn create_login_link(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_LINK,
+            token_hash,
+            user_id,
+            (created_at, expires_at),
+        )
+        .await
+    }
+
+    async fn consume_login_link(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::CONSUME_LINK, token_hash, now)
+            .await
+    }
+
+    async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &UserId,
+        created_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), RepoError> {
+        self.insert_token(
+            session_sql::INSERT_SESSION,
+            token_hash,
+            user_id,
+            (created_at, expires_at),
+        )
+        .await
+    }
+
+    async fn session_user(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        self.token_user(session_sql::SESSION_USER, token_hash, now)
+            .await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<bool, RepoError> {
+        let mut conn = self.conn().await?;
+        let n = query(session_sql::DELETE_SESSION)
+            .bind::<Text, _>(token_hash)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("session"))?;
+        Ok(n > 0)
+    }
+
+    async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError> {
+        let mut conn = self.conn().await?;
+        let mut removed = 0;
+        for sql in [session_sql::PRUNE_SESSIONS, session_sql::PRUNE_LINKS] {
+            removed += query(sql)
+                .bind::<Stamp, _>(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("session"))? as u64;
+        }
+        Ok(removed)
+    }
+}
+
+impl This {
+    /// A session or link row: `sql` is `INSERT_LINK` or `INSERT_SESSION`.
+    async fn insert_token(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        user_id: &UserId,
+        (created_at, expires_at): (OffsetDateTime, OffsetDateTime),
+    ) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        query(sql)
+            .bind::<Text, _>(token_hash)
+            .bind::<Text, _>(user_id.as_str())
+            .bind::<Stamp, _>(created_at)
+            .bind::<Stamp, _>(expires_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok(())
+    }
+
+    /// The user `sql` (`CONSUME_LINK` or `SESSION_USER`) finds for a token at `now`.
+    async fn token_user(
+        &self,
+        sql: &'static str,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<UserId>, RepoError> {
+        let mut conn = self.conn().await?;
+        let row: Option<session_sql::UserIdRow> = query(sql)
+            .bind::<Text, _>(token_hash)
+            .bind::<Stamp, _>(now)
+            .get_result(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("session"))?;
+        Ok(row.map(|r| UserId::from_stored(r.user_id)))
+    }
+}
+
+#[async_trait]
+impl Store for This {
+    async fn ping(&self) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        conn.batch_execute("SELECT 1")
+            .await
+            .map_err(|e| RepoError::Unavailable(e.to_string()))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND_NAME
+    }
+
+    fn pool_state(&self) -> Option<PoolState> {
+        let state = self.pool.state();
+        Some(PoolState {
+            max: self.max_connections,
+            open: state.connections,
+            idle: state.idle_connections,
+        })
+    }
+}
