@@ -60,7 +60,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             clock: clock.clone(),
             record_to: config
                 .bench_discard_usage
-                .then(|| Arc::new(usage_core::memory::DiscardUsage) as Arc<dyn UsageRepository>),
+                .then(|| Arc::new(usage_core::discard::DiscardUsage) as Arc<dyn UsageRepository>),
             endpoint_patterns: config.forward_auth_routes.clone(),
         },
     )?;

@@ -575,8 +575,8 @@ mod tests {
     use super::*;
     use time::macros::datetime;
     use usage_core::ManualClock;
-    use usage_core::memory::MemoryStore;
     use usage_core::repo::UserRepository;
+    use usage_testkit::memory::MemoryStore;
 
     #[test]
     fn user_patches_name_what_is_wrong() {

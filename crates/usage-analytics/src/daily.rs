@@ -124,7 +124,7 @@ mod tests {
     use super::*;
     use time::macros::{date, datetime};
     use usage_core::ManualClock;
-    use usage_core::memory::MemoryStore;
+    use usage_testkit::memory::MemoryStore;
 
     #[tokio::test]
     async fn defaults_to_yesterday_and_refuses_the_future() {

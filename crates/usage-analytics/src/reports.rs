@@ -382,10 +382,10 @@ impl UsageReports {
 mod tests {
     use super::*;
     use time::macros::datetime;
-    use usage_core::memory::MemoryStore;
     use usage_core::quota::QuotaDecision;
     use usage_core::repo::User;
     use usage_core::{ManualClock, Plan, PlanCatalog};
+    use usage_testkit::memory::MemoryStore;
 
     #[tokio::test]
     async fn current_counts_admitted_calls_not_yet_written() {

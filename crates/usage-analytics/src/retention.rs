@@ -140,12 +140,12 @@ mod tests {
     use super::*;
     use time::macros::datetime;
     use usage_core::event::new_event_id;
-    use usage_core::memory::MemoryStore;
     use usage_core::repo::{
         ApiKeyRecord, ApiKeyRepository, DailyUsageRepository, IncludedCalls, UsageRepository, User,
         UserRepository,
     };
     use usage_core::{ApiKeyId, ManualClock, Plan, UsageEvent, UserId};
+    use usage_testkit::memory::MemoryStore;
 
     async fn user_with_calls(
         store: &MemoryStore,

@@ -87,8 +87,8 @@ impl UserAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use usage_core::memory::MemoryStore;
     use usage_core::{Plan, SystemClock};
+    use usage_testkit::memory::MemoryStore;
 
     #[tokio::test]
     async fn blocked_and_deleted_users_lose_their_keys_and_get_no_new_one() {

@@ -291,9 +291,9 @@ impl KeyIssuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use usage_core::memory::MemoryStore;
     use usage_core::repo::{User, UserRepository};
     use usage_core::{Plan, SystemClock};
+    use usage_testkit::memory::MemoryStore;
 
     #[test]
     fn generated_keys_have_the_contract_shape_and_differ() {

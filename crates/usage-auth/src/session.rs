@@ -194,9 +194,9 @@ fn hash(token: &str) -> String {
 mod tests {
     use super::*;
     use time::macros::datetime;
-    use usage_core::memory::MemoryStore;
     use usage_core::repo::{User, UserRepository};
     use usage_core::{ManualClock, Plan};
+    use usage_testkit::memory::MemoryStore;
 
     async fn fixture() -> (DashboardSessions, Arc<ManualClock>, UserId) {
         let store = Arc::new(MemoryStore::new());

@@ -464,9 +464,9 @@ mod tests {
     use super::*;
     use crate::keys::KeyIssuer;
     use time::macros::datetime;
-    use usage_core::memory::MemoryStore;
     use usage_core::repo::{ApiKeyRecord, User};
     use usage_core::{ManualClock, Plan};
+    use usage_testkit::memory::MemoryStore;
 
     /// Counts lookups by hash, to see what the cache saves.
     struct CountingKeys {

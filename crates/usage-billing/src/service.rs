@@ -782,7 +782,7 @@ mod tests {
     use super::*;
     use time::macros::datetime;
     use usage_core::SystemClock;
-    use usage_core::memory::MemoryStore;
+    use usage_testkit::memory::MemoryStore;
 
     #[test]
     fn debug_says_whether_stripe_is_configured_and_nothing_else() {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use async_trait::async_trait;
-use usage_core::memory::MemoryStore;
 use usage_core::middleware::{Metering, MeteringDeps};
 use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, User, UserRepository};
@@ -22,6 +21,7 @@ use usage_core::tracker::{TrackerConfig, UsageTracker};
 use usage_core::{
     ApiKeyAuthenticator, ApiKeyId, Caller, Clock, Plan, PlanCatalog, RepoError, SystemClock, UserId,
 };
+use usage_testkit::memory::MemoryStore;
 
 /// Keys known up front (a real service hashes and looks them up: `usage-auth`).
 struct FixedKeys(HashMap<String, Caller>);

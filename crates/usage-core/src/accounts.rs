@@ -58,7 +58,8 @@ impl Accounts {
     /// ```
     /// # tokio_test_block(async {
     /// use std::sync::Arc;
-    /// use usage_core::{accounts::Accounts, memory::MemoryStore, Plan, SystemClock};
+    /// use usage_core::{accounts::Accounts, Plan, SystemClock};
+    /// use usage_testkit::memory::MemoryStore;
     /// let accounts = Accounts::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock));
     /// let user = accounts.create_user("Ada@Example.com", Plan::Pro, None).await.unwrap();
     /// assert_eq!(user.email, "ada@example.com");
@@ -137,77 +138,5 @@ impl Accounts {
             Ok(None) => Err(AccountError::UnknownUser(id.clone())),
             Err(e) => Err(AccountError::Repo(e)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ManualClock;
-    use crate::memory::MemoryStore;
-    use time::macros::datetime;
-
-    fn accounts() -> Accounts {
-        Accounts::new(
-            Arc::new(MemoryStore::new()),
-            Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
-        )
-    }
-
-    #[tokio::test]
-    async fn creates_users_and_refuses_bad_input() {
-        let accounts = accounts();
-        let ada = accounts
-            .create_user("ada@example.com", Plan::Free, Some("cus_Abc123"))
-            .await
-            .unwrap();
-        assert_eq!(ada.created_at, datetime!(2026-11-22 10:00 UTC));
-        assert_eq!(ada.stripe_customer_id.as_deref(), Some("cus_Abc123"));
-
-        let taken = accounts
-            .create_user("ADA@example.com", Plan::Pro, None)
-            .await;
-        assert!(matches!(taken, Err(AccountError::EmailTaken(e)) if e == "ada@example.com"));
-        let bad_email = accounts
-            .create_user("ada", Plan::Pro, None)
-            .await
-            .unwrap_err();
-        assert!(
-            bad_email.to_string().starts_with("email must look like"),
-            "{bad_email}"
-        );
-        let bad_customer = accounts
-            .create_user("bob@example.com", Plan::Pro, Some("acct_1"))
-            .await;
-        assert!(matches!(bad_customer, Err(AccountError::Invalid(_))));
-
-        let pro = accounts.set_plan(&ada.id, Plan::Pro).await.unwrap();
-        assert_eq!(pro.plan, Plan::Pro);
-        let missing = accounts.set_plan(&UserId::generate(), Plan::Pro).await;
-        assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
-
-        let taken = accounts
-            .create_user("carol@example.com", Plan::Pro, Some("cus_Abc123"))
-            .await;
-        assert!(matches!(taken, Err(AccountError::StripeCustomerTaken(c)) if c == "cus_Abc123"));
-        let bob = accounts
-            .create_user("bob@example.com", Plan::Free, None)
-            .await
-            .unwrap();
-        let taken = accounts
-            .set_stripe_customer(&bob.id, Some("cus_Abc123"))
-            .await;
-        assert!(matches!(taken, Err(AccountError::StripeCustomerTaken(c)) if c == "cus_Abc123"));
-        let bad = accounts.set_stripe_customer(&bob.id, Some("cus_")).await;
-        assert!(matches!(bad, Err(AccountError::Invalid(_))));
-        let linked = accounts
-            .set_stripe_customer(&bob.id, Some("cus_Bob1"))
-            .await
-            .unwrap();
-        assert_eq!(linked.stripe_customer_id.as_deref(), Some("cus_Bob1"));
-        let missing = accounts
-            .set_stripe_customer(&UserId::generate(), Some("cus_X"))
-            .await;
-        assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
     }
 }

@@ -18,17 +18,15 @@
 pub mod accounts;
 pub mod caller;
 pub mod clock;
-#[cfg(feature = "conformance")]
-pub mod conformance;
 pub mod counter;
 pub mod dead_letter;
+pub mod discard;
 pub mod endpoint;
 mod error;
 pub mod event;
 pub mod ids;
 #[cfg(feature = "tower")]
 pub mod layer;
-pub mod memory;
 pub mod meter;
 #[cfg(feature = "actix")]
 pub mod middleware;

@@ -1,8 +1,8 @@
 //! The repository traits every service works through, and the records they exchange.
 //!
-//! Implementations: [`crate::memory::MemoryStore`] here, and the PostgreSQL and SQLite
-//! stores of `usage-store`. All of them pass the same conformance suite
-//! (`usage_core::conformance`, feature `conformance`).
+//! Implementations: the PostgreSQL and SQLite stores of `usage-store`, and the in-memory
+//! store of `usage-testkit`. All of them pass the same conformance suite
+//! (`usage_testkit::conformance`).
 
 use std::collections::HashMap;
 

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use usage_core::Clock;
-use usage_core::conformance::TestStore;
-use usage_core::memory::MemoryStore;
+use usage_testkit::conformance::TestStore;
+use usage_testkit::memory::MemoryStore;
 
 async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     TestStore::new(Arc::new(MemoryStore::with_clock(clock)), ())
 }
 
-usage_core::repository_conformance_tests!(fresh_store);
+usage_testkit::repository_conformance_tests!(fresh_store);

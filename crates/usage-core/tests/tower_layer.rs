@@ -16,7 +16,6 @@ use serde_json::Value;
 use time::macros::datetime;
 use tower::ServiceExt;
 use usage_core::layer::{Endpoint, MeteringLayer};
-use usage_core::memory::MemoryStore;
 use usage_core::meter::{Meter, MeterDeps};
 use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
@@ -26,6 +25,7 @@ use usage_core::{
     ApiKeyAuthenticator, ApiKeyId, BillingPeriod, Caller, Clock, ManualClock, Plan, PlanCatalog,
     PlanTerms, RepoError, UserId,
 };
+use usage_testkit::memory::MemoryStore;
 
 const KEY: &str = "eco_live_testtesttesttesttesttesttesttest";
 const NOW: time::OffsetDateTime = datetime!(2026-11-22 10:00 UTC);

@@ -11,13 +11,13 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use time::macros::datetime;
 use usage_core::event::new_event_id;
-use usage_core::memory::MemoryStore;
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, DeadLetter, IncludedCalls, RecordOutcome, UsageRecord,
     UsageRepository, User, UserRepository,
 };
 use usage_core::tracker::{TrackedCall, TrackerConfig, UsageTracker};
 use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, UsageEvent, UserId};
+use usage_testkit::memory::MemoryStore;
 
 /// The memory store, failing the next `fail_next` writes as a database outage would.
 struct FlakyStore {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use usage_core::Clock;
-use usage_core::conformance::TestStore;
 use usage_store::PoolOptions;
+use usage_testkit::conformance::TestStore;
 
 async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     let db = usage_testdb::fresh_database();
@@ -23,7 +23,7 @@ async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     TestStore::new(store, db)
 }
 
-usage_core::repository_conformance_tests!(fresh_store);
+usage_testkit::repository_conformance_tests!(fresh_store);
 
 /// Per-user analytics read only indexed columns: PostgreSQL must be able to answer the
 /// endpoint statistics from the covering index, without visiting the table.

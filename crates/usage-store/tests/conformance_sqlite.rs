@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use usage_core::Clock;
-use usage_core::conformance::TestStore;
 use usage_store::PoolOptions;
+use usage_testkit::conformance::TestStore;
 
 struct TempDir(std::path::PathBuf);
 
@@ -28,4 +28,4 @@ async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     TestStore::new(store, TempDir(dir))
 }
 
-usage_core::repository_conformance_tests!(fresh_store);
+usage_testkit::repository_conformance_tests!(fresh_store);

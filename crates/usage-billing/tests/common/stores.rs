@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
 use usage_core::event::new_event_id;
-use usage_core::memory::MemoryStore;
 use usage_core::repo::{ApiKeyRecord, IncludedCalls, User};
 use usage_core::{ApiKeyId, Plan, Store, UsageEvent, UserId};
 use usage_store::PoolOptions;
+use usage_testkit::memory::MemoryStore;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {

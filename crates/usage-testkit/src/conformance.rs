@@ -2,13 +2,13 @@
 //!
 //! A backend's tests expand [`repository_conformance_tests!`](crate::repository_conformance_tests)
 //! with an async function that returns a fresh, migrated, empty [`TestStore`] reading the
-//! clock it is given (a [`ManualClock`](crate::ManualClock) the cases move):
+//! clock it is given (a [`ManualClock`](usage_core::ManualClock) the cases move):
 //!
 //! ```ignore
-//! async fn fresh_store(clock: Arc<dyn Clock>) -> usage_core::conformance::TestStore {
+//! async fn fresh_store(clock: Arc<dyn Clock>) -> usage_testkit::conformance::TestStore {
 //!     TestStore::new(Arc::new(MemoryStore::with_clock(clock)), ())
 //! }
-//! usage_core::repository_conformance_tests!(fresh_store);
+//! usage_testkit::repository_conformance_tests!(fresh_store);
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -19,14 +19,14 @@ use std::sync::Arc;
 use time::macros::{date, datetime};
 use time::{Duration, OffsetDateTime};
 
-use crate::event::new_event_id;
-use crate::repo::{
+use usage_core::event::new_event_id;
+use usage_core::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, DeletedKeys, EndpointCount,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
     UserSort,
 };
-use crate::{
+use usage_core::{
     ApiKeyId, BillingPeriod, Clock as _, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
 };
 
@@ -1818,10 +1818,14 @@ pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(page, vec![stranger.clone()]);
-    let (count, shown) = crate::dead_letter::list(store.as_ref(), 2).await.unwrap();
+    let (count, shown) = usage_core::dead_letter::list(store.as_ref(), 2)
+        .await
+        .unwrap();
     assert_eq!((count, shown.len()), (3, 2));
 
-    let report = crate::dead_letter::replay(store.as_ref()).await.unwrap();
+    let report = usage_core::dead_letter::replay(store.as_ref())
+        .await
+        .unwrap();
     assert_eq!(
         (report.stored, report.already_stored, report.still_refused),
         (2, 0, 1)
@@ -1841,7 +1845,9 @@ pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
         .record_dead_letters(std::slice::from_ref(&good))
         .await
         .unwrap();
-    let again = crate::dead_letter::replay(store.as_ref()).await.unwrap();
+    let again = usage_core::dead_letter::replay(store.as_ref())
+        .await
+        .unwrap();
     assert_eq!(
         (again.stored, again.already_stored, again.still_refused),
         (0, 1, 1)
@@ -1861,7 +1867,7 @@ pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
 /// after the end; one stored before the margin does not.
 pub async fn late_writes_are_marked_by_the_store_clock(
     store: Arc<dyn Store>,
-    clock: Arc<crate::ManualClock>,
+    clock: Arc<usage_core::ManualClock>,
 ) {
     let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
     let included = IncludedCalls::new();
@@ -2381,7 +2387,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         offset,
         limit,
     };
-    let emails = |rows: &[crate::repo::UserUsageRow]| {
+    let emails = |rows: &[usage_core::repo::UserUsageRow]| {
         rows.iter()
             .map(|r| r.user.email.clone())
             .collect::<Vec<_>>()

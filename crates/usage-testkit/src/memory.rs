@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::repo::{
+use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
@@ -18,7 +18,7 @@ use crate::repo::{
     UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
     plan_key_issue, plan_subscription_change,
 };
-use crate::{
+use usage_core::{
     ApiKeyId, BillingPeriod, Clock, Plan, PlanCatalog, RepoError, Store, SystemClock, UsageEvent,
     UserId,
 };
@@ -1423,89 +1423,5 @@ impl Store for MemoryStore {
 
     fn backend_name(&self) -> &'static str {
         "memory"
-    }
-}
-
-/// A usage sink that takes every batch and stores nothing: benchmarks use it to measure
-/// the metering apart from the database writes (`usage-server --bench-discard-usage`).
-/// Every read finds nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct DiscardUsage;
-
-#[async_trait]
-impl UsageRepository for DiscardUsage {
-    async fn record_usage(
-        &self,
-        events: &[UsageEvent],
-        _included: &IncludedCalls,
-    ) -> Result<RecordOutcome, RepoError> {
-        Ok(RecordOutcome {
-            inserted: events.len() as u64,
-            duplicates: 0,
-        })
-    }
-    async fn usage_record(
-        &self,
-        _user_id: &UserId,
-        _period_start: OffsetDateTime,
-    ) -> Result<Option<UsageRecord>, RepoError> {
-        Ok(None)
-    }
-    async fn endpoint_stats(
-        &self,
-        _user_id: &UserId,
-        _from: OffsetDateTime,
-        _to: OffsetDateTime,
-    ) -> Result<Vec<EndpointStats>, RepoError> {
-        Ok(Vec::new())
-    }
-    async fn count_usage_events(
-        &self,
-        _user_id: &UserId,
-        _from: OffsetDateTime,
-        _to: OffsetDateTime,
-    ) -> Result<u64, RepoError> {
-        Ok(0)
-    }
-    async fn record_dead_letters(&self, _letters: &[DeadLetter]) -> Result<(), RepoError> {
-        Ok(())
-    }
-    async fn dead_letters(
-        &self,
-        _after: Option<Uuid>,
-        _limit: u32,
-    ) -> Result<Vec<DeadLetter>, RepoError> {
-        Ok(Vec::new())
-    }
-    async fn remove_dead_letters(&self, _event_ids: &[Uuid]) -> Result<u64, RepoError> {
-        Ok(0)
-    }
-    async fn prepare_usage_storage(
-        &self,
-        _now: OffsetDateTime,
-        _months_ahead: u32,
-    ) -> Result<Vec<String>, RepoError> {
-        Ok(Vec::new())
-    }
-    async fn prune_usage(
-        &self,
-        before: OffsetDateTime,
-        _dry_run: bool,
-    ) -> Result<UsagePrune, RepoError> {
-        Ok(UsagePrune {
-            before,
-            rows: 0,
-            partitions: Vec::new(),
-        })
-    }
-    async fn usage_events_page(
-        &self,
-        _user_id: &UserId,
-        _from: OffsetDateTime,
-        _to: OffsetDateTime,
-        _after: Option<(OffsetDateTime, Uuid)>,
-        _limit: u32,
-    ) -> Result<Vec<UsageEvent>, RepoError> {
-        Ok(Vec::new())
     }
 }
