@@ -548,25 +548,7 @@ async fn check_references(
     users: &[String],
     keys: &[String],
 ) -> Result<(), BatchError> {
-    #[derive(QueryableByName)]
-    struct Found {
-        #[diesel(sql_type = BigInt)]
-        users: i64,
-        #[diesel(sql_type = BigInt)]
-        keys: i64,
-    }
-    let ids = |ids: &[String]| json_array(ids.iter().map(|id| serde_json::json!({"id": id})));
-    let sql = format!(
-        "SELECT (SELECT count(*) FROM eco_users WHERE id IN (SELECT id FROM {})) AS users,
-                (SELECT count(*) FROM eco_api_keys WHERE id IN (SELECT id FROM {})) AS keys",
-        json_rows("$1", &[("id", "text")]),
-        json_rows("$2", &[("id", "text")]),
-    );
-    let found: Found = query(&sql)
-        .bind::<Text, _>(ids(users))
-        .bind::<Text, _>(ids(keys))
-        .get_result(conn)
-        .await?;
+    let found = count_references(conn, users, keys).await?;
     if found.users != users.len() as i64 {
         return Err(BatchError::Missing("user"));
     }
@@ -576,31 +558,29 @@ async fn check_references(
     Ok(())
 }
 
+/// How many of a batch's users and keys exist.
+#[derive(QueryableByName)]
+struct References {
+    #[diesel(sql_type = BigInt)]
+    users: i64,
+    #[diesel(sql_type = BigInt)]
+    keys: i64,
+}
+
 /// Adds a batch's inserted events to every (user, period) counter it touches, in one
 /// statement whatever the number of users, rows in (user, period) order so that
-/// concurrent writers lock counters in the same order. `included` is each plan's
-/// included calls, null for unlimited; the update reads it back from EXCLUDED.
-async fn upsert_counters(
-    conn: &mut Conn,
-    deltas: &[crate::common::CounterDelta],
-    now: OffsetDateTime,
-) -> diesel::QueryResult<usize> {
-    let rows = json_array(deltas.iter().map(|d| {
-        serde_json::json!({
-            "user_id": d.user_id.as_str(),
-            "period_start": utc_text(d.period.start()),
-            "period_end": utc_text(d.period.end()),
-            "calls": d.calls,
-            "included": d.included,
-        })
-    }));
-    let sql = format!(
+/// concurrent writers lock counters in the same order. `$1` is the time; `rows`, the
+/// backend's table `d` of (user_id, period_start, period_end, calls, included), included
+/// being each plan's included calls, null for unlimited (the update reads it back from
+/// EXCLUDED).
+fn upsert_counters_sql(rows: &str) -> String {
+    format!(
         "INSERT INTO eco_usage_records (user_id, period_start, period_end, api_calls,
                                         overage_calls, included_calls, updated_at)
          SELECT d.user_id, d.period_start, d.period_end, d.calls,
                 CASE WHEN d.included IS NULL THEN 0 ELSE GREATEST(0, d.calls - d.included) END,
-                d.included, $2
-         FROM {} WHERE true
+                d.included, $1
+         FROM {rows} WHERE true
          ORDER BY d.user_id, d.period_start
          ON CONFLICT (user_id, period_start) DO UPDATE SET
              api_calls = eco_usage_records.api_calls + excluded.api_calls,
@@ -608,23 +588,8 @@ async fn upsert_counters(
                  ELSE GREATEST(0, eco_usage_records.api_calls + excluded.api_calls
                                   - excluded.included_calls) END,
              included_calls = excluded.included_calls,
-             updated_at = excluded.updated_at",
-        json_rows(
-            "$1",
-            &[
-                ("user_id", "text"),
-                ("period_start", "timestamptz"),
-                ("period_end", "timestamptz"),
-                ("calls", "int8"),
-                ("included", "int8"),
-            ]
-        )
-    );
-    query(&sql)
-        .bind::<Text, _>(rows)
-        .bind::<Stamp, _>(now)
-        .execute(conn)
-        .await
+             updated_at = excluded.updated_at"
+    )
 }
 
 /// Who and when of a stored call, as `insert_usage_rows` returns them.

@@ -191,6 +191,47 @@ async fn insert_usage_rows(
     Ok(inserted.into_iter().map(InsertedEvent::into_pair).collect())
 }
 
+/// Counts a batch's users and keys that exist, from one array each.
+async fn count_references(
+    conn: &mut Conn,
+    users: &[String],
+    keys: &[String],
+) -> diesel::QueryResult<References> {
+    diesel::sql_query(
+        "SELECT (SELECT count(*) FROM eco_users WHERE id = ANY($1)) AS users,
+                (SELECT count(*) FROM eco_api_keys WHERE id = ANY($2)) AS keys",
+    )
+    .bind::<Array<Text>, _>(users)
+    .bind::<Array<Text>, _>(keys)
+    .get_result(conn)
+    .await
+}
+
+/// [`upsert_counters_sql`] over one array per column: five bind parameters whatever the
+/// number of counters.
+async fn upsert_counters(
+    conn: &mut Conn,
+    deltas: &[crate::common::CounterDelta],
+    now: OffsetDateTime,
+) -> diesel::QueryResult<usize> {
+    let rows = "unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::int8[])
+                AS d(user_id, period_start, period_end, calls, included)";
+    diesel::sql_query(upsert_counters_sql(rows))
+        .bind::<Stamp, _>(now)
+        .bind::<Array<Text>, _>(
+            deltas
+                .iter()
+                .map(|d| d.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Stamp>, _>(deltas.iter().map(|d| d.period.start()).collect::<Vec<_>>())
+        .bind::<Array<Stamp>, _>(deltas.iter().map(|d| d.period.end()).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(deltas.iter().map(|d| d.calls).collect::<Vec<_>>())
+        .bind::<Array<Nullable<BigInt>>, _>(deltas.iter().map(|d| d.included).collect::<Vec<_>>())
+        .execute(conn)
+        .await
+}
+
 /// Nothing to do: PostgreSQL's page cache is the server's.
 async fn widen_usage_cache(_conn: &mut Conn) {}
 

@@ -318,6 +318,51 @@ async fn insert_usage_rows(
     Ok(inserted)
 }
 
+/// Counts a batch's users and keys that exist. The ids go in as JSON arrays: a batch may
+/// name more of them than SQLite allows bound parameters in one statement.
+async fn count_references(
+    conn: &mut Conn,
+    users: &[String],
+    keys: &[String],
+) -> diesel::QueryResult<References> {
+    let ids = |ids: &[String]| serde_json::Value::from(ids.to_vec()).to_string();
+    diesel::sql_query(
+        "SELECT (SELECT count(*) FROM eco_users
+                 WHERE id IN (SELECT value FROM json_each(?1))) AS users,
+                (SELECT count(*) FROM eco_api_keys
+                 WHERE id IN (SELECT value FROM json_each(?2))) AS keys",
+    )
+    .bind::<Text, _>(ids(users))
+    .bind::<Text, _>(ids(keys))
+    .get_result(conn)
+    .await
+}
+
+/// [`upsert_counters_sql`] over one JSON array of `[user, start, end, calls, included]`.
+async fn upsert_counters(
+    conn: &mut Conn,
+    deltas: &[crate::common::CounterDelta],
+    now: OffsetDateTime,
+) -> diesel::QueryResult<usize> {
+    let rows = "(SELECT value ->> 0 AS user_id, value ->> 1 AS period_start,
+                        value ->> 2 AS period_end, value ->> 3 AS calls, value ->> 4 AS included
+                 FROM json_each($2)) AS d";
+    let deltas = json_array(deltas.iter().map(|d| {
+        serde_json::json!([
+            d.user_id.as_str(),
+            utc_text(d.period.start()),
+            utc_text(d.period.end()),
+            d.calls,
+            d.included
+        ])
+    }));
+    query(&upsert_counters_sql(rows))
+        .bind::<Stamp, _>(now)
+        .bind::<Text, _>(deltas)
+        .execute(conn)
+        .await
+}
+
 /// Gives the connection a page cache large enough for a batch of usage: a large batch
 /// from thousands of customers dirties more index pages than `CACHE_KIB` holds, and SQLite
 /// would spill them to the WAL before the commit and read them back as the batch goes on
