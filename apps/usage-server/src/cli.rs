@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use usage_auth::secret::SecretString;
-use usage_core::endpoint::EndpointPatterns;
 use usage_core::{ApiKeyId, Plan, UserId};
+use usage_door::endpoint::EndpointPatterns;
 
 /// Usage metering, API keys, monthly quotas and overage billing for SaaS APIs.
 ///

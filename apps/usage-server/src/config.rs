@@ -70,7 +70,7 @@ pub struct Config {
     /// `USAGE_RETENTION_DAYS`; `None` keeps raw calls for ever.
     pub usage_retention_days: Option<u32>,
     /// `FORWARD_AUTH_ROUTES`: how forward auth names endpoints.
-    pub forward_auth_routes: usage_core::endpoint::EndpointPatterns,
+    pub forward_auth_routes: usage_door::endpoint::EndpointPatterns,
     /// `ADMIN_AUDIT_RETENTION_DAYS`; `None` keeps the audit log for ever.
     pub admin_audit_retention_days: Option<u32>,
     /// Hidden `USAGE_CLOCK_START`: run on a shifted clock (tests and demos).

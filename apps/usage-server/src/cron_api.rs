@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use usage_billing::RunMode;
-use usage_core::middleware::bearer_credential;
+use usage_door::middleware::bearer_credential;
 
 use crate::ApiError;
 use crate::api_types::{AggregateParams, BillingParams, CronErrors, Registry};

@@ -18,9 +18,9 @@ use prometheus::{
 use usage_auth::verify::KeyVerifier;
 use usage_billing::{BillingSummary, WebhookError, WebhookOutcome};
 use usage_core::Store;
-use usage_core::middleware::MeteringStats;
 use usage_core::quota::QuotaBook;
 use usage_core::tracker::{BatchObserver, UsageTracker};
+use usage_door::middleware::MeteringStats;
 
 /// Every metric of one server.
 pub(crate) struct Metrics {

@@ -2,7 +2,7 @@
 //! handler's OpenAPI annotation through a [`Registry`].
 
 use actix_web::web;
-use usage_core::middleware::Metering;
+use usage_door::middleware::Metering;
 use utoipa::Path as _;
 
 use crate::api_types::Registry;

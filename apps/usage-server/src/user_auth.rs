@@ -4,7 +4,7 @@ use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use futures_util::future::LocalBoxFuture;
 use usage_auth::jwt::JwtKeys;
 use usage_core::UserId;
-use usage_core::middleware::bearer_credential;
+use usage_door::middleware::bearer_credential;
 
 use crate::ApiError;
 use crate::state::AppState;

@@ -1,6 +1,7 @@
 //! Domain of nexus-usage: plans and billing periods, usage events, money, the
-//! repository traits every other crate works through, and in-memory repositories
-//! for tests.
+//! repository traits every other crate works through, quota, rate limits, and the
+//! tracker and spool that store admitted calls. The doors that meter HTTP calls are
+//! `usage-door`; the in-memory store for tests is `usage-testkit`.
 //!
 //! This crate knows no database and no web framework: stores implement
 //! [`repo::Store`], services take `Arc<dyn ...Repository>`.
@@ -21,15 +22,9 @@ pub mod clock;
 pub mod counter;
 pub mod dead_letter;
 pub mod discard;
-pub mod endpoint;
 mod error;
 pub mod event;
 pub mod ids;
-#[cfg(feature = "tower")]
-pub mod layer;
-pub mod meter;
-#[cfg(feature = "actix")]
-pub mod middleware;
 pub mod money;
 pub mod period;
 pub mod plan;

@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use async_trait::async_trait;
-use usage_core::middleware::{Metering, MeteringDeps};
 use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, User, UserRepository};
 use usage_core::tracker::{TrackerConfig, UsageTracker};
 use usage_core::{
     ApiKeyAuthenticator, ApiKeyId, Caller, Clock, Plan, PlanCatalog, RepoError, SystemClock, UserId,
 };
+use usage_door::middleware::{Metering, MeteringDeps};
 use usage_testkit::memory::MemoryStore;
 
 /// Keys known up front (a real service hashes and looks them up: `usage-auth`).

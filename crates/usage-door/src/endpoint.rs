@@ -4,7 +4,7 @@
 //! becomes `{id}`, so raw ids never become endpoints.
 //!
 //! ```
-//! use usage_core::endpoint::EndpointPatterns;
+//! use usage_door::endpoint::EndpointPatterns;
 //!
 //! let patterns = EndpointPatterns::parse("/v1/users/{id}/orders").unwrap();
 //! assert_eq!(patterns.endpoint("/v1/users/ada/orders?page=2"), "/v1/users/{id}/orders");

@@ -129,7 +129,7 @@ where
     }
 }
 
-static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static API_KEY: HeaderName = HeaderName::from_static(crate::meter::header_names::X_API_KEY);
 
 fn endpoint_of<B>(req: &Request<B>, patterns: &EndpointPatterns) -> String {
     if let Some(Endpoint(endpoint)) = req.extensions().get::<Endpoint>() {

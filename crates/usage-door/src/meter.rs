@@ -9,7 +9,7 @@
 //!
 //! ```
 //! # use std::sync::Arc;
-//! # use usage_core::meter::{Admission, Meter, MeterDeps};
+//! # use usage_door::meter::{Admission, Meter, MeterDeps};
 //! # async fn demo(meter: Arc<Meter>) {
 //! match meter.admit(Some(b"Bearer eco_live_..."), None).await {
 //!     Admission::Admitted(call) => {
@@ -31,13 +31,13 @@ use sfv::{ListSerializer, key_ref, string_ref};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::caller::ApiKeyAuthenticator;
-use crate::counter::Counter;
-use crate::event::new_event_id;
-use crate::quota::{QuotaBook, QuotaDecision, QuotaStatus};
-use crate::rate::{RateDecision, RateLimit, RateLimiter};
-use crate::tracker::{TrackedCall, UsageTracker};
-use crate::{Caller, Clock, UsageEvent};
+use usage_core::caller::ApiKeyAuthenticator;
+use usage_core::counter::Counter;
+use usage_core::event::new_event_id;
+use usage_core::quota::{QuotaBook, QuotaDecision, QuotaStatus};
+use usage_core::rate::{RateDecision, RateLimit, RateLimiter};
+use usage_core::tracker::{TrackedCall, UsageTracker};
+use usage_core::{Caller, Clock, UsageEvent};
 
 /// Route pattern recorded for calls that matched no route.
 pub const UNMATCHED_ROUTE: &str = "<unmatched>";
@@ -74,6 +74,8 @@ pub struct MeteringStats {
 
 /// Response header names the meter sets (lower case, as HTTP/2 sends them).
 pub mod header_names {
+    /// The request header that carries an API key, beside `Authorization: Bearer`.
+    pub const X_API_KEY: &str = "x-api-key";
     /// Monthly limit.
     pub const X_RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
     /// Monthly calls left.
@@ -304,7 +306,7 @@ impl Meter {
 /// spaces around the credential ignored). The error says what is wrong, for the log.
 ///
 /// ```
-/// use usage_core::meter::bearer_credential;
+/// use usage_door::meter::bearer_credential;
 ///
 /// assert_eq!(bearer_credential(b"bearer  eco_live_abc "), Ok("eco_live_abc"));
 /// assert!(bearer_credential(b"Basic dXNlcjpwYXNz").is_err());

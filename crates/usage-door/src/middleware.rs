@@ -161,7 +161,7 @@ pub fn insert_headers(map: &mut HeaderMap, headers: crate::meter::Headers) {
     }
 }
 
-static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static API_KEY: HeaderName = HeaderName::from_static(crate::meter::header_names::X_API_KEY);
 
 /// The credential of `Authorization: Bearer <credential>` (scheme in any case, spaces
 /// around the credential ignored). Every route that takes a bearer credential (API
@@ -170,7 +170,7 @@ static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 ///
 /// ```
 /// use actix_web::http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-/// use usage_core::middleware::bearer_credential;
+/// use usage_door::middleware::bearer_credential;
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.insert(AUTHORIZATION, HeaderValue::from_static("bearer  eco_live_abc "));

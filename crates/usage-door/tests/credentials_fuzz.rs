@@ -5,7 +5,7 @@
 
 use actix_web::http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use proptest::prelude::*;
-use usage_core::middleware::bearer_credential;
+use usage_door::middleware::bearer_credential;
 
 fn with_authorization(value: HeaderValue) -> HeaderMap {
     let mut headers = HeaderMap::new();

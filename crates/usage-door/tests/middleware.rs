@@ -8,7 +8,6 @@ use actix_web::http::StatusCode;
 use actix_web::{App, HttpResponse, test, web};
 use async_trait::async_trait;
 use time::macros::datetime;
-use usage_core::middleware::{Metering, MeteringDeps, UNMATCHED_ROUTE};
 use usage_core::quota::QuotaBook;
 use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
 use usage_core::repo::{
@@ -19,6 +18,7 @@ use usage_core::{
     ApiKeyAuthenticator, ApiKeyId, BillingPeriod, Caller, Clock, ManualClock, Plan, PlanCatalog,
     PlanTerms, RepoError, UserId,
 };
+use usage_door::middleware::{Metering, MeteringDeps, UNMATCHED_ROUTE};
 use usage_testkit::memory::MemoryStore;
 
 const KEY: &str = "eco_live_testtesttesttesttesttesttesttest";

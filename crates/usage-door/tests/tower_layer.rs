@@ -15,8 +15,6 @@ use axum::routing::get;
 use serde_json::Value;
 use time::macros::datetime;
 use tower::ServiceExt;
-use usage_core::layer::{Endpoint, MeteringLayer};
-use usage_core::meter::{Meter, MeterDeps};
 use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, UsageRepository, User, UserRepository};
@@ -25,6 +23,8 @@ use usage_core::{
     ApiKeyAuthenticator, ApiKeyId, BillingPeriod, Caller, Clock, ManualClock, Plan, PlanCatalog,
     PlanTerms, RepoError, UserId,
 };
+use usage_door::layer::{Endpoint, MeteringLayer};
+use usage_door::meter::{Meter, MeterDeps};
 use usage_testkit::memory::MemoryStore;
 
 const KEY: &str = "eco_live_testtesttesttesttesttesttesttest";

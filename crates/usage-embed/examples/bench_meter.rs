@@ -22,10 +22,10 @@ use std::time::Instant;
 use time::OffsetDateTime;
 use usage_auth::keys::{generate_api_key, hash_api_key};
 use usage_core::discard::DiscardUsage;
-use usage_core::meter::Admission;
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, User, UserRepository};
 use usage_core::tracker::TrackerConfig;
 use usage_core::{ApiKeyId, Plan, UserId};
+use usage_door::meter::Admission;
 use usage_embed::{UsageMeter, UsageOptions};
 use usage_testkit::memory::MemoryStore;
 

@@ -22,17 +22,17 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use usage_auth::verify::{KeyCacheConfig, KeyVerifier};
-use usage_core::meter::{Meter, MeterDeps};
 use usage_core::quota::{QuotaBook, QuotaSettings, SyncReport};
 use usage_core::rate::{PlanRateLimits, RateLimiter};
 use usage_core::repo::UsageRepository;
 use usage_core::spool::{SpoolConfig, SpoolError};
 use usage_core::tracker::{FlushReport, TrackerConfig, TrackerWorker, UsageTracker};
 use usage_core::{Clock, PlanCatalog, Store, SystemClock};
+use usage_door::meter::{Meter, MeterDeps};
 use usage_store::{PoolOptions, StoreError};
 
 pub use usage_core::Caller;
-pub use usage_core::endpoint::EndpointPatterns;
+pub use usage_door::endpoint::EndpointPatterns;
 
 /// What can stop metering from starting.
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,7 @@ impl UsageMeter {
         })
     }
 
-    /// The metering engine, for a door of your own (see `usage_core::meter`).
+    /// The metering engine, for a door of your own (see `usage_door::meter`).
     pub fn meter(&self) -> Arc<Meter> {
         Arc::clone(&self.meter)
     }
@@ -189,15 +189,15 @@ impl UsageMeter {
     /// The actix-web middleware: `.wrap(usage.actix())` on an app or scope. Handlers
     /// read the caller with `web::ReqData<Caller>`.
     #[cfg(feature = "actix")]
-    pub fn actix(&self) -> usage_core::middleware::Metering {
-        usage_core::middleware::Metering::from_meter(self.meter())
+    pub fn actix(&self) -> usage_door::middleware::Metering {
+        usage_door::middleware::Metering::from_meter(self.meter())
     }
 
     /// The tower layer: `.layer(usage.layer())` on an axum `Router`. Handlers read the
     /// caller with `Extension<Caller>`.
     #[cfg(feature = "tower")]
-    pub fn layer(&self) -> usage_core::layer::MeteringLayer {
-        usage_core::layer::MeteringLayer::new(self.meter()).with_patterns(self.patterns.clone())
+    pub fn layer(&self) -> usage_door::layer::MeteringLayer {
+        usage_door::layer::MeteringLayer::new(self.meter()).with_patterns(self.patterns.clone())
     }
 
     /// The database metering runs on.
