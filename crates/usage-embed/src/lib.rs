@@ -50,7 +50,7 @@ pub enum EmbedError {
 pub struct UsageOptions {
     /// Apply pending migrations at start (default on).
     pub migrate: bool,
-    /// Connection pool.
+    /// Connection pool (its clock is replaced by [`UsageOptions::clock`]).
     pub pool: PoolOptions,
     /// The usage writer: batch size, flush interval, queue.
     pub tracker: TrackerConfig,
@@ -126,7 +126,12 @@ impl UsageMeter {
                 tracing::info!(applied, "usage database migrated");
             }
         }
-        let store = usage_store::open(database_url, &options.pool).await?;
+        // The store's rules of time read the same clock as the meter.
+        let pool = PoolOptions {
+            clock: options.clock.clone(),
+            ..options.pool.clone()
+        };
+        let store = usage_store::open(database_url, &pool).await?;
         Self::with_store(store, options)
     }
 
