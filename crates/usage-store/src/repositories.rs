@@ -642,11 +642,8 @@ impl UsageRepository for This {
         if events.is_empty() {
             return Ok(RecordOutcome::default());
         }
-        // One lock order for every writer: no deadlock between overlapping retries.
-        let mut sorted: Vec<&UsageEvent> = events.iter().collect();
-        sorted.sort_by_key(|e| e.event_id);
         let (users, keys) = distinct_references(events);
-        let (sorted, users, keys) = (&sorted, &users, &keys);
+        let (users, keys) = (&users, &keys);
         let mut attempt = 1;
         loop {
             let now = self.clock.now();
@@ -656,7 +653,7 @@ impl UsageRepository for This {
                 check_references(conn, users, keys).await?;
                 // RETURNING names the rows actually inserted: replayed events are neither
                 // stored nor counted again.
-                let inserted = insert_usage_rows(conn, sorted).await?;
+                let inserted = insert_usage_rows(conn, events).await?;
                 mark_late_days(conn, &inserted, now).await?;
                 let count = inserted.len() as u64;
                 let deltas = counter_deltas(inserted, included);

@@ -153,12 +153,15 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
     )
 }
 
-/// Inserts a batch (sorted by event id) as one array per column, eight bind parameters
-/// whatever its size; returns who and when of the rows actually inserted.
+/// Inserts a batch as one array per column, eight bind parameters whatever its size;
+/// returns who and when of the rows actually inserted. Rows go in event id order: one
+/// lock order for every writer, so overlapping retries cannot deadlock.
 async fn insert_usage_rows(
     conn: &mut Conn,
-    events: &[&UsageEvent],
+    events: &[UsageEvent],
 ) -> diesel::QueryResult<Vec<(UserId, OffsetDateTime)>> {
+    let mut events: Vec<&UsageEvent> = events.iter().collect();
+    events.sort_by_key(|e| e.event_id);
     let column = |f: fn(&UsageEvent) -> String| events.iter().map(|e| f(e)).collect::<Vec<_>>();
     let inserted: Vec<InsertedEvent> = diesel::sql_query(
         "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method,

@@ -133,8 +133,11 @@ impl SqliteStore {
         });
         let manager = AsyncDieselConnectionManager::new_with_config(path_str(path)?, config);
         let max_connections = options.max_connections.clamp(1, MAX_SQLITE_CONNECTIONS);
+        // The most recently used connection first: its page cache is the warm one (bb8's
+        // default hands connections out in turn, each with a cache of its own).
         let pool = Pool::builder()
             .max_size(max_connections)
+            .queue_strategy(bb8::QueueStrategy::Lifo)
             .min_idle(Some(1))
             .connection_timeout(options.connect_timeout)
             .build(manager)
@@ -278,11 +281,12 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
     )
 }
 
-/// Inserts a batch in multi-row statements; returns who and when of the rows actually
-/// inserted (diesel's batch insert with RETURNING runs row by row on SQLite).
+/// Inserts a batch in multi-row statements, in the order the calls came (one writer: no
+/// lock order to keep); returns who and when of the rows actually inserted (diesel's batch
+/// insert with RETURNING runs row by row on SQLite).
 async fn insert_usage_rows(
     conn: &mut Conn,
-    events: &[&UsageEvent],
+    events: &[UsageEvent],
 ) -> diesel::QueryResult<Vec<(UserId, OffsetDateTime)>> {
     // OR IGNORE rather than ON CONFLICT DO NOTHING: the same for the one constraint a row
     // can break here (a replayed event_id; every column is given), and a statement that
