@@ -30,8 +30,10 @@ const MAX_SQLITE_CONNECTIONS: u32 = 8;
 /// Rows deleted per statement by retention (each statement a short write transaction).
 const SQLITE_DELETE_BATCH: i64 = 5_000;
 
-/// Rows per INSERT statement (eight bind parameters a row, far below SQLite's limit).
-const SQLITE_INSERT_CHUNK: usize = 500;
+/// Rows per INSERT statement: eight bind parameters a row, 32,000 in all, under SQLite's
+/// 32,766. Each statement is one call on a blocking thread, and the calls of a batch
+/// count more than a statement's size: at 500 rows a statement, ingest was 20% slower.
+const SQLITE_INSERT_CHUNK: usize = 4_000;
 
 /// Page cache of every connection (KiB).
 const CACHE_KIB: u32 = 32 * 1024;
