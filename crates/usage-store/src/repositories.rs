@@ -1,18 +1,19 @@
 // Every repository method, written once for both SQL backends.
 //
 // This file is compiled twice: `postgres/mod.rs` and `sqlite/mod.rs` each `include!` it,
-// after naming what differs (the seam, in `crate::dialect`'s terms):
+// after naming what differs (the seam):
 //
 // | name | PostgreSQL | SQLite |
 // |---|---|---|
-// | `This` | `PgStore` | `SqliteStore` |
-// | `Db`, `Conn` | `Pg`, `AsyncPgConnection` | `Sqlite`, `SyncConnectionWrapper<SqliteConnection>` |
-// | `write_transaction` | `BEGIN` (row locks serialise) | `BEGIN IMMEDIATE` (one writer) |
-// | `for_update!` | `SELECT ... FOR UPDATE` | the query as is (the write lock is held) |
+// | `This`, `Conn` | `PgStore`, `AsyncPgConnection` | `SqliteStore`, `SyncConnectionWrapper<SqliteConnection>` |
+// | `write_transaction!` | `BEGIN` (row locks serialise) | `BEGIN IMMEDIATE` (one writer) |
+// | `for_update!`, `LOCK_ROWS` | `FOR UPDATE` | nothing (the write lock is held) |
 // | `translate` | the text as is | `$n` to `?n`, `GREATEST`/`LEAST` to `MAX`/`MIN` |
 // | `json_rows` | `jsonb_to_recordset` | `json_each` |
-// | `insert_usage_rows` | `unnest` of one array per column | multi-row `INSERT OR IGNORE` |
-// | `DayOf`, `Aggregates` | `jsonb_agg`, `AT TIME ZONE` | `json_group_array`, `substr` |
+// | `count_references`, `upsert_counters` | arrays (`ANY`, `unnest`) | JSON arrays |
+// | `insert_usage_rows` | `unnest` of one array per column | 4,000-row `INSERT OR IGNORE` |
+// | `TOP_ENDPOINTS_JSON`, `EMPTY_JSON`, `DAY_OF_CREATED_AT` | `jsonb_agg`, `AT TIME ZONE` | `json_group_array`, `substr` |
+// | `fold_late_calls` | one `DELETE ... RETURNING` | insert, then delete |
 // | usage storage | monthly partitions | one table, pruned in batches |
 //
 // So a query is read and fixed in one place, and the compiler checks it against each
