@@ -31,8 +31,8 @@ const MAX_SQLITE_CONNECTIONS: u32 = 8;
 const SQLITE_DELETE_BATCH: i64 = 5_000;
 
 /// Rows per INSERT statement: eight bind parameters a row, 32,000 in all, under SQLite's
-/// 32,766. Each statement is one call on a blocking thread, and the calls of a batch
-/// count more than a statement's size: at 500 rows a statement, ingest was 20% slower.
+/// 32,766. Fewer, larger statements: at 500 rows a statement, ingest of a 1,000-customer
+/// batch was 20% slower (docs/BENCHMARKS.md).
 const SQLITE_INSERT_CHUNK: usize = 4_000;
 
 /// Page cache of every connection (KiB).
@@ -286,42 +286,58 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
 /// Inserts a batch in multi-row statements, in the order the calls came (one writer: no
 /// lock order to keep); returns who and when of the rows actually inserted (diesel's batch
 /// insert with RETURNING runs row by row on SQLite).
+///
+/// All the statements run in one call on the connection's blocking thread, on the
+/// connection itself: through the async wrapper each statement would be a call of its
+/// own, its binds copied and its rows copied back.
 async fn insert_usage_rows(
     conn: &mut Conn,
     events: &[UsageEvent],
 ) -> diesel::QueryResult<Vec<(UserId, OffsetDateTime)>> {
+    let events = events.to_vec();
+    conn.spawn_blocking(move |conn| {
+        let mut inserted = Vec::with_capacity(events.len());
+        for chunk in events.chunks(SQLITE_INSERT_CHUNK) {
+            let rows: Vec<InsertedEvent> =
+                diesel::RunQueryDsl::load(insert_usage_chunk(chunk), conn)?;
+            inserted.extend(rows.into_iter().map(InsertedEvent::into_pair));
+        }
+        Ok(inserted)
+    })
+    .await
+}
+
+/// One multi-row INSERT of `chunk`, returning who and when of each row inserted.
+fn insert_usage_chunk(
+    chunk: &[UsageEvent],
+) -> diesel::query_builder::BoxedSqlQuery<'_, Sqlite, diesel::query_builder::SqlQuery> {
     // OR IGNORE rather than ON CONFLICT DO NOTHING: the same for the one constraint a row
     // can break here (a replayed event_id; every column is given), and a statement that
     // cannot abort half-way needs no statement journal (a copy of every page it changes).
     // A CHECK added to eco_api_usage would make OR IGNORE skip rows that break it, and
     // the batch would count them as replays: check such values here instead.
-    let mut inserted = Vec::with_capacity(events.len());
-    for chunk in events.chunks(SQLITE_INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
-             method, status_code, response_time_ms, created_at) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 { "" } else { ", " });
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
-        }
-        sql.push_str(" RETURNING user_id, created_at");
-        let mut statement = diesel::sql_query(sql).into_boxed::<Sqlite>();
-        for e in chunk {
-            statement = statement
-                .bind::<EventId, _>(e.event_id)
-                .bind::<Text, _>(e.user_id.as_str())
-                .bind::<Text, _>(e.api_key_id.as_str())
-                .bind::<Text, _>(e.endpoint.as_str())
-                .bind::<Text, _>(e.method.as_str())
-                .bind::<Integer, _>(i32::from(e.status_code))
-                .bind::<Integer, _>(i32::try_from(e.response_time_ms).unwrap_or(i32::MAX))
-                .bind::<Stamp, _>(e.created_at);
-        }
-        let rows: Vec<InsertedEvent> = statement.load(conn).await?;
-        inserted.extend(rows.into_iter().map(InsertedEvent::into_pair));
+    let mut sql = String::from(
+        "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
+         method, status_code, response_time_ms, created_at) VALUES ",
+    );
+    for i in 0..chunk.len() {
+        sql.push_str(if i == 0 { "" } else { ", " });
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
     }
-    Ok(inserted)
+    sql.push_str(" RETURNING user_id, created_at");
+    let mut statement = diesel::sql_query(sql).into_boxed::<Sqlite>();
+    for e in chunk {
+        statement = statement
+            .bind::<EventId, _>(e.event_id)
+            .bind::<Text, _>(e.user_id.as_str())
+            .bind::<Text, _>(e.api_key_id.as_str())
+            .bind::<Text, _>(e.endpoint.as_str())
+            .bind::<Text, _>(e.method.as_str())
+            .bind::<Integer, _>(i32::from(e.status_code))
+            .bind::<Integer, _>(i32::try_from(e.response_time_ms).unwrap_or(i32::MAX))
+            .bind::<Stamp, _>(e.created_at);
+    }
+    statement
 }
 
 /// Counts a batch's users and keys that exist. The ids go in as JSON arrays: a batch may
