@@ -18,6 +18,7 @@
 
 pub mod accounts;
 pub mod caller;
+pub mod catalog;
 pub mod clock;
 pub mod counter;
 pub mod dead_letter;
@@ -28,6 +29,7 @@ pub mod ids;
 pub mod money;
 pub mod period;
 pub mod plan;
+pub mod pricing;
 pub mod quota;
 pub mod rate;
 pub mod repo;

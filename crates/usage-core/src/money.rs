@@ -32,16 +32,31 @@ impl MicroUsd {
     /// assert_eq!(price.total_in_cents(5_001), Cents(500));
     /// ```
     pub fn total_in_cents(self, calls: u64) -> Cents {
-        let micro = i128::from(self.0) * i128::from(calls);
-        // Half-up, away from zero for the (unused) negative case too.
-        let half = MICRO_PER_CENT / 2;
-        let cents = if micro >= 0 {
-            (micro + half) / MICRO_PER_CENT
-        } else {
-            (micro - half) / MICRO_PER_CENT
-        };
-        Cents(i64::try_from(cents).unwrap_or(if cents > 0 { i64::MAX } else { i64::MIN }))
+        round_to_cents(i128::from(self.0) * i128::from(calls))
     }
+
+    /// This amount rounded half-up to the cent.
+    ///
+    /// ```
+    /// use usage_core::{Cents, MicroUsd};
+    /// assert_eq!(MicroUsd(4_999).in_cents(), Cents(0));
+    /// assert_eq!(MicroUsd(5_000).in_cents(), Cents(1));
+    /// ```
+    pub fn in_cents(self) -> Cents {
+        round_to_cents(i128::from(self.0))
+    }
+}
+
+/// `micro` micro-dollars rounded half-up (away from zero) to the cent, saturating.
+fn round_to_cents(micro: i128) -> Cents {
+    // Half-up, away from zero for the (unused) negative case too.
+    let half = MICRO_PER_CENT / 2;
+    let cents = if micro >= 0 {
+        (micro + half) / MICRO_PER_CENT
+    } else {
+        (micro - half) / MICRO_PER_CENT
+    };
+    Cents(i64::try_from(cents).unwrap_or(if cents > 0 { i64::MAX } else { i64::MIN }))
 }
 
 #[cfg(test)]

@@ -52,7 +52,8 @@ impl FromStr for Plan {
 }
 
 /// What happens to calls past a plan's monthly limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OverLimit {
     /// Rejected with 429; not counted.
     Block,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::{Clock, Plan, UserId};
 
 /// A rate: `per_second` requests sustained, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained requests per second (at least 1).
     pub per_second: u32,

@@ -1,0 +1,559 @@
+//! Plans as data: a plan's terms as operators write them (API, catalog file), their
+//! validation, the built-in plans made from the plan variables, and the quote of a
+//! period's usage under a plan.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::MicroUsd;
+use crate::plan::{OverLimit, Plan, PlanCatalog};
+use crate::pricing::{OverageModel, PriceLine};
+use crate::rate::{PlanRateLimits, RateLimit};
+
+/// The meter of metered API calls, which every installation has.
+pub const API_CALLS: &str = "api_calls";
+
+/// A plan key no plan may take: `total` names the sum beside the per-plan counts.
+const RESERVED_KEYS: [&str; 1] = ["total"];
+
+/// Usage alerts a limit has when none are given: 80% and 100% of its included units.
+pub const DEFAULT_ALERTS: [u32; 2] = [80, 100];
+
+/// A refused catalog entry: which field, and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {message}")]
+pub struct CatalogError {
+    /// Where the problem is, as a path into the plan (`limits[0].overage.tiers[1].up_to`).
+    pub field: String,
+    /// What the field accepts, and what it got.
+    pub message: String,
+}
+
+impl CatalogError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One version of a plan: what subscribers pay and what they may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDefinition {
+    /// `[a-z0-9_-]{1,40}`, never changes; what users' `plan` fields hold.
+    pub key: String,
+    /// The name shown to customers.
+    pub name: String,
+    /// 1 for a new plan; each edit makes the next.
+    #[serde(default = "first_version")]
+    pub version: u32,
+    /// The monthly subscription price (billed by Stripe's subscription, not by us).
+    pub price_cents: i64,
+    /// ISO 4217 code, lower case.
+    #[serde(default = "usd")]
+    pub currency: String,
+    /// The Stripe price that sells this plan; subscription events map it back.
+    #[serde(default)]
+    pub stripe_price_id: Option<String>,
+    /// Offered to customers (upgrade suggestions name public plans only).
+    #[serde(default = "yes")]
+    pub public: bool,
+    /// Takes no new subscribers; its users keep it.
+    #[serde(default)]
+    pub archived: bool,
+    /// The short-window limit; `None` is none.
+    #[serde(default)]
+    pub burst: Option<RateLimit>,
+    /// One entry per limited meter; a meter without one is recorded, not limited.
+    #[serde(default)]
+    pub limits: Vec<MeterLimit>,
+}
+
+/// A plan's limit on one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterLimit {
+    /// The meter's key (`api_calls`, or one the operator defined).
+    pub meter: String,
+    /// Units included per billing period; `None` is unlimited.
+    pub included: Option<u64>,
+    /// What happens past `included`.
+    pub over_limit: OverLimit,
+    /// Percentages of `included` at which the customer is alerted.
+    #[serde(default = "default_alerts")]
+    pub alerts: Vec<u32>,
+    /// How units past `included` are priced (`overage` limits only).
+    #[serde(default)]
+    pub overage: Option<OverageModel>,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+fn usd() -> String {
+    "usd".to_owned()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_alerts() -> Vec<u32> {
+    DEFAULT_ALERTS.to_vec()
+}
+
+/// Whether `key` is a well-formed plan or meter key: `[a-z0-9_-]{1,40}`.
+pub fn is_valid_key(key: &str) -> bool {
+    (1..=40).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl PlanDefinition {
+    /// Checks every field; `meters` are the keys a limit may name.
+    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
+        if !is_valid_key(&self.key) || RESERVED_KEYS.contains(&self.key.as_str()) {
+            return Err(CatalogError::new(
+                "key",
+                format!(
+                    "must be 1 to 40 of a-z, 0-9, _ and -, and not \"total\" (got {:?})",
+                    self.key
+                ),
+            ));
+        }
+        let name_len = self.name.chars().count();
+        if !(1..=100).contains(&name_len) || self.name.chars().any(char::is_control) {
+            return Err(CatalogError::new(
+                "name",
+                "must be 1 to 100 characters, none of them control characters",
+            ));
+        }
+        if self.price_cents < 0 {
+            return Err(CatalogError::new(
+                "price_cents",
+                format!("must be 0 or more (got {})", self.price_cents),
+            ));
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(CatalogError::new(
+                "currency",
+                format!(
+                    "must be an ISO 4217 code in lower case, like \"usd\" (got {:?})",
+                    self.currency
+                ),
+            ));
+        }
+        if let Some(price) = &self.stripe_price_id {
+            let well_formed = (1..=255).contains(&price.len())
+                && price
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !well_formed {
+                return Err(CatalogError::new(
+                    "stripe_price_id",
+                    format!("must be a Stripe price id like \"price_1AbC\" (got {price:?})"),
+                ));
+            }
+        }
+        if let Some(burst) = self.burst
+            && (burst.per_second == 0 || burst.burst == 0)
+        {
+            return Err(CatalogError::new(
+                "burst",
+                "per_second and burst must be 1 or more (or burst null: no short-window limit)",
+            ));
+        }
+        for (i, limit) in self.limits.iter().enumerate() {
+            let at = format!("limits[{i}]");
+            if !meters.contains(&limit.meter.as_str()) {
+                return Err(CatalogError::new(
+                    format!("{at}.meter"),
+                    format!(
+                        "must be a defined meter, one of {} (got {:?})",
+                        meters.join(", "),
+                        limit.meter
+                    ),
+                ));
+            }
+            if self.limits[..i].iter().any(|l| l.meter == limit.meter) {
+                return Err(CatalogError::new(
+                    format!("{at}.meter"),
+                    format!("{:?} has a limit already: one entry a meter", limit.meter),
+                ));
+            }
+            limit.validate(&at)?;
+        }
+        Ok(())
+    }
+
+    /// The limit on `meter`, if the plan has one.
+    pub fn limit(&self, meter: &str) -> Option<&MeterLimit> {
+        self.limits.iter().find(|l| l.meter == meter)
+    }
+
+    /// A built-in plan as the plan variables define it: the catalog a new installation
+    /// starts with, so that an upgrade changes nothing.
+    pub fn builtin(
+        plan: Plan,
+        catalog: &PlanCatalog,
+        rates: &PlanRateLimits,
+        stripe_price_id: Option<String>,
+    ) -> Self {
+        let terms = catalog.terms(plan);
+        let billed = terms.over_limit == OverLimit::Overage && terms.monthly_calls.is_some();
+        let name = match plan {
+            Plan::Free => "Free",
+            Plan::Pro => "Pro",
+            Plan::Enterprise => "Enterprise",
+        };
+        Self {
+            key: plan.as_str().to_owned(),
+            name: name.to_owned(),
+            version: 1,
+            price_cents: terms.price.0,
+            currency: usd(),
+            stripe_price_id,
+            public: true,
+            archived: false,
+            burst: rates.of(plan),
+            limits: vec![MeterLimit {
+                meter: API_CALLS.to_owned(),
+                included: terms.monthly_calls,
+                over_limit: terms.over_limit,
+                alerts: default_alerts(),
+                overage: billed.then_some(OverageModel::PerUnit {
+                    unit_price_micros: catalog.overage_price.0,
+                }),
+            }],
+        }
+    }
+
+    /// What a period with `usage` (units by meter) costs under this plan, line by line:
+    /// one line a limited meter, and one for each other meter used.
+    pub fn quote(&self, usage: &BTreeMap<String, u64>) -> Quote {
+        let mut lines: Vec<QuoteLine> = self
+            .limits
+            .iter()
+            .map(|limit| limit.quote(usage.get(&limit.meter).copied().unwrap_or(0)))
+            .collect();
+        for (meter, &used) in usage {
+            if self.limit(meter).is_none() {
+                lines.push(QuoteLine::unlimited(meter, used));
+            }
+        }
+        let overage_cents = lines
+            .iter()
+            .fold(0i64, |sum, l| sum.saturating_add(l.amount_cents));
+        Quote {
+            plan: self.key.clone(),
+            version: self.version,
+            subscription_cents: self.price_cents,
+            overage_cents,
+            total_cents: self.price_cents.saturating_add(overage_cents),
+            lines,
+        }
+    }
+}
+
+impl MeterLimit {
+    fn validate(&self, at: &str) -> Result<(), CatalogError> {
+        let mut below = 0;
+        for (i, &alert) in self.alerts.iter().enumerate() {
+            if alert <= below || alert > 1_000 {
+                return Err(CatalogError::new(
+                    format!("{at}.alerts[{i}]"),
+                    format!(
+                        "must be a percentage of the included units from {} to 1000, \
+                         each greater than the one before (got {alert})",
+                        below + 1
+                    ),
+                ));
+            }
+            below = alert;
+        }
+        match (&self.over_limit, &self.overage) {
+            (OverLimit::Block, Some(_)) => Err(CatalogError::new(
+                format!("{at}.overage"),
+                "must be absent on a \"block\" limit: nothing past it is admitted",
+            )),
+            (OverLimit::Overage, None) if self.included.is_some() => Err(CatalogError::new(
+                format!("{at}.overage"),
+                "is required on an \"overage\" limit with included units: how units past them are priced",
+            )),
+            (_, Some(model)) => model.validate(&format!("{at}.overage")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Units past `included` that are billed: none for a `block` limit (calls past it
+    /// are refused) or an unlimited one.
+    pub fn overage_units(&self, used: u64) -> u64 {
+        match (self.over_limit, self.included) {
+            (OverLimit::Overage, Some(included)) => used.saturating_sub(included),
+            _ => 0,
+        }
+    }
+
+    /// What `used` units cost past this limit.
+    pub fn quote(&self, used: u64) -> QuoteLine {
+        let overage_units = self.overage_units(used);
+        let price = self
+            .overage
+            .as_ref()
+            .map(|model| model.price(overage_units))
+            .unwrap_or_default();
+        QuoteLine {
+            meter: self.meter.clone(),
+            used,
+            included: self.included,
+            overage_units,
+            amount_micros: price.amount_micros,
+            amount_cents: MicroUsd(price.amount_micros).in_cents().0,
+            tiers: price.lines,
+        }
+    }
+}
+
+/// What a period's usage costs under a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quote {
+    /// The plan's key.
+    pub plan: String,
+    /// The version quoted.
+    pub version: u32,
+    /// The monthly price (Stripe's subscription bills it).
+    pub subscription_cents: i64,
+    /// One line a meter.
+    pub lines: Vec<QuoteLine>,
+    /// The sum of the lines' cents (each line an invoice item, rounded once).
+    pub overage_cents: i64,
+    /// `subscription_cents` plus `overage_cents`.
+    pub total_cents: i64,
+}
+
+/// One meter's line of a [`Quote`]: one invoice item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuoteLine {
+    /// The meter's key.
+    pub meter: String,
+    /// Units used in the period.
+    pub used: u64,
+    /// Units included; `None` is unlimited.
+    pub included: Option<u64>,
+    /// Units billed as overage.
+    pub overage_units: u64,
+    /// The overage's price in micro-dollars.
+    pub amount_micros: i64,
+    /// The same, rounded half-up to the cent.
+    pub amount_cents: i64,
+    /// How the price is made, a line a tier.
+    pub tiers: Vec<PriceLine>,
+}
+
+impl QuoteLine {
+    fn unlimited(meter: &str, used: u64) -> Self {
+        Self {
+            meter: meter.to_owned(),
+            used,
+            included: None,
+            overage_units: 0,
+            amount_micros: 0,
+            amount_cents: 0,
+            tiers: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's example plan.
+    const GROWTH: &str = r#"{"key": "growth", "name": "Growth", "version": 3, "price_cents": 9900,
+        "currency": "usd", "stripe_price_id": "price_123", "public": true, "archived": false,
+        "burst": {"per_second": 50, "burst": 100},
+        "limits": [
+          {"meter": "api_calls", "included": 250000, "over_limit": "overage", "alerts": [80, 100],
+           "overage": {"model": "graduated",
+                       "tiers": [{"up_to": 750000, "unit_price_micros": 800},
+                                 {"up_to": null, "unit_price_micros": 500}]}},
+          {"meter": "tokens", "included": 5000000, "over_limit": "block", "alerts": [80, 100]}]}"#;
+
+    fn growth() -> PlanDefinition {
+        serde_json::from_str(GROWTH).unwrap()
+    }
+
+    const METERS: [&str; 2] = [API_CALLS, "tokens"];
+
+    #[test]
+    fn the_contracts_example_is_a_valid_plan() {
+        let plan = growth();
+        assert_eq!(plan.validate(&METERS), Ok(()));
+        assert_eq!(plan.version, 3);
+        assert_eq!(
+            plan.burst,
+            Some(RateLimit {
+                per_second: 50,
+                burst: 100
+            })
+        );
+        assert_eq!(plan.limit("tokens").unwrap().over_limit, OverLimit::Block);
+        let minimal: PlanDefinition =
+            serde_json::from_str(r#"{"key": "lite", "name": "Lite", "price_cents": 0}"#).unwrap();
+        assert_eq!(minimal.version, 1);
+        assert_eq!(minimal.currency, "usd");
+        assert!(minimal.public && !minimal.archived);
+        assert_eq!(minimal.burst, None);
+        assert_eq!(minimal.validate(&METERS), Ok(()));
+    }
+
+    #[test]
+    fn a_quote_bills_each_meter_as_one_item_rounded_once() {
+        let plan = growth();
+        // (api calls used, tokens used, overage cents), worked by hand:
+        let cases = [
+            // within the 250,000 included
+            (250_000, 0, 0),
+            // 750,000 overage × 800 µ$ = 600,000,000 µ$ = 60,000.00 ¢
+            (1_000_000, 0, 60_000),
+            // 750,007 overage: 600,000,000 + 7 × 500 = 600,003,500 µ$ = 60,000.35 ¢ → 60,000
+            (1_000_007, 0, 60_000),
+            // 750,010 overage: 600,000,000 + 10 × 500 = 600,005,000 µ$ = 60,000.5 ¢ → 60,001
+            (1_000_010, 0, 60_001),
+            // 1,000,001 overage: 600,000,000 + 250,001 × 500 = 725,000,500 µ$ → 72,500 ¢
+            (1_250_001, 0, 72_500),
+            // tokens past a block limit are never billed
+            (0, 9_000_000, 0),
+        ];
+        for (calls, tokens, cents) in cases {
+            let usage = BTreeMap::from([(API_CALLS.to_owned(), calls), ("tokens".into(), tokens)]);
+            let quote = plan.quote(&usage);
+            assert_eq!(quote.overage_cents, cents, "{calls} calls, {tokens} tokens");
+            assert_eq!(quote.total_cents, 9_900 + cents);
+            assert_eq!(quote.lines.len(), 2);
+            assert_eq!(quote.lines[0].overage_units, calls.saturating_sub(250_000));
+            assert_eq!(quote.lines[1].overage_units, 0);
+        }
+    }
+
+    #[test]
+    fn a_quote_has_a_line_for_a_meter_used_without_a_limit() {
+        let mut plan = growth();
+        plan.limits.truncate(1);
+        let usage = BTreeMap::from([("tokens".to_owned(), 42)]);
+        let quote = plan.quote(&usage);
+        assert_eq!(quote.lines.len(), 2);
+        assert_eq!(quote.lines[0].used, 0);
+        assert_eq!(quote.lines[1].meter, "tokens");
+        assert_eq!(quote.lines[1].used, 42);
+        assert_eq!(quote.lines[1].included, None);
+        assert_eq!(quote.overage_cents, 0);
+    }
+
+    #[test]
+    fn the_builtin_plans_are_the_plan_variables() {
+        let catalog = PlanCatalog::default();
+        let rates = PlanRateLimits {
+            pro: Some(RateLimit {
+                per_second: 10,
+                burst: 20,
+            }),
+            ..PlanRateLimits::default()
+        };
+        let free = PlanDefinition::builtin(Plan::Free, &catalog, &rates, None);
+        let pro = PlanDefinition::builtin(Plan::Pro, &catalog, &rates, Some("price_pro".into()));
+        let enterprise = PlanDefinition::builtin(Plan::Enterprise, &catalog, &rates, None);
+        for plan in [&free, &pro, &enterprise] {
+            assert_eq!(plan.validate(&[API_CALLS]), Ok(()), "{}", plan.key);
+            assert_eq!(plan.limits[0].alerts, vec![80, 100]);
+        }
+        assert_eq!(free.limits[0].included, Some(1_000));
+        assert_eq!(free.limits[0].over_limit, OverLimit::Block);
+        assert_eq!(free.limits[0].overage, None);
+        assert_eq!(pro.price_cents, 4_900);
+        assert_eq!(pro.burst, rates.pro);
+        assert_eq!(pro.stripe_price_id.as_deref(), Some("price_pro"));
+        assert_eq!(enterprise.limits[0].included, None);
+        // Pro's overage as before: 5,000 calls past 100,000 at $0.001 = $5.00
+        let usage = BTreeMap::from([(API_CALLS.to_owned(), 105_000)]);
+        assert_eq!(pro.quote(&usage).overage_cents, 500);
+        assert_eq!(
+            catalog.overage_calls(Plan::Pro, 105_000),
+            pro.limits[0].overage_units(105_000)
+        );
+        assert_eq!(enterprise.quote(&usage).overage_cents, 0);
+        assert_eq!(free.quote(&usage).overage_cents, 0);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_naming_the_field() {
+        type Edit = fn(&mut PlanDefinition);
+        let edits: Vec<(&str, Edit)> = vec![
+            ("key", |p| p.key = "Growth".into()),
+            ("key", |p| p.key = "total".into()),
+            ("key", |p| p.key = "x".repeat(41)),
+            ("key", |p| p.key = String::new()),
+            ("name", |p| p.name = String::new()),
+            ("name", |p| p.name = "a\nb".into()),
+            ("price_cents", |p| p.price_cents = -1),
+            ("currency", |p| p.currency = "US".into()),
+            ("stripe_price_id", |p| {
+                p.stripe_price_id = Some("price 1".into())
+            }),
+            ("burst", |p| {
+                p.burst = Some(RateLimit {
+                    per_second: 0,
+                    burst: 1,
+                })
+            }),
+            ("limits[1].meter", |p| p.limits[1].meter = "credits".into()),
+            ("limits[1].meter", |p| p.limits[1].meter = API_CALLS.into()),
+            ("limits[0].alerts[1]", |p| p.limits[0].alerts = vec![80, 80]),
+            ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![0]),
+            ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![1_001]),
+            ("limits[0].overage", |p| p.limits[0].overage = None),
+            ("limits[1].overage", |p| {
+                p.limits[1].overage = Some(OverageModel::PerUnit {
+                    unit_price_micros: 1,
+                })
+            }),
+            ("limits[0].overage.tiers[0].up_to", |p| {
+                p.limits[0].overage = Some(OverageModel::Graduated {
+                    tiers: vec![
+                        crate::pricing::PriceTier {
+                            up_to: None,
+                            unit_price_micros: 1,
+                        },
+                        crate::pricing::PriceTier {
+                            up_to: None,
+                            unit_price_micros: 1,
+                        },
+                    ],
+                })
+            }),
+        ];
+        for (field, edit) in edits {
+            let mut plan = growth();
+            edit(&mut plan);
+            let err = plan.validate(&METERS).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_misspelt_fields_are_refused() {
+        let typo = GROWTH.replace("\"price_cents\"", "\"price\"");
+        assert!(serde_json::from_str::<PlanDefinition>(&typo).is_err());
+        let bad_model = GROWTH.replace("graduated", "stepped");
+        assert!(serde_json::from_str::<PlanDefinition>(&bad_model).is_err());
+        let negative_units = GROWTH.replace("250000", "-5");
+        assert!(serde_json::from_str::<PlanDefinition>(&negative_units).is_err());
+    }
+}
