@@ -107,6 +107,46 @@ fn default_alerts() -> Vec<u32> {
     DEFAULT_ALERTS.to_vec()
 }
 
+/// How the users on earlier versions of a plan move to a new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanMove {
+    /// At the start of their next billing period (the default).
+    #[default]
+    NextPeriod,
+    /// At once.
+    Now,
+    /// Never: they keep the terms they have.
+    Keep,
+}
+
+impl PlanMove {
+    /// Every way, as the API names them.
+    pub const ALL: [PlanMove; 3] = [PlanMove::NextPeriod, PlanMove::Now, PlanMove::Keep];
+
+    /// The name as stored and shown (`next_period`, `now`, `keep`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanMove::NextPeriod => "next_period",
+            PlanMove::Now => "now",
+            PlanMove::Keep => "keep",
+        }
+    }
+
+    /// The way named `name`.
+    pub fn parse(name: &str) -> Result<Self, CatalogError> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == name)
+            .ok_or_else(|| {
+                CatalogError::new(
+                    "existing",
+                    format!("must be one of next_period, now, keep (got {name:?})"),
+                )
+            })
+    }
+}
+
 /// Whether `key` is a well-formed plan or meter key: `[a-z0-9_-]{1,40}`.
 pub fn is_valid_key(key: &str) -> bool {
     (1..=40).contains(&key.len())

@@ -1051,6 +1051,57 @@ pub trait SessionRepository: Send + Sync {
     async fn prune_sessions(&self, now: OffsetDateTime) -> Result<u64, RepoError>;
 }
 
+/// One stored version of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanVersion {
+    /// The terms; `key`, `version` and `archived` as stored (archiving is the plan's,
+    /// every version shows it).
+    pub plan: crate::catalog::PlanDefinition,
+    /// How users of earlier versions move to this one.
+    pub existing: crate::catalog::PlanMove,
+    /// When this version was made.
+    pub created_at: OffsetDateTime,
+}
+
+/// The plan catalog (`eco_plans`, `eco_plan_versions`). Small and read whole: services
+/// keep it in memory and read it again when it changes.
+#[async_trait]
+pub trait PlanRepository: Send + Sync {
+    /// Stores version 1 of each plan of `plans` whose key has no version yet, puts the
+    /// users of that key who hold no version on it, and returns the keys stored. A key that
+    /// has versions is left as it is: once the catalog exists, it is the truth.
+    async fn seed_plans(
+        &self,
+        plans: &[crate::catalog::PlanDefinition],
+        at: OffsetDateTime,
+    ) -> Result<Vec<String>, RepoError>;
+    /// Stores a new plan as version 1 (its `version` is ignored). `Conflict` (field `key`)
+    /// when the key is taken.
+    async fn create_plan(
+        &self,
+        plan: &crate::catalog::PlanDefinition,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError>;
+    /// Stores `plan`'s terms as the next version of its key (its `version` and `archived`
+    /// are ignored). `NotFound` for an unknown key.
+    async fn revise_plan(
+        &self,
+        plan: &crate::catalog::PlanDefinition,
+        existing: crate::catalog::PlanMove,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError>;
+    /// Archives the plan (or takes it back); returns its newest version. `NotFound` for
+    /// an unknown key.
+    async fn set_plan_archived(
+        &self,
+        key: &str,
+        archived: bool,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError>;
+    /// Every version of every plan, by key, then version.
+    async fn plan_versions(&self) -> Result<Vec<PlanVersion>, RepoError>;
+}
+
 /// Everything a backend provides: all repositories plus a health check.
 ///
 /// Services take the narrower traits (`Arc<dyn UserRepository>`); an `Arc<dyn Store>`
@@ -1065,6 +1116,7 @@ pub trait Store:
     + AdminRepository
     + QuotaCounterRepository
     + SessionRepository
+    + PlanRepository
     + Send
     + Sync
 {

@@ -17,6 +17,7 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
             "stripe_customer_id",
         ),
         ("eco_api_keys_pkey", "eco_api_keys.id", "API key", "id"),
+        ("eco_plans_pkey", "eco_plans.key", "plan", "key"),
         (
             "eco_api_keys_key_hash_key",
             "eco_api_keys.key_hash",
@@ -52,6 +53,8 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
 fn referenced_entity(constraint: &str) -> &'static str {
     if constraint.contains("api_key_id") {
         "API key"
+    } else if constraint.contains("plan") {
+        "plan"
     } else {
         "user"
     }

@@ -30,11 +30,12 @@ use usage_core::repo::{
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
+    PlanRepository, PlanVersion, RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
     UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
     UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
     plan_subscription_change,
 };
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
 };
@@ -49,10 +50,11 @@ use crate::common::{
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
-    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_stripe_events,
-    eco_usage_daily, eco_usage_records, eco_usage_retention, eco_users,
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_plan_versions,
+    eco_plans, eco_stripe_events, eco_usage_daily, eco_usage_records, eco_usage_retention,
+    eco_users,
 };
-use crate::types::{At, EventId, Id, Stamp, utc_text};
+use crate::types::{At, EventId, Id, Json, Stamp, utc_text};
 
 /// diesel errors to repository errors; `missing` names what a foreign key refers to.
 fn db(missing: &'static str) -> impl Fn(diesel::result::Error) -> RepoError {
@@ -2133,6 +2135,217 @@ impl This {
             .optional()
             .map_err(db("session"))?;
         Ok(row.map(|r| UserId::from_stored(r.user_id)))
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = eco_plan_versions, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct PlanVersionRow {
+    plan_key: String,
+    version: i32,
+    terms: String,
+    existing: String,
+    created_at: OffsetDateTime,
+}
+
+impl PlanVersionRow {
+    fn into_domain(self, archived_at: Option<OffsetDateTime>) -> Result<PlanVersion, RepoError> {
+        let unreadable = |what: String| {
+            RepoError::Backend(format!("plan {} version {}: {what}", self.plan_key, self.version))
+        };
+        let mut plan: PlanDefinition =
+            serde_json::from_str(&self.terms).map_err(|e| unreadable(e.to_string()))?;
+        plan.key = self.plan_key.clone();
+        plan.version = u32::try_from(self.version).map_err(|e| unreadable(e.to_string()))?;
+        plan.archived = archived_at.is_some();
+        Ok(PlanVersion {
+            existing: PlanMove::parse(&self.existing).map_err(|e| unreadable(e.to_string()))?,
+            plan,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// Stores `plan`'s terms as `version` of its key.
+async fn insert_plan_version(
+    conn: &mut Conn,
+    plan: &PlanDefinition,
+    version: u32,
+    existing: PlanMove,
+    at: OffsetDateTime,
+) -> Result<PlanVersion, BatchError> {
+    let stored = PlanDefinition {
+        version,
+        archived: false,
+        ..plan.clone()
+    };
+    let terms = serde_json::to_string(&stored)
+        .map_err(|e| BatchError::Repo(RepoError::Backend(e.to_string())))?;
+    diesel::insert_into(eco_plan_versions::table)
+        .values((
+            eco_plan_versions::plan_key.eq(&plan.key),
+            eco_plan_versions::version.eq(i32::try_from(version).unwrap_or(i32::MAX)),
+            eco_plan_versions::terms.eq(Json(&terms)),
+            eco_plan_versions::stripe_price_id.eq(&plan.stripe_price_id),
+            eco_plan_versions::existing.eq(existing.as_str()),
+            eco_plan_versions::created_at.eq(At(at)),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(PlanVersion {
+        plan: stored,
+        existing,
+        created_at: at,
+    })
+}
+
+/// The plan's row, locked for the transaction (SQLite: its one writer), and whether it is
+/// archived; `Missing` for an unknown key.
+async fn lock_plan(conn: &mut Conn, key: &str) -> Result<Option<OffsetDateTime>, BatchError> {
+    for_update!(
+        eco_plans::table
+            .find(key)
+            .select(eco_plans::archived_at)
+    )
+    .first(conn)
+    .await
+    .optional()?
+    .ok_or(BatchError::Missing("plan"))
+}
+
+/// The newest version number of `key` (0 when it has none).
+async fn newest_plan_version(conn: &mut Conn, key: &str) -> Result<u32, BatchError> {
+    let newest: Option<i32> = eco_plan_versions::table
+        .filter(eco_plan_versions::plan_key.eq(key))
+        .select(diesel::dsl::max(eco_plan_versions::version))
+        .first(conn)
+        .await?;
+    Ok(newest.map_or(0, |v| u32::try_from(v).unwrap_or(0)))
+}
+
+#[async_trait]
+impl PlanRepository for This {
+    async fn seed_plans(
+        &self,
+        plans: &[PlanDefinition],
+        at: OffsetDateTime,
+    ) -> Result<Vec<String>, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<Vec<String>, BatchError> {
+            let mut seeded = Vec::new();
+            for plan in plans {
+                diesel::insert_into(eco_plans::table)
+                    .values((
+                        eco_plans::key.eq(&plan.key),
+                        eco_plans::created_at.eq(At(at)),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                // Two instances starting at once: the second waits here, then sees the first's.
+                lock_plan(conn, &plan.key).await?;
+                if newest_plan_version(conn, &plan.key).await? > 0 {
+                    continue;
+                }
+                insert_plan_version(conn, plan, 1, PlanMove::NextPeriod, at).await?;
+                diesel::update(
+                    eco_users::table
+                        .filter(eco_users::plan.eq(&plan.key))
+                        .filter(eco_users::plan_version.is_null()),
+                )
+                .set(eco_users::plan_version.eq(1))
+                .execute(conn)
+                .await?;
+                seeded.push(plan.key.clone());
+            }
+            Ok(seeded)
+        })
+        .await
+        .map_err(|e| e.into_repo("plan"))
+    }
+
+    async fn create_plan(
+        &self,
+        plan: &PlanDefinition,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<PlanVersion, BatchError> {
+            diesel::insert_into(eco_plans::table)
+                .values((
+                    eco_plans::key.eq(&plan.key),
+                    eco_plans::created_at.eq(At(at)),
+                    eco_plans::archived_at.eq(plan.archived.then_some(At(at))),
+                ))
+                .execute(conn)
+                .await?;
+            let mut stored = insert_plan_version(conn, plan, 1, PlanMove::NextPeriod, at).await?;
+            stored.plan.archived = plan.archived;
+            Ok(stored)
+        })
+        .await
+        .map_err(|e| e.into_repo("plan"))
+    }
+
+    async fn revise_plan(
+        &self,
+        plan: &PlanDefinition,
+        existing: PlanMove,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<PlanVersion, BatchError> {
+            let archived_at = lock_plan(conn, &plan.key).await?;
+            let next = newest_plan_version(conn, &plan.key).await?.saturating_add(1);
+            let mut stored = insert_plan_version(conn, plan, next, existing, at).await?;
+            stored.plan.archived = archived_at.is_some();
+            Ok(stored)
+        })
+        .await
+        .map_err(|e| e.into_repo("plan"))
+    }
+
+    async fn set_plan_archived(
+        &self,
+        key: &str,
+        archived: bool,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<PlanVersion, BatchError> {
+            let archived_at = lock_plan(conn, key).await?;
+            // Archiving again keeps the first time.
+            let archived_at = if archived { archived_at.or(Some(at)) } else { None };
+            diesel::update(eco_plans::table.find(key))
+                .set(eco_plans::archived_at.eq(archived_at.map(At)))
+                .execute(conn)
+                .await?;
+            let newest = newest_plan_version(conn, key).await?;
+            eco_plan_versions::table
+                .filter(eco_plan_versions::plan_key.eq(key))
+                .filter(eco_plan_versions::version.eq(i32::try_from(newest).unwrap_or(0)))
+                .select(PlanVersionRow::as_select())
+                .first(conn)
+                .await?
+                .into_domain(archived_at)
+                .map_err(BatchError::Repo)
+        })
+        .await
+        .map_err(|e| e.into_repo("plan"))
+    }
+
+    async fn plan_versions(&self) -> Result<Vec<PlanVersion>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(PlanVersionRow, Option<OffsetDateTime>)> = eco_plan_versions::table
+            .inner_join(eco_plans::table)
+            .select((PlanVersionRow::as_select(), eco_plans::archived_at))
+            .order((eco_plan_versions::plan_key, eco_plan_versions::version))
+            .load(&mut *conn)
+            .await
+            .map_err(db("plan"))?;
+        rows.into_iter()
+            .map(|(row, archived_at)| row.into_domain(archived_at))
+            .collect()
     }
 }
 

@@ -15,6 +15,33 @@ diesel::table! {
         plan_changed_at -> Nullable<Stamp>,
         plan_subscription_id -> Nullable<Text>,
         blocked_at -> Nullable<Stamp>,
+        plan_version -> Nullable<Integer>,
+        overrides -> Nullable<JsonText>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_plans (key) {
+        key -> Text,
+        created_at -> Stamp,
+        archived_at -> Nullable<Stamp>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_plan_versions (plan_key, version) {
+        plan_key -> Text,
+        version -> Integer,
+        terms -> JsonText,
+        stripe_price_id -> Nullable<Text>,
+        existing -> Text,
+        created_at -> Stamp,
     }
 }
 
@@ -145,3 +172,5 @@ diesel::table! {
 // A key is read together with its user's plan (one lookup on the hot path).
 diesel::joinable!(eco_api_keys -> eco_users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(eco_api_keys, eco_users);
+diesel::joinable!(eco_plan_versions -> eco_plans (plan_key));
+diesel::allow_tables_to_appear_in_same_query!(eco_plan_versions, eco_plans);

@@ -131,6 +131,37 @@ impl FromSql<JsonText, Sqlite> for String {
     }
 }
 
+impl ToSql<JsonText, Pg> for str {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        use std::io::Write;
+        // jsonb's binary form: a version byte (1), then the document as text.
+        out.write_all(&[1])?;
+        out.write_all(self.as_bytes())?;
+        Ok(IsNull::No)
+    }
+}
+
+impl ToSql<JsonText, Sqlite> for str {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Sqlite>) -> serialize::Result {
+        out.set_value(self);
+        Ok(IsNull::No)
+    }
+}
+
+/// A JSON document in a query built with diesel's DSL (see [`At`]).
+#[derive(Debug, Clone, Copy, diesel::expression::AsExpression)]
+#[diesel(sql_type = JsonText)]
+pub(crate) struct Json<'a>(pub(crate) &'a str);
+
+impl<DB: diesel::backend::Backend> ToSql<JsonText, DB> for Json<'_>
+where
+    str: ToSql<JsonText, DB>,
+{
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, DB>) -> serialize::Result {
+        self.0.to_sql(out)
+    }
+}
+
 /// A time in a query built with diesel's DSL (`column.eq(At(t))`). Coherence forbids
 /// making `OffsetDateTime` itself an expression of [`Stamp`] (diesel could one day make it
 /// an expression of its own); binds and rows use `OffsetDateTime` directly.

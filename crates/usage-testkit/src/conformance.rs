@@ -26,6 +26,7 @@ use usage_core::repo::{
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
     UserSort,
 };
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Clock as _, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
 };
@@ -85,7 +86,11 @@ macro_rules! repository_conformance_tests {
             quota_concurrent_takes_stop_at_the_cap,
             sign_in_links_work_once_and_expire,
             daily_totals_follow_the_aggregation,
-            sessions_expire_end_and_are_pruned;
+            sessions_expire_end_and_are_pruned,
+            plans_are_seeded_once_from_the_built_in_terms,
+            plans_are_created_revised_and_archived,
+            plan_terms_read_back_as_written,
+            concurrent_plan_revisions_get_distinct_versions;
             late_writes_are_marked_by_the_store_clock,
         );
     };
@@ -2710,4 +2715,156 @@ pub async fn daily_totals_follow_the_aggregation(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The built-in plans as the default plan variables make them.
+fn builtin_plans() -> Vec<PlanDefinition> {
+    let catalog = PlanCatalog::default();
+    let rates = usage_core::rate::PlanRateLimits::default();
+    Plan::ALL
+        .into_iter()
+        .map(|p| PlanDefinition::builtin(p, &catalog, &rates, None))
+        .collect()
+}
+
+/// A custom plan with a graduated overage price and a second meter.
+fn growth_plan() -> PlanDefinition {
+    serde_json::from_value(serde_json::json!({
+        "key": "growth", "name": "Growth", "price_cents": 9900,
+        "stripe_price_id": "price_growth", "burst": {"per_second": 50, "burst": 100},
+        "limits": [
+          {"meter": "api_calls", "included": 250000, "over_limit": "overage",
+           "overage": {"model": "graduated",
+                       "tiers": [{"up_to": 750000, "unit_price_micros": 800},
+                                 {"up_to": null, "unit_price_micros": 500}]}},
+          {"meter": "tokens", "included": 5000000, "over_limit": "block", "alerts": [50, 90]}]
+    }))
+    .unwrap()
+}
+
+pub async fn plans_are_seeded_once_from_the_built_in_terms(store: Arc<dyn Store>) {
+    assert_eq!(store.plan_versions().await.unwrap(), vec![], "no terms before the first start");
+    let plans = builtin_plans();
+    let mut seeded = store.seed_plans(&plans, T0).await.unwrap();
+    seeded.sort();
+    assert_eq!(seeded, vec!["enterprise", "free", "pro"]);
+    // A second start with other variables changes nothing: the catalog is the truth.
+    let mut cheaper = plans.clone();
+    cheaper[1].price_cents = 1;
+    assert_eq!(
+        store.seed_plans(&cheaper, T0 + Duration::days(1)).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let stored = store.plan_versions().await.unwrap();
+    let keys: Vec<(&str, u32)> = stored
+        .iter()
+        .map(|v| (v.plan.key.as_str(), v.plan.version))
+        .collect();
+    assert_eq!(keys, vec![("enterprise", 1), ("free", 1), ("pro", 1)]);
+    let pro = stored.iter().find(|v| v.plan.key == "pro").unwrap();
+    assert_eq!(pro.plan, plans[1]);
+    assert_eq!(pro.created_at, T0);
+    assert_eq!(pro.existing, PlanMove::NextPeriod);
+    // Users of the built-in plans still work as before.
+    let u = user("seeded@example.com", Plan::Pro);
+    store.create_user(&u).await.unwrap();
+    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().plan, Plan::Pro);
+}
+
+pub async fn plans_are_created_revised_and_archived(store: Arc<dyn Store>) {
+    store.seed_plans(&builtin_plans(), T0).await.unwrap();
+    let growth = growth_plan();
+    let created = store.create_plan(&growth, T0).await.unwrap();
+    assert_eq!(created.plan, growth);
+    assert_eq!(created.plan.version, 1);
+    assert_eq!(
+        store.create_plan(&growth, T0).await.unwrap_err(),
+        RepoError::Conflict {
+            entity: "plan",
+            field: "key"
+        }
+    );
+    assert_eq!(
+        store.create_plan(&builtin_plans()[0], T0).await.unwrap_err(),
+        RepoError::Conflict {
+            entity: "plan",
+            field: "key"
+        },
+        "a built-in key is taken too"
+    );
+    // A revision is the next version, whatever version the caller wrote.
+    let mut dearer = growth.clone();
+    dearer.price_cents = 12_900;
+    dearer.version = 40;
+    let t1 = T0 + Duration::days(3);
+    let v2 = store.revise_plan(&dearer, PlanMove::Now, t1).await.unwrap();
+    assert_eq!(v2.plan.version, 2);
+    assert_eq!(v2.plan.price_cents, 12_900);
+    assert_eq!(v2.existing, PlanMove::Now);
+    assert_eq!(v2.created_at, t1);
+    let v3 = store.revise_plan(&growth, PlanMove::Keep, t1).await.unwrap();
+    assert_eq!(v3.plan.version, 3);
+    let mut unknown = growth.clone();
+    unknown.key = "scale".into();
+    assert_eq!(
+        store.revise_plan(&unknown, PlanMove::Now, t1).await.unwrap_err(),
+        RepoError::NotFound { entity: "plan" }
+    );
+    // Archiving is the plan's: every version shows it; taking it back clears it.
+    let archived = store.set_plan_archived("growth", true, t1).await.unwrap();
+    assert_eq!((archived.plan.version, archived.plan.archived), (3, true));
+    let versions: Vec<(u32, bool, i64)> = store
+        .plan_versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.plan.key == "growth")
+        .map(|v| (v.plan.version, v.plan.archived, v.plan.price_cents))
+        .collect();
+    assert_eq!(versions, vec![(1, true, 9_900), (2, true, 12_900), (3, true, 9_900)]);
+    let v4 = store.revise_plan(&growth, PlanMove::NextPeriod, t1).await.unwrap();
+    assert!(v4.plan.archived, "a revision of an archived plan is archived too");
+    let back = store.set_plan_archived("growth", false, t1).await.unwrap();
+    assert_eq!((back.plan.version, back.plan.archived), (4, false));
+    assert_eq!(
+        store.set_plan_archived("scale", true, t1).await.unwrap_err(),
+        RepoError::NotFound { entity: "plan" }
+    );
+}
+
+pub async fn plan_terms_read_back_as_written(store: Arc<dyn Store>) {
+    // Every field, including the largest numbers a plan may hold.
+    let mut plan = growth_plan();
+    plan.name = "Grüße \"quoted\" ✓".into();
+    plan.currency = "eur".into();
+    plan.public = false;
+    plan.stripe_price_id = None;
+    plan.burst = None;
+    plan.limits[0].included = Some(u64::MAX);
+    plan.limits[0].alerts = vec![1, 1_000];
+    plan.limits[0].overage = Some(usage_core::pricing::OverageModel::Package {
+        package_size: u64::MAX,
+        package_price_micros: i64::MAX,
+    });
+    plan.limits[1].included = None;
+    store.create_plan(&plan, T0).await.unwrap();
+    let stored = store.plan_versions().await.unwrap();
+    let read = stored.iter().find(|v| v.plan.key == "growth").unwrap();
+    assert_eq!(read.plan, plan);
+}
+
+pub async fn concurrent_plan_revisions_get_distinct_versions(store: Arc<dyn Store>) {
+    store.create_plan(&growth_plan(), T0).await.unwrap();
+    let revisions = (0..8).map(|i| {
+        let store = store.clone();
+        let mut plan = growth_plan();
+        plan.price_cents = i;
+        tokio::spawn(async move { store.revise_plan(&plan, PlanMove::Now, T0).await })
+    });
+    let mut versions: Vec<u32> = Vec::new();
+    for revision in revisions {
+        versions.push(revision.await.unwrap().unwrap().plan.version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=9).collect::<Vec<u32>>());
 }

@@ -12,12 +12,14 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
-    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, QuotaCounterRepository, QuotaDelta,
+    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion,
+    QuotaCounterRepository, QuotaDelta,
     QuotaTake, RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome,
     TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User,
     UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
     plan_key_issue, plan_subscription_change,
 };
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Clock, Plan, PlanCatalog, RepoError, Store, SystemClock, UsageEvent,
     UserId,
@@ -53,6 +55,8 @@ struct State {
     login_links: HashMap<String, (UserId, OffsetDateTime, bool)>,
     /// Deleted keys, numbered from 1 in the order of their deletion.
     deleted_keys: Vec<(i64, ApiKeyId)>,
+    /// The plan catalog: by key, when the plan was archived and its versions in order.
+    plans: BTreeMap<String, (Option<OffsetDateTime>, Vec<PlanVersion>)>,
 }
 
 impl State {
@@ -97,8 +101,17 @@ impl MemoryStore {
 
     /// An empty store reading `clock`.
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        // As the migrations leave a database: the built-in plans' keys, their terms to be
+        // seeded from the plan variables.
+        let plans = Plan::ALL
+            .into_iter()
+            .map(|p| (p.as_str().to_owned(), (None, Vec::new())))
+            .collect();
         Self {
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                plans,
+                ..State::default()
+            }),
             clock,
         }
     }
@@ -1423,5 +1436,111 @@ impl Store for MemoryStore {
 
     fn backend_name(&self) -> &'static str {
         "memory"
+    }
+}
+
+/// A new version of `plan` as the store keeps it.
+fn plan_version(
+    plan: &PlanDefinition,
+    version: u32,
+    existing: PlanMove,
+    at: OffsetDateTime,
+) -> PlanVersion {
+    PlanVersion {
+        plan: PlanDefinition {
+            version,
+            archived: false,
+            ..plan.clone()
+        },
+        existing,
+        created_at: at,
+    }
+}
+
+/// `version` with the plan's archiving.
+fn with_archived(mut version: PlanVersion, archived_at: Option<OffsetDateTime>) -> PlanVersion {
+    version.plan.archived = archived_at.is_some();
+    version
+}
+
+const PLAN_NOT_FOUND: RepoError = RepoError::NotFound { entity: "plan" };
+
+#[async_trait]
+impl PlanRepository for MemoryStore {
+    async fn seed_plans(
+        &self,
+        plans: &[PlanDefinition],
+        at: OffsetDateTime,
+    ) -> Result<Vec<String>, RepoError> {
+        let mut state = self.state();
+        let mut seeded = Vec::new();
+        for plan in plans {
+            let (_, versions) = state.plans.entry(plan.key.clone()).or_default();
+            if versions.is_empty() {
+                versions.push(plan_version(plan, 1, PlanMove::NextPeriod, at));
+                seeded.push(plan.key.clone());
+            }
+        }
+        Ok(seeded)
+    }
+
+    async fn create_plan(
+        &self,
+        plan: &PlanDefinition,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut state = self.state();
+        if state.plans.contains_key(&plan.key) {
+            return Err(RepoError::Conflict {
+                entity: "plan",
+                field: "key",
+            });
+        }
+        let archived_at = plan.archived.then_some(at);
+        let version = plan_version(plan, 1, PlanMove::NextPeriod, at);
+        state
+            .plans
+            .insert(plan.key.clone(), (archived_at, vec![version.clone()]));
+        Ok(with_archived(version, archived_at))
+    }
+
+    async fn revise_plan(
+        &self,
+        plan: &PlanDefinition,
+        existing: PlanMove,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut state = self.state();
+        let (archived_at, versions) = state.plans.get_mut(&plan.key).ok_or(PLAN_NOT_FOUND)?;
+        let next = versions.last().map_or(0, |v| v.plan.version).saturating_add(1);
+        let version = plan_version(plan, next, existing, at);
+        versions.push(version.clone());
+        Ok(with_archived(version, *archived_at))
+    }
+
+    async fn set_plan_archived(
+        &self,
+        key: &str,
+        archived: bool,
+        at: OffsetDateTime,
+    ) -> Result<PlanVersion, RepoError> {
+        let mut state = self.state();
+        let (archived_at, versions) = state.plans.get_mut(key).ok_or(PLAN_NOT_FOUND)?;
+        *archived_at = if archived { archived_at.or(Some(at)) } else { None };
+        let newest = versions.last().cloned().ok_or(PLAN_NOT_FOUND)?;
+        Ok(with_archived(newest, *archived_at))
+    }
+
+    async fn plan_versions(&self) -> Result<Vec<PlanVersion>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .plans
+            .values()
+            .flat_map(|(archived_at, versions)| {
+                versions
+                    .iter()
+                    .map(|v| with_archived(v.clone(), *archived_at))
+            })
+            .collect())
     }
 }
