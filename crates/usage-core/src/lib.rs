@@ -29,6 +29,7 @@ pub mod ids;
 pub mod money;
 pub mod period;
 pub mod plan;
+pub mod plans;
 pub mod pricing;
 pub mod quota;
 pub mod rate;
