@@ -61,6 +61,11 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u64).range(1..=usage_auth::jwt::MAX_TTL_SECS))]
     pub jwt_max_ttl_secs: u64,
 
+    /// The plan of new users and of cancelled subscriptions; it cannot be archived.
+    #[arg(long, env = "DEFAULT_PLAN", default_value = "free", global = true,
+          value_parser = parse_plan_key)]
+    pub default_plan: String,
+
     /// Monthly calls of the free plan.
     #[arg(long, env = "FREE_MONTHLY_CALLS", default_value_t = 1_000, global = true,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -388,6 +393,9 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage the plan catalog (a TOML file kept in git: see examples/catalog.toml).
+    #[command(subcommand)]
+    Plans(PlansCommand),
     /// Print a user JWT signed with the configured secret.
     Token(TokenArgs),
     /// Print a one-time dashboard sign-in URL for a user.
@@ -513,6 +521,25 @@ pub enum UsersCommand {
     },
 }
 
+/// `plans ...`
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// Print every plan's newest version: key, version, name, price, subscribers.
+    List,
+    /// Make the catalog what a TOML catalog file says: new plans are created, changed
+    /// terms make a new version (users move at their next period), `archived` is followed,
+    /// plans the file leaves out stay as they are. Prints what changed; idempotent.
+    Apply {
+        /// The catalog file.
+        file: std::path::PathBuf,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the catalog (every plan's newest version) as a TOML catalog file.
+    Export,
+}
+
 /// `keys ...`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -587,6 +614,14 @@ fn parse_public_url(raw: &str) -> Result<String, String> {
 fn parse_plan(s: &str) -> Result<Plan, String> {
     s.parse()
         .map_err(|e: usage_core::DomainError| e.to_string())
+}
+
+fn parse_plan_key(s: &str) -> Result<String, String> {
+    if usage_core::catalog::is_valid_key(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a plan key is 1 to 40 of a-z, 0-9, _ and -".to_owned())
+    }
 }
 
 fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {

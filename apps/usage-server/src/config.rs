@@ -34,6 +34,8 @@ pub struct Config {
     pub pool: PoolOptions,
     /// Plans and prices.
     pub plans: PlanCatalog,
+    /// `DEFAULT_PLAN`: the plan of new users and cancelled subscriptions.
+    pub default_plan: String,
     /// `BIND_ADDR`.
     pub bind: std::net::SocketAddr,
     /// `PUBLIC_URL`: where users reach this server (default `http://{BIND_ADDR}`).
@@ -112,6 +114,7 @@ impl Config {
                 },
                 ..PoolOptions::default()
             },
+            default_plan: options.default_plan.clone(),
             plans: PlanCatalog {
                 free: PlanTerms {
                     monthly_calls: Some(options.free_monthly_calls),
@@ -266,6 +269,26 @@ impl Config {
             clock,
             self.billing,
         ))
+    }
+
+    /// The built-in plans as the plan variables define them: the catalog's first terms.
+    pub fn builtin_plans(&self) -> Vec<usage_core::catalog::PlanDefinition> {
+        usage_core::Plan::ALL
+            .into_iter()
+            .map(|plan| {
+                let price = match plan {
+                    usage_core::Plan::Free => None,
+                    usage_core::Plan::Pro => self.stripe_prices.pro.clone(),
+                    usage_core::Plan::Enterprise => self.stripe_prices.enterprise.clone(),
+                };
+                usage_core::catalog::PlanDefinition::builtin(
+                    plan,
+                    &self.plans,
+                    &self.rate_limits,
+                    price,
+                )
+            })
+            .collect()
     }
 
     /// The clock: the system's, or the shifted one of `USAGE_CLOCK_START` (the store's).

@@ -18,6 +18,20 @@ pub enum ServerError {
     /// A user operation.
     #[error(transparent)]
     Account(#[from] AccountError),
+    /// A plan catalog operation.
+    #[error(transparent)]
+    Plan(#[from] usage_core::plans::PlanError),
+    /// A catalog file that cannot be read.
+    #[error("cannot read the catalog file {path}: {reason}")]
+    CatalogFile {
+        /// The file.
+        path: String,
+        /// Why (I/O, or the TOML's first error).
+        reason: String,
+    },
+    /// `DEFAULT_PLAN` names no plan of the catalog.
+    #[error("DEFAULT_PLAN is {0:?}, which is no plan of the catalog (see `usage-server plans list`)")]
+    UnknownDefaultPlan(String),
     /// A key or token operation.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -268,6 +282,25 @@ impl From<usage_analytics::AnalyticsError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message)
             }
             usage_analytics::AnalyticsError::Repo(e) => e.into(),
+        }
+    }
+}
+
+impl From<usage_core::plans::PlanError> for ApiError {
+    fn from(err: usage_core::plans::PlanError) -> Self {
+        use usage_core::plans::PlanError as E;
+        match err {
+            E::Invalid(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                err.to_string(),
+            ),
+            E::UnknownPlan(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string()),
+            E::KeyTaken(_) => ApiError::new(StatusCode::CONFLICT, "conflict", err.to_string()),
+            E::DefaultPlan(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "default_plan", err.to_string())
+            }
+            E::Repo(e) => e.into(),
         }
     }
 }

@@ -33,6 +33,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     if let Some(start) = config.clock_start {
         tracing::warn!(%start, "running on a shifted clock (USAGE_CLOCK_START)");
     }
+    let plans = crate::catalog::open(&config, store.clone(), clock.clone()).await?;
     if config.bench_discard_usage {
         tracing::warn!("--bench-discard-usage: recorded calls are DROPPED, not written");
     }
@@ -147,6 +148,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             clock_for_billing.clone(),
         ),
         admin_reports: admin_reports.clone(),
+        plans,
         clock: clock_for_billing,
         cron_secret: config.cron_secret.clone(),
         webhooks,

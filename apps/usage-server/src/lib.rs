@@ -4,11 +4,13 @@
 #![warn(missing_docs)]
 
 // Layers, each using only those above it: `state` and `api_types` (what handlers share),
-// `user_auth`, the API modules (`*_api`, `forward_auth`), `openapi` (the document of
+// `user_auth`, `admin_gate`, the API modules (`*_api`, `forward_auth`), `openapi` (the document of
 // their operations), `routes` (all of them), `jobs`, and `http` (the server).
 mod admin_api;
+mod admin_gate;
 mod api_types;
 mod body_deadline;
+mod catalog;
 pub mod cli;
 pub mod config;
 mod cron_api;
@@ -20,6 +22,7 @@ mod keys_api;
 mod metrics;
 mod observe;
 mod openapi;
+mod plans_api;
 mod ops_api;
 mod routes;
 mod state;
@@ -37,7 +40,7 @@ use usage_billing::RunMode;
 use usage_core::accounts::Accounts;
 use usage_core::{Clock, Store, SystemClock};
 
-use crate::cli::{Cli, Command, KeysCommand, UsersCommand};
+use crate::cli::{Cli, Command, KeysCommand, PlansCommand, UsersCommand};
 use crate::config::Config;
 pub use crate::error::{ApiError, ServerError};
 
@@ -232,6 +235,11 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             println!("{}/dashboard/login?token={token}", config.public_url);
             Ok(())
         }
+        Command::Plans(command) => {
+            let store = open_migrated(&config).await?;
+            let plans = catalog::open(&config, store, clock.clone()).await?;
+            plans_command(&plans, command).await
+        }
         Command::Token(args) => {
             let keys = config.jwt_keys()?;
             let store = open_migrated(&config).await?;
@@ -250,6 +258,66 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
 async fn open_migrated(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     usage_store::migrate(&config.database_url).await?;
     Ok(usage_store::open(&config.database_url, &config.pool).await?)
+}
+
+/// `plans list`, `plans apply`, `plans export`.
+async fn plans_command(
+    plans: &usage_core::plans::Plans,
+    command: PlansCommand,
+) -> Result<(), ServerError> {
+    use usage_core::catalog::CatalogFile;
+    use usage_core::plans::Change;
+    match command {
+        PlansCommand::List => {
+            for summary in plans.list().await? {
+                let plan = &summary.plan;
+                println!(
+                    "{}\tv{}\t{}\t{}.{:02} {}/month\t{} subscriber(s){}",
+                    plan.key,
+                    plan.version,
+                    plan.name,
+                    plan.price_cents / 100,
+                    plan.price_cents % 100,
+                    plan.currency,
+                    summary.subscribers,
+                    if plan.archived { "\tarchived" } else { "" }
+                );
+            }
+        }
+        PlansCommand::Export => {
+            let file = CatalogFile {
+                plans: plans.list().await?.into_iter().map(|s| s.plan).collect(),
+            };
+            let text = toml::to_string(&file).map_err(|e| {
+                ServerError::Output(std::io::Error::other(format!("cannot write TOML: {e}")))
+            })?;
+            print!("{text}");
+        }
+        PlansCommand::Apply { file, dry_run } => {
+            let unreadable = |reason: String| ServerError::CatalogFile {
+                path: file.display().to_string(),
+                reason,
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| unreadable(e.to_string()))?;
+            let catalog: CatalogFile =
+                toml::from_str(&text).map_err(|e| unreadable(e.to_string().trim().to_owned()))?;
+            for (key, change) in plans.apply(&catalog.plans, dry_run).await? {
+                let what = match (change, dry_run) {
+                    (Change::Created, false) => "created",
+                    (Change::Created, true) => "would create",
+                    (Change::Revised, false) => "revised (a new version; users move at their next period)",
+                    (Change::Revised, true) => "would revise (a new version; users move at their next period)",
+                    (Change::Archived, false) => "archived",
+                    (Change::Archived, true) => "would archive",
+                    (Change::Restored, false) => "restored",
+                    (Change::Restored, true) => "would restore",
+                    (Change::Unchanged, _) => "unchanged",
+                };
+                println!("{key}\t{what}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Streams `user`'s calls to stdout; a reader that goes away (`| head`) ends it quietly.

@@ -26,6 +26,7 @@ pub(crate) struct AppState {
     pub admins: usage_auth::admin::AdminList,
     pub admin_rate: RateLimiter,
     pub admin_reports: usage_analytics::admin::AdminReports,
+    pub plans: usage_core::plans::Plans,
     pub clock: Arc<dyn usage_core::Clock>,
     pub cron_secret: Option<usage_auth::secret::SharedSecret>,
     /// Stripe's webhook, when `STRIPE_WEBHOOK_SECRET` is set.

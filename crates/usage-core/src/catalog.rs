@@ -43,21 +43,28 @@ impl CatalogError {
 /// One version of a plan: what subscribers pay and what they may use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanDefinition {
     /// `[a-z0-9_-]{1,40}`, never changes; what users' `plan` fields hold.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,40}$"))]
     pub key: String,
     /// The name shown to customers.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 100, pattern = "^[^\\u0000-\\u001F\\u007F]+$"))]
     pub name: String,
     /// 1 for a new plan; each edit makes the next.
     #[serde(default = "first_version")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, read_only))]
     pub version: u32,
     /// The monthly subscription price (billed by Stripe's subscription, not by us).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub price_cents: i64,
     /// ISO 4217 code, lower case.
     #[serde(default = "usd")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z]{3}$"))]
     pub currency: String,
     /// The Stripe price that sells this plan; subscription events map it back.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_]{1,255}$"))]
     pub stripe_price_id: Option<String>,
     /// Offered to customers (upgrade suggestions name public plans only).
     #[serde(default = "yes")]
@@ -73,13 +80,25 @@ pub struct PlanDefinition {
     pub limits: Vec<MeterLimit>,
 }
 
+/// A catalog file (`plans apply`, `plans export`): the plans an operator keeps in git.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogFile {
+    /// The plans, each as the admin API takes it.
+    #[serde(default)]
+    pub plans: Vec<PlanDefinition>,
+}
+
 /// A plan's limit on one meter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeterLimit {
     /// The meter's key (`api_calls`, or one the operator defined).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,40}$"))]
     pub meter: String,
     /// Units included per billing period; `None` is unlimited.
+    #[cfg_attr(feature = "openapi", schema(maximum = 9007199254740991_i64))]
     pub included: Option<u64>,
     /// What happens past `included`.
     pub over_limit: OverLimit,
@@ -110,6 +129,7 @@ fn default_alerts() -> Vec<u32> {
 /// How the users on earlier versions of a plan move to a new version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PlanMove {
     /// At the start of their next billing period (the default).
     #[default]
@@ -237,6 +257,34 @@ impl PlanDefinition {
         self.limits.iter().find(|l| l.meter == meter)
     }
 
+    /// The fields the plan variables set (`price_cents`, `stripe_price_id`, `burst`, and
+    /// `api_calls`' `included` and `overage`) that differ between this plan and `builtin`,
+    /// as [`PlanDefinition::builtin`] makes it: what to warn an operator of whose
+    /// variables no longer describe the catalog.
+    pub fn variable_differences(&self, builtin: &PlanDefinition) -> Vec<&'static str> {
+        let calls = |p: &PlanDefinition| {
+            p.limit(API_CALLS)
+                .map(|l| (l.included, l.over_limit, l.overage.clone()))
+        };
+        let (mine, theirs) = (calls(self), calls(builtin));
+        [
+            ("price_cents", self.price_cents != builtin.price_cents),
+            ("stripe_price_id", self.stripe_price_id != builtin.stripe_price_id),
+            ("burst", self.burst != builtin.burst),
+            (
+                "included",
+                mine.as_ref().map(|c| c.0) != theirs.as_ref().map(|c| c.0),
+            ),
+            (
+                "overage",
+                mine.map(|c| (c.1, c.2)) != theirs.map(|c| (c.1, c.2)),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, differs)| differs.then_some(field))
+        .collect()
+    }
+
     /// A built-in plan as the plan variables define it: the catalog a new installation
     /// starts with, so that an upgrade changes nothing.
     pub fn builtin(
@@ -301,8 +349,20 @@ impl PlanDefinition {
     }
 }
 
+/// The largest unit count a catalog holds: counters are signed 64-bit in the databases
+/// (and in TOML).
+pub const MAX_UNITS: u64 = i64::MAX as u64;
+
 impl MeterLimit {
     fn validate(&self, at: &str) -> Result<(), CatalogError> {
+        if let Some(included) = self.included
+            && included > MAX_UNITS
+        {
+            return Err(CatalogError::new(
+                format!("{at}.included"),
+                format!("must be at most {MAX_UNITS}, or null for unlimited (got {included})"),
+            ));
+        }
         let mut below = 0;
         for (i, &alert) in self.alerts.iter().enumerate() {
             if alert <= below || alert > 1_000 {
@@ -362,6 +422,7 @@ impl MeterLimit {
 
 /// What a period's usage costs under a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Quote {
     /// The plan's key.
     pub plan: String,
@@ -379,6 +440,7 @@ pub struct Quote {
 
 /// One meter's line of a [`Quote`]: one invoice item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QuoteLine {
     /// The meter's key.
     pub meter: String,
@@ -532,6 +594,34 @@ mod tests {
     }
 
     #[test]
+    fn differences_name_the_fields_the_variables_set() {
+        let catalog = PlanCatalog::default();
+        let rates = PlanRateLimits::default();
+        let pro = PlanDefinition::builtin(Plan::Pro, &catalog, &rates, None);
+        let mut stored = pro.clone();
+        stored.name = "Professional".into();
+        stored.version = 4;
+        stored.limits[0].alerts = vec![90];
+        assert_eq!(stored.variable_differences(&pro), Vec::<&str>::new());
+        stored.price_cents += 1;
+        stored.limits[0].included = Some(5);
+        stored.burst = Some(RateLimit {
+            per_second: 1,
+            burst: 1,
+        });
+        assert_eq!(
+            stored.variable_differences(&pro),
+            vec!["price_cents", "burst", "included"]
+        );
+        stored.limits.clear();
+        stored.stripe_price_id = Some("price_x".into());
+        assert_eq!(
+            stored.variable_differences(&pro),
+            vec!["price_cents", "stripe_price_id", "burst", "included", "overage"]
+        );
+    }
+
+    #[test]
     fn bad_plans_are_refused_naming_the_field() {
         type Edit = fn(&mut PlanDefinition);
         let edits: Vec<(&str, Edit)> = vec![
@@ -555,6 +645,7 @@ mod tests {
             ("limits[1].meter", |p| p.limits[1].meter = "credits".into()),
             ("limits[1].meter", |p| p.limits[1].meter = API_CALLS.into()),
             ("limits[0].alerts[1]", |p| p.limits[0].alerts = vec![80, 80]),
+            ("limits[0].included", |p| p.limits[0].included = Some(MAX_UNITS + 1)),
             ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![0]),
             ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![1_001]),
             ("limits[0].overage", |p| p.limits[0].overage = None),

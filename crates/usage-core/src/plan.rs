@@ -54,6 +54,7 @@ impl FromStr for Plan {
 /// What happens to calls past a plan's monthly limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OverLimit {
     /// Rejected with 429; not counted.
     Block,

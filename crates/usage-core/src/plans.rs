@@ -67,6 +67,7 @@ pub struct VersionEntry {
 /// What applying a catalog did (or, dry, would do) to one plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Change {
     /// A new plan.
     Created,
@@ -311,4 +312,92 @@ pub fn same_terms(a: &PlanDefinition, b: &PlanDefinition) -> bool {
         ..p.clone()
     };
     bare(a) == bare(b)
+}
+
+/// The schemas of the answers that put a plan's fields beside others (`subscribers`,
+/// `versions`): the plan's own schema refuses unknown fields (a misspelt field in a request
+/// is an error), which an `allOf` of it would carry over to these answers.
+#[cfg(feature = "openapi")]
+mod schemas {
+    use utoipa::openapi::schema::{ArrayBuilder, Schema};
+    use utoipa::openapi::{Ref, RefOr};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::{PlanDefinition, PlanDetail, PlanSummary, VersionEntry};
+    use crate::catalog::PlanMove;
+
+    /// The plan's schema open to more properties, with `extra` added and required.
+    fn plan_with(extra: Vec<(&str, RefOr<Schema>)>) -> RefOr<Schema> {
+        let mut schema = <PlanDefinition as PartialSchema>::schema();
+        if let RefOr::T(Schema::Object(object)) = &mut schema {
+            object.additional_properties = None;
+            for (name, property) in extra {
+                object.properties.insert(name.to_owned(), property);
+                object.required.push(name.to_owned());
+            }
+        }
+        schema
+    }
+
+    /// An RFC 3339 time.
+    fn date_time() -> RefOr<Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+            .into()
+    }
+
+    fn named<T: ToSchema>() -> RefOr<Schema> {
+        RefOr::Ref(Ref::from_schema_name(T::name()))
+    }
+
+    fn push<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((T::name().into_owned(), T::schema()));
+        T::schemas(schemas);
+    }
+
+    impl PartialSchema for PlanSummary {
+        fn schema() -> RefOr<Schema> {
+            plan_with(vec![("subscribers", u64::schema())])
+        }
+    }
+
+    impl ToSchema for PlanSummary {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            PlanDefinition::schemas(schemas);
+        }
+    }
+
+    impl PartialSchema for VersionEntry {
+        fn schema() -> RefOr<Schema> {
+            plan_with(vec![
+                ("existing", named::<PlanMove>()),
+                ("created_at", date_time()),
+            ])
+        }
+    }
+
+    impl ToSchema for VersionEntry {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            PlanDefinition::schemas(schemas);
+            push::<PlanMove>(schemas);
+        }
+    }
+
+    impl PartialSchema for PlanDetail {
+        fn schema() -> RefOr<Schema> {
+            let versions = ArrayBuilder::new().items(named::<VersionEntry>()).build();
+            plan_with(vec![
+                ("subscribers", u64::schema()),
+                ("versions", RefOr::T(Schema::Array(versions))),
+            ])
+        }
+    }
+
+    impl ToSchema for PlanDetail {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            push::<VersionEntry>(schemas);
+        }
+    }
 }

@@ -9,22 +9,26 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::CatalogError;
+use crate::catalog::{CatalogError, MAX_UNITS};
 
 /// How the units past a limit's included amount are priced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "model", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OverageModel {
     /// Every unit at one price.
     PerUnit {
         /// Price of one unit.
+#[cfg_attr(feature = "openapi", schema(minimum = 0))]
         unit_price_micros: i64,
     },
     /// Whole packages of `package_size` units, the last one rounded up.
     Package {
         /// Units in a package (at least 1).
+#[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9007199254740991_i64))]
         package_size: u64,
         /// Price of one package.
+#[cfg_attr(feature = "openapi", schema(minimum = 0))]
         package_price_micros: i64,
     },
     /// Each unit at the price of the tier it falls in.
@@ -42,10 +46,13 @@ pub enum OverageModel {
 /// One tier of a graduated or volume price.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PriceTier {
     /// The last overage unit of this tier (inclusive); `None` for the open last tier.
+#[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9007199254740991_i64))]
     pub up_to: Option<u64>,
     /// Price of one unit in this tier.
+#[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub unit_price_micros: i64,
 }
 
@@ -61,6 +68,7 @@ pub struct OveragePrice {
 
 /// One line of an [`OveragePrice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PriceLine {
     /// The tier's `up_to` (`None` for the open tier, and for the per-unit and package models).
     pub up_to: Option<u64>,
@@ -180,10 +188,10 @@ impl OverageModel {
                 package_size,
                 package_price_micros,
             } => {
-                if *package_size == 0 {
+                if *package_size == 0 || *package_size > MAX_UNITS {
                     return Err(CatalogError::new(
                         format!("{field}.package_size"),
-                        "must be 1 or more units (got 0)",
+                        format!("must be from 1 to {MAX_UNITS} units (got {package_size})"),
                     ));
                 }
                 price("package_price_micros", *package_price_micros)
@@ -218,6 +226,12 @@ impl OverageModel {
                             ));
                         }
                         (Some(up_to), false) => {
+                            if up_to > MAX_UNITS {
+                                return Err(CatalogError::new(
+                                    format!("{at}.up_to"),
+                                    format!("must be at most {MAX_UNITS} (got {up_to})"),
+                                ));
+                            }
                             if up_to == 0 || below.is_some_and(|b| up_to <= b) {
                                 return Err(CatalogError::new(
                                     format!("{at}.up_to"),
@@ -449,6 +463,19 @@ mod tests {
                     package_price_micros: -5,
                 },
                 "overage.package_price_micros",
+            ),
+            (
+                OverageModel::Package {
+                    package_size: MAX_UNITS + 1,
+                    package_price_micros: 1,
+                },
+                "overage.package_size",
+            ),
+            (
+                OverageModel::Graduated {
+                    tiers: tiers(&[(Some(MAX_UNITS + 1), 1), (None, 1)]),
+                },
+                "overage.tiers[0].up_to",
             ),
             (OverageModel::Volume { tiers: vec![] }, "overage.tiers"),
             (

@@ -10,10 +10,13 @@ use crate::{Clock, Plan, UserId};
 /// A rate: `per_second` requests sustained, up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Sustained requests per second (at least 1).
+#[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub per_second: u32,
     /// Requests allowed at once after a quiet period (at least 1).
+#[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub burst: u32,
 }
 

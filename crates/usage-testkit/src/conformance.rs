@@ -2486,8 +2486,9 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
             vec!["ada@example.com".to_owned(), "dan_x@example.com".to_owned()]
         )
     );
-    // Search: case-insensitive, on email or id, and literal (no wildcards).
-    let (total, rows) = run(page(UserSort::Email, false, None, Some("DAN"), 0, 10)).await;
+    // Search: case-insensitive, on email or id, and literal (no wildcards). "DAN_X" cannot
+    // be part of a random base62 id (plain "DAN" was, now and then).
+    let (total, rows) = run(page(UserSort::Email, false, None, Some("DAN_X"), 0, 10)).await;
     assert_eq!(
         (total, emails(&rows)),
         (1, vec!["dan_x@example.com".to_owned()])
@@ -2840,10 +2841,10 @@ pub async fn plan_terms_read_back_as_written(store: Arc<dyn Store>) {
     plan.public = false;
     plan.stripe_price_id = None;
     plan.burst = None;
-    plan.limits[0].included = Some(u64::MAX);
+    plan.limits[0].included = Some(usage_core::catalog::MAX_UNITS);
     plan.limits[0].alerts = vec![1, 1_000];
     plan.limits[0].overage = Some(usage_core::pricing::OverageModel::Package {
-        package_size: u64::MAX,
+        package_size: usage_core::catalog::MAX_UNITS,
         package_price_micros: i64::MAX,
     });
     plan.limits[1].included = None;

@@ -53,6 +53,7 @@ const OUR_VARS: &[&str] = &[
     "JWT_ISSUER",
     "BIND_ADDR",
     "RUST_LOG",
+    "DEFAULT_PLAN",
     "FREE_MONTHLY_CALLS",
     "PRO_MONTHLY_CALLS",
     "USAGE_CLOCK_START",
