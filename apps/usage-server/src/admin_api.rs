@@ -57,7 +57,6 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
     );
 }
 
-
 /// Largest `PATCH` body.
 const MAX_PATCH_BYTES: usize = 16 * 1024;
 
@@ -118,7 +117,6 @@ pub(crate) async fn update_user(
     })
     .await
 }
-
 
 /// Users per plan, MRR, overage revenue, calls today and this month, top users.
 #[utoipa::path(get, path = "/api/admin/analytics/overview", tag = "admin",

@@ -136,6 +136,9 @@ pub(crate) fn not_allowed(allow: String) -> actix_web::Route {
     })
 }
 
-pub(crate) async fn unknown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn unknown(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     admin_call(&req, &state, |_| async { Err(ApiError::not_found()) }).await
 }

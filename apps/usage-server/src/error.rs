@@ -30,7 +30,9 @@ pub enum ServerError {
         reason: String,
     },
     /// `DEFAULT_PLAN` names no plan of the catalog.
-    #[error("DEFAULT_PLAN is {0:?}, which is no plan of the catalog (see `usage-server plans list`)")]
+    #[error(
+        "DEFAULT_PLAN is {0:?}, which is no plan of the catalog (see `usage-server plans list`)"
+    )]
     UnknownDefaultPlan(String),
     /// A key or token operation.
     #[error(transparent)]

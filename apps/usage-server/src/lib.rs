@@ -22,8 +22,8 @@ mod keys_api;
 mod metrics;
 mod observe;
 mod openapi;
-mod plans_api;
 mod ops_api;
+mod plans_api;
 mod routes;
 mod state;
 pub mod telemetry;
@@ -305,8 +305,12 @@ async fn plans_command(
                 let what = match (change, dry_run) {
                     (Change::Created, false) => "created",
                     (Change::Created, true) => "would create",
-                    (Change::Revised, false) => "revised (a new version; users move at their next period)",
-                    (Change::Revised, true) => "would revise (a new version; users move at their next period)",
+                    (Change::Revised, false) => {
+                        "revised (a new version; users move at their next period)"
+                    }
+                    (Change::Revised, true) => {
+                        "would revise (a new version; users move at their next period)"
+                    }
                     (Change::Archived, false) => "archived",
                     (Change::Archived, true) => "would archive",
                     (Change::Restored, false) => "restored",

@@ -27,7 +27,10 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
     let archive_path = registry.path_in::<__path_archive>(scope);
     let quote_path = registry.path_in::<__path_quote>(scope);
     // Noted outside an assertion: in a release build `debug_assert!` does not run.
-    debug_assert_eq!(plans_path, created_path, "GET and POST share their resource");
+    debug_assert_eq!(
+        plans_path, created_path,
+        "GET and POST share their resource"
+    );
     debug_assert_eq!(plan_path, revised_path, "GET and PUT share their resource");
     let allow = |path: &str| registry.allow(&format!("{scope}{path}"));
     cfg.service(
@@ -222,9 +225,7 @@ pub(crate) async fn revise(
         terms.remove("version");
         terms.insert("key".into(), serde_json::Value::String(key));
         let plan: PlanDefinition = parse_json(&serde_json::to_vec(&terms).unwrap_or_default())?;
-        let revised = plans
-            .revise(&plan, existing.unwrap_or_default())
-            .await?;
+        let revised = plans.revise(&plan, existing.unwrap_or_default()).await?;
         Ok(HttpResponse::Ok().json(revised.plan))
     })
     .await

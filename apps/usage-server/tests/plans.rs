@@ -19,7 +19,11 @@ fn token(user: &str) -> String {
         issuer: None,
     })
     .unwrap()
-    .mint(&UserId::parse(user).unwrap(), 600, OffsetDateTime::now_utc())
+    .mint(
+        &UserId::parse(user).unwrap(),
+        600,
+        OffsetDateTime::now_utc(),
+    )
     .unwrap()
 }
 
@@ -69,8 +73,22 @@ impl Admin {
 }
 
 async fn admin_server(db: &Db) -> Admin {
-    let admin = db.create(&["users", "create", "--email", "admin@example.com", "--plan", "pro"]);
-    let other = db.create(&["users", "create", "--email", "o@example.com", "--plan", "free"]);
+    let admin = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "admin@example.com",
+        "--plan",
+        "pro",
+    ]);
+    let other = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "o@example.com",
+        "--plan",
+        "free",
+    ]);
     let server = db.start(&[
         ("ADMIN_ECO_IDS", admin.as_str()),
         ("ADMIN_RATE_LIMIT_PER_SEC", "1000"),
@@ -110,28 +128,45 @@ async fn plans_are_created_revised_archived_and_quoted(backend: Backend) {
     let pro = &list[2];
     assert_eq!(pro["price_cents"], 4900);
     assert_eq!(pro["limits"][0]["included"], 100_000);
-    assert_eq!(pro["limits"][0]["overage"], json!({"model": "per_unit", "unit_price_micros": 1000}));
+    assert_eq!(
+        pro["limits"][0]["overage"],
+        json!({"model": "per_unit", "unit_price_micros": 1000})
+    );
 
     let (status, created) = a.send("POST", "/api/admin/plans", Some(growth())).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["version"], 1);
     assert_eq!(created["archived"], false);
-    assert_eq!(created["limits"][0]["overage"]["tiers"][1]["up_to"], Value::Null);
+    assert_eq!(
+        created["limits"][0]["overage"]["tiers"][1]["up_to"],
+        Value::Null
+    );
     let (status, again) = a.send("POST", "/api/admin/plans", Some(growth())).await;
-    assert_eq!((status, again["error"].as_str()), (409, Some("conflict")), "{again}");
+    assert_eq!(
+        (status, again["error"].as_str()),
+        (409, Some("conflict")),
+        "{again}"
+    );
 
     // A new version: the whole plan without key and version, and how users move.
     let mut terms = growth();
     terms.as_object_mut().unwrap().remove("key");
     terms["price_cents"] = json!(12900);
     terms["existing"] = json!("now");
-    let (status, v2) = a.send("PUT", "/api/admin/plans/growth", Some(terms.clone())).await;
+    let (status, v2) = a
+        .send("PUT", "/api/admin/plans/growth", Some(terms.clone()))
+        .await;
     assert_eq!(status, 200, "{v2}");
-    assert_eq!((v2["version"].as_u64(), v2["price_cents"].as_i64()), (Some(2), Some(12900)));
+    assert_eq!(
+        (v2["version"].as_u64(), v2["price_cents"].as_i64()),
+        (Some(2), Some(12900))
+    );
     terms.as_object_mut().unwrap().remove("existing");
     terms["key"] = json!("growth");
     terms["version"] = json!(7);
-    let (status, v3) = a.send("PUT", "/api/admin/plans/growth", Some(terms.clone())).await;
+    let (status, v3) = a
+        .send("PUT", "/api/admin/plans/growth", Some(terms.clone()))
+        .await;
     assert_eq!((status, v3["version"].as_u64()), (200, Some(3)), "{v3}");
     let (status, detail) = a.send("GET", "/api/admin/plans/growth", None).await;
     assert_eq!(status, 200, "{detail}");
@@ -170,10 +205,20 @@ async fn plans_are_created_revised_archived_and_quoted(backend: Backend) {
     assert_eq!(quote["overage_cents"], 60_001);
     assert_eq!(quote["total_cents"], 12_900 + 60_001);
 
-    let (status, archived) = a.send("POST", "/api/admin/plans/growth/archive", None).await;
-    assert_eq!((status, archived["archived"].as_bool()), (200, Some(true)), "{archived}");
+    let (status, archived) = a
+        .send("POST", "/api/admin/plans/growth/archive", None)
+        .await;
+    assert_eq!(
+        (status, archived["archived"].as_bool()),
+        (200, Some(true)),
+        "{archived}"
+    );
     let (status, refused) = a.send("POST", "/api/admin/plans/free/archive", None).await;
-    assert_eq!((status, refused["error"].as_str()), (400, Some("default_plan")), "{refused}");
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (400, Some("default_plan")),
+        "{refused}"
+    );
     let (status, _) = a.send("GET", "/api/admin/plans/scale", None).await;
     assert_eq!(status, 404);
     let (status, _) = a.send("POST", "/api/admin/plans/scale/archive", None).await;
@@ -184,7 +229,9 @@ async fn plans_are_created_revised_archived_and_quoted(backend: Backend) {
     // Only admins, and every change is in the audit log.
     let (status, _) = a.send_as(&a.other, "GET", "/api/admin/plans", None).await;
     assert_eq!(status, 403);
-    let (status, _) = a.send_as(&a.other, "POST", "/api/admin/plans", Some(growth())).await;
+    let (status, _) = a
+        .send_as(&a.other, "POST", "/api/admin/plans", Some(growth()))
+        .await;
     assert_eq!(status, 403);
     let (status, audit) = a.send("GET", "/api/admin/audit?limit=100", None).await;
     assert_eq!(status, 200, "{audit}");
@@ -231,7 +278,10 @@ async fn bad_catalogs_are_refused_naming_the_field(backend: Backend) {
         plan
     };
     let cases: Vec<(Value, &str)> = vec![
-        (edit(|p| p["limits"][0]["meter"] = json!("tokens")), "limits[0].meter"),
+        (
+            edit(|p| p["limits"][0]["meter"] = json!("tokens")),
+            "limits[0].meter",
+        ),
         (
             edit(|p| {
                 p["limits"][0]["overage"]["tiers"] = json!([
@@ -252,13 +302,22 @@ async fn bad_catalogs_are_refused_naming_the_field(backend: Backend) {
         ),
         (edit(|p| p["key"] = json!("Growth!")), "key"),
         (edit(|p| p["key"] = json!("total")), "key"),
-        (edit(|p| p["limits"][0]["included"] = json!("many")), "limits[0].included"),
-        (edit(|p| p["limits"][0]["included"] = json!(-1)), "limits[0].included"),
+        (
+            edit(|p| p["limits"][0]["included"] = json!("many")),
+            "limits[0].included",
+        ),
+        (
+            edit(|p| p["limits"][0]["included"] = json!(-1)),
+            "limits[0].included",
+        ),
         (
             edit(|p| p["limits"][0]["overage"]["model"] = json!("stepped")),
             "limits[0].overage",
         ),
-        (edit(|p| p["burst"] = json!({"per_second": 0, "burst": 1})), "burst"),
+        (
+            edit(|p| p["burst"] = json!({"per_second": 0, "burst": 1})),
+            "burst",
+        ),
         (edit(|p| p["price"] = json!(1)), "price"),
     ];
     for (plan, field) in cases {
@@ -270,22 +329,47 @@ async fn bad_catalogs_are_refused_naming_the_field(backend: Backend) {
         assert!(!message.to_lowercase().contains("sql"), "{message}");
     }
     let (status, body) = a
-        .send("PUT", "/api/admin/plans/pro", Some(json!({"key": "free", "name": "x", "price_cents": 0})))
+        .send(
+            "PUT",
+            "/api/admin/plans/pro",
+            Some(json!({"key": "free", "name": "x", "price_cents": 0})),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().starts_with("key"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("key"),
+        "{body}"
+    );
     let (status, body) = a
-        .send("PUT", "/api/admin/plans/pro", Some(json!({"name": "x", "price_cents": 0, "existing": "later"})))
+        .send(
+            "PUT",
+            "/api/admin/plans/pro",
+            Some(json!({"name": "x", "price_cents": 0, "existing": "later"})),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().starts_with("existing"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("existing"),
+        "{body}"
+    );
     let (status, body) = a
-        .send("POST", "/api/admin/plans/pro/quote", Some(json!({"usage": {"tokens": 5}})))
+        .send(
+            "POST",
+            "/api/admin/plans/pro/quote",
+            Some(json!({"usage": {"tokens": 5}})),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("usage.tokens"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("usage.tokens"),
+        "{body}"
+    );
     let (status, body) = a
-        .send("POST", "/api/admin/plans/pro/quote", Some(json!({"usage": {"api_calls": -5}})))
+        .send(
+            "POST",
+            "/api/admin/plans/pro/quote",
+            Some(json!({"usage": {"api_calls": -5}})),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
     let res = a
@@ -319,17 +403,31 @@ async fn the_catalog_file_is_applied_exported_and_applied_again(backend: Backend
     let dry = run(&["plans", "apply", example, "--dry-run"]);
     assert_eq!(
         dry.lines().collect::<Vec<_>>(),
-        vec!["free\tunchanged", "pro\tunchanged", "enterprise\tunchanged", "growth\twould create"],
+        vec![
+            "free\tunchanged",
+            "pro\tunchanged",
+            "enterprise\tunchanged",
+            "growth\twould create"
+        ],
         "the example's built-in plans are the default variables' exactly"
     );
-    assert!(!run(&["plans", "list"]).contains("growth"), "a dry run writes nothing");
+    assert!(
+        !run(&["plans", "list"]).contains("growth"),
+        "a dry run writes nothing"
+    );
     assert!(run(&["plans", "apply", example]).contains("growth\tcreated"));
     let list = run(&["plans", "list"]);
-    assert!(list.contains("growth\tv1\tGrowth\t99.00 usd/month\t0 subscriber(s)"), "{list}");
+    assert!(
+        list.contains("growth\tv1\tGrowth\t99.00 usd/month\t0 subscriber(s)"),
+        "{list}"
+    );
     let exported = run(&["plans", "export"]);
     let file = db.dir.0.join("exported.toml");
-    std::fs::write(&file, exported.replace("price_cents = 9900", "price_cents = 8900"))
-        .unwrap();
+    std::fs::write(
+        &file,
+        exported.replace("price_cents = 9900", "price_cents = 8900"),
+    )
+    .unwrap();
     let applied = run(&["plans", "apply", file.to_str().unwrap()]);
     assert!(applied.contains("growth\trevised"), "{applied}");
     assert!(applied.contains("pro\tunchanged"), "{applied}");
@@ -338,7 +436,11 @@ async fn the_catalog_file_is_applied_exported_and_applied_again(backend: Backend
     assert!(run(&["plans", "list"]).contains("growth\tv2\tGrowth\t89.00 usd/month"));
 
     // A bad file changes nothing and says where.
-    std::fs::write(&file, "[[plans]]\nkey = \"x\"\nname = \"X\"\nprice_cents = -1\n").unwrap();
+    std::fs::write(
+        &file,
+        "[[plans]]\nkey = \"x\"\nname = \"X\"\nprice_cents = -1\n",
+    )
+    .unwrap();
     let out = db.cli(&[], &["plans", "apply", file.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("plans[0].price_cents"));
@@ -359,7 +461,10 @@ async fn the_variables_build_the_catalog_once(backend: Backend) {
     let list = String::from_utf8(out.stdout).unwrap();
     assert!(list.contains("pro\tv1\tPro\t59.00 usd/month"), "{list}");
     let log = String::from_utf8(out.stderr).unwrap();
-    assert!(log.contains("PRO_PRICE_CENTS") && log.contains("plans apply"), "{log}");
+    assert!(
+        log.contains("PRO_PRICE_CENTS") && log.contains("plans apply"),
+        "{log}"
+    );
     let out = db.cli(&[("DEFAULT_PLAN", "gold")], &["plans", "list"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DEFAULT_PLAN"));

@@ -49,7 +49,14 @@ pub struct PlanDefinition {
     #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,40}$"))]
     pub key: String,
     /// The name shown to customers.
-    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 100, pattern = "^[^\\u0000-\\u001F\\u007F]+$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 100,
+            pattern = "^[^\\u0000-\\u001F\\u007F]+$"
+        )
+    )]
     pub name: String,
     /// 1 for a new plan; each edit makes the next.
     #[serde(default = "first_version")]
@@ -269,7 +276,10 @@ impl PlanDefinition {
         let (mine, theirs) = (calls(self), calls(builtin));
         [
             ("price_cents", self.price_cents != builtin.price_cents),
-            ("stripe_price_id", self.stripe_price_id != builtin.stripe_price_id),
+            (
+                "stripe_price_id",
+                self.stripe_price_id != builtin.stripe_price_id,
+            ),
             ("burst", self.burst != builtin.burst),
             (
                 "included",
@@ -617,7 +627,13 @@ mod tests {
         stored.stripe_price_id = Some("price_x".into());
         assert_eq!(
             stored.variable_differences(&pro),
-            vec!["price_cents", "stripe_price_id", "burst", "included", "overage"]
+            vec![
+                "price_cents",
+                "stripe_price_id",
+                "burst",
+                "included",
+                "overage"
+            ]
         );
     }
 
@@ -645,7 +661,9 @@ mod tests {
             ("limits[1].meter", |p| p.limits[1].meter = "credits".into()),
             ("limits[1].meter", |p| p.limits[1].meter = API_CALLS.into()),
             ("limits[0].alerts[1]", |p| p.limits[0].alerts = vec![80, 80]),
-            ("limits[0].included", |p| p.limits[0].included = Some(MAX_UNITS + 1)),
+            ("limits[0].included", |p| {
+                p.limits[0].included = Some(MAX_UNITS + 1)
+            }),
             ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![0]),
             ("limits[0].alerts[0]", |p| p.limits[0].alerts = vec![1_001]),
             ("limits[0].overage", |p| p.limits[0].overage = None),

@@ -207,7 +207,11 @@ impl Plans {
         existing: PlanMove,
     ) -> Result<PlanVersion, PlanError> {
         plan.validate(&self.meters())?;
-        match self.plans.revise_plan(plan, existing, self.clock.now()).await {
+        match self
+            .plans
+            .revise_plan(plan, existing, self.clock.now())
+            .await
+        {
             Err(RepoError::NotFound { .. }) => Err(PlanError::UnknownPlan(plan.key.clone())),
             other => other.map_err(PlanError::Repo),
         }
@@ -257,7 +261,10 @@ impl Plans {
     ) -> Result<Vec<(String, Change)>, PlanError> {
         for (i, plan) in file.iter().enumerate() {
             plan.validate(&self.meters()).map_err(|e| {
-                PlanError::Invalid(CatalogError::new(format!("plans[{i}].{}", e.field), e.message))
+                PlanError::Invalid(CatalogError::new(
+                    format!("plans[{i}].{}", e.field),
+                    e.message,
+                ))
             })?;
             if file[..i].iter().any(|p| p.key == plan.key) {
                 return Err(CatalogError::new(

@@ -19,16 +19,19 @@ pub enum OverageModel {
     /// Every unit at one price.
     PerUnit {
         /// Price of one unit.
-#[cfg_attr(feature = "openapi", schema(minimum = 0))]
+        #[cfg_attr(feature = "openapi", schema(minimum = 0))]
         unit_price_micros: i64,
     },
     /// Whole packages of `package_size` units, the last one rounded up.
     Package {
         /// Units in a package (at least 1).
-#[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9007199254740991_i64))]
+        #[cfg_attr(
+            feature = "openapi",
+            schema(minimum = 1, maximum = 9007199254740991_i64)
+        )]
         package_size: u64,
         /// Price of one package.
-#[cfg_attr(feature = "openapi", schema(minimum = 0))]
+        #[cfg_attr(feature = "openapi", schema(minimum = 0))]
         package_price_micros: i64,
     },
     /// Each unit at the price of the tier it falls in.
@@ -49,10 +52,13 @@ pub enum OverageModel {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PriceTier {
     /// The last overage unit of this tier (inclusive); `None` for the open last tier.
-#[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9007199254740991_i64))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 9007199254740991_i64)
+    )]
     pub up_to: Option<u64>,
     /// Price of one unit in this tier.
-#[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub unit_price_micros: i64,
 }
 

@@ -13,10 +13,10 @@ use crate::{Clock, Plan, UserId};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Sustained requests per second (at least 1).
-#[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub per_second: u32,
     /// Requests allowed at once after a quiet period (at least 1).
-#[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub burst: u32,
 }
 

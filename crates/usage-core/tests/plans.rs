@@ -127,7 +127,14 @@ async fn bad_plans_and_forbidden_changes_are_refused() {
     ));
     let pro = plans.set_archived("pro", true).await.unwrap();
     assert!(pro.plan.archived);
-    assert!(!plans.set_archived("pro", false).await.unwrap().plan.archived);
+    assert!(
+        !plans
+            .set_archived("pro", false)
+            .await
+            .unwrap()
+            .plan
+            .archived
+    );
 }
 
 #[tokio::test]
@@ -164,12 +171,22 @@ async fn applying_a_catalog_file_is_idempotent_and_dry_runs_write_nothing() {
         ("growth".to_owned(), Change::Created),
     ];
     assert_eq!(plans.apply(&file, true).await.unwrap(), expected);
-    assert_eq!(plans.list().await.unwrap().len(), 3, "a dry run writes nothing");
+    assert_eq!(
+        plans.list().await.unwrap().len(),
+        3,
+        "a dry run writes nothing"
+    );
     assert_eq!(plans.apply(&file, false).await.unwrap(), expected);
     let again = plans.apply(&file, false).await.unwrap();
-    assert!(again.iter().all(|(_, c)| *c == Change::Unchanged), "{again:?}");
+    assert!(
+        again.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{again:?}"
+    );
     let pro = plans.get("pro").await.unwrap();
-    assert_eq!((pro.summary.plan.version, pro.summary.plan.price_cents), (2, 5_900));
+    assert_eq!(
+        (pro.summary.plan.version, pro.summary.plan.price_cents),
+        (2, 5_900)
+    );
     assert_eq!(pro.versions[1].existing, PlanMove::NextPeriod);
     assert!(plans.get("enterprise").await.unwrap().summary.plan.archived);
     file[2].archived = false;

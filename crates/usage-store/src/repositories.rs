@@ -25,17 +25,17 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Date as SqlDate, Integer, Nullable, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use time::{Date, OffsetDateTime};
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodFigures, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    PlanRepository, PlanVersion, RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS,
-    UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User, UserPageQuery,
-    UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
-    plan_subscription_change,
+    OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion, PoolState,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
-use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
 };
@@ -2151,7 +2151,10 @@ struct PlanVersionRow {
 impl PlanVersionRow {
     fn into_domain(self, archived_at: Option<OffsetDateTime>) -> Result<PlanVersion, RepoError> {
         let unreadable = |what: String| {
-            RepoError::Backend(format!("plan {} version {}: {what}", self.plan_key, self.version))
+            RepoError::Backend(format!(
+                "plan {} version {}: {what}",
+                self.plan_key, self.version
+            ))
         };
         let mut plan: PlanDefinition =
             serde_json::from_str(&self.terms).map_err(|e| unreadable(e.to_string()))?;
@@ -2202,15 +2205,11 @@ async fn insert_plan_version(
 /// The plan's row, locked for the transaction (SQLite: its one writer), and whether it is
 /// archived; `Missing` for an unknown key.
 async fn lock_plan(conn: &mut Conn, key: &str) -> Result<Option<OffsetDateTime>, BatchError> {
-    for_update!(
-        eco_plans::table
-            .find(key)
-            .select(eco_plans::archived_at)
-    )
-    .first(conn)
-    .await
-    .optional()?
-    .ok_or(BatchError::Missing("plan"))
+    for_update!(eco_plans::table.find(key).select(eco_plans::archived_at))
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(BatchError::Missing("plan"))
 }
 
 /// The newest version number of `key` (0 when it has none).
@@ -2296,7 +2295,9 @@ impl PlanRepository for This {
         let mut conn = self.conn().await?;
         write_transaction!(&mut conn, async |conn| -> Result<PlanVersion, BatchError> {
             let archived_at = lock_plan(conn, &plan.key).await?;
-            let next = newest_plan_version(conn, &plan.key).await?.saturating_add(1);
+            let next = newest_plan_version(conn, &plan.key)
+                .await?
+                .saturating_add(1);
             let mut stored = insert_plan_version(conn, plan, next, existing, at).await?;
             stored.plan.archived = archived_at.is_some();
             Ok(stored)
@@ -2315,7 +2316,11 @@ impl PlanRepository for This {
         write_transaction!(&mut conn, async |conn| -> Result<PlanVersion, BatchError> {
             let archived_at = lock_plan(conn, key).await?;
             // Archiving again keeps the first time.
-            let archived_at = if archived { archived_at.or(Some(at)) } else { None };
+            let archived_at = if archived {
+                archived_at.or(Some(at))
+            } else {
+                None
+            };
             diesel::update(eco_plans::table.find(key))
                 .set(eco_plans::archived_at.eq(archived_at.map(At)))
                 .execute(conn)

@@ -79,14 +79,42 @@ async fn the_catalog_migration_keeps_every_users_rows() {
             .n
     };
     for (what, sql, n) in [
-        ("users, plans kept", "SELECT count(*) AS n FROM eco_users WHERE (id, plan) IN (VALUES ('eco_usr_a', 'pro'), ('eco_usr_b', 'free'))", 2),
-        ("customer and blocking kept", "SELECT count(*) AS n FROM eco_users WHERE stripe_customer_id = 'cus_a' OR blocked_at IS NOT NULL", 2),
+        (
+            "users, plans kept",
+            "SELECT count(*) AS n FROM eco_users WHERE (id, plan) IN (VALUES ('eco_usr_a', 'pro'), ('eco_usr_b', 'free'))",
+            2,
+        ),
+        (
+            "customer and blocking kept",
+            "SELECT count(*) AS n FROM eco_users WHERE stripe_customer_id = 'cus_a' OR blocked_at IS NOT NULL",
+            2,
+        ),
         ("keys kept", "SELECT count(*) AS n FROM eco_api_keys", 1),
-        ("sessions kept", "SELECT count(*) AS n FROM eco_dashboard_sessions", 1),
-        ("counters kept", "SELECT count(*) AS n FROM eco_usage_records WHERE api_calls = 7", 1),
-        ("no key reported deleted", "SELECT count(*) AS n FROM eco_deleted_keys", 0),
-        ("no dangling reference", "SELECT count(*) AS n FROM pragma_foreign_key_check", 0),
-        ("the built-in plans", "SELECT count(*) AS n FROM eco_plans", 3),
+        (
+            "sessions kept",
+            "SELECT count(*) AS n FROM eco_dashboard_sessions",
+            1,
+        ),
+        (
+            "counters kept",
+            "SELECT count(*) AS n FROM eco_usage_records WHERE api_calls = 7",
+            1,
+        ),
+        (
+            "no key reported deleted",
+            "SELECT count(*) AS n FROM eco_deleted_keys",
+            0,
+        ),
+        (
+            "no dangling reference",
+            "SELECT count(*) AS n FROM pragma_foreign_key_check",
+            0,
+        ),
+        (
+            "the built-in plans",
+            "SELECT count(*) AS n FROM eco_plans",
+            3,
+        ),
     ] {
         assert_eq!(count(&mut conn, sql), n, "{what}");
     }
@@ -108,8 +136,14 @@ async fn the_catalog_migration_keeps_every_users_rows() {
     // foreign keys off (the sqlite3 shell's default), where no cascade removes them.
     conn.batch_execute("PRAGMA foreign_keys = OFF; DELETE FROM eco_users WHERE id = 'eco_usr_a'")
         .unwrap();
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM eco_deleted_keys"), 1);
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM eco_api_keys"), 1);
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM eco_deleted_keys"),
+        1
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM eco_api_keys"),
+        1
+    );
     drop(conn);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use time::macros::{date, datetime};
 use time::{Duration, OffsetDateTime};
 
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::event::new_event_id;
 use usage_core::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, DeletedKeys, EndpointCount,
@@ -26,7 +27,6 @@ use usage_core::repo::{
     RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
     UserSort,
 };
-use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Clock as _, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
 };
@@ -2744,7 +2744,11 @@ fn growth_plan() -> PlanDefinition {
 }
 
 pub async fn plans_are_seeded_once_from_the_built_in_terms(store: Arc<dyn Store>) {
-    assert_eq!(store.plan_versions().await.unwrap(), vec![], "no terms before the first start");
+    assert_eq!(
+        store.plan_versions().await.unwrap(),
+        vec![],
+        "no terms before the first start"
+    );
     let plans = builtin_plans();
     let mut seeded = store.seed_plans(&plans, T0).await.unwrap();
     seeded.sort();
@@ -2753,7 +2757,10 @@ pub async fn plans_are_seeded_once_from_the_built_in_terms(store: Arc<dyn Store>
     let mut cheaper = plans.clone();
     cheaper[1].price_cents = 1;
     assert_eq!(
-        store.seed_plans(&cheaper, T0 + Duration::days(1)).await.unwrap(),
+        store
+            .seed_plans(&cheaper, T0 + Duration::days(1))
+            .await
+            .unwrap(),
         Vec::<String>::new()
     );
     let stored = store.plan_versions().await.unwrap();
@@ -2769,7 +2776,10 @@ pub async fn plans_are_seeded_once_from_the_built_in_terms(store: Arc<dyn Store>
     // Users of the built-in plans still work as before.
     let u = user("seeded@example.com", Plan::Pro);
     store.create_user(&u).await.unwrap();
-    assert_eq!(store.user_by_id(&u.id).await.unwrap().unwrap().plan, Plan::Pro);
+    assert_eq!(
+        store.user_by_id(&u.id).await.unwrap().unwrap().plan,
+        Plan::Pro
+    );
 }
 
 pub async fn plans_are_created_revised_and_archived(store: Arc<dyn Store>) {
@@ -2786,7 +2796,10 @@ pub async fn plans_are_created_revised_and_archived(store: Arc<dyn Store>) {
         }
     );
     assert_eq!(
-        store.create_plan(&builtin_plans()[0], T0).await.unwrap_err(),
+        store
+            .create_plan(&builtin_plans()[0], T0)
+            .await
+            .unwrap_err(),
         RepoError::Conflict {
             entity: "plan",
             field: "key"
@@ -2803,12 +2816,18 @@ pub async fn plans_are_created_revised_and_archived(store: Arc<dyn Store>) {
     assert_eq!(v2.plan.price_cents, 12_900);
     assert_eq!(v2.existing, PlanMove::Now);
     assert_eq!(v2.created_at, t1);
-    let v3 = store.revise_plan(&growth, PlanMove::Keep, t1).await.unwrap();
+    let v3 = store
+        .revise_plan(&growth, PlanMove::Keep, t1)
+        .await
+        .unwrap();
     assert_eq!(v3.plan.version, 3);
     let mut unknown = growth.clone();
     unknown.key = "scale".into();
     assert_eq!(
-        store.revise_plan(&unknown, PlanMove::Now, t1).await.unwrap_err(),
+        store
+            .revise_plan(&unknown, PlanMove::Now, t1)
+            .await
+            .unwrap_err(),
         RepoError::NotFound { entity: "plan" }
     );
     // Archiving is the plan's: every version shows it; taking it back clears it.
@@ -2822,13 +2841,25 @@ pub async fn plans_are_created_revised_and_archived(store: Arc<dyn Store>) {
         .filter(|v| v.plan.key == "growth")
         .map(|v| (v.plan.version, v.plan.archived, v.plan.price_cents))
         .collect();
-    assert_eq!(versions, vec![(1, true, 9_900), (2, true, 12_900), (3, true, 9_900)]);
-    let v4 = store.revise_plan(&growth, PlanMove::NextPeriod, t1).await.unwrap();
-    assert!(v4.plan.archived, "a revision of an archived plan is archived too");
+    assert_eq!(
+        versions,
+        vec![(1, true, 9_900), (2, true, 12_900), (3, true, 9_900)]
+    );
+    let v4 = store
+        .revise_plan(&growth, PlanMove::NextPeriod, t1)
+        .await
+        .unwrap();
+    assert!(
+        v4.plan.archived,
+        "a revision of an archived plan is archived too"
+    );
     let back = store.set_plan_archived("growth", false, t1).await.unwrap();
     assert_eq!((back.plan.version, back.plan.archived), (4, false));
     assert_eq!(
-        store.set_plan_archived("scale", true, t1).await.unwrap_err(),
+        store
+            .set_plan_archived("scale", true, t1)
+            .await
+            .unwrap_err(),
         RepoError::NotFound { entity: "plan" }
     );
 }

@@ -8,18 +8,17 @@ use async_trait::async_trait;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
+use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
     OverageChargeRepository, OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion,
-    QuotaCounterRepository, QuotaDelta,
-    QuotaTake, RecordOutcome, SessionRepository, SubscriptionChange, SubscriptionOutcome,
-    TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User,
-    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, lease_size,
-    plan_key_issue, plan_subscription_change,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
 };
-use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::{
     ApiKeyId, BillingPeriod, Clock, Plan, PlanCatalog, RepoError, Store, SystemClock, UsageEvent,
     UserId,
@@ -1512,7 +1511,10 @@ impl PlanRepository for MemoryStore {
     ) -> Result<PlanVersion, RepoError> {
         let mut state = self.state();
         let (archived_at, versions) = state.plans.get_mut(&plan.key).ok_or(PLAN_NOT_FOUND)?;
-        let next = versions.last().map_or(0, |v| v.plan.version).saturating_add(1);
+        let next = versions
+            .last()
+            .map_or(0, |v| v.plan.version)
+            .saturating_add(1);
         let version = plan_version(plan, next, existing, at);
         versions.push(version.clone());
         Ok(with_archived(version, *archived_at))
@@ -1526,7 +1528,11 @@ impl PlanRepository for MemoryStore {
     ) -> Result<PlanVersion, RepoError> {
         let mut state = self.state();
         let (archived_at, versions) = state.plans.get_mut(key).ok_or(PLAN_NOT_FOUND)?;
-        *archived_at = if archived { archived_at.or(Some(at)) } else { None };
+        *archived_at = if archived {
+            archived_at.or(Some(at))
+        } else {
+            None
+        };
         let newest = versions.last().cloned().ok_or(PLAN_NOT_FOUND)?;
         Ok(with_archived(newest, *archived_at))
     }
