@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::MicroUsd;
+pub use crate::error::CatalogError;
 use crate::plan::{OverLimit, Plan, PlanCatalog};
+pub use crate::pricing::MAX_UNITS;
 use crate::pricing::{OverageModel, PriceLine};
 use crate::rate::{PlanRateLimits, RateLimit};
 
@@ -19,26 +21,6 @@ const RESERVED_KEYS: [&str; 1] = ["total"];
 
 /// Usage alerts a limit has when none are given: 80% and 100% of its included units.
 pub const DEFAULT_ALERTS: [u32; 2] = [80, 100];
-
-/// A refused catalog entry: which field, and what it accepts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {message}")]
-pub struct CatalogError {
-    /// Where the problem is, as a path into the plan (`limits[0].overage.tiers[1].up_to`).
-    pub field: String,
-    /// What the field accepts, and what it got.
-    pub message: String,
-}
-
-impl CatalogError {
-    /// A problem with `field`.
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 /// One version of a plan: what subscribers pay and what they may use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,10 +340,6 @@ impl PlanDefinition {
         }
     }
 }
-
-/// The largest unit count a catalog holds: counters are signed 64-bit in the databases
-/// (and in TOML).
-pub const MAX_UNITS: u64 = i64::MAX as u64;
 
 impl MeterLimit {
     fn validate(&self, at: &str) -> Result<(), CatalogError> {

@@ -23,3 +23,23 @@ pub enum DomainError {
         value: String,
     },
 }
+
+/// A refused catalog entry: which field, and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field} {message}")]
+pub struct CatalogError {
+    /// Where the problem is, as a path into the plan (`limits[0].overage.tiers[1].up_to`).
+    pub field: String,
+    /// What the field accepts, and what it got.
+    pub message: String,
+}
+
+impl CatalogError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

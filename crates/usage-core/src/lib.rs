@@ -35,6 +35,7 @@ pub mod quota;
 pub mod rate;
 pub mod repo;
 pub mod spool;
+pub mod terms;
 pub mod tracker;
 
 pub use caller::{ApiKeyAuthenticator, Caller};

@@ -9,7 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{CatalogError, MAX_UNITS};
+use crate::error::CatalogError;
+
+/// The largest unit count a catalog holds: counters are signed 64-bit in the databases
+/// (and in TOML).
+pub const MAX_UNITS: u64 = i64::MAX as u64;
 
 /// How the units past a limit's included amount are priced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

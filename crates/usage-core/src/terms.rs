@@ -1,0 +1,377 @@
+//! Whose terms apply: the plan catalog held in memory, the version of a plan a user holds
+//! at a given time (versions move users at their next period, at once, or never), a
+//! customer's own terms over it, the plan a Stripe price sells, and the plan to suggest
+//! when a limit is reached. Pure: the services that read the store build a [`Catalog`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::BillingPeriod;
+use crate::catalog::{CatalogError, MeterLimit, PlanDefinition, PlanMove};
+use crate::repo::PlanVersion;
+
+/// Every version of every plan, as read from the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    plans: BTreeMap<String, Vec<PlanVersion>>,
+}
+
+impl Catalog {
+    /// The catalog of `versions` (in any order).
+    pub fn new(versions: impl IntoIterator<Item = PlanVersion>) -> Self {
+        let mut plans: BTreeMap<String, Vec<PlanVersion>> = BTreeMap::new();
+        for version in versions {
+            plans
+                .entry(version.plan.key.clone())
+                .or_default()
+                .push(version);
+        }
+        for versions in plans.values_mut() {
+            versions.sort_by_key(|v| v.plan.version);
+        }
+        Self { plans }
+    }
+
+    /// The newest version of `key`: what new subscribers get.
+    pub fn newest(&self, key: &str) -> Option<&PlanVersion> {
+        self.plans.get(key).and_then(|v| v.last())
+    }
+
+    /// Every plan's newest version, by key.
+    pub fn newest_versions(&self) -> impl Iterator<Item = &PlanVersion> {
+        self.plans.values().filter_map(|v| v.last())
+    }
+
+    /// The version of `key` that a user who subscribed to version `held` holds at `at`.
+    /// Each later version moves them as its `existing` says: `now` from its creation,
+    /// `next_period` from the start of the billing period after its creation, `keep`
+    /// never; later versions are looked at in order, from the one the user holds. A
+    /// `held` version the catalog does not have is read as the plan's first.
+    pub fn held_version(&self, key: &str, held: u32, at: OffsetDateTime) -> Option<&PlanVersion> {
+        let versions = self.plans.get(key)?;
+        let start = versions
+            .iter()
+            .position(|v| v.plan.version == held)
+            .unwrap_or(0);
+        let mut current = versions.get(start)?;
+        for later in &versions[start + 1..] {
+            let moves = match later.existing {
+                PlanMove::Now => at >= later.created_at,
+                PlanMove::NextPeriod => at >= BillingPeriod::containing(later.created_at).end(),
+                PlanMove::Keep => false,
+            };
+            if moves {
+                current = later;
+            }
+        }
+        Some(current)
+    }
+
+    /// The plan a Stripe price sells: among plans whose newest version names it, the one
+    /// with the highest monthly price (archived plans included: their subscribers keep
+    /// them), ties to the first key.
+    pub fn plan_for_price(&self, stripe_price_id: &str) -> Option<&PlanVersion> {
+        self.newest_versions()
+            .filter(|v| v.plan.stripe_price_id.as_deref() == Some(stripe_price_id))
+            .fold(None, |best: Option<&PlanVersion>, v| match best {
+                Some(b) if b.plan.price_cents >= v.plan.price_cents => Some(b),
+                _ => Some(v),
+            })
+    }
+
+    /// The plan to suggest to a user of `current` who reached its limit on `meter`: the
+    /// cheapest public, unarchived plan that allows more of it (unlimited, or more
+    /// included units), ties to the first key; `None` when there is none.
+    pub fn upgrade_for(&self, current: &PlanDefinition, meter: &str) -> Option<&PlanDefinition> {
+        let allowed = |p: &PlanDefinition| -> Option<u64> {
+            match p.limit(meter) {
+                None => None,
+                Some(l) if l.over_limit == crate::OverLimit::Overage => None,
+                Some(l) => l.included,
+            }
+        };
+        let reached = allowed(current)?;
+        self.newest_versions()
+            .map(|v| &v.plan)
+            .filter(|p| p.public && !p.archived && p.key != current.key)
+            .filter(|p| allowed(p).is_none_or(|more| more > reached))
+            .fold(None, |best: Option<&PlanDefinition>, p| match best {
+                Some(b) if b.price_cents <= p.price_cents => Some(b),
+                _ => Some(p),
+            })
+    }
+}
+
+/// A customer's own terms over their plan version: another price, and limit entries that
+/// replace the plan's for their meters (or add one for a meter the plan leaves unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// The monthly price instead of the plan's.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub price_cents: Option<i64>,
+    /// Limit entries replacing the plan's for the same meters.
+    #[serde(default)]
+    pub limits: Vec<MeterLimit>,
+}
+
+impl Overrides {
+    /// Checks every field as a plan's are checked; `meters` are the keys a limit may name.
+    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
+        if let Some(price) = self.price_cents
+            && price < 0
+        {
+            return Err(CatalogError::new(
+                "overrides.price_cents",
+                format!("must be 0 or more (got {price})"),
+            ));
+        }
+        // The limits are checked as a plan's would be, with the plan's rules and paths.
+        let probe = PlanDefinition {
+            key: "overrides".to_owned(),
+            name: "overrides".to_owned(),
+            version: 1,
+            price_cents: 0,
+            currency: "usd".to_owned(),
+            stripe_price_id: None,
+            public: false,
+            archived: false,
+            burst: None,
+            limits: self.limits.clone(),
+        };
+        probe
+            .validate(meters)
+            .map_err(|e| CatalogError::new(format!("overrides.{}", e.field), e.message))
+    }
+}
+
+impl PlanDefinition {
+    /// This plan's terms with `overrides` applied: what the customer pays and may use.
+    pub fn with_overrides(&self, overrides: Option<&Overrides>) -> PlanDefinition {
+        let mut terms = self.clone();
+        let Some(overrides) = overrides else {
+            return terms;
+        };
+        if let Some(price) = overrides.price_cents {
+            terms.price_cents = price;
+        }
+        for limit in &overrides.limits {
+            match terms.limits.iter_mut().find(|l| l.meter == limit.meter) {
+                Some(existing) => *existing = limit.clone(),
+                None => terms.limits.push(limit.clone()),
+            }
+        }
+        terms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::catalog::API_CALLS;
+    use crate::plan::{OverLimit, Plan, PlanCatalog};
+    use crate::rate::PlanRateLimits;
+
+    fn version(key: &str, n: u32, existing: PlanMove, at: OffsetDateTime) -> PlanVersion {
+        let mut plan = PlanDefinition::builtin(
+            Plan::Pro,
+            &PlanCatalog::default(),
+            &PlanRateLimits::default(),
+            None,
+        );
+        plan.key = key.to_owned();
+        plan.version = n;
+        plan.price_cents = i64::from(n) * 1_000;
+        PlanVersion {
+            plan,
+            existing,
+            created_at: at,
+        }
+    }
+
+    #[test]
+    fn users_move_to_a_new_version_as_it_says() {
+        let v1 = version(
+            "pro",
+            1,
+            PlanMove::NextPeriod,
+            datetime!(2026-10-01 00:00 UTC),
+        );
+        // Made on December 10th: users move on January 1st.
+        let v2 = version(
+            "pro",
+            2,
+            PlanMove::NextPeriod,
+            datetime!(2026-12-10 12:00 UTC),
+        );
+        let catalog = Catalog::new([v2.clone(), v1.clone()]);
+        let held = |at| catalog.held_version("pro", 1, at).unwrap().plan.version;
+        assert_eq!(held(datetime!(2026-12-10 12:00 UTC)), 1);
+        assert_eq!(
+            held(datetime!(2026-12-31 23:59:59.999999 UTC)),
+            1,
+            "the period's last instant"
+        );
+        assert_eq!(
+            held(datetime!(2027-01-01 00:00 UTC)),
+            2,
+            "the next period's first"
+        );
+        // A subscriber of version 2 holds it at once.
+        assert_eq!(
+            catalog
+                .held_version("pro", 2, datetime!(2026-12-10 12:00 UTC))
+                .unwrap()
+                .plan
+                .version,
+            2
+        );
+        assert_eq!(catalog.newest("pro").unwrap().plan.version, 2);
+    }
+
+    #[test]
+    fn now_moves_at_once_keep_never_and_later_versions_are_read_in_order() {
+        let at = |d: u8| datetime!(2026-12-01 00:00 UTC) + time::Duration::days(i64::from(d) - 1);
+        let catalog = Catalog::new([
+            version("pro", 1, PlanMove::NextPeriod, at(1)),
+            version("pro", 2, PlanMove::Keep, at(5)),
+            version("pro", 3, PlanMove::Now, at(10)),
+            version("pro", 4, PlanMove::Keep, at(12)),
+            version("pro", 5, PlanMove::NextPeriod, at(20)),
+        ]);
+        let held = |from: u32, when| {
+            catalog
+                .held_version("pro", from, when)
+                .unwrap()
+                .plan
+                .version
+        };
+        assert_eq!(held(1, at(9)), 1, "keep: version 2 moved nobody");
+        assert_eq!(held(1, at(10)), 3, "now: from its creation");
+        assert_eq!(held(2, at(11)), 3, "subscribers of a kept version move too");
+        assert_eq!(held(1, at(25)), 3, "version 5 waits for the next period");
+        assert_eq!(held(4, at(25)), 4, "version 3 is older than what they hold");
+        assert_eq!(held(1, datetime!(2027-01-01 00:00 UTC)), 5);
+        assert_eq!(held(4, datetime!(2027-01-01 00:00 UTC)), 5);
+        assert_eq!(held(99, at(2)), 1, "an unknown version reads as the first");
+        assert!(catalog.held_version("growth", 1, at(2)).is_none());
+    }
+
+    #[test]
+    fn a_price_sells_the_dearest_plan_naming_it() {
+        let mut a = version("a", 1, PlanMove::Now, datetime!(2026-12-01 00:00 UTC));
+        let mut b = version("b", 1, PlanMove::Now, datetime!(2026-12-01 00:00 UTC));
+        a.plan.stripe_price_id = Some("price_x".into());
+        b.plan.stripe_price_id = Some("price_x".into());
+        b.plan.price_cents = 5_000;
+        b.plan.archived = true;
+        let catalog = Catalog::new([a, b]);
+        assert_eq!(catalog.plan_for_price("price_x").unwrap().plan.key, "b");
+        assert!(catalog.plan_for_price("price_y").is_none());
+    }
+
+    #[test]
+    fn the_upgrade_is_the_cheapest_public_plan_that_allows_more() {
+        let plans = PlanCatalog::default();
+        let rates = PlanRateLimits::default();
+        let mk = |p: Plan| PlanVersion {
+            plan: PlanDefinition::builtin(p, &plans, &rates, None),
+            existing: PlanMove::Now,
+            created_at: datetime!(2026-12-01 00:00 UTC),
+        };
+        let (free, pro, enterprise) = (mk(Plan::Free), mk(Plan::Pro), mk(Plan::Enterprise));
+        let mut starter = mk(Plan::Free);
+        starter.plan.key = "starter".into();
+        starter.plan.price_cents = 900;
+        starter.plan.limits[0].included = Some(10_000);
+        let mut hidden = starter.clone();
+        hidden.plan.key = "hidden".into();
+        hidden.plan.price_cents = 100;
+        hidden.plan.public = false;
+        let mut small = starter.clone();
+        small.plan.key = "small".into();
+        small.plan.price_cents = 50;
+        small.plan.limits[0].included = Some(1_000);
+        let catalog = Catalog::new([
+            free.clone(),
+            pro.clone(),
+            enterprise,
+            starter,
+            hidden,
+            small,
+        ]);
+        assert_eq!(
+            catalog.upgrade_for(&free.plan, API_CALLS).unwrap().key,
+            "starter",
+            "cheaper than pro; the hidden one is not offered, the small one allows no more"
+        );
+        assert!(
+            catalog.upgrade_for(&pro.plan, API_CALLS).is_none(),
+            "pro is never blocked"
+        );
+        let only_builtin = Catalog::new([free.clone(), pro]);
+        assert_eq!(
+            only_builtin
+                .upgrade_for(&free.plan, API_CALLS)
+                .unwrap()
+                .name,
+            "Pro"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_the_price_and_the_limits_of_their_meters() {
+        let pro = version("pro", 1, PlanMove::Now, datetime!(2026-12-01 00:00 UTC)).plan;
+        assert_eq!(pro.with_overrides(None), pro);
+        let overrides: Overrides = serde_json::from_value(serde_json::json!({
+            "price_cents": 30000,
+            "limits": [{"meter": "api_calls", "included": 2000000, "over_limit": "overage",
+                        "overage": {"model": "per_unit", "unit_price_micros": 400}}]
+        }))
+        .unwrap();
+        assert_eq!(overrides.validate(&[API_CALLS]), Ok(()));
+        let terms = pro.with_overrides(Some(&overrides));
+        assert_eq!(terms.price_cents, 30_000);
+        assert_eq!(terms.limits.len(), 1);
+        assert_eq!(terms.limits[0].included, Some(2_000_000));
+        assert_eq!(terms.limits[0].over_limit, OverLimit::Overage);
+        // 2,000,100 calls: 100 past the overridden limit at 400 µ$ = 40,000 µ$ = 4 ¢.
+        let usage = BTreeMap::from([(API_CALLS.to_owned(), 2_000_100)]);
+        assert_eq!(terms.quote(&usage).overage_cents, 4);
+        let price_only = Overrides {
+            price_cents: Some(0),
+            limits: vec![],
+        };
+        assert_eq!(pro.with_overrides(Some(&price_only)).limits, pro.limits);
+    }
+
+    #[test]
+    fn bad_overrides_are_refused_naming_the_field() {
+        let negative = Overrides {
+            price_cents: Some(-1),
+            limits: vec![],
+        };
+        assert_eq!(
+            negative.validate(&[API_CALLS]).unwrap_err().field,
+            "overrides.price_cents"
+        );
+        let unknown: Overrides = serde_json::from_value(serde_json::json!({
+            "limits": [{"meter": "tokens", "included": 5, "over_limit": "block"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            unknown.validate(&[API_CALLS]).unwrap_err().field,
+            "overrides.limits[0].meter"
+        );
+        assert!(
+            serde_json::from_value::<Overrides>(serde_json::json!({"price": 1})).is_err(),
+            "a misspelt field is refused"
+        );
+    }
+}
