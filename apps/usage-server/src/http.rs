@@ -113,6 +113,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         admins: config.admins.clone(),
         verifier: verifier.clone(),
         catalog: config.plans.clone(),
+        plans: plans.clone(),
         clock: clock.clone(),
         secure_cookies: config.public_url.starts_with("https://"),
         public_origin: config.public_origin.clone(),

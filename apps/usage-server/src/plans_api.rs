@@ -64,7 +64,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = if path == "." {
+        let message = if inner.is_syntax() || inner.is_eof() || path == "." {
             format!("The request body is not valid: {inner}.")
         } else {
             format!("{path}: {inner}")

@@ -413,6 +413,21 @@ async fn the_dashboard_in_a_real_browser(backend: Backend) {
         "5000",
         "the next call follows the new plan"
     );
+    // The plan catalog: the new-plan form's own example (the contract's `growth`), then
+    // its quote as a preview: 750,010 overage calls, 600,005,000 µ$ = $600.01.
+    browser.goto(&format!("{base}/dashboard/admin/plans")).await;
+    assert_eq!(browser.title().await, "Plans");
+    assert!(browser.text("#plan-table").await.contains("Pro"));
+    browser
+        .click("form[action='/dashboard/admin/plans'] button")
+        .await;
+    assert_eq!(browser.text("#plan-key").await, "growth");
+    browser.fill("#calls", "1000010").await;
+    browser
+        .click("form[method='get'][action='/dashboard/admin/plans/growth'] button")
+        .await;
+    assert_eq!(browser.text("#quote-overage").await, "$600.01");
+    browser.shot("admin-plan").await;
     browser.goto(&format!("{base}/dashboard/admin/audit")).await;
     let audit = browser.text("#audit-table").await;
     assert!(audit.contains("plan=pro"), "{audit}");

@@ -22,7 +22,7 @@ use crate::{
 type Form = web::Form<HashMap<String, String>>;
 
 /// Runs an admin page: a non-admin sees "Not found"; every request is audited.
-async fn admin_page<F, Fut>(
+pub(crate) async fn admin_page<F, Fut>(
     req: &HttpRequest,
     dash: &Dashboard,
     note: String,
@@ -129,10 +129,10 @@ pub(crate) async fn overview(req: HttpRequest, dash: web::Data<Dashboard>) -> Ht
     .await
 }
 
-fn admin_nav_then(body: Markup, current: &str) -> Markup {
+pub(crate) fn admin_nav_then(body: Markup, current: &str) -> Markup {
     html! {
         nav.subnav aria-label="Admin" {
-            @for (key, href, label) in [("overview", "/dashboard/admin", "Overview"), ("users", "/dashboard/admin/users", "Users"), ("audit", "/dashboard/admin/audit", "Audit log")] {
+            @for (key, href, label) in [("overview", "/dashboard/admin", "Overview"), ("users", "/dashboard/admin/users", "Users"), ("plans", "/dashboard/admin/plans", "Plans"), ("audit", "/dashboard/admin/audit", "Audit log")] {
                 @if key == current { a href=(href) aria-current="page" { (label) } } @else { a href=(href) { (label) } }
                 " "
             }

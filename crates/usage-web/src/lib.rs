@@ -16,6 +16,7 @@
 mod admin;
 pub mod chart;
 mod layout;
+mod plans;
 mod user;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct Dashboard {
     pub verifier: Arc<KeyVerifier>,
     /// Plans and prices.
     pub catalog: PlanCatalog,
+    /// The plan catalog, for its admin pages.
+    pub plans: usage_core::plans::Plans,
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// `Secure` cookies (`PUBLIC_URL` is https).
@@ -152,6 +155,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::post().to(admin::revoke_key),
             )
             .route("/admin/audit", web::get().to(admin::audit))
+            .route("/admin/plans", web::get().to(plans::plans))
+            .route("/admin/plans", web::post().to(plans::create))
+            .route("/admin/plans/{key}", web::get().to(plans::plan))
+            .route("/admin/plans/{key}", web::post().to(plans::revise))
+            .route("/admin/plans/{key}/archive", web::post().to(plans::archive))
             .default_service(web::to(
                 |req: HttpRequest, dash: web::Data<Dashboard>| async move {
                     let viewer = Viewer::of(&req, &dash).await.ok().flatten();
