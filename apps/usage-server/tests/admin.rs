@@ -58,6 +58,8 @@ async fn business(backend: Backend) -> Business {
                 created_at: base + time::Duration::minutes(n),
                 plan_subscription_id: None,
                 blocked_at: None,
+                plan_version: None,
+                overrides: None,
             };
             n += 1;
             store.create_user(&user).await.unwrap();

@@ -32,6 +32,8 @@ async fn seed(db: &Db, n: usize, wave: usize) -> Vec<String> {
             created_at: now,
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = usage_auth::keys::generate_api_key();

@@ -700,6 +700,8 @@ mod tests {
                         created_at: datetime!(2026-11-01 00:00 UTC),
                         plan_subscription_id: None,
                         blocked_at: None,
+                        plan_version: None,
+                        overrides: None,
                     })
                     .await
                     .unwrap();

@@ -170,6 +170,8 @@ mod tests {
             created_at: clock.now(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

@@ -399,6 +399,8 @@ mod tests {
             created_at: clock.now(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let catalog = PlanCatalog {
@@ -467,6 +469,8 @@ mod tests {
             created_at: datetime!(2026-11-01 00:00 UTC),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

@@ -162,6 +162,8 @@ mod tests {
             created_at: datetime!(2026-01-01 00:00 UTC),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

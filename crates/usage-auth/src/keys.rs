@@ -366,6 +366,8 @@ mod tests {
             created_at: SystemClock.now(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
 
@@ -420,6 +422,8 @@ mod tests {
             created_at: clock.now(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = issuer.issue(&user.id, "ci").await.unwrap();

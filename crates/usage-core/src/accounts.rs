@@ -87,6 +87,8 @@ impl Accounts {
             created_at: self.clock.now(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         match self.users.create_user(&user).await {
             Ok(()) => Ok(user),

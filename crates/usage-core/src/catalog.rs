@@ -460,6 +460,71 @@ impl QuoteLine {
     }
 }
 
+/// A customer's own terms over their plan version: another price, and limit entries that
+/// replace the plan's for their meters (or add one for a meter the plan leaves unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// The monthly price instead of the plan's.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub price_cents: Option<i64>,
+    /// Limit entries replacing the plan's for the same meters.
+    #[serde(default)]
+    pub limits: Vec<MeterLimit>,
+}
+
+impl Overrides {
+    /// Checks every field as a plan's are checked; `meters` are the keys a limit may name.
+    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
+        if let Some(price) = self.price_cents
+            && price < 0
+        {
+            return Err(CatalogError::new(
+                "overrides.price_cents",
+                format!("must be 0 or more (got {price})"),
+            ));
+        }
+        // The limits are checked as a plan's would be, with the plan's rules and paths.
+        let probe = PlanDefinition {
+            key: "overrides".to_owned(),
+            name: "overrides".to_owned(),
+            version: 1,
+            price_cents: 0,
+            currency: "usd".to_owned(),
+            stripe_price_id: None,
+            public: false,
+            archived: false,
+            burst: None,
+            limits: self.limits.clone(),
+        };
+        probe
+            .validate(meters)
+            .map_err(|e| CatalogError::new(format!("overrides.{}", e.field), e.message))
+    }
+}
+
+impl PlanDefinition {
+    /// This plan's terms with `overrides` applied: what the customer pays and may use.
+    pub fn with_overrides(&self, overrides: Option<&Overrides>) -> PlanDefinition {
+        let mut terms = self.clone();
+        let Some(overrides) = overrides else {
+            return terms;
+        };
+        if let Some(price) = overrides.price_cents {
+            terms.price_cents = price;
+        }
+        for limit in &overrides.limits {
+            match terms.limits.iter_mut().find(|l| l.meter == limit.meter) {
+                Some(existing) => *existing = limit.clone(),
+                None => terms.limits.push(limit.clone()),
+            }
+        }
+        terms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,12 @@ pub struct User {
     pub plan_subscription_id: Option<String>,
     /// Since when the user is blocked (keys revoked, tokens and sign-ins refused).
     pub blocked_at: Option<OffsetDateTime>,
+    /// The version of the plan the user subscribed to: the store sets it to the plan's
+    /// newest whenever the plan is set to another (the value given is not read); `None`
+    /// before the plan has one.
+    pub plan_version: Option<u32>,
+    /// The user's own terms over the plan version (`set_user_overrides`).
+    pub overrides: Option<crate::catalog::Overrides>,
 }
 
 /// A stored API key (`eco_api_keys`): never the key itself, only its SHA-256.
@@ -480,6 +486,13 @@ pub trait UserRepository: Send + Sync {
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError>;
     /// How many users each plan has (plans without users are left out).
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
+    /// Sets the user's own terms over their plan (`None`: drops them) and returns the user
+    /// as they now are; `NotFound` for an unknown id.
+    async fn set_user_overrides(
+        &self,
+        id: &UserId,
+        overrides: Option<&crate::catalog::Overrides>,
+    ) -> Result<User, RepoError>;
     /// Blocks the user since `at` (`None`: unblocks) and returns the user as they now are;
     /// `NotFound` for an unknown id. Keys are not touched: revoke them first.
     async fn set_user_blocked(

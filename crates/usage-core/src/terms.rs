@@ -1,15 +1,14 @@
 //! Whose terms apply: the plan catalog held in memory, the version of a plan a user holds
-//! at a given time (versions move users at their next period, at once, or never), a
-//! customer's own terms over it, the plan a Stripe price sells, and the plan to suggest
-//! when a limit is reached. Pure: the services that read the store build a [`Catalog`].
+//! at a given time (versions move users at their next period, at once, or never), the plan
+//! a Stripe price sells, and the plan to suggest when a limit is reached (a customer's own
+//! terms over it: [`crate::catalog::Overrides`]). Pure: the services that read the store build a [`Catalog`].
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::BillingPeriod;
-use crate::catalog::{CatalogError, MeterLimit, PlanDefinition, PlanMove};
+use crate::catalog::{PlanDefinition, PlanMove};
 use crate::repo::PlanVersion;
 
 /// Every version of every plan, as read from the store.
@@ -104,77 +103,12 @@ impl Catalog {
     }
 }
 
-/// A customer's own terms over their plan version: another price, and limit entries that
-/// replace the plan's for their meters (or add one for a meter the plan leaves unlimited).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
-pub struct Overrides {
-    /// The monthly price instead of the plan's.
-    #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
-    pub price_cents: Option<i64>,
-    /// Limit entries replacing the plan's for the same meters.
-    #[serde(default)]
-    pub limits: Vec<MeterLimit>,
-}
-
-impl Overrides {
-    /// Checks every field as a plan's are checked; `meters` are the keys a limit may name.
-    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
-        if let Some(price) = self.price_cents
-            && price < 0
-        {
-            return Err(CatalogError::new(
-                "overrides.price_cents",
-                format!("must be 0 or more (got {price})"),
-            ));
-        }
-        // The limits are checked as a plan's would be, with the plan's rules and paths.
-        let probe = PlanDefinition {
-            key: "overrides".to_owned(),
-            name: "overrides".to_owned(),
-            version: 1,
-            price_cents: 0,
-            currency: "usd".to_owned(),
-            stripe_price_id: None,
-            public: false,
-            archived: false,
-            burst: None,
-            limits: self.limits.clone(),
-        };
-        probe
-            .validate(meters)
-            .map_err(|e| CatalogError::new(format!("overrides.{}", e.field), e.message))
-    }
-}
-
-impl PlanDefinition {
-    /// This plan's terms with `overrides` applied: what the customer pays and may use.
-    pub fn with_overrides(&self, overrides: Option<&Overrides>) -> PlanDefinition {
-        let mut terms = self.clone();
-        let Some(overrides) = overrides else {
-            return terms;
-        };
-        if let Some(price) = overrides.price_cents {
-            terms.price_cents = price;
-        }
-        for limit in &overrides.limits {
-            match terms.limits.iter_mut().find(|l| l.meter == limit.meter) {
-                Some(existing) => *existing = limit.clone(),
-                None => terms.limits.push(limit.clone()),
-            }
-        }
-        terms
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::catalog::API_CALLS;
+    use crate::catalog::{API_CALLS, Overrides};
     use crate::plan::{OverLimit, Plan, PlanCatalog};
     use crate::rate::PlanRateLimits;
 

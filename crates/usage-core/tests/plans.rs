@@ -57,6 +57,8 @@ async fn plans_are_listed_with_their_subscribers_and_versions() {
                 created_at: datetime!(2026-12-01 00:00 UTC),
                 plan_subscription_id: None,
                 blocked_at: None,
+                plan_version: None,
+                overrides: None,
             })
             .await
             .unwrap();

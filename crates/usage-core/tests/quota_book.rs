@@ -41,6 +41,8 @@ async fn user_with_stored_calls(store: &MemoryStore, at: OffsetDateTime, calls: 
         created_at: at,
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

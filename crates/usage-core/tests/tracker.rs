@@ -155,6 +155,8 @@ async fn fixture() -> Fixture {
         created_at: T0,
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     };
     store.inner.create_user(&user).await.unwrap();
     let key = add_key(&store, &user.id, "f".repeat(64)).await;
@@ -543,6 +545,8 @@ async fn each_customers_calls_go_to_one_writer_and_the_writers_run_at_once() {
             created_at: T0,
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         f.store.inner.create_user(&user).await.unwrap();
         let key = add_key(&f.store, &user.id, format!("{i:064}")).await;

@@ -51,6 +51,8 @@ async fn main() -> std::io::Result<()> {
         created_at: clock.now(),
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     };
     store
         .create_user(&user)

@@ -57,6 +57,8 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         created_at: clock.now(),
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

@@ -59,6 +59,8 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
             created_at: OffsetDateTime::now_utc(),
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await?;
         // Stored directly: issuing checks the user's other keys, a scan of every key in

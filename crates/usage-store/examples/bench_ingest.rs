@@ -65,6 +65,8 @@ async fn seed(store: &Arc<dyn Store>, users: usize, run: &str) -> Vec<(UserId, A
             created_at: now,
             plan_subscription_id: None,
             blocked_at: None,
+            plan_version: None,
+            overrides: None,
         };
         store.create_user(&user).await.unwrap();
         let key = ApiKeyRecord {

@@ -330,12 +330,12 @@ pub(crate) mod admin_sql {
             // page's calls are looked up afterwards.
             UserSort::Revenue => format!(
                 "SELECT p.id, p.email, p.plan, p.stripe_customer_id, p.created_at,
-                        p.plan_subscription_id, p.blocked_at,
+                        p.plan_subscription_id, p.blocked_at, p.plan_version, p.overrides,
                         CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
                         CAST(p.overage_calls AS BIGINT) AS overage_calls,
                         CAST(p.revenue_cents AS BIGINT) AS revenue_cents
                  FROM (SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at,
+                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
                               COALESCE(o.overage_calls, 0) AS overage_calls,
                               CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
                               + (COALESCE(o.overage_calls, 0) * $5 + 5000) / 10000 AS revenue_cents
@@ -357,7 +357,7 @@ pub(crate) mod admin_sql {
                 };
                 format!(
                     "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at,
+                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
                             CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
                             CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls,
                             CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
@@ -379,7 +379,7 @@ pub(crate) mod admin_sql {
         let dir = if descending { "DESC" } else { "ASC" };
         format!(
             "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at,
+                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
                     CAST(r.api_calls AS BIGINT) AS api_calls,
                     CAST(r.overage_calls AS BIGINT) AS overage_calls,
                     CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
@@ -396,7 +396,7 @@ pub(crate) mod admin_sql {
         let dir = if descending { "DESC" } else { "ASC" };
         format!(
             "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at,
+                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
                     CAST(0 AS BIGINT) AS api_calls, CAST(0 AS BIGINT) AS overage_calls,
                     CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
                          + (0 * $5 + 5000) / 10000 AS BIGINT) AS revenue_cents

@@ -25,7 +25,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Date as SqlDate, Integer, Nullable, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use time::{Date, OffsetDateTime};
-use usage_core::catalog::{PlanDefinition, PlanMove};
+use usage_core::catalog::{Overrides, PlanDefinition, PlanMove};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
@@ -54,7 +54,7 @@ use crate::schema::{
     eco_plans, eco_stripe_events, eco_usage_daily, eco_usage_records, eco_usage_retention,
     eco_users,
 };
-use crate::types::{At, EventId, Id, Json, Stamp, utc_text};
+use crate::types::{At, EventId, Id, Json, JsonText, Stamp, utc_text};
 
 /// diesel errors to repository errors; `missing` names what a foreign key refers to.
 fn db(missing: &'static str) -> impl Fn(diesel::result::Error) -> RepoError {
@@ -82,20 +82,63 @@ struct UserRow {
     created_at: OffsetDateTime,
     plan_subscription_id: Option<String>,
     blocked_at: Option<OffsetDateTime>,
+    plan_version: Option<i32>,
+    overrides: Option<String>,
 }
 
 impl UserRow {
     fn into_domain(self) -> Result<User, RepoError> {
         Ok(User {
+            plan: parse_plan(&self.plan)?,
+            plan_version: self.plan_version.and_then(|v| u32::try_from(v).ok()),
+            overrides: parse_overrides(&self.id, self.overrides.as_deref())?,
             id: UserId::from_stored(self.id),
             email: self.email,
-            plan: parse_plan(&self.plan)?,
             stripe_customer_id: self.stripe_customer_id,
             created_at: self.created_at,
             plan_subscription_id: self.plan_subscription_id,
             blocked_at: self.blocked_at,
         })
     }
+}
+
+/// Overrides as stored (JSON).
+fn overrides_json(overrides: Option<&Overrides>) -> Result<Option<String>, RepoError> {
+    overrides
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| RepoError::Backend(format!("overrides: {e}")))
+}
+
+/// A plan version as its column holds it: none before the plan has one.
+fn version_column(version: u32) -> Option<i32> {
+    (version > 0).then(|| i32::try_from(version).unwrap_or(i32::MAX))
+}
+
+/// A user's `plan_version` after their plan is set to `plan`: the newest version when the
+/// plan changes, what they hold when it stays the same (setting a plan again is no move).
+fn version_on_move(
+    plan: Plan,
+    newest: u32,
+) -> impl diesel::expression::AppearsOnTable<eco_users::table, SqlType = Nullable<Integer>>
++ diesel::query_builder::QueryFragment<diesel::pg::Pg>
++ diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite>
++ diesel::expression::ValidGrouping<(), IsAggregate = diesel::expression::is_aggregate::No>
++ Send {
+    use diesel::IntoSql;
+    diesel::dsl::case_when(
+        eco_users::plan.ne(plan.as_str()),
+        version_column(newest).into_sql::<Nullable<Integer>>(),
+    )
+    .otherwise(eco_users::plan_version)
+}
+
+/// A user's stored overrides, read back.
+fn parse_overrides(user: &str, stored: Option<&str>) -> Result<Option<Overrides>, RepoError> {
+    stored
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| RepoError::Backend(format!("user {user}: overrides: {e}")))
 }
 
 #[derive(Queryable, Selectable)]
@@ -149,6 +192,11 @@ impl ApiKeyRow {
 impl UserRepository for This {
     async fn create_user(&self, user: &User) -> Result<(), RepoError> {
         let mut conn = self.conn().await?;
+        // The version a new subscriber gets: the plan's newest.
+        let newest = newest_plan_version(&mut conn, user.plan.as_str())
+            .await
+            .map_err(|e| e.into_repo("user"))?;
+        let overrides = overrides_json(user.overrides.as_ref())?;
         diesel::insert_into(eco_users::table)
             .values((
                 eco_users::id.eq(user.id.as_str()),
@@ -158,6 +206,8 @@ impl UserRepository for This {
                 eco_users::created_at.eq(At(user.created_at)),
                 eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
                 eco_users::blocked_at.eq(user.blocked_at.map(At)),
+                eco_users::plan_version.eq(version_column(newest)),
+                eco_users::overrides.eq(overrides.as_deref().map(Json)),
             ))
             .execute(&mut *conn)
             .await
@@ -198,11 +248,31 @@ impl UserRepository for This {
         at: OffsetDateTime,
     ) -> Result<User, RepoError> {
         let mut conn = self.conn().await?;
+        let newest = newest_plan_version(&mut conn, plan.as_str())
+            .await
+            .map_err(|e| e.into_repo("user"))?;
         diesel::update(eco_users::table.find(id.as_str()))
             .set((
+                eco_users::plan_version.eq(version_on_move(plan, newest)),
                 eco_users::plan.eq(plan.as_str()),
                 eco_users::plan_changed_at.eq(At(at)),
             ))
+            .returning(UserRow::as_returning())
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?
+            .into_domain()
+    }
+
+    async fn set_user_overrides(
+        &self,
+        id: &UserId,
+        overrides: Option<&Overrides>,
+    ) -> Result<User, RepoError> {
+        let mut conn = self.conn().await?;
+        let overrides = overrides_json(overrides)?;
+        diesel::update(eco_users::table.find(id.as_str()))
+            .set(eco_users::overrides.eq(overrides.as_deref().map(Json)))
             .returning(UserRow::as_returning())
             .get_result(&mut *conn)
             .await
@@ -278,8 +348,10 @@ impl UserRepository for This {
                 .execute(conn)
                 .await?;
             if let SubscriptionOutcome::Applied(user) = &outcome {
+                let newest = newest_plan_version(conn, user.plan.as_str()).await?;
                 diesel::update(eco_users::table.find(user.id.as_str()))
                     .set((
+                        eco_users::plan_version.eq(version_on_move(user.plan, newest)),
                         eco_users::plan.eq(user.plan.as_str()),
                         eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
                         eco_users::plan_changed_at.eq(At(at)),
@@ -1995,6 +2067,10 @@ struct UserPageRow {
     plan_subscription_id: Option<String>,
     #[diesel(sql_type = Nullable<Stamp>)]
     blocked_at: Option<OffsetDateTime>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    plan_version: Option<i32>,
+    #[diesel(sql_type = Nullable<JsonText>)]
+    overrides: Option<String>,
     #[diesel(sql_type = BigInt)]
     api_calls: i64,
     #[diesel(sql_type = BigInt)]
@@ -2007,9 +2083,11 @@ impl UserPageRow {
     fn into_domain(self) -> Result<UserUsageRow, RepoError> {
         Ok(UserUsageRow {
             user: User {
+                plan: parse_plan(&self.plan)?,
+                plan_version: self.plan_version.and_then(|v| u32::try_from(v).ok()),
+                overrides: parse_overrides(&self.id, self.overrides.as_deref())?,
                 id: UserId::from_stored(self.id),
                 email: self.email,
-                plan: parse_plan(&self.plan)?,
                 stripe_customer_id: self.stripe_customer_id,
                 created_at: self.created_at,
                 plan_subscription_id: self.plan_subscription_id,

@@ -90,7 +90,9 @@ macro_rules! repository_conformance_tests {
             plans_are_seeded_once_from_the_built_in_terms,
             plans_are_created_revised_and_archived,
             plan_terms_read_back_as_written,
-            concurrent_plan_revisions_get_distinct_versions;
+            concurrent_plan_revisions_get_distinct_versions,
+            users_hold_the_plan_version_they_subscribed_to,
+            users_overrides_are_kept_and_dropped;
             late_writes_are_marked_by_the_store_clock,
         );
     };
@@ -129,6 +131,8 @@ fn user(email: &str, plan: Plan) -> User {
         created_at: T0,
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     }
 }
 
@@ -2899,4 +2903,142 @@ pub async fn concurrent_plan_revisions_get_distinct_versions(store: Arc<dyn Stor
     }
     versions.sort_unstable();
     assert_eq!(versions, (2..=9).collect::<Vec<u32>>());
+}
+
+pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store>) {
+    let early = user("early@example.com", Plan::Pro);
+    store.create_user(&early).await.unwrap();
+    assert_eq!(
+        store
+            .user_by_id(&early.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .plan_version,
+        None,
+        "no version before the catalog has one"
+    );
+    store.seed_plans(&builtin_plans(), T0).await.unwrap();
+    assert_eq!(
+        store
+            .user_by_id(&early.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .plan_version,
+        Some(1),
+        "the first start puts users on version 1"
+    );
+    let mut pro = builtin_plans()[1].clone();
+    pro.price_cents = 5_900;
+    store
+        .revise_plan(&pro, PlanMove::NextPeriod, T0)
+        .await
+        .unwrap();
+    // A new subscriber gets the newest version; the given one is not read.
+    let mut late = user("late@example.com", Plan::Pro);
+    late.plan_version = Some(77);
+    store.create_user(&late).await.unwrap();
+    assert_eq!(
+        store
+            .user_by_id(&late.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .plan_version,
+        Some(2)
+    );
+    assert_eq!(
+        store
+            .user_by_id(&early.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .plan_version,
+        Some(1)
+    );
+    // Setting the same plan again is no move; another plan is its newest version.
+    let same = store.set_plan(&early.id, Plan::Pro, T0).await.unwrap();
+    assert_eq!(same.plan_version, Some(1));
+    let moved = store.set_plan(&early.id, Plan::Free, T0).await.unwrap();
+    assert_eq!((moved.plan, moved.plan_version), (Plan::Free, Some(1)));
+    let back = store.set_plan(&early.id, Plan::Pro, T0).await.unwrap();
+    assert_eq!(back.plan_version, Some(2));
+    // A Stripe subscription that changes the plan moves to the newest version too.
+    let mut customer = user("stripe@example.com", Plan::Free);
+    customer.stripe_customer_id = Some("cus_version".into());
+    store.create_user(&customer).await.unwrap();
+    let change = SubscriptionChange {
+        event_id: "evt_version".into(),
+        event_type: "customer.subscription.updated".into(),
+        customer: "cus_version".into(),
+        plan: Plan::Pro,
+        created: T0,
+        subscription: Some("sub_version".into()),
+        ends: false,
+    };
+    let outcome = store.apply_subscription_change(&change, T0).await.unwrap();
+    assert!(
+        matches!(outcome, SubscriptionOutcome::Applied(_)),
+        "{outcome:?}"
+    );
+    let stored = store.user_by_id(&customer.id).await.unwrap().unwrap();
+    assert_eq!((stored.plan, stored.plan_version), (Plan::Pro, Some(2)));
+    // The users page reads the same columns.
+    let page = store
+        .users_page(
+            &UserPageQuery {
+                period_start: BillingPeriod::containing(T0).start(),
+                plan: None,
+                search: Some("late@".into()),
+                sort: UserSort::Email,
+                descending: false,
+                offset: 0,
+                limit: 10,
+            },
+            &PlanCatalog::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.1[0].user.plan_version, Some(2));
+}
+
+pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {
+    let u = user("terms@example.com", Plan::Pro);
+    store.create_user(&u).await.unwrap();
+    let overrides: usage_core::catalog::Overrides = serde_json::from_value(serde_json::json!({
+        "price_cents": 30000,
+        "limits": [{"meter": "api_calls", "included": 2000000, "over_limit": "overage",
+                    "overage": {"model": "volume", "tiers": [
+                        {"up_to": 1000, "unit_price_micros": 900},
+                        {"up_to": null, "unit_price_micros": 400}]}}]
+    }))
+    .unwrap();
+    let set = store
+        .set_user_overrides(&u.id, Some(&overrides))
+        .await
+        .unwrap();
+    assert_eq!(set.overrides.as_ref(), Some(&overrides));
+    assert_eq!(
+        store.user_by_id(&u.id).await.unwrap().unwrap().overrides,
+        Some(overrides.clone())
+    );
+    assert_eq!(
+        store
+            .user_by_email("terms@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .overrides,
+        Some(overrides)
+    );
+    let dropped = store.set_user_overrides(&u.id, None).await.unwrap();
+    assert_eq!(dropped.overrides, None);
+    assert_eq!(
+        store
+            .set_user_overrides(&UserId::generate(), None)
+            .await
+            .unwrap_err(),
+        RepoError::NotFound { entity: "user" }
+    );
 }

@@ -70,6 +70,14 @@ impl State {
 }
 
 impl State {
+    /// The newest version of plan `key`, if it has one.
+    fn newest_version(&self, key: &str) -> Option<u32> {
+        self.plans
+            .get(key)
+            .and_then(|(_, versions)| versions.last())
+            .map(|v| v.plan.version)
+    }
+
     /// Stores a new key, and indexes its hash.
     fn insert_key(&mut self, key: &ApiKeyRecord) {
         self.key_by_hash
@@ -184,10 +192,14 @@ impl UserRepository for MemoryStore {
             });
         }
         check_customer_free(&state, &user.id, user.stripe_customer_id.as_deref())?;
+        let user = User {
+            plan_version: state.newest_version(user.plan.as_str()),
+            ..user.clone()
+        };
         state
             .user_by_email
             .insert(user.email.clone(), user.id.clone());
-        state.users.insert(user.id.clone(), user.clone());
+        state.users.insert(user.id.clone(), user);
         Ok(())
     }
 
@@ -211,14 +223,32 @@ impl UserRepository for MemoryStore {
         at: OffsetDateTime,
     ) -> Result<User, RepoError> {
         let mut state = self.state();
+        let newest = state.newest_version(plan.as_str());
         let user = state
             .users
             .get_mut(id)
             .ok_or(RepoError::NotFound { entity: "user" })?;
+        if user.plan != plan {
+            user.plan_version = newest;
+        }
         user.plan = plan;
         let user = user.clone();
         state.plan_changed.insert(id.clone(), at);
         Ok(user)
+    }
+
+    async fn set_user_overrides(
+        &self,
+        id: &UserId,
+        overrides: Option<&usage_core::catalog::Overrides>,
+    ) -> Result<User, RepoError> {
+        let mut state = self.state();
+        let user = state
+            .users
+            .get_mut(id)
+            .ok_or(RepoError::NotFound { entity: "user" })?;
+        user.overrides = overrides.cloned();
+        Ok(user.clone())
     }
 
     async fn set_stripe_customer(
@@ -256,8 +286,12 @@ impl UserRepository for MemoryStore {
             .map(|(_, created, _)| *created)
             .max();
         let is_new = !state.stripe_events.contains_key(&change.event_id);
-        let outcome = plan_subscription_change(user, is_new, latest_applied, change);
-        if let SubscriptionOutcome::Applied(user) = &outcome {
+        let held = user.map(|u| u.plan);
+        let mut outcome = plan_subscription_change(user, is_new, latest_applied, change);
+        if let SubscriptionOutcome::Applied(user) = &mut outcome {
+            if held != Some(user.plan) {
+                user.plan_version = state.newest_version(user.plan.as_str());
+            }
             state.users.insert(user.id.clone(), user.clone());
             state.plan_changed.insert(user.id.clone(), at);
         }
@@ -1478,6 +1512,11 @@ impl PlanRepository for MemoryStore {
             if versions.is_empty() {
                 versions.push(plan_version(plan, 1, PlanMove::NextPeriod, at));
                 seeded.push(plan.key.clone());
+                for user in state.users.values_mut() {
+                    if user.plan.as_str() == plan.key && user.plan_version.is_none() {
+                        user.plan_version = Some(1);
+                    }
+                }
             }
         }
         Ok(seeded)

@@ -94,6 +94,8 @@ pub async fn user_on(
         created_at,
         plan_subscription_id: None,
         blocked_at: None,
+        plan_version: None,
+        overrides: None,
     };
     store.create_user(&user).await.unwrap();
     let key = ApiKeyRecord {

@@ -69,14 +69,24 @@ impl PgStore {
     pub async fn open(url: &str, options: &PoolOptions) -> Result<Self, StoreError> {
         let timeout_ms = options.statement_timeout.as_millis();
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
+        // Connections are opened on the runtime that opens the store, whichever runtime
+        // asks for one (bb8 opens them from the caller's): a connection's driver task runs
+        // where it was opened, and an actix worker's runtime ends with the server, before
+        // the last batch of usage is written on the main one.
+        let store_runtime = tokio::runtime::Handle::current();
         config.custom_setup = Box::new(move |url| {
             let url = url.to_owned();
-            Box::pin(async move {
+            let opening = store_runtime.spawn(async move {
                 let mut conn = AsyncPgConnection::establish(&url).await?;
                 conn.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
                     .await
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 Ok(conn)
+            });
+            Box::pin(async move {
+                opening
+                    .await
+                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?
             })
         });
         let manager = AsyncDieselConnectionManager::new_with_config(url, config);

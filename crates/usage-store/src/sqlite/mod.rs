@@ -115,10 +115,15 @@ impl SqliteStore {
         let mut config = ManagerConfig::<Conn>::default();
         // A file does not go away under an open connection: no test query per checkout.
         config.recycling_method = RecyclingMethod::Fast;
+        // Every connection runs its calls on the blocking pool of the runtime that opens
+        // the store, not of the one that happens to ask for a new connection (bb8 opens
+        // them from the caller's runtime): an actix worker's runtime ends with the
+        // server, before the last batch of usage is written on the main one.
+        let store_runtime = tokio::runtime::Handle::current();
         config.custom_setup = Box::new(move |path| {
             let path = path.to_owned();
+            let runtime = store_runtime.clone();
             Box::pin(async move {
-                let runtime = tokio::runtime::Handle::current();
                 let opened = runtime
                     .spawn_blocking(move || {
                         let mut conn = SqliteConnection::establish(&path)?;
@@ -449,3 +454,52 @@ async fn prepare_usage_storage(
 }
 
 include!("../repositories.rs");
+
+#[cfg(test)]
+mod tests {
+    use diesel_async::SimpleAsyncConnection;
+
+    use super::*;
+
+    /// An actix worker's runtime asks for new connections, then ends with the server; the
+    /// last batch of usage is written on the main runtime, on those same connections.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_opened_from_a_runtime_that_ended_still_work() {
+        let dir = std::env::temp_dir().join(format!("usage-sqlite-rt-{}", uuid::Uuid::now_v7()));
+        let path = dir.join("usage.db");
+        let url = format!("sqlite://{}", path.display());
+        crate::migrate(&url).await.unwrap();
+        let store = SqliteStore::open(&path, &PoolOptions::default())
+            .await
+            .unwrap();
+        let pool = store.pool.clone();
+        std::thread::spawn(move || {
+            let worker = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            worker.block_on(async {
+                // Three held at once: the pool opens two more, from this runtime.
+                let held = [
+                    pool.get_owned().await.unwrap(),
+                    pool.get_owned().await.unwrap(),
+                    pool.get_owned().await.unwrap(),
+                ];
+                drop(held);
+            });
+        })
+        .join()
+        .unwrap();
+        assert!(store.pool.state().connections >= 3);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(store.pool.get_owned().await.unwrap());
+        }
+        for conn in &mut held {
+            conn.batch_execute("SELECT 1").await.unwrap();
+        }
+        drop(held);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
