@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use usage_core::catalog::{PlanDefinition, PlanMove, Quote};
+use usage_core::catalog::{
+    CatalogError, PlanDefinition, PlanMove, Quote, from_json, revision_from_json,
+};
 use usage_core::plans::{PlanDetail, PlanSummary};
 
 use crate::ApiError;
@@ -57,20 +59,16 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
     );
 }
 
-/// A JSON body read into `T`; a field that does not fit is named with its path
-/// (`limits[0].overage.tiers[1].up_to`).
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut json = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = if inner.is_syntax() || inner.is_eof() || path == "." {
-            format!("The request body is not valid: {inner}.")
-        } else {
-            format!("{path}: {inner}")
-        };
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message)
-    })
+/// Reads a body of at most [`MAX_PLAN_BYTES`], noted for the audit log.
+async fn read_noted(body: web::Payload, note: &RefCell<String>) -> Result<web::Bytes, ApiError> {
+    let body = read_body(body, MAX_PLAN_BYTES).await?;
+    *note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+    Ok(body)
+}
+
+/// A refused body: which field, and what it accepts.
+fn invalid(e: CatalogError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", e.to_string())
 }
 
 /// Every plan's newest version, with its subscribers.
@@ -124,27 +122,19 @@ pub(crate) async fn create(
     let body_note = &note;
     admin_call_noted(&req, &state, &note, |query| async move {
         // Read after the checks: a non-admin's body is never read.
-        let body = read_body(body, MAX_PLAN_BYTES).await?;
-        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+        let body = read_noted(body, body_note).await?;
         no_parameters(&query)?;
-        let plan: PlanDefinition = parse_json(&body)?;
+        let plan: PlanDefinition = from_json(&body).map_err(invalid)?;
         let created = plans.create(&plan).await?;
         Ok(HttpResponse::Created().json(created.plan))
     })
     .await
 }
 
-/// The body of `PUT /api/admin/plans/{key}`: the plan's terms as `POST` takes them
-/// (`key` may be left out; `version` is ignored), and how its users move.
-#[derive(Debug, Deserialize)]
-pub(crate) struct PlanRevision {
-    /// `next_period` (the default), `now` or `keep`.
-    #[serde(default)]
-    existing: Option<PlanMove>,
-    /// The new terms.
-    #[serde(flatten)]
-    terms: serde_json::Map<String, serde_json::Value>,
-}
+/// The body of `PUT /api/admin/plans/{key}` in the API description: the plan's terms as
+/// `POST` takes them (`key` may be left out; `version` is not read), and `existing`, how
+/// its users move (read by `usage_core::catalog::revision_from_json`).
+pub(crate) struct PlanRevision;
 
 impl utoipa::PartialSchema for PlanRevision {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
@@ -201,30 +191,9 @@ pub(crate) async fn revise(
     let note = RefCell::new(String::new());
     let body_note = &note;
     admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_body(body, MAX_PLAN_BYTES).await?;
-        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+        let body = read_noted(body, body_note).await?;
         no_parameters(&query)?;
-        let PlanRevision {
-            existing,
-            mut terms,
-        } = parse_json(&body)?;
-        let key = path.into_inner();
-        match terms.remove("key") {
-            None => {}
-            Some(serde_json::Value::String(given)) if given == key => {}
-            Some(given) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_parameter",
-                    format!(
-                        "key: a plan's key never changes; leave it out (got {given} for {key:?})"
-                    ),
-                ));
-            }
-        }
-        terms.remove("version");
-        terms.insert("key".into(), serde_json::Value::String(key));
-        let plan: PlanDefinition = parse_json(&serde_json::to_vec(&terms).unwrap_or_default())?;
+        let (plan, existing) = revision_from_json(&path, &body).map_err(invalid)?;
         let revised = plans.revise(&plan, existing.unwrap_or_default()).await?;
         Ok(HttpResponse::Ok().json(revised.plan))
     })
@@ -276,10 +245,9 @@ pub(crate) async fn quote(
     let note = RefCell::new(String::new());
     let body_note = &note;
     admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_body(body, MAX_PLAN_BYTES).await?;
-        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+        let body = read_noted(body, body_note).await?;
         no_parameters(&query)?;
-        let request: QuoteRequest = parse_json(&body)?;
+        let request: QuoteRequest = from_json(&body).map_err(invalid)?;
         Ok(HttpResponse::Ok().json(plans.quote(&path, &request.usage).await?))
     })
     .await

@@ -136,7 +136,7 @@ async fn plans_are_listed_created_quoted_revised_and_archived(backend: Backend) 
         // (Inside the tagged model the path stops at the model.)
         (
             GROWTH.replace("750000", "-1"),
-            "limits[0].overage: invalid value: integer `-1`",
+            "limits[0].overage does not fit: invalid value: integer `-1`",
         ),
         (
             GROWTH.replace("750000", "250000000000000000000"),

@@ -156,6 +156,60 @@ impl PlanMove {
     }
 }
 
+/// Reads `T` (a plan, overrides, a quote's usage) from JSON text: a value that does not
+/// fit is refused naming its path (`limits[0].included`), text that is not JSON as `body`.
+pub fn from_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> Result<T, CatalogError> {
+    let mut json = serde_json::Deserializer::from_slice(text);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            CatalogError::new("body", format!("is not valid JSON: {inner}"))
+        } else if path == "." || path == "?" {
+            CatalogError::new("body", format!("does not fit: {inner}"))
+        } else {
+            CatalogError::new(path, format!("does not fit: {inner}"))
+        }
+    })
+}
+
+/// A new version's terms for plan `key`, from the JSON object a revision takes: the plan's
+/// fields (`key` may be left out, or be `key`; `version` and `archived` are not read) and
+/// `existing`, how users of earlier versions move (`None`: not given).
+pub fn revision_from_json(
+    key: &str,
+    text: &[u8],
+) -> Result<(PlanDefinition, Option<PlanMove>), CatalogError> {
+    use serde_json::Value;
+    let mut terms: serde_json::Map<String, Value> = from_json(text)?;
+    let existing = match terms.remove("existing") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(PlanMove::parse(&name)?),
+        Some(other) => {
+            return Err(CatalogError::new(
+                "existing",
+                format!("must be one of next_period, now, keep (got {other})"),
+            ));
+        }
+    };
+    match terms.remove("key") {
+        None => {}
+        Some(Value::String(given)) if given == key => {}
+        Some(other) => {
+            return Err(CatalogError::new(
+                "key",
+                format!("never changes: leave it out, or give {key:?} (got {other})"),
+            ));
+        }
+    }
+    terms.remove("version");
+    terms.remove("archived");
+    terms.insert("key".to_owned(), Value::String(key.to_owned()));
+    let text = serde_json::to_vec(&Value::Object(terms))
+        .map_err(|e| CatalogError::new("body", e.to_string()))?;
+    Ok((from_json(&text)?, existing))
+}
+
 /// Whether `key` is a well-formed plan or meter key: `[a-z0-9_-]{1,40}`.
 pub fn is_valid_key(key: &str) -> bool {
     (1..=40).contains(&key.len())
@@ -736,6 +790,51 @@ mod tests {
             let err = plan.validate(&METERS).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().starts_with(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn json_is_read_naming_the_path_of_what_does_not_fit() {
+        let plan: PlanDefinition = from_json(GROWTH.as_bytes()).unwrap();
+        assert_eq!(plan, growth());
+        let wrong_type = GROWTH.replace("250000", "\"many\"");
+        let err = from_json::<PlanDefinition>(wrong_type.as_bytes()).unwrap_err();
+        assert_eq!(err.field, "limits[0].included", "{err}");
+        let err = from_json::<PlanDefinition>(b"{").unwrap_err();
+        assert_eq!(err.field, "body");
+        assert!(err.message.starts_with("is not valid JSON"), "{err}");
+        let err = from_json::<PlanDefinition>(br#"{"key": "x"}"#).unwrap_err();
+        assert_eq!(err.field, "body", "a missing field: {err}");
+        assert!(err.message.contains("name"), "{err}");
+    }
+
+    #[test]
+    fn a_revision_takes_the_terms_without_key_and_version() {
+        let mut terms: serde_json::Value = serde_json::from_str(GROWTH).unwrap();
+        terms["version"] = serde_json::json!(9);
+        terms["archived"] = serde_json::json!(true);
+        terms["existing"] = serde_json::json!("keep");
+        let text = terms.to_string();
+        let (plan, existing) = revision_from_json("growth", text.as_bytes()).unwrap();
+        assert_eq!(existing, Some(PlanMove::Keep));
+        assert_eq!((plan.version, plan.archived), (1, false), "not read");
+        assert_eq!(plan.price_cents, 9_900);
+        terms.as_object_mut().unwrap().remove("key");
+        terms.as_object_mut().unwrap().remove("existing");
+        let (plan, existing) = revision_from_json("growth", terms.to_string().as_bytes()).unwrap();
+        assert_eq!((plan.key.as_str(), existing), ("growth", None));
+        for (bad, field) in [
+            (serde_json::json!({"key": "pro"}), "key"),
+            (serde_json::json!({"key": 5}), "key"),
+            (serde_json::json!({"existing": "later"}), "existing"),
+            (serde_json::json!({"existing": 1}), "existing"),
+        ] {
+            let mut body = terms.clone();
+            for (k, v) in bad.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let err = revision_from_json("growth", body.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
         }
     }
 

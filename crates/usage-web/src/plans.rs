@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use actix_web::{HttpRequest, HttpResponse, web};
 use maud::html;
 use usage_core::Cents;
-use usage_core::catalog::{API_CALLS, MeterLimit, PlanDefinition, PlanMove};
+use usage_core::catalog::{
+    API_CALLS, CatalogError, MeterLimit, PlanDefinition, PlanMove, from_json, revision_from_json,
+};
 use usage_core::plans::PlanError;
 use usage_core::pricing::OverageModel;
 
@@ -18,6 +20,12 @@ use crate::layout::{Nav, csrf_field, day, money, page};
 use crate::{Dashboard, PageError, Viewer, check_form, page_response, query, see_other};
 
 type Form = web::Form<HashMap<String, String>>;
+
+impl From<CatalogError> for PageError {
+    fn from(e: CatalogError) -> Self {
+        PageError::BadRequest(e.to_string())
+    }
+}
 
 impl From<PlanError> for PageError {
     fn from(e: PlanError) -> Self {
@@ -94,20 +102,6 @@ fn editable_json(plan: &PlanDefinition) -> String {
         object.remove("archived");
     }
     serde_json::to_string_pretty(&json).unwrap_or_default()
-}
-
-/// The JSON of a form field, read as `T`, a refusal naming the field's path.
-fn parse_terms<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T, PageError> {
-    let mut json = serde_json::Deserializer::from_str(raw);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        PageError::BadRequest(if inner.is_syntax() || inner.is_eof() || path == "." {
-            format!("The plan is not valid JSON: {inner}")
-        } else {
-            format!("{path}: {inner}")
-        })
-    })
 }
 
 /// `GET /dashboard/admin/plans`: every plan's newest version, and a form for a new one.
@@ -298,7 +292,7 @@ pub(crate) async fn create(
     admin_page(&req, &dash, form_note(&form), async |viewer: Viewer| {
         check_form(&req, &viewer, &form)?;
         let raw = form.get("plan").map(String::as_str).unwrap_or_default();
-        let plan: PlanDefinition = parse_terms(raw)?;
+        let plan: PlanDefinition = from_json(raw.as_bytes())?;
         let created = dash.plans.create(&plan).await?;
         Ok(see_other(&format!(
             "/dashboard/admin/plans/{}",
@@ -318,24 +312,11 @@ pub(crate) async fn revise(
     admin_page(&req, &dash, form_note(&form), async |viewer: Viewer| {
         check_form(&req, &viewer, &form)?;
         let raw = form.get("plan").map(String::as_str).unwrap_or_default();
-        let mut terms: serde_json::Map<String, serde_json::Value> = parse_terms(raw)?;
-        match terms.get("key") {
-            None => {}
-            Some(serde_json::Value::String(key)) if *key == *path => {}
-            Some(other) => {
-                return Err(PageError::BadRequest(format!(
-                    "key: a plan's key never changes; leave it {:?} (got {other})",
-                    path.as_str()
-                )));
-            }
-        }
-        terms.insert("key".into(), serde_json::Value::String(path.to_string()));
-        terms.remove("version");
-        terms.remove("archived");
-        let plan: PlanDefinition = parse_terms(&serde_json::Value::Object(terms).to_string())?;
+        let (plan, in_terms) = revision_from_json(&path, raw.as_bytes())?;
+        // The form's own choice, else what the terms say, else the default.
         let existing = match form.get("existing").map(String::as_str) {
-            None | Some("") => PlanMove::default(),
-            Some(raw) => PlanMove::parse(raw).map_err(|e| PageError::BadRequest(e.to_string()))?,
+            None | Some("") => in_terms.unwrap_or_default(),
+            Some(raw) => PlanMove::parse(raw)?,
         };
         dash.plans.revise(&plan, existing).await?;
         Ok(see_other(&format!("/dashboard/admin/plans/{}", plan.key)))
