@@ -1,6 +1,7 @@
-//! Plans as data: a plan's terms as operators write them (API, catalog file), their
-//! validation, the built-in plans made from the plan variables, and the quote of a
-//! period's usage under a plan.
+//! Plans as data: a plan's terms as operators write them (API, catalog file, dashboard),
+//! read from JSON with the path of what does not fit, their validation, a customer's own
+//! terms over them ([`Overrides`]), the built-in plans made from the plan variables, and
+//! the quote of a period's usage under a plan.
 
 use std::collections::BTreeMap;
 
