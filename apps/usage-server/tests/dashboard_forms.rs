@@ -7,35 +7,9 @@
 #[macro_use]
 mod common;
 
-use common::{Backend, Db};
+use common::{Backend, Db, hidden, no_redirects as client, session_of};
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// The session cookie a sign-in answered with (`name=value`), if any.
-fn session_of(res: &reqwest::Response) -> Option<String> {
-    res.headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("usage_session=") && !c.starts_with("usage_session=;"))
-        .map(|c| c.split(';').next().unwrap().to_owned())
-}
-
-/// The value of the hidden input `name` in a page.
-fn hidden(page: &str, name: &str) -> String {
-    let at = page
-        .find(&format!("name=\"{name}\" value=\""))
-        .unwrap_or_else(|| panic!("no {name} in {page}"));
-    let rest = &page[at + name.len() + 15..];
-    rest[..rest.find('"').unwrap()].to_owned()
-}
+use reqwest::header::{CONTENT_TYPE, LOCATION};
 
 async fn forms_come_from_this_origin_only(backend: Backend) {
     let db = Db::new(backend);

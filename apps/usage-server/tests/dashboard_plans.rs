@@ -6,25 +6,9 @@
 #[macro_use]
 mod common;
 
-use common::{Backend, Db};
+use common::{Backend, Db, hidden, no_redirects as client, session_of};
 use reqwest::StatusCode;
-use reqwest::header::{LOCATION, SET_COOKIE};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// The value of the hidden input `name` in a page.
-fn hidden(page: &str, name: &str) -> String {
-    let at = page
-        .find(&format!("name=\"{name}\" value=\""))
-        .unwrap_or_else(|| panic!("no {name} in {page}"));
-    let rest = &page[at + name.len() + 15..];
-    rest[..rest.find('"').unwrap()].to_owned()
-}
+use reqwest::header::LOCATION;
 
 /// A signed-in session of `user`: its cookie.
 async fn sign_in(db: &Db, server: &common::Server, user: &str) -> String {
@@ -36,13 +20,7 @@ async fn sign_in(db: &Db, server: &common::Server, user: &str) -> String {
         .send()
         .await
         .unwrap();
-    res.headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("usage_session=") && !c.starts_with("usage_session=;"))
-        .map(|c| c.split(';').next().unwrap().to_owned())
-        .unwrap()
+    session_of(&res).unwrap()
 }
 
 const GROWTH: &str = r#"{"key": "growth", "name": "Growth", "price_cents": 9900,

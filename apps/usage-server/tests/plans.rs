@@ -6,26 +6,8 @@
 #[macro_use]
 mod common;
 
-use common::{Backend, Db, SECRET};
+use common::{Backend, Db, token};
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use usage_auth::jwt::{JwtConfig, JwtKeys};
-use usage_core::UserId;
-
-fn token(user: &str) -> String {
-    JwtKeys::new(&JwtConfig {
-        secret: SECRET.as_bytes().to_vec(),
-        audience: "authenticated".to_owned(),
-        issuer: None,
-    })
-    .unwrap()
-    .mint(
-        &UserId::parse(user).unwrap(),
-        600,
-        OffsetDateTime::now_utc(),
-    )
-    .unwrap()
-}
 
 /// The contract's `growth` plan: 250,000 calls included, then graduated overage.
 fn growth() -> Value {

@@ -10,28 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Db, SECRET, Server};
+use common::{Backend, Db, Server, token};
 use serde_json::Value;
-use time::OffsetDateTime;
-use usage_auth::jwt::{JwtConfig, JwtKeys};
-use usage_core::UserId;
 
 const FREE_LIMIT: u64 = 600;
-
-fn token(user: &str) -> String {
-    JwtKeys::new(&JwtConfig {
-        secret: SECRET.as_bytes().to_vec(),
-        audience: "authenticated".to_owned(),
-        issuer: None,
-    })
-    .unwrap()
-    .mint(
-        &UserId::parse(user).unwrap(),
-        600,
-        OffsetDateTime::now_utc(),
-    )
-    .unwrap()
-}
 
 fn start_two(db: &Db) -> (Arc<Server>, Arc<Server>) {
     let env = [

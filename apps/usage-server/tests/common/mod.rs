@@ -481,3 +481,46 @@ pub fn commit_synchronously(db: &Db) {
     ))
     .unwrap();
 }
+
+/// A user JWT for `user` (an `eco_usr_...` id), signed with [`SECRET`], valid 10 minutes.
+pub fn token(user: &str) -> String {
+    usage_auth::jwt::JwtKeys::new(&usage_auth::jwt::JwtConfig {
+        secret: SECRET.as_bytes().to_vec(),
+        audience: "authenticated".to_owned(),
+        issuer: None,
+    })
+    .unwrap()
+    .mint(
+        &UserId::parse(user).unwrap(),
+        600,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap()
+}
+
+/// An HTTP client that does not follow redirects (a form's 303 is what is asserted).
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The session cookie a sign-in answered with (`name=value`), if any.
+pub fn session_of(res: &reqwest::Response) -> Option<String> {
+    res.headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("usage_session=") && !c.starts_with("usage_session=;"))
+        .map(|c| c.split(';').next().unwrap().to_owned())
+}
+
+/// The value of the hidden input `name` in a page.
+pub fn hidden(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!("name=\"{name}\" value=\""))
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    let rest = &page[at + name.len() + 15..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
