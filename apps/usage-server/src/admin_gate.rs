@@ -8,7 +8,6 @@ use std::future::Future;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use usage_core::Plan;
 use usage_core::rate::RateDecision;
 use usage_core::repo::AdminAuditEntry;
 
@@ -51,7 +50,7 @@ where
     let result = if let RateDecision::Limited { retry_after, .. } =
         // One limit for everyone: the limiter is keyed by user, the plan is a placeholder
         // with the admin rate.
-        state.admin_rate.check(&user, Plan::Enterprise)
+        state.admin_rate.check(&user, Some(state.admin_rate_limit))
     {
         Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -1,23 +1,29 @@
 //! The plan catalog at start: the built-in plans stored from the plan variables the first
-//! time, `DEFAULT_PLAN` checked, and a warning naming each variable that no longer says
-//! what the catalog holds. (Metering and billing still apply the variables to the built-in
-//! plans; they move onto the catalog with the rest of plans as data.)
+//! time, `DEFAULT_PLAN` checked, a warning naming each variable that no longer says what
+//! the catalog holds, and the catalog loaded for metering and figures.
 
 use std::sync::Arc;
 
 use usage_core::plans::Plans;
+use usage_core::terms::LiveCatalog;
 use usage_core::{Clock, Store};
 
 use crate::ServerError;
 use crate::config::Config;
 
-/// The catalog service on `store`, its built-in plans seeded.
+/// The catalog service on `store`, its built-in plans seeded, and the catalog as metering
+/// reads it (kept current by the service's own changes, and by the meter's poll).
 pub(crate) async fn open(
     config: &Config,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-) -> Result<Plans, ServerError> {
-    let plans = Plans::new(store.clone(), store, clock, config.default_plan.clone());
+) -> Result<(Plans, Arc<LiveCatalog>), ServerError> {
+    let plans = Plans::new(
+        store.clone(),
+        store.clone(),
+        clock,
+        config.default_plan.clone(),
+    );
     let builtin = config.builtin_plans();
     let seeded = plans.seed(&builtin).await?;
     if !seeded.is_empty() {
@@ -49,7 +55,8 @@ pub(crate) async fn open(
             );
         }
     }
-    Ok(plans)
+    let live = LiveCatalog::load(store).await?;
+    Ok((plans.refreshing(live.clone()), live))
 }
 
 /// The variables that set `field` of built-in plan `key`.

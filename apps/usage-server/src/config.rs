@@ -273,13 +273,13 @@ impl Config {
 
     /// The built-in plans as the plan variables define them: the catalog's first terms.
     pub fn builtin_plans(&self) -> Vec<usage_core::catalog::PlanDefinition> {
-        usage_core::Plan::ALL
-            .into_iter()
-            .map(|plan| {
-                let price = match plan {
-                    usage_core::Plan::Free => None,
-                    usage_core::Plan::Pro => self.stripe_prices.pro.clone(),
-                    usage_core::Plan::Enterprise => self.stripe_prices.enterprise.clone(),
+        usage_core::Plan::builtin()
+            .iter()
+            .filter_map(|plan| {
+                let price = match plan.as_str() {
+                    "pro" => self.stripe_prices.pro.clone(),
+                    "enterprise" => self.stripe_prices.enterprise.clone(),
+                    _ => None,
                 };
                 usage_core::catalog::PlanDefinition::builtin(
                     plan,

@@ -283,6 +283,9 @@ impl From<usage_analytics::AnalyticsError> for ApiError {
             usage_analytics::AnalyticsError::InvalidParameter { message, .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message)
             }
+            usage_analytics::AnalyticsError::PlanArchived(message) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "plan_archived", message)
+            }
             usage_analytics::AnalyticsError::Repo(e) => e.into(),
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use actix_web::{App, HttpServer, web};
-use usage_core::rate::{PlanRateLimits, RateLimiter};
+use usage_core::rate::RateLimiter;
 use usage_core::repo::UsageRepository;
 use usage_embed::{UsageMeter, UsageOptions};
 
@@ -33,7 +33,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     if let Some(start) = config.clock_start {
         tracing::warn!(%start, "running on a shifted clock (USAGE_CLOCK_START)");
     }
-    let plans = crate::catalog::open(&config, store.clone(), clock.clone()).await?;
+    let (plans, catalog) = crate::catalog::open(&config, store.clone(), clock.clone()).await?;
     if config.bench_discard_usage {
         tracing::warn!("--bench-discard-usage: recorded calls are DROPPED, not written");
     }
@@ -58,15 +58,22 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
             plans: config.plans.clone(),
             quota: config.quota,
             rate_limits: config.rate_limits,
+            catalog: Some(catalog.clone()),
             clock: clock.clone(),
             record_to: config
                 .bench_discard_usage
                 .then(|| Arc::new(usage_core::discard::DiscardUsage) as Arc<dyn UsageRepository>),
             endpoint_patterns: config.forward_auth_routes.clone(),
         },
-    )?;
+    )
+    .await?;
     let (tracker, verifier, quota) = (usage.tracker().clone(), usage.verifier(), usage.quota());
-    let reports = UsageReports::new(store.clone(), Arc::clone(&quota), clock.clone());
+    let reports = UsageReports::new(
+        store.clone(),
+        Arc::clone(&quota),
+        catalog.clone(),
+        clock.clone(),
+    );
     let keys = KeyIssuer::new(store.clone(), clock.clone());
     let aggregation = DailyAggregation::new(store.clone(), clock.clone());
     let (store_for_billing, clock_for_billing) = (store.clone(), clock.clone());
@@ -79,6 +86,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let admin_reports = usage_analytics::admin::AdminReports::new(
         store_for_billing.clone(),
+        catalog.clone(),
         config.plans.clone(),
         clock_for_billing.clone(),
     );
@@ -96,7 +104,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let webhooks = config.stripe_webhook_secret.as_ref().map(|secret| {
         usage_billing::StripeWebhooks::new(
             secret.expose(),
-            config.stripe_prices.clone(),
+            catalog.clone(),
+            usage_core::Plan::from_stored(config.default_plan.as_str()),
             store.clone(),
             clock.clone(),
         )
@@ -112,7 +121,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         keys: keys.clone(),
         admins: config.admins.clone(),
         verifier: verifier.clone(),
-        catalog: config.plans.clone(),
+        catalog: catalog.clone(),
         plans: plans.clone(),
         clock: clock.clone(),
         secure_cookies: config.public_url.starts_with("https://"),
@@ -140,14 +149,8 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         aggregation,
         billing: config.billing(store_for_billing, clock_for_billing.clone())?,
         admins: config.admins.clone(),
-        admin_rate: RateLimiter::new(
-            PlanRateLimits {
-                free: Some(config.admin_rate_limit),
-                pro: Some(config.admin_rate_limit),
-                enterprise: Some(config.admin_rate_limit),
-            },
-            clock_for_billing.clone(),
-        ),
+        admin_rate: RateLimiter::new(clock_for_billing.clone()),
+        admin_rate_limit: config.admin_rate_limit,
         admin_reports: admin_reports.clone(),
         plans,
         clock: clock_for_billing,

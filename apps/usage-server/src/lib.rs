@@ -38,6 +38,7 @@ use usage_auth::access::UserAccess;
 use usage_auth::keys::KeyIssuer;
 use usage_billing::RunMode;
 use usage_core::accounts::Accounts;
+use usage_core::terms::LiveCatalog;
 use usage_core::{Clock, Store, SystemClock};
 
 use crate::cli::{Cli, Command, KeysCommand, PlansCommand, UsersCommand};
@@ -64,7 +65,11 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             stripe_customer_id,
         }) => {
             let store = open_migrated(&config).await?;
+            // Read, not seeded: the server's first start stores the built-in plans from
+            // its own plan variables.
+            let catalog = LiveCatalog::load(store.clone()).await?;
             let user = Accounts::new(store, clock)
+                .choosing_from(catalog)
                 .create_user(&email, plan, stripe_customer_id.as_deref())
                 .await?;
             println!("{}", user.id);
@@ -72,7 +77,11 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Users(UsersCommand::SetPlan { user, plan }) => {
             let store = open_migrated(&config).await?;
-            let user = Accounts::new(store, clock).set_plan(&user, plan).await?;
+            let catalog = LiveCatalog::load(store.clone()).await?;
+            let user = Accounts::new(store, clock)
+                .choosing_from(catalog)
+                .set_plan(&user, plan)
+                .await?;
             eprintln!("{} is now on the {} plan", user.id, user.plan);
             Ok(())
         }
@@ -237,7 +246,7 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Plans(command) => {
             let store = open_migrated(&config).await?;
-            let plans = catalog::open(&config, store, clock.clone()).await?;
+            let (plans, _) = catalog::open(&config, store, clock.clone()).await?;
             plans_command(&plans, command).await
         }
         Command::Token(args) => {

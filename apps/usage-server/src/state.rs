@@ -25,6 +25,7 @@ pub(crate) struct AppState {
     pub billing: usage_billing::OverageService,
     pub admins: usage_auth::admin::AdminList,
     pub admin_rate: RateLimiter,
+    pub admin_rate_limit: usage_core::rate::RateLimit,
     pub admin_reports: usage_analytics::admin::AdminReports,
     pub plans: usage_core::plans::Plans,
     pub clock: Arc<dyn usage_core::Clock>,

@@ -45,15 +45,15 @@ async fn business(backend: Backend) -> Business {
     let base = OffsetDateTime::now_utc() - time::Duration::days(40);
     let mut n = 0;
     for (plan, prefix, count) in [
-        (Plan::Free, "f", 100),
-        (Plan::Pro, "p", 45),
-        (Plan::Enterprise, "e", 5),
+        (Plan::free(), "f", 100),
+        (Plan::pro(), "p", 45),
+        (Plan::enterprise(), "e", 5),
     ] {
         for i in 0..count {
             let user = User {
                 id: UserId::generate(),
                 email: format!("{prefix}{i}@example.com"),
-                plan,
+                plan: plan.clone(),
                 stripe_customer_id: None,
                 created_at: base + time::Duration::minutes(n),
                 plan_subscription_id: None,
@@ -541,7 +541,11 @@ async fn admins_read_and_change_users(backend: Backend) {
         (r#"{"plan": "gold"}"#, "plan"),
         (r#"{"plan": "pro", "email": "x@example.com"}"#, "email"),
         (r#"{"stripe_customer_id": "acct_1"}"#, "cus_"),
-        (r#"{}"#, "plan and/or stripe_customer_id"),
+        (r#"{}"#, "plan, stripe_customer_id and/or overrides"),
+        (
+            r#"{"overrides": {"price_cents": -1}}"#,
+            "overrides.price_cents",
+        ),
         ("nonsense", "JSON object"),
     ] {
         let (status, answer) = patch(&server, &path, &admin, body).await;
@@ -611,7 +615,7 @@ async fn admins_read_and_change_users(backend: Backend) {
             .unwrap()
             .unwrap()
             .plan,
-        Plan::Free
+        Plan::free()
     );
     // A customer belongs to one user; null unlinks.
     let p1 = format!("/api/admin/users/{}", b.ids["p1"]);
@@ -634,7 +638,7 @@ async fn admins_read_and_change_users(backend: Backend) {
             .unwrap()
             .unwrap()
             .plan,
-        Plan::Pro,
+        Plan::pro(),
         "a refused change changes nothing"
     );
     let (status, user) = patch(&server, &path, &admin, r#"{"stripe_customer_id": null}"#).await;
@@ -662,7 +666,7 @@ async fn admins_read_and_change_users(backend: Backend) {
             .unwrap()
             .unwrap()
             .plan,
-        Plan::Free
+        Plan::free()
     );
 
     let (_, audit) = get(&server, "/api/admin/audit?limit=100", &admin).await;

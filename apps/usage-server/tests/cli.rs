@@ -74,7 +74,7 @@ async fn walkthrough(db: &Db, secret: impl Fn() -> Vec<u8>) {
     let stored_user = store.user_by_id(&user_id).await.unwrap().unwrap();
     assert_eq!(
         (stored_user.email.as_str(), stored_user.plan),
-        ("ada@example.com", Plan::Enterprise)
+        ("ada@example.com", Plan::enterprise())
     );
     let stored_key = store
         .api_key_by_hash(&hash_api_key(&key))
@@ -168,8 +168,13 @@ fn bad_input_gets_one_clear_line() {
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["users", "create", "--email", "a@b.co", "--plan", "gold"],
-            2,
+            1,
             "plan must be one of free, pro, enterprise",
+        ),
+        (
+            &["users", "create", "--email", "a@b.co", "--plan", "Gold"],
+            2,
+            "plan must be a plan key",
         ),
         (
             &[

@@ -27,7 +27,7 @@ async fn seed(db: &Db, n: usize, wave: usize) -> Vec<String> {
         let user = User {
             id: UserId::generate(),
             email: format!("soak-{wave}-{i}@example.com"),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: now,
             plan_subscription_id: None,

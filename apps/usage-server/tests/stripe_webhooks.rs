@@ -192,7 +192,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         );
         assert!(!answer["message"].as_str().unwrap().contains(WEBHOOK_SECRET));
     }
-    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    assert_eq!(plan_of(&db, &ada).await, Plan::free());
 
     // Several v1 (a rolled secret): one match is enough.
     let good = signature(WEBHOOK_SECRET, t0, &created);
@@ -203,7 +203,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         (200, Some("applied")),
         "{answer}"
     );
-    assert_eq!(plan_of(&db, &ada).await, Plan::Pro);
+    assert_eq!(plan_of(&db, &ada).await, Plan::pro());
     // This instance follows at once: the blocked customer calls again.
     assert_eq!(server.ping(&key).await.status(), 200);
     assert_eq!(server.ping(&key).await.status(), 200);
@@ -218,7 +218,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         .success()
     );
     assert_eq!(signed(&server, &created).await, "duplicate");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Enterprise);
+    assert_eq!(plan_of(&db, &ada).await, Plan::enterprise());
 
     // The highest of our prices wins; an unknown price or a status that means nothing
     // changes nothing; other events and customers are acknowledged.
@@ -231,7 +231,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         &["price_x", "price_pro"],
     );
     assert_eq!(signed(&server, &upgrade).await, "applied");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Pro);
+    assert_eq!(plan_of(&db, &ada).await, Plan::pro());
     let unknown_price = subscription_event(
         "evt_3",
         "updated",
@@ -263,7 +263,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         json!({"id": "evt_6", "type": "invoice.paid", "created": t0, "data": {"object": {}}})
             .to_string();
     assert_eq!(signed(&server, &invoice).await, "ignored");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Pro);
+    assert_eq!(plan_of(&db, &ada).await, Plan::pro());
     // An id PostgreSQL could not store (NUL): refused as not an event, not a 503 for ever.
     let nul = subscription_event(
         "evt_\u{0}",
@@ -303,7 +303,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         &["price_pro"],
     );
     assert_eq!(signed(&server, &cancel).await, "applied");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    assert_eq!(plan_of(&db, &ada).await, Plan::free());
     let res = server.ping(&key).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["X-RateLimit-Limit"], "3");
@@ -317,7 +317,7 @@ async fn subscriptions_set_plans_and_quota_follows(backend: Backend) {
         &["price_ent"],
     );
     assert_eq!(signed(&server, &late).await, "stale");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    assert_eq!(plan_of(&db, &ada).await, Plan::free());
     // Each delivery is counted under its outcome, refused ones included.
     for (outcome, deliveries) in [
         ("invalid_signature", 7.0),
@@ -390,7 +390,7 @@ async fn the_end_of_an_old_subscription_keeps_the_new_ones_plan(backend: Backend
         ),
     );
     assert_eq!(signed(&server, &new).await, "applied");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Enterprise);
+    assert_eq!(plan_of(&db, &ada).await, Plan::enterprise());
 
     // The old one ends, both ways Stripe says it: nothing changes.
     let cancelled = of(
@@ -418,7 +418,7 @@ async fn the_end_of_an_old_subscription_keeps_the_new_ones_plan(backend: Backend
     );
     assert_eq!(signed(&server, &deleted).await, "other_subscription");
     assert_eq!(signed(&server, &deleted).await, "duplicate");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Enterprise);
+    assert_eq!(plan_of(&db, &ada).await, Plan::enterprise());
     // Past the free plan's 3 calls: still admitted.
     for _ in 0..5 {
         assert_eq!(server.ping(&key).await.status(), 200);
@@ -437,7 +437,7 @@ async fn the_end_of_an_old_subscription_keeps_the_new_ones_plan(backend: Backend
         ),
     );
     assert_eq!(signed(&server, &ended).await, "applied");
-    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    assert_eq!(plan_of(&db, &ada).await, Plan::free());
     eventually(
         "free again: over quota",
         Duration::from_secs(10),
@@ -483,7 +483,7 @@ async fn one_event_on_two_instances_applies_once() {
         );
     }
     // Last round cancelled: free. Then pro again through A; B follows by its poll.
-    assert_eq!(plan_of(&db, &ada).await, Plan::Free);
+    assert_eq!(plan_of(&db, &ada).await, Plan::free());
     let upgrade = subscription_event(
         "evt_up",
         "updated",

@@ -3,14 +3,16 @@
 //! Every parameter is parsed here against an allow-list or a range; what reaches the
 //! repository is typed (an enum for the sort key, numbers, a literal search text).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
 use usage_core::accounts::{AccountError, Accounts, validate_stripe_customer_id};
+use usage_core::catalog::PlanDefinition;
 use usage_core::repo::{AdminAuditEntry, User, UserPageQuery, UserSort};
+use usage_core::terms::LiveCatalog;
 use usage_core::{BillingPeriod, Clock, Plan, PlanCatalog, Store, UserId};
 
 use crate::AnalyticsError;
@@ -22,16 +24,13 @@ pub const MAX_PAGE: u64 = 1_000_000;
 /// Longest search text.
 pub const MAX_SEARCH_CHARS: usize = 100;
 
-/// Users per plan.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// Users per plan: one count per plan key of the catalog (zero included), beside `total`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsersPerPlan {
-    /// Free plan.
-    pub free: u64,
-    /// Pro plan.
-    pub pro: u64,
-    /// Enterprise plan.
-    pub enterprise: u64,
+    /// Users of each plan, by key.
+    #[serde(flatten)]
+    pub plans: BTreeMap<String, u64>,
     /// All users.
     pub total: u64,
 }
@@ -56,7 +55,8 @@ pub struct TopUser {
 pub struct AdminOverview {
     /// Users per plan and in all.
     pub users: UsersPerPlan,
-    /// Monthly recurring revenue: users per plan times the plan's price.
+    /// Monthly recurring revenue: every user's effective monthly price (their plan
+    /// version's, or their own).
     pub mrr_cents: i64,
     /// Overage of this period already invoiced.
     pub overage_revenue_cents: i64,
@@ -119,6 +119,12 @@ pub struct AdminUserDetail {
     pub created_at: OffsetDateTime,
     /// Stripe customer overage is invoiced to, and whose subscriptions set the plan.
     pub stripe_customer_id: Option<String>,
+    /// The version of the plan whose terms apply now.
+    pub plan_version: u32,
+    /// The user's own terms over the plan version; null for none.
+    pub overrides: Option<usage_core::catalog::Overrides>,
+    /// The terms that apply: the plan version's with the overrides applied.
+    pub effective_terms: PlanDefinition,
     /// Calls this period (stored).
     pub api_calls: u64,
     /// Included calls per period; null for unlimited.
@@ -136,11 +142,14 @@ pub struct UserPatch {
     pub plan: Option<Plan>,
     /// A new Stripe customer: `Some(None)` unlinks (`null`).
     pub stripe_customer_id: Option<Option<String>>,
+    /// The user's own terms: `Some(None)` drops them (`null`).
+    pub overrides: Option<Option<usage_core::catalog::Overrides>>,
 }
 
-/// Parses the body of `PATCH /api/admin/users/{id}`: a JSON object with `plan` (free, pro
-/// or enterprise) and/or `stripe_customer_id` (`cus_...`, or null to unlink); any other
-/// field, or neither, is an error naming it.
+/// Parses the body of `PATCH /api/admin/users/{id}`: a JSON object with any of `plan` (a
+/// plan key), `stripe_customer_id` (`cus_...`, or null to unlink) and `overrides` (the
+/// user's own terms, or null to drop them; checked field by field); any other field, or
+/// none, is an error naming it.
 pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| invalid("body", format!("the body must be a JSON object ({e})")))?;
@@ -151,17 +160,15 @@ pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
     for (name, value) in &fields {
         match (name.as_str(), value) {
             ("plan", Value::String(plan)) => {
-                patch.plan = Some(plan.parse().map_err(|_| {
-                    invalid(
-                        "plan",
-                        format!("plan must be one of free, pro, enterprise (got {plan:?})"),
-                    )
-                })?);
+                patch.plan = Some(
+                    plan.parse()
+                        .map_err(|e: usage_core::DomainError| invalid("plan", e.to_string()))?,
+                );
             }
             ("plan", other) => {
                 return Err(invalid(
                     "plan",
-                    format!("plan must be one of \"free\", \"pro\", \"enterprise\" (got {other})"),
+                    format!("plan must be a plan key as a string (got {other})"),
                 ));
             }
             ("stripe_customer_id", Value::Null) => patch.stripe_customer_id = Some(None),
@@ -176,10 +183,28 @@ pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
                     format!("stripe_customer_id must be a string cus_... or null (got {other})"),
                 ));
             }
+            ("overrides", Value::Null) => patch.overrides = Some(None),
+            ("overrides", value) => {
+                let text = value.to_string();
+                let overrides: usage_core::catalog::Overrides =
+                    usage_core::catalog::from_json(text.as_bytes()).map_err(|e| {
+                        let at = match e.field.as_str() {
+                            "body" => "overrides".to_owned(),
+                            field => format!("overrides.{field}"),
+                        };
+                        invalid("overrides", format!("{at} {}", e.message))
+                    })?;
+                overrides
+                    .validate(&[usage_core::catalog::API_CALLS])
+                    .map_err(|e| invalid("overrides", e.to_string()))?;
+                patch.overrides = Some(Some(overrides));
+            }
             (unknown, _) => {
                 return Err(invalid(
                     "body",
-                    format!("unknown field {unknown:?}; allowed: plan, stripe_customer_id"),
+                    format!(
+                        "unknown field {unknown:?}; allowed: plan, stripe_customer_id, overrides"
+                    ),
                 ));
             }
         }
@@ -187,7 +212,7 @@ pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
     if patch == UserPatch::default() {
         return Err(invalid(
             "body",
-            "the body must set plan and/or stripe_customer_id".to_owned(),
+            "the body must set plan, stripe_customer_id and/or overrides".to_owned(),
         ));
     }
     Ok(patch)
@@ -281,12 +306,10 @@ pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParam
     let (page, limit) = parse_page(params)?;
     let plan = match params.get("plan") {
         None => None,
-        Some(raw) => Some(raw.parse::<Plan>().map_err(|_| {
-            invalid(
-                "plan",
-                format!("plan must be one of free, pro, enterprise (got {raw:?})"),
-            )
-        })?),
+        Some(raw) => Some(
+            raw.parse::<Plan>()
+                .map_err(|e| invalid("plan", e.to_string()))?,
+        ),
     };
     let sort = match params.get("sort").map(String::as_str) {
         None | Some("api_calls") => UserSort::ApiCalls,
@@ -341,7 +364,10 @@ pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParam
 #[derive(Clone)]
 pub struct AdminReports {
     store: Arc<dyn Store>,
-    catalog: PlanCatalog,
+    catalog: Arc<LiveCatalog>,
+    /// The plan variables' prices: what the store's list sort and period sums still
+    /// price with (the figures shown per user come from each user's terms).
+    variables: PlanCatalog,
     clock: Arc<dyn Clock>,
 }
 
@@ -359,13 +385,48 @@ impl AdminReports {
         Ok(self.store.prune_admin_actions(before, 10_000).await?)
     }
 
-    /// Reports over `store` with `catalog`'s prices.
-    pub fn new(store: Arc<dyn Store>, catalog: PlanCatalog, clock: Arc<dyn Clock>) -> Self {
+    /// Reports over `store`, users' terms from `catalog`; `variables` price the store's
+    /// sums and sort.
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<LiveCatalog>,
+        variables: PlanCatalog,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             catalog,
+            variables,
             clock,
         }
+    }
+
+    /// A user's monthly price under `terms` plus this period's stored overage calls
+    /// priced by the terms' overage model; calls counted as overage under terms without
+    /// one (the user moved to a blocking plan) at the overage price of the plan variables,
+    /// as overage billing prices them today.
+    fn revenue_cents(&self, terms: &PlanDefinition, overage_calls: u64) -> i64 {
+        let overage = match terms
+            .limit(usage_core::catalog::API_CALLS)
+            .and_then(|l| l.overage.as_ref())
+        {
+            Some(model) => {
+                usage_core::MicroUsd(model.price(overage_calls).amount_micros)
+                    .in_cents()
+                    .0
+            }
+            None => self.variables.overage_price.total_in_cents(overage_calls).0,
+        };
+        terms.price_cents.saturating_add(overage)
+    }
+
+    /// The user's effective terms now.
+    async fn terms(&self, user: &User) -> Result<PlanDefinition, AnalyticsError> {
+        Ok(self
+            .catalog
+            .effective(&user.subscription(), self.clock.now())
+            .await?
+            .terms)
     }
 
     /// `GET /api/admin/analytics/overview`.
@@ -373,15 +434,29 @@ impl AdminReports {
         let now = self.clock.now();
         let period = BillingPeriod::containing(now);
         let mut users = UsersPerPlan::default();
-        let mut mrr_cents = 0;
-        for (plan, n) in self.store.count_users_by_plan().await? {
-            match plan {
-                Plan::Free => users.free = n,
-                Plan::Pro => users.pro = n,
-                Plan::Enterprise => users.enterprise = n,
-            }
+        let catalog = self.catalog.current();
+        for plan in catalog.newest_versions() {
+            users.plans.insert(plan.plan.key.clone(), 0);
+        }
+        let mut mrr_cents = 0i64;
+        for (subscription, n) in self.store.count_users_by_terms().await? {
+            *users
+                .plans
+                .entry(subscription.plan.as_str().to_owned())
+                .or_default() += n;
             users.total += n;
-            mrr_cents += self.catalog.terms(plan).price.0 * i64::try_from(n).unwrap_or(i64::MAX);
+            let price = match catalog.effective(&subscription, now) {
+                Some(terms) => terms.price_cents,
+                None => {
+                    self.catalog
+                        .effective(&subscription, now)
+                        .await?
+                        .terms
+                        .price_cents
+                }
+            };
+            mrr_cents = mrr_cents
+                .saturating_add(price.saturating_mul(i64::try_from(n).unwrap_or(i64::MAX)));
         }
         let day = now.date().midnight().assume_utc();
         let elapsed = (now - period.start()).whole_seconds().max(1);
@@ -392,7 +467,7 @@ impl AdminReports {
                 period.start(),
                 (day, day + Duration::days(1)),
                 (elapsed, length),
-                &self.catalog,
+                &self.variables,
             )
             .await?;
         let (_, top) = self
@@ -407,7 +482,7 @@ impl AdminReports {
                     offset: 0,
                     limit: 5,
                 },
-                &self.catalog,
+                &self.variables,
             )
             .await?;
         Ok(AdminOverview {
@@ -445,33 +520,35 @@ impl AdminReports {
             .users_page(
                 &UserPageQuery {
                     period_start: period.start(),
-                    plan: params.plan,
+                    plan: params.plan.clone(),
                     search: params.q.clone(),
                     sort: params.sort,
                     descending: params.descending,
                     offset: (params.page - 1).saturating_mul(u64::from(params.limit)),
                     limit: params.limit,
                 },
-                &self.catalog,
+                &self.variables,
             )
             .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in rows {
+            let terms = self.terms(&r.user).await?;
+            items.push(AdminUserRow {
+                limit: terms.calls_line(r.api_calls).included,
+                revenue_cents: self.revenue_cents(&terms, r.overage_calls),
+                user_id: r.user.id,
+                email: r.user.email,
+                plan: r.user.plan,
+                created_at: r.user.created_at,
+                api_calls: r.api_calls,
+                overage_calls: r.overage_calls,
+            });
+        }
         Ok(Page {
             page: params.page,
             limit: params.limit,
             total,
-            items: rows
-                .into_iter()
-                .map(|r| AdminUserRow {
-                    limit: self.catalog.terms(r.user.plan).monthly_calls,
-                    user_id: r.user.id,
-                    email: r.user.email,
-                    plan: r.user.plan,
-                    created_at: r.user.created_at,
-                    api_calls: r.api_calls,
-                    overage_calls: r.overage_calls,
-                    revenue_cents: r.revenue_cents,
-                })
-                .collect(),
+            items,
         })
     }
 
@@ -493,11 +570,18 @@ impl AdminReports {
         id: &UserId,
         patch: &UserPatch,
     ) -> Result<AdminUserDetail, AnalyticsError> {
-        let accounts = Accounts::new(self.store.clone(), self.clock.clone());
+        let accounts = Accounts::new(self.store.clone(), self.clock.clone())
+            .choosing_from(self.catalog.clone());
         let account_error = |e: AccountError| match e {
             AccountError::UnknownUser(id) => AnalyticsError::NoSuchUser(id),
             AccountError::StripeCustomerTaken(_) | AccountError::EmailTaken(_) => {
                 AnalyticsError::Conflict(e.to_string())
+            }
+            AccountError::Invalid(e @ usage_core::DomainError::PlanArchived(_)) => {
+                AnalyticsError::PlanArchived(e.to_string())
+            }
+            AccountError::Invalid(e @ usage_core::DomainError::UnknownPlan { .. }) => {
+                invalid("plan", e.to_string())
             }
             AccountError::Invalid(e) => invalid("body", e.to_string()),
             AccountError::Repo(e) => AnalyticsError::Repo(e),
@@ -509,8 +593,17 @@ impl AdminReports {
                 .await
                 .map_err(account_error)?;
         }
-        if let Some(plan) = patch.plan {
-            user = accounts.set_plan(id, plan).await.map_err(account_error)?;
+        if let Some(plan) = &patch.plan {
+            user = accounts
+                .set_plan(id, plan.clone())
+                .await
+                .map_err(account_error)?;
+        }
+        if let Some(overrides) = &patch.overrides {
+            user = accounts
+                .set_overrides(id, overrides.as_ref())
+                .await
+                .map_err(account_error)?;
         }
         self.detail(user).await
     }
@@ -523,10 +616,13 @@ impl AdminReports {
             .usage_record(&user.id, period.start())
             .await?
             .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+        let terms = self.terms(&user).await?;
         Ok(AdminUserDetail {
-            limit: self.catalog.terms(user.plan).monthly_calls,
-            revenue_cents: self.catalog.terms(user.plan).price.0
-                + self.catalog.overage_price.total_in_cents(overage_calls).0,
+            limit: terms.calls_line(api_calls).included,
+            revenue_cents: self.revenue_cents(&terms, overage_calls),
+            plan_version: terms.version,
+            overrides: user.overrides.clone(),
+            effective_terms: terms,
             user_id: user.id,
             email: user.email,
             plan: user.plan,
@@ -585,27 +681,41 @@ mod tests {
         assert_eq!(
             ok(r#"{"plan": "pro"}"#),
             UserPatch {
-                plan: Some(Plan::Pro),
-                stripe_customer_id: None
+                plan: Some(Plan::pro()),
+                ..UserPatch::default()
             }
         );
         assert_eq!(
             ok(r#"{"stripe_customer_id": "cus_X1", "plan": "free"}"#),
             UserPatch {
-                plan: Some(Plan::Free),
-                stripe_customer_id: Some(Some("cus_X1".to_owned()))
+                plan: Some(Plan::free()),
+                stripe_customer_id: Some(Some("cus_X1".to_owned())),
+                ..UserPatch::default()
             }
         );
         assert_eq!(
             ok(r#"{"stripe_customer_id": null}"#).stripe_customer_id,
             Some(None)
         );
-        assert!(err(r#"{"plan": "gold"}"#).starts_with("plan must be one of"));
-        assert!(err(r#"{"plan": 3}"#).starts_with("plan must be one of"));
+        assert!(err(r#"{"plan": "Gold"}"#).starts_with("plan must be a plan key"));
+        assert!(err(r#"{"plan": 3}"#).starts_with("plan must be a plan key"));
+        assert_eq!(ok(r#"{"overrides": null}"#).overrides, Some(None));
+        let own = ok(r#"{"overrides": {"price_cents": 30000}}"#).overrides;
+        assert_eq!(own.unwrap().unwrap().price_cents, Some(30_000));
+        assert_eq!(
+            err(r#"{"overrides": {"price_cents": -1}}"#),
+            "overrides.price_cents must be 0 or more (got -1)"
+        );
+        assert!(
+            err(r#"{"overrides": {"limits": [{"meter": "tokens", "included": 1, "over_limit": "block"}]}}"#)
+                .starts_with("overrides.limits[0].meter "),
+        );
+        assert!(err(r#"{"overrides": {"prices": 1}}"#).contains("prices"));
+        assert!(err(r#"{"overrides": 7}"#).starts_with("overrides "));
         assert!(err(r#"{"stripe_customer_id": "acct_1"}"#).contains("cus_"));
         assert!(err(r#"{"stripe_customer_id": 5}"#).starts_with("stripe_customer_id must be"));
         assert!(err(r#"{"plan": "pro", "email": "x@y.z"}"#).contains("unknown field \"email\""));
-        assert!(err("{}").contains("plan and/or stripe_customer_id"));
+        assert!(err("{}").contains("plan, stripe_customer_id and/or overrides"));
         assert!(err("[]").contains("JSON object"));
         assert!(err("not json").contains("JSON object"));
     }
@@ -631,7 +741,7 @@ mod tests {
             ),
             (("sort", "API_CALLS"), "sort must be one of"),
             (("order", "desc; --"), "order must be asc or desc"),
-            (("plan", "' OR 1=1--"), "plan must be one of"),
+            (("plan", "' OR 1=1--"), "plan must be a plan key"),
             (("limit", "0"), "limit must be a whole number from 1 to 100"),
             (
                 ("limit", "101"),
@@ -676,7 +786,7 @@ mod tests {
             (
                 3,
                 100,
-                Some(Plan::Pro),
+                Some(Plan::pro()),
                 Some("ada"),
                 UserSort::Revenue,
                 false
@@ -687,15 +797,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn overview_of_150_users_gives_the_contracts_mrr() {
+    async fn overview_gives_every_users_effective_price_in_mrr() {
+        use usage_core::repo::PlanRepository;
         let store = Arc::new(MemoryStore::new());
-        for (plan, n) in [(Plan::Free, 100), (Plan::Pro, 45), (Plan::Enterprise, 5)] {
+        let catalog = usage_testkit::seeded_catalog(store.clone(), &PlanCatalog::default()).await;
+        let mut growth = catalog.current().newest("pro").unwrap().plan.clone();
+        growth.key = "growth".into();
+        growth.price_cents = 9_900;
+        store
+            .create_plan(&growth, datetime!(2026-11-01 00:00 UTC))
+            .await
+            .unwrap();
+        catalog.refresh().await.unwrap();
+        let mut last_pro = None;
+        for (plan, n) in [
+            (Plan::free(), 100),
+            (Plan::pro(), 45),
+            (Plan::enterprise(), 5),
+            (Plan::parse("growth").unwrap(), 1),
+        ] {
             for i in 0..n {
+                let id = UserId::generate();
+                if plan == Plan::pro() {
+                    last_pro = Some(id.clone());
+                }
                 store
                     .create_user(&User {
-                        id: UserId::generate(),
+                        id,
                         email: format!("{plan}{i}@example.com"),
-                        plan,
+                        plan: plan.clone(),
                         stripe_customer_id: None,
                         created_at: datetime!(2026-11-01 00:00 UTC),
                         plan_subscription_id: None,
@@ -707,22 +837,44 @@ mod tests {
                     .unwrap();
             }
         }
+        // One pro customer signed for $300 a month.
+        let own = usage_core::catalog::Overrides {
+            price_cents: Some(30_000),
+            limits: vec![],
+        };
+        store
+            .set_user_overrides(
+                &last_pro.unwrap(),
+                Some(&own),
+                datetime!(2026-11-02 00:00 UTC),
+            )
+            .await
+            .unwrap();
         let reports = AdminReports::new(
             store,
+            catalog,
             PlanCatalog::default(),
             Arc::new(ManualClock::new(datetime!(2026-11-22 12:00 UTC))),
         );
         let overview = reports.overview().await.unwrap();
+        let per_plan = |pairs: &[(&str, u64)]| {
+            pairs
+                .iter()
+                .map(|(k, n)| ((*k).to_owned(), *n))
+                .collect::<BTreeMap<_, _>>()
+        };
         assert_eq!(
             overview.users,
             UsersPerPlan {
-                free: 100,
-                pro: 45,
-                enterprise: 5,
-                total: 150
+                plans: per_plan(&[("enterprise", 5), ("free", 100), ("growth", 1), ("pro", 45)]),
+                total: 151
             }
         );
-        assert_eq!(overview.mrr_cents, 470_500);
+        // 44 × $49 + 1 × $300 (own terms) + 5 × $500 + 1 × $99 = $5,055.00.
+        assert_eq!(overview.mrr_cents, 505_500);
+        let json = serde_json::to_value(&overview.users).unwrap();
+        assert_eq!(json["growth"], 1);
+        assert_eq!(json["total"], 151);
         assert!(overview.top_users.is_empty());
         let page = reports
             .users(

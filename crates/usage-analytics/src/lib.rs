@@ -14,9 +14,11 @@ pub use reports::{AnalyticsError, UsageReports};
 
 use serde::Serialize;
 use time::OffsetDateTime;
-use usage_core::{BillingPeriod, Cents, Plan, PlanCatalog, UserId};
+use usage_core::catalog::{API_CALLS, PlanDefinition};
+use usage_core::{BillingPeriod, Cents, OverLimit, Plan, UserId};
 
-/// A user's figures for the current period, as `GET /api/usage/current` answers them.
+/// A user's figures for the current period, as `GET /api/usage/current` answers them: the
+/// top-level fields describe API calls; `meters` has one entry per metered unit.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CurrentUsage {
@@ -24,6 +26,8 @@ pub struct CurrentUsage {
     pub user_id: UserId,
     /// Current plan.
     pub plan: Plan,
+    /// The version of the plan whose terms apply now.
+    pub plan_version: u32,
     /// First instant of the period.
     #[serde(with = "time::serde::rfc3339")]
     pub period_start: OffsetDateTime,
@@ -42,44 +46,88 @@ pub struct CurrentUsage {
     pub usage_percentage: f64,
     /// Price of the overage, in cents.
     pub overage_cost_cents: Cents,
+    /// Every meter the user's terms limit or the user used this period.
+    pub meters: Vec<MeterUsage>,
+}
+
+/// One meter in [`CurrentUsage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MeterUsage {
+    /// The meter's key.
+    pub meter: String,
+    /// Its name for people.
+    pub name: String,
+    /// What one unit is.
+    pub unit: String,
+    /// Units this period.
+    pub used: u64,
+    /// Units included per period; null for unlimited.
+    pub included: Option<u64>,
+    /// Included units left, never negative; null for unlimited.
+    pub remaining: Option<u64>,
+    /// What happens past `included`.
+    pub over_limit: OverLimit,
+    /// Billed units past `included`.
+    pub overage_units: u64,
+    /// Their price so far, in cents.
+    pub overage_cost_cents: i64,
 }
 
 impl CurrentUsage {
-    /// The figures for `api_calls` admitted calls of a `plan` user in `period`.
+    /// The figures for `api_calls` admitted calls of a user whose effective `terms` (the
+    /// plan version held, with the user's own terms over it) apply in `period`.
     ///
     /// ```
     /// # use time::macros::datetime;
-    /// use usage_core::{BillingPeriod, Plan, PlanCatalog, UserId, Cents};
+    /// use usage_core::catalog::PlanDefinition;
+    /// use usage_core::rate::PlanRateLimits;
+    /// use usage_core::{BillingPeriod, Cents, Plan, PlanCatalog, UserId};
+    /// let pro = PlanDefinition::builtin(
+    ///     &Plan::pro(), &PlanCatalog::default(), &PlanRateLimits::default(), None).unwrap();
     /// let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
-    /// let now = usage_analytics::CurrentUsage::compute(
-    ///     UserId::generate(), Plan::Pro, period, 105_000, &PlanCatalog::default());
+    /// let now = usage_analytics::CurrentUsage::compute(UserId::generate(), &pro, period, 105_000);
     /// assert_eq!((now.remaining, now.overage_calls), (Some(0), 5_000));
     /// assert_eq!(now.usage_percentage, 105.0);
     /// assert_eq!(now.overage_cost_cents, Cents(500));
     /// ```
     pub fn compute(
         user_id: UserId,
-        plan: Plan,
+        terms: &PlanDefinition,
         period: BillingPeriod,
         api_calls: u64,
-        catalog: &PlanCatalog,
     ) -> Self {
-        let limit = catalog.terms(plan).monthly_calls;
-        let overage_calls = catalog.overage_calls(plan, api_calls);
+        let line = terms.calls_line(api_calls);
+        let limit = line.included;
+        let over_limit = terms
+            .limit(API_CALLS)
+            .map_or(OverLimit::Overage, |l| l.over_limit);
         Self {
             user_id,
-            plan,
+            plan: Plan::from_stored(terms.key.as_str()),
+            plan_version: terms.version,
             period_start: period.start(),
             period_end: period.end(),
             api_calls,
             limit,
             remaining: limit.map(|l| l.saturating_sub(api_calls)),
-            overage_calls,
+            overage_calls: line.overage_units,
             // Rounded to two decimals for display; exact figures are the counts.
             usage_percentage: limit.filter(|l| *l > 0).map_or(0.0, |l| {
                 (api_calls as f64 * 10_000.0 / l as f64).round() / 100.0
             }),
-            overage_cost_cents: catalog.overage_price.total_in_cents(overage_calls),
+            overage_cost_cents: Cents(line.amount_cents),
+            meters: vec![MeterUsage {
+                meter: API_CALLS.to_owned(),
+                name: "API calls".to_owned(),
+                unit: "call".to_owned(),
+                used: api_calls,
+                included: limit,
+                remaining: limit.map(|l| l.saturating_sub(api_calls)),
+                over_limit,
+                overage_units: line.overage_units,
+                overage_cost_cents: line.amount_cents,
+            }],
         }
     }
 }
@@ -88,12 +136,23 @@ impl CurrentUsage {
 mod tests {
     use super::*;
     use time::macros::datetime;
+    use usage_core::PlanCatalog;
+    use usage_core::rate::PlanRateLimits;
+
+    fn builtin(plan: Plan, catalog: &PlanCatalog) -> PlanDefinition {
+        PlanDefinition::builtin(&plan, catalog, &PlanRateLimits::default(), None).unwrap()
+    }
 
     #[test]
     fn enterprise_has_no_limit_and_free_never_goes_negative() {
         let catalog = PlanCatalog::default();
         let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
-        let ent = CurrentUsage::compute(UserId::generate(), Plan::Enterprise, period, 5, &catalog);
+        let ent = CurrentUsage::compute(
+            UserId::generate(),
+            &builtin(Plan::enterprise(), &catalog),
+            period,
+            5,
+        );
         assert_eq!(
             (ent.limit, ent.remaining, ent.usage_percentage),
             (None, None, 0.0)
@@ -104,23 +163,40 @@ mod tests {
         assert!(json["limit"].is_null() && json["remaining"].is_null());
         assert_eq!(json["overage_cost_cents"], 0);
         assert_eq!(json["plan"], "enterprise");
+        assert_eq!(json["plan_version"], 1);
+        assert_eq!(json["meters"][0]["meter"], "api_calls");
+        assert_eq!(json["meters"][0]["used"], 5);
+        assert!(json["meters"][0]["included"].is_null());
 
-        let free = CurrentUsage::compute(UserId::generate(), Plan::Free, period, 1_200, &catalog);
-        assert_eq!((free.remaining, free.overage_calls), (Some(0), 0));
-        assert_eq!(free.usage_percentage, 120.0);
-        let third = CurrentUsage::compute(
-            UserId::generate(),
-            Plan::Free,
-            period,
-            1,
-            &PlanCatalog {
-                free: usage_core::PlanTerms {
-                    monthly_calls: Some(3),
-                    ..catalog.free
-                },
-                ..catalog.clone()
-            },
-        );
+        let free = builtin(Plan::free(), &catalog);
+        let free_now = CurrentUsage::compute(UserId::generate(), &free, period, 1_200);
+        assert_eq!((free_now.remaining, free_now.overage_calls), (Some(0), 0));
+        assert_eq!(free_now.usage_percentage, 120.0);
+        assert_eq!(free_now.meters[0].over_limit, OverLimit::Block);
+        let mut three = free.clone();
+        three.limits[0].included = Some(3);
+        let third = CurrentUsage::compute(UserId::generate(), &three, period, 1);
         assert_eq!(third.usage_percentage, 33.33);
+    }
+
+    #[test]
+    fn a_graduated_plan_prices_its_overage_by_tier() {
+        // Growth: 250,000 included; overage 800 µ$ up to 750,000 units, 500 µ$ after.
+        let growth: PlanDefinition = serde_json::from_value(serde_json::json!({
+            "key": "growth", "name": "Growth", "price_cents": 9900,
+            "limits": [{"meter": "api_calls", "included": 250000, "over_limit": "overage",
+                "overage": {"model": "graduated", "tiers": [
+                    {"up_to": 750000, "unit_price_micros": 800},
+                    {"up_to": null, "unit_price_micros": 500}]}}]
+        }))
+        .unwrap();
+        let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
+        // 1,100,000 calls: 850,000 overage = 750,000 × 800 µ$ + 100,000 × 500 µ$
+        // = 600,000,000 + 50,000,000 µ$ = $650.00.
+        let now = CurrentUsage::compute(UserId::generate(), &growth, period, 1_100_000);
+        assert_eq!(now.overage_calls, 850_000);
+        assert_eq!(now.overage_cost_cents, Cents(65_000));
+        assert_eq!(now.plan, "growth");
+        assert_eq!(now.meters[0].overage_cost_cents, 65_000);
     }
 }

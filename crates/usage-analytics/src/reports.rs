@@ -6,11 +6,13 @@ use std::sync::Arc;
 use serde::Serialize;
 use thiserror::Error;
 use time::{Date, Duration, OffsetDateTime};
+use usage_core::catalog::PlanDefinition;
 use usage_core::quota::QuotaBook;
 use usage_core::repo::{
     ChargeStatus, DailyUsage, DailyUsageRepository, OverageChargeRepository, UsageRepository, User,
     UserRepository,
 };
+use usage_core::terms::LiveCatalog;
 use usage_core::{BillingPeriod, Cents, Clock, RepoError, Store, UserId};
 
 /// Longest history window, in days.
@@ -97,6 +99,9 @@ pub enum AnalyticsError {
     /// The change would break a uniqueness rule (a Stripe customer linked twice).
     #[error("{0}")]
     Conflict(String),
+    /// The plan asked for takes no new subscribers.
+    #[error("{0}")]
+    PlanArchived(String),
     /// A parameter outside its form or range; the message names it.
     #[error("{message}")]
     InvalidParameter {
@@ -119,6 +124,7 @@ pub struct UsageReports {
     daily: Arc<dyn DailyUsageRepository>,
     charges: Arc<dyn OverageChargeRepository>,
     quota: Arc<QuotaBook>,
+    catalog: Arc<LiveCatalog>,
     clock: Arc<dyn Clock>,
 }
 
@@ -176,16 +182,31 @@ pub struct OverageReport {
 }
 
 impl UsageReports {
-    /// Reports over these parts.
-    pub fn new(store: Arc<dyn Store>, quota: Arc<QuotaBook>, clock: Arc<dyn Clock>) -> Self {
+    /// Reports over these parts; users' terms come from `catalog`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        quota: Arc<QuotaBook>,
+        catalog: Arc<LiveCatalog>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             users: store.clone(),
             usage: store.clone(),
             daily: store.clone(),
             charges: store,
             quota,
+            catalog,
             clock,
         }
+    }
+
+    /// The user's effective terms now.
+    async fn terms(&self, user: &User) -> Result<PlanDefinition, AnalyticsError> {
+        Ok(self
+            .catalog
+            .effective(&user.subscription(), self.clock.now())
+            .await?
+            .terms)
     }
 
     async fn user(&self, user_id: &UserId) -> Result<User, AnalyticsError> {
@@ -218,9 +239,10 @@ impl UsageReports {
     pub async fn overage(&self, user_id: &UserId) -> Result<OverageReport, AnalyticsError> {
         let user = self.user(user_id).await?;
         let period = BillingPeriod::containing(self.clock.now());
-        let catalog = self.quota.catalog();
+        let terms = self.terms(&user).await?;
         let used = self.quota.used(user_id).await?;
-        let overage_calls = catalog.overage_calls(user.plan, used);
+        let line = terms.calls_line(used);
+        let overage_calls = line.overage_units;
         let invoiced_calls = self
             .usage
             .usage_record(user_id, period.start())
@@ -234,8 +256,9 @@ impl UsageReports {
             .filter(|c| c.period_start == period.start() && c.status == ChargeStatus::Succeeded)
             .map(|c| c.amount_cents)
             .sum();
-        let cost = catalog.overage_price.total_in_cents(overage_calls);
-        let message = match (catalog.included_calls_if_billed(user.plan), overage_calls) {
+        let cost = Cents(line.amount_cents);
+        let billed_from = usage_core::caller::CallLimits::of(&terms).billed_from();
+        let message = match (billed_from, overage_calls) {
             (None, _) => format!("The {} plan has no overage.", user.plan),
             (Some(limit), 0) => {
                 format!("No overage this period: {used} of {limit} included calls used.")
@@ -366,15 +389,10 @@ impl UsageReports {
     /// `GET /api/usage/current` for `user_id`.
     pub async fn current(&self, user_id: &UserId) -> Result<CurrentUsage, AnalyticsError> {
         let user = self.user(user_id).await?;
+        let terms = self.terms(&user).await?;
         let used = self.quota.used(user_id).await?;
         let period = BillingPeriod::containing(self.clock.now());
-        Ok(CurrentUsage::compute(
-            user.id,
-            user.plan,
-            period,
-            used,
-            self.quota.catalog(),
-        ))
+        Ok(CurrentUsage::compute(user.id, &terms, period, used))
     }
 }
 
@@ -394,7 +412,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: clock.now(),
             plan_subscription_id: None,
@@ -410,19 +428,21 @@ mod tests {
             },
             ..PlanCatalog::default()
         };
+        let live = usage_testkit::seeded_catalog(store.clone(), &catalog).await;
         let quota = Arc::new(QuotaBook::new(
             store.clone(),
-            catalog,
             clock.clone(),
             usage_core::quota::QuotaSettings::default(),
         ));
+        let limits =
+            usage_core::caller::CallLimits::of(&live.current().newest("pro").unwrap().plan);
         for _ in 0..5 {
             assert!(matches!(
-                quota.admit(&user.id, Plan::Pro).await.unwrap(),
+                quota.admit(&user.id, &limits).await.unwrap(),
                 QuotaDecision::Admitted(_)
             ));
         }
-        let reports = UsageReports::new(store, quota, clock);
+        let reports = UsageReports::new(store, quota, live, clock);
         let overage = reports.overage(&user.id).await.unwrap();
         assert_eq!(
             (
@@ -464,7 +484,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: datetime!(2026-11-01 00:00 UTC),
             plan_subscription_id: None,
@@ -510,13 +530,13 @@ mod tests {
             .aggregate_usage_day(datetime!(2026-11-30 00:00 UTC).date(), clock.now())
             .await
             .unwrap();
+        let live = usage_testkit::seeded_catalog(store.clone(), &PlanCatalog::default()).await;
         let quota = Arc::new(QuotaBook::new(
             store.clone(),
-            PlanCatalog::default(),
             clock.clone(),
             usage_core::quota::QuotaSettings::default(),
         ));
-        let reports = UsageReports::new(store, quota, clock);
+        let reports = UsageReports::new(store, quota, live, clock);
 
         let history = reports.history(&user.id, 4).await.unwrap();
         let rows: Vec<(String, u64, u64, f64)> = history

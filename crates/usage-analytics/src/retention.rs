@@ -206,7 +206,7 @@ mod tests {
             datetime!(2026-10-05 10:00 UTC),
             datetime!(2026-12-09 10:00 UTC),
         ];
-        let ada = user_with_calls(&store, Plan::Pro, &old, 100).await;
+        let ada = user_with_calls(&store, Plan::pro(), &old, 100).await;
         let retention = UsageRetention::new(store.clone(), clock.clone(), 60);
 
         // Dry: the days are not aggregated yet, so nothing would go.
@@ -242,7 +242,7 @@ mod tests {
             datetime!(2026-09-20 10:00 UTC),
             datetime!(2026-09-21 10:00 UTC),
         ];
-        let bob = user_with_calls(&store, Plan::Pro, &bob_days, 1).await;
+        let bob = user_with_calls(&store, Plan::pro(), &bob_days, 1).await;
         let run = retention.run(false).await.unwrap();
         assert_eq!(run.before, datetime!(2026-09-01 00:00 UTC));
         assert_eq!(run.rows, 0);

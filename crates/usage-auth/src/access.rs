@@ -96,7 +96,7 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let accounts = usage_core::accounts::Accounts::new(store.clone(), clock.clone());
         let ada = accounts
-            .create_user("ada@example.com", Plan::Pro, None)
+            .create_user("ada@example.com", Plan::pro(), None)
             .await
             .unwrap();
         let access = UserAccess::new(store.clone(), clock);

@@ -361,7 +361,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: SystemClock.now(),
             plan_subscription_id: None,
@@ -417,7 +417,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: clock.now(),
             plan_subscription_id: None,

@@ -204,7 +204,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Free,
+            plan: Plan::free(),
             stripe_customer_id: None,
             created_at: clock.now(),
             plan_subscription_id: None,

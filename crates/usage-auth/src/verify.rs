@@ -14,8 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use usage_core::caller::CallLimits;
 use usage_core::counter::Counter;
-use usage_core::repo::{ApiKeyRepository, UserRepository};
+use usage_core::repo::{ApiKeyRepository, Subscription, UserRepository};
+use usage_core::terms::LiveCatalog;
 use usage_core::{ApiKeyAuthenticator, ApiKeyId, Caller, Clock, RepoError, UserId};
 
 use crate::keys::looks_like_api_key;
@@ -100,6 +102,12 @@ impl DeletionCursor {
 struct Entry {
     /// `None`: no active key with this hash (unknown, revoked, or its user is gone).
     caller: Option<Caller>,
+    /// What the caller's user holds of the catalog, their limits' source.
+    subscription: Option<Subscription>,
+    /// The catalog generation the caller's limits were resolved from, and until when they
+    /// hold: past either, they are resolved again from the catalog in memory.
+    limits_generation: u64,
+    limits_until: OffsetDateTime,
     key_expires_at: Option<OffsetDateTime>,
     cached_until: OffsetDateTime,
     /// Past `cached_until`, still used while the database fails, until this time.
@@ -113,6 +121,7 @@ struct Entry {
 pub struct KeyVerifier {
     keys: Arc<dyn ApiKeyRepository>,
     users: Arc<dyn UserRepository>,
+    catalog: Arc<LiveCatalog>,
     clock: Arc<dyn Clock>,
     config: KeyCacheConfig,
     /// Answers naming a caller.
@@ -176,16 +185,18 @@ impl std::fmt::Debug for KeyVerifier {
 }
 
 impl KeyVerifier {
-    /// A verifier over these repositories.
+    /// A verifier over these repositories; callers' limits come from `catalog`.
     pub fn new(
         keys: Arc<dyn ApiKeyRepository>,
         users: Arc<dyn UserRepository>,
+        catalog: Arc<LiveCatalog>,
         clock: Arc<dyn Clock>,
         config: KeyCacheConfig,
     ) -> Self {
         Self {
             keys,
             users,
+            catalog,
             clock,
             config,
             known: Cache::new(config.capacity.max(1)),
@@ -363,21 +374,56 @@ impl KeyVerifier {
             .await?;
         let mut entry = Entry {
             caller: None,
+            subscription: None,
+            limits_generation: 0,
+            limits_until: now,
             key_expires_at: None,
             cached_until: now + self.ttl(),
             stale_until: now + self.ttl() + self.grace(),
             vouchable_from: None,
         };
-        if let Some((key, plan)) = found.filter(|(k, _)| k.is_active(now)) {
+        if let Some((key, subscription)) = found.filter(|(k, _)| k.is_active(now)) {
+            let resolved = self.catalog.effective(&subscription, now).await?;
             entry.caller = Some(Caller {
                 user_id: key.user_id,
                 api_key_id: key.id,
-                plan,
+                plan: subscription.plan.clone(),
+                limits: CallLimits::of(&resolved.terms),
             });
+            entry.subscription = Some(subscription);
+            entry.limits_generation = resolved.generation;
+            entry.limits_until = resolved.until;
             entry.key_expires_at = key.expires_at;
             entry.vouchable_from = (started.elapsed() < VOUCHED_LOOKUP_MAX).then_some(now);
         }
         Ok(entry)
+    }
+
+    /// `entry` with its caller's limits resolved again when the catalog changed or the
+    /// period in which they hold ended (no database read, unless the catalog lacks the
+    /// plan); as it is otherwise. One atomic load per call.
+    async fn with_current_limits(
+        &self,
+        digest: [u8; 32],
+        entry: Arc<Entry>,
+        now: OffsetDateTime,
+    ) -> Result<Arc<Entry>, RepoError> {
+        let Some(subscription) = &entry.subscription else {
+            return Ok(entry);
+        };
+        if entry.limits_generation == self.catalog.generation() && now < entry.limits_until {
+            return Ok(entry);
+        }
+        let resolved = self.catalog.effective(subscription, now).await?;
+        let mut fresh = Entry::clone(&entry);
+        if let Some(caller) = fresh.caller.as_mut() {
+            caller.limits = CallLimits::of(&resolved.terms);
+        }
+        fresh.limits_generation = resolved.generation;
+        fresh.limits_until = resolved.until;
+        let fresh = Arc::new(fresh);
+        self.remember(digest, Arc::clone(&fresh));
+        Ok(fresh)
     }
 
     /// `entry`, past its `cached_until`, renewed until `ttl` past the last poll when the
@@ -444,6 +490,7 @@ impl ApiKeyAuthenticator for KeyVerifier {
                 entry
             }
         };
+        let entry = self.with_current_limits(digest, entry, now).await?;
         Ok(entry.usable_caller(now))
     }
 }
@@ -499,7 +546,7 @@ mod tests {
         async fn api_key_and_plan_by_hash(
             &self,
             hash: &str,
-        ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+        ) -> Result<Option<(ApiKeyRecord, usage_core::repo::Subscription)>, RepoError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
             let slow = self.slow_ms.load(Ordering::SeqCst);
             if slow > 0 {
@@ -550,6 +597,7 @@ mod tests {
         store: Arc<MemoryStore>,
         keys: Arc<CountingKeys>,
         clock: Arc<ManualClock>,
+        catalog: Arc<LiveCatalog>,
         verifier: Arc<KeyVerifier>,
         user: User,
     }
@@ -571,7 +619,7 @@ mod tests {
         let user = User {
             id: UserId::generate(),
             email: "ada@example.com".into(),
-            plan: Plan::Free,
+            plan: Plan::free(),
             stripe_customer_id: None,
             created_at: clock.now(),
             plan_subscription_id: None,
@@ -580,6 +628,8 @@ mod tests {
             overrides: None,
         };
         store.create_user(&user).await.unwrap();
+        let catalog =
+            usage_testkit::seeded_catalog(store.clone(), &usage_core::PlanCatalog::default()).await;
         let config = KeyCacheConfig {
             ttl: Duration::from_secs(ttl_secs),
             capacity,
@@ -589,6 +639,7 @@ mod tests {
         let verifier = Arc::new(KeyVerifier::new(
             keys.clone(),
             store.clone(),
+            catalog.clone(),
             clock.clone(),
             config,
         ));
@@ -596,6 +647,7 @@ mod tests {
             store,
             keys,
             clock,
+            catalog,
             verifier,
             user,
         }
@@ -650,7 +702,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (caller.user_id, caller.plan),
-            (f.user.id.clone(), Plan::Free)
+            (f.user.id.clone(), Plan::free())
         );
         f.verifier
             .authenticate(&key.plaintext)
@@ -848,12 +900,12 @@ mod tests {
                 .unwrap()
                 .plan
         };
-        assert_eq!(plan().await, Plan::Free);
+        assert_eq!(plan().await, Plan::free());
         f.store
-            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .set_plan(&f.user.id, Plan::pro(), f.clock.now())
             .await
             .unwrap();
-        let upgraded = within_2s(async || plan().await == Plan::Pro).await;
+        let upgraded = within_2s(async || plan().await == Plan::pro()).await;
         watcher.abort();
         assert!(upgraded, "the watcher dropped the user's cached plan");
     }
@@ -894,6 +946,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn catalog_edits_reach_cached_callers_without_a_key_lookup() {
+        use usage_core::catalog::{Overrides, PlanMove};
+        use usage_core::rate::RateLimit;
+        use usage_core::repo::PlanRepository;
+        let f = fixture(10).await;
+        let key = f.issue().await;
+        let limits = async || {
+            f.verifier
+                .authenticate(&key.plaintext)
+                .await
+                .unwrap()
+                .unwrap()
+                .limits
+        };
+        assert_eq!(limits().await.included, Some(1_000));
+        let lookups = f.lookups();
+        // Version 2 of free, moving its users at once: more calls and a burst limit.
+        let mut free = f.catalog.current().newest("free").unwrap().plan.clone();
+        free.limits[0].included = Some(5_000);
+        free.burst = Some(RateLimit {
+            per_second: 5,
+            burst: 10,
+        });
+        f.store
+            .revise_plan(&free, PlanMove::Now, f.clock.now())
+            .await
+            .unwrap();
+        assert_eq!(
+            limits().await.included,
+            Some(1_000),
+            "until this instance reads the catalog again"
+        );
+        f.catalog.refresh().await.unwrap();
+        let now = limits().await;
+        assert_eq!((now.included, now.burst), (Some(5_000), free.burst));
+        // Version 3 moves its users at their next period: not before.
+        let mut third = free.clone();
+        third.limits[0].included = Some(9_000);
+        f.store
+            .revise_plan(&third, PlanMove::NextPeriod, f.clock.now())
+            .await
+            .unwrap();
+        f.catalog.refresh().await.unwrap();
+        assert_eq!(limits().await.included, Some(5_000));
+        assert_eq!(f.lookups(), lookups, "the key was not read again");
+        f.clock.set(datetime!(2026-12-01 00:00 UTC));
+        assert_eq!(limits().await.included, Some(9_000), "the next period");
+        // The user's own terms come with the key's next lookup.
+        let overrides = Overrides {
+            price_cents: None,
+            limits: vec![usage_core::catalog::MeterLimit {
+                included: Some(42),
+                over_limit: usage_core::OverLimit::Block,
+                overage: None,
+                ..free.limits[0].clone()
+            }],
+        };
+        f.store
+            .set_user_overrides(&f.user.id, Some(&overrides), f.clock.now())
+            .await
+            .unwrap();
+        f.verifier.forget_user(&f.user.id);
+        let own = limits().await;
+        assert_eq!(
+            (own.included, own.over_limit),
+            (Some(42), usage_core::OverLimit::Block)
+        );
+    }
+
+    #[tokio::test]
     async fn expired_keys_and_plan_changes() {
         let f = fixture(100).await;
         let key = f.issue().await;
@@ -918,10 +1040,10 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .plan,
-            Plan::Free
+            Plan::free()
         );
         f.store
-            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .set_plan(&f.user.id, Plan::pro(), f.clock.now())
             .await
             .unwrap();
         f.verifier.forget_user(&f.user.id);
@@ -932,7 +1054,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .plan,
-            Plan::Pro
+            Plan::pro()
         );
     }
 
@@ -1173,10 +1295,10 @@ mod tests {
         assert_eq!(f.lookups(), 1, "vouched for by the polls");
         // A plan change still arrives through the poll, and the answer is read anew.
         f.store
-            .set_plan(&f.user.id, Plan::Pro, f.clock.now())
+            .set_plan(&f.user.id, Plan::pro(), f.clock.now())
             .await
             .unwrap();
-        let upgraded = within_2s(async || known().await.unwrap().plan == Plan::Pro).await;
+        let upgraded = within_2s(async || known().await.unwrap().plan == Plan::pro()).await;
         assert!(upgraded, "the watcher dropped the user's cached plan");
         // (Each poll reports the change for 30 s: past that, the answer is kept again.)
         f.clock.advance(time::Duration::seconds(31));
@@ -1258,9 +1380,11 @@ mod tests {
 
     #[test]
     fn the_verifier_debugs_as_its_cache_settings() {
+        let store = Arc::new(MemoryStore::new());
         let verifier = KeyVerifier::new(
-            Arc::new(MemoryStore::new()),
-            Arc::new(MemoryStore::new()),
+            store.clone(),
+            store.clone(),
+            Arc::new(LiveCatalog::new(store)),
             Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
             KeyCacheConfig {
                 ttl: Duration::from_secs(7),

@@ -275,7 +275,11 @@ impl OverageService {
         let mut off_plan_users = 0u64;
         for period in self.store.uninvoiced_overage().await? {
             let work = by_user.entry(period.user_id.clone()).or_insert_with(|| {
-                if self.catalog.included_calls_if_billed(period.plan).is_none() {
+                if self
+                    .catalog
+                    .included_calls_if_billed(&period.plan)
+                    .is_none()
+                {
                     off_plan_users += 1;
                 }
                 UserWork {
@@ -291,7 +295,7 @@ impl OverageService {
             .count_users_by_plan()
             .await?
             .into_iter()
-            .filter(|(plan, _)| self.catalog.included_calls_if_billed(*plan).is_some())
+            .filter(|(plan, _)| self.catalog.included_calls_if_billed(plan).is_some())
             .map(|(_, n)| n)
             .sum();
 

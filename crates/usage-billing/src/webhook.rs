@@ -14,6 +14,7 @@ use sha2::Sha256;
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
 use usage_core::repo::{SubscriptionChange, SubscriptionOutcome, UserRepository};
+use usage_core::terms::{Catalog, LiveCatalog};
 use usage_core::{Clock, Plan, RepoError, UserId};
 
 /// How far the signed time `t` may be from now (either way).
@@ -84,7 +85,9 @@ pub fn verify_signature(
     Ok(())
 }
 
-/// Which Stripe price ids sell which plan (`STRIPE_PRICE_PRO`, `STRIPE_PRICE_ENTERPRISE`).
+/// The Stripe price ids of the built-in plans (`STRIPE_PRICE_PRO`,
+/// `STRIPE_PRICE_ENTERPRISE`): stored in the catalog with them the first time; the catalog
+/// maps prices to plans afterwards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlanPrices {
     /// Price id of the pro plan.
@@ -93,25 +96,12 @@ pub struct PlanPrices {
     pub enterprise: Option<String>,
 }
 
-impl PlanPrices {
-    /// The plan a price id sells, if it is one of ours.
-    pub fn plan_of(&self, price_id: &str) -> Option<Plan> {
-        if self.enterprise.as_deref() == Some(price_id) {
-            Some(Plan::Enterprise)
-        } else if self.pro.as_deref() == Some(price_id) {
-            Some(Plan::Pro)
-        } else {
-            None
-        }
-    }
-}
-
 /// What a subscription event asks for, before any user is looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanDecision {
     /// Set this plan.
     Set(Plan),
-    /// The subscription ended: back to free, if it is the one that set the plan.
+    /// The subscription ended: back to the default plan, if it is the one that set the plan.
     End,
     /// The subscription is live but sells none of our prices: no change.
     UnknownPrice,
@@ -120,13 +110,14 @@ pub enum PlanDecision {
 }
 
 /// The plan a `customer.subscription.*` event gives: deleted, `canceled`, `unpaid` or
-/// `incomplete_expired` → its end (free, when it set the plan); `active` or `trialing` → the highest plan among the
-/// items' prices; any other status changes nothing.
+/// `incomplete_expired` → its end (the default plan, when it set the plan); `active` or
+/// `trialing` → the plan the catalog sells the items' prices for (the dearest of several);
+/// any other status changes nothing.
 pub fn subscription_plan(
     event_type: &str,
     status: &str,
     price_ids: &[&str],
-    prices: &PlanPrices,
+    catalog: &Catalog,
 ) -> PlanDecision {
     if event_type == "customer.subscription.deleted" {
         return PlanDecision::End;
@@ -135,13 +126,11 @@ pub fn subscription_plan(
         "canceled" | "unpaid" | "incomplete_expired" => PlanDecision::End,
         "active" | "trialing" => price_ids
             .iter()
-            .filter_map(|id| prices.plan_of(id))
-            .max_by_key(|plan| match plan {
-                Plan::Free => 0,
-                Plan::Pro => 1,
-                Plan::Enterprise => 2,
-            })
-            .map_or(PlanDecision::UnknownPrice, PlanDecision::Set),
+            .filter_map(|id| catalog.plan_for_price(id))
+            .max_by_key(|v| v.plan.price_cents)
+            .map_or(PlanDecision::UnknownPrice, |v| {
+                PlanDecision::Set(Plan::from_stored(v.plan.key.as_str()))
+            }),
         _ => PlanDecision::NoChange,
     }
 }
@@ -195,7 +184,8 @@ const SUBSCRIPTION_EVENTS: [&str; 3] = [
 /// Stripe's webhook over the users' store.
 pub struct StripeWebhooks {
     secret: Vec<u8>,
-    prices: PlanPrices,
+    catalog: Arc<LiveCatalog>,
+    default_plan: Plan,
     users: Arc<dyn UserRepository>,
     clock: Arc<dyn Clock>,
 }
@@ -203,22 +193,25 @@ pub struct StripeWebhooks {
 impl std::fmt::Debug for StripeWebhooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StripeWebhooks")
-            .field("prices", &self.prices)
+            .field("default_plan", &self.default_plan)
             .finish_non_exhaustive()
     }
 }
 
 impl StripeWebhooks {
-    /// Deliveries signed with `secret` (`STRIPE_WEBHOOK_SECRET`), plans from `prices`.
+    /// Deliveries signed with `secret` (`STRIPE_WEBHOOK_SECRET`); prices map to plans
+    /// through `catalog`, and an ended subscription gives `default_plan` (`DEFAULT_PLAN`).
     pub fn new(
         secret: &[u8],
-        prices: PlanPrices,
+        catalog: Arc<LiveCatalog>,
+        default_plan: Plan,
         users: Arc<dyn UserRepository>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             secret: secret.to_vec(),
-            prices,
+            catalog,
+            default_plan,
             users,
             clock,
         }
@@ -270,12 +263,19 @@ impl StripeWebhooks {
                     .collect()
             })
             .unwrap_or_default();
-        let (plan, ends) = match subscription_plan(&event_type, status, &price_ids, &self.prices) {
+        let mut decision =
+            subscription_plan(&event_type, status, &price_ids, &self.catalog.current());
+        if decision == PlanDecision::UnknownPrice {
+            // A plan made a moment ago on another instance: read the catalog again once.
+            self.catalog.refresh().await?;
+            decision = subscription_plan(&event_type, status, &price_ids, &self.catalog.current());
+        }
+        let (plan, ends) = match decision {
             PlanDecision::Set(plan) => (plan, false),
-            PlanDecision::End => (Plan::Free, true),
+            PlanDecision::End => (self.default_plan.clone(), true),
             PlanDecision::UnknownPrice => {
                 tracing::warn!(event = %id, %customer, prices = ?price_ids,
-                    "Stripe subscription to no configured price (STRIPE_PRICE_PRO, STRIPE_PRICE_ENTERPRISE): plan unchanged");
+                    "Stripe subscription to a price no plan of the catalog names (stripe_price_id): plan unchanged");
                 return Ok(WebhookOutcome::UnknownPrice);
             }
             PlanDecision::NoChange => {
@@ -298,7 +298,7 @@ impl StripeWebhooks {
                     "plan set by a Stripe subscription event");
                 WebhookOutcome::Applied {
                     user_id: user.id,
-                    plan: user.plan,
+                    plan: user.plan.clone(),
                 }
             }
             SubscriptionOutcome::Duplicate => WebhookOutcome::Duplicate,
@@ -374,15 +374,26 @@ mod tests {
 
     #[test]
     fn subscriptions_map_to_plans() {
-        let prices = PlanPrices {
-            pro: Some("price_pro".into()),
-            enterprise: Some("price_ent".into()),
+        let version = |plan: Plan, price: &str| usage_core::repo::PlanVersion {
+            plan: usage_core::catalog::PlanDefinition::builtin(
+                &plan,
+                &usage_core::PlanCatalog::default(),
+                &usage_core::rate::PlanRateLimits::default(),
+                Some(price.to_owned()),
+            )
+            .unwrap(),
+            existing: usage_core::catalog::PlanMove::NextPeriod,
+            created_at: NOW,
         };
+        let prices = Catalog::new([
+            version(Plan::pro(), "price_pro"),
+            version(Plan::enterprise(), "price_ent"),
+        ]);
         let updated = "customer.subscription.updated";
         let set = PlanDecision::Set;
         assert_eq!(
             subscription_plan(updated, "active", &["price_pro"], &prices),
-            set(Plan::Pro)
+            set(Plan::pro())
         );
         assert_eq!(
             subscription_plan(
@@ -391,7 +402,7 @@ mod tests {
                 &["price_x", "price_ent", "price_pro"],
                 &prices
             ),
-            set(Plan::Enterprise)
+            set(Plan::enterprise())
         );
         assert_eq!(
             subscription_plan(updated, "active", &["price_x"], &prices),
@@ -423,7 +434,7 @@ mod tests {
             PlanDecision::End
         );
         assert_eq!(
-            subscription_plan(updated, "active", &["price_pro"], &PlanPrices::default()),
+            subscription_plan(updated, "active", &["price_pro"], &Catalog::default()),
             PlanDecision::UnknownPrice
         );
     }

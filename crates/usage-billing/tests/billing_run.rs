@@ -96,7 +96,7 @@ async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
     let d = pro_user(store, "d@example.com", None).await;
     let e = pro_user(store, "e@example.com", Some("cus_declined")).await;
     let f = pro_user(store, "f@example.com", Some("cus_f")).await;
-    let g = user_on(store, "g@example.com", Plan::Free, None).await;
+    let g = user_on(store, "g@example.com", Plan::free(), None).await;
     calls(store, &a, 5 + 10, NOV, INCLUDED).await; // 5 calls: $0.005 -> 1 cent
     calls(store, &b, 5_001 + 10, NOV, INCLUDED).await; // $5.001 -> 500 cents
     calls(store, &c, 1 + 10, NOV, INCLUDED).await; // $0.001 -> 0 cents: wait for more
@@ -939,7 +939,7 @@ async fn overage_left_after_a_plan_change_is_counted_and_billed(backend: Backend
     let _quiet = pro_user(store, "quiet@example.com", Some("cus_q")).await;
     calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
     calls(store, &b, 2_000 + 10, NOV, INCLUDED).await;
-    store.set_plan(&b.0, Plan::Enterprise, NOV).await.unwrap();
+    store.set_plan(&b.0, Plan::enterprise(), NOV).await.unwrap();
 
     let run = billing
         .service(store)

@@ -6,6 +6,7 @@ use thiserror::Error;
 
 use crate::ids::normalize_email;
 use crate::repo::{User, UserRepository};
+use crate::terms::LiveCatalog;
 use crate::{Clock, DomainError, Plan, RepoError, UserId};
 
 /// Why an account operation was refused.
@@ -45,12 +46,61 @@ pub fn validate_stripe_customer_id(id: &str) -> Result<(), DomainError> {
 pub struct Accounts {
     users: Arc<dyn UserRepository>,
     clock: Arc<dyn Clock>,
+    catalog: Option<Arc<LiveCatalog>>,
 }
 
 impl Accounts {
     /// Accounts stored in `users`, timestamped by `clock`.
     pub fn new(users: Arc<dyn UserRepository>, clock: Arc<dyn Clock>) -> Self {
-        Self { users, clock }
+        Self {
+            users,
+            clock,
+            catalog: None,
+        }
+    }
+
+    /// Plans given to users must be in `catalog` and not archived (else the store's own
+    /// reference decides, without naming the plans there are).
+    pub fn choosing_from(mut self, catalog: Arc<LiveCatalog>) -> Self {
+        self.catalog = Some(catalog);
+        self
+    }
+
+    /// `UnknownPlan` unless `plan` is an unarchived plan of the catalog (read again once
+    /// when it is not: it may have been made a moment ago on another instance).
+    async fn check_plan(&self, plan: &Plan) -> Result<(), AccountError> {
+        let Some(live) = &self.catalog else {
+            return Ok(());
+        };
+        if live.current().newest(plan.as_str()).is_none() {
+            live.refresh().await.map_err(AccountError::Repo)?;
+        }
+        let catalog = live.current();
+        match catalog.newest(plan.as_str()) {
+            Some(v) if v.plan.archived => {
+                return Err(DomainError::PlanArchived(plan.as_str().to_owned()).into());
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        let mut known: Vec<&str> = catalog
+            .newest_versions()
+            .filter(|v| !v.plan.archived)
+            .map(|v| v.plan.key.as_str())
+            .collect();
+        if catalog.newest_versions().next().is_none() {
+            // No server has started on this database yet: its first start stores the
+            // built-in plans, which are what may be chosen until then.
+            if Plan::BUILTIN.contains(&plan.as_str()) {
+                return Ok(());
+            }
+            known = Plan::BUILTIN.to_vec();
+        }
+        Err(DomainError::UnknownPlan {
+            known: known.join(", "),
+            got: plan.as_str().to_owned(),
+        }
+        .into())
     }
 
     /// Creates a user with a new `eco_usr_` id.
@@ -61,9 +111,9 @@ impl Accounts {
     /// use usage_core::{accounts::Accounts, Plan, SystemClock};
     /// use usage_testkit::memory::MemoryStore;
     /// let accounts = Accounts::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock));
-    /// let user = accounts.create_user("Ada@Example.com", Plan::Pro, None).await.unwrap();
+    /// let user = accounts.create_user("Ada@Example.com", Plan::pro(), None).await.unwrap();
     /// assert_eq!(user.email, "ada@example.com");
-    /// assert!(accounts.create_user("ada@example.com", Plan::Free, None).await.is_err());
+    /// assert!(accounts.create_user("ada@example.com", Plan::free(), None).await.is_err());
     /// # });
     /// # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
     /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
@@ -79,6 +129,7 @@ impl Accounts {
         if let Some(id) = stripe_customer_id {
             validate_stripe_customer_id(id)?;
         }
+        self.check_plan(&plan).await?;
         let user = User {
             id: UserId::generate(),
             email: email.clone(),
@@ -106,7 +157,26 @@ impl Accounts {
     /// Moves a user to another plan. Running instances pick the change up at their next
     /// poll ([`crate::repo::UserRepository::plans_changed_since`]).
     pub async fn set_plan(&self, id: &UserId, plan: Plan) -> Result<User, AccountError> {
+        self.check_plan(&plan).await?;
         match self.users.set_plan(id, plan, self.clock.now()).await {
+            Ok(user) => Ok(user),
+            Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
+            Err(e) => Err(AccountError::Repo(e)),
+        }
+    }
+
+    /// Sets the user's own terms over their plan (`None`: drops them); every instance's
+    /// key cache drops the user's limits at its next poll, as for a plan change.
+    pub async fn set_overrides(
+        &self,
+        id: &UserId,
+        overrides: Option<&crate::catalog::Overrides>,
+    ) -> Result<User, AccountError> {
+        match self
+            .users
+            .set_user_overrides(id, overrides, self.clock.now())
+            .await
+        {
             Ok(user) => Ok(user),
             Err(RepoError::NotFound { .. }) => Err(AccountError::UnknownUser(id.clone())),
             Err(e) => Err(AccountError::Repo(e)),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::MicroUsd;
 pub use crate::error::CatalogError;
+pub use crate::plan::is_valid_key;
 use crate::plan::{OverLimit, Plan, PlanCatalog};
 pub use crate::pricing::MAX_UNITS;
 use crate::pricing::{OverageModel, PriceLine};
@@ -211,14 +212,6 @@ pub fn revision_from_json(
     Ok((from_json(&text)?, existing))
 }
 
-/// Whether `key` is a well-formed plan or meter key: `[a-z0-9_-]{1,40}`.
-pub fn is_valid_key(key: &str) -> bool {
-    (1..=40).contains(&key.len())
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 impl PlanDefinition {
     /// Checks every field; `meters` are the keys a limit may name.
     pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
@@ -332,22 +325,23 @@ impl PlanDefinition {
         .collect()
     }
 
-    /// A built-in plan as the plan variables define it: the catalog a new installation
-    /// starts with, so that an upgrade changes nothing.
+    /// A built-in plan (`free`, `pro`, `enterprise`) as the plan variables define it: the
+    /// catalog a new installation starts with, so that an upgrade changes nothing. `None`
+    /// for any other key.
     pub fn builtin(
-        plan: Plan,
+        plan: &Plan,
         catalog: &PlanCatalog,
         rates: &PlanRateLimits,
         stripe_price_id: Option<String>,
-    ) -> Self {
-        let terms = catalog.terms(plan);
+    ) -> Option<Self> {
+        let terms = catalog.terms(plan)?;
         let billed = terms.over_limit == OverLimit::Overage && terms.monthly_calls.is_some();
-        let name = match plan {
-            Plan::Free => "Free",
-            Plan::Pro => "Pro",
-            Plan::Enterprise => "Enterprise",
+        let name = match plan.as_str() {
+            "free" => "Free",
+            "pro" => "Pro",
+            _ => "Enterprise",
         };
-        Self {
+        Some(Self {
             key: plan.as_str().to_owned(),
             name: name.to_owned(),
             version: 1,
@@ -366,7 +360,7 @@ impl PlanDefinition {
                     unit_price_micros: catalog.overage_price.0,
                 }),
             }],
-        }
+        })
     }
 
     /// What a period with `usage` (units by meter) costs under this plan, line by line:
@@ -393,6 +387,15 @@ impl PlanDefinition {
             total_cents: self.price_cents.saturating_add(overage_cents),
             lines,
         }
+    }
+}
+
+impl PlanDefinition {
+    /// What `used` API calls cost under this plan: the `api_calls` line of a quote (an
+    /// unlimited line when the plan does not limit calls).
+    pub fn calls_line(&self, used: u64) -> QuoteLine {
+        self.limit(API_CALLS)
+            .map_or_else(|| QuoteLine::unlimited(API_CALLS, used), |l| l.quote(used))
     }
 }
 
@@ -676,9 +679,11 @@ mod tests {
             }),
             ..PlanRateLimits::default()
         };
-        let free = PlanDefinition::builtin(Plan::Free, &catalog, &rates, None);
-        let pro = PlanDefinition::builtin(Plan::Pro, &catalog, &rates, Some("price_pro".into()));
-        let enterprise = PlanDefinition::builtin(Plan::Enterprise, &catalog, &rates, None);
+        let free = PlanDefinition::builtin(&Plan::free(), &catalog, &rates, None).unwrap();
+        let pro = PlanDefinition::builtin(&Plan::pro(), &catalog, &rates, Some("price_pro".into()))
+            .unwrap();
+        let enterprise =
+            PlanDefinition::builtin(&Plan::enterprise(), &catalog, &rates, None).unwrap();
         for plan in [&free, &pro, &enterprise] {
             assert_eq!(plan.validate(&[API_CALLS]), Ok(()), "{}", plan.key);
             assert_eq!(plan.limits[0].alerts, vec![80, 100]);
@@ -694,7 +699,7 @@ mod tests {
         let usage = BTreeMap::from([(API_CALLS.to_owned(), 105_000)]);
         assert_eq!(pro.quote(&usage).overage_cents, 500);
         assert_eq!(
-            catalog.overage_calls(Plan::Pro, 105_000),
+            catalog.overage_calls(&Plan::pro(), 105_000),
             pro.limits[0].overage_units(105_000)
         );
         assert_eq!(enterprise.quote(&usage).overage_cents, 0);
@@ -705,7 +710,7 @@ mod tests {
     fn differences_name_the_fields_the_variables_set() {
         let catalog = PlanCatalog::default();
         let rates = PlanRateLimits::default();
-        let pro = PlanDefinition::builtin(Plan::Pro, &catalog, &rates, None);
+        let pro = PlanDefinition::builtin(&Plan::pro(), &catalog, &rates, None).unwrap();
         let mut stored = pro.clone();
         stored.name = "Professional".into();
         stored.version = 4;

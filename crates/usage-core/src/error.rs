@@ -3,9 +3,21 @@ use thiserror::Error;
 /// Invalid domain input, with a message that names the parameter and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DomainError {
-    /// A plan name that is not one of the known plans.
-    #[error("plan must be one of free, pro, enterprise (got {0:?})")]
-    UnknownPlan(String),
+    /// A plan key that is not `[a-z0-9_-]{1,40}`.
+    #[error("plan must be a plan key: 1 to 40 of a-z, 0-9, _ and - (got {0:?})")]
+    InvalidPlanKey(String),
+    /// A well-formed plan key the catalog has no plan for (or only an archived one, where a
+    /// plan is being chosen).
+    #[error("plan must be one of {known} (got {got:?})")]
+    UnknownPlan {
+        /// The plans that may be chosen, comma separated.
+        known: String,
+        /// The key given.
+        got: String,
+    },
+    /// A plan that takes no new subscribers.
+    #[error("plan {0:?} is archived: it takes no new subscribers")]
+    PlanArchived(String),
     /// An email address that does not look like `local@domain.tld`.
     #[error("email must look like name@example.com (got {0:?})")]
     InvalidEmail(String),

@@ -12,7 +12,7 @@
 //!
 //! let period = BillingPeriod::containing(datetime!(2026-11-30 23:59:59.999 UTC));
 //! assert_eq!(period.end(), datetime!(2026-12-01 00:00 UTC));
-//! assert_eq!(PlanCatalog::default().terms(Plan::Free).monthly_calls, Some(1_000));
+//! assert_eq!(PlanCatalog::default().terms(&Plan::free()).unwrap().monthly_calls, Some(1_000));
 //! ```
 #![warn(missing_docs)]
 

@@ -88,6 +88,7 @@ pub struct Plans {
     users: Arc<dyn UserRepository>,
     clock: Arc<dyn Clock>,
     default_plan: String,
+    live: Option<Arc<crate::terms::LiveCatalog>>,
 }
 
 impl Plans {
@@ -104,6 +105,24 @@ impl Plans {
             users,
             clock,
             default_plan: default_plan.into(),
+            live: None,
+        }
+    }
+
+    /// Reads `live` again after each change made here, so that this instance applies it
+    /// at once (the others at their next poll).
+    pub fn refreshing(mut self, live: Arc<crate::terms::LiveCatalog>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    /// After a change: this instance's catalog follows at once. A failed read is only
+    /// logged: the change is stored, and the next poll reads it.
+    async fn changed(&self) {
+        if let Some(live) = &self.live
+            && let Err(e) = live.refresh().await
+        {
+            tracing::warn!(error = %e, "reading the plan catalog after a change failed");
         }
     }
 
@@ -193,10 +212,12 @@ impl Plans {
         if plan.archived && plan.key == self.default_plan {
             return Err(PlanError::DefaultPlan(plan.key.clone()));
         }
-        match self.plans.create_plan(plan, self.clock.now()).await {
+        let created = match self.plans.create_plan(plan, self.clock.now()).await {
             Err(RepoError::Conflict { .. }) => Err(PlanError::KeyTaken(plan.key.clone())),
             other => other.map_err(PlanError::Repo),
-        }
+        }?;
+        self.changed().await;
+        Ok(created)
     }
 
     /// Stores `plan`'s terms as the next version of its key; users of earlier versions
@@ -207,14 +228,16 @@ impl Plans {
         existing: PlanMove,
     ) -> Result<PlanVersion, PlanError> {
         plan.validate(&self.meters())?;
-        match self
+        let revised = match self
             .plans
             .revise_plan(plan, existing, self.clock.now())
             .await
         {
             Err(RepoError::NotFound { .. }) => Err(PlanError::UnknownPlan(plan.key.clone())),
             other => other.map_err(PlanError::Repo),
-        }
+        }?;
+        self.changed().await;
+        Ok(revised)
     }
 
     /// Archives a plan (no new subscribers; its users keep it), or takes it back.
@@ -222,14 +245,16 @@ impl Plans {
         if archived && key == self.default_plan {
             return Err(PlanError::DefaultPlan(key.to_owned()));
         }
-        match self
+        let stored = match self
             .plans
             .set_plan_archived(key, archived, self.clock.now())
             .await
         {
             Err(RepoError::NotFound { .. }) => Err(PlanError::UnknownPlan(key.to_owned())),
             other => other.map_err(PlanError::Repo),
-        }
+        }?;
+        self.changed().await;
+        Ok(stored)
     }
 
     /// What a period with `usage` (units by meter) costs under the plan's newest version.

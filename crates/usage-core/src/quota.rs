@@ -20,8 +20,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
+use crate::caller::CallLimits;
 use crate::repo::{LeaseTerms, QuotaCounterRepository, QuotaDelta};
-use crate::{BillingPeriod, Clock, OverLimit, Plan, PlanCatalog, RepoError, UserId};
+use crate::{BillingPeriod, Clock, OverLimit, RepoError, UserId};
 
 /// The answer to "may this call go ahead?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +283,6 @@ impl SlotMap {
 pub struct QuotaBook {
     slots: SlotMap,
     counters: Arc<dyn QuotaCounterRepository>,
-    catalog: PlanCatalog,
     clock: Arc<dyn Clock>,
     settings: QuotaSettings,
     /// When (unix ms) idle slots are next looked for: a pass reads every slot under the
@@ -293,7 +293,6 @@ pub struct QuotaBook {
 impl std::fmt::Debug for QuotaBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuotaBook")
-            .field("catalog", &self.catalog)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -311,7 +310,6 @@ impl QuotaBook {
     /// A book over the shared counters of `counters`.
     pub fn new(
         counters: Arc<dyn QuotaCounterRepository>,
-        catalog: PlanCatalog,
         clock: Arc<dyn Clock>,
         settings: QuotaSettings,
     ) -> Self {
@@ -319,20 +317,18 @@ impl QuotaBook {
             slots: SlotMap::new(),
             next_forget: AtomicI64::new(i64::MIN),
             counters,
-            catalog,
             clock,
             settings,
         }
     }
 
-    /// The plans and prices this book applies.
-    pub fn catalog(&self) -> &PlanCatalog {
-        &self.catalog
-    }
-
-    /// Checks and counts one call of `user_id` on `plan` at the current time.
-    pub async fn admit(&self, user_id: &UserId, plan: Plan) -> Result<QuotaDecision, RepoError> {
-        self.admit_at(user_id, plan, self.clock.now()).await
+    /// Checks and counts one call of `user_id`, under `limits`, at the current time.
+    pub async fn admit(
+        &self,
+        user_id: &UserId,
+        limits: &CallLimits,
+    ) -> Result<QuotaDecision, RepoError> {
+        self.admit_at(user_id, limits, self.clock.now()).await
     }
 
     /// Checks and counts one call that arrived at `at`, in the period containing `at`:
@@ -341,13 +337,12 @@ impl QuotaBook {
     pub async fn admit_at(
         &self,
         user_id: &UserId,
-        plan: Plan,
+        limits: &CallLimits,
         at: OffsetDateTime,
     ) -> Result<QuotaDecision, RepoError> {
         let period = BillingPeriod::containing(at);
-        let terms = *self.catalog.terms(plan);
         let status = |used| QuotaStatus {
-            limit: terms.monthly_calls,
+            limit: limits.included,
             used,
             period_start: period.start(),
             reset_at: period.end(),
@@ -357,7 +352,7 @@ impl QuotaBook {
         // `open` may have waited for the database.
         let now = unix_ms(self.clock.now());
         slot.last_used.fetch_max(now, Ordering::Relaxed);
-        let limit = match (terms.monthly_calls, terms.over_limit) {
+        let limit = match (limits.included, limits.over_limit) {
             (Some(limit), OverLimit::Block) => limit,
             _ => {
                 slot.pending.fetch_add(1, Ordering::AcqRel);

@@ -32,12 +32,13 @@ pub struct PlanRateLimits {
 }
 
 impl PlanRateLimits {
-    /// The limit of `plan`.
-    pub fn of(&self, plan: Plan) -> Option<RateLimit> {
-        match plan {
-            Plan::Free => self.free,
-            Plan::Pro => self.pro,
-            Plan::Enterprise => self.enterprise,
+    /// The limit of `plan` when it is a built-in plan.
+    pub fn of(&self, plan: &Plan) -> Option<RateLimit> {
+        match plan.as_str() {
+            "free" => self.free,
+            "pro" => self.pro,
+            "enterprise" => self.enterprise,
+            _ => None,
         }
     }
 
@@ -74,33 +75,30 @@ pub enum RateDecision {
 const SWEEP_AT: usize = 100_000;
 
 /// GCRA state per user: the theoretical arrival time, in microseconds since the epoch.
+/// Each check says the rate that applies (the user's plan's burst limit).
 pub struct RateLimiter {
-    limits: PlanRateLimits,
     clock: Arc<dyn Clock>,
     tat: Mutex<HashMap<UserId, i128>>,
 }
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
+        f.debug_struct("RateLimiter").finish_non_exhaustive()
     }
 }
 
 impl RateLimiter {
-    /// A limiter applying `limits`.
-    pub fn new(limits: PlanRateLimits, clock: Arc<dyn Clock>) -> Self {
+    /// A limiter on `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
-            limits,
             clock,
             tat: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Checks (and, when allowed, counts) one request of `user_id` on `plan`.
-    pub fn check(&self, user_id: &UserId, plan: Plan) -> RateDecision {
-        let Some(rate) = self.limits.of(plan) else {
+    /// Checks (and, when allowed, counts) one request of `user_id` under `rate`.
+    pub fn check(&self, user_id: &UserId, rate: Option<RateLimit>) -> RateDecision {
+        let Some(rate) = rate else {
             return RateDecision::Unlimited;
         };
         let interval = 1_000_000 / i128::from(rate.per_second.max(1));
@@ -142,15 +140,13 @@ mod tests {
     use crate::ManualClock;
     use time::macros::datetime;
 
+    const FREE: Option<RateLimit> = Some(RateLimit {
+        per_second: 2,
+        burst: 3,
+    });
+
     fn limiter(clock: Arc<ManualClock>) -> RateLimiter {
-        let limits = PlanRateLimits {
-            free: Some(RateLimit {
-                per_second: 2,
-                burst: 3,
-            }),
-            ..PlanRateLimits::default()
-        };
-        RateLimiter::new(limits, clock)
+        RateLimiter::new(clock)
     }
 
     #[test]
@@ -159,30 +155,30 @@ mod tests {
         let limiter = limiter(clock.clone());
         let user = UserId::generate();
         let remaining: Vec<_> = (0..3)
-            .map(|_| match limiter.check(&user, Plan::Free) {
+            .map(|_| match limiter.check(&user, FREE) {
                 RateDecision::Allowed { remaining, .. } => remaining,
                 other => panic!("{other:?}"),
             })
             .collect();
         assert_eq!(remaining, vec![2, 1, 0]);
-        let RateDecision::Limited { retry_after, .. } = limiter.check(&user, Plan::Free) else {
+        let RateDecision::Limited { retry_after, .. } = limiter.check(&user, FREE) else {
             panic!("the fourth request at once must be limited");
         };
         assert_eq!(retry_after, Duration::from_millis(500));
         // Half a second later exactly one more fits (2 per second).
         clock.advance(time::Duration::milliseconds(500));
         assert!(matches!(
-            limiter.check(&user, Plan::Free),
+            limiter.check(&user, FREE),
             RateDecision::Allowed { remaining: 0, .. }
         ));
         assert!(matches!(
-            limiter.check(&user, Plan::Free),
+            limiter.check(&user, FREE),
             RateDecision::Limited { .. }
         ));
         // After a quiet period the full burst is back.
         clock.advance(time::Duration::seconds(10));
         assert!(matches!(
-            limiter.check(&user, Plan::Free),
+            limiter.check(&user, FREE),
             RateDecision::Allowed { remaining: 2, .. }
         ));
     }
@@ -193,16 +189,16 @@ mod tests {
         let limiter = limiter(clock);
         let (a, b) = (UserId::generate(), UserId::generate());
         for _ in 0..3 {
-            limiter.check(&a, Plan::Free);
+            limiter.check(&a, FREE);
         }
         assert!(matches!(
-            limiter.check(&a, Plan::Free),
+            limiter.check(&a, FREE),
             RateDecision::Limited { .. }
         ));
         assert!(matches!(
-            limiter.check(&b, Plan::Free),
+            limiter.check(&b, FREE),
             RateDecision::Allowed { .. }
         ));
-        assert_eq!(limiter.check(&a, Plan::Pro), RateDecision::Unlimited);
+        assert_eq!(limiter.check(&a, None), RateDecision::Unlimited);
     }
 }

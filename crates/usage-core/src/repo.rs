@@ -72,6 +72,30 @@ pub struct User {
     pub overrides: Option<crate::catalog::Overrides>,
 }
 
+/// What a user holds of the catalog: the plan, the version they subscribed to and their
+/// own terms; with the catalog, it gives their effective terms
+/// ([`crate::terms::Catalog::effective`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The plan.
+    pub plan: Plan,
+    /// The version subscribed to; `None` before the plan has one.
+    pub plan_version: Option<u32>,
+    /// The user's own terms over it.
+    pub overrides: Option<crate::catalog::Overrides>,
+}
+
+impl User {
+    /// What the user holds of the catalog.
+    pub fn subscription(&self) -> Subscription {
+        Subscription {
+            plan: self.plan.clone(),
+            plan_version: self.plan_version,
+            overrides: self.overrides.clone(),
+        }
+    }
+}
+
 /// A stored API key (`eco_api_keys`): never the key itself, only its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
@@ -486,12 +510,17 @@ pub trait UserRepository: Send + Sync {
     async fn plans_changed_since(&self, since: OffsetDateTime) -> Result<Vec<UserId>, RepoError>;
     /// How many users each plan has (plans without users are left out).
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError>;
-    /// Sets the user's own terms over their plan (`None`: drops them) and returns the user
-    /// as they now are; `NotFound` for an unknown id.
+    /// How many users hold each distinct subscription (plan, version, overrides), for
+    /// figures that need each user's effective terms (MRR) without reading every user.
+    async fn count_users_by_terms(&self) -> Result<Vec<(Subscription, u64)>, RepoError>;
+    /// Sets the user's own terms over their plan (`None`: drops them) at `at` and returns
+    /// the user as they now are (reported by `plans_changed_since`, as a plan change is);
+    /// `NotFound` for an unknown id.
     async fn set_user_overrides(
         &self,
         id: &UserId,
         overrides: Option<&crate::catalog::Overrides>,
+        at: OffsetDateTime,
     ) -> Result<User, RepoError>;
     /// Blocks the user since `at` (`None`: unblocks) and returns the user as they now are;
     /// `NotFound` for an unknown id. Keys are not touched: revoke them first.
@@ -575,7 +604,7 @@ pub fn plan_subscription_change(
         return SubscriptionOutcome::OtherSubscription;
     }
     let mut user = user.clone();
-    user.plan = change.plan;
+    user.plan = change.plan.clone();
     user.plan_subscription_id = if change.ends {
         None
     } else {
@@ -670,12 +699,12 @@ pub trait ApiKeyRepository: Send + Sync {
     ) -> Result<KeyIssue, RepoError>;
     /// The key with this SHA-256 (hex), whatever its state.
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError>;
-    /// The key with this SHA-256 (hex) and its user's plan, in one lookup (the hot path's
-    /// cache misses); `None` when no key has it or its user is gone.
+    /// The key with this SHA-256 (hex) and what its user holds of the catalog, in one
+    /// lookup (the hot path's cache misses); `None` when no key has it or its user is gone.
     async fn api_key_and_plan_by_hash(
         &self,
         key_hash: &str,
-    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError>;
+    ) -> Result<Option<(ApiKeyRecord, Subscription)>, RepoError>;
     /// A user's keys, newest first.
     async fn api_keys_for_user(&self, user_id: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError>;
     /// Revokes one of `user_id`'s keys at `at` (kept if already revoked) and returns it;

@@ -1,15 +1,20 @@
 //! Whose terms apply: the plan catalog held in memory, the version of a plan a user holds
-//! at a given time (versions move users at their next period, at once, or never), the plan
-//! a Stripe price sells, and the plan to suggest when a limit is reached (a customer's own
-//! terms over it: [`crate::catalog::Overrides`]). Pure: the services that read the store build a [`Catalog`].
+//! at a given time (versions move users at their next period, at once, or never), a
+//! user's effective terms (their own terms over that version:
+//! [`crate::catalog::Overrides`]), the plan a Stripe price sells, and the plan to suggest
+//! when a limit is reached. [`Catalog`] is pure; [`LiveCatalog`] keeps it current from the
+//! store on every instance.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::BillingPeriod;
 use crate::catalog::{PlanDefinition, PlanMove};
-use crate::repo::PlanVersion;
+use crate::repo::{PlanRepository, PlanVersion, Subscription};
+use crate::{BillingPeriod, RepoError};
 
 /// Every version of every plan, as read from the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +73,21 @@ impl Catalog {
         Some(current)
     }
 
+    /// The terms `subscription` gives at `at`: the version it holds then, with the user's
+    /// own terms over it; `None` when the catalog has no version of its plan.
+    pub fn effective(
+        &self,
+        subscription: &Subscription,
+        at: OffsetDateTime,
+    ) -> Option<PlanDefinition> {
+        let held = self.held_version(
+            subscription.plan.as_str(),
+            subscription.plan_version.unwrap_or(0),
+            at,
+        )?;
+        Some(held.plan.with_overrides(subscription.overrides.as_ref()))
+    }
+
     /// The plan a Stripe price sells: among plans whose newest version names it, the one
     /// with the highest monthly price (archived plans included: their subscribers keep
     /// them), ties to the first key.
@@ -103,6 +123,125 @@ impl Catalog {
     }
 }
 
+/// The catalog as an instance's services read it: loaded from the store, and read again by
+/// [`LiveCatalog::watch`] and after this instance's own changes, so that a plan edit made
+/// on any instance reaches every other within the poll interval. Each reload that finds a
+/// change bumps [`LiveCatalog::generation`]: caches of resolved terms (the key cache)
+/// compare it with theirs, one atomic load a call, and the hot path never reads the
+/// catalog from the database.
+pub struct LiveCatalog {
+    plans: Arc<dyn PlanRepository>,
+    current: RwLock<Arc<Catalog>>,
+    generation: AtomicU64,
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for LiveCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveCatalog")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user's effective terms as [`LiveCatalog::effective`] resolved them, and how long they
+/// hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTerms {
+    /// The version held, with the user's own terms over it.
+    pub terms: PlanDefinition,
+    /// The catalog's generation they were resolved from: a later one may change them.
+    pub generation: u64,
+    /// They may change from this instant on (the billing period's end, when versions
+    /// made `next_period` move their users) even in the same generation.
+    pub until: OffsetDateTime,
+}
+
+impl LiveCatalog {
+    /// An empty catalog over `plans`, read on first [`LiveCatalog::refresh`] (or first use).
+    pub fn new(plans: Arc<dyn PlanRepository>) -> Self {
+        Self {
+            plans,
+            current: RwLock::new(Arc::new(Catalog::default())),
+            generation: AtomicU64::new(0),
+            loading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The catalog over `plans`, read once.
+    pub async fn load(plans: Arc<dyn PlanRepository>) -> Result<Arc<Self>, RepoError> {
+        let live = Arc::new(Self::new(plans));
+        live.refresh().await?;
+        Ok(live)
+    }
+
+    /// The catalog now.
+    pub fn current(&self) -> Arc<Catalog> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Bumped by every reload that changed something.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads the catalog from the store again.
+    pub async fn refresh(&self) -> Result<(), RepoError> {
+        // One reload at a time: a slow one must not overwrite a newer one.
+        let _one = self.loading.lock().await;
+        let fresh = Catalog::new(self.plans.plan_versions().await?);
+        if *self.current() != fresh {
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Reads the catalog again every `every` until the returned task is aborted.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let live = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(e) = live.refresh().await {
+                    tracing::debug!(error = %e, "reading the plan catalog failed");
+                }
+            }
+        })
+    }
+
+    /// The terms `subscription` gives at `at`. A plan this instance has no version of yet
+    /// (made a moment ago on another) has the catalog read again first.
+    pub async fn effective(
+        &self,
+        subscription: &Subscription,
+        at: OffsetDateTime,
+    ) -> Result<ResolvedTerms, RepoError> {
+        let until = BillingPeriod::containing(at).end();
+        for attempt in 0..2 {
+            // The generation before the catalog: a reload in between makes these terms
+            // look older than they are (resolved again), never newer.
+            let generation = self.generation();
+            if let Some(terms) = self.current().effective(subscription, at) {
+                return Ok(ResolvedTerms {
+                    terms,
+                    generation,
+                    until,
+                });
+            }
+            if attempt == 0 {
+                self.refresh().await?;
+            }
+        }
+        Err(RepoError::Backend(format!(
+            "plan {:?} has no version in the plan catalog",
+            subscription.plan.as_str()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
@@ -114,11 +253,12 @@ mod tests {
 
     fn version(key: &str, n: u32, existing: PlanMove, at: OffsetDateTime) -> PlanVersion {
         let mut plan = PlanDefinition::builtin(
-            Plan::Pro,
+            &Plan::pro(),
             &PlanCatalog::default(),
             &PlanRateLimits::default(),
             None,
-        );
+        )
+        .unwrap();
         plan.key = key.to_owned();
         plan.version = n;
         plan.price_cents = i64::from(n) * 1_000;
@@ -215,12 +355,12 @@ mod tests {
         let plans = PlanCatalog::default();
         let rates = PlanRateLimits::default();
         let mk = |p: Plan| PlanVersion {
-            plan: PlanDefinition::builtin(p, &plans, &rates, None),
+            plan: PlanDefinition::builtin(&p, &plans, &rates, None).unwrap(),
             existing: PlanMove::Now,
             created_at: datetime!(2026-12-01 00:00 UTC),
         };
-        let (free, pro, enterprise) = (mk(Plan::Free), mk(Plan::Pro), mk(Plan::Enterprise));
-        let mut starter = mk(Plan::Free);
+        let (free, pro, enterprise) = (mk(Plan::free()), mk(Plan::pro()), mk(Plan::enterprise()));
+        let mut starter = mk(Plan::free());
         starter.plan.key = "starter".into();
         starter.plan.price_cents = 900;
         starter.plan.limits[0].included = Some(10_000);

@@ -18,18 +18,18 @@ fn accounts() -> Accounts {
 async fn creates_users_and_refuses_bad_input() {
     let accounts = accounts();
     let ada = accounts
-        .create_user("ada@example.com", Plan::Free, Some("cus_Abc123"))
+        .create_user("ada@example.com", Plan::free(), Some("cus_Abc123"))
         .await
         .unwrap();
     assert_eq!(ada.created_at, datetime!(2026-11-22 10:00 UTC));
     assert_eq!(ada.stripe_customer_id.as_deref(), Some("cus_Abc123"));
 
     let taken = accounts
-        .create_user("ADA@example.com", Plan::Pro, None)
+        .create_user("ADA@example.com", Plan::pro(), None)
         .await;
     assert!(matches!(taken, Err(AccountError::EmailTaken(e)) if e == "ada@example.com"));
     let bad_email = accounts
-        .create_user("ada", Plan::Pro, None)
+        .create_user("ada", Plan::pro(), None)
         .await
         .unwrap_err();
     assert!(
@@ -37,21 +37,21 @@ async fn creates_users_and_refuses_bad_input() {
         "{bad_email}"
     );
     let bad_customer = accounts
-        .create_user("bob@example.com", Plan::Pro, Some("acct_1"))
+        .create_user("bob@example.com", Plan::pro(), Some("acct_1"))
         .await;
     assert!(matches!(bad_customer, Err(AccountError::Invalid(_))));
 
-    let pro = accounts.set_plan(&ada.id, Plan::Pro).await.unwrap();
-    assert_eq!(pro.plan, Plan::Pro);
-    let missing = accounts.set_plan(&UserId::generate(), Plan::Pro).await;
+    let pro = accounts.set_plan(&ada.id, Plan::pro()).await.unwrap();
+    assert_eq!(pro.plan, Plan::pro());
+    let missing = accounts.set_plan(&UserId::generate(), Plan::pro()).await;
     assert!(matches!(missing, Err(AccountError::UnknownUser(_))));
 
     let taken = accounts
-        .create_user("carol@example.com", Plan::Pro, Some("cus_Abc123"))
+        .create_user("carol@example.com", Plan::pro(), Some("cus_Abc123"))
         .await;
     assert!(matches!(taken, Err(AccountError::StripeCustomerTaken(c)) if c == "cus_Abc123"));
     let bob = accounts
-        .create_user("bob@example.com", Plan::Free, None)
+        .create_user("bob@example.com", Plan::free(), None)
         .await
         .unwrap();
     let taken = accounts

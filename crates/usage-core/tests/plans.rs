@@ -7,18 +7,12 @@ use std::sync::Arc;
 use time::macros::datetime;
 use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::plans::{Change, PlanError, Plans};
-use usage_core::rate::PlanRateLimits;
 use usage_core::repo::{User, UserRepository};
 use usage_core::{ManualClock, Plan, PlanCatalog, UserId};
 use usage_testkit::memory::MemoryStore;
 
 fn builtin() -> Vec<PlanDefinition> {
-    Plan::ALL
-        .into_iter()
-        .map(|p| {
-            PlanDefinition::builtin(p, &PlanCatalog::default(), &PlanRateLimits::default(), None)
-        })
-        .collect()
+    usage_testkit::builtin_plans(&PlanCatalog::default())
 }
 
 fn growth() -> PlanDefinition {
@@ -47,7 +41,10 @@ async fn seeded() -> (Plans, Arc<MemoryStore>) {
 #[tokio::test]
 async fn plans_are_listed_with_their_subscribers_and_versions() {
     let (plans, store) = seeded().await;
-    for (i, plan) in [Plan::Pro, Plan::Pro, Plan::Free].into_iter().enumerate() {
+    for (i, plan) in [Plan::pro(), Plan::pro(), Plan::free()]
+        .into_iter()
+        .enumerate()
+    {
         store
             .create_user(&User {
                 id: UserId::generate(),

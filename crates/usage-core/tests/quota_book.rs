@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use time::macros::datetime;
+use usage_core::caller::CallLimits;
 use usage_core::quota::*;
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, IncludedCalls, LeaseTerms, QuotaCounterRepository, QuotaDelta,
@@ -32,11 +33,62 @@ fn catalog(free: u64, pro: u64) -> PlanCatalog {
     }
 }
 
+/// A quota book admitting each call under the limits `plans` give its plan, as the key
+/// cache resolves them for the door.
+struct Book {
+    inner: QuotaBook,
+    plans: PlanCatalog,
+}
+
+impl Book {
+    fn new(
+        counters: Arc<dyn QuotaCounterRepository>,
+        plans: PlanCatalog,
+        clock: Arc<dyn Clock>,
+        settings: QuotaSettings,
+    ) -> Self {
+        Self {
+            inner: QuotaBook::new(counters, clock, settings),
+            plans,
+        }
+    }
+
+    fn limits(&self, plan: &Plan) -> CallLimits {
+        let terms = self.plans.terms(plan).expect("a built-in plan");
+        CallLimits {
+            included: terms.monthly_calls,
+            over_limit: terms.over_limit,
+            burst: None,
+        }
+    }
+
+    async fn admit(&self, user: &UserId, plan: Plan) -> Result<QuotaDecision, RepoError> {
+        self.inner.admit(user, &self.limits(&plan)).await
+    }
+
+    async fn admit_at(
+        &self,
+        user: &UserId,
+        plan: Plan,
+        at: OffsetDateTime,
+    ) -> Result<QuotaDecision, RepoError> {
+        self.inner.admit_at(user, &self.limits(&plan), at).await
+    }
+}
+
+impl std::ops::Deref for Book {
+    type Target = QuotaBook;
+
+    fn deref(&self) -> &QuotaBook {
+        &self.inner
+    }
+}
+
 async fn user_with_stored_calls(store: &MemoryStore, at: OffsetDateTime, calls: usize) -> UserId {
     let user = User {
         id: UserId::generate(),
         email: format!("{}@example.com", usage_core::ids::random_base62(8)).to_lowercase(),
-        plan: Plan::Free,
+        plan: Plan::free(),
         stripe_customer_id: None,
         created_at: at,
         plan_subscription_id: None,
@@ -81,7 +133,7 @@ async fn free_gets_exactly_the_limit_under_concurrency() {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
-    let book = Arc::new(QuotaBook::new(
+    let book = Arc::new(Book::new(
         store,
         catalog(100, 1_000),
         clock,
@@ -95,7 +147,7 @@ async fn free_gets_exactly_the_limit_under_concurrency() {
             let mut admitted = 0;
             for _ in 0..10 {
                 if matches!(
-                    book.admit(&user, Plan::Free).await.unwrap(),
+                    book.admit(&user, Plan::free()).await.unwrap(),
                     QuotaDecision::Admitted(_)
                 ) {
                     admitted += 1;
@@ -114,7 +166,7 @@ async fn free_gets_exactly_the_limit_under_concurrency() {
         100,
         "rejected calls are not counted"
     );
-    let QuotaDecision::Rejected(status) = book.admit(&user, Plan::Free).await.unwrap() else {
+    let QuotaDecision::Rejected(status) = book.admit(&user, Plan::free()).await.unwrap() else {
         panic!("over the limit");
     };
     assert_eq!((status.limit, status.remaining()), (Some(100), Some(0)));
@@ -126,7 +178,7 @@ async fn counts_start_from_the_stored_counter_and_roll_over_at_month_end() {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-30 23:59:59 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 8).await;
-    let book = QuotaBook::new(
+    let book = Book::new(
         store,
         catalog(10, 1_000),
         clock.clone(),
@@ -135,18 +187,18 @@ async fn counts_start_from_the_stored_counter_and_roll_over_at_month_end() {
 
     // 8 stored before this instance started: 2 left.
     assert!(
-        matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 9)
+        matches!(book.admit(&user, Plan::free()).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 9)
     );
     assert!(
-        matches!(book.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.remaining() == Some(0))
+        matches!(book.admit(&user, Plan::free()).await.unwrap(), QuotaDecision::Admitted(s) if s.remaining() == Some(0))
     );
     assert!(matches!(
-        book.admit(&user, Plan::Free).await.unwrap(),
+        book.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Rejected(_)
     ));
 
     clock.set(datetime!(2026-12-01 00:00 UTC));
-    let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Free).await.unwrap() else {
+    let QuotaDecision::Admitted(status) = book.admit(&user, Plan::free()).await.unwrap() else {
         panic!("a new month starts from zero");
     };
     assert_eq!(
@@ -160,9 +212,10 @@ async fn a_call_counts_in_the_month_it_arrived_in() {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-12-01 00:00:00.001 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
-    let book = QuotaBook::new(store, catalog(10, 1_000), clock, QuotaSettings::default());
+    let book = Book::new(store, catalog(10, 1_000), clock, QuotaSettings::default());
     let arrived = datetime!(2026-11-30 23:59:59.999 UTC);
-    let QuotaDecision::Admitted(status) = book.admit_at(&user, Plan::Free, arrived).await.unwrap()
+    let QuotaDecision::Admitted(status) =
+        book.admit_at(&user, Plan::free(), arrived).await.unwrap()
     else {
         panic!("admitted");
     };
@@ -177,10 +230,10 @@ async fn a_call_counts_in_the_month_it_arrived_in() {
         "December has nothing yet"
     );
     // Calls of both months interleave around midnight; neither count is lost.
-    book.admit(&user, Plan::Free).await.unwrap();
-    book.admit_at(&user, Plan::Free, arrived).await.unwrap();
-    book.admit(&user, Plan::Free).await.unwrap();
-    let QuotaDecision::Admitted(nov) = book.admit_at(&user, Plan::Free, arrived).await.unwrap()
+    book.admit(&user, Plan::free()).await.unwrap();
+    book.admit_at(&user, Plan::free(), arrived).await.unwrap();
+    book.admit(&user, Plan::free()).await.unwrap();
+    let QuotaDecision::Admitted(nov) = book.admit_at(&user, Plan::free(), arrived).await.unwrap()
     else {
         panic!("admitted");
     };
@@ -193,20 +246,20 @@ async fn pro_goes_on_past_its_limit_and_enterprise_has_none() {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
-    let book = QuotaBook::new(store, catalog(1, 2), clock, QuotaSettings::default());
+    let book = Book::new(store, catalog(1, 2), clock, QuotaSettings::default());
     let mut last = None;
     for _ in 0..5 {
-        let QuotaDecision::Admitted(status) = book.admit(&user, Plan::Pro).await.unwrap() else {
+        let QuotaDecision::Admitted(status) = book.admit(&user, Plan::pro()).await.unwrap() else {
             panic!("pro is never blocked");
         };
         last = Some(status);
     }
     let last = last.unwrap();
     assert_eq!((last.used, last.remaining()), (5, Some(0)));
-    assert_eq!(book.catalog().overage_calls(Plan::Pro, last.used), 3);
+    assert_eq!(book.plans.overage_calls(&Plan::pro(), last.used), 3);
 
     let other = UserId::generate();
-    let QuotaDecision::Admitted(status) = book.admit(&other, Plan::Enterprise).await.unwrap()
+    let QuotaDecision::Admitted(status) = book.admit(&other, Plan::enterprise()).await.unwrap()
     else {
         panic!("enterprise is never blocked");
     };
@@ -219,7 +272,7 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let period = BillingPeriod::containing(clock.now()).start();
-    let book = QuotaBook::new(
+    let book = Book::new(
         store.clone(),
         catalog(1_000_000, 1_000),
         clock.clone(),
@@ -287,9 +340,9 @@ fn two_instances(
     clock: &Arc<ManualClock>,
     free: u64,
     settings: QuotaSettings,
-) -> (Arc<QuotaBook>, Arc<QuotaBook>) {
+) -> (Arc<Book>, Arc<Book>) {
     let book = || {
-        Arc::new(QuotaBook::new(
+        Arc::new(Book::new(
             store.clone(),
             catalog(free, 1_000),
             clock.clone(),
@@ -312,7 +365,7 @@ async fn two_instances_on_one_store_admit_exactly_the_limit() {
         tasks.push(tokio::spawn(async move {
             let mut admitted = 0u64;
             for _ in 0..40 {
-                if let QuotaDecision::Admitted(s) = book.admit(&user, Plan::Free).await.unwrap() {
+                if let QuotaDecision::Admitted(s) = book.admit(&user, Plan::free()).await.unwrap() {
                     assert!(s.used <= 1_000);
                     admitted += 1;
                 }
@@ -336,10 +389,10 @@ async fn two_instances_on_one_store_admit_exactly_the_limit() {
         1_000
     );
     assert!(
-        matches!(a.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Rejected(s) if s.remaining() == Some(0))
+        matches!(a.admit(&user, Plan::free()).await.unwrap(), QuotaDecision::Rejected(s) if s.remaining() == Some(0))
     );
     assert!(matches!(
-        b.admit(&user, Plan::Free).await.unwrap(),
+        b.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Rejected(_)
     ));
 }
@@ -356,11 +409,11 @@ async fn an_idle_lease_goes_back_to_the_other_instance() {
     let (a, b) = two_instances(&store, &clock, 100, settings);
     // A leases half of the 100 and admits one.
     assert!(
-        matches!(a.admit(&user, Plan::Free).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 1)
+        matches!(a.admit(&user, Plan::free()).await.unwrap(), QuotaDecision::Admitted(s) if s.used == 1)
     );
     // B gets the rest, then is refused while A sits on 49 unspent calls.
     let mut on_b = 0;
-    while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::Free).await.unwrap() {
+    while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::free()).await.unwrap() {
         on_b += 1;
     }
     assert_eq!(on_b, 50);
@@ -377,7 +430,7 @@ async fn an_idle_lease_goes_back_to_the_other_instance() {
         }
     );
     let mut more = 0;
-    while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::Free).await.unwrap() {
+    while let QuotaDecision::Admitted(_) = b.admit(&user, Plan::free()).await.unwrap() {
         more += 1;
     }
     assert_eq!(
@@ -396,7 +449,7 @@ async fn a_quiet_users_calls_wait_for_more_or_for_push_within() {
     let (a, b) = two_instances(&store, &clock, 10, QuotaSettings::default());
     let calls = async |n: u64| {
         for _ in 0..n {
-            a.admit(&user, Plan::Pro).await.unwrap();
+            a.admit(&user, Plan::pro()).await.unwrap();
         }
     };
     let pushed = async |release_all| a.sync(release_all).await.unwrap().pushed;
@@ -428,7 +481,7 @@ async fn counts_of_plans_that_never_block_reach_the_other_instance() {
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let (a, b) = two_instances(&store, &clock, 10, QuotaSettings::default());
     for _ in 0..7 {
-        a.admit(&user, Plan::Pro).await.unwrap();
+        a.admit(&user, Plan::pro()).await.unwrap();
     }
     assert_eq!(b.used(&user).await.unwrap(), 0, "not pushed yet");
     assert_eq!(
@@ -439,7 +492,7 @@ async fn counts_of_plans_that_never_block_reach_the_other_instance() {
         }
     );
     assert_eq!(b.used(&user).await.unwrap(), 7);
-    let QuotaDecision::Admitted(status) = b.admit(&user, Plan::Pro).await.unwrap() else {
+    let QuotaDecision::Admitted(status) = b.admit(&user, Plan::pro()).await.unwrap() else {
         panic!("pro is never blocked");
     };
     assert_eq!(status.used, 8);
@@ -447,7 +500,7 @@ async fn counts_of_plans_that_never_block_reach_the_other_instance() {
     // Moved to free with 8 used (one not pushed yet, on B): 2 left, across both.
     let mut admitted = 0;
     for book in [&a, &b, &a, &b, &a] {
-        if let QuotaDecision::Admitted(_) = book.admit(&user, Plan::Free).await.unwrap() {
+        if let QuotaDecision::Admitted(_) = book.admit(&user, Plan::free()).await.unwrap() {
             admitted += 1;
         }
     }
@@ -459,7 +512,7 @@ async fn idle_users_are_forgotten_and_their_counts_carry_on() {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let settings = QuotaSettings::default();
-    let book = QuotaBook::new(
+    let book = Book::new(
         store.clone(),
         catalog(1_000, 1_000),
         clock.clone(),
@@ -471,16 +524,16 @@ async fn idle_users_are_forgotten_and_their_counts_carry_on() {
     }
     let free = user_with_stored_calls(&store, clock.now(), 0).await;
     for user in &users {
-        book.admit(user, Plan::Pro).await.unwrap();
+        book.admit(user, Plan::pro()).await.unwrap();
     }
-    book.admit(&free, Plan::Free).await.unwrap();
+    book.admit(&free, Plan::free()).await.unwrap();
     assert_eq!(book.users_in_memory(), 51);
     // Pushed, but not idle long enough: kept.
     book.sync(false).await.unwrap();
     assert_eq!(book.users_in_memory(), 51);
     // One of them keeps calling; the others go quiet past the idle time.
     clock.advance(time::Duration::seconds(200));
-    book.admit(&users[0], Plan::Pro).await.unwrap();
+    book.admit(&users[0], Plan::pro()).await.unwrap();
     clock.advance(time::Duration::seconds(101));
     let report = book.sync(false).await.unwrap();
     assert_eq!(report.pushed, 1);
@@ -494,11 +547,11 @@ async fn idle_users_are_forgotten_and_their_counts_carry_on() {
         "only the user still calling is kept"
     );
     // A forgotten user's next call starts from the shared counter.
-    let QuotaDecision::Admitted(status) = book.admit(&users[7], Plan::Pro).await.unwrap() else {
+    let QuotaDecision::Admitted(status) = book.admit(&users[7], Plan::pro()).await.unwrap() else {
         panic!("pro is never blocked");
     };
     assert_eq!(status.used, 2);
-    let QuotaDecision::Admitted(status) = book.admit(&free, Plan::Free).await.unwrap() else {
+    let QuotaDecision::Admitted(status) = book.admit(&free, Plan::free()).await.unwrap() else {
         panic!("free has calls left");
     };
     assert_eq!(status.used, 2);
@@ -514,7 +567,7 @@ async fn a_user_being_served_is_never_forgotten() {
     counters.lease_gated.store(true, Ordering::SeqCst);
     let call = {
         let (book, user) = (Arc::clone(&book), user.clone());
-        tokio::spawn(async move { book.admit(&user, Plan::Free).await })
+        tokio::spawn(async move { book.admit(&user, Plan::free()).await })
     };
     tokio::time::timeout(Duration::from_secs(10), counters.inside.notified())
         .await
@@ -548,7 +601,7 @@ async fn shutdown_gives_every_unspent_lease_back() {
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let (a, b) = two_instances(&store, &clock, 1_000, QuotaSettings::default());
-    a.admit(&user, Plan::Free).await.unwrap();
+    a.admit(&user, Plan::free()).await.unwrap();
     let period = BillingPeriod::containing(clock.now()).start();
     assert_eq!(
         store.quota_count(&user, period).await.unwrap(),
@@ -653,14 +706,14 @@ async fn a_downgrade_during_a_sync_counts_each_call_once() {
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let counters = Arc::new(FlakyCounters::new(store.clone()));
     counters.gated.store(true, Ordering::SeqCst);
-    let book = Arc::new(QuotaBook::new(
+    let book = Arc::new(Book::new(
         counters.clone(),
         catalog(1_000, 10_000),
         clock.clone(),
         QuotaSettings::default(),
     ));
     for _ in 0..50 {
-        book.admit(&user, Plan::Pro).await.unwrap();
+        book.admit(&user, Plan::pro()).await.unwrap();
     }
     // A sync is pushing the 50 pro calls when the user, now on free, needs a lease:
     // the lease must not push the same 50 again.
@@ -671,7 +724,7 @@ async fn a_downgrade_during_a_sync_counts_each_call_once() {
     counters.inside.notified().await;
     let free_call = tokio::spawn({
         let (book, user) = (Arc::clone(&book), user.clone());
-        async move { book.admit(&user, Plan::Free).await }
+        async move { book.admit(&user, Plan::free()).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     counters.go.notify_one();
@@ -698,7 +751,7 @@ async fn through_a_database_outage_leases_and_counts_carry_on_and_nothing_is_los
     let free = user_with_stored_calls(&store, clock.now(), 0).await;
     let pro = user_with_stored_calls(&store, clock.now(), 0).await;
     let counters = Arc::new(FlakyCounters::new(store.clone()));
-    let book = QuotaBook::new(
+    let book = Book::new(
         counters.clone(),
         catalog(1_000, 10),
         clock.clone(),
@@ -706,30 +759,30 @@ async fn through_a_database_outage_leases_and_counts_carry_on_and_nothing_is_los
     );
     let admitted =
         |d: Result<QuotaDecision, RepoError>| matches!(d, Ok(QuotaDecision::Admitted(_)));
-    assert!(admitted(book.admit(&free, Plan::Free).await)); // leases 62
-    assert!(admitted(book.admit(&pro, Plan::Pro).await));
+    assert!(admitted(book.admit(&free, Plan::free()).await)); // leases 62
+    assert!(admitted(book.admit(&pro, Plan::pro()).await));
     counters.down.store(true, Ordering::SeqCst);
     let calls = counters.calls.load(Ordering::SeqCst);
     // The lease in hand and the plans that never block carry on without the database.
     for _ in 0..61 {
-        assert!(admitted(book.admit(&free, Plan::Free).await));
+        assert!(admitted(book.admit(&free, Plan::free()).await));
     }
     for _ in 0..20 {
-        assert!(admitted(book.admit(&pro, Plan::Pro).await));
+        assert!(admitted(book.admit(&pro, Plan::pro()).await));
     }
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls);
     // Lease spent: one try, then failing at once for a second.
-    assert!(book.admit(&free, Plan::Free).await.is_err());
-    assert!(book.admit(&free, Plan::Free).await.is_err());
+    assert!(book.admit(&free, Plan::free()).await.is_err());
+    assert!(book.admit(&free, Plan::free()).await.is_err());
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 1);
     assert!(book.sync(false).await.is_err());
     clock.advance(time::Duration::seconds(2));
-    assert!(book.admit(&free, Plan::Free).await.is_err());
+    assert!(book.admit(&free, Plan::free()).await.is_err());
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 3);
 
     counters.down.store(false, Ordering::SeqCst);
     clock.advance(time::Duration::seconds(2));
-    assert!(admitted(book.admit(&free, Plan::Free).await));
+    assert!(admitted(book.admit(&free, Plan::free()).await));
     assert_eq!(
         book.sync(true).await.unwrap(),
         SyncReport {
@@ -751,9 +804,9 @@ fn flaky_book(
     clock: &Arc<ManualClock>,
     free: u64,
     settings: QuotaSettings,
-) -> (Arc<FlakyCounters>, Arc<QuotaBook>) {
+) -> (Arc<FlakyCounters>, Arc<Book>) {
     let counters = Arc::new(FlakyCounters::new(store.clone()));
-    let book = Arc::new(QuotaBook::new(
+    let book = Arc::new(Book::new(
         counters.clone(),
         catalog(free, 1_000),
         clock.clone(),
@@ -769,18 +822,18 @@ async fn after_a_failure_the_database_is_asked_again_one_second_later_to_the_mil
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let (counters, book) = flaky_book(&store, &clock, 1_000, QuotaSettings::default());
     counters.down.store(true, Ordering::SeqCst);
-    assert!(book.admit(&user, Plan::Free).await.is_err());
+    assert!(book.admit(&user, Plan::free()).await.is_err());
     let calls = counters.calls.load(Ordering::SeqCst);
     counters.down.store(false, Ordering::SeqCst);
     clock.advance(time::Duration::milliseconds(FAILURE_HOLD_MS - 1));
     assert!(
-        book.admit(&user, Plan::Free).await.is_err(),
+        book.admit(&user, Plan::free()).await.is_err(),
         "still held: fails at once"
     );
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls, "not asked");
     clock.advance(time::Duration::milliseconds(1));
     assert!(matches!(
-        book.admit(&user, Plan::Free).await.unwrap(),
+        book.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Admitted(QuotaStatus { used: 1, .. })
     ));
     // The counter read that failed, then the lease.
@@ -794,20 +847,20 @@ async fn a_user_at_the_limit_is_refused_from_memory_until_one_sync_interval_has_
     let user = user_with_stored_calls(&store, clock.now(), 10).await;
     let (counters, book) = flaky_book(&store, &clock, 10, QuotaSettings::default());
     assert!(matches!(
-        book.admit(&user, Plan::Free).await.unwrap(),
+        book.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Rejected(_)
     ));
     let calls = counters.calls.load(Ordering::SeqCst);
     clock.advance(time::Duration::milliseconds(499));
     assert!(matches!(
-        book.admit(&user, Plan::Free).await.unwrap(),
+        book.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Rejected(QuotaStatus { used: 10, .. })
     ));
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls, "not asked");
     // At 500 ms exactly the counter is read again (and still full).
     clock.advance(time::Duration::milliseconds(1));
     assert!(matches!(
-        book.admit(&user, Plan::Free).await.unwrap(),
+        book.admit(&user, Plan::free()).await.unwrap(),
         QuotaDecision::Rejected(_)
     ));
     assert_eq!(counters.calls.load(Ordering::SeqCst), calls + 1);
@@ -820,9 +873,9 @@ async fn a_call_that_waited_for_another_calls_lease_spends_it_instead_of_leasing
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
     let (counters, book) = flaky_book(&store, &clock, 1_000, QuotaSettings::default());
     counters.lease_gated.store(true, Ordering::SeqCst);
-    let call = |book: &Arc<QuotaBook>| {
+    let call = |book: &Arc<Book>| {
         let (book, user) = (Arc::clone(book), user.clone());
-        tokio::spawn(async move { book.admit(&user, Plan::Free).await })
+        tokio::spawn(async move { book.admit(&user, Plan::free()).await })
     };
     let first = call(&book);
     counters.inside.notified().await;
@@ -854,13 +907,13 @@ async fn idle_users_are_looked_for_every_quarter_of_the_idle_time_and_forgotten_
         forget_idle_after: Duration::from_millis(4_000),
         ..QuotaSettings::default()
     };
-    let book = QuotaBook::new(store.clone(), catalog(10, 1_000), clock.clone(), settings);
+    let book = Book::new(store.clone(), catalog(10, 1_000), clock.clone(), settings);
     let start = clock.now();
     let sync_at = |ms: i64| {
         clock.set(start + time::Duration::milliseconds(ms));
         book.sync(false)
     };
-    book.admit(&user, Plan::Pro).await.unwrap();
+    book.admit(&user, Plan::pro()).await.unwrap();
     // Passes at 0, 1,000, 2,000, 3,000 and 4,000 ms (a quarter of 4 s): at 4,000 the
     // user has been idle for exactly the idle time, which is not yet past it.
     for ms in [0, 1_000, 2_000, 3_000, 4_000] {
@@ -883,13 +936,13 @@ async fn an_unused_lease_goes_back_once_idle_for_more_than_two_sync_intervals() 
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = user_with_stored_calls(&store, clock.now(), 0).await;
-    let book = QuotaBook::new(
+    let book = Book::new(
         store.clone(),
         catalog(1_000, 1_000),
         clock.clone(),
         QuotaSettings::default(),
     );
-    book.admit(&user, Plan::Free).await.unwrap(); // leases 62, spends 1
+    book.admit(&user, Plan::free()).await.unwrap(); // leases 62, spends 1
     let start = clock.now();
     for ms in [500, 1_000] {
         clock.set(start + time::Duration::milliseconds(ms));
@@ -910,15 +963,13 @@ async fn an_unused_lease_goes_back_once_idle_for_more_than_two_sync_intervals() 
 }
 
 #[test]
-fn the_book_debugs_as_its_plans_and_settings() {
+fn the_book_debugs_as_its_settings() {
     let book = QuotaBook::new(
         Arc::new(MemoryStore::new()),
-        catalog(10, 1_000),
         Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC))),
         QuotaSettings::default(),
     );
     let text = format!("{book:?}");
     assert!(text.starts_with("QuotaBook {"), "{text}");
-    assert!(text.contains("monthly_calls: Some(10)"), "{text}");
     assert!(text.contains("sync_every: 500ms"), "{text}");
 }

@@ -150,7 +150,7 @@ async fn fixture() -> Fixture {
     let user = User {
         id: UserId::generate(),
         email: "ada@example.com".into(),
-        plan: Plan::Pro,
+        plan: Plan::pro(),
         stripe_customer_id: None,
         created_at: T0,
         plan_subscription_id: None,
@@ -249,7 +249,7 @@ impl ApiKeyRepository for KeysOf {
     async fn api_key_and_plan_by_hash(
         &self,
         hash: &str,
-    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+    ) -> Result<Option<(ApiKeyRecord, usage_core::repo::Subscription)>, RepoError> {
         self.0.inner.api_key_and_plan_by_hash(hash).await
     }
     async fn api_keys_for_user(&self, user: &UserId) -> Result<Vec<ApiKeyRecord>, RepoError> {
@@ -540,7 +540,7 @@ async fn each_customers_calls_go_to_one_writer_and_the_writers_run_at_once() {
         let user = User {
             id: UserId::generate(),
             email: format!("c{i}@example.com"),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: T0,
             plan_subscription_id: None,

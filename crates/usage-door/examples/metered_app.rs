@@ -14,11 +14,12 @@ use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use async_trait::async_trait;
+use usage_core::caller::CallLimits;
 use usage_core::quota::{QuotaBook, QuotaSettings};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, User, UserRepository};
 use usage_core::tracker::{TrackerConfig, UsageTracker};
 use usage_core::{
-    ApiKeyAuthenticator, ApiKeyId, Caller, Clock, Plan, PlanCatalog, RepoError, SystemClock, UserId,
+    ApiKeyAuthenticator, ApiKeyId, Caller, Clock, OverLimit, Plan, RepoError, SystemClock, UserId,
 };
 use usage_door::middleware::{Metering, MeteringDeps};
 use usage_testkit::memory::MemoryStore;
@@ -46,7 +47,7 @@ async fn main() -> std::io::Result<()> {
     let user = User {
         id: UserId::generate(),
         email: "demo@example.com".into(),
-        plan: Plan::Free,
+        plan: Plan::free(),
         stripe_customer_id: None,
         created_at: clock.now(),
         plan_subscription_id: None,
@@ -78,7 +79,13 @@ async fn main() -> std::io::Result<()> {
         Caller {
             user_id: user.id,
             api_key_id: key_id,
-            plan: Plan::Free,
+            plan: Plan::free(),
+            // What the key cache resolves from the plan catalog in a real service.
+            limits: CallLimits {
+                included: Some(1_000),
+                over_limit: OverLimit::Block,
+                burst: None,
+            },
         },
     )]));
 
@@ -88,7 +95,6 @@ async fn main() -> std::io::Result<()> {
     // Shares quota counters with other instances (pushes counts, gives idle leases back).
     let quota = Arc::new(QuotaBook::new(
         store.clone(),
-        PlanCatalog::default(),
         clock.clone(),
         QuotaSettings::default(),
     ));

@@ -230,7 +230,7 @@ impl Meter {
 
         let mut burst = None;
         if let Some(limiter) = &deps.rate {
-            match limiter.check(&caller.user_id, caller.plan) {
+            match limiter.check(&caller.user_id, caller.limits.burst) {
                 RateDecision::Unlimited => {}
                 RateDecision::Allowed {
                     rate,
@@ -250,7 +250,11 @@ impl Meter {
             }
         }
 
-        match deps.quota.admit_at(&caller.user_id, caller.plan, at).await {
+        match deps
+            .quota
+            .admit_at(&caller.user_id, &caller.limits, at)
+            .await
+        {
             Ok(QuotaDecision::Admitted(quota)) => {
                 stats.admitted.add(1);
                 Admission::Admitted(Admitted {
@@ -276,11 +280,7 @@ impl Meter {
     /// Records an admitted call once it finished: its `method`, its route `endpoint` (a
     /// pattern such as `/v1/items/{id}`, never the raw path) and the response `status`.
     pub async fn record(&self, call: Admitted, method: &str, endpoint: String, status: u16) {
-        let included_calls = self
-            .deps
-            .quota
-            .catalog()
-            .included_calls_if_billed(call.caller.plan);
+        let included_calls = call.caller.limits.billed_from();
         let tracked = TrackedCall {
             event: UsageEvent {
                 event_id: new_event_id(call.at),

@@ -9,7 +9,7 @@ use actix_web::{App, HttpResponse, test, web};
 use async_trait::async_trait;
 use time::macros::datetime;
 use usage_core::quota::QuotaBook;
-use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
+use usage_core::rate::{RateLimit, RateLimiter};
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, DailyUsageRepository, UsageRepository, User, UserRepository,
 };
@@ -45,7 +45,7 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
     let user = User {
         id: UserId::generate(),
         email: "ada@example.com".into(),
-        plan,
+        plan: plan.clone(),
         stripe_customer_id: None,
         created_at: clock.now(),
         plan_subscription_id: None,
@@ -80,23 +80,22 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
     };
     let (tracker, worker) =
         UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
-    let rate = rate.map(|r| {
-        let limits = PlanRateLimits {
-            free: Some(r),
-            pro: Some(r),
-            enterprise: Some(r),
-        };
-        Arc::new(RateLimiter::new(limits, clock.clone()))
-    });
+    let terms = *catalog.terms(&plan).expect("a built-in plan");
+    let limits = usage_core::caller::CallLimits {
+        included: terms.monthly_calls,
+        over_limit: terms.over_limit,
+        burst: rate,
+    };
+    let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     let metering = Metering::new(MeteringDeps {
         authenticator: Arc::new(OneKey(Caller {
             user_id: user.id.clone(),
             api_key_id: key.id,
             plan,
+            limits,
         })),
         quota: Arc::new(QuotaBook::new(
             store.clone(),
-            catalog,
             clock.clone(),
             usage_core::quota::QuotaSettings::default(),
         )),
@@ -150,7 +149,7 @@ async fn stored_calls(f: Fixture) -> u64 {
 
 #[actix_web::test]
 async fn records_the_route_pattern_status_and_caller() {
-    let f = fixture(Plan::Enterprise, None).await;
+    let f = fixture(Plan::enterprise(), None).await;
     let app = app!(f.metering);
     for id in [1, 2, 3] {
         let res = test::call_service(&app, get(&format!("/api/v1/items/{id}")).to_request()).await;
@@ -207,7 +206,7 @@ async fn records_the_route_pattern_status_and_caller() {
 
 #[actix_web::test]
 async fn free_is_blocked_at_its_limit_with_the_contract_answer() {
-    let f = fixture(Plan::Free, None).await;
+    let f = fixture(Plan::free(), None).await;
     let app = app!(f.metering);
     for remaining in ["2", "1", "0"] {
         let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
@@ -252,7 +251,7 @@ async fn free_is_blocked_at_its_limit_with_the_contract_answer() {
 
 #[actix_web::test]
 async fn missing_and_wrong_keys_get_401() {
-    let f = fixture(Plan::Pro, None).await;
+    let f = fixture(Plan::pro(), None).await;
     let app = app!(f.metering);
     for req in [
         test::TestRequest::get().uri("/api/v1/items/1"),
@@ -279,7 +278,7 @@ async fn missing_and_wrong_keys_get_401() {
 #[actix_web::test]
 async fn the_short_window_limit_answers_429_rate_limited_when_on() {
     let f = fixture(
-        Plan::Pro,
+        Plan::pro(),
         Some(RateLimit {
             per_second: 1,
             burst: 2,

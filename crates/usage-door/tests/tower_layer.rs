@@ -16,7 +16,7 @@ use serde_json::Value;
 use time::macros::datetime;
 use tower::ServiceExt;
 use usage_core::quota::{QuotaBook, QuotaSettings};
-use usage_core::rate::{PlanRateLimits, RateLimit, RateLimiter};
+use usage_core::rate::{RateLimit, RateLimiter};
 use usage_core::repo::{ApiKeyRecord, ApiKeyRepository, UsageRepository, User, UserRepository};
 use usage_core::tracker::{TrackerConfig, TrackerWorker, UsageTracker};
 use usage_core::{
@@ -52,7 +52,7 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
     let user = User {
         id: UserId::generate(),
         email: "ada@example.com".into(),
-        plan: Plan::Free,
+        plan: Plan::free(),
         stripe_customer_id: None,
         created_at: clock.now(),
         plan_subscription_id: None,
@@ -82,22 +82,22 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
     };
     let (tracker, worker) =
         UsageTracker::start(store.clone(), store.clone(), TrackerConfig::default());
-    let rate = rate.map(|r| {
-        let limits = PlanRateLimits {
-            free: Some(r),
-            ..PlanRateLimits::default()
-        };
-        Arc::new(RateLimiter::new(limits, clock.clone()))
-    });
+    let terms = *catalog.terms(&Plan::free()).expect("a built-in plan");
+    let limits = usage_core::caller::CallLimits {
+        included: terms.monthly_calls,
+        over_limit: terms.over_limit,
+        burst: rate,
+    };
+    let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     let meter = Arc::new(Meter::new(MeterDeps {
         authenticator: Arc::new(OneKey(Caller {
             user_id: user.id.clone(),
             api_key_id: key.id,
-            plan: Plan::Free,
+            plan: Plan::free(),
+            limits,
         })),
         quota: Arc::new(QuotaBook::new(
             store.clone(),
-            catalog,
             clock.clone(),
             QuotaSettings::default(),
         )),

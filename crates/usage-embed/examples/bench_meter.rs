@@ -34,8 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let keys: usize = args.next().map_or(Ok(1_000), |a| a.parse())?;
     let calls: usize = args.next().map_or(Ok(2_000_000), |a| a.parse())?;
     let plan = match args.next().as_deref() {
-        None | Some("enterprise") => Plan::Enterprise,
-        Some("pro") => Plan::Pro,
+        None | Some("enterprise") => Plan::enterprise(),
+        Some("pro") => Plan::pro(),
         Some(other) => return Err(format!("PLAN is enterprise or pro, not {other}").into()),
     };
     if keys == 0 || calls == 0 {
@@ -54,7 +54,7 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
         let user = User {
             id: UserId::generate(),
             email: format!("bench{i}@example.com"),
-            plan,
+            plan: plan.clone(),
             stripe_customer_id: None,
             created_at: OffsetDateTime::now_utc(),
             plan_subscription_id: None,
@@ -93,7 +93,8 @@ async fn run(keys: usize, calls: usize, plan: Plan) -> Result<(), Box<dyn std::e
             },
             ..UsageOptions::default()
         },
-    )?;
+    )
+    .await?;
     let meter = usage.meter();
     // Warm: every key cached, every user's quota state loaded.
     for key in &plaintexts {

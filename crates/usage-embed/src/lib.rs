@@ -22,12 +22,14 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use usage_auth::verify::{KeyCacheConfig, KeyVerifier};
+use usage_core::catalog::PlanDefinition;
 use usage_core::quota::{QuotaBook, QuotaSettings, SyncReport};
 use usage_core::rate::{PlanRateLimits, RateLimiter};
 use usage_core::repo::UsageRepository;
 use usage_core::spool::{SpoolConfig, SpoolError};
+use usage_core::terms::LiveCatalog;
 use usage_core::tracker::{FlushReport, TrackerConfig, TrackerWorker, UsageTracker};
-use usage_core::{Clock, PlanCatalog, Store, SystemClock};
+use usage_core::{Clock, Plan, PlanCatalog, Store, SystemClock};
 use usage_door::meter::{Meter, MeterDeps};
 use usage_store::{PoolOptions, StoreError};
 
@@ -43,6 +45,9 @@ pub enum EmbedError {
     /// The durable spool could not be opened.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The plan catalog could not be seeded or read.
+    #[error("the plan catalog: {0}")]
+    Catalog(#[from] usage_core::RepoError),
 }
 
 /// Settings; `UsageOptions::default()` is what `usage-server` runs with by default.
@@ -60,12 +65,16 @@ pub struct UsageOptions {
     pub key_cache: KeyCacheConfig,
     /// How often revocations and plan changes made elsewhere are looked for.
     pub access_poll: Duration,
-    /// Plans: monthly calls, overage, prices.
+    /// The built-in plans' terms (monthly calls, overage, prices), stored in the catalog
+    /// the first time (a catalog that has them is the truth afterwards).
     pub plans: PlanCatalog,
     /// How instances share quota counters.
     pub quota: QuotaSettings,
-    /// Short-window limits per plan (none by default).
+    /// The built-in plans' short-window limits (none by default), stored as `plans` are.
     pub rate_limits: PlanRateLimits,
+    /// The plan catalog, when the service already holds it (`usage-server` does); else
+    /// the meter seeds the built-in plans and loads it.
+    pub catalog: Option<Arc<LiveCatalog>>,
     /// The time source (tests shift it).
     pub clock: Arc<dyn Clock>,
     /// Where admitted calls are written; `None` is the database (benchmarks swap it).
@@ -86,6 +95,7 @@ impl Default for UsageOptions {
             plans: PlanCatalog::default(),
             quota: QuotaSettings::default(),
             rate_limits: PlanRateLimits::default(),
+            catalog: None,
             clock: Arc::new(SystemClock),
             record_to: None,
             endpoint_patterns: EndpointPatterns::default(),
@@ -100,6 +110,7 @@ pub struct UsageMeter {
     store: Arc<dyn Store>,
     verifier: Arc<KeyVerifier>,
     quota: Arc<QuotaBook>,
+    catalog: Arc<LiveCatalog>,
     tracker: UsageTracker,
     worker: TrackerWorker,
     tasks: Vec<JoinHandle<()>>,
@@ -132,12 +143,28 @@ impl UsageMeter {
             ..options.pool.clone()
         };
         let store = usage_store::open(database_url, &pool).await?;
-        Self::with_store(store, options)
+        Self::with_store(store, options).await
     }
 
     /// Starts metering on an open store (the pool and migrations are the caller's).
-    pub fn with_store(store: Arc<dyn Store>, options: UsageOptions) -> Result<Self, EmbedError> {
+    pub async fn with_store(
+        store: Arc<dyn Store>,
+        options: UsageOptions,
+    ) -> Result<Self, EmbedError> {
         let clock = options.clock;
+        let catalog = match options.catalog {
+            Some(catalog) => catalog,
+            None => {
+                let builtin: Vec<PlanDefinition> = Plan::builtin()
+                    .iter()
+                    .filter_map(|p| {
+                        PlanDefinition::builtin(p, &options.plans, &options.rate_limits, None)
+                    })
+                    .collect();
+                store.seed_plans(&builtin, clock.now()).await?;
+                LiveCatalog::load(store.clone()).await?
+            }
+        };
         let usage = options.record_to.unwrap_or_else(|| store.clone());
         let (tracker, worker) = match &options.spool {
             Some(spool) => {
@@ -148,25 +175,20 @@ impl UsageMeter {
         let verifier = Arc::new(KeyVerifier::new(
             store.clone(),
             store.clone(),
+            catalog.clone(),
             clock.clone(),
             options.key_cache,
         ));
-        let quota = Arc::new(QuotaBook::new(
-            store.clone(),
-            options.plans,
-            clock.clone(),
-            options.quota,
-        ));
-        // Revocations and plan changes made by another process reach this one; quota
-        // counts and leases are shared with every instance on this database.
+        let quota = Arc::new(QuotaBook::new(store.clone(), clock.clone(), options.quota));
+        // Revocations, plan changes and catalog edits made by another process reach this
+        // one; quota counts and leases are shared with every instance on this database.
         let tasks = vec![
             verifier.watch_access_changes(options.access_poll),
+            catalog.watch(options.access_poll),
             quota.start_sync(),
         ];
-        let rate = options
-            .rate_limits
-            .any()
-            .then(|| Arc::new(RateLimiter::new(options.rate_limits, clock.clone())));
+        // Checked on every call: a plan without a burst limit costs one branch.
+        let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
         let meter = Arc::new(Meter::new(MeterDeps {
             authenticator: verifier.clone(),
             quota: quota.clone(),
@@ -179,6 +201,7 @@ impl UsageMeter {
             store,
             verifier,
             quota,
+            catalog,
             tracker,
             worker,
             tasks,
@@ -218,6 +241,11 @@ impl UsageMeter {
     /// The quota book.
     pub fn quota(&self) -> Arc<QuotaBook> {
         Arc::clone(&self.quota)
+    }
+
+    /// The plan catalog the meter reads users' terms from.
+    pub fn catalog(&self) -> Arc<LiveCatalog> {
+        Arc::clone(&self.catalog)
     }
 
     /// The usage writer's handle (queue depth, stats).

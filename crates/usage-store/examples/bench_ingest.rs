@@ -60,7 +60,7 @@ async fn seed(store: &Arc<dyn Store>, users: usize, run: &str) -> Vec<(UserId, A
         let user = User {
             id: UserId::generate(),
             email: format!("ingest-{run}-{i}@example.com"),
-            plan: Plan::Pro,
+            plan: Plan::pro(),
             stripe_customer_id: None,
             created_at: now,
             plan_subscription_id: None,

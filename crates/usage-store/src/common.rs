@@ -163,13 +163,6 @@ impl EndpointStatsRow {
     }
 }
 
-/// A stored plan name.
-pub(crate) fn parse_plan(stored: &str) -> Result<Plan, RepoError> {
-    stored
-        .parse()
-        .map_err(|_| RepoError::Backend(format!("unknown plan {stored:?} in eco_users")))
-}
-
 /// A count for a BIGINT column (saturating: counts never come near i64::MAX).
 pub(crate) fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -228,9 +221,9 @@ mod tests {
 pub(crate) fn plan_counts(rows: Vec<(String, i64)>) -> Result<Vec<(Plan, u64)>, RepoError> {
     let mut counts = rows
         .into_iter()
-        .map(|(plan, n)| Ok((parse_plan(&plan)?, to_u64(n))))
-        .collect::<Result<Vec<_>, RepoError>>()?;
-    counts.sort_by_key(|(plan, _)| Plan::ALL.iter().position(|p| p == plan));
+        .map(|(plan, n)| (Plan::from_stored(plan), to_u64(n)))
+        .collect::<Vec<_>>();
+    counts.sort();
     Ok(counts)
 }
 
@@ -537,9 +530,9 @@ pub(crate) fn projection_threshold(
     catalog: &usage_core::PlanCatalog,
     (elapsed, length): (i64, i64),
 ) -> Option<i64> {
-    Plan::ALL
+    Plan::builtin()
         .into_iter()
-        .filter_map(|p| catalog.included_calls_if_billed(p))
+        .filter_map(|p| catalog.included_calls_if_billed(&p))
         .min()
         .map(|limit| {
             let scaled =
@@ -549,7 +542,7 @@ pub(crate) fn projection_threshold(
 }
 
 /// Included calls of `plan` when it bills overage, else -1 (the SQL's "no overage").
-pub(crate) fn billed_limit(catalog: &usage_core::PlanCatalog, plan: Plan) -> i64 {
+pub(crate) fn billed_limit(catalog: &usage_core::PlanCatalog, plan: &Plan) -> i64 {
     catalog.included_calls_if_billed(plan).map_or(-1, to_i64)
 }
 

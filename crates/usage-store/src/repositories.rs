@@ -31,7 +31,7 @@ use usage_core::repo::{
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion, PoolState,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, plan_key_issue, plan_subscription_change,
@@ -45,8 +45,8 @@ use crate::common::{
     BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
     FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow, StoredCallsRow,
     TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json, deleted_keys,
-    distinct_references, floor_columns, foldable, lease_binds, parse_plan, parse_top_endpoints,
-    plan_counts, projection_threshold, raw_day, session_sql, to_i64, to_u64,
+    distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints, plan_counts,
+    projection_threshold, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
@@ -89,7 +89,7 @@ struct UserRow {
 impl UserRow {
     fn into_domain(self) -> Result<User, RepoError> {
         Ok(User {
-            plan: parse_plan(&self.plan)?,
+            plan: Plan::from_stored(self.plan),
             plan_version: self.plan_version.and_then(|v| u32::try_from(v).ok()),
             overrides: parse_overrides(&self.id, self.overrides.as_deref())?,
             id: UserId::from_stored(self.id),
@@ -118,7 +118,7 @@ fn version_column(version: u32) -> Option<i32> {
 /// A user's `plan_version` after their plan is set to `plan`: the newest version when the
 /// plan changes, what they hold when it stays the same (setting a plan again is no move).
 fn version_on_move(
-    plan: Plan,
+    plan: &Plan,
     newest: u32,
 ) -> impl diesel::expression::AppearsOnTable<eco_users::table, SqlType = Nullable<Integer>>
 + diesel::query_builder::QueryFragment<diesel::pg::Pg>
@@ -127,7 +127,7 @@ fn version_on_move(
 + Send {
     use diesel::IntoSql;
     diesel::dsl::case_when(
-        eco_users::plan.ne(plan.as_str()),
+        eco_users::plan.ne(plan.as_str().to_owned()),
         version_column(newest).into_sql::<Nullable<Integer>>(),
     )
     .otherwise(eco_users::plan_version)
@@ -253,7 +253,7 @@ impl UserRepository for This {
             .map_err(|e| e.into_repo("user"))?;
         diesel::update(eco_users::table.find(id.as_str()))
             .set((
-                eco_users::plan_version.eq(version_on_move(plan, newest)),
+                eco_users::plan_version.eq(version_on_move(&plan, newest)),
                 eco_users::plan.eq(plan.as_str()),
                 eco_users::plan_changed_at.eq(At(at)),
             ))
@@ -268,11 +268,16 @@ impl UserRepository for This {
         &self,
         id: &UserId,
         overrides: Option<&Overrides>,
+        at: OffsetDateTime,
     ) -> Result<User, RepoError> {
         let mut conn = self.conn().await?;
         let overrides = overrides_json(overrides)?;
         diesel::update(eco_users::table.find(id.as_str()))
-            .set(eco_users::overrides.eq(overrides.as_deref().map(Json)))
+            .set((
+                eco_users::overrides.eq(overrides.as_deref().map(Json)),
+                // The key caches of every instance drop the user's limits.
+                eco_users::plan_changed_at.eq(At(at)),
+            ))
             .returning(UserRow::as_returning())
             .get_result(&mut *conn)
             .await
@@ -351,7 +356,7 @@ impl UserRepository for This {
                 let newest = newest_plan_version(conn, user.plan.as_str()).await?;
                 diesel::update(eco_users::table.find(user.id.as_str()))
                     .set((
-                        eco_users::plan_version.eq(version_on_move(user.plan, newest)),
+                        eco_users::plan_version.eq(version_on_move(&user.plan, newest)),
                         eco_users::plan.eq(user.plan.as_str()),
                         eco_users::plan_subscription_id.eq(&user.plan_subscription_id),
                         eco_users::plan_changed_at.eq(At(at)),
@@ -386,6 +391,35 @@ impl UserRepository for This {
             .await
             .map_err(db("user"))?;
         plan_counts(rows)
+    }
+
+    async fn count_users_by_terms(&self) -> Result<Vec<(Subscription, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, Option<i32>, Option<String>, i64)> = eco_users::table
+            .group_by((
+                eco_users::plan,
+                eco_users::plan_version,
+                eco_users::overrides,
+            ))
+            .select((
+                eco_users::plan,
+                eco_users::plan_version,
+                eco_users::overrides,
+                diesel::dsl::count_star(),
+            ))
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        rows.into_iter()
+            .map(|(plan, version, overrides, n)| {
+                let subscription = Subscription {
+                    overrides: parse_overrides(&plan, overrides.as_deref())?,
+                    plan: Plan::from_stored(plan),
+                    plan_version: version.and_then(|v| u32::try_from(v).ok()),
+                };
+                Ok((subscription, to_u64(n)))
+            })
+            .collect()
     }
 
     async fn set_user_blocked(
@@ -480,18 +514,31 @@ impl ApiKeyRepository for This {
     async fn api_key_and_plan_by_hash(
         &self,
         key_hash: &str,
-    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+    ) -> Result<Option<(ApiKeyRecord, Subscription)>, RepoError> {
         let mut conn = self.conn().await?;
-        let found: Option<(ApiKeyRow, String)> = eco_api_keys::table
+        let found: Option<(ApiKeyRow, String, Option<i32>, Option<String>)> = eco_api_keys::table
             .inner_join(eco_users::table)
             .filter(eco_api_keys::key_hash.eq(key_hash))
-            .select((ApiKeyRow::as_select(), eco_users::plan))
+            .select((
+                ApiKeyRow::as_select(),
+                eco_users::plan,
+                eco_users::plan_version,
+                eco_users::overrides,
+            ))
             .first(&mut *conn)
             .await
             .optional()
             .map_err(db("API key"))?;
         found
-            .map(|(key, plan)| Ok((key.into_domain(), parse_plan(&plan)?)))
+            .map(|(key, plan, version, overrides)| {
+                let overrides = parse_overrides(&key.user_id, overrides.as_deref())?;
+                let subscription = Subscription {
+                    plan: Plan::from_stored(plan),
+                    plan_version: version.and_then(|v| u32::try_from(v).ok()),
+                    overrides,
+                };
+                Ok((key.into_domain(), subscription))
+            })
             .transpose()
     }
 
@@ -1779,7 +1826,7 @@ impl UninvoicedRow {
     fn into_domain(self) -> Result<UninvoicedOverage, RepoError> {
         Ok(UninvoicedOverage {
             user_id: UserId::from_stored(self.user_id),
-            plan: parse_plan(&self.plan)?,
+            plan: Plan::from_stored(self.plan),
             stripe_customer_id: self.stripe_customer_id,
             period_start: self.period_start,
             period_end: self.period_end,
@@ -1900,7 +1947,7 @@ impl AdminRepository for This {
         catalog: &PlanCatalog,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
         let mut conn = self.conn().await?;
-        let plan = page.plan.map_or("", Plan::as_str);
+        let plan = page.plan.as_ref().map_or("", Plan::as_str);
         let pattern = admin_sql::contains_pattern(page.search.as_deref());
         let total: CountRow = query(admin_sql::COUNT_USERS)
             .bind::<Text, _>(plan)
@@ -1978,9 +2025,9 @@ impl AdminRepository for This {
                 let row: CountRow = query(admin_sql::PROJECTION_EXTRA)
                     .bind::<Stamp, _>(period_start)
                     .bind::<BigInt, _>(catalog.overage_price.0)
-                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Free))
-                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Pro))
-                    .bind::<BigInt, _>(billed_limit(catalog, Plan::Enterprise))
+                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::free()))
+                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::pro()))
+                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::enterprise()))
                     .bind::<BigInt, _>(length)
                     .bind::<BigInt, _>(elapsed.max(1))
                     .bind::<BigInt, _>(threshold)
@@ -2009,7 +2056,7 @@ async fn user_rows(
         .bind::<BigInt, _>(catalog.pro.price.0)
         .bind::<BigInt, _>(catalog.enterprise.price.0)
         .bind::<BigInt, _>(catalog.overage_price.0)
-        .bind::<Text, _>(page.plan.map_or("", Plan::as_str))
+        .bind::<Text, _>(page.plan.as_ref().map_or("", Plan::as_str))
         .bind::<Text, _>(admin_sql::contains_pattern(page.search.as_deref()))
         .bind::<BigInt, _>(i64::from(limit))
         .bind::<BigInt, _>(to_i64(offset))
@@ -2083,7 +2130,7 @@ impl UserPageRow {
     fn into_domain(self) -> Result<UserUsageRow, RepoError> {
         Ok(UserUsageRow {
             user: User {
-                plan: parse_plan(&self.plan)?,
+                plan: Plan::from_stored(self.plan),
                 plan_version: self.plan_version.and_then(|v| u32::try_from(v).ok()),
                 overrides: parse_overrides(&self.id, self.overrides.as_deref())?,
                 id: UserId::from_stored(self.id),

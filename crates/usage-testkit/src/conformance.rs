@@ -179,7 +179,7 @@ fn events(user_id: &UserId, key_id: &ApiKeyId, n: usize, start: OffsetDateTime) 
 }
 
 pub async fn users_crud(store: Arc<dyn Store>) {
-    let mut u = user("ada@example.com", Plan::Free);
+    let mut u = user("ada@example.com", Plan::free());
     u.stripe_customer_id = Some("cus_123".to_owned());
     store.create_user(&u).await.unwrap();
 
@@ -192,23 +192,23 @@ pub async fn users_crud(store: Arc<dyn Store>) {
     assert_eq!(store.user_by_id(&UserId::generate()).await.unwrap(), None);
 
     let upgraded = store
-        .set_plan(&u.id, Plan::Pro, T0 + Duration::minutes(5))
+        .set_plan(&u.id, Plan::pro(), T0 + Duration::minutes(5))
         .await
         .unwrap();
-    assert_eq!(upgraded.plan, Plan::Pro);
+    assert_eq!(upgraded.plan, Plan::pro());
     assert_eq!(
         store.user_by_id(&u.id).await.unwrap().unwrap().plan,
-        Plan::Pro
+        Plan::pro()
     );
 
-    let missing = store.set_plan(&UserId::generate(), Plan::Pro, T0).await;
+    let missing = store.set_plan(&UserId::generate(), Plan::pro(), T0).await;
     assert_eq!(missing, Err(RepoError::NotFound { entity: "user" }));
 
     // Plan changes are found by time, for the other instances' caches.
-    let bob = user("bob@example.com", Plan::Free);
+    let bob = user("bob@example.com", Plan::free());
     store.create_user(&bob).await.unwrap();
     store
-        .set_plan(&bob.id, Plan::Enterprise, T0 + Duration::minutes(9))
+        .set_plan(&bob.id, Plan::enterprise(), T0 + Duration::minutes(9))
         .await
         .unwrap();
     let mut changed = store
@@ -239,9 +239,9 @@ pub async fn users_crud(store: Arc<dyn Store>) {
 /// to a floor without ever being lowered; users without a counter are left alone.
 pub async fn counters_below_their_stored_calls_are_found_and_raised(store: Arc<dyn Store>) {
     let period = BillingPeriod::containing(T0).start();
-    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
-    let (carl, carl_key) = caller(&store, "carl@example.com", Plan::Pro).await;
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
+    let (carl, carl_key) = caller(&store, "carl@example.com", Plan::pro()).await;
     // Ada's counter exists before her 5 calls are stored (their counts were lost); Bob's
     // starts from his 3; Carl has calls and no counter.
     assert_eq!(store.quota_count(&ada, period).await.unwrap(), 0);
@@ -296,7 +296,7 @@ pub async fn counters_below_their_stored_calls_are_found_and_raised(store: Arc<d
 /// Quota counters start from the period's stored calls; takes lease under the cap, adds
 /// come first, deltas never go below zero.
 pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::free()).await;
     let period = BillingPeriod::containing(T0).start();
     store
         .record_usage(&events(&ada, &key, 7, T0), &IncludedCalls::new())
@@ -391,7 +391,7 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
 
     // Deltas for several counters, created when missing, never below zero; another period
     // and another user are separate counters.
-    let (bob, _) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (bob, _) = caller(&store, "bob@example.com", Plan::pro()).await;
     let next = BillingPeriod::containing(T0).end();
     let counts = store
         .apply_quota_deltas(&[
@@ -423,7 +423,7 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
 /// together lease all of it.
 pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
     const CAP: u64 = 500;
-    let (ada, _) = caller(&store, "ada@example.com", Plan::Free).await;
+    let (ada, _) = caller(&store, "ada@example.com", Plan::free()).await;
     let period = BillingPeriod::containing(T0).start();
     let terms = LeaseTerms {
         cap: Some(CAP),
@@ -455,7 +455,7 @@ pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
 
 pub async fn api_keys_concurrent_issues_stop_at_the_limit(store: Arc<dyn Store>) {
     const LIMIT: usize = 5;
-    let ada = user("ada@example.com", Plan::Pro);
+    let ada = user("ada@example.com", Plan::pro());
     store.create_user(&ada).await.unwrap();
     // One revoked and one expired key do not count.
     let mut revoked = key_for(&ada.id, &format!("{:064x}", 1), T0);
@@ -499,15 +499,20 @@ pub async fn api_keys_concurrent_issues_stop_at_the_limit(store: Arc<dyn Store>)
 }
 
 pub async fn api_keys_are_found_with_their_plan(store: Arc<dyn Store>) {
-    let ada = user("ada@example.com", Plan::Pro);
+    let ada = user("ada@example.com", Plan::pro());
     store.create_user(&ada).await.unwrap();
     let mut key = key_for(&ada.id, &format!("{:064x}", 7), T0);
     key.revoked_at = Some(T0 + Duration::hours(1));
     store.create_api_key(&key).await.unwrap();
     let found = store.api_key_and_plan_by_hash(&key.key_hash).await.unwrap();
-    assert_eq!(found, Some((key.clone(), Plan::Pro)), "whatever its state");
+    let stored = store.user_by_id(&ada.id).await.unwrap().unwrap();
+    assert_eq!(
+        found,
+        Some((key.clone(), stored.subscription())),
+        "whatever its state"
+    );
     store
-        .set_plan(&ada.id, Plan::Enterprise, T0 + Duration::hours(2))
+        .set_plan(&ada.id, Plan::enterprise(), T0 + Duration::hours(2))
         .await
         .unwrap();
     let (_, plan) = store
@@ -515,7 +520,7 @@ pub async fn api_keys_are_found_with_their_plan(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(plan, Plan::Enterprise);
+    assert_eq!(plan.plan, Plan::enterprise());
     assert_eq!(
         store
             .api_key_and_plan_by_hash(&format!("{:064x}", 8))
@@ -526,8 +531,8 @@ pub async fn api_keys_are_found_with_their_plan(store: Arc<dyn Store>) {
 }
 
 pub async fn api_keys_rotation_is_one_write(store: Arc<dyn Store>) {
-    let ada = user("ada@example.com", Plan::Pro);
-    let bob = user("bob@example.com", Plan::Pro);
+    let ada = user("ada@example.com", Plan::pro());
+    let bob = user("bob@example.com", Plan::pro());
     store.create_user(&ada).await.unwrap();
     store.create_user(&bob).await.unwrap();
     let old = key_for(&ada.id, &format!("{:064x}", 1), T0);
@@ -613,10 +618,10 @@ pub async fn api_keys_rotation_is_one_write(store: Arc<dyn Store>) {
 }
 
 pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
-    let u = user("ada@example.com", Plan::Free);
+    let u = user("ada@example.com", Plan::free());
     store.create_user(&u).await.unwrap();
 
-    let same_email = user("ada@example.com", Plan::Pro);
+    let same_email = user("ada@example.com", Plan::pro());
     assert_eq!(
         store.create_user(&same_email).await,
         Err(RepoError::Conflict {
@@ -624,7 +629,7 @@ pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
             field: "email"
         })
     );
-    let mut same_id = user("other@example.com", Plan::Pro);
+    let mut same_id = user("other@example.com", Plan::pro());
     same_id.id = u.id.clone();
     assert_eq!(
         store.create_user(&same_id).await,
@@ -646,17 +651,17 @@ pub async fn users_unique_id_and_email(store: Arc<dyn Store>) {
 
 /// A Stripe customer belongs to one user: linking, unlinking, and the refusals.
 pub async fn users_stripe_customers_are_unique(store: Arc<dyn Store>) {
-    let mut ada = user("ada@example.com", Plan::Pro);
+    let mut ada = user("ada@example.com", Plan::pro());
     ada.stripe_customer_id = Some("cus_ada".to_owned());
     store.create_user(&ada).await.unwrap();
-    let bob = user("bob@example.com", Plan::Free);
+    let bob = user("bob@example.com", Plan::free());
     store.create_user(&bob).await.unwrap();
     let taken = RepoError::Conflict {
         entity: "user",
         field: "stripe_customer_id",
     };
 
-    let mut carol = user("carol@example.com", Plan::Free);
+    let mut carol = user("carol@example.com", Plan::free());
     carol.stripe_customer_id = Some("cus_ada".to_owned());
     assert_eq!(store.create_user(&carol).await, Err(taken.clone()));
     assert_eq!(store.user_by_id(&carol.id).await.unwrap(), None);
@@ -679,7 +684,7 @@ pub async fn users_stripe_customers_are_unique(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(linked.stripe_customer_id.as_deref(), Some("cus_bob"));
-    assert_eq!(linked.plan, Plan::Free);
+    assert_eq!(linked.plan, Plan::free());
     // Setting a user's own customer again is no conflict; unlinking frees it.
     store
         .set_stripe_customer(&ada.id, Some("cus_ada"))
@@ -735,7 +740,7 @@ fn subscription_of(
 /// nothing (a paying customer is never downgraded by an old subscription's deletion); the
 /// end of the one that did takes the plan back to free.
 pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn Store>) {
-    let mut ada = user("ada@example.com", Plan::Free);
+    let mut ada = user("ada@example.com", Plan::free());
     ada.stripe_customer_id = Some("cus_ada".to_owned());
     store.create_user(&ada).await.unwrap();
     let at = T0 + Duration::minutes(30);
@@ -744,20 +749,20 @@ pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn S
     };
     let stored = async || store.user_by_id(&ada.id).await.unwrap().unwrap();
 
-    let old = subscription_of("evt_1", "sub_OLD", Plan::Pro, false, T0);
+    let old = subscription_of("evt_1", "sub_OLD", Plan::pro(), false, T0);
     assert!(matches!(apply(&old).await, SubscriptionOutcome::Applied(_)));
     let new_start = T0 + Duration::seconds(10);
-    let new = subscription_of("evt_2", "sub_NEW", Plan::Enterprise, false, new_start);
+    let new = subscription_of("evt_2", "sub_NEW", Plan::enterprise(), false, new_start);
     assert!(matches!(apply(&new).await, SubscriptionOutcome::Applied(_)));
     let now = stored().await;
-    assert_eq!(now.plan, Plan::Enterprise);
+    assert_eq!(now.plan, Plan::enterprise());
     assert_eq!(now.plan_subscription_id.as_deref(), Some("sub_NEW"));
 
     // The old subscription is deleted after: nothing changes, and a replay is a duplicate.
     let old_end = subscription_of(
         "evt_3",
         "sub_OLD",
-        Plan::Free,
+        Plan::free(),
         true,
         T0 + Duration::seconds(20),
     );
@@ -770,19 +775,19 @@ pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn S
     // An event without a subscription id ends nothing either.
     let anonymous_end = SubscriptionChange {
         subscription: None,
-        ..subscription_of("evt_4", "", Plan::Free, true, T0 + Duration::seconds(21))
+        ..subscription_of("evt_4", "", Plan::free(), true, T0 + Duration::seconds(21))
     };
     assert_eq!(
         apply(&anonymous_end).await,
         SubscriptionOutcome::OtherSubscription
     );
-    assert_eq!(stored().await.plan, Plan::Enterprise);
+    assert_eq!(stored().await.plan, Plan::enterprise());
 
     // The subscription that set the plan ends: free, and no subscription holds it.
     let new_end = subscription_of(
         "evt_5",
         "sub_NEW",
-        Plan::Free,
+        Plan::free(),
         true,
         T0 + Duration::seconds(30),
     );
@@ -791,22 +796,25 @@ pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn S
         SubscriptionOutcome::Applied(_)
     ));
     let after = stored().await;
-    assert_eq!((after.plan, after.plan_subscription_id), (Plan::Free, None));
+    assert_eq!(
+        (after.plan, after.plan_subscription_id),
+        (Plan::free(), None)
+    );
 
     // A plan no subscription is known to have set goes back at any end, as before.
     store
-        .set_plan(&ada.id, Plan::Pro, at + Duration::minutes(1))
+        .set_plan(&ada.id, Plan::pro(), at + Duration::minutes(1))
         .await
         .unwrap();
     let any_end = subscription_of(
         "evt_6",
         "sub_X",
-        Plan::Free,
+        Plan::free(),
         true,
         T0 + Duration::seconds(40),
     );
     assert!(
-        matches!(apply(&any_end).await, SubscriptionOutcome::Applied(u) if u.plan == Plan::Free)
+        matches!(apply(&any_end).await, SubscriptionOutcome::Applied(u) if u.plan == Plan::free())
     );
 }
 
@@ -815,8 +823,8 @@ pub async fn a_subscription_end_takes_back_only_the_plan_it_set(store: Arc<dyn S
 pub async fn deleted_keys_are_reported_in_order_however_deleted(store: Arc<dyn Store>) {
     let start = store.api_keys_deleted_after(0).await.unwrap();
     assert!(start.keys.is_empty(), "a fresh store has deleted nothing");
-    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
     let bob_second = key_for(&bob, &format!("{:064x}", rand::random::<u128>()), T0);
     store.create_api_key(&bob_second).await.unwrap();
 
@@ -856,9 +864,9 @@ pub async fn deleted_keys_are_reported_in_order_however_deleted(store: Arc<dyn S
 /// Blocking is stored and read back, by the users list too (each sort is its own query);
 /// unblocking clears it.
 pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     // One user with calls this period, one without: the list reads both kinds of rows.
-    caller(&store, "bob@example.com", Plan::Pro).await;
+    caller(&store, "bob@example.com", Plan::pro()).await;
     store
         .record_usage(&events(&ada, &key, 2, T0), &IncludedCalls::new())
         .await
@@ -908,18 +916,21 @@ pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
 
 /// Stripe events: applied once, stale ones ignored, unknown customers leave no trace.
 pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>) {
-    let mut ada = user("ada@example.com", Plan::Free);
+    let mut ada = user("ada@example.com", Plan::free());
     ada.stripe_customer_id = Some("cus_ada".to_owned());
     store.create_user(&ada).await.unwrap();
     let at = T0 + Duration::minutes(30);
 
-    let pro = subscription("evt_1", "cus_ada", Plan::Pro, T0);
+    let pro = subscription("evt_1", "cus_ada", Plan::pro(), T0);
     let SubscriptionOutcome::Applied(after) =
         store.apply_subscription_change(&pro, at).await.unwrap()
     else {
         panic!("the first event applies");
     };
-    assert_eq!((after.id.clone(), after.plan), (ada.id.clone(), Plan::Pro));
+    assert_eq!(
+        (after.id.clone(), after.plan.clone()),
+        (ada.id.clone(), Plan::pro())
+    );
     assert_eq!(store.user_by_id(&ada.id).await.unwrap().unwrap(), after);
     // The change is seen by the other instances' pollers, as `set_plan`'s.
     assert_eq!(
@@ -929,7 +940,7 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
 
     // The same event again: nothing, even though the plan was changed by hand since.
     store
-        .set_plan(&ada.id, Plan::Enterprise, at + Duration::minutes(1))
+        .set_plan(&ada.id, Plan::enterprise(), at + Duration::minutes(1))
         .await
         .unwrap();
     assert_eq!(
@@ -938,11 +949,11 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
     );
     assert_eq!(
         store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
-        Plan::Enterprise
+        Plan::enterprise()
     );
 
     // An event created before the latest applied one arrives late: ignored, remembered.
-    let older = subscription("evt_0", "cus_ada", Plan::Free, T0 - Duration::seconds(1));
+    let older = subscription("evt_0", "cus_ada", Plan::free(), T0 - Duration::seconds(1));
     assert_eq!(
         store.apply_subscription_change(&older, at).await.unwrap(),
         SubscriptionOutcome::Stale
@@ -953,19 +964,19 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
     );
     assert_eq!(
         store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
-        Plan::Enterprise
+        Plan::enterprise()
     );
     // The same second as the latest applied: applied (Stripe's times are in seconds).
-    let same_second = subscription("evt_2", "cus_ada", Plan::Free, T0);
+    let same_second = subscription("evt_2", "cus_ada", Plan::free(), T0);
     assert!(matches!(
         store.apply_subscription_change(&same_second, at).await.unwrap(),
-        SubscriptionOutcome::Applied(u) if u.plan == Plan::Free
+        SubscriptionOutcome::Applied(u) if u.plan == Plan::free()
     ));
 
     // Unknown customer: nothing recorded, so the event applies once the customer is linked.
-    let bob = user("bob@example.com", Plan::Free);
+    let bob = user("bob@example.com", Plan::free());
     store.create_user(&bob).await.unwrap();
-    let early = subscription("evt_3", "cus_bob", Plan::Pro, T0 + Duration::minutes(1));
+    let early = subscription("evt_3", "cus_bob", Plan::pro(), T0 + Duration::minutes(1));
     assert_eq!(
         store.apply_subscription_change(&early, at).await.unwrap(),
         SubscriptionOutcome::UnknownCustomer
@@ -976,13 +987,13 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
         .unwrap();
     assert!(matches!(
         store.apply_subscription_change(&early, at).await.unwrap(),
-        SubscriptionOutcome::Applied(u) if u.id == bob.id && u.plan == Plan::Pro
+        SubscriptionOutcome::Applied(u) if u.id == bob.id && u.plan == Plan::pro()
     ));
     // Ada's events do not order Bob's.
     let bob_older = subscription(
         "evt_4",
         "cus_bob",
-        Plan::Enterprise,
+        Plan::enterprise(),
         T0 + Duration::seconds(30),
     );
     assert_eq!(
@@ -992,7 +1003,7 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
             .unwrap(),
         SubscriptionOutcome::Stale
     );
-    let ada_later = subscription("evt_5", "cus_ada", Plan::Pro, T0 + Duration::seconds(30));
+    let ada_later = subscription("evt_5", "cus_ada", Plan::pro(), T0 + Duration::seconds(30));
     assert!(matches!(
         store
             .apply_subscription_change(&ada_later, at)
@@ -1004,10 +1015,10 @@ pub async fn subscription_changes_apply_once_and_in_order(store: Arc<dyn Store>)
 
 /// The same event delivered many times at once takes effect exactly once.
 pub async fn subscription_change_deliveries_at_once_apply_once(store: Arc<dyn Store>) {
-    let mut ada = user("ada@example.com", Plan::Free);
+    let mut ada = user("ada@example.com", Plan::free());
     ada.stripe_customer_id = Some("cus_ada".to_owned());
     store.create_user(&ada).await.unwrap();
-    let change = subscription("evt_once", "cus_ada", Plan::Pro, T0);
+    let change = subscription("evt_once", "cus_ada", Plan::pro(), T0);
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (store, change) = (store.clone(), change.clone());
@@ -1025,15 +1036,15 @@ pub async fn subscription_change_deliveries_at_once_apply_once(store: Arc<dyn St
     assert_eq!(applied, 1);
     assert_eq!(
         store.user_by_id(&ada.id).await.unwrap().unwrap().plan,
-        Plan::Pro
+        Plan::pro()
     );
 }
 
 /// Keyset pages, newest first, visit every event of the range once (ties on the time are
 /// ordered by event id), and only the user's.
 pub async fn usage_events_are_paged_newest_first(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
     let mut mine = Vec::new();
     for i in 0..23 {
         // Groups of three calls in the same microsecond.
@@ -1082,7 +1093,7 @@ pub async fn usage_events_are_paged_newest_first(store: Arc<dyn Store>) {
 /// Retention removes the events before a time (a dry run only counts them); what is left
 /// is untouched, and period counters are not events.
 pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     // Far from now: in the default partition on PostgreSQL, pruned row by row there.
     let old = datetime!(2025-01-15 12:00 UTC);
     let newer = datetime!(2025-03-10 12:00 UTC);
@@ -1154,7 +1165,7 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
     let mut no_calls_included = IncludedCalls::new();
     no_calls_included.insert(bob.clone(), 0);
     store
@@ -1224,8 +1235,8 @@ pub async fn usage_is_pruned_before_a_time(store: Arc<dyn Store>) {
 }
 
 pub async fn api_keys_crud(store: Arc<dyn Store>) {
-    let ada = user("ada@example.com", Plan::Pro);
-    let bob = user("bob@example.com", Plan::Free);
+    let ada = user("ada@example.com", Plan::pro());
+    let bob = user("bob@example.com", Plan::free());
     store.create_user(&ada).await.unwrap();
     store.create_user(&bob).await.unwrap();
 
@@ -1331,7 +1342,7 @@ pub async fn api_keys_crud(store: Arc<dyn Store>) {
 }
 
 pub async fn api_keys_unique_hash_and_known_user(store: Arc<dyn Store>) {
-    let ada = user("ada@example.com", Plan::Pro);
+    let ada = user("ada@example.com", Plan::pro());
     store.create_user(&ada).await.unwrap();
     let k = key_for(&ada.id, &"a".repeat(64), T0);
     store.create_api_key(&k).await.unwrap();
@@ -1353,8 +1364,8 @@ pub async fn api_keys_unique_hash_and_known_user(store: Arc<dyn Store>) {
 }
 
 pub async fn usage_batch_counts_inserted_rows(store: Arc<dyn Store>) {
-    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Enterprise).await;
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::enterprise()).await;
     let mut batch = events(&ada, &ada_key, 7, T0);
     batch.extend(events(&bob, &bob_key, 3, T0));
     let included: IncludedCalls = HashMap::from([(ada.clone(), 5)]);
@@ -1416,7 +1427,7 @@ pub async fn usage_batch_of_many_users_counts_each(store: Arc<dyn Store>) {
     // unlimited), a few across the month end: every counter exact.
     let mut users = Vec::new();
     for i in 0..120usize {
-        users.push(caller(&store, &format!("u{i}@example.com"), Plan::Pro).await);
+        users.push(caller(&store, &format!("u{i}@example.com"), Plan::pro()).await);
     }
     let month_end = BillingPeriod::containing(T0).end();
     let mut batch = Vec::new();
@@ -1517,7 +1528,7 @@ pub async fn usage_batch_of_many_users_counts_each(store: Arc<dyn Store>) {
 }
 
 pub async fn usage_replayed_batch_counts_once(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     let included = IncludedCalls::new();
     let batch = events(&ada, &key, 20, T0);
 
@@ -1563,7 +1574,7 @@ pub async fn usage_concurrent_batches_sum_exactly(store: Arc<dyn Store>) {
     const TASKS: usize = 16;
     const BATCHES: usize = 5;
     const PER_BATCH: usize = 20;
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
 
     let mut handles = Vec::new();
     for t in 0..TASKS {
@@ -1612,7 +1623,7 @@ pub async fn usage_concurrent_batches_sum_exactly(store: Arc<dyn Store>) {
 }
 
 pub async fn usage_period_boundaries(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::free()).await;
     let last = datetime!(2026-11-30 23:59:59.999 UTC);
     let first = datetime!(2026-12-01 00:00 UTC);
     let batch = vec![event(&ada, &key, last), event(&ada, &key, first)];
@@ -1656,7 +1667,7 @@ pub async fn usage_period_boundaries(store: Arc<dyn Store>) {
 }
 
 pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     let mut batch = events(&ada, &key, 3, T0);
     batch.push(event(&UserId::generate(), &key, T0));
     let result = store.record_usage(&batch, &IncludedCalls::new()).await;
@@ -1692,8 +1703,8 @@ pub async fn usage_batch_with_unknown_user_changes_nothing(store: Arc<dyn Store>
 }
 
 pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
     let day = date!(2026 - 11 - 20);
     let at = day.midnight().assume_utc();
     let mut batch = Vec::new();
@@ -1792,7 +1803,7 @@ pub async fn daily_aggregation_is_idempotent(store: Arc<dyn Store>) {
 }
 
 pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Free).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::free()).await;
     let letter = |user: &UserId, key: &ApiKeyId, at: OffsetDateTime| DeadLetter {
         event: event(user, key, at),
         included_calls: Some(1),
@@ -1878,7 +1889,7 @@ pub async fn late_writes_are_marked_by_the_store_clock(
     store: Arc<dyn Store>,
     clock: Arc<usage_core::ManualClock>,
 ) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     let included = IncludedCalls::new();
     let day = T0.date();
     let midnight = (day + Duration::days(1)).midnight().assume_utc();
@@ -1907,7 +1918,7 @@ pub async fn late_writes_are_marked_by_the_store_clock(
 }
 
 pub async fn daily_aggregates_are_current_until_a_late_write(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     let day = T0.date();
     let included = IncludedCalls::new();
     assert_eq!(store.first_usage_day().await.unwrap(), None);
@@ -1979,7 +1990,7 @@ pub async fn daily_aggregates_are_current_until_a_late_write(store: Arc<dyn Stor
 }
 
 pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
     let included: IncludedCalls = HashMap::from([(ada.clone(), 10)]);
     store
         .record_usage(&events(&ada, &key, 25, T0), &included)
@@ -2103,12 +2114,12 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
 }
 
 pub async fn overage_billing_queries(store: Arc<dyn Store>) {
-    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Pro).await;
-    let (_cy, _) = caller(&store, "cy@example.com", Plan::Free).await;
+    let (ada, ada_key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::pro()).await;
+    let (_cy, _) = caller(&store, "cy@example.com", Plan::free()).await;
     assert_eq!(
         store.count_users_by_plan().await.unwrap(),
-        vec![(Plan::Free, 1), (Plan::Pro, 2)]
+        vec![(Plan::free(), 1), (Plan::pro(), 2)]
     );
     let included: IncludedCalls = HashMap::from([(ada.clone(), 10), (bob.clone(), 10)]);
     let october = datetime!(2026-10-31 23:00 UTC);
@@ -2125,7 +2136,7 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
         vec![
             UninvoicedOverage {
                 user_id: ada.clone(),
-                plan: Plan::Pro,
+                plan: Plan::pro(),
                 stripe_customer_id: None,
                 period_start: oct.start(),
                 period_end: oct.end(),
@@ -2134,7 +2145,7 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
             },
             UninvoicedOverage {
                 user_id: ada.clone(),
-                plan: Plan::Pro,
+                plan: Plan::pro(),
                 stripe_customer_id: None,
                 period_start: nov.start(),
                 period_end: nov.end(),
@@ -2360,10 +2371,10 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     catalog.pro.monthly_calls = Some(10);
     let mut ids = Vec::new();
     for (i, (email, plan)) in [
-        ("ada@example.com", Plan::Pro),
-        ("bob@example.com", Plan::Free),
-        ("cy@example.com", Plan::Enterprise),
-        ("dan_x@example.com", Plan::Pro),
+        ("ada@example.com", Plan::pro()),
+        ("bob@example.com", Plan::free()),
+        ("cy@example.com", Plan::enterprise()),
+        ("dan_x@example.com", Plan::pro()),
     ]
     .into_iter()
     .enumerate()
@@ -2438,7 +2449,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     let (total, rows) = run(page(
         UserSort::ApiCalls,
         true,
-        Some(Plan::Enterprise),
+        Some(Plan::enterprise()),
         None,
         0,
         5,
@@ -2482,7 +2493,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     assert_eq!(emails(&rows), ["cy@example.com", "dan_x@example.com"]);
     let (total, rows) = run(page(UserSort::Email, false, None, None, 4, 2)).await;
     assert_eq!((total, rows.len()), (4, 0), "past the last page");
-    let (total, rows) = run(page(UserSort::Email, false, Some(Plan::Pro), None, 0, 10)).await;
+    let (total, rows) = run(page(UserSort::Email, false, Some(Plan::pro()), None, 0, 10)).await;
     assert_eq!(
         (total, emails(&rows)),
         (
@@ -2559,7 +2570,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
 }
 
 pub async fn sign_in_links_work_once_and_expire(store: Arc<dyn Store>) {
-    let u = user("link@example.com", Plan::Free);
+    let u = user("link@example.com", Plan::free());
     store.create_user(&u).await.unwrap();
     let expires = T0 + Duration::minutes(15);
     store
@@ -2615,8 +2626,8 @@ pub async fn sign_in_links_work_once_and_expire(store: Arc<dyn Store>) {
 }
 
 pub async fn sessions_expire_end_and_are_pruned(store: Arc<dyn Store>) {
-    let u = user("session@example.com", Plan::Pro);
-    let other = user("other@example.com", Plan::Free);
+    let u = user("session@example.com", Plan::pro());
+    let other = user("other@example.com", Plan::free());
     store.create_user(&u).await.unwrap();
     store.create_user(&other).await.unwrap();
     let short = T0 + Duration::hours(1);
@@ -2665,8 +2676,8 @@ pub async fn sessions_expire_end_and_are_pruned(store: Arc<dyn Store>) {
 }
 
 pub async fn daily_totals_follow_the_aggregation(store: Arc<dyn Store>) {
-    let (ada, key) = caller(&store, "ada@example.com", Plan::Pro).await;
-    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::Free).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let (bob, bob_key) = caller(&store, "bob@example.com", Plan::free()).await;
     let day = date!(2026 - 11 - 20);
     let next = date!(2026 - 11 - 21);
     let at = day.midnight().assume_utc();
@@ -2726,9 +2737,9 @@ pub async fn daily_totals_follow_the_aggregation(store: Arc<dyn Store>) {
 fn builtin_plans() -> Vec<PlanDefinition> {
     let catalog = PlanCatalog::default();
     let rates = usage_core::rate::PlanRateLimits::default();
-    Plan::ALL
+    Plan::builtin()
         .into_iter()
-        .map(|p| PlanDefinition::builtin(p, &catalog, &rates, None))
+        .filter_map(|p| PlanDefinition::builtin(&p, &catalog, &rates, None))
         .collect()
 }
 
@@ -2778,11 +2789,11 @@ pub async fn plans_are_seeded_once_from_the_built_in_terms(store: Arc<dyn Store>
     assert_eq!(pro.created_at, T0);
     assert_eq!(pro.existing, PlanMove::NextPeriod);
     // Users of the built-in plans still work as before.
-    let u = user("seeded@example.com", Plan::Pro);
+    let u = user("seeded@example.com", Plan::pro());
     store.create_user(&u).await.unwrap();
     assert_eq!(
         store.user_by_id(&u.id).await.unwrap().unwrap().plan,
-        Plan::Pro
+        Plan::pro()
     );
 }
 
@@ -2906,7 +2917,7 @@ pub async fn concurrent_plan_revisions_get_distinct_versions(store: Arc<dyn Stor
 }
 
 pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store>) {
-    let early = user("early@example.com", Plan::Pro);
+    let early = user("early@example.com", Plan::pro());
     store.create_user(&early).await.unwrap();
     assert_eq!(
         store
@@ -2936,7 +2947,7 @@ pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store
         .await
         .unwrap();
     // A new subscriber gets the newest version; the given one is not read.
-    let mut late = user("late@example.com", Plan::Pro);
+    let mut late = user("late@example.com", Plan::pro());
     late.plan_version = Some(77);
     store.create_user(&late).await.unwrap();
     assert_eq!(
@@ -2958,21 +2969,21 @@ pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store
         Some(1)
     );
     // Setting the same plan again is no move; another plan is its newest version.
-    let same = store.set_plan(&early.id, Plan::Pro, T0).await.unwrap();
+    let same = store.set_plan(&early.id, Plan::pro(), T0).await.unwrap();
     assert_eq!(same.plan_version, Some(1));
-    let moved = store.set_plan(&early.id, Plan::Free, T0).await.unwrap();
-    assert_eq!((moved.plan, moved.plan_version), (Plan::Free, Some(1)));
-    let back = store.set_plan(&early.id, Plan::Pro, T0).await.unwrap();
+    let moved = store.set_plan(&early.id, Plan::free(), T0).await.unwrap();
+    assert_eq!((moved.plan, moved.plan_version), (Plan::free(), Some(1)));
+    let back = store.set_plan(&early.id, Plan::pro(), T0).await.unwrap();
     assert_eq!(back.plan_version, Some(2));
     // A Stripe subscription that changes the plan moves to the newest version too.
-    let mut customer = user("stripe@example.com", Plan::Free);
+    let mut customer = user("stripe@example.com", Plan::free());
     customer.stripe_customer_id = Some("cus_version".into());
     store.create_user(&customer).await.unwrap();
     let change = SubscriptionChange {
         event_id: "evt_version".into(),
         event_type: "customer.subscription.updated".into(),
         customer: "cus_version".into(),
-        plan: Plan::Pro,
+        plan: Plan::pro(),
         created: T0,
         subscription: Some("sub_version".into()),
         ends: false,
@@ -2983,7 +2994,7 @@ pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store
         "{outcome:?}"
     );
     let stored = store.user_by_id(&customer.id).await.unwrap().unwrap();
-    assert_eq!((stored.plan, stored.plan_version), (Plan::Pro, Some(2)));
+    assert_eq!((stored.plan, stored.plan_version), (Plan::pro(), Some(2)));
     // The users page reads the same columns.
     let page = store
         .users_page(
@@ -3004,7 +3015,7 @@ pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store
 }
 
 pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {
-    let u = user("terms@example.com", Plan::Pro);
+    let u = user("terms@example.com", Plan::pro());
     store.create_user(&u).await.unwrap();
     let overrides: usage_core::catalog::Overrides = serde_json::from_value(serde_json::json!({
         "price_cents": 30000,
@@ -3014,11 +3025,40 @@ pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {
                         {"up_to": null, "unit_price_micros": 400}]}}]
     }))
     .unwrap();
+    let changed_at = T0 + Duration::hours(3);
     let set = store
-        .set_user_overrides(&u.id, Some(&overrides))
+        .set_user_overrides(&u.id, Some(&overrides), changed_at)
         .await
         .unwrap();
     assert_eq!(set.overrides.as_ref(), Some(&overrides));
+    // Every instance's key cache drops the user's limits, as for a plan change.
+    assert!(
+        store
+            .plans_changed_since(changed_at)
+            .await
+            .unwrap()
+            .contains(&u.id)
+    );
+    // The key lookup brings them, and the counts of terms tell them apart.
+    let key = key_for(&u.id, &format!("{:064x}", 31), T0);
+    store.create_api_key(&key).await.unwrap();
+    let (_, held) = store
+        .api_key_and_plan_by_hash(&key.key_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.overrides.as_ref(), Some(&overrides));
+    let plain = user("plain@example.com", Plan::pro());
+    store.create_user(&plain).await.unwrap();
+    let mut terms = store.count_users_by_terms().await.unwrap();
+    terms.retain(|(s, _)| s.plan == Plan::pro());
+    terms.sort_by_key(|(s, _)| s.overrides.is_some());
+    assert_eq!(terms.len(), 2, "{terms:?}");
+    assert_eq!((terms[0].0.overrides.is_none(), terms[0].1), (true, 1));
+    assert_eq!(
+        (terms[1].0.overrides.as_ref(), terms[1].1),
+        (Some(&overrides), 1)
+    );
     assert_eq!(
         store.user_by_id(&u.id).await.unwrap().unwrap().overrides,
         Some(overrides.clone())
@@ -3032,11 +3072,14 @@ pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {
             .overrides,
         Some(overrides)
     );
-    let dropped = store.set_user_overrides(&u.id, None).await.unwrap();
+    let dropped = store
+        .set_user_overrides(&u.id, None, changed_at)
+        .await
+        .unwrap();
     assert_eq!(dropped.overrides, None);
     assert_eq!(
         store
-            .set_user_overrides(&UserId::generate(), None)
+            .set_user_overrides(&UserId::generate(), None, changed_at)
             .await
             .unwrap_err(),
         RepoError::NotFound { entity: "user" }

@@ -110,7 +110,7 @@ impl MemoryStore {
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
         // As the migrations leave a database: the built-in plans' keys, their terms to be
         // seeded from the plan variables.
-        let plans = Plan::ALL
+        let plans = Plan::builtin()
             .into_iter()
             .map(|p| (p.as_str().to_owned(), (None, Vec::new())))
             .collect();
@@ -241,6 +241,7 @@ impl UserRepository for MemoryStore {
         &self,
         id: &UserId,
         overrides: Option<&usage_core::catalog::Overrides>,
+        at: OffsetDateTime,
     ) -> Result<User, RepoError> {
         let mut state = self.state();
         let user = state
@@ -248,7 +249,9 @@ impl UserRepository for MemoryStore {
             .get_mut(id)
             .ok_or(RepoError::NotFound { entity: "user" })?;
         user.overrides = overrides.cloned();
-        Ok(user.clone())
+        let user = user.clone();
+        state.plan_changed.insert(id.clone(), at);
+        Ok(user)
     }
 
     async fn set_stripe_customer(
@@ -286,10 +289,10 @@ impl UserRepository for MemoryStore {
             .map(|(_, created, _)| *created)
             .max();
         let is_new = !state.stripe_events.contains_key(&change.event_id);
-        let held = user.map(|u| u.plan);
+        let held = user.map(|u| u.plan.clone());
         let mut outcome = plan_subscription_change(user, is_new, latest_applied, change);
         if let SubscriptionOutcome::Applied(user) = &mut outcome {
-            if held != Some(user.plan) {
+            if held.as_ref() != Some(&user.plan) {
                 user.plan_version = state.newest_version(user.plan.as_str());
             }
             state.users.insert(user.id.clone(), user.clone());
@@ -355,17 +358,25 @@ impl UserRepository for MemoryStore {
     }
 
     async fn count_users_by_plan(&self) -> Result<Vec<(Plan, u64)>, RepoError> {
-        let state = self.state();
-        Ok(Plan::ALL
-            .into_iter()
-            .map(|plan| {
-                (
-                    plan,
-                    state.users.values().filter(|u| u.plan == plan).count() as u64,
-                )
-            })
-            .filter(|(_, n)| *n > 0)
-            .collect())
+        let mut counts: BTreeMap<Plan, u64> = BTreeMap::new();
+        for user in self.state().users.values() {
+            *counts.entry(user.plan.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn count_users_by_terms(
+        &self,
+    ) -> Result<Vec<(usage_core::repo::Subscription, u64)>, RepoError> {
+        let mut counts: Vec<(usage_core::repo::Subscription, u64)> = Vec::new();
+        for user in self.state().users.values() {
+            let subscription = user.subscription();
+            match counts.iter_mut().find(|(s, _)| *s == subscription) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((subscription, 1)),
+            }
+        }
+        Ok(counts)
     }
 }
 
@@ -428,13 +439,13 @@ impl ApiKeyRepository for MemoryStore {
     async fn api_key_and_plan_by_hash(
         &self,
         key_hash: &str,
-    ) -> Result<Option<(ApiKeyRecord, Plan)>, RepoError> {
+    ) -> Result<Option<(ApiKeyRecord, usage_core::repo::Subscription)>, RepoError> {
         let state = self.state();
         Ok(state
             .key_by_hash
             .get(key_hash)
             .and_then(|id| state.keys.get(id))
-            .and_then(|k| Some((k.clone(), state.users.get(&k.user_id)?.plan))))
+            .and_then(|k| Some((k.clone(), state.users.get(&k.user_id)?.subscription()))))
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, RepoError> {
@@ -1058,7 +1069,7 @@ impl OverageChargeRepository for MemoryStore {
                 let user = state.users.get(&r.user_id)?;
                 Some(UninvoicedOverage {
                     user_id: r.user_id.clone(),
-                    plan: user.plan,
+                    plan: user.plan.clone(),
                     stripe_customer_id: user.stripe_customer_id.clone(),
                     period_start: r.period_start,
                     period_end: r.period_end,
@@ -1183,7 +1194,7 @@ impl AdminRepository for MemoryStore {
         let mut rows: Vec<UserUsageRow> = state
             .users
             .values()
-            .filter(|u| query.plan.is_none_or(|p| u.plan == p))
+            .filter(|u| query.plan.as_ref().is_none_or(|p| u.plan == *p))
             .filter(|u| {
                 search.as_deref().is_none_or(|q| {
                     u.email.to_lowercase().contains(q) || u.id.as_str().to_lowercase().contains(q)
@@ -1198,7 +1209,7 @@ impl AdminRepository for MemoryStore {
                     user: u.clone(),
                     api_calls,
                     overage_calls,
-                    revenue_cents: catalog.terms(u.plan).price.0
+                    revenue_cents: catalog.terms(&u.plan).map_or(0, |t| t.price.0)
                         + catalog.overage_price.total_in_cents(overage_calls).0,
                 }
             })
@@ -1248,7 +1259,7 @@ impl AdminRepository for MemoryStore {
             figures.overage_calls += r.overage_calls;
             figures.invoiced_cents += cents(r.overage_invoiced_calls);
             figures.uninvoiced_cents += cents(r.overage_calls) - cents(r.overage_invoiced_calls);
-            let plan = state.users.get(&r.user_id).map(|u| u.plan);
+            let plan = state.users.get(&r.user_id).map(|u| &u.plan);
             let projected = match plan.and_then(|p| catalog.included_calls_if_billed(p)) {
                 Some(limit) => {
                     let pace =

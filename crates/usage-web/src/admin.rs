@@ -89,7 +89,12 @@ pub(crate) async fn overview(req: HttpRequest, dash: web::Data<Dashboard>) -> Ht
         let body = html! {
             dl.figures #overview {
                 div { dt { "Users" } dd #users-total data-value=(o.users.total) { (group(o.users.total)) } }
-                div { dt { "Free / Pro / Enterprise" } dd #users-by-plan { (group(o.users.free)) " / " (group(o.users.pro)) " / " (group(o.users.enterprise)) } }
+                div { dt { "By plan" } dd #users-by-plan {
+                    @for (i, (plan, n)) in o.users.plans.iter().enumerate() {
+                        @if i > 0 { ", " }
+                        (plan) " " (group(*n))
+                    }
+                } }
                 div { dt { "MRR" } dd #mrr data-value=(o.mrr_cents) { (money(Cents(o.mrr_cents))) } }
                 div { dt { "Overage invoiced" } dd { (money(Cents(o.overage_revenue_cents))) } }
                 div { dt { "Overage accrued, not invoiced" } dd { (money(Cents(o.overage_uninvoiced_cents))) } }
@@ -260,7 +265,7 @@ pub(crate) async fn user(
                     (csrf_field(&viewer))
                     label for="new-plan" { "Change plan to" }
                     select #new-plan name="plan" {
-                        @for plan in [Plan::Free, Plan::Pro, Plan::Enterprise] {
+                        @for plan in [Plan::free(), Plan::pro(), Plan::enterprise()] {
                             option value=(plan.as_str()) selected[plan == detail.plan] { (plan.as_str()) }
                         }
                     }
@@ -328,17 +333,15 @@ pub(crate) async fn set_plan(
         check_form(&req, &viewer, &form)?;
         let id = user_id(&path)?;
         let raw = form.get("plan").map(String::as_str).unwrap_or_default();
-        let plan = raw.parse::<Plan>().map_err(|_| {
-            PageError::BadRequest(format!(
-                "plan must be one of free, pro, enterprise (got {raw:?})"
-            ))
-        })?;
+        let plan = raw
+            .parse::<Plan>()
+            .map_err(|e| PageError::BadRequest(e.to_string()))?;
         dash.admin
             .update_user(
                 &id,
                 &UserPatch {
                     plan: Some(plan),
-                    stripe_customer_id: None,
+                    ..UserPatch::default()
                 },
             )
             .await?;

@@ -7,6 +7,10 @@ use maud::{DOCTYPE, Markup, html};
 use time::OffsetDateTime;
 use time::macros::format_description;
 use usage_core::Cents;
+use usage_core::catalog::MeterLimit;
+use usage_core::pricing::OverageModel;
+
+use crate::chart::group;
 
 use crate::{Viewer, page_response};
 
@@ -154,6 +158,38 @@ pub(crate) fn minute(t: OffsetDateTime) -> String {
         "[year]-[month]-[day] [hour]:[minute] UTC"
     ))
     .unwrap_or_default()
+}
+
+/// How `limit` is priced past its included units, in a few words.
+pub(crate) fn describe_limit(limit: Option<&MeterLimit>) -> (String, String) {
+    let Some(limit) = limit else {
+        return ("unlimited".into(), "not limited".into());
+    };
+    let included = limit.included.map_or_else(|| "unlimited".into(), group);
+    let past = match (&limit.over_limit, &limit.overage) {
+        (usage_core::OverLimit::Block, _) => "blocked".to_owned(),
+        (_, None) => "never limited".to_owned(),
+        (_, Some(OverageModel::PerUnit { unit_price_micros })) => {
+            format!(
+                "{} µ$ a unit",
+                group(u64::try_from(*unit_price_micros).unwrap_or(0))
+            )
+        }
+        (
+            _,
+            Some(OverageModel::Package {
+                package_size,
+                package_price_micros,
+            }),
+        ) => format!(
+            "{} µ$ a package of {}",
+            group(u64::try_from(*package_price_micros).unwrap_or(0)),
+            group(*package_size)
+        ),
+        (_, Some(OverageModel::Graduated { tiers })) => format!("graduated, {} tiers", tiers.len()),
+        (_, Some(OverageModel::Volume { tiers })) => format!("volume, {} tiers", tiers.len()),
+    };
+    (included, past)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use usage_auth::keys::KeyIssuer;
 use usage_auth::session::DashboardSessions;
 use usage_auth::verify::KeyVerifier;
 use usage_core::repo::User;
-use usage_core::{Clock, PlanCatalog, RepoError, Store, UserId};
+use usage_core::{Clock, RepoError, Store, UserId};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "usage_session";
@@ -64,8 +64,8 @@ pub struct Dashboard {
     pub admins: AdminList,
     /// This instance's key cache: forgets a key revoked or a plan changed here at once.
     pub verifier: Arc<KeyVerifier>,
-    /// Plans and prices.
-    pub catalog: PlanCatalog,
+    /// The plan catalog as this instance holds it: each user's effective terms.
+    pub catalog: Arc<usage_core::terms::LiveCatalog>,
     /// The plan catalog, for its admin pages.
     pub plans: usage_core::plans::Plans,
     /// Time.

@@ -9,14 +9,13 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use maud::html;
 use usage_core::Cents;
 use usage_core::catalog::{
-    API_CALLS, CatalogError, MeterLimit, PlanDefinition, PlanMove, from_json, revision_from_json,
+    API_CALLS, CatalogError, PlanDefinition, PlanMove, from_json, revision_from_json,
 };
 use usage_core::plans::PlanError;
-use usage_core::pricing::OverageModel;
 
 use crate::admin::{admin_nav_then, admin_page};
 use crate::chart::group;
-use crate::layout::{Nav, csrf_field, day, money, page};
+use crate::layout::{Nav, csrf_field, day, describe_limit, money, page};
 use crate::{Dashboard, PageError, Viewer, check_form, page_response, query, see_other};
 
 type Form = web::Form<HashMap<String, String>>;
@@ -61,38 +60,6 @@ const NEW_PLAN: &str = r#"{
     }
   ]
 }"#;
-
-/// How `limit` is priced past its included units, in a few words.
-fn describe_limit(limit: Option<&MeterLimit>) -> (String, String) {
-    let Some(limit) = limit else {
-        return ("unlimited".into(), "not limited".into());
-    };
-    let included = limit.included.map_or_else(|| "unlimited".into(), group);
-    let past = match (&limit.over_limit, &limit.overage) {
-        (usage_core::OverLimit::Block, _) => "blocked".to_owned(),
-        (_, None) => "never limited".to_owned(),
-        (_, Some(OverageModel::PerUnit { unit_price_micros })) => {
-            format!(
-                "{} µ$ a unit",
-                group(u64::try_from(*unit_price_micros).unwrap_or(0))
-            )
-        }
-        (
-            _,
-            Some(OverageModel::Package {
-                package_size,
-                package_price_micros,
-            }),
-        ) => format!(
-            "{} µ$ a package of {}",
-            group(u64::try_from(*package_price_micros).unwrap_or(0)),
-            group(*package_size)
-        ),
-        (_, Some(OverageModel::Graduated { tiers })) => format!("graduated, {} tiers", tiers.len()),
-        (_, Some(OverageModel::Volume { tiers })) => format!("volume, {} tiers", tiers.len()),
-    };
-    (included, past)
-}
 
 /// A plan's terms as the new-version form shows them (without what the form does not set).
 fn editable_json(plan: &PlanDefinition) -> String {

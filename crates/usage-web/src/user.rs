@@ -488,16 +488,28 @@ pub(crate) async fn billing(req: HttpRequest, dash: web::Data<Dashboard>) -> Htt
         let user = &viewer.user.id;
         let overage = dash.reports.overage(user).await?;
         let charges = dash.reports.charges(user).await?;
-        let terms = dash.catalog.terms(viewer.user.plan);
+        let terms = dash
+            .catalog
+            .effective(&viewer.user.subscription(), dash.clock.now())
+            .await?
+            .terms;
+        let calls = terms.limit(usage_core::catalog::API_CALLS);
+        let (included, past) = layout::describe_limit(calls);
+        let overage_price = match calls.and_then(|l| l.overage.as_ref()) {
+            Some(usage_core::pricing::OverageModel::PerUnit { unit_price_micros }) => {
+                format!("{} per 1,000 calls", money_per_thousand(*unit_price_micros))
+            }
+            _ => past,
+        };
         let not_invoiced = Cents(overage.overage_cost_cents.0 - overage.invoiced_cents.0);
         let body = html! {
             section aria-labelledby="plan" {
                 h2 #plan { "Plan" }
                 dl.figures {
                     div { dt { "Plan" } dd #plan-name { (viewer.user.plan.as_str()) } }
-                    div { dt { "Price" } dd #plan-price { (money(terms.price)) " a month" } }
-                    div { dt { "Included calls" } dd { (terms.monthly_calls.map(group).unwrap_or_else(|| "unlimited".into())) } }
-                    div { dt { "Overage price" } dd { (money_per_thousand(dash.catalog.overage_price.0)) " per 1,000 calls" } }
+                    div { dt { "Price" } dd #plan-price { (money(Cents(terms.price_cents))) " a month" } }
+                    div { dt { "Included calls" } dd { (included) } }
+                    div { dt { "Overage price" } dd { (overage_price) } }
                 }
             }
             section aria-labelledby="overage" {

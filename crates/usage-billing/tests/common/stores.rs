@@ -76,7 +76,7 @@ pub async fn pro_user(
     email: &str,
     customer: Option<&str>,
 ) -> (UserId, ApiKeyId) {
-    user_on(store, email, Plan::Pro, customer).await
+    user_on(store, email, Plan::pro(), customer).await
 }
 
 pub async fn user_on(
