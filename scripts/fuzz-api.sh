@@ -49,6 +49,9 @@ for backend in $backends; do
   export FUZZ_USER_TOKEN=$("$bin" token --user "$user" --ttl-secs 7200)
   admin=$("$bin" users create --email "admin-$backend@example.com" --plan enterprise)
   export FUZZ_ADMIN_TOKEN=$("$bin" token --user "$admin" --ttl-secs 7200)
+  # The plan the archive endpoint is fuzzed on (schemathesis.toml).
+  printf '[[plans]]\nkey = "scratch"\nname = "Scratch"\nprice_cents = 0\n' > "$work/scratch.toml"
+  "$bin" plans apply "$work/scratch.toml" > /dev/null
   port=$(free_port)
   # Stripe configured (never reached: no user has overage), so that a live billing run is
   # a 200, not the 503 of a server without Stripe.

@@ -255,6 +255,7 @@ impl Config {
     pub fn billing(
         &self,
         store: Arc<dyn Store>,
+        catalog: Arc<usage_core::terms::LiveCatalog>,
         clock: Arc<dyn Clock>,
     ) -> Result<OverageService, ServerError> {
         let stripe = match &self.stripe {
@@ -265,7 +266,7 @@ impl Config {
         Ok(OverageService::new(
             store,
             stripe,
-            self.plans.clone(),
+            catalog,
             clock,
             self.billing,
         ))

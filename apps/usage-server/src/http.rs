@@ -147,7 +147,11 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         keys,
         verifier,
         aggregation,
-        billing: config.billing(store_for_billing, clock_for_billing.clone())?,
+        billing: config.billing(
+            store_for_billing,
+            catalog.clone(),
+            clock_for_billing.clone(),
+        )?,
         admins: config.admins.clone(),
         admin_rate: RateLimiter::new(clock_for_billing.clone()),
         admin_rate_limit: config.admin_rate_limit,

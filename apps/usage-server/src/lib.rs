@@ -148,7 +148,11 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             } else {
                 RunMode::Live
             };
-            let summary = config.billing(store, clock)?.process_all(mode).await?;
+            let (_, catalog) = catalog::open(&config, store.clone(), clock.clone()).await?;
+            let summary = config
+                .billing(store, catalog, clock)?
+                .process_all(mode)
+                .await?;
             println!("{}", serde_json::json!(summary));
             Ok(())
         }
@@ -158,6 +162,7 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
             not_created,
         } => {
             let store = open_migrated(&config).await?;
+            let (_, catalog) = catalog::open(&config, store.clone(), clock.clone()).await?;
             let resolution = match (stripe_item, not_created) {
                 (Some(item), _) => usage_billing::Resolution::Created {
                     stripe_invoice_item_id: item,
@@ -167,7 +172,7 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
                 },
             };
             let charge = config
-                .billing(store, clock)?
+                .billing(store, catalog, clock)?
                 .resolve_charge(&key, resolution)
                 .await?;
             eprintln!(
@@ -223,8 +228,9 @@ pub async fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::ReconcileOverage { attention_only } => {
             let store = open_migrated(&config).await?;
+            let (_, catalog) = catalog::open(&config, store.clone(), clock.clone()).await?;
             let items: Vec<_> = config
-                .billing(store, clock)?
+                .billing(store, catalog, clock)?
                 .reconcile()
                 .await?
                 .into_iter()

@@ -176,6 +176,20 @@ mod tests {
             patch["properties"]["plan"]["$ref"], "#/components/schemas/Plan",
             "{patch}"
         );
+        // A plan is a catalog key, in a body or in the users list's filter.
+        let plan = &doc["components"]["schemas"]["Plan"];
+        assert_eq!(plan["pattern"], "^[a-z0-9_-]{1,40}$", "{plan}");
+        let filter = doc["paths"]["/api/admin/analytics/users"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "plan")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            filter["schema"]["pattern"], "^[a-z0-9_-]{1,40}$",
+            "{filter}"
+        );
         let name = &doc["components"]["schemas"]["CreateKey"]["properties"]["name"];
         assert!(
             name["pattern"]

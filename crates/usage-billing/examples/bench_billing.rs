@@ -64,10 +64,11 @@ async fn main() {
         ..usage_store::PoolOptions::default()
     };
     let store = usage_store::open(db.url(), &options).await.unwrap();
-    let catalog = PlanCatalog::default();
+    let variables = PlanCatalog::default();
     let expected_cents: i64 = (1..=users as u64)
-        .map(|i| catalog.overage_price.total_in_cents(5 + i * 7).0)
+        .map(|i| variables.overage_price.total_in_cents(5 + i * 7).0)
         .sum();
+    let catalog = usage_testkit::seeded_catalog(store.clone(), &variables).await;
 
     // Baseline: the same number of items straight to the fake, same client, same
     // concurrency.

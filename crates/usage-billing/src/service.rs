@@ -1,28 +1,32 @@
 //! The overage billing run: what to bill, the charge ledger, Stripe, and reconciliation.
 //!
 //! A charge bills the overage calls between what a period has invoiced (`calls_from`) and
-//! its overage now (`calls_to`). It is first recorded as pending with a deterministic
+//! its overage now (`calls_to`). Its amount is what the period's calls cost under the terms
+//! the user holds for the period (the plan version and their own terms, from the catalog),
+//! less what the period's charges already invoiced, never below zero: a change of terms
+//! prices the whole period anew, and never takes back what was billed. It is first recorded as pending with a deterministic
 //! idempotency key, then sent to Stripe with that key, then marked succeeded together with
 //! the period's `overage_invoiced_calls`. A run that stops anywhere in between leaves a
 //! pending charge that the next run sends again with the same key, so Stripe creates the
 //! item once. Two runs at once cannot both record a live charge starting at the same
 //! `calls_from` (a unique index), so one range is never billed twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::Semaphore;
+use usage_core::caller::CallLimits;
+use usage_core::catalog::{API_CALLS, PlanDefinition};
 use usage_core::repo::{
-    ChargeStatus, NewOverageCharge, OverageCharge, OverageLedgerEntry, UninvoicedOverage,
-    UsageRecord,
+    ChargeStatus, NewOverageCharge, OverageCharge, OverageLedgerEntry, UninvoicedOverage, User,
 };
-use usage_core::{BillingPeriod, Clock, PlanCatalog, RepoError, Store, UserId};
+use usage_core::terms::LiveCatalog;
+use usage_core::{BillingPeriod, Clock, MicroUsd, RepoError, Store, UserId};
 
 use crate::stripe::{InvoiceItem, StripeClient};
-use crate::{OverageCost, overage_cost};
 
 /// How a billing run behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +65,8 @@ pub enum RunMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingSummary {
-    /// Users looked at: everyone on a plan with overage, and anyone else with overage
-    /// not invoiced yet (after a plan change).
+    /// Users looked at: everyone whose terms bill overage calls, and anyone else with
+    /// overage not invoiced yet (after a change of terms).
     pub processed: u64,
     /// Users with at least one charge completed (or, in a dry run, to complete) and no
     /// failure.
@@ -162,8 +166,12 @@ pub struct Reconciliation {
     pub entry: OverageLedgerEntry,
     /// Overage calls not invoiced yet (billed by the next run).
     pub uninvoiced_calls: u64,
-    /// What the invoiced calls cost at today's price.
+    /// What the invoiced calls cost under the terms the user holds for the period.
     pub expected_cents: i64,
+    /// The user's terms changed during the period or since (a plan move, their own terms,
+    /// a version taken up): charges made under earlier terms need not add up to
+    /// `expected_cents`, so the two are not compared.
+    pub terms_changed: bool,
     /// `ok`, `uninvoiced`, `pending` or `drift`.
     pub status: &'static str,
     /// Each inconsistency, for a person.
@@ -217,7 +225,7 @@ pub enum Resolution {
 pub struct OverageService {
     store: Arc<dyn Store>,
     stripe: Option<Arc<dyn StripeClient>>,
-    catalog: PlanCatalog,
+    catalog: Arc<LiveCatalog>,
     clock: Arc<dyn Clock>,
     options: BillingOptions,
 }
@@ -234,16 +242,16 @@ impl std::fmt::Debug for OverageService {
 /// One user's work in a run.
 struct UserWork {
     user_id: UserId,
-    stripe_customer_id: Option<String>,
     periods: Vec<UninvoicedOverage>,
 }
 
 impl OverageService {
-    /// A service; without `stripe`, only dry runs, reports and reconciliation work.
+    /// A service pricing by `catalog`; without `stripe`, only dry runs, reports and
+    /// reconciliation work.
     pub fn new(
         store: Arc<dyn Store>,
         stripe: Option<Arc<dyn StripeClient>>,
-        catalog: PlanCatalog,
+        catalog: Arc<LiveCatalog>,
         clock: Arc<dyn Clock>,
         options: BillingOptions,
     ) -> Self {
@@ -259,11 +267,6 @@ impl OverageService {
         }
     }
 
-    /// The overage cost of a usage record (see [`overage_cost`]).
-    pub fn calculate(&self, record: &UsageRecord) -> OverageCost {
-        overage_cost(record, &self.catalog)
-    }
-
     /// Bills everything not yet invoiced, for every user, `concurrency` users at a time.
     /// One user's failure is in the summary and does not stop the others.
     pub async fn process_all(&self, mode: RunMode) -> Result<BillingSummary, BillingError> {
@@ -272,31 +275,28 @@ impl OverageService {
         }
         let now = self.clock.now();
         let mut by_user: BTreeMap<UserId, UserWork> = BTreeMap::new();
-        let mut off_plan_users = 0u64;
         for period in self.store.uninvoiced_overage().await? {
-            let work = by_user.entry(period.user_id.clone()).or_insert_with(|| {
-                if self
-                    .catalog
-                    .included_calls_if_billed(&period.plan)
-                    .is_none()
-                {
-                    off_plan_users += 1;
-                }
-                UserWork {
+            by_user
+                .entry(period.user_id.clone())
+                .or_insert_with(|| UserWork {
                     user_id: period.user_id.clone(),
-                    stripe_customer_id: period.stripe_customer_id.clone(),
                     periods: Vec::new(),
-                }
-            });
-            work.periods.push(period);
+                })
+                .periods
+                .push(period);
         }
-        let on_overage_plans: u64 = self
+        let catalog = self.catalog.current();
+        let on_overage_terms: u64 = self
             .store
-            .count_users_by_plan()
+            .count_users_by_terms()
             .await?
             .into_iter()
-            .filter(|(plan, _)| self.catalog.included_calls_if_billed(plan).is_some())
-            .map(|(_, n)| n)
+            .filter(|(subscription, _)| {
+                catalog
+                    .effective(subscription, now)
+                    .is_some_and(|terms| bills_calls(&terms))
+            })
+            .map(|(_, users)| users)
             .sum();
 
         let permits = Arc::new(Semaphore::new(self.options.concurrency));
@@ -308,16 +308,17 @@ impl OverageService {
                 // The semaphore is never closed, so acquiring only waits.
                 let _permit = permits.acquire_owned().await;
                 let user_id = work.user_id.clone();
-                (user_id, service.bill_user(work, mode, now).await)
+                let (on_overage_terms, billed) = service.bill_user(work, mode, now).await;
+                (user_id, on_overage_terms, billed)
             });
         }
         let mut summary = BillingSummary {
-            processed: on_overage_plans + off_plan_users,
+            processed: on_overage_terms,
             dry_run: mode == RunMode::DryRun,
             ..BillingSummary::default()
         };
         while let Some(joined) = tasks.join_next().await {
-            let (user_id, billed) = match joined {
+            let (user_id, on_overage_terms, billed) = match joined {
                 Ok(done) => done,
                 // A panicking user task must not take the run down; nothing of it is lost
                 // (its charges are pending or not recorded) and the next run sees them.
@@ -327,6 +328,11 @@ impl OverageService {
                     continue;
                 }
             };
+            // Overage left by earlier terms: a user not counted among those whose terms
+            // bill overage now.
+            if !on_overage_terms {
+                summary.processed += 1;
+            }
             summary.amount_cents += billed.amount_cents;
             if !billed.failures.is_empty() {
                 summary.failed += 1;
@@ -415,17 +421,51 @@ impl OverageService {
     }
 
     /// Every user and period with overage or charges, and whatever does not add up:
-    /// invoiced calls that differ from the succeeded charges, charged cents that differ
-    /// from the price of the invoiced calls, invoiced beyond the overage.
+    /// invoiced calls that differ from the succeeded charges, invoiced beyond the overage,
+    /// and, for a user whose terms did not change during the period or since, charged cents
+    /// that differ from what the invoiced calls cost under those terms.
     pub async fn reconcile(&self) -> Result<Vec<Reconciliation>, BillingError> {
-        let price = self.catalog.overage_price;
-        Ok(self
-            .store
-            .overage_ledger()
-            .await?
+        let now = self.clock.now();
+        let catalog = self.catalog.current();
+        let entries = self.store.overage_ledger().await?;
+        let mut users: HashMap<UserId, Option<User>> = HashMap::new();
+        // Per period: the users whose plan or own terms were set since it started.
+        let mut changed_since: HashMap<OffsetDateTime, HashSet<UserId>> = HashMap::new();
+        for entry in &entries {
+            if !users.contains_key(&entry.user_id) {
+                let user = self.store.user_by_id(&entry.user_id).await?;
+                users.insert(entry.user_id.clone(), user);
+            }
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                changed_since.entry(entry.period_start)
+            {
+                let changed = self.store.plans_changed_since(entry.period_start).await?;
+                slot.insert(changed.into_iter().collect());
+            }
+        }
+        Ok(entries
             .into_iter()
             .map(|entry| {
-                let expected_cents = price.total_in_cents(entry.overage_invoiced_calls).0;
+                let period = BillingPeriod::containing(entry.period_start);
+                let subscription = users
+                    .get(&entry.user_id)
+                    .and_then(Option::as_ref)
+                    .map(User::subscription);
+                let held = subscription
+                    .as_ref()
+                    .and_then(|s| catalog.effective(s, terms_time(period, now)));
+                // Only the calls' limit prices overage: a version that changed anything
+                // else (or a limit the user's own terms replace) changes nothing here.
+                let calls_limit = |terms: &Option<PlanDefinition>| {
+                    terms.as_ref().and_then(|t| t.limit(API_CALLS)).cloned()
+                };
+                let terms_changed = subscription.is_none_or(|s| {
+                    changed_since[&entry.period_start].contains(&entry.user_id)
+                        || calls_limit(&catalog.effective(&s, period.start())) != calls_limit(&held)
+                });
+                let expected_cents = held.as_ref().map_or(0, |terms| {
+                    overage_cents(terms, entry.overage_invoiced_calls)
+                });
                 let mut problems = Vec::new();
                 if entry.charged_calls != entry.overage_invoiced_calls {
                     problems.push(format!(
@@ -433,13 +473,13 @@ impl OverageService {
                         entry.overage_invoiced_calls, entry.charged_calls
                     ));
                 }
-                if entry.charged_cents != expected_cents {
+                if !terms_changed && entry.charged_cents != expected_cents {
                     problems.push(format!(
                         "charged {} cent(s) where the invoiced calls cost {expected_cents}",
                         entry.charged_cents
                     ));
                 }
-                if entry.overage_invoiced_calls > entry.overage_calls {
+                if entry.overage_invoiced_calls > entry.overage_calls && !terms_changed {
                     problems.push(format!(
                         "{} call(s) invoiced but only {} overage",
                         entry.overage_invoiced_calls, entry.overage_calls
@@ -461,6 +501,7 @@ impl OverageService {
                     entry,
                     uninvoiced_calls,
                     expected_cents,
+                    terms_changed,
                     status,
                     problems,
                 }
@@ -468,11 +509,46 @@ impl OverageService {
             .collect())
     }
 
-    /// Finishes a user's pending charges, then bills each period's new overage.
-    async fn bill_user(&self, work: UserWork, mode: RunMode, now: OffsetDateTime) -> UserBilling {
+    /// Finishes a user's pending charges, then bills each period's new overage. Says also
+    /// whether the user's terms bill overage calls now (for the run's `processed`).
+    async fn bill_user(
+        &self,
+        work: UserWork,
+        mode: RunMode,
+        now: OffsetDateTime,
+    ) -> (bool, UserBilling) {
         let mut out = UserBilling::default();
         let user_id = &work.user_id;
-        let Some(customer) = work.stripe_customer_id.as_deref() else {
+        let user = match self.store.user_by_id(user_id).await {
+            Ok(Some(user)) => user,
+            // Deleted since the run began: its charges and counters went with it.
+            Ok(None) => return (false, out),
+            Err(e) => {
+                out.failures
+                    .push(Failure::database(user_id, "reading the user", &e));
+                return (false, out);
+            }
+        };
+        let subscription = user.subscription();
+        let mut terms = Vec::with_capacity(work.periods.len());
+        for period in &work.periods {
+            let at = terms_time(BillingPeriod::containing(period.period_start), now);
+            match self.catalog.effective(&subscription, at).await {
+                Ok(resolved) => terms.push(resolved.terms),
+                Err(e) => {
+                    out.failures
+                        .push(Failure::database(user_id, "reading the plan catalog", &e));
+                    return (false, out);
+                }
+            }
+        }
+        let on_overage_terms = self
+            .catalog
+            .current()
+            .effective(&subscription, now)
+            .is_some_and(|t| bills_calls(&t));
+        let customer = user.stripe_customer_id.clone();
+        if customer.is_none() && terms.iter().any(bills_calls) {
             let calls: u64 = work
                 .periods
                 .iter()
@@ -482,14 +558,15 @@ impl OverageService {
                 FailureCode::NoStripeCustomer,
                 format!("{calls} overage call(s) to bill but the user has no Stripe customer id"),
             ));
-            return out;
-        };
+            return (on_overage_terms, out);
+        }
+        let customer = customer.as_deref();
         let mut charges = match self.store.overage_charges_for_user(user_id).await {
             Ok(charges) => charges,
             Err(e) => {
                 out.failures
                     .push(Failure::database(user_id, "reading the charge ledger", &e));
-                return out;
+                return (on_overage_terms, out);
             }
         };
 
@@ -550,42 +627,55 @@ impl OverageService {
             }
         }
 
-        let price = self.catalog.overage_price;
-        for period in &work.periods {
+        for (period, terms) in work.periods.iter().zip(&terms) {
             if unresolved.contains(&period.period_start) {
                 continue;
             }
-            // A charge resumed above moved the invoiced count: read it again. Another
-            // run may have moved it too, but then this run's range starts where that
-            // run's succeeded charge started, and recording it is refused (open range).
-            let resumed = charges
-                .iter()
-                .any(|c| c.period_start == period.period_start && c.updated_at == now);
-            let (from, to) = if resumed {
-                match self.store.usage_record(user_id, period.period_start).await {
-                    Ok(Some(r)) => (r.overage_invoiced_calls, r.overage_calls),
-                    Ok(None) => continue,
-                    Err(e) => {
-                        out.failures
-                            .push(Failure::database(user_id, "reading usage", &e));
-                        continue;
-                    }
+            // The counters now, then the ledger: a charge that moved the invoiced count
+            // before the read is among the charges read after it, so `from` and the cents
+            // invoiced agree. (A run that completes one after the read started at this
+            // `from` too, and recording this one is then refused.)
+            let record = match self.store.usage_record(user_id, period.period_start).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    out.failures
+                        .push(Failure::database(user_id, "reading usage", &e));
+                    continue;
                 }
-            } else {
-                (period.overage_invoiced_calls, period.overage_calls)
             };
+            let (from, to) = (record.overage_invoiced_calls, record.overage_calls);
             if to <= from {
                 continue;
             }
-            // Billing the difference of the rounded totals keeps every item in whole
-            // cents while the items of a period add up to its total rounded once.
-            let amount = price.total_in_cents(to).0 - price.total_in_cents(from).0;
+            let ledger = match self.store.overage_charges_for_user(user_id).await {
+                Ok(ledger) => ledger,
+                Err(e) => {
+                    out.failures
+                        .push(Failure::database(user_id, "reading the charge ledger", &e));
+                    continue;
+                }
+            };
+            let invoiced_cents: i64 = ledger
+                .iter()
+                .filter(|c| {
+                    c.period_start == period.period_start
+                        && c.status == ChargeStatus::Succeeded
+                        && c.calls_to <= from
+                })
+                .map(|c| c.amount_cents)
+                .sum();
+            // The period's cost rounded once, less what its items billed: every item in
+            // whole cents, and together the period's total.
+            let cost = terms.calls_line(record.api_calls).amount_cents;
+            let amount = cost.saturating_sub(invoiced_cents).max(0);
             let ended = period.period_end <= now;
             if amount == 0 && !ended {
-                // Less than half a cent so far: wait for more calls (or the period's end).
+                // Nothing more to bill yet (less than half a cent, or terms that cost no
+                // more than was billed): wait for more calls, or the period's end.
                 continue;
             }
-            let refused_before = charges
+            let refused_before = ledger
                 .iter()
                 .filter(|c| {
                     c.period_start == period.period_start
@@ -624,7 +714,7 @@ impl OverageService {
                 }
             };
             if amount == 0 {
-                // An ended period's last fraction of a cent: settled without an item.
+                // An ended period with nothing more to bill: settled without an item.
                 match self
                     .store
                     .complete_overage_charge(charge.id, None, now)
@@ -642,13 +732,13 @@ impl OverageService {
             self.send(customer, &mut charge, now, &mut out).await;
             charges.push(charge);
         }
-        out
+        (on_overage_terms, out)
     }
 
     /// Sends one recorded charge to Stripe and records the outcome on it.
     async fn send(
         &self,
-        customer: &str,
+        customer: Option<&str>,
         charge: &mut OverageCharge,
         now: OffsetDateTime,
         out: &mut UserBilling,
@@ -657,6 +747,17 @@ impl OverageService {
             out.failures.push(Failure::new(
                 FailureCode::StripeNotConfigured,
                 BillingError::StripeNotConfigured.to_string(),
+            ));
+            return;
+        };
+        let Some(customer) = customer else {
+            // Unlinked since the charge was recorded: it stays pending for when one is.
+            out.failures.push(Failure::new(
+                FailureCode::NoStripeCustomer,
+                format!(
+                    "charge {} is pending but the user has no Stripe customer id",
+                    charge.idempotency_key
+                ),
             ));
             return;
         };
@@ -739,6 +840,31 @@ impl OverageService {
     }
 }
 
+/// The instant whose terms price a period: now while it runs, its last instant once it
+/// has ended (a late charge of an ended period is priced as the period was, not under a
+/// version taken up since).
+fn terms_time(period: BillingPeriod, now: OffsetDateTime) -> OffsetDateTime {
+    now.min(period.end() - Duration::nanoseconds(1))
+}
+
+/// Whether `terms` bill calls past their limit.
+fn bills_calls(terms: &PlanDefinition) -> bool {
+    CallLimits::of(terms).billed_from().is_some()
+        && terms
+            .limit(API_CALLS)
+            .is_some_and(|limit| limit.overage.is_some())
+}
+
+/// What `units` calls past the limit cost under `terms`, rounded half-up to the cent.
+fn overage_cents(terms: &PlanDefinition, units: u64) -> i64 {
+    terms
+        .limit(API_CALLS)
+        .and_then(|limit| limit.overage.as_ref())
+        .map_or(0, |model| {
+            MicroUsd(model.price(units).amount_micros).in_cents().0
+        })
+}
+
 /// The key of a charge: the same user, period and range always give the same key, so
 /// that a resent charge is recognised by Stripe. `refused_before` counts charges of the
 /// same start that Stripe refused: a new attempt after a refusal needs a new key, or
@@ -790,10 +916,11 @@ mod tests {
 
     #[test]
     fn debug_says_whether_stripe_is_configured_and_nothing_else() {
+        let store = Arc::new(MemoryStore::new());
         let service = OverageService::new(
-            Arc::new(MemoryStore::new()),
+            store.clone(),
             None,
-            PlanCatalog::default(),
+            Arc::new(LiveCatalog::new(store)),
             Arc::new(SystemClock),
             BillingOptions::default(),
         );

@@ -16,7 +16,9 @@ use usage_billing::{
     BillingError, BillingOptions, HttpStripeClient, OverageService, Resolution, RunMode,
     StripeConfig,
 };
+use usage_core::catalog::{Overrides, PlanDefinition, PlanMove};
 use usage_core::repo::{ChargeStatus, NewOverageCharge};
+use usage_core::terms::LiveCatalog;
 use usage_core::{BillingPeriod, ManualClock, Plan, PlanCatalog, Store, UserId};
 use usage_fake_stripe::{FakeStripe, SECRET, Scripted};
 
@@ -25,10 +27,15 @@ const INCLUDED: u64 = 10;
 const NOV: OffsetDateTime = datetime!(2026-11-10 12:00 UTC);
 const NOW: OffsetDateTime = datetime!(2026-11-20 12:00 UTC);
 
-fn catalog() -> PlanCatalog {
-    let mut catalog = PlanCatalog::default();
-    catalog.pro.monthly_calls = Some(INCLUDED);
-    catalog
+fn variables() -> PlanCatalog {
+    let mut variables = PlanCatalog::default();
+    variables.pro.monthly_calls = Some(INCLUDED);
+    variables
+}
+
+/// The catalog of `store`, its built-in plans made from [`variables`].
+async fn catalog(store: &Arc<dyn Store>) -> Arc<LiveCatalog> {
+    usage_testkit::seeded_catalog(store.clone(), &variables()).await
 }
 
 struct Billing {
@@ -44,7 +51,7 @@ impl Billing {
         }
     }
 
-    fn service_with(
+    async fn service_with(
         &self,
         store: &Arc<dyn Store>,
         attempts: u32,
@@ -62,7 +69,7 @@ impl Billing {
         OverageService::new(
             store.clone(),
             Some(Arc::new(client)),
-            catalog(),
+            catalog(store).await,
             self.clock.clone(),
             BillingOptions {
                 concurrency: 4,
@@ -71,8 +78,8 @@ impl Billing {
         )
     }
 
-    fn service(&self, store: &Arc<dyn Store>) -> OverageService {
-        self.service_with(store, 3, 5_000)
+    async fn service(&self, store: &Arc<dyn Store>) -> OverageService {
+        self.service_with(store, 3, 5_000).await
     }
 }
 
@@ -105,7 +112,7 @@ async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
     calls(store, &f, 5, NOV, INCLUDED).await;
     calls(store, &g, 5, NOV, 1_000).await;
 
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     let summary = service.process_all(RunMode::Live).await.unwrap();
     assert_eq!(
         (
@@ -229,6 +236,7 @@ async fn server_errors_then_success_make_one_charge_with_one_key(backend: Backen
     ]);
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -256,7 +264,7 @@ async fn a_timeout_after_stripe_applied_is_finished_by_the_next_run(backend: Bac
     billing
         .stripe
         .script([Scripted::ApplyThenStall(StdDuration::from_secs(2))]);
-    let service = billing.service_with(store, 1, 300);
+    let service = billing.service_with(store, 1, 300).await;
     let first = service.process_all(RunMode::Live).await.unwrap();
     assert_eq!(
         (first.charged, first.failed, first.amount_cents),
@@ -320,10 +328,10 @@ async fn concurrent_runs_never_bill_twice(backend: Backend) {
         .await;
         let overage = 5 + i * 37;
         calls(store, &u, (overage + INCLUDED) as usize, NOV, INCLUDED).await;
-        expected += catalog().overage_price.total_in_cents(overage).0;
+        expected += variables().overage_price.total_in_cents(overage).0;
         users.push((u, overage));
     }
-    let (first, second) = (billing.service(store), billing.service(&other));
+    let (first, second) = (billing.service(store).await, billing.service(&other).await);
     let (one, two) = tokio::join!(
         first.process_all(RunMode::Live),
         second.process_all(RunMode::Live)
@@ -339,6 +347,7 @@ async fn concurrent_runs_never_bill_twice(backend: Backend) {
     }
     let third = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -346,6 +355,7 @@ async fn concurrent_runs_never_bill_twice(backend: Backend) {
     assert!(
         billing
             .service(store)
+            .await
             .reconcile()
             .await
             .unwrap()
@@ -360,7 +370,7 @@ async fn runs_a_day_apart_bill_the_difference_exactly(backend: Backend) {
     let billing = Billing::start().await;
     let a = pro_user(store, "a@example.com", Some("cus_a")).await;
     calls(store, &a, 5 + 10, NOV, INCLUDED).await;
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     assert_eq!(
         service
             .process_all(RunMode::Live)
@@ -392,7 +402,7 @@ async fn runs_a_day_apart_bill_the_difference_exactly(backend: Backend) {
         vec![("0", "5", 1), ("5", "1005", 100)]
     );
     // 1,005 calls cost $1.005, rounded once: 101 cents, and the items add up to it.
-    assert_eq!(catalog().overage_price.total_in_cents(1_005).0, 101);
+    assert_eq!(variables().overage_price.total_in_cents(1_005).0, 101);
     assert_eq!(invoiced(store, &a.0, NOV).await, (1_005, 1_005));
 }
 
@@ -408,6 +418,7 @@ async fn ended_periods_are_billed_after_they_close(backend: Backend) {
     calls(store, &b, 1 + 10, NOV, INCLUDED).await;
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -462,6 +473,7 @@ async fn a_dry_run_sends_and_records_nothing(backend: Backend) {
     calls(store, &d, 3 + 10, NOV, INCLUDED).await;
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::DryRun)
         .await
         .unwrap();
@@ -488,7 +500,7 @@ async fn a_dry_run_sends_and_records_nothing(backend: Backend) {
     let without_stripe = OverageService::new(
         store.clone(),
         None,
-        catalog(),
+        catalog(store).await,
         billing.clock.clone(),
         BillingOptions::default(),
     );
@@ -523,6 +535,7 @@ async fn a_pending_charge_older_than_stripes_key_window_is_reported_not_resent(b
         .unwrap();
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -533,7 +546,7 @@ async fn a_pending_charge_older_than_stripes_key_window_is_reported_not_resent(b
     );
     assert!(billing.stripe.received().is_empty());
     assert_eq!(store.overage_charges_for_user(&a.0).await.unwrap().len(), 1);
-    let reconciliation = billing.service(store).reconcile().await.unwrap();
+    let reconciliation = billing.service(store).await.reconcile().await.unwrap();
     assert_eq!(reconciliation[0].status, "pending");
 }
 
@@ -561,7 +574,7 @@ async fn reconciliation_flags_drift(backend: Backend) {
         .complete_overage_charge(wrong.id, Some("ii_hand"), NOW)
         .await
         .unwrap();
-    let reconciliation = billing.service(store).reconcile().await.unwrap();
+    let reconciliation = billing.service(store).await.reconcile().await.unwrap();
     assert_eq!(reconciliation.len(), 1);
     assert_eq!(reconciliation[0].status, "drift");
     assert_eq!(
@@ -596,7 +609,7 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
         .create_overage_charge(&stale(&b.0, 5, 1))
         .await
         .unwrap();
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     // Found in Stripe: the charge succeeded, the calls are invoiced.
     let a_key = idempotency_key(&a.0, nov, 0, 5_001, 0);
     let done = service
@@ -674,7 +687,7 @@ async fn a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed(backend:
             })
             .unwrap(),
         )),
-        catalog(),
+        catalog(store).await,
         billing.clock.clone(),
         BillingOptions::default(),
     );
@@ -691,6 +704,7 @@ async fn a_wrong_stripe_key_leaves_charges_pending_for_when_it_is_fixed(backend:
     billing.clock.advance(Duration::hours(1));
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -722,6 +736,7 @@ async fn database_failures_are_reported_without_database_text() {
         .unwrap();
     let summary = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -808,7 +823,7 @@ async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(back
     calls(store, &a, 20, NOV + Duration::hours(1), INCLUDED).await;
     assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
 
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     let run = service.process_all(RunMode::Live).await.unwrap();
     // 500 cents for 0..5,001 (resumed), then 502 - 500 = 2 cents for 5,001..5,021.
     assert_eq!(tally(&run), (1, 1, 0, 0, 502), "{run:?}");
@@ -862,7 +877,7 @@ async fn a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends(back
     let grace = BillingOptions::default().in_flight_grace;
     left_pending(store, &a.0, 5_001, grace - Duration::seconds(1)).await;
 
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     let run = service.process_all(RunMode::Live).await.unwrap();
     assert_eq!(tally(&run), (1, 0, 1, 0, 0), "{run:?}");
     assert!(billing.stripe.received().is_empty());
@@ -890,6 +905,7 @@ async fn the_idempotency_window_is_inclusive(backend: Backend) {
 
     let run = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -917,6 +933,7 @@ async fn a_dry_run_counts_pending_charges_and_touches_nothing(backend: Backend) 
 
     let run = billing
         .service(store)
+        .await
         .process_all(RunMode::DryRun)
         .await
         .unwrap();
@@ -927,10 +944,11 @@ async fn a_dry_run_counts_pending_charges_and_touches_nothing(backend: Backend) 
     assert_eq!(invoiced(store, &a.0, NOV).await, (5_021, 0));
 }
 
-/// A user who moved to a plan without overage (enterprise here) keeps the overage of the
-/// months before to bill: counted in `processed` with the users of overage plans, and
-/// billed.
-async fn overage_left_after_a_plan_change_is_counted_and_billed(backend: Backend) {
+/// A user moved to a plan without overage (enterprise here) holds its terms: the period is
+/// priced under them, so nothing more is billed for it, and what was billed before the
+/// move stays billed. Counted in `processed` while overage is left; once the period ends,
+/// its last range is settled at zero (no Stripe item) and nothing is left uninvoiced.
+async fn a_move_to_a_plan_without_overage_bills_nothing_more_for_the_period(backend: Backend) {
     let t = fresh(backend).await;
     let store = &t.store;
     let billing = Billing::start().await;
@@ -939,16 +957,205 @@ async fn overage_left_after_a_plan_change_is_counted_and_billed(backend: Backend
     let _quiet = pro_user(store, "quiet@example.com", Some("cus_q")).await;
     calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
     calls(store, &b, 2_000 + 10, NOV, INCLUDED).await;
-    store.set_plan(&b.0, Plan::enterprise(), NOV).await.unwrap();
-
-    let run = billing
+    let first = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
-    // Two users on the overage plan (a, quiet) and one off it with overage left (b).
-    assert_eq!(tally(&run), (3, 2, 1, 0, 700), "{run:?}");
-    assert_eq!(invoiced(store, &b.0, NOV).await, (2_000, 2_000));
+    // 5,001 calls at $0.001: 500 cents; 2,000: 200 cents.
+    assert_eq!(tally(&first), (3, 2, 1, 0, 700), "{first:?}");
+    calls(store, &b, 1_000, NOV + Duration::hours(1), INCLUDED).await;
+    store
+        .set_plan(&b.0, Plan::enterprise(), NOV + Duration::hours(2))
+        .await
+        .unwrap();
+
+    let after_move = billing
+        .service(store)
+        .await
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // Two users whose terms bill overage (a, quiet) and one whose overage was left by
+    // the terms before (b): nothing to bill under enterprise's.
+    assert_eq!(tally(&after_move), (3, 0, 3, 0, 0), "{after_move:?}");
+    assert_eq!(invoiced(store, &b.0, NOV).await, (3_000, 2_000));
+
+    billing.clock.set(datetime!(2026-12-02 00:00 UTC));
+    let after_the_period = billing
+        .service(store)
+        .await
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(after_the_period.amount_cents, 0, "{after_the_period:?}");
+    assert_eq!(invoiced(store, &b.0, NOV).await, (3_000, 3_000));
+    assert_eq!(
+        billing.stripe.created().len(),
+        2,
+        "no item for the settled range"
+    );
+    let b_charges = store.overage_charges_for_user(&b.0).await.unwrap();
+    assert_eq!(
+        b_charges
+            .iter()
+            .map(|c| (c.calls_from, c.calls_to, c.amount_cents, c.status))
+            .collect::<Vec<_>>(),
+        vec![
+            (0, 2_000, 200, ChargeStatus::Succeeded),
+            (2_000, 3_000, 0, ChargeStatus::Succeeded)
+        ]
+    );
+    // The charges were made under the terms before the move: not compared with today's.
+    let b_report = billing
+        .service(store)
+        .await
+        .user_overage(&b.0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            b_report[0].status,
+            b_report[0].terms_changed,
+            b_report[0].expected_cents
+        ),
+        ("ok", true, 0),
+        "{b_report:?}"
+    );
+}
+
+/// A plan of the catalog with graduated tiers: each item bills the period's cost under
+/// them, rounded once, less what was invoiced.
+async fn graduated_tiers_bill_the_period_cost_less_what_was_invoiced(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    let growth: PlanDefinition = usage_core::catalog::from_json(
+        br#"{"key": "growth", "name": "Growth", "price_cents": 9900, "currency": "usd",
+             "limits": [{"meter": "api_calls", "included": 10, "over_limit": "overage",
+                         "overage": {"model": "graduated", "tiers": [
+                             {"up_to": 100, "unit_price_micros": 800},
+                             {"up_to": null, "unit_price_micros": 500}]}}]}"#,
+    )
+    .unwrap();
+    catalog(store).await;
+    store
+        .create_plan(&growth, NOV - Duration::days(30))
+        .await
+        .unwrap();
+    let g = user_on(
+        store,
+        "g@example.com",
+        Plan::parse("growth").unwrap(),
+        Some("cus_g"),
+    )
+    .await;
+    calls(store, &g, 10 + 150, NOV, 10).await;
+    let service = billing.service(store).await;
+    let first = service.process_all(RunMode::Live).await.unwrap();
+    // 100 × 800 µ$ + 50 × 500 µ$ = 105,000 µ$ = 10.5 ¢, rounded half-up: 11 ¢.
+    assert_eq!(tally(&first), (1, 1, 0, 0, 11), "{first:?}");
+    calls(store, &g, 1_000, NOV + Duration::hours(1), 10).await;
+    let second = service.process_all(RunMode::Live).await.unwrap();
+    // 1,150 overage calls: 100 × 800 + 1,050 × 500 = 605,000 µ$ = 60.5 ¢ → 61 ¢, of
+    // which 11 were invoiced: 50 ¢.
+    assert_eq!(tally(&second), (1, 1, 0, 0, 50), "{second:?}");
+    let items: Vec<(i64, String)> = billing
+        .stripe
+        .created()
+        .iter()
+        .map(|c| (c.amount, c.form["metadata[overage_calls]"].clone()))
+        .collect();
+    assert_eq!(items, vec![(11, "150".to_owned()), (50, "1000".to_owned())]);
+    let report = service.user_overage(&g.0).await.unwrap();
+    assert_eq!(
+        (
+            report[0].status,
+            report[0].entry.charged_cents,
+            report[0].expected_cents,
+            report[0].terms_changed
+        ),
+        ("ok", 61, 61, false),
+        "{report:?}"
+    );
+}
+
+/// A user's own terms price their overage; a version taken up at once during the period
+/// prices the whole period anew, never taking back what was billed.
+async fn own_terms_and_a_version_taken_up_now_price_the_period(backend: Backend) {
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    catalog(store).await;
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    let own: Overrides = usage_core::catalog::from_json(
+        br#"{"limits": [{"meter": "api_calls", "included": 20, "over_limit": "overage",
+                          "overage": {"model": "per_unit", "unit_price_micros": 2000}}]}"#,
+    )
+    .unwrap();
+    store
+        .set_user_overrides(&a.0, Some(&own), NOV - Duration::days(30))
+        .await
+        .unwrap();
+    let b = pro_user(store, "b@example.com", Some("cus_b")).await;
+    calls(store, &a, 20 + 30, NOV, 20).await;
+    calls(store, &b, 10 + 5_001, NOV, INCLUDED).await;
+    let run = billing
+        .service(store)
+        .await
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // a: 30 × 2,000 µ$ = 6 ¢ (their terms); b: 5,001 × 1,000 µ$ = 500 ¢ (pro's).
+    assert_eq!(tally(&run), (2, 2, 0, 0, 506), "{run:?}");
+
+    // Pro's overage halves, for its users at once.
+    let mut cheaper = catalog(store)
+        .await
+        .current()
+        .newest("pro")
+        .unwrap()
+        .plan
+        .clone();
+    let limit = cheaper
+        .limits
+        .iter_mut()
+        .find(|l| l.meter == "api_calls")
+        .unwrap();
+    limit.overage = Some(usage_core::pricing::OverageModel::PerUnit {
+        unit_price_micros: 500,
+    });
+    store
+        .revise_plan(&cheaper, PlanMove::Now, NOV + Duration::hours(1))
+        .await
+        .unwrap();
+    calls(store, &b, 1_000, NOV + Duration::hours(2), INCLUDED).await;
+    let cheaper_run = billing
+        .service(store)
+        .await
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // 6,001 × 500 µ$ = 300 ¢, less than the 500 invoiced: nothing.
+    assert_eq!(cheaper_run.amount_cents, 0, "{cheaper_run:?}");
+    calls(store, &b, 5_000, NOV + Duration::hours(3), INCLUDED).await;
+    let later = billing
+        .service(store)
+        .await
+        .process_all(RunMode::Live)
+        .await
+        .unwrap();
+    // 11,001 × 500 µ$ = 5,500,500 µ$ = 550.05 ¢ → 550, less 500: 50 ¢.
+    assert_eq!(later.amount_cents, 50, "{later:?}");
+    assert_eq!(invoiced(store, &b.0, NOV).await, (11_001, 11_001));
+    let reconciliation = billing.service(store).await.reconcile().await.unwrap();
+    let by_user: BTreeMap<UserId, (&str, bool)> = reconciliation
+        .iter()
+        .map(|r| (r.entry.user_id.clone(), (r.status, r.terms_changed)))
+        .collect();
+    assert_eq!(by_user[&a.0], ("ok", false));
+    assert_eq!(by_user[&b.0], ("ok", true));
 }
 
 /// Without a Stripe customer, the failure counts the calls still to bill: the overage
@@ -959,7 +1166,7 @@ async fn a_missing_customer_counts_only_the_calls_not_invoiced(backend: Backend)
     let billing = Billing::start().await;
     let a = pro_user(store, "a@example.com", Some("cus_a")).await;
     calls(store, &a, 5_001 + 10, NOV, INCLUDED).await;
-    let service = billing.service(store);
+    let service = billing.service(store).await;
     assert_eq!(service.process_all(RunMode::Live).await.unwrap().charged, 1);
     store.set_stripe_customer(&a.0, None).await.unwrap();
     calls(store, &a, 20, NOV + Duration::hours(1), INCLUDED).await;
@@ -986,6 +1193,7 @@ async fn a_resumed_charge_refused_gets_no_new_attempt_in_the_same_run(backend: B
     left_pending(store, &a.0, 5_001, Duration::hours(1)).await;
     let run = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -1012,6 +1220,7 @@ async fn a_charge_in_flight_in_one_period_does_not_hold_back_another(backend: Ba
     left_pending_in(store, &a.0, NOV, 5_001, Duration::seconds(10)).await;
     let run = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -1051,6 +1260,7 @@ async fn a_refusal_changes_the_key_of_its_own_range_only(backend: Backend) {
         .unwrap();
     let run = billing
         .service(store)
+        .await
         .process_all(RunMode::Live)
         .await
         .unwrap();
@@ -1110,7 +1320,9 @@ on_every_store!(
     a_pending_charge_in_flight_is_left_to_its_run_until_the_grace_ends,
     the_idempotency_window_is_inclusive,
     a_dry_run_counts_pending_charges_and_touches_nothing,
-    overage_left_after_a_plan_change_is_counted_and_billed,
+    a_move_to_a_plan_without_overage_bills_nothing_more_for_the_period,
+    graduated_tiers_bill_the_period_cost_less_what_was_invoiced,
+    own_terms_and_a_version_taken_up_now_price_the_period,
     a_missing_customer_counts_only_the_calls_not_invoiced,
     a_resumed_charge_refused_gets_no_new_attempt_in_the_same_run,
     a_charge_in_flight_in_one_period_does_not_hold_back_another,

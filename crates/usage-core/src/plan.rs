@@ -13,12 +13,31 @@ use crate::{Cents, DomainError, MicroUsd};
 /// variables on first start) but otherwise plans like any other.
 // Shared text: a clone (one per admitted call, on the hot path) copies a pointer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[cfg_attr(feature = "openapi", schema(value_type = String, example = "pro"))]
 #[serde(try_from = "String", into = "String")]
 pub struct Plan(Arc<str>);
 
+// Written out rather than derived: the derive cannot give a newtype's text its pattern, and
+// without it a client (or a fuzzer) cannot tell a key from any string.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Plan {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("A plan key in the catalog."))
+            .pattern(Some(Plan::KEY_PATTERN))
+            .examples(["pro"])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Plan {}
+
 impl Plan {
+    /// What a key matches, as a regular expression (the OpenAPI document's pattern).
+    pub const KEY_PATTERN: &'static str = "^[a-z0-9_-]{1,40}$";
+
     /// The keys of the built-in plans, in price order.
     pub const BUILTIN: [&'static str; 3] = ["free", "pro", "enterprise"];
 
