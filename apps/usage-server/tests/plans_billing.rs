@@ -243,4 +243,59 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
     assert_eq!(stripe.created().len(), 2);
 }
 
-on_both_backends!(growth_and_own_terms_are_metered_shown_and_billed_exactly);
+/// A 429 names the cheapest public plan of the catalog that allows more calls.
+async fn a_refusal_names_the_cheapest_plan_that_allows_more(backend: Backend) {
+    let db = Db::new(backend);
+    let admin = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "admin@example.com",
+        "--plan",
+        "pro",
+    ]);
+    let (_, key) = db.user_with_key("fay@example.com", "free");
+    let server = db.start(&[
+        ("ADMIN_ECO_IDS", admin.as_str()),
+        ("FREE_MONTHLY_CALLS", "2"),
+    ]);
+    let admin = token(&admin);
+    let starter = json!({
+        "key": "starter", "name": "Starter", "price_cents": 900, "currency": "usd",
+        "limits": [{"meter": "api_calls", "included": 100, "over_limit": "block"}]
+    });
+    let (status, body) = send(&server, &admin, "POST", "/api/admin/plans", starter).await;
+    assert_eq!(status, 201, "{body}");
+    for _ in 0..2 {
+        assert_eq!(server.ping(&key).await.status(), 200);
+    }
+    let refused = |res: reqwest::Response| async move {
+        assert_eq!(res.status(), 429);
+        let body: Value = res.json().await.unwrap();
+        body["message"].as_str().unwrap().to_owned()
+    };
+    let message = refused(server.ping(&key).await).await;
+    assert!(
+        message.ends_with(" Upgrade to Starter for more calls."),
+        "{message}"
+    );
+    let (status, body) = send(
+        &server,
+        &admin,
+        "POST",
+        "/api/admin/plans/starter/archive",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let message = refused(server.ping(&key).await).await;
+    assert!(
+        message.ends_with(" Upgrade to Pro for more calls."),
+        "{message}"
+    );
+}
+
+on_both_backends!(
+    growth_and_own_terms_are_metered_shown_and_billed_exactly,
+    a_refusal_names_the_cheapest_plan_that_allows_more,
+);

@@ -100,22 +100,20 @@ impl Catalog {
             })
     }
 
-    /// The plan to suggest to a user of `current` who reached its limit on `meter`: the
-    /// cheapest public, unarchived plan that allows more of it (unlimited, or more
-    /// included units), ties to the first key; `None` when there is none.
-    pub fn upgrade_for(&self, current: &PlanDefinition, meter: &str) -> Option<&PlanDefinition> {
-        let allowed = |p: &PlanDefinition| -> Option<u64> {
-            match p.limit(meter) {
-                None => None,
-                Some(l) if l.over_limit == crate::OverLimit::Overage => None,
-                Some(l) => l.included,
-            }
+    /// The plan to suggest to a user of plan `current` whose limit of `reached` units on
+    /// `meter` blocked them (their plan's, or their own terms'): the cheapest public,
+    /// unarchived other plan that allows more of it (unlimited, overage, or more included
+    /// units), ties to the first key; `None` when there is none.
+    pub fn upgrade_for(&self, current: &str, reached: u64, meter: &str) -> Option<&PlanDefinition> {
+        let allows_more = |p: &PlanDefinition| match p.limit(meter) {
+            None => true,
+            Some(l) if l.over_limit == crate::OverLimit::Overage => true,
+            Some(l) => l.included.is_none_or(|included| included > reached),
         };
-        let reached = allowed(current)?;
         self.newest_versions()
             .map(|v| &v.plan)
-            .filter(|p| p.public && !p.archived && p.key != current.key)
-            .filter(|p| allowed(p).is_none_or(|more| more > reached))
+            .filter(|p| p.public && !p.archived && p.key != current)
+            .filter(|p| allows_more(p))
             .fold(None, |best: Option<&PlanDefinition>, p| match best {
                 Some(b) if b.price_cents <= p.price_cents => Some(b),
                 _ => Some(p),
@@ -381,18 +379,31 @@ mod tests {
             small,
         ]);
         assert_eq!(
-            catalog.upgrade_for(&free.plan, API_CALLS).unwrap().key,
+            catalog.upgrade_for("free", 1_000, API_CALLS).unwrap().key,
             "starter",
             "cheaper than pro; the hidden one is not offered, the small one allows no more"
         );
-        assert!(
-            catalog.upgrade_for(&pro.plan, API_CALLS).is_none(),
-            "pro is never blocked"
+        assert_eq!(
+            catalog
+                .upgrade_for("starter", 10_000, API_CALLS)
+                .unwrap()
+                .key,
+            "pro",
+            "past the starter's 10,000: pro's overage allows more, and costs less than enterprise"
+        );
+        assert_eq!(
+            catalog.upgrade_for("pro", 50, API_CALLS).unwrap().key,
+            "free",
+            "own terms that block a pro user at 50: any plan allowing more, the cheapest first"
         );
         let only_builtin = Catalog::new([free.clone(), pro]);
+        assert!(
+            only_builtin.upgrade_for("pro", 1_000, API_CALLS).is_none(),
+            "free allows no more than 1,000"
+        );
         assert_eq!(
             only_builtin
-                .upgrade_for(&free.plan, API_CALLS)
+                .upgrade_for("free", 1_000, API_CALLS)
                 .unwrap()
                 .name,
             "Pro"

@@ -105,6 +105,8 @@ async fn main() -> std::io::Result<()> {
         rate: None,
         tracker,
         clock,
+        // No catalog here: a 429 suggests no plan.
+        catalog: None,
     });
 
     println!("listening on http://127.0.0.1:8090 (Ctrl-C to stop)");

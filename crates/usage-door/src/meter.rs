@@ -32,10 +32,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use usage_core::caller::ApiKeyAuthenticator;
+use usage_core::catalog::API_CALLS;
 use usage_core::counter::Counter;
 use usage_core::event::new_event_id;
 use usage_core::quota::{QuotaBook, QuotaDecision, QuotaStatus};
 use usage_core::rate::{RateDecision, RateLimit, RateLimiter};
+use usage_core::terms::LiveCatalog;
 use usage_core::tracker::{TrackedCall, UsageTracker};
 use usage_core::{Caller, Clock, UsageEvent};
 
@@ -55,6 +57,9 @@ pub struct MeterDeps {
     pub tracker: UsageTracker,
     /// Time of calls.
     pub clock: Arc<dyn Clock>,
+    /// The plan catalog, read only for a refusal: a 429 names the plan to upgrade to.
+    /// Without it, the message names none.
+    pub catalog: Option<Arc<LiveCatalog>>,
 }
 
 /// Counts of what the meter answered, for `/metrics`.
@@ -267,7 +272,14 @@ impl Meter {
             }
             Ok(QuotaDecision::Rejected(quota)) => {
                 stats.quota_rejected.add(1);
-                Admission::Refused(quota_exceeded(&quota, burst.as_ref(), at))
+                let upgrade = deps.catalog.as_ref().and_then(|catalog| {
+                    let limit = quota.limit?;
+                    catalog
+                        .current()
+                        .upgrade_for(caller.plan.as_str(), limit, API_CALLS)
+                        .map(|plan| plan.name.clone())
+                });
+                Admission::Refused(quota_exceeded(&quota, burst.as_ref(), upgrade, at))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "loading the quota counter failed");
@@ -468,9 +480,11 @@ fn rate_limited(rate: RateLimit, retry_after: Duration, now: OffsetDateTime) -> 
     )
 }
 
+/// The 429 of a used-up quota; `upgrade` names the plan that allows more, if any.
 fn quota_exceeded(
     status: &QuotaStatus,
     burst: Option<&BurstStatus>,
+    upgrade: Option<String>,
     now: OffsetDateTime,
 ) -> Refusal {
     let limit = status.limit.unwrap_or_default();
@@ -478,6 +492,9 @@ fn quota_exceeded(
     let retry_after = (status.reset_at - now).whole_seconds().max(1);
     let mut headers = vec![(RETRY_AFTER, retry_after.to_string())];
     headers.extend(rate_limit_headers(Some(status), burst, now));
+    let upgrade = upgrade.map_or_else(String::new, |plan| {
+        format!(" Upgrade to {plan} for more calls.")
+    });
     refusal(
         RefusalReason::QuotaExceeded,
         429,
@@ -485,7 +502,7 @@ fn quota_exceeded(
         json!({
             "error": "quota_exceeded",
             "message": format!(
-                "The monthly quota of {limit} calls is used up until {reset_at}. Upgrade to Pro for more calls."
+                "The monthly quota of {limit} calls is used up until {reset_at}.{upgrade}"
             ),
             "limit": limit,
             "reset_at": reset_at,

@@ -5,7 +5,7 @@
 //! `examples/metered_app.rs`):
 //!
 //! ```ignore
-//! let metering = Metering::new(MeteringDeps { authenticator, quota, rate: None, tracker, clock });
+//! let metering = Metering::new(MeteringDeps { authenticator, quota, rate: None, tracker, clock, catalog: None });
 //! App::new().service(web::scope("/api/v1").wrap(metering.clone()).route("/ping", web::get().to(ping)))
 //! ```
 //!

@@ -102,6 +102,9 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         rate,
         tracker,
         clock,
+        // The built-in plans as these variables make them: a refused free user is offered
+        // pro.
+        catalog: Some(usage_testkit::seeded_catalog(store.clone(), &catalog).await),
     });
     Fixture {
         store,

@@ -104,6 +104,7 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         rate,
         tracker,
         clock,
+        catalog: None,
     }));
     Fixture {
         store,

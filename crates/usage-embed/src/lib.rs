@@ -195,6 +195,7 @@ impl UsageMeter {
             rate,
             tracker: tracker.clone(),
             clock,
+            catalog: Some(catalog.clone()),
         }));
         Ok(Self {
             meter,
