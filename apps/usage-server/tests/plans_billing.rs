@@ -183,6 +183,23 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
         "{current}"
     );
 
+    // The overview prices the period by each user's terms, as their items will be.
+    let overview = server
+        .get_json("/api/admin/analytics/overview", &admin)
+        .await;
+    assert_eq!(
+        (
+            overview["overage_revenue_cents"].as_i64(),
+            overview["overage_uninvoiced_cents"].as_i64()
+        ),
+        (Some(0), Some(60_004)),
+        "{overview}"
+    );
+    assert!(
+        overview["overage_forecast_cents"].as_i64().unwrap() >= 60_004,
+        "{overview}"
+    );
+
     // Billed by them: one item each, of the exact amount.
     let (status, run) = send(
         &server,
@@ -229,6 +246,17 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
         ),
         (Some(750_010), Some(60_001)),
         "{overage}"
+    );
+    let overview = server
+        .get_json("/api/admin/analytics/overview", &admin)
+        .await;
+    assert_eq!(
+        (
+            overview["overage_revenue_cents"].as_i64(),
+            overview["overage_uninvoiced_cents"].as_i64()
+        ),
+        (Some(60_004), Some(0)),
+        "{overview}"
     );
     // A second run finds nothing more to bill.
     let (_, again) = send(

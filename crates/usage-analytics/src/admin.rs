@@ -420,6 +420,20 @@ impl AdminReports {
         terms.price_cents.saturating_add(overage)
     }
 
+    /// The terms `subscription` gives at `now`, from `catalog` (a snapshot), read again
+    /// when it lacks the plan.
+    async fn terms_of(
+        &self,
+        catalog: &usage_core::terms::Catalog,
+        subscription: &usage_core::repo::Subscription,
+        now: OffsetDateTime,
+    ) -> Result<PlanDefinition, AnalyticsError> {
+        match catalog.effective(subscription, now) {
+            Some(terms) => Ok(terms),
+            None => Ok(self.catalog.effective(subscription, now).await?.terms),
+        }
+    }
+
     /// The user's effective terms now.
     async fn terms(&self, user: &User) -> Result<PlanDefinition, AnalyticsError> {
         Ok(self
@@ -439,37 +453,51 @@ impl AdminReports {
             users.plans.insert(plan.plan.key.clone(), 0);
         }
         let mut mrr_cents = 0i64;
+        // The fewest included calls among terms that bill overage: only users with more
+        // (scaled to the time elapsed) can owe overage, now or at their pace.
+        let mut fewest_billed: Option<u64> = None;
         for (subscription, n) in self.store.count_users_by_terms().await? {
             *users
                 .plans
                 .entry(subscription.plan.as_str().to_owned())
                 .or_default() += n;
             users.total += n;
-            let price = match catalog.effective(&subscription, now) {
-                Some(terms) => terms.price_cents,
-                None => {
-                    self.catalog
-                        .effective(&subscription, now)
-                        .await?
-                        .terms
-                        .price_cents
-                }
-            };
-            mrr_cents = mrr_cents
-                .saturating_add(price.saturating_mul(i64::try_from(n).unwrap_or(i64::MAX)));
+            let terms = self.terms_of(&catalog, &subscription, now).await?;
+            mrr_cents = mrr_cents.saturating_add(
+                terms
+                    .price_cents
+                    .saturating_mul(i64::try_from(n).unwrap_or(i64::MAX)),
+            );
+            if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
+                fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
+            }
         }
         let day = now.date().midnight().assume_utc();
         let elapsed = (now - period.start()).whole_seconds().max(1);
         let length = (period.end() - period.start()).whole_seconds();
-        let figures = self
+        let scale = |calls: u64| -> u64 {
+            let scaled = u128::from(calls) * u128::from(length.unsigned_abs())
+                / u128::from(elapsed.unsigned_abs());
+            u64::try_from(scaled).unwrap_or(u64::MAX)
+        };
+        let min_calls = fewest_billed.map_or(u64::MAX, |included| {
+            let share = u128::from(included) * u128::from(elapsed.unsigned_abs())
+                / u128::from(length.unsigned_abs().max(1));
+            u64::try_from(share).unwrap_or(u64::MAX)
+        });
+        let usage = self
             .store
-            .period_figures(
-                period.start(),
-                (day, day + Duration::days(1)),
-                (elapsed, length),
-                &self.variables,
-            )
+            .period_usage(period.start(), (day, day + Duration::days(1)), min_calls)
             .await?;
+        // Each user's amounts under their own terms, rounded once, as their items are.
+        let (mut accrued_cents, mut forecast_cents) = (0i64, 0i64);
+        for (subscription, calls) in &usage.heavy_users {
+            let terms = self.terms_of(&catalog, subscription, now).await?;
+            let now_cents = terms.calls_line(*calls).amount_cents;
+            let at_pace_cents = terms.calls_line(scale(*calls)).amount_cents;
+            accrued_cents = accrued_cents.saturating_add(now_cents);
+            forecast_cents = forecast_cents.saturating_add(at_pace_cents.max(now_cents));
+        }
         let (_, top) = self
             .store
             .users_page(
@@ -488,11 +516,11 @@ impl AdminReports {
         Ok(AdminOverview {
             users,
             mrr_cents,
-            overage_revenue_cents: figures.invoiced_cents,
-            overage_uninvoiced_cents: figures.uninvoiced_cents,
-            overage_forecast_cents: figures.projected_cents,
-            api_calls_today: figures.api_calls_today,
-            api_calls_this_month: figures.api_calls,
+            overage_revenue_cents: usage.invoiced_cents,
+            overage_uninvoiced_cents: accrued_cents.saturating_sub(usage.invoiced_cents).max(0),
+            overage_forecast_cents: forecast_cents,
+            api_calls_today: usage.api_calls_today,
+            api_calls_this_month: usage.api_calls,
             top_users: top
                 .into_iter()
                 // A user without calls is not among the heaviest.

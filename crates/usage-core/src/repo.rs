@@ -404,21 +404,19 @@ pub struct UserUsageRow {
     pub revenue_cents: i64,
 }
 
-/// Business figures of one period (admin overview).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeriodFigures {
+/// This period's usage as the admin overview prices it: the store only counts; every
+/// amount is priced by the caller under each user's effective terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodUsage {
     /// Calls counted this period (flushed).
     pub api_calls: u64,
     /// Calls stored between the day bounds given.
     pub api_calls_today: u64,
-    /// Overage calls this period.
-    pub overage_calls: u64,
-    /// Cents of the overage already invoiced (each user's invoiced calls rounded once).
+    /// Cents of the period's succeeded overage charges.
     pub invoiced_cents: i64,
-    /// Cents of the overage accrued and not invoiced yet.
-    pub uninvoiced_cents: i64,
-    /// Cents of the overage at the period's end if every user keeps their pace so far.
-    pub projected_cents: i64,
+    /// Each user with at least the calls asked for this period: what they hold and their
+    /// calls (the only users whose terms can bill overage, now or at their pace).
+    pub heavy_users: Vec<(Subscription, u64)>,
 }
 
 /// Calls of one ended day over all users.
@@ -460,15 +458,14 @@ pub trait AdminRepository: Send + Sync {
         query: &UserPageQuery,
         catalog: &PlanCatalog,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError>;
-    /// The period's figures. `today` bounds the calls counted as today's; `elapsed` of
-    /// `length` is how far into the period `now` is, for the run-rate projection.
-    async fn period_figures(
+    /// This period's usage. `today` bounds the calls counted as today's; the users with
+    /// at least `min_calls` calls this period are listed with what they hold.
+    async fn period_usage(
         &self,
         period_start: OffsetDateTime,
         today: (OffsetDateTime, OffsetDateTime),
-        elapsed_of_length: (i64, i64),
-        catalog: &PlanCatalog,
-    ) -> Result<PeriodFigures, RepoError>;
+        min_calls: u64,
+    ) -> Result<PeriodUsage, RepoError>;
 }
 
 /// Users (`eco_users`).

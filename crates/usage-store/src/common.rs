@@ -442,33 +442,23 @@ pub(crate) mod admin_sql {
     pub(crate) const CALLS_BETWEEN: &str =
         "SELECT count(*) AS n FROM eco_api_usage WHERE created_at >= $1 AND created_at < $2";
 
-    /// The period's sums, from the records' covering index alone. `$1` period start,
-    /// `$2` overage price (micro-dollars). Each user's amounts are rounded half-up once,
-    /// as their charges are.
-    pub(crate) const PERIOD_SUMS: &str = "
-        SELECT CAST(COALESCE(SUM(api_calls), 0) AS BIGINT) AS api_calls,
-               CAST(COALESCE(SUM(overage_calls), 0) AS BIGINT) AS overage_calls,
-               CAST(COALESCE(SUM((overage_invoiced_calls * $2 + 5000) / 10000), 0) AS BIGINT)
-                   AS invoiced_cents,
-               CAST(COALESCE(SUM((overage_calls * $2 + 5000) / 10000), 0) AS BIGINT)
-                   AS overage_cents
+    /// The period's calls, from the records' covering index alone. `$1` period start.
+    pub(crate) const PERIOD_CALLS: &str = "
+        SELECT CAST(COALESCE(SUM(api_calls), 0) AS BIGINT) AS n
         FROM eco_usage_records WHERE period_start = $1";
 
-    /// What the run-rate adds to the overage: for users whose pace (calls scaled by `$6`
-    /// period length / `$7` time elapsed) passes their plan's included calls (`$3..$5`
-    /// for free, pro, enterprise; -1 when the plan bills no overage), the cents of
-    /// (pace - included) beyond what they owe now. Only records with at least `$8` calls
-    /// can pass (the smallest limit scaled to the time elapsed): an index range.
-    pub(crate) const PROJECTION_EXTRA: &str = "
-        SELECT CAST(COALESCE(SUM(CASE
-                   WHEN lim >= 0 AND api_calls * $6 / $7 - lim > overage_calls
-                   THEN ((api_calls * $6 / $7 - lim) * $2 + 5000) / 10000
-                        - (overage_calls * $2 + 5000) / 10000
-                   ELSE 0 END), 0) AS BIGINT) AS n
-        FROM (SELECT r.api_calls, r.overage_calls,
-                     CASE u.plan WHEN 'free' THEN $3 WHEN 'pro' THEN $4 ELSE $5 END AS lim
-              FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
-              WHERE r.period_start = $1 AND r.api_calls >= $8) x";
+    /// Cents of the period's succeeded overage charges. `$1` period start.
+    pub(crate) const PERIOD_INVOICED_CENTS: &str = "
+        SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) AS n
+        FROM eco_overage_charges WHERE period_start = $1 AND status = 'succeeded'";
+
+    /// The users with at least `$2` calls in the period starting `$1`, with what they hold:
+    /// an index range on the records (period, calls).
+    pub(crate) const HEAVY_USERS: &str = "
+        SELECT u.id, u.plan, u.plan_version, u.overrides,
+               CAST(r.api_calls AS BIGINT) AS api_calls
+        FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+        WHERE r.period_start = $1 AND r.api_calls >= $2";
 
     /// A LIKE pattern matching `text` literally anywhere, lower-cased; '' for none.
     pub(crate) fn contains_pattern(text: Option<&str>) -> String {
@@ -491,59 +481,6 @@ pub(crate) mod admin_sql {
 pub(crate) struct CountRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub n: i64,
-}
-
-/// The numbers of [`admin_sql::PERIOD_SUMS`].
-#[derive(diesel::QueryableByName)]
-pub(crate) struct PeriodSumsRow {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    api_calls: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    overage_calls: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    invoiced_cents: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    overage_cents: i64,
-}
-
-impl PeriodSumsRow {
-    pub(crate) fn into_figures(
-        self,
-        api_calls_today: i64,
-        projection_extra_cents: i64,
-    ) -> usage_core::repo::PeriodFigures {
-        usage_core::repo::PeriodFigures {
-            api_calls: to_u64(self.api_calls),
-            api_calls_today: to_u64(api_calls_today),
-            overage_calls: to_u64(self.overage_calls),
-            invoiced_cents: self.invoiced_cents,
-            uninvoiced_cents: self.overage_cents - self.invoiced_cents,
-            projected_cents: self.overage_cents + projection_extra_cents,
-        }
-    }
-}
-
-/// The fewest calls a record needs for its pace to pass a plan's included calls:
-/// the smallest limit among plans that bill overage, scaled to the time elapsed. `None`
-/// when no plan bills overage.
-pub(crate) fn projection_threshold(
-    catalog: &usage_core::PlanCatalog,
-    (elapsed, length): (i64, i64),
-) -> Option<i64> {
-    Plan::builtin()
-        .into_iter()
-        .filter_map(|p| catalog.included_calls_if_billed(&p))
-        .min()
-        .map(|limit| {
-            let scaled =
-                i128::from(to_i64(limit)) * i128::from(elapsed.max(1)) / i128::from(length.max(1));
-            i64::try_from(scaled).unwrap_or(i64::MAX)
-        })
-}
-
-/// Included calls of `plan` when it bills overage, else -1 (the SQL's "no overage").
-pub(crate) fn billed_limit(catalog: &usage_core::PlanCatalog, plan: &Plan) -> i64 {
-    catalog.included_calls_if_billed(plan).map_or(-1, to_i64)
 }
 
 /// The answer of a quota lease statement.

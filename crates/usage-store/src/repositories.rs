@@ -30,7 +30,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
     KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion, PoolState,
+    OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, PoolState,
     QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
@@ -43,10 +43,10 @@ use uuid::Uuid;
 
 use crate::common::{
     BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
-    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, PeriodSumsRow, QuotaTakeRow, StoredCallsRow,
-    TRANSACTION_ATTEMPTS, admin_sql, billed_limit, counter_deltas, dead_letters_json, deleted_keys,
+    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, QuotaTakeRow, StoredCallsRow,
+    TRANSACTION_ATTEMPTS, admin_sql, counter_deltas, dead_letters_json, deleted_keys,
     distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints, plan_counts,
-    projection_threshold, raw_day, session_sql, to_i64, to_u64,
+    raw_day, session_sql, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
@@ -1999,13 +1999,12 @@ impl AdminRepository for This {
         Ok((total, rows))
     }
 
-    async fn period_figures(
+    async fn period_usage(
         &self,
         period_start: OffsetDateTime,
         today: (OffsetDateTime, OffsetDateTime),
-        (elapsed, length): (i64, i64),
-        catalog: &PlanCatalog,
-    ) -> Result<PeriodFigures, RepoError> {
+        min_calls: u64,
+    ) -> Result<PeriodUsage, RepoError> {
         let mut conn = self.conn().await?;
         let today_calls: CountRow = query(admin_sql::CALLS_BETWEEN)
             .bind::<Stamp, _>(today.0)
@@ -2013,31 +2012,57 @@ impl AdminRepository for This {
             .get_result(&mut *conn)
             .await
             .map_err(db("usage event"))?;
-        let sums: PeriodSumsRow = query(admin_sql::PERIOD_SUMS)
+        let period_calls: CountRow = query(admin_sql::PERIOD_CALLS)
             .bind::<Stamp, _>(period_start)
-            .bind::<BigInt, _>(catalog.overage_price.0)
             .get_result(&mut *conn)
             .await
             .map_err(db("usage record"))?;
-        let extra = match projection_threshold(catalog, (elapsed, length)) {
-            None => 0,
-            Some(threshold) => {
-                let row: CountRow = query(admin_sql::PROJECTION_EXTRA)
-                    .bind::<Stamp, _>(period_start)
-                    .bind::<BigInt, _>(catalog.overage_price.0)
-                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::free()))
-                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::pro()))
-                    .bind::<BigInt, _>(billed_limit(catalog, &Plan::enterprise()))
-                    .bind::<BigInt, _>(length)
-                    .bind::<BigInt, _>(elapsed.max(1))
-                    .bind::<BigInt, _>(threshold)
-                    .get_result(&mut *conn)
-                    .await
-                    .map_err(db("usage record"))?;
-                row.n
-            }
+        let invoiced: CountRow = query(admin_sql::PERIOD_INVOICED_CENTS)
+            .bind::<Stamp, _>(period_start)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("overage charge"))?;
+        let heavy: Vec<HeavyUserRow> = query(admin_sql::HEAVY_USERS)
+            .bind::<Stamp, _>(period_start)
+            .bind::<BigInt, _>(to_i64(min_calls))
+            .load(&mut *conn)
+            .await
+            .map_err(db("usage record"))?;
+        Ok(PeriodUsage {
+            api_calls: to_u64(period_calls.n),
+            api_calls_today: to_u64(today_calls.n),
+            invoiced_cents: invoiced.n,
+            heavy_users: heavy
+                .into_iter()
+                .map(HeavyUserRow::into_domain)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// A row of [`admin_sql::HEAVY_USERS`].
+#[derive(QueryableByName)]
+struct HeavyUserRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Nullable<Integer>)]
+    plan_version: Option<i32>,
+    #[diesel(sql_type = Nullable<JsonText>)]
+    overrides: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    api_calls: i64,
+}
+
+impl HeavyUserRow {
+    fn into_domain(self) -> Result<(Subscription, u64), RepoError> {
+        let subscription = Subscription {
+            overrides: parse_overrides(&self.id, self.overrides.as_deref())?,
+            plan: Plan::from_stored(self.plan),
+            plan_version: self.plan_version.and_then(|v| u32::try_from(v).ok()),
         };
-        Ok(sums.into_figures(today_calls.n, extra))
+        Ok((subscription, to_u64(self.api_calls)))
     }
 }
 

@@ -2550,23 +2550,55 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let day = T0.date().midnight().assume_utc();
-    let figures = store
-        .period_figures(
-            period.start(),
-            (day, day + Duration::days(1)),
-            (1, 3),
-            &catalog,
-        )
+    let usage = store
+        .period_usage(period.start(), (day, day + Duration::days(1)), 15)
         .await
         .unwrap();
-    assert_eq!(figures.api_calls, 48);
-    assert_eq!(figures.api_calls_today, 48);
-    assert_eq!(figures.overage_calls, 25);
-    assert_eq!(figures.invoiced_cents, 1, "ada's 5 calls");
-    assert_eq!(figures.uninvoiced_cents, 2, "dan's 20 calls");
-    // A third of the period gone: ada heads for 45 calls (35 over), dan for 90 (80 over);
-    // free and enterprise users have no overage.
-    assert_eq!(figures.projected_cents, 4 + 8);
+    assert_eq!(usage.api_calls, 48, "this period's calls only");
+    assert_eq!(usage.api_calls_today, 48);
+    assert_eq!(usage.invoiced_cents, 1, "the succeeded charge's cents");
+    let mut heavy: Vec<(String, u64)> = usage
+        .heavy_users
+        .iter()
+        .map(|(s, calls)| (s.plan.as_str().to_owned(), *calls))
+        .collect();
+    heavy.sort();
+    assert_eq!(
+        heavy,
+        [("pro".to_owned(), 15), ("pro".to_owned(), 30)],
+        "ada and dan, with at least 15 calls; bob's 3 are not"
+    );
+    let none = store
+        .period_usage(period.start(), (day, day + Duration::days(1)), 31)
+        .await
+        .unwrap();
+    assert!(none.heavy_users.is_empty());
+    // A failed charge is not invoiced.
+    let failed = store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: dan.0.clone(),
+            period_start: period.start(),
+            calls_from: 0,
+            calls_to: 20,
+            amount_cents: 2,
+            idempotency_key: "dan-0-20".to_owned(),
+            created_at: T0,
+        })
+        .await
+        .unwrap();
+    store
+        .fail_overage_charge(failed.id, "declined", T0)
+        .await
+        .unwrap();
+    assert_eq!(none.invoiced_cents, 1);
+    assert_eq!(
+        store
+            .period_usage(period.start(), (day, day + Duration::days(1)), 31)
+            .await
+            .unwrap()
+            .invoiced_cents,
+        1
+    );
 }
 
 pub async fn sign_in_links_work_once_and_expire(store: Arc<dyn Store>) {

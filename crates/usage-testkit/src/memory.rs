@@ -13,7 +13,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
-    OverageChargeRepository, OverageLedgerEntry, PeriodFigures, PlanRepository, PlanVersion,
+    OverageChargeRepository, OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion,
     QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
@@ -1233,46 +1233,40 @@ impl AdminRepository for MemoryStore {
         Ok((total, page))
     }
 
-    async fn period_figures(
+    async fn period_usage(
         &self,
         period_start: OffsetDateTime,
         today: (OffsetDateTime, OffsetDateTime),
-        (elapsed, length): (i64, i64),
-        catalog: &PlanCatalog,
-    ) -> Result<PeriodFigures, RepoError> {
+        min_calls: u64,
+    ) -> Result<PeriodUsage, RepoError> {
         let state = self.state();
-        let cents = |calls: u64| catalog.overage_price.total_in_cents(calls).0;
-        let mut figures = PeriodFigures {
+        let records = || {
+            state
+                .records
+                .values()
+                .filter(|r| r.period_start == period_start)
+        };
+        Ok(PeriodUsage {
+            api_calls: records().map(|r| r.api_calls).sum(),
             api_calls_today: state
                 .events
                 .iter()
                 .filter(|e| e.created_at >= today.0 && e.created_at < today.1)
                 .count() as u64,
-            ..PeriodFigures::default()
-        };
-        for r in state
-            .records
-            .values()
-            .filter(|r| r.period_start == period_start)
-        {
-            figures.api_calls += r.api_calls;
-            figures.overage_calls += r.overage_calls;
-            figures.invoiced_cents += cents(r.overage_invoiced_calls);
-            figures.uninvoiced_cents += cents(r.overage_calls) - cents(r.overage_invoiced_calls);
-            let plan = state.users.get(&r.user_id).map(|u| &u.plan);
-            let projected = match plan.and_then(|p| catalog.included_calls_if_billed(p)) {
-                Some(limit) => {
-                    let pace =
-                        i128::from(r.api_calls) * i128::from(length) / i128::from(elapsed.max(1));
-                    u64::try_from(pace - i128::from(limit))
-                        .unwrap_or(0)
-                        .max(r.overage_calls)
-                }
-                None => r.overage_calls,
-            };
-            figures.projected_cents += cents(projected);
-        }
-        Ok(figures)
+            invoiced_cents: state
+                .charges
+                .iter()
+                .filter(|c| c.period_start == period_start && c.status == ChargeStatus::Succeeded)
+                .map(|c| c.amount_cents)
+                .sum(),
+            heavy_users: records()
+                .filter(|r| r.api_calls >= min_calls)
+                .filter_map(|r| {
+                    let user = state.users.get(&r.user_id)?;
+                    Some((user.subscription(), r.api_calls))
+                })
+                .collect(),
+        })
     }
 }
 
