@@ -212,7 +212,121 @@ async fn revocation_and_plan_change_reach_the_other_instance(backend: Backend) {
     assert_eq!(limit(&a).await, Some(100_000));
 }
 
+/// A plan edit made through one instance, with each of `now`, `next_period` and `keep`,
+/// as the other instance enforces it: `now` within a second, `next_period` from the first
+/// instant of the next period (both instances run on a clock a few seconds before a month
+/// ends), `keep` never for its users while new subscribers get the new version.
+async fn plan_versions_move_users_as_their_edit_says_on_both_instances(backend: Backend) {
+    let db = Db::new(backend);
+    let catalog = db.dir.0.join("catalog.toml");
+    let mut file = String::new();
+    for key in ["p-now", "p-next", "p-keep"] {
+        file.push_str(&format!(
+            "[[plans]]\nkey = \"{key}\"\nname = \"{key}\"\nprice_cents = 0\n\
+             [[plans.limits]]\nmeter = \"api_calls\"\nincluded = 100\nover_limit = \"block\"\n"
+        ));
+    }
+    std::fs::write(&catalog, file).unwrap();
+    let out = db.cli(&[], &["plans", "apply", catalog.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: Vec<String> = ["p-now", "p-next", "p-keep"]
+        .iter()
+        .map(|plan| db.user_with_key(&format!("{plan}@example.com"), plan).1)
+        .collect();
+    let admin = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "admin@example.com",
+        "--plan",
+        "free",
+    ]);
+    // Fifteen seconds before February: time to start, edit, look, and see the month turn.
+    let start = "2030-01-31T23:59:45Z";
+    let env = [
+        ("USAGE_CLOCK_START", start),
+        ("ADMIN_ECO_IDS", admin.as_str()),
+        ("API_KEY_CACHE_TTL_MS", "60000"),
+    ];
+    // Before either clock starts: each reaches February at least fifteen seconds after this.
+    let started = Instant::now();
+    let (a, b) = (db.start(&env), db.start(&env));
+    let http = reqwest::Client::new();
+    let limits = async |server: &Server| -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        for key in &keys {
+            out.push(header(&ping(&http, server, key).await, "x-ratelimit-limit"));
+        }
+        out
+    };
+    assert_eq!(limits(&b).await, [Some(100); 3], "version 1 everywhere");
+
+    // Through A: each plan's version 2 allows 200, with its own rule for existing users.
+    // Tokens are checked on the system clock, not the shifted one.
+    let admin_token = token(&admin);
+    for (plan, existing) in [
+        ("p-now", "now"),
+        ("p-next", "next_period"),
+        ("p-keep", "keep"),
+    ] {
+        let res = http
+            .put(a.url(&format!("/api/admin/plans/{plan}")))
+            .bearer_auth(&admin_token)
+            .json(&serde_json::json!({
+                "name": plan, "price_cents": 0, "currency": "usd", "existing": existing,
+                "limits": [{"meter": "api_calls", "included": 200, "over_limit": "block"}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{plan}: {}", res.text().await.unwrap());
+    }
+    let edited = Instant::now();
+    common::eventually("B applies `now`", Duration::from_secs(1), async || {
+        limits(&b).await[0] == Some(200)
+    })
+    .await;
+    report!(
+        "{backend:?}: a version moving users now reached B after {:?}",
+        edited.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "the edits and the first look took {:?}: the month turned too early to tell",
+        started.elapsed()
+    );
+    assert_eq!(
+        limits(&b).await,
+        [Some(200), Some(100), Some(100)],
+        "before the month ends: `next_period` and `keep` users hold version 1"
+    );
+    // A new subscriber of the kept plan gets its newest version.
+    let (_, newcomer) = db.user_with_key("new@example.com", "p-keep");
+    assert_eq!(
+        header(&ping(&http, &b, &newcomer).await, "x-ratelimit-limit"),
+        Some(200)
+    );
+
+    // February, on each instance's clock (each started its own a moment apart).
+    for server in [&a, &b] {
+        common::eventually("the month turns", Duration::from_secs(20), async || {
+            limits(server).await[1] == Some(200)
+        })
+        .await;
+        assert_eq!(
+            limits(server).await,
+            [Some(200), Some(200), Some(100)],
+            "after the month ends: `next_period` users moved, `keep` users did not"
+        );
+    }
+}
+
 on_both_backends!(
     exact_free_limit_across_two_instances,
     revocation_and_plan_change_reach_the_other_instance,
+    plan_versions_move_users_as_their_edit_says_on_both_instances,
 );
