@@ -87,7 +87,6 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let admin_reports = usage_analytics::admin::AdminReports::new(
         store_for_billing.clone(),
         catalog.clone(),
-        config.plans.clone(),
         clock_for_billing.clone(),
     );
     let events = usage_analytics::events::UsageEvents::new(store.clone(), clock.clone());

@@ -11,9 +11,9 @@ use serde_json::Value;
 use time::{Duration, OffsetDateTime};
 use usage_core::accounts::{AccountError, Accounts, validate_stripe_customer_id};
 use usage_core::catalog::PlanDefinition;
-use usage_core::repo::{AdminAuditEntry, User, UserPageQuery, UserSort};
+use usage_core::repo::{AdminAuditEntry, User, UserPageQuery, UserSort, UserUsageRow};
 use usage_core::terms::LiveCatalog;
-use usage_core::{BillingPeriod, Clock, Plan, PlanCatalog, Store, UserId};
+use usage_core::{BillingPeriod, Clock, Plan, Store, UserId};
 
 use crate::AnalyticsError;
 
@@ -244,9 +244,19 @@ pub struct UserListParams {
     /// Search text.
     pub q: Option<String>,
     /// Sort key.
-    pub sort: UserSort,
+    pub sort: ListSort,
     /// Largest first.
     pub descending: bool,
+}
+
+/// What the admin users list can be sorted by: an allow-list, never SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListSort {
+    /// An order the store keeps (calls, sign-up time, email).
+    Stored(UserSort),
+    /// The effective monthly price plus this period's overage: priced under each user's
+    /// terms, so ordered here rather than by the store.
+    Revenue,
 }
 
 fn invalid(name: &'static str, message: String) -> AnalyticsError {
@@ -312,10 +322,10 @@ pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParam
         ),
     };
     let sort = match params.get("sort").map(String::as_str) {
-        None | Some("api_calls") => UserSort::ApiCalls,
-        Some("created_at") => UserSort::CreatedAt,
-        Some("email") => UserSort::Email,
-        Some("revenue") => UserSort::Revenue,
+        None | Some("api_calls") => ListSort::Stored(UserSort::ApiCalls),
+        Some("created_at") => ListSort::Stored(UserSort::CreatedAt),
+        Some("email") => ListSort::Stored(UserSort::Email),
+        Some("revenue") => ListSort::Revenue,
         Some(raw) => {
             return Err(invalid(
                 "sort",
@@ -365,9 +375,6 @@ pub fn parse_user_list(params: &HashMap<String, String>) -> Result<UserListParam
 pub struct AdminReports {
     store: Arc<dyn Store>,
     catalog: Arc<LiveCatalog>,
-    /// The plan variables' prices: what the store's list sort and period sums still
-    /// price with (the figures shown per user come from each user's terms).
-    variables: PlanCatalog,
     clock: Arc<dyn Clock>,
 }
 
@@ -385,39 +392,23 @@ impl AdminReports {
         Ok(self.store.prune_admin_actions(before, 10_000).await?)
     }
 
-    /// Reports over `store`, users' terms from `catalog`; `variables` price the store's
-    /// sums and sort.
-    pub fn new(
-        store: Arc<dyn Store>,
-        catalog: Arc<LiveCatalog>,
-        variables: PlanCatalog,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    /// Reports over `store`, every amount priced under each user's terms from `catalog`.
+    pub fn new(store: Arc<dyn Store>, catalog: Arc<LiveCatalog>, clock: Arc<dyn Clock>) -> Self {
         Self {
             store,
             catalog,
-            variables,
             clock,
         }
     }
 
-    /// A user's monthly price under `terms` plus this period's stored overage calls
-    /// priced by the terms' overage model; calls counted as overage under terms without
-    /// one (the user moved to a blocking plan) at the overage price of the plan variables,
-    /// as overage billing prices them today.
-    fn revenue_cents(&self, terms: &PlanDefinition, overage_calls: u64) -> i64 {
-        let overage = match terms
-            .limit(usage_core::catalog::API_CALLS)
-            .and_then(|l| l.overage.as_ref())
-        {
-            Some(model) => {
-                usage_core::MicroUsd(model.price(overage_calls).amount_micros)
-                    .in_cents()
-                    .0
-            }
-            None => self.variables.overage_price.total_in_cents(overage_calls).0,
-        };
-        terms.price_cents.saturating_add(overage)
+    /// What `api_calls` this period come to under `terms`: the overage calls, and the
+    /// monthly price plus their cost (rounded once, as their invoice item is).
+    fn figures(terms: &PlanDefinition, api_calls: u64) -> (u64, i64) {
+        let line = terms.calls_line(api_calls);
+        (
+            line.overage_units,
+            terms.price_cents.saturating_add(line.amount_cents),
+        )
     }
 
     /// The terms `subscription` gives at `now`, from `catalog` (a snapshot), read again
@@ -500,18 +491,15 @@ impl AdminReports {
         }
         let (_, top) = self
             .store
-            .users_page(
-                &UserPageQuery {
-                    period_start: period.start(),
-                    plan: None,
-                    search: None,
-                    sort: UserSort::ApiCalls,
-                    descending: true,
-                    offset: 0,
-                    limit: 5,
-                },
-                &self.variables,
-            )
+            .users_page(&UserPageQuery {
+                period_start: period.start(),
+                plan: None,
+                search: None,
+                sort: UserSort::ApiCalls,
+                descending: true,
+                offset: 0,
+                limit: 5,
+            })
             .await?;
         Ok(AdminOverview {
             users,
@@ -542,34 +530,38 @@ impl AdminReports {
         &self,
         params: &UserListParams,
     ) -> Result<Page<AdminUserRow>, AnalyticsError> {
-        let period = BillingPeriod::containing(self.clock.now());
-        let (total, rows) = self
-            .store
-            .users_page(
-                &UserPageQuery {
-                    period_start: period.start(),
-                    plan: params.plan.clone(),
-                    search: params.q.clone(),
-                    sort: params.sort,
-                    descending: params.descending,
-                    offset: (params.page - 1).saturating_mul(u64::from(params.limit)),
-                    limit: params.limit,
-                },
-                &self.variables,
-            )
-            .await?;
+        let now = self.clock.now();
+        let period = BillingPeriod::containing(now);
+        let offset = (params.page - 1).saturating_mul(u64::from(params.limit));
+        let (total, rows) = match params.sort {
+            ListSort::Stored(sort) => {
+                self.store
+                    .users_page(&UserPageQuery {
+                        period_start: period.start(),
+                        plan: params.plan.clone(),
+                        search: params.q.clone(),
+                        sort,
+                        descending: params.descending,
+                        offset,
+                        limit: params.limit,
+                    })
+                    .await?
+            }
+            ListSort::Revenue => self.users_by_revenue(params, period, offset, now).await?,
+        };
         let mut items = Vec::with_capacity(rows.len());
         for r in rows {
             let terms = self.terms(&r.user).await?;
+            let (overage_calls, revenue_cents) = Self::figures(&terms, r.api_calls);
             items.push(AdminUserRow {
                 limit: terms.calls_line(r.api_calls).included,
-                revenue_cents: self.revenue_cents(&terms, r.overage_calls),
+                revenue_cents,
                 user_id: r.user.id,
                 email: r.user.email,
                 plan: r.user.plan,
                 created_at: r.user.created_at,
                 api_calls: r.api_calls,
-                overage_calls: r.overage_calls,
+                overage_calls,
             });
         }
         Ok(Page {
@@ -578,6 +570,54 @@ impl AdminReports {
             total,
             items,
         })
+    }
+
+    /// A page of the users list by revenue: every matching user priced under their own
+    /// terms (one read of the terms for the users of a plan version without their own),
+    /// ordered here, and the page's rows read.
+    async fn users_by_revenue(
+        &self,
+        params: &UserListParams,
+        period: BillingPeriod,
+        offset: u64,
+        now: OffsetDateTime,
+    ) -> Result<(u64, Vec<UserUsageRow>), AnalyticsError> {
+        let catalog = self.catalog.current();
+        let mut plain: HashMap<(Plan, Option<u32>), PlanDefinition> = HashMap::new();
+        let mut keyed = Vec::new();
+        for (id, subscription, calls) in self
+            .store
+            .users_terms(period.start(), params.plan.as_ref(), params.q.as_deref())
+            .await?
+        {
+            let revenue = if subscription.overrides.is_none() {
+                let key = (subscription.plan.clone(), subscription.plan_version);
+                if !plain.contains_key(&key) {
+                    let terms = self.terms_of(&catalog, &subscription, now).await?;
+                    plain.insert(key.clone(), terms);
+                }
+                plain
+                    .get(&key)
+                    .map_or(0, |terms| Self::figures(terms, calls).1)
+            } else {
+                let terms = self.terms_of(&catalog, &subscription, now).await?;
+                Self::figures(&terms, calls).1
+            };
+            keyed.push((revenue, id));
+        }
+        keyed.sort();
+        if params.descending {
+            keyed.reverse();
+        }
+        let total = keyed.len() as u64;
+        let ids: Vec<UserId> = keyed
+            .into_iter()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(params.limit as usize)
+            .map(|(_, id)| id)
+            .collect();
+        let rows = self.store.users_rows(period.start(), &ids).await?;
+        Ok((total, rows))
     }
 
     /// `GET /api/admin/users/{id}`.
@@ -638,16 +678,17 @@ impl AdminReports {
 
     async fn detail(&self, user: User) -> Result<AdminUserDetail, AnalyticsError> {
         let period = BillingPeriod::containing(self.clock.now());
-        // The same figures as the users list: the stored record of this period.
-        let (api_calls, overage_calls) = self
+        // The same figures as the users list: this period's stored calls under the terms.
+        let api_calls = self
             .store
             .usage_record(&user.id, period.start())
             .await?
-            .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+            .map_or(0, |r| r.api_calls);
         let terms = self.terms(&user).await?;
+        let (overage_calls, revenue_cents) = Self::figures(&terms, api_calls);
         Ok(AdminUserDetail {
             limit: terms.calls_line(api_calls).included,
-            revenue_cents: self.revenue_cents(&terms, overage_calls),
+            revenue_cents,
             plan_version: terms.version,
             overrides: user.overrides.clone(),
             effective_terms: terms,
@@ -760,7 +801,14 @@ mod tests {
         let ok = parse_user_list(&params(&[])).unwrap();
         assert_eq!(
             (ok.page, ok.limit, ok.sort, ok.descending, ok.plan, ok.q),
-            (1, 20, UserSort::ApiCalls, true, None, None)
+            (
+                1,
+                20,
+                ListSort::Stored(UserSort::ApiCalls),
+                true,
+                None,
+                None
+            )
         );
         let bad = [
             (
@@ -816,7 +864,7 @@ mod tests {
                 100,
                 Some(Plan::pro()),
                 Some("ada"),
-                UserSort::Revenue,
+                ListSort::Revenue,
                 false
             )
         );
@@ -828,7 +876,8 @@ mod tests {
     async fn overview_gives_every_users_effective_price_in_mrr() {
         use usage_core::repo::PlanRepository;
         let store = Arc::new(MemoryStore::new());
-        let catalog = usage_testkit::seeded_catalog(store.clone(), &PlanCatalog::default()).await;
+        let catalog =
+            usage_testkit::seeded_catalog(store.clone(), &usage_core::PlanCatalog::default()).await;
         let mut growth = catalog.current().newest("pro").unwrap().plan.clone();
         growth.key = "growth".into();
         growth.price_cents = 9_900;
@@ -881,7 +930,6 @@ mod tests {
         let reports = AdminReports::new(
             store,
             catalog,
-            PlanCatalog::default(),
             Arc::new(ManualClock::new(datetime!(2026-11-22 12:00 UTC))),
         );
         let overview = reports.overview().await.unwrap();
@@ -912,5 +960,115 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((page.total, page.items.len()), (45, 5));
+    }
+
+    /// The list by revenue orders users by what they owe under their own terms: a cheap
+    /// plan whose overage is dear passes a dearer plan without calls.
+    #[tokio::test]
+    async fn the_list_by_revenue_prices_each_user_under_their_terms() {
+        use usage_core::repo::{ApiKeyRepository, PlanRepository, UsageRepository};
+        let store = Arc::new(MemoryStore::new());
+        let catalog =
+            usage_testkit::seeded_catalog(store.clone(), &usage_core::PlanCatalog::default()).await;
+        let metered: PlanDefinition = usage_core::catalog::from_json(
+            br#"{"key": "metered", "name": "Metered", "price_cents": 100, "currency": "usd",
+                 "limits": [{"meter": "api_calls", "included": 10, "over_limit": "overage",
+                             "overage": {"model": "per_unit", "unit_price_micros": 1000000}}]}"#,
+        )
+        .unwrap();
+        store
+            .create_plan(&metered, datetime!(2026-11-01 00:00 UTC))
+            .await
+            .unwrap();
+        catalog.refresh().await.unwrap();
+        let now = datetime!(2026-11-22 12:00 UTC);
+        let mut ids = BTreeMap::new();
+        for (email, plan) in [
+            ("pro@example.com", Plan::pro()),
+            ("metered@example.com", Plan::parse("metered").unwrap()),
+            ("quiet@example.com", Plan::parse("metered").unwrap()),
+            ("free@example.com", Plan::free()),
+        ] {
+            let user = User {
+                id: UserId::generate(),
+                email: email.to_owned(),
+                plan,
+                stripe_customer_id: None,
+                created_at: now,
+                plan_subscription_id: None,
+                blocked_at: None,
+                plan_version: None,
+                overrides: None,
+            };
+            store.create_user(&user).await.unwrap();
+            ids.insert(email, user.id);
+        }
+        // 60 calls on metered: 50 past its 10, at $1 each.
+        let key = usage_core::repo::ApiKeyRecord {
+            id: usage_core::ApiKeyId::generate(),
+            user_id: ids["metered@example.com"].clone(),
+            name: "k".into(),
+            prefix: "eco_live_test".into(),
+            key_hash: "0".repeat(64),
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+            expires_at: None,
+        };
+        store.create_api_key(&key).await.unwrap();
+        let events: Vec<_> = (0..60)
+            .map(|i| usage_core::UsageEvent {
+                event_id: usage_core::event::new_event_id(now),
+                user_id: ids["metered@example.com"].clone(),
+                api_key_id: key.id.clone(),
+                endpoint: "/v1/x".into(),
+                method: "GET".into(),
+                status_code: 200,
+                response_time_ms: 1,
+                created_at: now - Duration::seconds(i),
+            })
+            .collect();
+        store
+            .record_usage(
+                &events,
+                &HashMap::from([(ids["metered@example.com"].clone(), 10)]),
+            )
+            .await
+            .unwrap();
+        let reports = AdminReports::new(store, catalog, Arc::new(ManualClock::new(now)));
+        let page = reports
+            .users(&parse_user_list(&params(&[("sort", "revenue")])).unwrap())
+            .await
+            .unwrap();
+        let listed: Vec<(&str, u64, i64)> = page
+            .items
+            .iter()
+            .map(|u| (u.email.as_str(), u.overage_calls, u.revenue_cents))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("metered@example.com", 50, 100 + 5_000),
+                ("pro@example.com", 0, 4_900),
+                ("quiet@example.com", 0, 100),
+                ("free@example.com", 0, 0),
+            ]
+        );
+        assert_eq!(page.total, 4);
+        let second = reports
+            .users(
+                &parse_user_list(&params(&[
+                    ("sort", "revenue"),
+                    ("order", "asc"),
+                    ("limit", "2"),
+                    ("page", "2"),
+                    ("plan", "metered"),
+                ]))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(second.total, 2);
+        assert!(second.items.is_empty(), "past the last page");
     }
 }

@@ -4,7 +4,8 @@
 //! its overage now (`calls_to`). Its amount is what the period's calls cost under the terms
 //! the user holds for the period (the plan version and their own terms, from the catalog),
 //! less what the period's charges already invoiced, never below zero: a change of terms
-//! prices the whole period anew, and never takes back what was billed. It is first recorded as pending with a deterministic
+//! prices the whole period anew, and never takes back what was billed. It is first
+//! recorded as pending with a deterministic
 //! idempotency key, then sent to Stripe with that key, then marked succeeded together with
 //! the period's `overage_invoiced_calls`. A run that stops anywhere in between leaves a
 //! pending charge that the next run sends again with the same key, so Stripe creates the

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::{Date, OffsetDateTime};
 
-use crate::{ApiKeyId, Plan, PlanCatalog, UsageEvent, UserId};
+use crate::{ApiKeyId, Plan, UsageEvent, UserId};
 
 /// What can go wrong in a repository, in terms the services can act on.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -368,8 +368,6 @@ pub enum UserSort {
     CreatedAt,
     /// Email.
     Email,
-    /// Plan price plus this period's overage.
-    Revenue,
 }
 
 /// One page of the admin users list.
@@ -398,10 +396,8 @@ pub struct UserUsageRow {
     pub user: User,
     /// Calls this period.
     pub api_calls: u64,
-    /// Overage calls this period.
+    /// Overage calls this period, as counted when they were stored.
     pub overage_calls: u64,
-    /// Plan price plus this period's overage cost.
-    pub revenue_cents: i64,
 }
 
 /// This period's usage as the admin overview prices it: the store only counts; every
@@ -456,8 +452,23 @@ pub trait AdminRepository: Send + Sync {
     async fn users_page(
         &self,
         query: &UserPageQuery,
-        catalog: &PlanCatalog,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError>;
+    /// Every user the filters keep (`plan`, and `search` as in [`UserPageQuery`]) with what
+    /// they hold and their calls this period: for orders that need each user's terms
+    /// (revenue), priced by the caller.
+    async fn users_terms(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+    ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError>;
+    /// These users with this period's figures, in the order given; ids of no user are
+    /// left out.
+    async fn users_rows(
+        &self,
+        period_start: OffsetDateTime,
+        ids: &[UserId],
+    ) -> Result<Vec<UserUsageRow>, RepoError>;
     /// This period's usage. `today` bounds the calls counted as today's; the users with
     /// at least `min_calls` calls this period are listed with what they hold.
     async fn period_usage(

@@ -307,63 +307,35 @@ pub(crate) mod admin_sql {
         WHERE ($1 = '' OR u.plan = $1)
           AND ($2 = '' OR lower(u.email) LIKE $2 ESCAPE '\\' OR lower(u.id) LIKE $2 ESCAPE '\\')";
 
-    /// The filters of the users list: `$6` plan or '', `$7` pattern or ''.
-    const USER_FILTERS: &str = "($6 = '' OR u.plan = $6)
-        AND ($7 = '' OR lower(u.email) LIKE $7 ESCAPE '\\' OR lower(u.id) LIKE $7 ESCAPE '\\')";
+    /// The filters of the users list: `$2` plan or '', `$3` pattern or ''.
+    const USER_FILTERS: &str = "($2 = '' OR u.plan = $2)
+        AND ($3 = '' OR lower(u.email) LIKE $3 ESCAPE '\\' OR lower(u.id) LIKE $3 ESCAPE '\\')";
+
+    /// The user columns of the users list's rows.
+    const USER_COLUMNS: &str = "u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
+        u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides";
 
     /// A page of the users list sorted by `sort` (not [`UserSort::ApiCalls`], which is
-    /// paged from [`calls_page_with_records`] and [`calls_page_without_records`]).
-    /// Parameters: `$1` period start, `$2..$4` plan prices (free, pro, enterprise), `$5`
-    /// overage price in micro-dollars, `$6` plan or '', `$7` pattern or '', `$8` limit,
-    /// `$9` offset.
+    /// paged from [`calls_page_with_records`] and [`calls_page_without_records`]): walks
+    /// the (created_at, id) or (email) index, joining each user's record. Parameters: `$1`
+    /// period start, `$2` plan or '', `$3` pattern or '', `$4` limit, `$5` offset.
     pub(crate) fn users_page(sort: UserSort, descending: bool) -> String {
         let dir = if descending { "DESC" } else { "ASC" };
-        match sort {
-            // Revenue is computed for every user, from the few records with overage; the
-            // page's calls are looked up afterwards.
-            UserSort::Revenue => format!(
-                "SELECT p.id, p.email, p.plan, p.stripe_customer_id, p.created_at,
-                        p.plan_subscription_id, p.blocked_at, p.plan_version, p.overrides,
-                        CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
-                        CAST(p.overage_calls AS BIGINT) AS overage_calls,
-                        CAST(p.revenue_cents AS BIGINT) AS revenue_cents
-                 FROM (SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
-                              COALESCE(o.overage_calls, 0) AS overage_calls,
-                              CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
-                              + (COALESCE(o.overage_calls, 0) * $5 + 5000) / 10000 AS revenue_cents
-                       FROM eco_users u
-                       LEFT JOIN eco_usage_records o
-                              ON o.user_id = u.id AND o.period_start = $1 AND o.overage_calls > 0
-                       WHERE {USER_FILTERS}
-                       ORDER BY revenue_cents {dir}, u.id {dir}
-                       LIMIT $8 OFFSET $9) p
-                 LEFT JOIN eco_usage_records r ON r.user_id = p.id AND r.period_start = $1
-                 ORDER BY p.revenue_cents {dir}, p.id {dir}"
-            ),
-            // Walks the (created_at, id) or (email) index, joining each user's record.
-            _ => {
-                let key = if sort == UserSort::Email {
-                    "u.email"
-                } else {
-                    "u.created_at"
-                };
-                format!(
-                    "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
-                            CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
-                            CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls,
-                            CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
-                                 + (COALESCE(r.overage_calls, 0) * $5 + 5000) / 10000 AS BIGINT)
-                                AS revenue_cents
-                     FROM eco_users u
-                     LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
-                     WHERE {USER_FILTERS}
-                     ORDER BY {key} {dir}, u.id {dir}
-                     LIMIT $8 OFFSET $9"
-                )
-            }
-        }
+        let key = if sort == UserSort::Email {
+            "u.email"
+        } else {
+            "u.created_at"
+        };
+        format!(
+            "SELECT {USER_COLUMNS},
+                    CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls,
+                    CAST(COALESCE(r.overage_calls, 0) AS BIGINT) AS overage_calls
+             FROM eco_users u
+             LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
+             WHERE {USER_FILTERS}
+             ORDER BY {key} {dir}, u.id {dir}
+             LIMIT $4 OFFSET $5"
+        )
     }
 
     /// Users with a record this period, by calls then id (walks the records' index in
@@ -371,16 +343,13 @@ pub(crate) mod admin_sql {
     pub(crate) fn calls_page_with_records(descending: bool) -> String {
         let dir = if descending { "DESC" } else { "ASC" };
         format!(
-            "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
+            "SELECT {USER_COLUMNS},
                     CAST(r.api_calls AS BIGINT) AS api_calls,
-                    CAST(r.overage_calls AS BIGINT) AS overage_calls,
-                    CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
-                         + (r.overage_calls * $5 + 5000) / 10000 AS BIGINT) AS revenue_cents
+                    CAST(r.overage_calls AS BIGINT) AS overage_calls
              FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
              WHERE r.period_start = $1 AND {USER_FILTERS}
              ORDER BY r.api_calls {dir}, r.user_id {dir}
-             LIMIT $8 OFFSET $9"
+             LIMIT $4 OFFSET $5"
         )
     }
 
@@ -388,28 +357,36 @@ pub(crate) mod admin_sql {
     pub(crate) fn calls_page_without_records(descending: bool) -> String {
         let dir = if descending { "DESC" } else { "ASC" };
         format!(
-            "SELECT u.id, u.email, u.plan, u.stripe_customer_id, u.created_at,
-                    u.plan_subscription_id, u.blocked_at, u.plan_version, u.overrides,
-                    CAST(0 AS BIGINT) AS api_calls, CAST(0 AS BIGINT) AS overage_calls,
-                    CAST(CASE u.plan WHEN 'free' THEN $2 WHEN 'pro' THEN $3 ELSE $4 END
-                         + (0 * $5 + 5000) / 10000 AS BIGINT) AS revenue_cents
+            "SELECT {USER_COLUMNS},
+                    CAST(0 AS BIGINT) AS api_calls, CAST(0 AS BIGINT) AS overage_calls
              FROM eco_users u
              WHERE {USER_FILTERS}
                AND NOT EXISTS (SELECT 1 FROM eco_usage_records r
                                WHERE r.user_id = u.id AND r.period_start = $1)
              ORDER BY u.id {dir}
-             LIMIT $8 OFFSET $9"
+             LIMIT $4 OFFSET $5"
         )
     }
 
     /// Users with a record this period among those the filters keep: `$1` period start,
     /// `$2` plan or '', `$3` pattern or ''.
     pub(crate) fn count_with_records() -> String {
-        let filters = USER_FILTERS.replace("$6", "$2").replace("$7", "$3");
         format!(
             "SELECT count(*) AS n
              FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
-             WHERE r.period_start = $1 AND {filters}"
+             WHERE r.period_start = $1 AND {USER_FILTERS}"
+        )
+    }
+
+    /// Every user the filters keep, with what they hold and their calls this period (0
+    /// without a record). Same `$1..$3` as [`users_page`].
+    pub(crate) fn users_terms() -> String {
+        format!(
+            "SELECT u.id, u.plan, u.plan_version, u.overrides,
+                    CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls
+             FROM eco_users u
+             LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
+             WHERE {USER_FILTERS}"
         )
     }
 

@@ -37,7 +37,7 @@ use usage_core::repo::{
     late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{
-    ApiKeyId, BillingPeriod, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
+    ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId,
 };
 use uuid::Uuid;
 
@@ -1944,7 +1944,6 @@ impl AdminRepository for This {
     async fn users_page(
         &self,
         page: &UserPageQuery,
-        catalog: &PlanCatalog,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
         let mut conn = self.conn().await?;
         let plan = page.plan.as_ref().map_or("", Plan::as_str);
@@ -1962,7 +1961,7 @@ impl AdminRepository for This {
         }
         if page.sort != UserSort::ApiCalls {
             let sql = admin_sql::users_page(page.sort, page.descending);
-            let rows = user_rows(&mut conn, &sql, page, catalog, page.offset, page.limit).await?;
+            let rows = user_rows(&mut conn, &sql, page, page.offset, page.limit).await?;
             return Ok((total, rows));
         }
         // By calls: users with a record this period, then those without (descending).
@@ -1973,7 +1972,7 @@ impl AdminRepository for This {
         } else {
             (&without, &with)
         };
-        let mut rows = user_rows(&mut conn, first, page, catalog, page.offset, page.limit).await?;
+        let mut rows = user_rows(&mut conn, first, page, page.offset, page.limit).await?;
         let first_total = if rows.is_empty() {
             let counted: CountRow = query(&admin_sql::count_with_records())
                 .bind::<Stamp, _>(page.period_start)
@@ -1994,9 +1993,77 @@ impl AdminRepository for This {
         if let Some((offset, limit)) =
             admin_sql::second_group(page.offset, page.limit, rows.len(), first_total)
         {
-            rows.extend(user_rows(&mut conn, second, page, catalog, offset, limit).await?);
+            rows.extend(user_rows(&mut conn, second, page, offset, limit).await?);
         }
         Ok((total, rows))
+    }
+
+    async fn users_terms(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+    ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<HeavyUserRow> = query(&admin_sql::users_terms())
+            .bind::<Stamp, _>(period_start)
+            .bind::<Text, _>(plan.map_or("", Plan::as_str))
+            .bind::<Text, _>(admin_sql::contains_pattern(search))
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        rows.into_iter()
+            .map(|row| {
+                let id = UserId::from_stored(row.id.clone());
+                row.into_domain().map(|(terms, calls)| (id, terms, calls))
+            })
+            .collect()
+    }
+
+    async fn users_rows(
+        &self,
+        period_start: OffsetDateTime,
+        ids: &[UserId],
+    ) -> Result<Vec<UserUsageRow>, RepoError> {
+        let mut conn = self.conn().await?;
+        let keys: Vec<&str> = ids.iter().map(UserId::as_str).collect();
+        let users: Vec<UserRow> = eco_users::table
+            .filter(eco_users::id.eq_any(&keys))
+            .select(UserRow::as_select())
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        let counts: std::collections::HashMap<String, (i64, i64)> = eco_usage_records::table
+            .filter(eco_usage_records::period_start.eq(At(period_start)))
+            .filter(eco_usage_records::user_id.eq_any(&keys))
+            .select((
+                eco_usage_records::user_id,
+                eco_usage_records::api_calls,
+                eco_usage_records::overage_calls,
+            ))
+            .load::<(String, i64, i64)>(&mut *conn)
+            .await
+            .map_err(db("usage record"))?
+            .into_iter()
+            .map(|(user, calls, overage)| (user, (calls, overage)))
+            .collect();
+        let mut by_id: std::collections::HashMap<String, User> = std::collections::HashMap::new();
+        for row in users {
+            let user = row.into_domain()?;
+            by_id.insert(user.id.as_str().to_owned(), user);
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                let user = by_id.remove(id.as_str())?;
+                let (calls, overage) = counts.get(id.as_str()).copied().unwrap_or((0, 0));
+                Some(UserUsageRow {
+                    user,
+                    api_calls: to_u64(calls),
+                    overage_calls: to_u64(overage),
+                })
+            })
+            .collect())
     }
 
     async fn period_usage(
@@ -2071,16 +2138,11 @@ async fn user_rows(
     conn: &mut Conn,
     sql: &str,
     page: &UserPageQuery,
-    catalog: &PlanCatalog,
     offset: u64,
     limit: u32,
 ) -> Result<Vec<UserUsageRow>, RepoError> {
     let rows: Vec<UserPageRow> = query(sql)
         .bind::<Stamp, _>(page.period_start)
-        .bind::<BigInt, _>(catalog.free.price.0)
-        .bind::<BigInt, _>(catalog.pro.price.0)
-        .bind::<BigInt, _>(catalog.enterprise.price.0)
-        .bind::<BigInt, _>(catalog.overage_price.0)
         .bind::<Text, _>(page.plan.as_ref().map_or("", Plan::as_str))
         .bind::<Text, _>(admin_sql::contains_pattern(page.search.as_deref()))
         .bind::<BigInt, _>(i64::from(limit))
@@ -2147,8 +2209,6 @@ struct UserPageRow {
     api_calls: i64,
     #[diesel(sql_type = BigInt)]
     overage_calls: i64,
-    #[diesel(sql_type = BigInt)]
-    revenue_cents: i64,
 }
 
 impl UserPageRow {
@@ -2167,7 +2227,6 @@ impl UserPageRow {
             },
             api_calls: to_u64(self.api_calls),
             overage_calls: to_u64(self.overage_calls),
-            revenue_cents: self.revenue_cents,
         })
     }
 }

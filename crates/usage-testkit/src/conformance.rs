@@ -874,12 +874,7 @@ pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
     let blocked = store.set_user_blocked(&ada, Some(T0)).await.unwrap();
     assert_eq!(blocked.blocked_at, Some(T0));
     assert_eq!(store.user_by_id(&ada).await.unwrap().unwrap(), blocked);
-    for sort in [
-        UserSort::ApiCalls,
-        UserSort::CreatedAt,
-        UserSort::Email,
-        UserSort::Revenue,
-    ] {
+    for sort in [UserSort::ApiCalls, UserSort::CreatedAt, UserSort::Email] {
         let query = UserPageQuery {
             period_start: BillingPeriod::containing(T0).start(),
             plan: None,
@@ -889,10 +884,7 @@ pub async fn users_are_blocked_and_unblocked(store: Arc<dyn Store>) {
             offset: 0,
             limit: 10,
         };
-        let (_, rows) = store
-            .users_page(&query, &PlanCatalog::default())
-            .await
-            .unwrap();
+        let (_, rows) = store.users_page(&query).await.unwrap();
         let listed: Vec<(&str, Option<OffsetDateTime>)> = rows
             .iter()
             .map(|r| (r.user.email.as_str(), r.user.blocked_at))
@@ -2367,8 +2359,6 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     assert!(store.admin_actions(3, 2).await.unwrap().1.is_empty());
 
     // Four users; ada and dan on pro with 10 included calls here.
-    let mut catalog = PlanCatalog::default();
-    catalog.pro.monthly_calls = Some(10);
     let mut ids = Vec::new();
     for (i, (email, plan)) in [
         ("ada@example.com", Plan::pro()),
@@ -2414,25 +2404,19 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     };
     let run = |q: UserPageQuery| {
         let store = store.clone();
-        let catalog = catalog.clone();
-        async move { store.users_page(&q, &catalog).await.unwrap() }
+        async move { store.users_page(&q).await.unwrap() }
     };
     let (total, rows) = run(page(UserSort::ApiCalls, true, None, None, 0, 10)).await;
     assert_eq!(total, 4);
     assert_eq!(
         rows.iter()
-            .map(|r| (
-                r.user.email.as_str(),
-                r.api_calls,
-                r.overage_calls,
-                r.revenue_cents
-            ))
+            .map(|r| (r.user.email.as_str(), r.api_calls, r.overage_calls))
             .collect::<Vec<_>>(),
         vec![
-            ("dan_x@example.com", 30, 20, 4_902),
-            ("ada@example.com", 15, 5, 4_901),
-            ("bob@example.com", 3, 0, 0),
-            ("cy@example.com", 0, 0, 50_000),
+            ("dan_x@example.com", 30, 20),
+            ("ada@example.com", 15, 5),
+            ("bob@example.com", 3, 0),
+            ("cy@example.com", 0, 0),
         ]
     );
     // Sorted by calls, pages run across users with and without calls this period.
@@ -2459,15 +2443,47 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         (total, emails(&rows)),
         (1, vec!["cy@example.com".to_owned()])
     );
-    let (_, rows) = run(page(UserSort::Revenue, true, None, None, 0, 10)).await;
+    // What revenue orders by: every user the filters keep, their terms and calls.
+    let mut terms = store
+        .users_terms(period.start(), None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, s, calls)| (id, s.plan.as_str().to_owned(), calls))
+        .collect::<Vec<_>>();
+    terms.sort();
+    let mut expected = vec![
+        (ada.0.clone(), "pro".to_owned(), 15),
+        (bob.0.clone(), "free".to_owned(), 3),
+        (cy.0.clone(), "enterprise".to_owned(), 0),
+        (dan.0.clone(), "pro".to_owned(), 30),
+    ];
+    expected.sort();
+    assert_eq!(terms, expected);
+    let filtered = store
+        .users_terms(period.start(), Some(&Plan::pro()), Some("DAN_X"))
+        .await
+        .unwrap();
     assert_eq!(
-        emails(&rows),
-        [
-            "cy@example.com",
-            "dan_x@example.com",
-            "ada@example.com",
-            "bob@example.com"
-        ]
+        filtered
+            .iter()
+            .map(|(id, _, calls)| (id, *calls))
+            .collect::<Vec<_>>(),
+        [(&dan.0, 30)]
+    );
+    // And a page's rows by id, in the order asked; an unknown id is left out.
+    let rows = store
+        .users_rows(
+            period.start(),
+            &[cy.0.clone(), UserId::generate(), dan.0.clone()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.user.email.as_str(), r.api_calls, r.overage_calls))
+            .collect::<Vec<_>>(),
+        [("cy@example.com", 0, 0), ("dan_x@example.com", 30, 20)]
     );
     let (_, rows) = run(page(UserSort::Email, false, None, None, 0, 10)).await;
     assert_eq!(
@@ -3029,21 +3045,26 @@ pub async fn users_hold_the_plan_version_they_subscribed_to(store: Arc<dyn Store
     assert_eq!((stored.plan, stored.plan_version), (Plan::pro(), Some(2)));
     // The users page reads the same columns.
     let page = store
-        .users_page(
-            &UserPageQuery {
-                period_start: BillingPeriod::containing(T0).start(),
-                plan: None,
-                search: Some("late@".into()),
-                sort: UserSort::Email,
-                descending: false,
-                offset: 0,
-                limit: 10,
-            },
-            &PlanCatalog::default(),
-        )
+        .users_page(&UserPageQuery {
+            period_start: BillingPeriod::containing(T0).start(),
+            plan: None,
+            search: Some("late@".into()),
+            sort: UserSort::Email,
+            descending: false,
+            offset: 0,
+            limit: 10,
+        })
         .await
         .unwrap();
     assert_eq!(page.1[0].user.plan_version, Some(2));
+    let rows = store
+        .users_rows(
+            BillingPeriod::containing(T0).start(),
+            &[customer.id.clone()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].user.plan_version, Some(2));
 }
 
 pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {

@@ -14,14 +14,13 @@ use usage_core::repo::{
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
     OverageChargeRepository, OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{
-    ApiKeyId, BillingPeriod, Clock, Plan, PlanCatalog, RepoError, Store, SystemClock, UsageEvent,
-    UserId,
+    ApiKeyId, BillingPeriod, Clock, Plan, RepoError, Store, SystemClock, UsageEvent, UserId,
 };
 
 #[derive(Debug, Default)]
@@ -1187,39 +1186,17 @@ impl AdminRepository for MemoryStore {
     async fn users_page(
         &self,
         query: &UserPageQuery,
-        catalog: &PlanCatalog,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError> {
         let state = self.state();
-        let search = query.search.as_deref().map(str::to_lowercase);
         let mut rows: Vec<UserUsageRow> = state
-            .users
-            .values()
-            .filter(|u| query.plan.as_ref().is_none_or(|p| u.plan == *p))
-            .filter(|u| {
-                search.as_deref().is_none_or(|q| {
-                    u.email.to_lowercase().contains(q) || u.id.as_str().to_lowercase().contains(q)
-                })
-            })
-            .map(|u| {
-                let (api_calls, overage_calls) = state
-                    .records
-                    .get(&(u.id.clone(), query.period_start))
-                    .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
-                UserUsageRow {
-                    user: u.clone(),
-                    api_calls,
-                    overage_calls,
-                    revenue_cents: catalog.terms(&u.plan).map_or(0, |t| t.price.0)
-                        + catalog.overage_price.total_in_cents(overage_calls).0,
-                }
-            })
+            .users_matching(query.plan.as_ref(), query.search.as_deref())
+            .map(|u| state.usage_row(u, query.period_start))
             .collect();
         rows.sort_by(|a, b| {
             let key = match query.sort {
                 UserSort::ApiCalls => a.api_calls.cmp(&b.api_calls),
                 UserSort::CreatedAt => a.user.created_at.cmp(&b.user.created_at),
                 UserSort::Email => a.user.email.cmp(&b.user.email),
-                UserSort::Revenue => a.revenue_cents.cmp(&b.revenue_cents),
             }
             .then_with(|| a.user.id.cmp(&b.user.id));
             if query.descending { key.reverse() } else { key }
@@ -1231,6 +1208,35 @@ impl AdminRepository for MemoryStore {
             .take(query.limit as usize)
             .collect();
         Ok((total, page))
+    }
+
+    async fn users_terms(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+    ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .users_matching(plan, search)
+            .map(|u| {
+                let calls = state.usage_row(u, period_start).api_calls;
+                (u.id.clone(), u.subscription(), calls)
+            })
+            .collect())
+    }
+
+    async fn users_rows(
+        &self,
+        period_start: OffsetDateTime,
+        ids: &[UserId],
+    ) -> Result<Vec<UserUsageRow>, RepoError> {
+        let state = self.state();
+        Ok(ids
+            .iter()
+            .filter_map(|id| state.users.get(id))
+            .map(|u| state.usage_row(u, period_start))
+            .collect())
     }
 
     async fn period_usage(
@@ -1271,6 +1277,37 @@ impl AdminRepository for MemoryStore {
 }
 
 impl State {
+    /// The users on `plan` (any, without one) whose email or id contains `search`,
+    /// case-insensitively.
+    fn users_matching<'a>(
+        &'a self,
+        plan: Option<&'a Plan>,
+        search: Option<&str>,
+    ) -> impl Iterator<Item = &'a User> + 'a {
+        let search = search.map(str::to_lowercase);
+        self.users
+            .values()
+            .filter(move |u| plan.is_none_or(|p| u.plan == *p))
+            .filter(move |u| {
+                search.as_deref().is_none_or(|q| {
+                    u.email.to_lowercase().contains(q) || u.id.as_str().to_lowercase().contains(q)
+                })
+            })
+    }
+
+    /// `user` with this period's figures.
+    fn usage_row(&self, user: &User, period_start: OffsetDateTime) -> UserUsageRow {
+        let (api_calls, overage_calls) = self
+            .records
+            .get(&(user.id.clone(), period_start))
+            .map_or((0, 0), |r| (r.api_calls, r.overage_calls));
+        UserUsageRow {
+            user: user.clone(),
+            api_calls,
+            overage_calls,
+        }
+    }
+
     /// The counter of (user, period), created from the period's stored calls if missing.
     fn quota_counter(&mut self, user_id: &UserId, period_start: OffsetDateTime) -> &mut u64 {
         let stored = self
