@@ -597,13 +597,16 @@ async fn admins_read_and_change_users(backend: Backend) {
     );
     let (status, user) = patch(&server, &path, &admin, r#"{"plan": "free"}"#).await;
     assert_eq!(status, 200, "{user}");
+    // The period is priced under the terms held now: free bills no overage, so the 15
+    // calls past pro's 10 are owed no more (as overage billing bills them: nothing).
     assert_eq!(
         (
             user["plan"].as_str(),
             user["limit"].as_u64(),
+            user["overage_calls"].as_u64(),
             user["revenue_cents"].as_i64()
         ),
-        (Some("free"), Some(5), Some(2))
+        (Some("free"), Some(5), Some(0), Some(0))
     );
     let res = server.ping(&key).await;
     assert_eq!(res.status(), 429);

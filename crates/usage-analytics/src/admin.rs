@@ -98,9 +98,9 @@ pub struct AdminUserRow {
     pub api_calls: u64,
     /// Included calls per period; null for unlimited.
     pub limit: Option<u64>,
-    /// Overage calls this period.
+    /// This period's calls past the included calls of the user's terms now.
     pub overage_calls: u64,
-    /// Plan price plus this period's overage.
+    /// The user's effective monthly price plus what those calls cost under their terms.
     pub revenue_cents: i64,
 }
 
@@ -129,9 +129,9 @@ pub struct AdminUserDetail {
     pub api_calls: u64,
     /// Included calls per period; null for unlimited.
     pub limit: Option<u64>,
-    /// Overage calls this period.
+    /// This period's calls past the included calls of the user's terms now.
     pub overage_calls: u64,
-    /// Plan price plus this period's overage.
+    /// The user's effective monthly price plus what those calls cost under their terms.
     pub revenue_cents: i64,
 }
 
