@@ -572,9 +572,10 @@ impl AdminReports {
         })
     }
 
-    /// A page of the users list by revenue: every matching user priced under their own
-    /// terms (one read of the terms for the users of a plan version without their own),
-    /// ordered here, and the page's rows read.
+    /// A page of the users list by revenue. Most users owe their monthly price only, the
+    /// same for everyone holding a plan version without their own terms: those the store
+    /// orders by the price of what they hold. The others (their own terms, or calls enough
+    /// to owe overage under some terms) are priced here one by one and merged in.
     async fn users_by_revenue(
         &self,
         params: &UserListParams,
@@ -583,33 +584,54 @@ impl AdminReports {
         now: OffsetDateTime,
     ) -> Result<(u64, Vec<UserUsageRow>), AnalyticsError> {
         let catalog = self.catalog.current();
-        let mut plain: HashMap<(Plan, Option<u32>), PlanDefinition> = HashMap::new();
-        let mut keyed = Vec::new();
+        let mut prices = Vec::new();
+        let mut fewest_billed: Option<u64> = None;
+        for (subscription, _) in self.store.count_users_by_terms().await? {
+            let terms = self.terms_of(&catalog, &subscription, now).await?;
+            if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
+                fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
+            }
+            if subscription.overrides.is_none() {
+                prices.push((
+                    subscription.plan,
+                    subscription.plan_version.unwrap_or(0),
+                    terms.price_cents,
+                ));
+            }
+        }
+        // Fewer calls than that owe no overage under any terms.
+        let min_calls = fewest_billed.map_or(u64::MAX, |included| included.saturating_add(1));
+        let (plan, search) = (params.plan.as_ref(), params.q.as_deref());
+        // The first `wanted` of the merged order hold at most `wanted` of the store's.
+        let wanted = offset.saturating_add(u64::from(params.limit));
+        let (total, by_price) = self
+            .store
+            .users_by_price(
+                period.start(),
+                plan,
+                search,
+                &prices,
+                min_calls,
+                params.descending,
+                wanted,
+            )
+            .await?;
+        let mut keyed: Vec<(i64, UserId)> = by_price
+            .into_iter()
+            .map(|(id, price)| (price, id))
+            .collect();
         for (id, subscription, calls) in self
             .store
-            .users_terms(period.start(), params.plan.as_ref(), params.q.as_deref())
+            .users_terms(period.start(), plan, search, min_calls)
             .await?
         {
-            let revenue = if subscription.overrides.is_none() {
-                let key = (subscription.plan.clone(), subscription.plan_version);
-                if !plain.contains_key(&key) {
-                    let terms = self.terms_of(&catalog, &subscription, now).await?;
-                    plain.insert(key.clone(), terms);
-                }
-                plain
-                    .get(&key)
-                    .map_or(0, |terms| Self::figures(terms, calls).1)
-            } else {
-                let terms = self.terms_of(&catalog, &subscription, now).await?;
-                Self::figures(&terms, calls).1
-            };
-            keyed.push((revenue, id));
+            let terms = self.terms_of(&catalog, &subscription, now).await?;
+            keyed.push((Self::figures(&terms, calls).1, id));
         }
         keyed.sort();
         if params.descending {
             keyed.reverse();
         }
-        let total = keyed.len() as u64;
         let ids: Vec<UserId> = keyed
             .into_iter()
             .skip(usize::try_from(offset).unwrap_or(usize::MAX))

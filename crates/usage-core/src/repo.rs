@@ -453,15 +453,33 @@ pub trait AdminRepository: Send + Sync {
         &self,
         query: &UserPageQuery,
     ) -> Result<(u64, Vec<UserUsageRow>), RepoError>;
-    /// Every user the filters keep (`plan`, and `search` as in [`UserPageQuery`]) with what
-    /// they hold and their calls this period: for orders that need each user's terms
-    /// (revenue), priced by the caller.
+    /// The users the filters keep (`plan`, and `search` as in [`UserPageQuery`]) who have
+    /// their own terms or at least `min_calls` calls this period (0: every user), with
+    /// what they hold and their calls this period: the users whose revenue the caller
+    /// prices one by one.
     async fn users_terms(
         &self,
         period_start: OffsetDateTime,
         plan: Option<&Plan>,
         search: Option<&str>,
+        min_calls: u64,
     ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError>;
+    /// The rest of the users list by revenue: of the users the filters keep, those without
+    /// their own terms and with fewer than `min_calls` calls this period, ordered by the
+    /// monthly price `prices` gives the (plan, version) they hold (0 where it gives none; a
+    /// user holding no version holds version 0), then by id, in the direction asked; the
+    /// first `limit` as (id, price). Also how many users the filters keep, all of them.
+    #[allow(clippy::too_many_arguments)]
+    async fn users_by_price(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+        prices: &[(Plan, u32, i64)],
+        min_calls: u64,
+        descending: bool,
+        limit: u64,
+    ) -> Result<(u64, Vec<(UserId, i64)>), RepoError>;
     /// These users with this period's figures, in the order given; ids of no user are
     /// left out.
     async fn users_rows(

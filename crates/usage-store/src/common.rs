@@ -378,15 +378,37 @@ pub(crate) mod admin_sql {
         )
     }
 
-    /// Every user the filters keep, with what they hold and their calls this period (0
-    /// without a record). Same `$1..$3` as [`users_page`].
+    /// The users the filters keep who have their own terms or at least `$4` calls this
+    /// period, with what they hold and their calls (0 without a record). Same `$1..$3` as
+    /// [`users_page`].
     pub(crate) fn users_terms() -> String {
         format!(
             "SELECT u.id, u.plan, u.plan_version, u.overrides,
                     CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls
              FROM eco_users u
              LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
-             WHERE {USER_FILTERS}"
+             WHERE {USER_FILTERS}
+               AND (u.overrides IS NOT NULL OR $4 = 0
+                    OR u.id IN (SELECT h.user_id FROM eco_usage_records h
+                                WHERE h.period_start = $1 AND h.api_calls >= $4))"
+        )
+    }
+
+    /// The users the filters keep without their own terms and with fewer than `$5` calls
+    /// this period, by the price `prices` (a row set of plan, version, price) gives their
+    /// plan and version, then id; the first `$6`. Same `$1..$3` as [`users_page`].
+    pub(crate) fn users_by_price(prices: &str, descending: bool) -> String {
+        let dir = if descending { "DESC" } else { "ASC" };
+        format!(
+            "SELECT u.id, CAST(COALESCE(d.price, 0) AS BIGINT) AS n
+             FROM eco_users u
+             LEFT JOIN {prices} ON d.plan = u.plan AND d.version = COALESCE(u.plan_version, 0)
+             WHERE {USER_FILTERS} AND u.overrides IS NULL
+               AND NOT EXISTS (SELECT 1 FROM eco_usage_records r
+                               WHERE r.user_id = u.id AND r.period_start = $1
+                                 AND r.api_calls >= $5)
+             ORDER BY n {dir}, u.id {dir}
+             LIMIT $6"
         )
     }
 

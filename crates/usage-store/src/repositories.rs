@@ -2003,12 +2003,14 @@ impl AdminRepository for This {
         period_start: OffsetDateTime,
         plan: Option<&Plan>,
         search: Option<&str>,
+        min_calls: u64,
     ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError> {
         let mut conn = self.conn().await?;
         let rows: Vec<HeavyUserRow> = query(&admin_sql::users_terms())
             .bind::<Stamp, _>(period_start)
             .bind::<Text, _>(plan.map_or("", Plan::as_str))
             .bind::<Text, _>(admin_sql::contains_pattern(search))
+            .bind::<BigInt, _>(to_i64(min_calls))
             .load(&mut *conn)
             .await
             .map_err(db("user"))?;
@@ -2018,6 +2020,50 @@ impl AdminRepository for This {
                 row.into_domain().map(|(terms, calls)| (id, terms, calls))
             })
             .collect()
+    }
+
+    async fn users_by_price(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+        prices: &[(Plan, u32, i64)],
+        min_calls: u64,
+        descending: bool,
+        limit: u64,
+    ) -> Result<(u64, Vec<(UserId, i64)>), RepoError> {
+        let mut conn = self.conn().await?;
+        let plan = plan.map_or("", Plan::as_str);
+        let pattern = admin_sql::contains_pattern(search);
+        let total: CountRow = query(admin_sql::COUNT_USERS)
+            .bind::<Text, _>(plan)
+            .bind::<Text, _>(&pattern)
+            .get_result(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        let rows = json_rows(
+            "$4",
+            &[("plan", "text"), ("version", "int8"), ("price", "int8")],
+        );
+        let prices = json_array(prices.iter().map(|(plan, version, price)| {
+            serde_json::json!({"plan": plan.as_str(), "version": version, "price": price})
+        }));
+        let page: Vec<IdCountRow> = query(&admin_sql::users_by_price(&rows, descending))
+            .bind::<Stamp, _>(period_start)
+            .bind::<Text, _>(plan)
+            .bind::<Text, _>(&pattern)
+            .bind::<Text, _>(prices)
+            .bind::<BigInt, _>(to_i64(min_calls))
+            .bind::<BigInt, _>(to_i64(limit))
+            .load(&mut *conn)
+            .await
+            .map_err(db("user"))?;
+        Ok((
+            to_u64(total.n),
+            page.into_iter()
+                .map(|r| (UserId::from_stored(r.id), r.n))
+                .collect(),
+        ))
     }
 
     async fn users_rows(
@@ -2105,6 +2151,15 @@ impl AdminRepository for This {
                 .collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// An id and a number.
+#[derive(QueryableByName)]
+struct IdCountRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 /// A row of [`admin_sql::HEAVY_USERS`].

@@ -2445,7 +2445,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     );
     // What revenue orders by: every user the filters keep, their terms and calls.
     let mut terms = store
-        .users_terms(period.start(), None, None)
+        .users_terms(period.start(), None, None, 0)
         .await
         .unwrap()
         .into_iter()
@@ -2461,7 +2461,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
     expected.sort();
     assert_eq!(terms, expected);
     let filtered = store
-        .users_terms(period.start(), Some(&Plan::pro()), Some("DAN_X"))
+        .users_terms(period.start(), Some(&Plan::pro()), Some("DAN_X"), 0)
         .await
         .unwrap();
     assert_eq!(
@@ -2470,6 +2470,68 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
             .map(|(id, _, calls)| (id, *calls))
             .collect::<Vec<_>>(),
         [(&dan.0, 30)]
+    );
+    let heavy = store
+        .users_terms(period.start(), None, None, 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        heavy
+            .iter()
+            .map(|(id, _, calls)| (id, *calls))
+            .collect::<Vec<_>>(),
+        [(&dan.0, 30)],
+        "only dan has 20 calls or more"
+    );
+    // The rest by the price of what they hold (plan, version; 0 for none held).
+    let held = |id: &UserId| {
+        let store = store.clone();
+        let id = id.clone();
+        async move {
+            let user = store.user_by_id(&id).await.unwrap().unwrap();
+            (user.plan.clone(), user.plan_version.unwrap_or(0))
+        }
+    };
+    let mut prices = Vec::new();
+    for (id, price) in [(&ada.0, 4_900), (&bob.0, 0), (&cy.0, 50_000)] {
+        let (plan, version) = held(id).await;
+        prices.push((plan, version, price));
+    }
+    let (total, by_price) = store
+        .users_by_price(period.start(), None, None, &prices, 20, true, 10)
+        .await
+        .unwrap();
+    assert_eq!(total, 4, "every user the filters keep");
+    assert_eq!(
+        by_price,
+        [
+            (cy.0.clone(), 50_000),
+            (ada.0.clone(), 4_900),
+            (bob.0.clone(), 0)
+        ],
+        "dan, with 20 calls or more, is the caller's to price"
+    );
+    let (_, first) = store
+        .users_by_price(period.start(), None, None, &prices, 20, false, 2)
+        .await
+        .unwrap();
+    assert_eq!(first, [(bob.0.clone(), 0), (ada.0.clone(), 4_900)]);
+    let (total, none_priced) = store
+        .users_by_price(
+            period.start(),
+            Some(&Plan::pro()),
+            None,
+            &[],
+            u64::MAX,
+            true,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(total, 2);
+    assert!(
+        none_priced.iter().all(|(_, price)| *price == 0),
+        "{none_priced:?}"
     );
     // And a page's rows by id, in the order asked; an unknown id is left out.
     let rows = store

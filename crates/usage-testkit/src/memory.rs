@@ -1215,15 +1215,53 @@ impl AdminRepository for MemoryStore {
         period_start: OffsetDateTime,
         plan: Option<&Plan>,
         search: Option<&str>,
+        min_calls: u64,
     ) -> Result<Vec<(UserId, Subscription, u64)>, RepoError> {
         let state = self.state();
         Ok(state
             .users_matching(plan, search)
-            .map(|u| {
-                let calls = state.usage_row(u, period_start).api_calls;
-                (u.id.clone(), u.subscription(), calls)
-            })
+            .map(|u| (u, state.usage_row(u, period_start).api_calls))
+            .filter(|(u, calls)| u.overrides.is_some() || *calls >= min_calls)
+            .map(|(u, calls)| (u.id.clone(), u.subscription(), calls))
             .collect())
+    }
+
+    async fn users_by_price(
+        &self,
+        period_start: OffsetDateTime,
+        plan: Option<&Plan>,
+        search: Option<&str>,
+        prices: &[(Plan, u32, i64)],
+        min_calls: u64,
+        descending: bool,
+        limit: u64,
+    ) -> Result<(u64, Vec<(UserId, i64)>), RepoError> {
+        let state = self.state();
+        let total = state.users_matching(plan, search).count() as u64;
+        let mut rows: Vec<(i64, UserId)> = state
+            .users_matching(plan, search)
+            .filter(|u| u.overrides.is_none())
+            .filter(|u| state.usage_row(u, period_start).api_calls < min_calls)
+            .map(|u| {
+                let held = u.plan_version.unwrap_or(0);
+                let price = prices
+                    .iter()
+                    .find(|(p, v, _)| *p == u.plan && *v == held)
+                    .map_or(0, |(_, _, price)| *price);
+                (price, u.id.clone())
+            })
+            .collect();
+        rows.sort();
+        if descending {
+            rows.reverse();
+        }
+        Ok((
+            total,
+            rows.into_iter()
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .map(|(price, id)| (id, price))
+                .collect(),
+        ))
     }
 
     async fn users_rows(
