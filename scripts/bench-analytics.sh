@@ -146,7 +146,10 @@ fi
 # The dashboard's admin pages (HTML), one admin at a time: a session from a one-time link.
 echo "== dashboard admin pages (wrk -t1 -c1 -d$duration, one admin session)"
 link=$(PUBLIC_URL="http://127.0.0.1:$port" "$bin" login-link --user eco_usr_bench000001)
-session=$(curl -s -o /dev/null -D - "$link" | awk -F'[=;]' 'tolower($1) ~ /^set-cookie: usage_session/ { print $2 }')
+# The link's page posts its token back (same origin), which starts the session.
+session=$(curl -s -o /dev/null -D - -X POST -H "Origin: http://127.0.0.1:$port" \
+    --data-urlencode "token=${link##*token=}" "http://127.0.0.1:$port/dashboard/login" \
+  | awk -F'[=;]' 'tolower($1) ~ /^set-cookie: usage_session/ { print $2 }')
 [ -n "$session" ] || { echo "no dashboard session" >&2; exit 1; }
 cat >"$work/cookie.lua" <<LUA
 request = function()

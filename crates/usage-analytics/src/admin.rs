@@ -583,20 +583,30 @@ impl AdminReports {
         offset: u64,
         now: OffsetDateTime,
     ) -> Result<(u64, Vec<UserUsageRow>), AnalyticsError> {
+        // What each version costs a user holding it without their own terms (version 0:
+        // none held, read as the first), from the catalog alone.
         let catalog = self.catalog.current();
         let mut prices = Vec::new();
         let mut fewest_billed: Option<u64> = None;
-        for (subscription, _) in self.store.count_users_by_terms().await? {
-            let terms = self.terms_of(&catalog, &subscription, now).await?;
-            if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
-                fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
-            }
-            if subscription.overrides.is_none() {
-                prices.push((
-                    subscription.plan,
-                    subscription.plan_version.unwrap_or(0),
-                    terms.price_cents,
-                ));
+        for version in catalog.versions() {
+            let plan = Plan::from_stored(version.plan.key.as_str());
+            let held = [Some(version.plan.version), None];
+            for plan_version in held
+                .into_iter()
+                .take(if version.plan.version == 1 { 2 } else { 1 })
+            {
+                let subscription = usage_core::repo::Subscription {
+                    plan: plan.clone(),
+                    plan_version,
+                    overrides: None,
+                };
+                let Some(terms) = catalog.effective(&subscription, now) else {
+                    continue;
+                };
+                if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
+                    fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
+                }
+                prices.push((plan.clone(), plan_version.unwrap_or(0), terms.price_cents));
             }
         }
         // Fewer calls than that owe no overage under any terms.

@@ -48,6 +48,11 @@ impl Catalog {
         self.plans.values().filter_map(|v| v.last())
     }
 
+    /// Every version of every plan, by key, then version.
+    pub fn versions(&self) -> impl Iterator<Item = &PlanVersion> {
+        self.plans.values().flatten()
+    }
+
     /// The version of `key` that a user who subscribed to version `held` holds at `at`.
     /// Each later version moves them as its `existing` says: `now` from its creation,
     /// `next_period` from the start of the billing period after its creation, `keep`

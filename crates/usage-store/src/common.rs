@@ -379,18 +379,28 @@ pub(crate) mod admin_sql {
     }
 
     /// The users the filters keep who have their own terms or at least `$4` calls this
-    /// period, with what they hold and their calls (0 without a record). Same `$1..$3` as
-    /// [`users_page`].
+    /// period, with what they hold and their calls (0 without a record): those with their
+    /// own terms (a scan of the few), then the others from the records with that many
+    /// calls (an index range). Same `$1..$3` as [`users_page`].
     pub(crate) fn users_terms() -> String {
         format!(
             "SELECT u.id, u.plan, u.plan_version, u.overrides,
                     CAST(COALESCE(r.api_calls, 0) AS BIGINT) AS api_calls
              FROM eco_users u
              LEFT JOIN eco_usage_records r ON r.user_id = u.id AND r.period_start = $1
-             WHERE {USER_FILTERS}
-               AND (u.overrides IS NOT NULL OR $4 = 0
-                    OR u.id IN (SELECT h.user_id FROM eco_usage_records h
-                                WHERE h.period_start = $1 AND h.api_calls >= $4))"
+             WHERE {USER_FILTERS} AND u.overrides IS NOT NULL
+             UNION ALL
+             SELECT u.id, u.plan, u.plan_version, u.overrides,
+                    CAST(r.api_calls AS BIGINT) AS api_calls
+             FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
+             WHERE r.period_start = $1 AND r.api_calls >= $4 AND u.overrides IS NULL
+               AND {USER_FILTERS}
+             UNION ALL
+             SELECT u.id, u.plan, u.plan_version, u.overrides, CAST(0 AS BIGINT) AS api_calls
+             FROM eco_users u
+             WHERE $4 = 0 AND u.overrides IS NULL AND {USER_FILTERS}
+               AND NOT EXISTS (SELECT 1 FROM eco_usage_records r
+                               WHERE r.user_id = u.id AND r.period_start = $1)"
         )
     }
 

@@ -2533,6 +2533,32 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         none_priced.iter().all(|(_, price)| *price == 0),
         "{none_priced:?}"
     );
+    // A user with their own terms is the caller's to price, whatever their calls.
+    let own = usage_core::catalog::Overrides {
+        price_cents: Some(100),
+        limits: vec![],
+    };
+    store
+        .set_user_overrides(&bob.0, Some(&own), T0)
+        .await
+        .unwrap();
+    let mut special = store
+        .users_terms(period.start(), None, None, 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, s, calls)| (id, s.overrides.is_some(), calls))
+        .collect::<Vec<_>>();
+    special.sort();
+    let mut expected = vec![(bob.0.clone(), true, 3), (dan.0.clone(), false, 30)];
+    expected.sort();
+    assert_eq!(special, expected);
+    let (_, by_price) = store
+        .users_by_price(period.start(), None, None, &prices, 20, true, 10)
+        .await
+        .unwrap();
+    assert_eq!(by_price, [(cy.0.clone(), 50_000), (ada.0.clone(), 4_900)]);
+    store.set_user_overrides(&bob.0, None, T0).await.unwrap();
     // And a page's rows by id, in the order asked; an unknown id is left out.
     let rows = store
         .users_rows(
