@@ -40,6 +40,23 @@ async fn send(
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// The overview's overage figures: invoiced, not invoiced yet, forecast (cents).
+async fn overview_overage(server: &common::Server, admin: &str) -> (i64, i64, i64) {
+    let overview = server
+        .get_json("/api/admin/analytics/overview", admin)
+        .await;
+    let cents = |field: &str| {
+        overview[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{field} in {overview}"))
+    };
+    (
+        cents("overage_revenue_cents"),
+        cents("overage_uninvoiced_cents"),
+        cents("overage_forecast_cents"),
+    )
+}
+
 fn header(res: &reqwest::Response, name: &str) -> String {
     res.headers()
         .get(name)
@@ -184,21 +201,9 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
     );
 
     // The overview prices the period by each user's terms, as their items will be.
-    let overview = server
-        .get_json("/api/admin/analytics/overview", &admin)
-        .await;
-    assert_eq!(
-        (
-            overview["overage_revenue_cents"].as_i64(),
-            overview["overage_uninvoiced_cents"].as_i64()
-        ),
-        (Some(0), Some(60_004)),
-        "{overview}"
-    );
-    assert!(
-        overview["overage_forecast_cents"].as_i64().unwrap() >= 60_004,
-        "{overview}"
-    );
+    let (invoiced, uninvoiced, forecast) = overview_overage(&server, &admin).await;
+    assert_eq!((invoiced, uninvoiced), (0, 60_004));
+    assert!(forecast >= 60_004, "{forecast}");
 
     // Billed by them: one item each, of the exact amount.
     let (status, run) = send(
@@ -247,17 +252,8 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
         (Some(750_010), Some(60_001)),
         "{overage}"
     );
-    let overview = server
-        .get_json("/api/admin/analytics/overview", &admin)
-        .await;
-    assert_eq!(
-        (
-            overview["overage_revenue_cents"].as_i64(),
-            overview["overage_uninvoiced_cents"].as_i64()
-        ),
-        (Some(60_004), Some(0)),
-        "{overview}"
-    );
+    let (invoiced, uninvoiced, _) = overview_overage(&server, &admin).await;
+    assert_eq!((invoiced, uninvoiced), (60_004, 0));
     // A second run finds nothing more to bill.
     let (_, again) = send(
         &server,

@@ -36,17 +36,14 @@ use usage_core::repo::{
     UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
-use usage_core::{
-    ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId,
-};
+use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
 
 use crate::common::{
     BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
-    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, QuotaTakeRow, StoredCallsRow,
-    TRANSACTION_ATTEMPTS, admin_sql, counter_deltas, dead_letters_json, deleted_keys,
-    distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints, plan_counts,
-    raw_day, session_sql, to_i64, to_u64,
+    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, QuotaTakeRow, StoredCallsRow, TRANSACTION_ATTEMPTS,
+    admin_sql, counter_deltas, dead_letters_json, deleted_keys, distinct_references, floor_columns,
+    foldable, lease_binds, parse_top_endpoints, plan_counts, raw_day, session_sql, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
