@@ -588,26 +588,31 @@ impl AdminReports {
         let catalog = self.catalog.current();
         let mut prices = Vec::new();
         let mut fewest_billed: Option<u64> = None;
-        for version in catalog.versions() {
-            let plan = Plan::from_stored(version.plan.key.as_str());
-            let held = [Some(version.plan.version), None];
-            for plan_version in held
-                .into_iter()
-                .take(if version.plan.version == 1 { 2 } else { 1 })
-            {
-                let subscription = usage_core::repo::Subscription {
-                    plan: plan.clone(),
-                    plan_version,
-                    overrides: None,
-                };
-                let Some(terms) = catalog.effective(&subscription, now) else {
-                    continue;
-                };
-                if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
-                    fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
-                }
-                prices.push((plan.clone(), plan_version.unwrap_or(0), terms.price_cents));
+        let held = catalog
+            .versions()
+            .map(|v| (v.plan.key.as_str(), Some(v.plan.version)))
+            .chain(
+                catalog
+                    .newest_versions()
+                    .map(|v| (v.plan.key.as_str(), None)),
+            );
+        for (key, plan_version) in held {
+            let subscription = usage_core::repo::Subscription {
+                plan: Plan::from_stored(key),
+                plan_version,
+                overrides: None,
+            };
+            let Some(terms) = catalog.effective(&subscription, now) else {
+                continue;
+            };
+            if let Some(included) = usage_core::caller::CallLimits::of(&terms).billed_from() {
+                fewest_billed = Some(fewest_billed.map_or(included, |f| f.min(included)));
             }
+            prices.push((
+                subscription.plan,
+                plan_version.unwrap_or(0),
+                terms.price_cents,
+            ));
         }
         // Fewer calls than that owe no overage under any terms.
         let min_calls = fewest_billed.map_or(u64::MAX, |included| included.saturating_add(1));
