@@ -1945,13 +1945,7 @@ impl AdminRepository for This {
         let mut conn = self.conn().await?;
         let plan = page.plan.as_ref().map_or("", Plan::as_str);
         let pattern = admin_sql::contains_pattern(page.search.as_deref());
-        let total: CountRow = query(admin_sql::COUNT_USERS)
-            .bind::<Text, _>(plan)
-            .bind::<Text, _>(&pattern)
-            .get_result(&mut *conn)
-            .await
-            .map_err(db("user"))?;
-        let total = to_u64(total.n);
+        let total = count_users(&mut conn, plan, &pattern).await?;
         // A page past the end costs nothing.
         if page.offset >= total {
             return Ok((total, Vec::new()));
@@ -2032,12 +2026,7 @@ impl AdminRepository for This {
         let mut conn = self.conn().await?;
         let plan = plan.map_or("", Plan::as_str);
         let pattern = admin_sql::contains_pattern(search);
-        let total: CountRow = query(admin_sql::COUNT_USERS)
-            .bind::<Text, _>(plan)
-            .bind::<Text, _>(&pattern)
-            .get_result(&mut *conn)
-            .await
-            .map_err(db("user"))?;
+        let total = count_users(&mut conn, plan, &pattern).await?;
         let rows = json_rows(
             "$4",
             &[("plan", "text"), ("version", "int8"), ("price", "int8")],
@@ -2056,7 +2045,7 @@ impl AdminRepository for This {
             .await
             .map_err(db("user"))?;
         Ok((
-            to_u64(total.n),
+            total,
             page.into_iter()
                 .map(|r| (UserId::from_stored(r.id), r.n))
                 .collect(),
@@ -2183,6 +2172,17 @@ impl HeavyUserRow {
         };
         Ok((subscription, to_u64(self.api_calls)))
     }
+}
+
+/// How many users the users list's filters keep (`plan` or '', a LIKE `pattern` or '').
+async fn count_users(conn: &mut Conn, plan: &str, pattern: &str) -> Result<u64, RepoError> {
+    let counted: CountRow = query(admin_sql::COUNT_USERS)
+        .bind::<Text, _>(plan)
+        .bind::<Text, _>(pattern)
+        .get_result(conn)
+        .await
+        .map_err(db("user"))?;
+    Ok(to_u64(counted.n))
 }
 
 /// One page of users rows from `sql` (parameters as `admin_sql::users_page`).
