@@ -49,8 +49,9 @@ for backend in $backends; do
   export FUZZ_USER_TOKEN=$("$bin" token --user "$user" --ttl-secs 7200)
   admin=$("$bin" users create --email "admin-$backend@example.com" --plan enterprise)
   export FUZZ_ADMIN_TOKEN=$("$bin" token --user "$admin" --ttl-secs 7200)
-  # The plan the archive endpoint is fuzzed on (schemathesis.toml).
-  printf '[[plans]]\nkey = "scratch"\nname = "Scratch"\nprice_cents = 0\n' > "$work/scratch.toml"
+  # The plan the archive endpoint and the meter the meter endpoint are fuzzed on
+  # (schemathesis.toml).
+  printf '[[meters]]\nkey = "scratch"\nname = "Scratch"\nunit = "unit"\naggregation = "sum"\n[[plans]]\nkey = "scratch"\nname = "Scratch"\nprice_cents = 0\n' > "$work/scratch.toml"
   "$bin" plans apply "$work/scratch.toml" > /dev/null
   port=$(free_port)
   # Stripe configured (never reached: no user has overage), so that a live billing run is

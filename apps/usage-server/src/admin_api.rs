@@ -1,5 +1,5 @@
 //! Admin endpoints (a user JWT whose `sub` is in `ADMIN_ECO_IDS`): business figures, users,
-//! the plan catalog ([`crate::plans_api`]) and the audit log, each through
+//! the plan catalog ([`crate::plans_api`], [`crate::meters_api`]) and the audit log, each through
 //! [`crate::admin_gate`].
 
 use std::cell::RefCell;
@@ -53,6 +53,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
                     .default_service(not_allowed(allow(&audit_path))),
             )
             .configure(|scope| crate::plans_api::routes(scope, SCOPE, registry))
+            .configure(|scope| crate::meters_api::routes(scope, SCOPE, registry))
             .default_service(web::to(unknown)),
     );
 }

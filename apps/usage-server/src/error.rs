@@ -301,7 +301,15 @@ impl From<usage_core::plans::PlanError> for ApiError {
                 err.to_string(),
             ),
             E::UnknownPlan(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string()),
-            E::KeyTaken(_) => ApiError::new(StatusCode::CONFLICT, "conflict", err.to_string()),
+            E::KeyTaken(_) | E::MeterTaken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", err.to_string())
+            }
+            E::UnknownMeter(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+            }
+            E::AggregationFixed(_) => {
+                ApiError::new(StatusCode::CONFLICT, "aggregation_fixed", err.to_string())
+            }
             E::DefaultPlan(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "default_plan", err.to_string())
             }

@@ -19,6 +19,7 @@ mod forward_auth;
 mod http;
 mod jobs;
 mod keys_api;
+mod meters_api;
 mod metrics;
 mod observe;
 mod openapi;
@@ -301,7 +302,9 @@ async fn plans_command(
         }
         PlansCommand::Export => {
             let file = CatalogFile {
+                meters: plans.meters().await?.iter().cloned().collect(),
                 plans: plans.list().await?.into_iter().map(|s| s.plan).collect(),
+                costs: Some(plans.costs().await?.items),
             };
             let text = toml::to_string(&file).map_err(|e| {
                 ServerError::Output(std::io::Error::other(format!("cannot write TOML: {e}")))
@@ -316,7 +319,7 @@ async fn plans_command(
             let text = std::fs::read_to_string(&file).map_err(|e| unreadable(e.to_string()))?;
             let catalog: CatalogFile =
                 toml::from_str(&text).map_err(|e| unreadable(e.to_string().trim().to_owned()))?;
-            for (key, change) in plans.apply(&catalog.plans, dry_run).await? {
+            for (key, change) in plans.apply(&catalog, dry_run).await? {
                 let what = match (change, dry_run) {
                     (Change::Created, false) => "created",
                     (Change::Created, true) => "would create",
@@ -330,6 +333,8 @@ async fn plans_command(
                     (Change::Archived, true) => "would archive",
                     (Change::Restored, false) => "restored",
                     (Change::Restored, true) => "would restore",
+                    (Change::Updated, false) => "updated",
+                    (Change::Updated, true) => "would update",
                     (Change::Unchanged, _) => "unchanged",
                 };
                 println!("{key}\t{what}");

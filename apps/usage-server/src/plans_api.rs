@@ -60,14 +60,17 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
 }
 
 /// Reads a body of at most [`MAX_PLAN_BYTES`], noted for the audit log.
-async fn read_noted(body: web::Payload, note: &RefCell<String>) -> Result<web::Bytes, ApiError> {
+pub(crate) async fn read_noted(
+    body: web::Payload,
+    note: &RefCell<String>,
+) -> Result<web::Bytes, ApiError> {
     let body = read_body(body, MAX_PLAN_BYTES).await?;
     *note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
     Ok(body)
 }
 
 /// A refused body: which field, and what it accepts.
-fn invalid(e: CatalogError) -> ApiError {
+pub(crate) fn invalid(e: CatalogError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", e.to_string())
 }
 

@@ -184,4 +184,137 @@ async fn plans_are_listed_created_quoted_revised_and_archived(backend: Backend) 
     assert!(status.success());
 }
 
-on_both_backends!(plans_are_listed_created_quoted_revised_and_archived);
+async fn meters_and_route_costs_are_edited_from_their_page(backend: Backend) {
+    let db = Db::new(backend);
+    let admin = db.create(&[
+        "users",
+        "create",
+        "--email",
+        "admin@example.com",
+        "--plan",
+        "pro",
+    ]);
+    let server = db.start(&[("ADMIN_ECO_IDS", admin.as_str())]);
+    let cookie = sign_in(&db, &server, &admin).await;
+    let http = client();
+    let post = |path: &str, fields: Vec<(&str, String)>| {
+        http.post(server.url(path))
+            .header("Cookie", &cookie)
+            .header("Origin", &server.base)
+            .form(&fields)
+            .send()
+    };
+    let page = server.page("/dashboard/admin/meters", &cookie).await;
+    assert!(page.contains("id=\"meter-table\""), "{page}");
+    assert!(page.contains("<code>api_calls</code>"), "{page}");
+    let csrf = hidden(&page, "csrf");
+
+    let new_meter = |key: &str, aggregation: &str| {
+        vec![
+            ("csrf", csrf.clone()),
+            ("key", key.to_owned()),
+            ("name", "Tokens".to_owned()),
+            ("unit", "token".to_owned()),
+            ("aggregation", aggregation.to_owned()),
+        ]
+    };
+    let res = post("/dashboard/admin/meters", new_meter("tokens", "sum"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    for (fields, named) in [
+        (new_meter("tokens", "sum"), "already exists"),
+        (new_meter("Tokens", "sum"), "key must be 1 to 40"),
+        (new_meter("credits", "avg"), "aggregation must be one of"),
+    ] {
+        let res = post("/dashboard/admin/meters", fields).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let text = res.text().await.unwrap();
+        assert!(text.contains(named), "{named} not in {text}");
+    }
+    let res = post(
+        "/dashboard/admin/meters/tokens",
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "Model tokens".into()),
+            ("unit", "token".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let res = post(
+        "/dashboard/admin/meters/nope",
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "N".into()),
+            ("unit", "n".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    let costs = r#"{"items": [{"route": "POST /v1/generate", "meter": "tokens", "quantity": 10}]}"#;
+    let res = post(
+        "/dashboard/admin/costs",
+        vec![("csrf", csrf.clone()), ("costs", costs.into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let res = post(
+        "/dashboard/admin/costs",
+        vec![
+            ("csrf", csrf.clone()),
+            ("costs", costs.replace("tokens", "api_calls")),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(res.text().await.unwrap().contains("items[0].meter"));
+    let res = post("/dashboard/admin/costs", vec![("costs", costs.into())])
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "no CSRF token");
+
+    let page = server.page("/dashboard/admin/meters", &cookie).await;
+    assert!(page.contains("value=\"Model tokens\""), "{page}");
+    assert!(page.contains("POST /v1/generate"), "{page}");
+
+    // A plan's quote has a field for each meter it limits.
+    let plan = r#"{"key": "growth", "name": "Growth", "price_cents": 9900,
+      "limits": [{"meter": "api_calls", "included": 250000, "over_limit": "overage",
+                  "overage": {"model": "per_unit", "unit_price_micros": 800}},
+                 {"meter": "tokens", "included": 1000, "over_limit": "overage",
+                  "overage": {"model": "per_unit", "unit_price_micros": 10000}}]}"#
+        .to_owned();
+    let res = post(
+        "/dashboard/admin/plans",
+        vec![("csrf", csrf.clone()), ("plan", plan)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::SEE_OTHER,
+        "{}",
+        res.text().await.unwrap()
+    );
+    // 1,500 tokens past 1,000 at $0.01 = $5.00; no call past the included.
+    let page = server
+        .page(
+            "/dashboard/admin/plans/growth?calls=1&usage.tokens=1500",
+            &cookie,
+        )
+        .await;
+    assert!(page.contains("id=\"quote-overage\">$5.00<"), "{page}");
+    let (status, _) = server.stop();
+    assert!(status.success());
+}
+
+on_both_backends!(
+    plans_are_listed_created_quoted_revised_and_archived,
+    meters_and_route_costs_are_edited_from_their_page,
+);

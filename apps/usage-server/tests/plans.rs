@@ -386,10 +386,13 @@ async fn the_catalog_file_is_applied_exported_and_applied_again(backend: Backend
     assert_eq!(
         dry.lines().collect::<Vec<_>>(),
         vec![
+            "meter tokens\twould create",
+            "meter credits\twould create",
             "free\tunchanged",
             "pro\tunchanged",
             "enterprise\tunchanged",
-            "growth\twould create"
+            "growth\twould create",
+            "costs\twould update"
         ],
         "the example's built-in plans are the default variables' exactly"
     );
@@ -452,7 +455,226 @@ async fn the_variables_build_the_catalog_once(backend: Backend) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DEFAULT_PLAN"));
 }
 
+async fn meters_and_route_costs_are_managed_through_the_admin_api(backend: Backend) {
+    let db = Db::new(backend);
+    let a = admin_server(&db).await;
+    let (status, meters) = a.send("GET", "/api/admin/meters", None).await;
+    assert_eq!(status, 200, "{meters}");
+    assert_eq!(
+        meters,
+        json!([{"key": "api_calls", "name": "API calls", "unit": "call",
+                "aggregation": "count"}])
+    );
+    let tokens = json!({"key": "tokens", "name": "Tokens", "unit": "token",
+                        "aggregation": "sum"});
+    let (status, created) = a
+        .send("POST", "/api/admin/meters", Some(tokens.clone()))
+        .await;
+    assert_eq!((status, &created), (201, &tokens));
+    let (status, body) = a
+        .send("POST", "/api/admin/meters", Some(tokens.clone()))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+    for (bad, field) in [
+        (
+            json!({"key": "Tokens", "name": "T", "unit": "t", "aggregation": "sum"}),
+            "key",
+        ),
+        (
+            json!({"key": "t2", "name": "", "unit": "t", "aggregation": "sum"}),
+            "name",
+        ),
+        (
+            json!({"key": "t2", "name": "T", "unit": "t", "aggregation": "avg"}),
+            "aggregation",
+        ),
+        (json!({"key": "t2", "name": "T", "unit": "t"}), "body"),
+        (
+            json!({"key": "t2", "name": "T", "unit": "t", "aggregation": "sum", "x": 1}),
+            "x",
+        ),
+    ] {
+        let (status, body) = a.send("POST", "/api/admin/meters", Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().starts_with(field),
+            "{bad}: {body}"
+        );
+    }
+    let peak = json!({"key": "peak_gb", "name": "Peak storage", "unit": "GB",
+                      "aggregation": "max"});
+    assert_eq!(a.send("POST", "/api/admin/meters", Some(peak)).await.0, 201);
+    let credits = json!({"key": "credits", "name": "Credits", "unit": "credit",
+                         "aggregation": "sum"});
+    assert_eq!(
+        a.send("POST", "/api/admin/meters", Some(credits)).await.0,
+        201
+    );
+
+    let (status, renamed) = a
+        .send(
+            "PUT",
+            "/api/admin/meters/tokens",
+            Some(json!({"name": "Model tokens", "unit": "token"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{renamed}");
+    assert_eq!(renamed["aggregation"], "sum");
+    let (status, one) = a.send("GET", "/api/admin/meters/tokens", None).await;
+    assert_eq!((status, &one), (200, &renamed));
+    let (status, _) = a
+        .send(
+            "PUT",
+            "/api/admin/meters/nope",
+            Some(json!({"name": "N", "unit": "n"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = a
+        .send(
+            "PUT",
+            "/api/admin/meters/api_calls",
+            Some(json!({"name": "Requests", "unit": "request", "aggregation": "sum"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().starts_with("aggregation"));
+    assert_eq!(a.send("GET", "/api/admin/meters/nope", None).await.0, 404);
+    assert_eq!(
+        a.send("DELETE", "/api/admin/meters/tokens", None).await.0,
+        405
+    );
+
+    // Plans limit the meters; a max meter cannot block.
+    let mut plan = growth();
+    plan["limits"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"meter": "tokens", "included": 5000000, "over_limit": "block"}));
+    plan["limits"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"meter": "peak_gb", "included": 10, "over_limit": "block"}));
+    let (status, body) = a.send("POST", "/api/admin/plans", Some(plan.clone())).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("limits[2].over_limit"),
+        "{body}"
+    );
+    plan["limits"][2]["over_limit"] = json!("overage");
+    plan["limits"][2]["overage"] = json!({"model": "per_unit", "unit_price_micros": 100000});
+    let (status, body) = a.send("POST", "/api/admin/plans", Some(plan)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, quote) = a
+        .send(
+            "POST",
+            "/api/admin/plans/growth/quote",
+            Some(json!({"usage": {"tokens": 6000000, "peak_gb": 25}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{quote}");
+    // peak_gb: 15 over 10 at $0.10 = 150 ¢; tokens block, bill nothing.
+    assert_eq!(quote["overage_cents"], 150, "{quote}");
+
+    // Route costs, replaced whole.
+    let (status, costs) = a.send("GET", "/api/admin/costs", None).await;
+    assert_eq!((status, costs), (200, json!({"items": []})));
+    let items = json!({"items": [
+        {"route": "POST /v1/generate", "meter": "credits", "quantity": 10},
+        {"route": "GET /api/v1/items/{id}", "meter": "credits", "quantity": 1}]});
+    let (status, stored) = a.send("PUT", "/api/admin/costs", Some(items)).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(
+        stored["items"][0]["route"], "GET /api/v1/items/{id}",
+        "by route"
+    );
+    let (_, read) = a.send("GET", "/api/admin/costs", None).await;
+    assert_eq!(read, stored);
+    for (bad, field) in [
+        (
+            json!({"items": [{"route": "generate", "meter": "credits", "quantity": 1}]}),
+            "items[0].route",
+        ),
+        (
+            json!({"items": [{"route": "POST /v1", "meter": "peak_gb", "quantity": 1}]}),
+            "items[0].meter",
+        ),
+        (
+            json!({"items": [{"route": "POST /v1", "meter": "credits", "quantity": 0}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"items": [{"route": "POST /v1", "meter": "credits", "quantity": -1}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"items": [{"route": "POST /v1", "meter": "credits", "quantity": 1.5}]}),
+            "items[0].quantity",
+        ),
+    ] {
+        let (status, body) = a.send("PUT", "/api/admin/costs", Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().starts_with(field),
+            "{bad}: {body}"
+        );
+    }
+    assert_eq!(
+        a.send("GET", "/api/admin/costs", None).await.1,
+        stored,
+        "unchanged"
+    );
+
+    // Only admins, and audited.
+    assert_eq!(
+        a.send_as(&a.other, "GET", "/api/admin/meters", None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        a.send_as(
+            &a.other,
+            "PUT",
+            "/api/admin/costs",
+            Some(json!({"items": []}))
+        )
+        .await
+        .0,
+        403
+    );
+    let (_, audit) = a.send("GET", "/api/admin/audit?limit=100", None).await;
+    let logged: Vec<(&str, &str, u64)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap(),
+                e["route"].as_str().unwrap(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for entry in [
+        ("POST", "/api/admin/meters", 201),
+        ("PUT", "/api/admin/meters/tokens", 200),
+        ("PUT", "/api/admin/costs", 200),
+        ("PUT", "/api/admin/costs", 403),
+    ] {
+        assert!(logged.contains(&entry), "{entry:?} not in {logged:?}");
+    }
+}
+
 on_both_backends!(
+    meters_and_route_costs_are_managed_through_the_admin_api,
     plans_are_created_revised_archived_and_quoted,
     bad_catalogs_are_refused_naming_the_field,
     the_catalog_file_is_applied_exported_and_applied_again,

@@ -148,7 +148,8 @@ pub struct UserPatch {
 
 /// Parses the body of `PATCH /api/admin/users/{id}`: a JSON object with any of `plan` (a
 /// plan key), `stripe_customer_id` (`cus_...`, or null to unlink) and `overrides` (the
-/// user's own terms, or null to drop them; checked field by field); any other field, or
+/// user's own terms, or null to drop them; read field by field, checked against the meters
+/// by [`AdminReports::update_user`]); any other field, or
 /// none, is an error naming it.
 pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
     let body: Value = serde_json::from_slice(body)
@@ -194,9 +195,6 @@ pub fn parse_user_patch(body: &[u8]) -> Result<UserPatch, AnalyticsError> {
                         };
                         invalid("overrides", format!("{at} {}", e.message))
                     })?;
-                overrides
-                    .validate(&[usage_core::catalog::API_CALLS])
-                    .map_err(|e| invalid("overrides", e.to_string()))?;
                 patch.overrides = Some(Some(overrides));
             }
             (unknown, _) => {
@@ -675,6 +673,13 @@ impl AdminReports {
         id: &UserId,
         patch: &UserPatch,
     ) -> Result<AdminUserDetail, AnalyticsError> {
+        if let Some(Some(overrides)) = &patch.overrides {
+            // Read now: a meter made a moment ago on another instance counts.
+            self.catalog.refresh().await?;
+            overrides
+                .validate(self.catalog.current().meters())
+                .map_err(|e| invalid("overrides", e.to_string()))?;
+        }
         let accounts = Accounts::new(self.store.clone(), self.clock.clone())
             .choosing_from(self.catalog.clone());
         let account_error = |e: AccountError| match e {
@@ -808,14 +813,6 @@ mod tests {
         assert_eq!(ok(r#"{"overrides": null}"#).overrides, Some(None));
         let own = ok(r#"{"overrides": {"price_cents": 30000}}"#).overrides;
         assert_eq!(own.unwrap().unwrap().price_cents, Some(30_000));
-        assert_eq!(
-            err(r#"{"overrides": {"price_cents": -1}}"#),
-            "overrides.price_cents must be 0 or more (got -1)"
-        );
-        assert!(
-            err(r#"{"overrides": {"limits": [{"meter": "tokens", "included": 1, "over_limit": "block"}]}}"#)
-                .starts_with("overrides.limits[0].meter "),
-        );
         assert!(err(r#"{"overrides": {"prices": 1}}"#).contains("prices"));
         assert!(err(r#"{"overrides": 7}"#).starts_with("overrides "));
         assert!(err(r#"{"stripe_customer_id": "acct_1"}"#).contains("cus_"));
@@ -907,6 +904,81 @@ mod tests {
         );
         let nul = parse_user_list(&params(&[("q", "ada\u{0}")])).unwrap_err();
         assert_eq!(nul.to_string(), "q must not contain control characters");
+    }
+
+    /// Own terms are checked against the catalog's meters before anything is written.
+    #[tokio::test]
+    async fn own_terms_name_meters_that_exist() {
+        use usage_core::repo::PlanRepository;
+        let store = Arc::new(MemoryStore::new());
+        let catalog =
+            usage_testkit::seeded_catalog(store.clone(), &usage_core::PlanCatalog::default()).await;
+        let id = UserId::generate();
+        store
+            .create_user(&User {
+                id: id.clone(),
+                email: "own@example.com".into(),
+                plan: Plan::free(),
+                stripe_customer_id: None,
+                created_at: datetime!(2026-11-01 00:00 UTC),
+                plan_subscription_id: None,
+                blocked_at: None,
+                plan_version: None,
+                overrides: None,
+            })
+            .await
+            .unwrap();
+        let reports = AdminReports::new(
+            store.clone(),
+            catalog,
+            Arc::new(ManualClock::new(datetime!(2026-11-22 12:00 UTC))),
+        );
+        let patch = |body: &str| parse_user_patch(body.as_bytes()).unwrap();
+        let refused = |body: &'static str| {
+            let reports = &reports;
+            let id = &id;
+            async move {
+                reports
+                    .update_user(id, &patch(body))
+                    .await
+                    .unwrap_err()
+                    .to_string()
+            }
+        };
+        assert_eq!(
+            refused(r#"{"plan": "pro", "overrides": {"price_cents": -1}}"#).await,
+            "overrides.price_cents must be 0 or more (got -1)"
+        );
+        let tokens = r#"{"overrides": {"limits": [{"meter": "tokens", "included": 1,
+                                                   "over_limit": "block"}]}}"#;
+        assert!(
+            refused(tokens)
+                .await
+                .starts_with("overrides.limits[0].meter ")
+        );
+        assert_eq!(
+            reports.user(&id).await.unwrap().plan,
+            Plan::free(),
+            "a refused patch writes nothing"
+        );
+        // A meter made on another instance a moment ago is read before the check.
+        store
+            .create_meter(
+                &usage_core::meter::Meter {
+                    key: "tokens".into(),
+                    name: "Tokens".into(),
+                    unit: "token".into(),
+                    aggregation: usage_core::meter::Aggregation::Sum,
+                },
+                datetime!(2026-11-22 12:00 UTC),
+            )
+            .await
+            .unwrap();
+        let detail = reports.update_user(&id, &patch(tokens)).await.unwrap();
+        assert_eq!(
+            detail.effective_terms.limit("tokens").unwrap().included,
+            Some(1)
+        );
     }
 
     #[tokio::test]

@@ -9,14 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::MicroUsd;
 pub use crate::error::CatalogError;
+use crate::meter::Meters;
 pub use crate::plan::is_valid_key;
 use crate::plan::{OverLimit, Plan, PlanCatalog};
 pub use crate::pricing::MAX_UNITS;
 use crate::pricing::{OverageModel, PriceLine};
 use crate::rate::{PlanRateLimits, RateLimit};
 
-/// The meter of metered API calls, which every installation has.
-pub const API_CALLS: &str = "api_calls";
+pub use crate::meter::API_CALLS;
 
 /// A plan key no plan may take: `total` names the sum beside the per-plan counts.
 const RESERVED_KEYS: [&str; 1] = ["total"];
@@ -71,13 +71,20 @@ pub struct PlanDefinition {
     pub limits: Vec<MeterLimit>,
 }
 
-/// A catalog file (`plans apply`, `plans export`): the plans an operator keeps in git.
+/// A catalog file (`plans apply`, `plans export`): the meters, plans and route costs an
+/// operator keeps in git.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogFile {
+    /// The meters, each as the admin API takes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meters: Vec<crate::meter::Meter>,
     /// The plans, each as the admin API takes it.
     #[serde(default)]
     pub plans: Vec<PlanDefinition>,
+    /// Every route cost; left out, the stored ones stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub costs: Option<Vec<crate::meter::RouteCost>>,
 }
 
 /// A plan's limit on one meter.
@@ -213,8 +220,8 @@ pub fn revision_from_json(
 }
 
 impl PlanDefinition {
-    /// Checks every field; `meters` are the keys a limit may name.
-    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
+    /// Checks every field; `meters` are the meters a limit may name.
+    pub fn validate(&self, meters: &Meters) -> Result<(), CatalogError> {
         if !is_valid_key(&self.key) || RESERVED_KEYS.contains(&self.key.as_str()) {
             return Err(CatalogError::new(
                 "key",
@@ -224,13 +231,7 @@ impl PlanDefinition {
                 ),
             ));
         }
-        let name_len = self.name.chars().count();
-        if !(1..=100).contains(&name_len) || self.name.chars().any(char::is_control) {
-            return Err(CatalogError::new(
-                "name",
-                "must be 1 to 100 characters, none of them control characters",
-            ));
-        }
+        crate::meter::check_text("name", &self.name, 100)?;
         if self.price_cents < 0 {
             return Err(CatalogError::new(
                 "price_cents",
@@ -268,13 +269,14 @@ impl PlanDefinition {
         }
         for (i, limit) in self.limits.iter().enumerate() {
             let at = format!("limits[{i}]");
-            if !meters.contains(&limit.meter.as_str()) {
+            let meter = meters.require(&format!("{at}.meter"), &limit.meter)?;
+            if limit.over_limit == OverLimit::Block && !meter.aggregation.may_block() {
                 return Err(CatalogError::new(
-                    format!("{at}.meter"),
+                    format!("{at}.over_limit"),
                     format!(
-                        "must be a defined meter, one of {} (got {:?})",
-                        meters.join(", "),
-                        limit.meter
+                        "must be overage: {:?} is a {} meter, which a limit cannot block on",
+                        meter.key,
+                        meter.aggregation.as_str()
                     ),
                 ));
             }
@@ -534,8 +536,8 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Checks every field as a plan's are checked; `meters` are the keys a limit may name.
-    pub fn validate(&self, meters: &[&str]) -> Result<(), CatalogError> {
+    /// Checks every field as a plan's are checked; `meters` are the meters a limit may name.
+    pub fn validate(&self, meters: &Meters) -> Result<(), CatalogError> {
         if let Some(price) = self.price_cents
             && price < 0
         {
@@ -602,12 +604,23 @@ mod tests {
         serde_json::from_str(GROWTH).unwrap()
     }
 
-    const METERS: [&str; 2] = [API_CALLS, "tokens"];
+    fn meters() -> Meters {
+        let meter = |key: &str, aggregation| crate::meter::Meter {
+            key: key.into(),
+            name: key.into(),
+            unit: "unit".into(),
+            aggregation,
+        };
+        Meters::new([
+            meter("tokens", crate::meter::Aggregation::Sum),
+            meter("peak_gb", crate::meter::Aggregation::Max),
+        ])
+    }
 
     #[test]
     fn the_contracts_example_is_a_valid_plan() {
         let plan = growth();
-        assert_eq!(plan.validate(&METERS), Ok(()));
+        assert_eq!(plan.validate(&meters()), Ok(()));
         assert_eq!(plan.version, 3);
         assert_eq!(
             plan.burst,
@@ -623,7 +636,7 @@ mod tests {
         assert_eq!(minimal.currency, "usd");
         assert!(minimal.public && !minimal.archived);
         assert_eq!(minimal.burst, None);
-        assert_eq!(minimal.validate(&METERS), Ok(()));
+        assert_eq!(minimal.validate(&meters()), Ok(()));
     }
 
     #[test]
@@ -685,7 +698,7 @@ mod tests {
         let enterprise =
             PlanDefinition::builtin(&Plan::enterprise(), &catalog, &rates, None).unwrap();
         for plan in [&free, &pro, &enterprise] {
-            assert_eq!(plan.validate(&[API_CALLS]), Ok(()), "{}", plan.key);
+            assert_eq!(plan.validate(&Meters::builtin()), Ok(()), "{}", plan.key);
             assert_eq!(plan.limits[0].alerts, vec![80, 100]);
         }
         assert_eq!(free.limits[0].included, Some(1_000));
@@ -762,6 +775,9 @@ mod tests {
                 })
             }),
             ("limits[1].meter", |p| p.limits[1].meter = "credits".into()),
+            ("limits[1].over_limit", |p| {
+                p.limits[1].meter = "peak_gb".into()
+            }),
             ("limits[1].meter", |p| p.limits[1].meter = API_CALLS.into()),
             ("limits[0].alerts[1]", |p| p.limits[0].alerts = vec![80, 80]),
             ("limits[0].included", |p| {
@@ -793,7 +809,7 @@ mod tests {
         for (field, edit) in edits {
             let mut plan = growth();
             edit(&mut plan);
-            let err = plan.validate(&METERS).unwrap_err();
+            let err = plan.validate(&meters()).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().starts_with(field), "{err}");
         }

@@ -26,6 +26,7 @@ pub mod discard;
 mod error;
 pub mod event;
 pub mod ids;
+pub mod meter;
 pub mod money;
 pub mod period;
 pub mod plan;

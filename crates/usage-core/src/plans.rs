@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::catalog::{API_CALLS, CatalogError, PlanDefinition, PlanMove, Quote};
+use crate::catalog::{API_CALLS, CatalogError, CatalogFile, PlanDefinition, PlanMove, Quote};
+use crate::meter::{Aggregation, Meter, MeterRevision, Meters, RouteCosts};
 use crate::repo::{PlanRepository, PlanVersion, UserRepository};
 use crate::{Clock, RepoError};
 
@@ -23,6 +24,15 @@ pub enum PlanError {
     /// A plan with this key exists.
     #[error("a plan with key {0:?} already exists")]
     KeyTaken(String),
+    /// No meter has this key.
+    #[error("no meter with key {0:?}")]
+    UnknownMeter(String),
+    /// A meter with this key exists.
+    #[error("a meter with key {0:?} already exists")]
+    MeterTaken(String),
+    /// The meter's aggregation cannot change: usage of it is stored.
+    #[error("meter {0:?} has usage stored: its aggregation is fixed")]
+    AggregationFixed(String),
     /// The plan is the one new users and cancelled subscriptions get (`DEFAULT_PLAN`).
     #[error("plan {0:?} is the default plan (DEFAULT_PLAN): it cannot be archived")]
     DefaultPlan(String),
@@ -77,6 +87,8 @@ pub enum Change {
     Archived,
     /// Taken back from the archive.
     Restored,
+    /// Replaced (a meter's name, unit or aggregation; the route costs).
+    Updated,
     /// As the file says already.
     Unchanged,
 }
@@ -126,9 +138,93 @@ impl Plans {
         }
     }
 
-    /// The meters a limit may name.
-    pub fn meters(&self) -> Vec<&'static str> {
-        vec![API_CALLS]
+    /// The meters a limit may name, as stored now.
+    pub async fn meters(&self) -> Result<Meters, PlanError> {
+        Ok(Meters::new(
+            self.plans.meters().await.map_err(PlanError::Repo)?,
+        ))
+    }
+
+    /// Stores a new meter after checking every field.
+    pub async fn create_meter(&self, meter: &Meter) -> Result<Meter, PlanError> {
+        meter.validate()?;
+        match self.plans.create_meter(meter, self.clock.now()).await {
+            Err(RepoError::Conflict { .. }) => Err(PlanError::MeterTaken(meter.key.clone())),
+            other => other.map_err(PlanError::Repo),
+        }?;
+        self.changed().await;
+        Ok(meter.clone())
+    }
+
+    /// Gives meter `key` a new name and unit (and aggregation, while none of its usage is
+    /// stored).
+    pub async fn update_meter(
+        &self,
+        key: &str,
+        revision: &MeterRevision,
+    ) -> Result<Meter, PlanError> {
+        if let Some(given) = revision.key.as_deref().filter(|given| *given != key) {
+            return Err(CatalogError::new(
+                "key",
+                format!("never changes: leave it out, or give {key:?} (got {given:?})"),
+            )
+            .into());
+        }
+        let stored = self.meters().await?;
+        let current = stored
+            .get(key)
+            .ok_or_else(|| PlanError::UnknownMeter(key.to_owned()))?;
+        let meter = Meter {
+            key: key.to_owned(),
+            name: revision.name.clone(),
+            unit: revision.unit.clone(),
+            aggregation: revision.aggregation.unwrap_or(current.aggregation),
+        };
+        meter.validate()?;
+        if key == API_CALLS && meter.aggregation != Aggregation::Count {
+            return Err(CatalogError::new(
+                "aggregation",
+                "must be count: api_calls counts admitted calls",
+            )
+            .into());
+        }
+        self.store_meter(&meter).await?;
+        self.changed().await;
+        Ok(meter)
+    }
+
+    async fn store_meter(&self, meter: &Meter) -> Result<(), PlanError> {
+        match self.plans.update_meter(meter, self.clock.now()).await {
+            Err(RepoError::NotFound { .. }) => Err(PlanError::UnknownMeter(meter.key.clone())),
+            Err(RepoError::Conflict { .. }) => Err(PlanError::AggregationFixed(meter.key.clone())),
+            other => other.map_err(PlanError::Repo),
+        }
+    }
+
+    /// Every route cost, by route then meter.
+    pub async fn costs(&self) -> Result<RouteCosts, PlanError> {
+        Ok(RouteCosts {
+            items: self.plans.route_costs().await.map_err(PlanError::Repo)?,
+        })
+    }
+
+    /// Replaces every route cost after checking each.
+    pub async fn replace_costs(&self, costs: RouteCosts) -> Result<RouteCosts, PlanError> {
+        costs.validate(&self.meters().await?)?;
+        let costs = costs.sorted();
+        self.store_costs(&costs).await?;
+        self.changed().await;
+        Ok(costs)
+    }
+
+    async fn store_costs(&self, costs: &RouteCosts) -> Result<(), PlanError> {
+        match self.plans.replace_route_costs(&costs.items).await {
+            // A meter named was checked a moment ago; none is ever deleted.
+            Err(RepoError::NotFound { .. }) => {
+                Err(CatalogError::new("items", "name a meter that does not exist").into())
+            }
+            other => other.map_err(PlanError::Repo),
+        }
     }
 
     /// Stores the built-in plans whose terms are not stored yet (the first start after
@@ -208,7 +304,7 @@ impl Plans {
 
     /// Stores a new plan (version 1) after checking every field.
     pub async fn create(&self, plan: &PlanDefinition) -> Result<PlanVersion, PlanError> {
-        plan.validate(&self.meters())?;
+        plan.validate(&self.meters().await?)?;
         if plan.archived && plan.key == self.default_plan {
             return Err(PlanError::DefaultPlan(plan.key.clone()));
         }
@@ -227,7 +323,7 @@ impl Plans {
         plan: &PlanDefinition,
         existing: PlanMove,
     ) -> Result<PlanVersion, PlanError> {
-        plan.validate(&self.meters())?;
+        plan.validate(&self.meters().await?)?;
         let revised = match self
             .plans
             .revise_plan(plan, existing, self.clock.now())
@@ -263,35 +359,54 @@ impl Plans {
         key: &str,
         usage: &BTreeMap<String, u64>,
     ) -> Result<Quote, PlanError> {
-        let meters = self.meters();
-        if let Some(unknown) = usage.keys().find(|m| !meters.contains(&m.as_str())) {
-            return Err(CatalogError::new(
-                format!("usage.{unknown}"),
-                format!("must name a defined meter, one of {}", meters.join(", ")),
-            )
-            .into());
+        let meters = self.meters().await?;
+        for meter in usage.keys() {
+            meters.require(&format!("usage.{meter}"), meter)?;
         }
         let detail = self.get(key).await?;
         Ok(detail.summary.plan.quote(usage))
     }
 
-    /// Makes the catalog what `file` says, plan by plan: new keys are created, changed
-    /// terms make a new version (users move at their next period), `archived` is
-    /// followed; plans the file leaves out are left as they are. With `dry_run` nothing is
-    /// written. Every plan is checked before anything is written.
+    /// Makes the catalog what `file` says: its meters first (new keys created, changed
+    /// ones updated), then its plans (new keys created, changed terms make a new version
+    /// whose users move at their next period, `archived` followed), then its route costs
+    /// (replaced whole, when the file has a `costs` list). Meters and plans the file
+    /// leaves out are left as they are. With `dry_run` nothing is written. Everything is
+    /// checked before anything is written. Changes are named `meter <key>`, `<plan key>`
+    /// and `costs`.
     pub async fn apply(
         &self,
-        file: &[PlanDefinition],
+        file: &CatalogFile,
         dry_run: bool,
     ) -> Result<Vec<(String, Change)>, PlanError> {
-        for (i, plan) in file.iter().enumerate() {
-            plan.validate(&self.meters()).map_err(|e| {
-                PlanError::Invalid(CatalogError::new(
-                    format!("plans[{i}].{}", e.field),
-                    e.message,
-                ))
-            })?;
-            if file[..i].iter().any(|p| p.key == plan.key) {
+        let at = |field: String, e: CatalogError| {
+            PlanError::Invalid(CatalogError::new(format!("{field}.{}", e.field), e.message))
+        };
+        let stored_meters = self.meters().await?;
+        for (i, meter) in file.meters.iter().enumerate() {
+            meter
+                .validate()
+                .map_err(|e| at(format!("meters[{i}]"), e))?;
+            if file.meters[..i].iter().any(|m| m.key == meter.key) {
+                return Err(CatalogError::new(
+                    format!("meters[{i}].key"),
+                    format!("{:?} is in the file twice", meter.key),
+                )
+                .into());
+            }
+            if meter.key == API_CALLS && meter.aggregation != Aggregation::Count {
+                return Err(CatalogError::new(
+                    format!("meters[{i}].aggregation"),
+                    "must be count: api_calls counts admitted calls",
+                )
+                .into());
+            }
+        }
+        let meters = Meters::new(stored_meters.iter().cloned().chain(file.meters.clone()));
+        for (i, plan) in file.plans.iter().enumerate() {
+            plan.validate(&meters)
+                .map_err(|e| at(format!("plans[{i}]"), e))?;
+            if file.plans[..i].iter().any(|p| p.key == plan.key) {
                 return Err(CatalogError::new(
                     format!("plans[{i}].key"),
                     format!("{:?} is in the file twice", plan.key),
@@ -302,9 +417,45 @@ impl Plans {
                 return Err(PlanError::DefaultPlan(plan.key.clone()));
             }
         }
-        let stored = self.versions().await?;
+        let costs = file
+            .costs
+            .clone()
+            .map(|items| RouteCosts { items }.sorted());
+        if let Some(costs) = &costs {
+            costs.validate(&meters).map_err(|e| {
+                PlanError::Invalid(CatalogError::new(
+                    format!("costs{}", e.field.trim_start_matches("items")),
+                    e.message,
+                ))
+            })?;
+        }
+
         let mut changes = Vec::new();
-        for plan in file {
+        for meter in &file.meters {
+            let change = match stored_meters.get(&meter.key) {
+                None => Change::Created,
+                Some(stored) if stored == meter => Change::Unchanged,
+                _ => Change::Updated,
+            };
+            if !dry_run {
+                match change {
+                    Change::Created => {
+                        self.plans
+                            .create_meter(meter, self.clock.now())
+                            .await
+                            .map_err(PlanError::Repo)?;
+                    }
+                    Change::Updated => self.store_meter(meter).await?,
+                    _ => {}
+                }
+            }
+            changes.push((format!("meter {}", meter.key), change));
+        }
+        if !dry_run && !file.meters.is_empty() {
+            self.changed().await;
+        }
+        let stored = self.versions().await?;
+        for plan in &file.plans {
             let newest = stored.get(&plan.key).and_then(|v| v.last());
             let change = match newest {
                 None => Change::Created,
@@ -327,10 +478,22 @@ impl Plans {
                     Change::Archived | Change::Restored => {
                         self.set_archived(&plan.key, plan.archived).await?;
                     }
-                    Change::Unchanged => {}
+                    Change::Unchanged | Change::Updated => {}
                 }
             }
             changes.push((plan.key.clone(), change));
+        }
+        if let Some(costs) = costs {
+            let change = if self.costs().await?.sorted() == costs {
+                Change::Unchanged
+            } else {
+                Change::Updated
+            };
+            if !dry_run && change == Change::Updated {
+                self.store_costs(&costs).await?;
+                self.changed().await;
+            }
+            changes.push(("costs".to_owned(), change));
         }
         Ok(changes)
     }

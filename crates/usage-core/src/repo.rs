@@ -1131,8 +1131,9 @@ pub struct PlanVersion {
     pub created_at: OffsetDateTime,
 }
 
-/// The plan catalog (`eco_plans`, `eco_plan_versions`). Small and read whole: services
-/// keep it in memory and read it again when it changes.
+/// The catalog: plans (`eco_plans`, `eco_plan_versions`), meters (`eco_meters`) and route
+/// costs (`eco_route_costs`). Small and read whole: services keep it in memory and read it
+/// again when it changes.
 #[async_trait]
 pub trait PlanRepository: Send + Sync {
     /// Stores version 1 of each plan of `plans` whose key has no version yet, puts the
@@ -1168,6 +1169,28 @@ pub trait PlanRepository: Send + Sync {
     ) -> Result<PlanVersion, RepoError>;
     /// Every version of every plan, by key, then version.
     async fn plan_versions(&self) -> Result<Vec<PlanVersion>, RepoError>;
+    /// Every meter (`api_calls` included), by key.
+    async fn meters(&self) -> Result<Vec<crate::meter::Meter>, RepoError>;
+    /// Stores a new meter. `Conflict` (field `key`) when the key is taken.
+    async fn create_meter(
+        &self,
+        meter: &crate::meter::Meter,
+        at: OffsetDateTime,
+    ) -> Result<(), RepoError>;
+    /// Replaces a meter's name, unit and aggregation. `NotFound` for an unknown key;
+    /// `Conflict` (field `aggregation`) when the aggregation would change and usage of the
+    /// meter is stored.
+    async fn update_meter(
+        &self,
+        meter: &crate::meter::Meter,
+        at: OffsetDateTime,
+    ) -> Result<(), RepoError>;
+    /// Every route cost, by route then meter.
+    async fn route_costs(&self) -> Result<Vec<crate::meter::RouteCost>, RepoError>;
+    /// Replaces every route cost with `costs` in one transaction. `NotFound` (entity
+    /// `meter`) when one names a meter that does not exist.
+    async fn replace_route_costs(&self, costs: &[crate::meter::RouteCost])
+    -> Result<(), RepoError>;
 }
 
 /// Everything a backend provides: all repositories plus a health check.

@@ -13,13 +13,16 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::catalog::{PlanDefinition, PlanMove};
+use crate::meter::{Meters, RouteCosts};
 use crate::repo::{PlanRepository, PlanVersion, Subscription};
 use crate::{BillingPeriod, RepoError};
 
-/// Every version of every plan, as read from the store.
+/// Every version of every plan, the meters and the route costs, as read from the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
     plans: BTreeMap<String, Vec<PlanVersion>>,
+    meters: Meters,
+    costs: RouteCosts,
 }
 
 impl Catalog {
@@ -35,7 +38,28 @@ impl Catalog {
         for versions in plans.values_mut() {
             versions.sort_by_key(|v| v.plan.version);
         }
-        Self { plans }
+        Self {
+            plans,
+            meters: Meters::builtin(),
+            costs: RouteCosts::default(),
+        }
+    }
+
+    /// This catalog with `meters` and route `costs`.
+    pub fn with_meters(mut self, meters: Meters, costs: RouteCosts) -> Self {
+        self.meters = meters;
+        self.costs = costs.sorted();
+        self
+    }
+
+    /// The meters, `api_calls` included.
+    pub fn meters(&self) -> &Meters {
+        &self.meters
+    }
+
+    /// The route costs, by route then meter.
+    pub fn costs(&self) -> &RouteCosts {
+        &self.costs
     }
 
     /// The newest version of `key`: what new subscribers get.
@@ -192,7 +216,12 @@ impl LiveCatalog {
     pub async fn refresh(&self) -> Result<(), RepoError> {
         // One reload at a time: a slow one must not overwrite a newer one.
         let _one = self.loading.lock().await;
-        let fresh = Catalog::new(self.plans.plan_versions().await?);
+        let fresh = Catalog::new(self.plans.plan_versions().await?).with_meters(
+            Meters::new(self.plans.meters().await?),
+            RouteCosts {
+                items: self.plans.route_costs().await?,
+            },
+        );
         if *self.current() != fresh {
             *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -425,7 +454,7 @@ mod tests {
                         "overage": {"model": "per_unit", "unit_price_micros": 400}}]
         }))
         .unwrap();
-        assert_eq!(overrides.validate(&[API_CALLS]), Ok(()));
+        assert_eq!(overrides.validate(&crate::meter::Meters::builtin()), Ok(()));
         let terms = pro.with_overrides(Some(&overrides));
         assert_eq!(terms.price_cents, 30_000);
         assert_eq!(terms.limits.len(), 1);
@@ -448,7 +477,10 @@ mod tests {
             limits: vec![],
         };
         assert_eq!(
-            negative.validate(&[API_CALLS]).unwrap_err().field,
+            negative
+                .validate(&crate::meter::Meters::builtin())
+                .unwrap_err()
+                .field,
             "overrides.price_cents"
         );
         let unknown: Overrides = serde_json::from_value(serde_json::json!({
@@ -456,7 +488,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            unknown.validate(&[API_CALLS]).unwrap_err().field,
+            unknown
+                .validate(&crate::meter::Meters::builtin())
+                .unwrap_err()
+                .field,
             "overrides.limits[0].meter"
         );
         assert!(

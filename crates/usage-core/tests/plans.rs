@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use time::macros::datetime;
-use usage_core::catalog::{PlanDefinition, PlanMove};
+use usage_core::catalog::{CatalogFile, PlanDefinition, PlanMove};
+use usage_core::meter::{Aggregation, Meter, MeterRevision, RouteCost, RouteCosts};
 use usage_core::plans::{Change, PlanError, Plans};
 use usage_core::repo::{User, UserRepository};
 use usage_core::{ManualClock, Plan, PlanCatalog, UserId};
@@ -169,14 +170,14 @@ async fn applying_a_catalog_file_is_idempotent_and_dry_runs_write_nothing() {
         ("enterprise".to_owned(), Change::Archived),
         ("growth".to_owned(), Change::Created),
     ];
-    assert_eq!(plans.apply(&file, true).await.unwrap(), expected);
+    assert_eq!(plans.apply(&file_of(&file), true).await.unwrap(), expected);
     assert_eq!(
         plans.list().await.unwrap().len(),
         3,
         "a dry run writes nothing"
     );
-    assert_eq!(plans.apply(&file, false).await.unwrap(), expected);
-    let again = plans.apply(&file, false).await.unwrap();
+    assert_eq!(plans.apply(&file_of(&file), false).await.unwrap(), expected);
+    let again = plans.apply(&file_of(&file), false).await.unwrap();
     assert!(
         again.iter().all(|(_, c)| *c == Change::Unchanged),
         "{again:?}"
@@ -190,7 +191,7 @@ async fn applying_a_catalog_file_is_idempotent_and_dry_runs_write_nothing() {
     assert!(plans.get("enterprise").await.unwrap().summary.plan.archived);
     file[2].archived = false;
     assert_eq!(
-        plans.apply(&file, false).await.unwrap()[2],
+        plans.apply(&file_of(&file), false).await.unwrap()[2],
         ("enterprise".to_owned(), Change::Restored)
     );
 
@@ -200,20 +201,236 @@ async fn applying_a_catalog_file_is_idempotent_and_dry_runs_write_nothing() {
     bad[3].limits[0].included = Some(1);
     bad[3].name = String::new();
     assert!(matches!(
-        plans.apply(&bad, false).await,
+        plans.apply(&file_of(&bad), false).await,
         Err(PlanError::Invalid(e)) if e.field == "plans[3].name"
     ));
     assert_eq!(plans.get("free").await.unwrap().summary.plan.version, 1);
     let mut twice = file.clone();
     twice.push(growth());
     assert!(matches!(
-        plans.apply(&twice, false).await,
+        plans.apply(&file_of(&twice), false).await,
         Err(PlanError::Invalid(e)) if e.field == "plans[4].key"
     ));
     let mut default_archived = file.clone();
     default_archived[0].archived = true;
     assert!(matches!(
-        plans.apply(&default_archived, false).await,
+        plans.apply(&file_of(&default_archived), false).await,
         Err(PlanError::DefaultPlan(_))
     ));
+}
+
+/// A catalog file of `plans` alone.
+fn file_of(plans: &[PlanDefinition]) -> CatalogFile {
+    CatalogFile {
+        plans: plans.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn meter(key: &str, aggregation: Aggregation) -> Meter {
+    Meter {
+        key: key.into(),
+        name: key.to_uppercase(),
+        unit: "unit".into(),
+        aggregation,
+    }
+}
+
+#[tokio::test]
+async fn meters_are_created_renamed_and_limited_by_plans() {
+    let (plans, _) = seeded().await;
+    let mut with_tokens = growth();
+    with_tokens.limits.push(
+        serde_json::from_value(serde_json::json!(
+        {"meter": "tokens", "included": 5000000, "over_limit": "block"}))
+        .unwrap(),
+    );
+    assert!(
+        matches!(plans.create(&with_tokens).await,
+                 Err(PlanError::Invalid(e)) if e.field == "limits[1].meter"),
+        "a limit names a defined meter"
+    );
+    plans
+        .create_meter(&meter("tokens", Aggregation::Sum))
+        .await
+        .unwrap();
+    plans
+        .create_meter(&meter("peak_gb", Aggregation::Max))
+        .await
+        .unwrap();
+    assert!(matches!(
+        plans.create_meter(&meter("tokens", Aggregation::Count)).await,
+        Err(PlanError::MeterTaken(k)) if k == "tokens"
+    ));
+    assert!(matches!(
+        plans
+            .create_meter(&meter("api_calls", Aggregation::Count))
+            .await,
+        Err(PlanError::MeterTaken(_))
+    ));
+    assert!(matches!(
+        plans.create_meter(&meter("Bad Key", Aggregation::Sum)).await,
+        Err(PlanError::Invalid(e)) if e.field == "key"
+    ));
+    plans.create(&with_tokens).await.unwrap();
+    let mut blocks_on_max = growth();
+    blocks_on_max.key = "peaky".into();
+    blocks_on_max.limits.push(
+        serde_json::from_value(serde_json::json!(
+        {"meter": "peak_gb", "included": 10, "over_limit": "block"}))
+        .unwrap(),
+    );
+    assert!(matches!(
+        plans.create(&blocks_on_max).await,
+        Err(PlanError::Invalid(e)) if e.field == "limits[1].over_limit"
+    ));
+
+    let renamed = plans
+        .update_meter(
+            "tokens",
+            &MeterRevision {
+                name: "Model tokens".into(),
+                unit: "token".into(),
+                aggregation: None,
+                key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (renamed.name.as_str(), renamed.aggregation),
+        ("Model tokens", Aggregation::Sum),
+        "aggregation left out stays"
+    );
+    let meters = plans.meters().await.unwrap();
+    assert_eq!(meters.get("tokens"), Some(&renamed));
+    let revision = |aggregation, key: Option<&str>| MeterRevision {
+        name: "x".into(),
+        unit: "x".into(),
+        aggregation,
+        key: key.map(str::to_owned),
+    };
+    assert!(matches!(
+        plans.update_meter("api_calls", &revision(Some(Aggregation::Sum), None)).await,
+        Err(PlanError::Invalid(e)) if e.field == "aggregation"
+    ));
+    assert!(matches!(
+        plans.update_meter("tokens", &revision(None, Some("credits"))).await,
+        Err(PlanError::Invalid(e)) if e.field == "key"
+    ));
+    assert!(matches!(
+        plans.update_meter("credits", &revision(None, None)).await,
+        Err(PlanError::UnknownMeter(k)) if k == "credits"
+    ));
+    let usage = BTreeMap::from([("tokens".to_owned(), 6_000_000)]);
+    let quote = plans.quote("growth", &usage).await.unwrap();
+    assert_eq!(quote.lines[1].meter, "tokens");
+    assert_eq!(
+        quote.lines[1].overage_units, 0,
+        "a block limit bills nothing"
+    );
+}
+
+#[tokio::test]
+async fn route_costs_are_replaced_whole_and_checked() {
+    let (plans, _) = seeded().await;
+    plans
+        .create_meter(&meter("credits", Aggregation::Sum))
+        .await
+        .unwrap();
+    let cost = |route: &str, quantity| RouteCost {
+        route: route.into(),
+        meter: "credits".into(),
+        quantity,
+    };
+    let stored = plans
+        .replace_costs(RouteCosts {
+            items: vec![cost("POST /v2/generate", 20), cost("POST /v1/generate", 10)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.items[0].route, "POST /v1/generate", "kept in order");
+    assert_eq!(plans.costs().await.unwrap(), stored);
+    assert!(matches!(
+        plans.replace_costs(RouteCosts { items: vec![cost("generate", 1)] }).await,
+        Err(PlanError::Invalid(e)) if e.field == "items[0].route"
+    ));
+    assert_eq!(
+        plans.costs().await.unwrap(),
+        stored,
+        "a refused list changes nothing"
+    );
+    plans
+        .replace_costs(RouteCosts { items: vec![] })
+        .await
+        .unwrap();
+    assert!(plans.costs().await.unwrap().items.is_empty());
+}
+
+#[tokio::test]
+async fn a_catalog_file_brings_its_meters_before_its_plans_and_costs_after() {
+    let (plans, _) = seeded().await;
+    let mut with_tokens = growth();
+    with_tokens.limits.push(
+        serde_json::from_value(serde_json::json!(
+        {"meter": "tokens", "included": 5000000, "over_limit": "block"}))
+        .unwrap(),
+    );
+    let file = CatalogFile {
+        meters: vec![
+            meter("tokens", Aggregation::Sum),
+            meter("credits", Aggregation::Sum),
+        ],
+        plans: vec![with_tokens],
+        costs: Some(vec![RouteCost {
+            route: "POST /v1/generate".into(),
+            meter: "credits".into(),
+            quantity: 10,
+        }]),
+    };
+    let expected = vec![
+        ("meter tokens".to_owned(), Change::Created),
+        ("meter credits".to_owned(), Change::Created),
+        ("growth".to_owned(), Change::Created),
+        ("costs".to_owned(), Change::Updated),
+    ];
+    assert_eq!(plans.apply(&file, true).await.unwrap(), expected);
+    assert!(plans.meters().await.unwrap().get("tokens").is_none(), "dry");
+    assert_eq!(plans.apply(&file, false).await.unwrap(), expected);
+    assert_eq!(plans.costs().await.unwrap().items.len(), 1);
+    let again = plans.apply(&file, false).await.unwrap();
+    assert!(
+        again.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{again:?}"
+    );
+
+    let mut renamed = file.clone();
+    renamed.meters[0].name = "Tokens".into();
+    renamed.costs = None;
+    assert_eq!(
+        plans.apply(&renamed, false).await.unwrap(),
+        vec![
+            ("meter tokens".to_owned(), Change::Updated),
+            ("meter credits".to_owned(), Change::Unchanged),
+            ("growth".to_owned(), Change::Unchanged),
+        ],
+        "no costs in the file: the stored ones stay"
+    );
+    assert_eq!(plans.costs().await.unwrap().items.len(), 1);
+
+    let mut bad = file.clone();
+    bad.meters.push(meter("peak_gb", Aggregation::Max));
+    bad.costs = Some(vec![RouteCost {
+        route: "POST /v1/generate".into(),
+        meter: "peak_gb".into(),
+        quantity: 1,
+    }]);
+    assert!(matches!(
+        plans.apply(&bad, false).await,
+        Err(PlanError::Invalid(e)) if e.field == "costs[0].meter"
+    ));
+    assert!(
+        plans.meters().await.unwrap().get("peak_gb").is_none(),
+        "nothing written"
+    );
 }

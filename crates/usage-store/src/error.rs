@@ -18,6 +18,7 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
         ),
         ("eco_api_keys_pkey", "eco_api_keys.id", "API key", "id"),
         ("eco_plans_pkey", "eco_plans.key", "plan", "key"),
+        ("eco_meters_pkey", "eco_meters.key", "meter", "key"),
         (
             "eco_api_keys_key_hash_key",
             "eco_api_keys.key_hash",
@@ -53,6 +54,8 @@ fn unique_target(name: &str) -> (&'static str, &'static str) {
 fn referenced_entity(constraint: &str) -> &'static str {
     if constraint.contains("api_key_id") {
         "API key"
+    } else if constraint.contains("meter") {
+        "meter"
     } else if constraint.contains("plan") {
         "plan"
     } else {

@@ -26,6 +26,7 @@ use diesel::sql_types::{BigInt, Date as SqlDate, Integer, Nullable, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use time::{Date, OffsetDateTime};
 use usage_core::catalog::{Overrides, PlanDefinition, PlanMove};
+use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
@@ -47,9 +48,9 @@ use crate::common::{
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
-    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_overage_charges, eco_plan_versions,
-    eco_plans, eco_stripe_events, eco_usage_daily, eco_usage_records, eco_usage_retention,
-    eco_users,
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_meters, eco_overage_charges,
+    eco_plan_versions, eco_plans, eco_route_costs, eco_stripe_events, eco_usage_daily,
+    eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::types::{At, EventId, Id, Json, JsonText, Stamp, utc_text};
 
@@ -2612,6 +2613,110 @@ impl PlanRepository for This {
         rows.into_iter()
             .map(|(row, archived_at)| row.into_domain(archived_at))
             .collect()
+    }
+
+    async fn meters(&self) -> Result<Vec<Meter>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, String, String, String)> = eco_meters::table
+            .select((
+                eco_meters::key,
+                eco_meters::name,
+                eco_meters::unit,
+                eco_meters::aggregation,
+            ))
+            .order(eco_meters::key)
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter"))?;
+        rows.into_iter()
+            .map(|(key, name, unit, aggregation)| {
+                let aggregation = Aggregation::parse(&aggregation)
+                    .map_err(|e| RepoError::Backend(format!("meter {key}: {e}")))?;
+                Ok(Meter {
+                    key,
+                    name,
+                    unit,
+                    aggregation,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_meter(&self, meter: &Meter, at: OffsetDateTime) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        diesel::insert_into(eco_meters::table)
+            .values((
+                eco_meters::key.eq(&meter.key),
+                eco_meters::name.eq(&meter.name),
+                eco_meters::unit.eq(&meter.unit),
+                eco_meters::aggregation.eq(meter.aggregation.as_str()),
+                eco_meters::created_at.eq(At(at)),
+                eco_meters::updated_at.eq(At(at)),
+            ))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("meter"))?;
+        Ok(())
+    }
+
+    async fn update_meter(&self, meter: &Meter, at: OffsetDateTime) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        let updated = diesel::update(eco_meters::table.find(&meter.key))
+            .set((
+                eco_meters::name.eq(&meter.name),
+                eco_meters::unit.eq(&meter.unit),
+                eco_meters::aggregation.eq(meter.aggregation.as_str()),
+                eco_meters::updated_at.eq(At(at)),
+            ))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("meter"))?;
+        if updated == 0 {
+            return Err(RepoError::NotFound { entity: "meter" });
+        }
+        Ok(())
+    }
+
+    async fn route_costs(&self) -> Result<Vec<RouteCost>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, String, i64)> = eco_route_costs::table
+            .select((
+                eco_route_costs::route,
+                eco_route_costs::meter,
+                eco_route_costs::quantity,
+            ))
+            .order((eco_route_costs::route, eco_route_costs::meter))
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(route, meter, quantity)| RouteCost {
+                route,
+                meter,
+                quantity: to_u64(quantity),
+            })
+            .collect())
+    }
+
+    async fn replace_route_costs(&self, costs: &[RouteCost]) -> Result<(), RepoError> {
+        let mut conn = self.conn().await?;
+        write_transaction!(&mut conn, async |conn| -> Result<(), BatchError> {
+            diesel::delete(eco_route_costs::table).execute(conn).await?;
+            for cost in costs {
+                diesel::insert_into(eco_route_costs::table)
+                    .values((
+                        eco_route_costs::route.eq(&cost.route),
+                        eco_route_costs::meter.eq(&cost.meter),
+                        eco_route_costs::quantity.eq(to_i64(cost.quantity)),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_repo("meter"))
     }
 }
 

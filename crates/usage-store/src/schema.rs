@@ -49,6 +49,31 @@ diesel::table! {
     use diesel::sql_types::*;
     use crate::types::*;
 
+    eco_meters (key) {
+        key -> Text,
+        name -> Text,
+        unit -> Text,
+        aggregation -> Text,
+        created_at -> Stamp,
+        updated_at -> Stamp,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_route_costs (route, meter) {
+        route -> Text,
+        meter -> Text,
+        quantity -> BigInt,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
     eco_api_keys (id) {
         id -> Text,
         user_id -> Text,

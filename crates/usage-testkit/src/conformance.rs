@@ -21,6 +21,7 @@ use time::{Duration, OffsetDateTime};
 
 use usage_core::catalog::{PlanDefinition, PlanMove};
 use usage_core::event::new_event_id;
+use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, DeletedKeys, EndpointCount,
     IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
@@ -92,6 +93,7 @@ macro_rules! repository_conformance_tests {
             plan_terms_read_back_as_written,
             concurrent_plan_revisions_get_distinct_versions,
             users_hold_the_plan_version_they_subscribed_to,
+            meters_and_route_costs_are_kept,
             users_overrides_are_kept_and_dropped;
             late_writes_are_marked_by_the_store_clock,
         );
@@ -3225,4 +3227,87 @@ pub async fn users_overrides_are_kept_and_dropped(store: Arc<dyn Store>) {
             .unwrap_err(),
         RepoError::NotFound { entity: "user" }
     );
+}
+
+/// Meters: `api_calls` from the start, new keys stored once, name, unit and aggregation
+/// replaced; route costs replaced whole, in order, and only onto meters that exist.
+pub async fn meters_and_route_costs_are_kept(store: Arc<dyn Store>) {
+    let at = datetime!(2026-12-07 10:00 UTC);
+    assert_eq!(store.meters().await.unwrap(), vec![Meter::api_calls()]);
+    let tokens = Meter {
+        key: "tokens".into(),
+        name: "Tokens".into(),
+        unit: "token".into(),
+        aggregation: Aggregation::Sum,
+    };
+    let seats = Meter {
+        key: "seats".into(),
+        name: "Active seats".into(),
+        unit: "seat".into(),
+        aggregation: Aggregation::UniqueCount,
+    };
+    store.create_meter(&tokens, at).await.unwrap();
+    store.create_meter(&seats, at).await.unwrap();
+    assert_eq!(
+        store.create_meter(&tokens, at).await.unwrap_err(),
+        RepoError::Conflict {
+            entity: "meter",
+            field: "key"
+        }
+    );
+    let renamed = Meter {
+        name: "Model tokens".into(),
+        aggregation: Aggregation::Count,
+        ..tokens.clone()
+    };
+    store.update_meter(&renamed, at).await.unwrap();
+    assert_eq!(
+        store
+            .update_meter(
+                &Meter {
+                    key: "credits".into(),
+                    ..tokens.clone()
+                },
+                at
+            )
+            .await
+            .unwrap_err(),
+        RepoError::NotFound { entity: "meter" }
+    );
+    assert_eq!(
+        store.meters().await.unwrap(),
+        vec![Meter::api_calls(), seats, renamed],
+        "by key"
+    );
+
+    assert!(store.route_costs().await.unwrap().is_empty());
+    let cost = |route: &str, meter: &str, quantity| RouteCost {
+        route: route.into(),
+        meter: meter.into(),
+        quantity,
+    };
+    let costs = vec![
+        cost("POST /v2/generate", "tokens", 1),
+        cost("POST /v1/generate", "tokens", 1 << 53),
+    ];
+    store.replace_route_costs(&costs).await.unwrap();
+    assert_eq!(
+        store.route_costs().await.unwrap(),
+        vec![costs[1].clone(), costs[0].clone()],
+        "by route, then meter"
+    );
+    assert_eq!(
+        store
+            .replace_route_costs(&[cost("POST /v3", "credits", 1)])
+            .await
+            .unwrap_err(),
+        RepoError::NotFound { entity: "meter" }
+    );
+    assert_eq!(
+        store.route_costs().await.unwrap().len(),
+        2,
+        "a refused list changes nothing"
+    );
+    store.replace_route_costs(&[]).await.unwrap();
+    assert!(store.route_costs().await.unwrap().is_empty());
 }

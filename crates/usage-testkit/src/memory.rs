@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use usage_core::catalog::{PlanDefinition, PlanMove};
+use usage_core::catalog::{API_CALLS, PlanDefinition, PlanMove};
+use usage_core::meter::{Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
@@ -55,6 +56,10 @@ struct State {
     deleted_keys: Vec<(i64, ApiKeyId)>,
     /// The plan catalog: by key, when the plan was archived and its versions in order.
     plans: BTreeMap<String, (Option<OffsetDateTime>, Vec<PlanVersion>)>,
+    /// The meters by key (`api_calls` from the start, as the migration stores it).
+    meters: BTreeMap<String, Meter>,
+    /// The route costs by (route, meter).
+    route_costs: BTreeMap<(String, String), u64>,
 }
 
 impl State {
@@ -116,6 +121,7 @@ impl MemoryStore {
         Self {
             state: Mutex::new(State {
                 plans,
+                meters: BTreeMap::from([(API_CALLS.to_owned(), Meter::api_calls())]),
                 ..State::default()
             }),
             clock,
@@ -1667,5 +1673,56 @@ impl PlanRepository for MemoryStore {
                     .map(|v| with_archived(v.clone(), *archived_at))
             })
             .collect())
+    }
+
+    async fn meters(&self) -> Result<Vec<Meter>, RepoError> {
+        Ok(self.state().meters.values().cloned().collect())
+    }
+
+    async fn create_meter(&self, meter: &Meter, _at: OffsetDateTime) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if state.meters.contains_key(&meter.key) {
+            return Err(RepoError::Conflict {
+                entity: "meter",
+                field: "key",
+            });
+        }
+        state.meters.insert(meter.key.clone(), meter.clone());
+        Ok(())
+    }
+
+    async fn update_meter(&self, meter: &Meter, _at: OffsetDateTime) -> Result<(), RepoError> {
+        let mut state = self.state();
+        let stored = state
+            .meters
+            .get_mut(&meter.key)
+            .ok_or(RepoError::NotFound { entity: "meter" })?;
+        *stored = meter.clone();
+        Ok(())
+    }
+
+    async fn route_costs(&self) -> Result<Vec<RouteCost>, RepoError> {
+        Ok(self
+            .state()
+            .route_costs
+            .iter()
+            .map(|((route, meter), &quantity)| RouteCost {
+                route: route.clone(),
+                meter: meter.clone(),
+                quantity,
+            })
+            .collect())
+    }
+
+    async fn replace_route_costs(&self, costs: &[RouteCost]) -> Result<(), RepoError> {
+        let mut state = self.state();
+        if costs.iter().any(|c| !state.meters.contains_key(&c.meter)) {
+            return Err(RepoError::NotFound { entity: "meter" });
+        }
+        state.route_costs = costs
+            .iter()
+            .map(|c| ((c.route.clone(), c.meter.clone()), c.quantity))
+            .collect();
+        Ok(())
     }
 }

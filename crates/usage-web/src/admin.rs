@@ -137,7 +137,7 @@ pub(crate) async fn overview(req: HttpRequest, dash: web::Data<Dashboard>) -> Ht
 pub(crate) fn admin_nav_then(body: Markup, current: &str) -> Markup {
     html! {
         nav.subnav aria-label="Admin" {
-            @for (key, href, label) in [("overview", "/dashboard/admin", "Overview"), ("users", "/dashboard/admin/users", "Users"), ("plans", "/dashboard/admin/plans", "Plans"), ("audit", "/dashboard/admin/audit", "Audit log")] {
+            @for (key, href, label) in [("overview", "/dashboard/admin", "Overview"), ("users", "/dashboard/admin/users", "Users"), ("plans", "/dashboard/admin/plans", "Plans"), ("meters", "/dashboard/admin/meters", "Meters"), ("audit", "/dashboard/admin/audit", "Audit log")] {
                 @if key == current { a href=(href) aria-current="page" { (label) } } @else { a href=(href) { (label) } }
                 " "
             }

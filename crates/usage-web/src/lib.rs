@@ -16,6 +16,7 @@
 mod admin;
 pub mod chart;
 mod layout;
+mod meters;
 mod plans;
 mod user;
 
@@ -160,6 +161,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/admin/plans/{key}", web::get().to(plans::plan))
             .route("/admin/plans/{key}", web::post().to(plans::revise))
             .route("/admin/plans/{key}/archive", web::post().to(plans::archive))
+            .route("/admin/meters", web::get().to(meters::meters))
+            .route("/admin/meters", web::post().to(meters::create))
+            .route("/admin/meters/{key}", web::post().to(meters::rename))
+            .route("/admin/costs", web::post().to(meters::replace_costs))
             .default_service(web::to(
                 |req: HttpRequest, dash: web::Data<Dashboard>| async move {
                     let viewer = Viewer::of(&req, &dash).await.ok().flatten();

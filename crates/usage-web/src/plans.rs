@@ -29,7 +29,7 @@ impl From<CatalogError> for PageError {
 impl From<PlanError> for PageError {
     fn from(e: PlanError) -> Self {
         match e {
-            PlanError::UnknownPlan(_) => PageError::NotFound,
+            PlanError::UnknownPlan(_) | PlanError::UnknownMeter(_) => PageError::NotFound,
             PlanError::Repo(e) => e.into(),
             other => PageError::BadRequest(other.to_string()),
         }
@@ -117,7 +117,17 @@ pub(crate) async fn plans(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpR
     .await
 }
 
-/// `GET /dashboard/admin/plans/{key}[?calls=N]`: the plan, its versions, a quote of `calls`.
+/// The quote form's field for `meter`'s usage.
+fn usage_field(meter: &str) -> String {
+    if meter == API_CALLS {
+        "calls".to_owned()
+    } else {
+        format!("usage.{meter}")
+    }
+}
+
+/// `GET /dashboard/admin/plans/{key}[?calls=N&usage.<meter>=N]`: the plan, its versions, a
+/// quote of that usage.
 pub(crate) async fn plan(
     req: HttpRequest,
     dash: web::Data<Dashboard>,
@@ -128,16 +138,23 @@ pub(crate) async fn plan(
         let detail = dash.plans.get(&path).await?;
         let plan = &detail.summary.plan;
         let params = query(&req)?;
-        let calls = match params.get("calls").map(|c| c.trim()).filter(|c| !c.is_empty()) {
-            None => plan.limit(API_CALLS).and_then(|l| l.included).unwrap_or(0).saturating_mul(2),
-            Some(raw) => raw.parse::<u64>().map_err(|_| {
-                PageError::BadRequest(format!(
-                    "calls must be a whole number from 0 to {} (got {raw:?})",
-                    u64::MAX
-                ))
-            })?,
-        };
-        let usage = BTreeMap::from([(API_CALLS.to_owned(), calls)]);
+        // One field a limited meter (`calls` for api_calls, `usage.<key>` for the others),
+        // each twice its included units unless given.
+        let mut usage = BTreeMap::from([(API_CALLS.to_owned(), 0)]);
+        for limit in &plan.limits {
+            usage.insert(limit.meter.clone(), limit.included.unwrap_or(0).saturating_mul(2));
+        }
+        for (meter, used) in usage.iter_mut() {
+            let name = usage_field(meter);
+            if let Some(raw) = params.get(&name).map(|c| c.trim()).filter(|c| !c.is_empty()) {
+                *used = raw.parse::<u64>().map_err(|_| {
+                    PageError::BadRequest(format!(
+                        "{name} must be a whole number from 0 to {} (got {raw:?})",
+                        u64::MAX
+                    ))
+                })?;
+            }
+        }
         let quote = dash.plans.quote(&plan.key, &usage).await?;
         let base = format!("/dashboard/admin/plans/{}", plan.key);
         let body = html! {
@@ -153,8 +170,11 @@ pub(crate) async fn plan(
             section aria-labelledby="quote" {
                 h2 #quote { "What a period costs" }
                 form.inline method="get" action=(base) {
-                    label for="calls" { "Calls in a period" }
-                    input #calls type="number" name="calls" min="0" value=(calls);
+                    @for (meter, used) in &usage {
+                        @let name = usage_field(meter);
+                        label for=(name) { (meter) " in a period" }
+                        input id=(name) type="number" name=(name) min="0" value=(used);
+                    }
                     button type="submit" { "Quote" }
                 }
                 div.scroll {
@@ -240,7 +260,7 @@ pub(crate) async fn plan(
 }
 
 /// The audit note of a plan form: its fields but the CSRF token.
-fn form_note(form: &Form) -> String {
+pub(crate) fn form_note(form: &Form) -> String {
     let mut fields: Vec<String> = form
         .iter()
         .filter(|(k, _)| k.as_str() != "csrf")

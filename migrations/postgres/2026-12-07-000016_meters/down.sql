@@ -1,0 +1,2 @@
+DROP TABLE eco_route_costs;
+DROP TABLE eco_meters;
