@@ -42,6 +42,7 @@ for backend in $backends; do
   esac
   export JWT_SECRET=fuzz-secret-fuzz-secret-fuzz-secret-fuzz
   export FUZZ_CRON_SECRET=fuzz-cron-secret-fuzz-cron-secret-0123
+  export FUZZ_INGEST_SECRET=fuzz-ingest-secret-fuzz-ingest-secret-01
   metered=$("$bin" users create --email "metered-$backend@example.com" --plan enterprise)
   export FUZZ_API_KEY=$("$bin" keys create --user "$metered")
   user=$("$bin" users create --email "user-$backend@example.com" --plan pro)
@@ -56,7 +57,7 @@ for backend in $backends; do
   port=$(free_port)
   # Stripe configured (never reached: no user has overage), so that a live billing run is
   # a 200, not the 503 of a server without Stripe.
-  CRON_SECRET=$FUZZ_CRON_SECRET ADMIN_ECO_IDS=$admin \
+  CRON_SECRET=$FUZZ_CRON_SECRET INGEST_SECRET=$FUZZ_INGEST_SECRET ADMIN_ECO_IDS=$admin \
     STRIPE_SECRET_KEY=sk_test_fuzz STRIPE_API_BASE=http://127.0.0.1:9 \
     STRIPE_WEBHOOK_SECRET=whsec_fuzz_fuzz_fuzz_fuzz_fuzz_fuzz_fuzz \
     ADMIN_RATE_LIMIT_PER_SEC=10000 ADMIN_RATE_LIMIT_BURST=10000 RUST_LOG=warn \

@@ -353,6 +353,18 @@ pub struct GlobalOptions {
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     pub admin_audit_retention_days: u32,
 
+    /// Secret of `POST /api/events`, where other services send usage
+    /// (`Authorization: Bearer <secret>`); unset, it answers 404. At least 32 bytes.
+    #[arg(long, env = "INGEST_SECRET", hide_env_values = true, global = true,
+          value_parser = SecretString::parse)]
+    pub ingest_secret: Option<SecretString>,
+
+    /// How many days back an event sent to `POST /api/events` may be (1 to 366); older
+    /// ones are refused (`time_out_of_range`).
+    #[arg(long, env = "LATE_EVENT_DAYS", global = true, default_value_t = usage_core::ingest::LATE_EVENT_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=366))]
+    pub late_event_days: u32,
+
     /// Days raw calls are kept (1 to 36500; unset: for ever). Older calls are removed at
     /// start and every day, never before their day is aggregated and their period's
     /// overage invoiced; the daily aggregate keeps their history.

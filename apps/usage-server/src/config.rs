@@ -65,6 +65,10 @@ pub struct Config {
     pub bench_discard_usage: bool,
     /// `CRON_SECRET`; the cron endpoints answer 404 without it.
     pub cron_secret: Option<SharedSecret>,
+    /// `INGEST_SECRET`; `POST /api/events` answers 404 without it.
+    pub ingest_secret: Option<SharedSecret>,
+    /// `LATE_EVENT_DAYS`: how late an event may arrive.
+    pub late_event_days: u32,
     /// `STRIPE_WEBHOOK_SECRET`: signs the events Stripe sends.
     pub stripe_webhook_secret: Option<SharedSecret>,
     /// Whether the server runs the daily aggregation itself.
@@ -200,6 +204,8 @@ impl Config {
             bench_unmetered: options.bench_unmetered,
             bench_discard_usage: options.bench_discard_usage,
             cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
+            ingest_secret: shared("INGEST_SECRET", &options.ingest_secret)?,
+            late_event_days: options.late_event_days,
             stripe_webhook_secret: shared("STRIPE_WEBHOOK_SECRET", &options.stripe_webhook_secret)?,
             daily_aggregation: options.daily_aggregation,
             usage_retention_days: options.usage_retention_days,

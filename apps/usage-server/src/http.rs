@@ -77,6 +77,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     let keys = KeyIssuer::new(store.clone(), clock.clone());
     let aggregation = DailyAggregation::new(store.clone(), clock.clone());
     let (store_for_billing, clock_for_billing) = (store.clone(), clock.clone());
+    let (store_for_ingest, clock_for_ingest) = (store.clone(), clock.clone());
     let mut jobs = Jobs::default();
     if config.daily_aggregation {
         jobs.start(jobs::schedule_daily_aggregation(
@@ -158,6 +159,15 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
         plans,
         clock: clock_for_billing,
         cron_secret: config.cron_secret.clone(),
+        ingest: config.ingest_secret.clone().map(|secret| {
+            let ingest = usage_core::ingest::EventIngest::new(
+                store_for_ingest,
+                catalog.clone(),
+                clock_for_ingest,
+                config.late_event_days,
+            );
+            (secret, ingest)
+        }),
         webhooks,
     });
     let body_timeout = config.request_body_timeout;

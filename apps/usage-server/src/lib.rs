@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 mod cron_api;
 mod error;
+mod events_api;
 mod forward_auth;
 mod http;
 mod jobs;

@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     billing_users: IntCounterVec,
     billing_cents: IntCounter,
     webhook_events: IntCounterVec,
+    ingested_events: IntCounterVec,
 }
 
 /// Request latency buckets (seconds): 0.25 ms to 10 s.
@@ -103,6 +104,16 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let ingested_events = IntCounterVec::new(
+            Opts::new(
+                "usage_ingested_events_total",
+                "Events sent to POST /api/events, by outcome (accepted, duplicate, rejected).",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in ["accepted", "duplicate", "rejected"] {
+            ingested_events.with_label_values(&[outcome]);
+        }
         // Every outcome is there from the start, at 0: a rate over a series that appears
         // only with its first event misses that event.
         for outcome in ["completed", "dry_run", "failed"] {
@@ -121,6 +132,7 @@ impl Metrics {
         registry.register(Box::new(billing_users.clone()))?;
         registry.register(Box::new(billing_cents.clone()))?;
         registry.register(Box::new(webhook_events.clone()))?;
+        registry.register(Box::new(ingested_events.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -129,6 +141,7 @@ impl Metrics {
             billing_users,
             billing_cents,
             webhook_events,
+            ingested_events,
         })
     }
 
@@ -188,6 +201,16 @@ impl Metrics {
             Err(WebhookError::Repo(_)) => "failed",
         };
         self.webhook_events.with_label_values(&[outcome]).inc();
+    }
+
+    /// What one batch of `POST /api/events` did.
+    pub(crate) fn events_ingested(&self, answer: &usage_core::ingest::IngestAnswer) {
+        let count = |outcome: &str, n: u64| {
+            self.ingested_events.with_label_values(&[outcome]).inc_by(n);
+        };
+        count("accepted", answer.accepted);
+        count("duplicate", answer.duplicates);
+        count("rejected", answer.rejected.len() as u64);
     }
 
     /// The text Prometheus scrapes.

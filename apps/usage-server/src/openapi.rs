@@ -59,6 +59,10 @@ impl Modify for SecuritySchemes {
             bearer("CRON_SECRET, compared in constant time.", None),
         );
         components.add_security_scheme(
+            "ingest_secret",
+            bearer("INGEST_SECRET, compared in constant time.", None),
+        );
+        components.add_security_scheme(
             "stripe_signature",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 "Stripe-Signature",
@@ -113,6 +117,7 @@ impl Modify for SecuritySchemes {
         crate::cron_api::aggregate_daily,
         crate::cron_api::overage_reconciliation,
         crate::webhooks_api::stripe,
+        crate::events_api::ingest,
         crate::forward_auth::forward_auth,
         crate::forward_auth::forward_auth_path,
         openapi_json,
@@ -125,6 +130,7 @@ impl Modify for SecuritySchemes {
         (name = "admin", description = "Business figures, users and the plan catalog (admin JWT), audited."),
         (name = "cron", description = "Jobs for a scheduler (cron secret)."),
         (name = "stripe", description = "Stripe's webhook."),
+        (name = "events", description = "Usage any service sends, as CloudEvents (ingest secret)."),
         (name = "forward-auth", description = "Metering for any upstream behind a reverse proxy (API key)."),
         (name = "operations", description = "Health, readiness, metrics, this document."),
     )

@@ -10,7 +10,8 @@ use crate::body_deadline::BodyDeadline;
 use crate::ops_api::{__path_ping, ping, ping_unmetered};
 use crate::state::{method_not_allowed, not_found};
 use crate::{
-    admin_api, cron_api, forward_auth, keys_api, openapi, ops_api, user_api, webhooks_api,
+    admin_api, cron_api, events_api, forward_auth, keys_api, openapi, ops_api, user_api,
+    webhooks_api,
 };
 
 /// Every route: the metered API under `/api/v1` (behind `metering`; without it, the bare
@@ -51,6 +52,7 @@ pub(crate) fn routes(
         cron_api::routes(cfg, registry);
         admin_api::routes(cfg, registry);
         webhooks_api::routes(cfg, registry);
+        events_api::routes(cfg, registry);
         openapi::routes(cfg, registry);
         usage_web::configure(cfg);
     });
@@ -142,6 +144,7 @@ mod tests {
             "user_jwt",
             "admin_jwt",
             "cron_secret",
+            "ingest_secret",
             "stripe_signature",
         ] {
             assert!(schemes.contains_key(scheme), "{scheme}");

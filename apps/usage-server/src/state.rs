@@ -30,6 +30,11 @@ pub(crate) struct AppState {
     pub plans: usage_core::plans::Plans,
     pub clock: Arc<dyn usage_core::Clock>,
     pub cron_secret: Option<usage_auth::secret::SharedSecret>,
+    /// `POST /api/events`, when `INGEST_SECRET` is set.
+    pub ingest: Option<(
+        usage_auth::secret::SharedSecret,
+        usage_core::ingest::EventIngest,
+    )>,
     /// Stripe's webhook, when `STRIPE_WEBHOOK_SECRET` is set.
     pub webhooks: Option<usage_billing::StripeWebhooks>,
 }

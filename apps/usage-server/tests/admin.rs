@@ -96,6 +96,7 @@ async fn business(backend: Backend) -> Business {
                 status_code: 200,
                 response_time_ms: 2,
                 created_at: now,
+                units: Default::default(),
             });
         }
     }

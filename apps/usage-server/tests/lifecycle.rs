@@ -30,6 +30,7 @@ async fn store_calls(db: &Db, user: &UserId, key: &ApiKeyId, n: usize, at: Offse
                 status_code: 200,
                 response_time_ms: 2,
                 created_at: at,
+                units: Default::default(),
             }
         })
         .collect();
@@ -189,6 +190,7 @@ async fn dead_letters_are_listed_and_replayed_from_the_cli(backend: Backend) {
             status_code: 200,
             response_time_ms: 1,
             created_at: now,
+            units: Default::default(),
         },
         included_calls: None,
         reason: "user not found".to_owned(),

@@ -213,6 +213,7 @@ async fn store_calls(db: &Db, user: &str, key: &ApiKeyId, at: OffsetDateTime, n:
             status_code: 200,
             response_time_ms: 2,
             created_at: at + time::Duration::milliseconds(i as i64),
+            units: Default::default(),
         })
         .collect();
     let mut included = IncludedCalls::new();

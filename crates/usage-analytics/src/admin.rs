@@ -1135,6 +1135,7 @@ mod tests {
                 status_code: 200,
                 response_time_ms: 1,
                 created_at: now - Duration::seconds(i),
+                units: Default::default(),
             })
             .collect();
         store

@@ -198,6 +198,7 @@ mod tests {
                 status_code: 200,
                 response_time_ms: 1,
                 created_at: at,
+                units: Default::default(),
             }
         };
         let included = Default::default();

@@ -514,6 +514,7 @@ mod tests {
             status_code: status,
             response_time_ms: ms,
             created_at: at,
+            units: Default::default(),
         };
         let events = vec![
             event(datetime!(2026-11-30 23:59:59.999 UTC), "/a", 200, 10),

@@ -37,6 +37,8 @@ pub struct RetentionReport {
     pub rows: u64,
     /// PostgreSQL partitions dropped whole (or that would be).
     pub partitions: Vec<String>,
+    /// Events other services sent before `before`, removed (or that would be).
+    pub meter_events: u64,
 }
 
 /// Removes raw calls past the retention, over a [`Store`].
@@ -122,6 +124,7 @@ impl UsageRetention {
             before,
             rows,
             partitions,
+            meter_events,
         } = self.store.prune_usage(before, dry_run).await?;
         Ok(RetentionReport {
             dry_run,
@@ -131,6 +134,7 @@ impl UsageRetention {
             held_back,
             rows,
             partitions,
+            meter_events,
         })
     }
 }
@@ -189,6 +193,7 @@ mod tests {
                 status_code: 200,
                 response_time_ms: 1,
                 created_at: *at,
+                units: Default::default(),
             })
             .collect();
         let mut limits = IncludedCalls::new();

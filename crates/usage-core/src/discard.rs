@@ -78,6 +78,7 @@ impl UsageRepository for DiscardUsage {
         _dry_run: bool,
     ) -> Result<UsagePrune, RepoError> {
         Ok(UsagePrune {
+            meter_events: 0,
             before,
             rows: 0,
             partitions: Vec::new(),

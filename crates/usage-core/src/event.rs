@@ -1,5 +1,7 @@
 //! Usage events: one per admitted call.
 
+use std::sync::Arc;
+
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -24,6 +26,89 @@ pub struct UsageEvent {
     pub response_time_ms: u32,
     /// When the call arrived (UTC, microseconds).
     pub created_at: OffsetDateTime,
+    /// What the call took of meters other than `api_calls`: its route's costs and the
+    /// units its handler reported. Empty for most calls.
+    pub units: Units,
+}
+
+/// Units by meter that one call took or reported (`tokens=1234;credits=10` as stored).
+/// The same meter given twice adds up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Units(Vec<(Arc<str>, u64)>);
+
+impl Units {
+    /// No units.
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds `quantity` of `meter` (saturating: a quantity never wraps).
+    pub fn add(&mut self, meter: impl Into<Arc<str>>, quantity: u64) {
+        let meter = meter.into();
+        match self.0.iter_mut().find(|(m, _)| *m == meter) {
+            Some((_, q)) => *q = q.saturating_add(quantity),
+            None => self.0.push((meter, quantity)),
+        }
+    }
+
+    /// Adds every entry of `other`.
+    pub fn extend(&mut self, other: &Units) {
+        for (meter, quantity) in other.iter() {
+            self.add(Arc::clone(meter), quantity);
+        }
+    }
+
+    /// The entries, in the order first given.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, u64)> {
+        self.0.iter().map(|(m, q)| (m, *q))
+    }
+
+    /// The quantity of `meter` (0 when absent).
+    pub fn get(&self, meter: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(m, _)| &**m == meter)
+            .map_or(0, |(_, q)| *q)
+    }
+
+    /// The stored form, `None` when empty: `meter=quantity` pairs joined by `;` (meter
+    /// keys are `[a-z0-9_-]`, so neither sign can occur in one).
+    pub fn to_stored(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut text = String::new();
+        for (i, (meter, quantity)) in self.0.iter().enumerate() {
+            if i > 0 {
+                text.push(';');
+            }
+            text.push_str(meter);
+            text.push('=');
+            text.push_str(&quantity.to_string());
+        }
+        Some(text)
+    }
+
+    /// Reads the stored form back; `None` for text it did not write.
+    pub fn from_stored(text: Option<&str>) -> Option<Self> {
+        let mut units = Units::new();
+        let Some(text) = text.filter(|t| !t.is_empty()) else {
+            return Some(units);
+        };
+        for pair in text.split(';') {
+            let (meter, quantity) = pair.split_once('=')?;
+            if !crate::plan::is_valid_key(meter) {
+                return None;
+            }
+            units.add(meter, quantity.parse().ok()?);
+        }
+        Some(units)
+    }
 }
 
 /// One finished call to record: the event, and what its plan includes (the tracker's and
@@ -51,6 +136,28 @@ pub fn new_event_id(at: OffsetDateTime) -> Uuid {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn units_add_up_by_meter_and_read_back_as_stored() {
+        let mut units = Units::new();
+        assert_eq!(units.to_stored(), None);
+        units.add("tokens", 1_234);
+        units.add("credits", 10);
+        units.add("tokens", 6);
+        assert_eq!(units.get("tokens"), 1_240);
+        assert_eq!(units.get("bytes"), 0);
+        let stored = units.to_stored().unwrap();
+        assert_eq!(stored, "tokens=1240;credits=10");
+        assert_eq!(Units::from_stored(Some(&stored)), Some(units.clone()));
+        assert_eq!(Units::from_stored(None), Some(Units::new()));
+        for bad in ["tokens", "tokens=x", "Tokens=1", "tokens=-1", "a=1;;b=2"] {
+            assert_eq!(Units::from_stored(Some(bad)), None, "{bad}");
+        }
+        let mut max = Units::new();
+        max.add("tokens", u64::MAX);
+        max.extend(&units);
+        assert_eq!(max.get("tokens"), u64::MAX, "saturates");
+    }
 
     #[test]
     fn event_ids_are_v7_unique_and_ordered_by_time() {

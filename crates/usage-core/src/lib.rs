@@ -26,6 +26,7 @@ pub mod discard;
 mod error;
 pub mod event;
 pub mod ids;
+pub mod ingest;
 pub mod meter;
 pub mod money;
 pub mod period;

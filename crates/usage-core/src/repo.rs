@@ -941,6 +941,78 @@ pub trait UsageRepository: Send + Sync {
     ) -> Result<Vec<UsageEvent>, RepoError>;
 }
 
+/// One event another service sent (`POST /api/events`), its subject resolved to a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterEvent {
+    /// The sender's name for itself (CloudEvents `source`).
+    pub source: String,
+    /// The sender's id of the event (CloudEvents `id`): `(source, event_id)` is stored
+    /// once, ever.
+    pub event_id: String,
+    /// Whose usage it is.
+    pub user_id: UserId,
+    /// The meter (CloudEvents `type`).
+    pub meter: String,
+    /// The quantity reported (count meters count the event whatever it is; unique_count
+    /// meters count `value`).
+    pub quantity: u64,
+    /// The value a unique_count meter counts once per period.
+    pub value: Option<String>,
+    /// When it happened (CloudEvents `time`): its day and period.
+    pub created_at: OffsetDateTime,
+}
+
+/// What [`MeterUsageRepository::record_meter_events`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventOutcome {
+    /// Events stored now.
+    pub accepted: u64,
+    /// Events whose `(source, id)` was stored before (or earlier in the same batch).
+    pub duplicates: u64,
+}
+
+/// Usage of the meters besides `api_calls`: what calls' units and other services' events
+/// add up to per user, period and day (`eco_meter_usage`, `eco_meter_daily`), and the
+/// events themselves (`eco_meter_events`). Each meter adds up as its aggregation says:
+/// `count` counts reports, `sum` adds quantities, `max` keeps the largest, `unique_count`
+/// counts distinct values. Calls' units are stored by [`UsageRepository::record_usage`],
+/// with the calls.
+#[async_trait]
+pub trait MeterUsageRepository: Send + Sync {
+    /// Stores the events whose `(source, event_id)` was never stored, and adds them to
+    /// their user's period and day, in one transaction. `NotFound` (user or meter) when
+    /// one names a user or meter that does not exist: nothing is stored then.
+    async fn record_meter_events(
+        &self,
+        events: &[MeterEvent],
+        now: OffsetDateTime,
+    ) -> Result<EventOutcome, RepoError>;
+    /// Which of `users` exist, and the owner of each of `keys` that exists (revoked or
+    /// not): the subjects events may name.
+    async fn event_subjects(
+        &self,
+        users: &[UserId],
+        keys: &[ApiKeyId],
+    ) -> Result<(Vec<UserId>, Vec<(ApiKeyId, UserId)>), RepoError>;
+    /// A user's quantity of each meter used in the period starting at `period_start`,
+    /// by meter (`api_calls` is not among them: see [`UsageRepository::usage_record`]).
+    async fn meter_usage(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(String, u64)>, RepoError>;
+    /// A user's quantity of `meter` per UTC day with `from <= date <= to`, oldest first
+    /// (days without usage have no entry). For a `max` meter, the day's largest; for a
+    /// `unique_count` meter, the values first seen that day in their period.
+    async fn meter_history(
+        &self,
+        user_id: &UserId,
+        meter: &str,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<(Date, u64)>, RepoError>;
+}
+
 /// What [`UsageRepository::prune_usage`] removed, or would remove.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UsagePrune {
@@ -952,6 +1024,9 @@ pub struct UsagePrune {
     pub rows: u64,
     /// Whole storage units dropped (PostgreSQL partitions), by name.
     pub partitions: Vec<String>,
+    /// Events other services sent, with a time before `before`, removed (or that would
+    /// be); what they added up to stays.
+    pub meter_events: u64,
 }
 
 /// A call the store refused for good, kept in `eco_usage_dead_letters`.
@@ -1208,6 +1283,7 @@ pub trait Store:
     + QuotaCounterRepository
     + SessionRepository
     + PlanRepository
+    + MeterUsageRepository
     + Send
     + Sync
 {

@@ -300,8 +300,13 @@ fn encode(call: &TrackedCall) -> String {
     let included = call
         .included_calls
         .map_or_else(|| "-".to_owned(), |n| n.to_string());
+    // Units last, and only when there are some: a line without them reads as before.
+    let units = e
+        .units
+        .to_stored()
+        .map_or_else(String::new, |u| format!("\t{u}"));
     format!(
-        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}{}\n",
         e.event_id.hyphenated(),
         e.user_id,
         e.api_key_id,
@@ -310,14 +315,15 @@ fn encode(call: &TrackedCall) -> String {
         e.status_code,
         e.response_time_ms,
         e.created_at.unix_timestamp_nanos(),
-        included
+        included,
+        units
     )
 }
 
 fn decode(line: &str) -> Option<TrackedCall> {
     let mut f = line.split('\t');
     let mut next = || f.next();
-    let event = UsageEvent {
+    let mut event = UsageEvent {
         event_id: Uuid::parse_str(next()?).ok()?,
         user_id: UserId::parse(next()?).ok()?,
         api_key_id: ApiKeyId::parse(next()?).ok()?,
@@ -326,11 +332,15 @@ fn decode(line: &str) -> Option<TrackedCall> {
         status_code: next()?.parse().ok()?,
         response_time_ms: next()?.parse().ok()?,
         created_at: OffsetDateTime::from_unix_timestamp_nanos(next()?.parse().ok()?).ok()?,
+        units: Default::default(),
     };
     let included_calls = match next()? {
         "-" => None,
         n => Some(n.parse().ok()?),
     };
+    if let Some(units) = next() {
+        event.units = crate::event::Units::from_stored(Some(units))?;
+    }
     next().is_none().then_some(TrackedCall {
         event,
         included_calls,
@@ -378,6 +388,7 @@ mod tests {
                 status_code: 200,
                 response_time_ms: i,
                 created_at: datetime!(2026-11-22 10:00:00.123456 UTC),
+                units: Default::default(),
             },
             included_calls: i.is_multiple_of(2).then_some(100_000),
         }
@@ -396,8 +407,16 @@ mod tests {
 
     #[test]
     fn lines_read_back_as_written() {
+        // A line written before units existed (nine fields) still reads.
+        let old = "0193b1e0-0000-7000-8000-000000000000\teco_usr_a\teco_key_b\t/x\tGET\t200\t3\t1763805600000000000\t-";
+        assert!(decode(old).unwrap().event.units.is_empty());
+        assert!(decode(&format!("{old}\tTokens=1")).is_none(), "bad units");
         for i in 0..4 {
-            let c = call(i);
+            let mut c = call(i);
+            if i == 3 {
+                c.event.units.add("tokens", 1_234);
+                c.event.units.add("credits", 10);
+            }
             let back = decode(encode(&c).trim_end_matches('\n')).unwrap();
             assert_eq!(back.event, c.event);
             assert_eq!(back.included_calls, c.included_calls);

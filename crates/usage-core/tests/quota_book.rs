@@ -119,6 +119,7 @@ async fn user_with_stored_calls(store: &MemoryStore, at: OffsetDateTime, calls: 
             status_code: 200,
             response_time_ms: 1,
             created_at: at + time::Duration::milliseconds(i as i64),
+            units: Default::default(),
         })
         .collect();
     store
@@ -292,6 +293,7 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
             status_code: 200,
             response_time_ms: 1,
             created_at: clock.now(),
+            units: Default::default(),
         })
         .collect();
     store

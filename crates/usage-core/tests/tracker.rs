@@ -204,6 +204,7 @@ impl Fixture {
                 status_code: 200,
                 response_time_ms: 2,
                 created_at: at,
+                units: Default::default(),
             },
             included_calls: Some(10),
         }

@@ -304,6 +304,7 @@ impl Meter {
                 response_time_ms: u32::try_from(call.started.elapsed().as_millis())
                     .unwrap_or(u32::MAX),
                 created_at: call.at,
+                units: Default::default(),
             },
             included_calls,
         };

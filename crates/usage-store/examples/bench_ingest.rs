@@ -101,6 +101,7 @@ fn events(callers: &[(UserId, ApiKeyId)], n: usize) -> Vec<UsageEvent> {
                 status_code: 200,
                 response_time_ms: 1,
                 created_at: at,
+                units: Default::default(),
             }
         })
         .collect()

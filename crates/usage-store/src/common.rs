@@ -82,6 +82,7 @@ pub(crate) fn dead_letters_json(letters: &[usage_core::repo::DeadLetter]) -> Str
                     "included_calls": l.included_calls,
                     "reason": l.reason,
                     "failed_at": utc(l.failed_at),
+                    "units": e.units.to_stored(),
                 })
             })
             .collect(),
@@ -521,7 +522,17 @@ pub(crate) fn lease_binds(lease: usage_core::repo::LeaseTerms) -> (i64, i64, i64
 }
 
 /// A stored event's columns as both backends read them (`event_id` as each stores it).
-pub(crate) type EventTuple<Id, At> = (Id, String, String, String, String, i32, i32, At);
+pub(crate) type EventTuple<Id, At> = (
+    Id,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    i32,
+    At,
+    Option<String>,
+);
 
 /// An event from its stored columns; `event_id` and `created_at` already parsed.
 pub(crate) fn event_from_columns(
@@ -529,6 +540,7 @@ pub(crate) fn event_from_columns(
     (user_id, api_key_id, endpoint, method): (String, String, String, String),
     (status_code, response_time_ms): (i32, i32),
     created_at: time::OffsetDateTime,
+    units: Option<&str>,
 ) -> usage_core::UsageEvent {
     usage_core::UsageEvent {
         event_id,
@@ -539,6 +551,8 @@ pub(crate) fn event_from_columns(
         status_code: u16::try_from(status_code).unwrap_or(0),
         response_time_ms: u32::try_from(response_time_ms).unwrap_or(0),
         created_at,
+        // The store wrote them: unreadable units cannot occur, and read as none.
+        units: usage_core::event::Units::from_stored(units).unwrap_or_default(),
     }
 }
 
@@ -665,4 +679,59 @@ pub(crate) fn floor_columns(floors: &[(usage_core::UserId, u64)]) -> (Vec<String
         .into_iter()
         .map(|(user, floor)| (user.to_string(), to_i64(*floor)))
         .unzip()
+}
+
+/// One quantity reported to a meter: a unit a stored call took, an event, or a value a
+/// unique_count meter sees for the first time in its period.
+pub(crate) struct MeterReport {
+    pub user_id: String,
+    pub meter: String,
+    pub at: OffsetDateTime,
+    pub quantity: u64,
+}
+
+/// Reports added up three ways at once (the store picks the meter's): how many, their
+/// sum and their largest, each saturating at the largest BIGINT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub reports: i64,
+    pub total: i64,
+    pub most: i64,
+}
+
+impl Tally {
+    fn add(&mut self, quantity: u64) {
+        let quantity = to_i64(quantity);
+        self.reports = self.reports.saturating_add(1);
+        self.total = self.total.saturating_add(quantity);
+        self.most = self.most.max(quantity);
+    }
+}
+
+/// Reports by (user, meter, period start) and by (user, meter, UTC day), sorted: one
+/// row per counter, locked in one order by every writer.
+#[allow(clippy::type_complexity)]
+pub(crate) fn tally_reports(
+    reports: &[MeterReport],
+) -> (
+    BTreeMap<(String, String, OffsetDateTime), Tally>,
+    BTreeMap<(String, String, time::Date), Tally>,
+) {
+    let mut periods: BTreeMap<(String, String, OffsetDateTime), Tally> = BTreeMap::new();
+    let mut days: BTreeMap<(String, String, time::Date), Tally> = BTreeMap::new();
+    for r in reports {
+        let utc = r.at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(r.at);
+        periods
+            .entry((
+                r.user_id.clone(),
+                r.meter.clone(),
+                BillingPeriod::containing(utc).start(),
+            ))
+            .or_default()
+            .add(r.quantity);
+        days.entry((r.user_id.clone(), r.meter.clone(), utc.date()))
+            .or_default()
+            .add(r.quantity);
+    }
+    (periods, days)
 }

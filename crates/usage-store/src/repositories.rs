@@ -29,28 +29,30 @@ use usage_core::catalog::{Overrides, PlanDefinition, PlanMove};
 use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
-    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, IncludedCalls,
-    KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge, OverageChargeRepository,
-    OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, PoolState,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
-    late_write_cutoff, plan_key_issue, plan_subscription_change,
+    DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, EventOutcome,
+    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent, MeterUsageRepository,
+    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodUsage,
+    PlanRepository, PlanVersion, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
+    RecordOutcome, SessionRepository, Subscription, SubscriptionChange, SubscriptionOutcome,
+    TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User,
+    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
+    plan_subscription_change,
 };
 use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
 
 use crate::common::{
     BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
-    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, QuotaTakeRow, StoredCallsRow, TRANSACTION_ATTEMPTS,
-    admin_sql, counter_deltas, dead_letters_json, deleted_keys, distinct_references, floor_columns,
-    foldable, lease_binds, parse_top_endpoints, plan_counts, raw_day, session_sql, to_i64, to_u64,
+    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, MeterReport, QuotaTakeRow, StoredCallsRow,
+    TRANSACTION_ATTEMPTS, admin_sql, counter_deltas, dead_letters_json, deleted_keys,
+    distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints, plan_counts,
+    raw_day, session_sql, tally_reports, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
-    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_meters, eco_overage_charges,
-    eco_plan_versions, eco_plans, eco_route_costs, eco_stripe_events, eco_usage_daily,
-    eco_usage_records, eco_usage_retention, eco_users,
+    eco_api_keys, eco_api_usage, eco_deleted_keys, eco_meter_daily, eco_meter_usage, eco_meters,
+    eco_overage_charges, eco_plan_versions, eco_plans, eco_route_costs, eco_stripe_events,
+    eco_usage_daily, eco_usage_records, eco_usage_retention, eco_users,
 };
 use crate::types::{At, EventId, Id, Json, JsonText, Stamp, utc_text};
 
@@ -712,33 +714,130 @@ fn upsert_counters_sql(rows: &str) -> String {
     )
 }
 
-/// Who and when of a stored call, as `insert_usage_rows` returns them.
+/// Who, when and what units of a stored call, as `insert_usage_rows` returns them.
 #[derive(QueryableByName)]
 struct InsertedEvent {
     #[diesel(sql_type = Text)]
     user_id: String,
     #[diesel(sql_type = Stamp)]
     created_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<Text>)]
+    units: Option<String>,
 }
 
-impl InsertedEvent {
-    fn into_pair(self) -> (UserId, OffsetDateTime) {
-        (UserId::from_stored(self.user_id), self.created_at)
+/// The meter reports of the calls of a batch that were stored: one per unit a call took.
+fn unit_reports(inserted: &[InsertedEvent]) -> Vec<MeterReport> {
+    let mut reports = Vec::new();
+    for call in inserted.iter().filter(|c| c.units.is_some()) {
+        let Some(units) = usage_core::event::Units::from_stored(call.units.as_deref()) else {
+            tracing::warn!(user = %call.user_id, units = ?call.units, "unreadable units skipped");
+            continue;
+        };
+        reports.extend(units.iter().map(|(meter, quantity)| MeterReport {
+            user_id: call.user_id.clone(),
+            meter: meter.to_string(),
+            at: call.created_at,
+            quantity,
+        }));
     }
+    reports
+}
+
+/// Adds meter reports to their user's period (`eco_meter_usage`) and day
+/// (`eco_meter_daily`), as each meter's aggregation adds them up: count, sum (saturating
+/// at the largest BIGINT), max. `distinct` reports are unique_count meters' values seen
+/// for the first time in their period (each counts one); the others go to every other
+/// kind of meter. Reports of meters that do not exist are dropped (none is ever deleted).
+async fn add_meter_reports(
+    conn: &mut Conn,
+    reports: &[MeterReport],
+    distinct: bool,
+    now: OffsetDateTime,
+) -> diesel::QueryResult<()> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let kinds = if distinct {
+        "m.aggregation = 'unique_count'"
+    } else {
+        "m.aggregation <> 'unique_count'"
+    };
+    let (periods, days) = tally_reports(reports);
+    let tally = ("reports", "int8");
+    let columns = [
+        tally,
+        ("total", "int8"),
+        ("most", "int8"),
+        ("user_id", "text"),
+        ("meter", "text"),
+    ];
+    let added = "CASE m.aggregation WHEN 'max' THEN d.most WHEN 'sum' THEN d.total \
+                 ELSE d.reports END";
+    let merged = |table: &str| {
+        format!(
+            "CASE WHEN (SELECT aggregation FROM eco_meters WHERE key = excluded.meter) = 'max'
+                      THEN GREATEST({table}.quantity, excluded.quantity)
+                  WHEN {table}.quantity > {MAX} - excluded.quantity THEN {MAX}
+                  ELSE {table}.quantity + excluded.quantity END",
+            MAX = i64::MAX
+        )
+    };
+    let period_rows = json_array(periods.iter().map(|((user, meter, start), t)| {
+        serde_json::json!({"user_id": user, "meter": meter, "period_start": utc_text(*start),
+                           "reports": t.reports, "total": t.total, "most": t.most})
+    }));
+    let mut with_start = columns.to_vec();
+    with_start.push(("period_start", "timestamptz"));
+    query(&format!(
+        "INSERT INTO eco_meter_usage (user_id, period_start, meter, quantity, updated_at)
+         SELECT d.user_id, d.period_start, d.meter, {added}, $2
+         FROM {} JOIN eco_meters m ON m.key = d.meter
+         WHERE {kinds}
+         ORDER BY d.user_id, d.period_start, d.meter
+         ON CONFLICT (user_id, period_start, meter) DO UPDATE SET
+             quantity = {},
+             updated_at = excluded.updated_at",
+        json_rows("$1", &with_start),
+        merged("eco_meter_usage")
+    ))
+    .bind::<Text, _>(period_rows)
+    .bind::<Stamp, _>(now)
+    .execute(&mut *conn)
+    .await?;
+    let day_rows = json_array(days.iter().map(|((user, meter, date), t)| {
+        serde_json::json!({"user_id": user, "meter": meter, "date": date.to_string(),
+                           "reports": t.reports, "total": t.total, "most": t.most})
+    }));
+    let mut with_date = columns.to_vec();
+    with_date.push(("date", "date"));
+    query(&format!(
+        "INSERT INTO eco_meter_daily (user_id, meter, date, quantity)
+         SELECT d.user_id, d.meter, d.date, {added}
+         FROM {} JOIN eco_meters m ON m.key = d.meter
+         WHERE {kinds}
+         ORDER BY d.user_id, d.meter, d.date
+         ON CONFLICT (user_id, meter, date) DO UPDATE SET quantity = {}",
+        json_rows("$1", &with_date),
+        merged("eco_meter_daily")
+    ))
+    .bind::<Text, _>(day_rows)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Marks the days of calls stored late (a day that has ended, or ends within
 /// `LATE_WRITE_MARGIN` of `now`): their aggregates, if any, are no longer current.
 async fn mark_late_days(
     conn: &mut Conn,
-    inserted: &[(UserId, OffsetDateTime)],
+    inserted: &[InsertedEvent],
     now: OffsetDateTime,
 ) -> diesel::QueryResult<()> {
     let cutoff = late_write_cutoff(now);
     let days: std::collections::BTreeSet<Date> = inserted
         .iter()
-        .filter(|(_, at)| *at < cutoff)
-        .map(|(_, at)| at.date())
+        .filter(|e| e.created_at < cutoff)
+        .map(|e| e.created_at.date())
         .collect();
     for day in days {
         query(
@@ -776,7 +875,13 @@ impl UsageRepository for This {
                 let inserted = insert_usage_rows(conn, events).await?;
                 mark_late_days(conn, &inserted, now).await?;
                 let count = inserted.len() as u64;
-                let deltas = counter_deltas(inserted, included);
+                add_meter_reports(conn, &unit_reports(&inserted), false, now).await?;
+                let deltas = counter_deltas(
+                    inserted
+                        .into_iter()
+                        .map(|e| (UserId::from_stored(e.user_id), e.created_at)),
+                    included,
+                );
                 if !deltas.is_empty() {
                     upsert_counters(conn, &deltas, now).await?;
                 }
@@ -869,9 +974,10 @@ impl UsageRepository for This {
         }
         let sql = format!(
             "INSERT INTO eco_usage_dead_letters (event_id, user_id, api_key_id, endpoint, method,
-                 status_code, response_time_ms, created_at, included_calls, reason, failed_at)
+                 status_code, response_time_ms, created_at, included_calls, reason, failed_at,
+                 units)
              SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
-                    response_time_ms, created_at, included_calls, reason, failed_at
+                    response_time_ms, created_at, included_calls, reason, failed_at, units
              FROM {} WHERE true
              ON CONFLICT (event_id) DO NOTHING",
             json_rows(
@@ -888,6 +994,7 @@ impl UsageRepository for This {
                     ("included_calls", "int8"),
                     ("reason", "text"),
                     ("failed_at", "timestamptz"),
+                    ("units", "text"),
                 ]
             )
         );
@@ -908,7 +1015,7 @@ impl UsageRepository for This {
         let mut conn = self.conn().await?;
         let rows: Vec<DeadLetterRow> = query(
             "SELECT event_id, user_id, api_key_id, endpoint, method, status_code,
-                    response_time_ms, created_at, included_calls, reason, failed_at
+                    response_time_ms, created_at, included_calls, reason, failed_at, units
              FROM eco_usage_dead_letters
              WHERE $1 IS NULL OR event_id > $1 ORDER BY event_id LIMIT $2",
         )
@@ -954,7 +1061,34 @@ impl UsageRepository for This {
         before: OffsetDateTime,
         dry_run: bool,
     ) -> Result<UsagePrune, RepoError> {
-        let pruned = self.prune_usage_rows(before, dry_run).await?;
+        let mut pruned = self.prune_usage_rows(before, dry_run).await?;
+        let mut conn = self.conn().await?;
+        let old_events = "FROM eco_meter_events WHERE created_at < $1";
+        if dry_run {
+            let row: CountRow = query(&format!("SELECT count(*) AS n {old_events}"))
+                .bind::<Stamp, _>(pruned.before)
+                .get_result(&mut *conn)
+                .await
+                .map_err(db("meter event"))?;
+            pruned.meter_events = to_u64(row.n);
+        } else {
+            // In batches: each a short write (SQLite's one writer waits for none long).
+            loop {
+                let removed = query(&format!(
+                    "DELETE FROM eco_meter_events WHERE (source, event_id) IN
+                         (SELECT source, event_id {old_events} LIMIT 5000)"
+                ))
+                .bind::<Stamp, _>(pruned.before)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("meter event"))?;
+                pruned.meter_events += removed as u64;
+                if removed < 5000 {
+                    break;
+                }
+            }
+        }
+        drop(conn);
         if !dry_run {
             // Recorded once everything before it is gone: readers then know that days
             // before it are counted only in their aggregates.
@@ -1004,6 +1138,7 @@ impl UsageRepository for This {
                 u::status_code,
                 u::response_time_ms,
                 u::created_at,
+                u::units,
             ))
             .order((u::created_at.desc(), u::event_id.desc()))
             .limit(i64::from(limit))
@@ -1012,12 +1147,13 @@ impl UsageRepository for This {
             .map_err(db("usage event"))?;
         Ok(rows
             .into_iter()
-            .map(|(id, user, key, endpoint, method, status, ms, at)| {
+            .map(|(id, user, key, endpoint, method, status, ms, at, units)| {
                 crate::common::event_from_columns(
                     id,
                     (user, key, endpoint, method),
                     (status, ms),
                     at,
+                    units.as_deref(),
                 )
             })
             .collect())
@@ -1074,6 +1210,8 @@ struct DeadLetterRow {
     reason: String,
     #[diesel(sql_type = Stamp)]
     failed_at: OffsetDateTime,
+    #[diesel(sql_type = Nullable<Text>)]
+    units: Option<String>,
 }
 
 impl DeadLetterRow {
@@ -1084,6 +1222,7 @@ impl DeadLetterRow {
                 (self.user_id, self.api_key_id, self.endpoint, self.method),
                 (self.status_code, self.response_time_ms),
                 self.created_at,
+                self.units.as_deref(),
             ),
             included_calls: self.included_calls.map(to_u64),
             reason: self.reason,
@@ -2661,20 +2800,43 @@ impl PlanRepository for This {
 
     async fn update_meter(&self, meter: &Meter, at: OffsetDateTime) -> Result<(), RepoError> {
         let mut conn = self.conn().await?;
-        let updated = diesel::update(eco_meters::table.find(&meter.key))
-            .set((
-                eco_meters::name.eq(&meter.name),
-                eco_meters::unit.eq(&meter.unit),
-                eco_meters::aggregation.eq(meter.aggregation.as_str()),
-                eco_meters::updated_at.eq(At(at)),
-            ))
-            .execute(&mut *conn)
+        write_transaction!(&mut conn, async |conn| -> Result<(), BatchError> {
+            let stored: String = for_update!(
+                eco_meters::table
+                    .find(&meter.key)
+                    .select(eco_meters::aggregation)
+            )
+            .first(conn)
             .await
-            .map_err(db("meter"))?;
-        if updated == 0 {
-            return Err(RepoError::NotFound { entity: "meter" });
-        }
-        Ok(())
+            .optional()?
+            .ok_or(BatchError::Missing("meter"))?;
+            if stored != meter.aggregation.as_str() {
+                // Usage stored under one aggregation would not add up under another.
+                let used: i64 = eco_meter_usage::table
+                    .filter(eco_meter_usage::meter.eq(&meter.key))
+                    .count()
+                    .get_result(conn)
+                    .await?;
+                if used > 0 {
+                    return Err(BatchError::Repo(RepoError::Conflict {
+                        entity: "meter",
+                        field: "aggregation",
+                    }));
+                }
+            }
+            diesel::update(eco_meters::table.find(&meter.key))
+                .set((
+                    eco_meters::name.eq(&meter.name),
+                    eco_meters::unit.eq(&meter.unit),
+                    eco_meters::aggregation.eq(meter.aggregation.as_str()),
+                    eco_meters::updated_at.eq(At(at)),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_repo("meter"))
     }
 
     async fn route_costs(&self) -> Result<Vec<RouteCost>, RepoError> {
@@ -2717,6 +2879,268 @@ impl PlanRepository for This {
         })
         .await
         .map_err(|e| e.into_repo("meter"))
+    }
+}
+
+/// The (source, id) pairs of a batch of events that were never stored, as the insert
+/// into `eco_event_ids` returns them.
+#[derive(QueryableByName)]
+struct FreshEventId {
+    #[diesel(sql_type = Text)]
+    source: String,
+    #[diesel(sql_type = Text)]
+    event_id: String,
+}
+
+/// A unique_count value seen for the first time in its period.
+#[derive(QueryableByName)]
+struct FirstSeenValue {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    meter: String,
+    #[diesel(sql_type = Stamp)]
+    first_seen: OffsetDateTime,
+}
+
+/// How many of `keys` exist as `column` of `table`.
+async fn count_existing(
+    conn: &mut Conn,
+    table: &str,
+    column: &str,
+    keys: &[&str],
+) -> diesel::QueryResult<u64> {
+    let row: CountRow = query(&format!(
+        "SELECT count(*) AS n FROM {table} WHERE {column} IN (SELECT k FROM {})",
+        json_rows("$1", &[("k", "text")])
+    ))
+    .bind::<Text, _>(json_array(keys.iter().map(|k| serde_json::json!({"k": k}))))
+    .get_result(conn)
+    .await?;
+    Ok(to_u64(row.n))
+}
+
+#[async_trait]
+impl MeterUsageRepository for This {
+    async fn record_meter_events(
+        &self,
+        events: &[MeterEvent],
+        now: OffsetDateTime,
+    ) -> Result<EventOutcome, RepoError> {
+        if events.is_empty() {
+            return Ok(EventOutcome::default());
+        }
+        let users: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.user_id.as_str()).collect();
+        let meters: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.meter.as_str()).collect();
+        let users: Vec<&str> = users.into_iter().collect();
+        let meters: Vec<&str> = meters.into_iter().collect();
+        let (users, meters) = (&users, &meters);
+        let mut attempt = 1;
+        loop {
+            let mut conn = self.conn().await?;
+            let result = write_transaction!(&mut conn, async |conn| -> Result<u64, BatchError> {
+                if count_existing(conn, "eco_users", "id", users).await? != users.len() as u64 {
+                    return Err(BatchError::Missing("user"));
+                }
+                if count_existing(conn, "eco_meters", "key", meters).await? != meters.len() as u64 {
+                    return Err(BatchError::Missing("meter"));
+                }
+                // Sorted: one lock order for every writer.
+                let mut ids: Vec<(&str, &str)> = events
+                    .iter()
+                    .map(|e| (e.source.as_str(), e.event_id.as_str()))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let fresh: Vec<FreshEventId> = query(&format!(
+                    "INSERT INTO eco_event_ids (source, event_id)
+                     SELECT d.source, d.event_id FROM {} WHERE true
+                     ON CONFLICT (source, event_id) DO NOTHING
+                     RETURNING source, event_id",
+                    json_rows("$1", &[("source", "text"), ("event_id", "text")])
+                ))
+                .bind::<Text, _>(json_array(ids.iter().map(
+                    |(source, id)| serde_json::json!({"source": source, "event_id": id}),
+                )))
+                .load(conn)
+                .await?;
+                let mut fresh: std::collections::HashSet<(String, String)> =
+                    fresh.into_iter().map(|f| (f.source, f.event_id)).collect();
+                // The first of a batch's events with one (source, id) is the one kept.
+                let stored: Vec<&MeterEvent> = events
+                    .iter()
+                    .filter(|e| fresh.remove(&(e.source.clone(), e.event_id.clone())))
+                    .collect();
+                if stored.is_empty() {
+                    return Ok(0);
+                }
+                let rows = json_array(stored.iter().map(|e| {
+                    serde_json::json!({
+                        "source": e.source, "event_id": e.event_id,
+                        "user_id": e.user_id.as_str(), "meter": e.meter,
+                        "quantity": to_i64(e.quantity), "value": e.value,
+                        "created_at": utc_text(e.created_at),
+                        "period_start": utc_text(BillingPeriod::containing(e.created_at).start()),
+                    })
+                }));
+                query(&format!(
+                    "INSERT INTO eco_meter_events (source, event_id, user_id, meter, quantity,
+                                                   value, created_at, received_at)
+                     SELECT d.source, d.event_id, d.user_id, d.meter, d.quantity, d.value,
+                            d.created_at, $2
+                     FROM {} WHERE true",
+                    json_rows(
+                        "$1",
+                        &[
+                            ("source", "text"),
+                            ("event_id", "text"),
+                            ("user_id", "text"),
+                            ("meter", "text"),
+                            ("quantity", "int8"),
+                            ("value", "text"),
+                            ("created_at", "timestamptz"),
+                        ]
+                    )
+                ))
+                .bind::<Text, _>(&rows)
+                .bind::<Stamp, _>(now)
+                .execute(conn)
+                .await?;
+                // Earliest first: a value seen twice in the batch is first seen at the first.
+                let first_seen: Vec<FirstSeenValue> = query(&format!(
+                    "INSERT INTO eco_meter_values (user_id, period_start, meter, value, first_seen)
+                     SELECT d.user_id, d.period_start, d.meter, d.value, d.created_at
+                     FROM {} JOIN eco_meters m ON m.key = d.meter
+                     WHERE m.aggregation = 'unique_count' AND d.value IS NOT NULL
+                     ORDER BY d.created_at
+                     ON CONFLICT (user_id, period_start, meter, value) DO NOTHING
+                     RETURNING user_id, meter, first_seen",
+                    json_rows(
+                        "$1",
+                        &[
+                            ("user_id", "text"),
+                            ("period_start", "timestamptz"),
+                            ("meter", "text"),
+                            ("value", "text"),
+                            ("created_at", "timestamptz"),
+                        ]
+                    )
+                ))
+                .bind::<Text, _>(&rows)
+                .load(conn)
+                .await?;
+                let reports: Vec<MeterReport> = stored
+                    .iter()
+                    .map(|e| MeterReport {
+                        user_id: e.user_id.as_str().to_owned(),
+                        meter: e.meter.clone(),
+                        at: e.created_at,
+                        quantity: e.quantity,
+                    })
+                    .collect();
+                add_meter_reports(conn, &reports, false, now).await?;
+                let values: Vec<MeterReport> = first_seen
+                    .into_iter()
+                    .map(|v| MeterReport {
+                        user_id: v.user_id,
+                        meter: v.meter,
+                        at: v.first_seen,
+                        quantity: 1,
+                    })
+                    .collect();
+                add_meter_reports(conn, &values, true, now).await?;
+                Ok(stored.len() as u64)
+            })
+            .await;
+            match result {
+                Ok(accepted) => {
+                    return Ok(EventOutcome {
+                        accepted,
+                        duplicates: events.len() as u64 - accepted,
+                    });
+                }
+                Err(BatchError::Db(e)) if is_retryable(&e) && attempt < TRANSACTION_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "retrying a batch of meter events");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into_repo("user")),
+            }
+        }
+    }
+
+    async fn event_subjects(
+        &self,
+        users: &[UserId],
+        keys: &[ApiKeyId],
+    ) -> Result<(Vec<UserId>, Vec<(ApiKeyId, UserId)>), RepoError> {
+        let mut conn = self.conn().await?;
+        let found_users: Vec<String> = if users.is_empty() {
+            Vec::new()
+        } else {
+            eco_users::table
+                .filter(eco_users::id.eq_any(users.iter().map(UserId::as_str)))
+                .select(eco_users::id)
+                .load(&mut *conn)
+                .await
+                .map_err(db("user"))?
+        };
+        let found_keys: Vec<(String, String)> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            eco_api_keys::table
+                .filter(eco_api_keys::id.eq_any(keys.iter().map(ApiKeyId::as_str)))
+                .select((eco_api_keys::id, eco_api_keys::user_id))
+                .load(&mut *conn)
+                .await
+                .map_err(db("API key"))?
+        };
+        Ok((
+            found_users.into_iter().map(UserId::from_stored).collect(),
+            found_keys
+                .into_iter()
+                .map(|(k, u)| (ApiKeyId::from_stored(k), UserId::from_stored(u)))
+                .collect(),
+        ))
+    }
+
+    async fn meter_usage(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(String, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, i64)> = eco_meter_usage::table
+            .filter(eco_meter_usage::user_id.eq(user_id.as_str()))
+            .filter(eco_meter_usage::period_start.eq(At(period_start)))
+            .select((eco_meter_usage::meter, eco_meter_usage::quantity))
+            .order(eco_meter_usage::meter)
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter usage"))?;
+        Ok(rows.into_iter().map(|(m, q)| (m, to_u64(q))).collect())
+    }
+
+    async fn meter_history(
+        &self,
+        user_id: &UserId,
+        meter: &str,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<(Date, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(Date, i64)> = eco_meter_daily::table
+            .filter(eco_meter_daily::user_id.eq(user_id.as_str()))
+            .filter(eco_meter_daily::meter.eq(meter))
+            .filter(eco_meter_daily::date.ge(from))
+            .filter(eco_meter_daily::date.le(to))
+            .select((eco_meter_daily::date, eco_meter_daily::quantity))
+            .order(eco_meter_daily::date)
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter usage"))?;
+        Ok(rows.into_iter().map(|(d, q)| (d, to_u64(q))).collect())
     }
 }
 

@@ -100,6 +100,48 @@ diesel::table! {
         status_code -> Integer,
         response_time_ms -> Integer,
         created_at -> Stamp,
+        units -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_meter_events (source, event_id) {
+        source -> Text,
+        event_id -> Text,
+        user_id -> Text,
+        meter -> Text,
+        quantity -> BigInt,
+        value -> Nullable<Text>,
+        created_at -> Stamp,
+        received_at -> Stamp,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_meter_usage (user_id, period_start, meter) {
+        user_id -> Text,
+        period_start -> Stamp,
+        meter -> Text,
+        quantity -> BigInt,
+        updated_at -> Stamp,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::types::*;
+
+    eco_meter_daily (user_id, meter, date) {
+        user_id -> Text,
+        meter -> Text,
+        date -> Date,
+        quantity -> BigInt,
     }
 }
 

@@ -46,6 +46,7 @@ fn event(at: OffsetDateTime) -> UsageEvent {
         status_code: 200,
         response_time_ms: 2,
         created_at: at,
+        units: Default::default(),
     }
 }
 

@@ -48,6 +48,7 @@ async fn a_batch_from_more_users_than_a_statement_binds_is_stored_and_counted() 
             status_code: 200,
             response_time_ms: 1,
             created_at: at,
+            units: Default::default(),
         })
         .collect();
 

@@ -24,9 +24,9 @@ use usage_core::event::new_event_id;
 use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, ApiKeyRecord, ChargeStatus, DayTotal, DeadLetter, DeletedKeys, EndpointCount,
-    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, QuotaDelta, QuotaTake,
-    RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User, UserPageQuery,
-    UserSort,
+    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent, NewOverageCharge, QuotaDelta,
+    QuotaTake, RecordOutcome, SubscriptionChange, SubscriptionOutcome, UninvoicedOverage, User,
+    UserPageQuery, UserSort,
 };
 use usage_core::{
     ApiKeyId, BillingPeriod, Clock as _, Plan, PlanCatalog, RepoError, Store, UsageEvent, UserId,
@@ -94,6 +94,8 @@ macro_rules! repository_conformance_tests {
             concurrent_plan_revisions_get_distinct_versions,
             users_hold_the_plan_version_they_subscribed_to,
             meters_and_route_costs_are_kept,
+            calls_units_add_up_by_each_meters_aggregation,
+            meter_events_are_stored_once_ever,
             users_overrides_are_kept_and_dropped;
             late_writes_are_marked_by_the_store_clock,
         );
@@ -171,6 +173,7 @@ fn event(user_id: &UserId, key_id: &ApiKeyId, at: OffsetDateTime) -> UsageEvent 
         status_code: 200,
         response_time_ms: 3,
         created_at: at,
+        units: Default::default(),
     }
 }
 
@@ -1806,7 +1809,8 @@ pub async fn dead_letters_are_kept_listed_and_replayed(store: Arc<dyn Store>) {
     };
     // Ada's call (refused once, fine now), a stranger's (refused for good), Ada's again
     // (a second call, past her included one).
-    let good = letter(&ada, &key, T0);
+    let mut good = letter(&ada, &key, T0);
+    good.event.units.add("tokens", 1_234);
     let stranger = letter(
         &UserId::generate(),
         &ApiKeyId::generate(),
@@ -3310,4 +3314,261 @@ pub async fn meters_and_route_costs_are_kept(store: Arc<dyn Store>) {
     );
     store.replace_route_costs(&[]).await.unwrap();
     assert!(store.route_costs().await.unwrap().is_empty());
+}
+
+/// Meters of every kind, for the metered usage cases.
+async fn define_meters(store: &Arc<dyn Store>) {
+    for (key, aggregation) in [
+        ("tokens", Aggregation::Sum),
+        ("images", Aggregation::Count),
+        ("peak_gb", Aggregation::Max),
+        ("seats", Aggregation::UniqueCount),
+    ] {
+        store
+            .create_meter(
+                &Meter {
+                    key: key.into(),
+                    name: key.into(),
+                    unit: "unit".into(),
+                    aggregation,
+                },
+                T0,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Calls' units are stored with the calls, read back with them, and add up per user,
+/// period and day as each meter's aggregation says (count, sum saturating, max); a
+/// replayed batch adds nothing; a meter's aggregation is fixed once it has usage.
+pub async fn calls_units_add_up_by_each_meters_aggregation(store: Arc<dyn Store>) {
+    define_meters(&store).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let with = |at: OffsetDateTime, units: &[(&str, u64)]| {
+        let mut e = event(&ada, &key, at);
+        for (meter, quantity) in units {
+            e.units.add(*meter, *quantity);
+        }
+        e
+    };
+    let december = datetime!(2026-12-01 00:00 UTC);
+    let batch = vec![
+        with(T0, &[("tokens", 1_000), ("images", 5), ("peak_gb", 7)]),
+        with(T0 + Duration::seconds(1), &[]),
+        with(T0 + Duration::hours(24), &[("tokens", 234), ("peak_gb", 3)]),
+        with(december, &[("tokens", 5), ("images", 1)]),
+        // A meter that does not exist adds nothing anywhere (none is ever deleted).
+        with(T0 + Duration::seconds(2), &[("gone", 9)]),
+    ];
+    let outcome = store.record_usage(&batch, &HashMap::new()).await.unwrap();
+    assert_eq!(outcome.inserted, 5);
+    let november = BillingPeriod::containing(T0).start();
+    let usage = |expected: &[(&str, u64)]| {
+        expected
+            .iter()
+            .map(|(m, q)| ((*m).to_owned(), *q))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store.meter_usage(&ada, november).await.unwrap(),
+        usage(&[("images", 1), ("peak_gb", 7), ("tokens", 1_234)]),
+        "images count reports, peak_gb keeps the largest, tokens add up"
+    );
+    assert_eq!(
+        store.meter_usage(&ada, december).await.unwrap(),
+        usage(&[("images", 1), ("tokens", 5)])
+    );
+    assert_eq!(
+        store
+            .meter_history(&ada, "tokens", T0.date(), december.date())
+            .await
+            .unwrap(),
+        vec![
+            (T0.date(), 1_000),
+            (T0.date().next_day().unwrap(), 234),
+            (december.date(), 5)
+        ]
+    );
+    assert_eq!(
+        store
+            .meter_history(&ada, "peak_gb", T0.date(), T0.date())
+            .await
+            .unwrap(),
+        vec![(T0.date(), 7)]
+    );
+    let again = store.record_usage(&batch, &HashMap::new()).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 5));
+    assert_eq!(
+        store.meter_usage(&ada, november).await.unwrap(),
+        usage(&[("images", 1), ("peak_gb", 7), ("tokens", 1_234)]),
+        "a replayed batch adds nothing"
+    );
+    let page = store
+        .usage_events_page(&ada, T0, december + Duration::days(1), None, 10)
+        .await
+        .unwrap();
+    let first = page
+        .iter()
+        .find(|e| e.event_id == batch[0].event_id)
+        .unwrap();
+    assert_eq!(first.units, batch[0].units, "units read back with the call");
+    assert!(page.iter().any(|e| e.units.is_empty()));
+
+    // Sums saturate at the largest BIGINT instead of failing the batch.
+    let huge = vec![
+        with(T0 + Duration::seconds(10), &[("tokens", u64::MAX)]),
+        with(T0 + Duration::seconds(11), &[("tokens", u64::MAX)]),
+    ];
+    store.record_usage(&huge, &HashMap::new()).await.unwrap();
+    let tokens = store.meter_usage(&ada, november).await.unwrap();
+    assert_eq!(tokens[2], ("tokens".to_owned(), i64::MAX as u64));
+
+    // Usage stored: the aggregation of tokens is fixed; its name is not.
+    let mut renamed = Meter {
+        key: "tokens".into(),
+        name: "Model tokens".into(),
+        unit: "token".into(),
+        aggregation: Aggregation::Sum,
+    };
+    store.update_meter(&renamed, T0).await.unwrap();
+    renamed.aggregation = Aggregation::Max;
+    assert_eq!(
+        store.update_meter(&renamed, T0).await.unwrap_err(),
+        RepoError::Conflict {
+            entity: "meter",
+            field: "aggregation"
+        }
+    );
+}
+
+/// Events of other services: `(source, id)` stored once, ever (in one batch too); each
+/// adds to its own day and period, late ones included; unique_count meters count
+/// distinct values per period; a batch naming an unknown user or meter stores nothing.
+pub async fn meter_events_are_stored_once_ever(store: Arc<dyn Store>) {
+    define_meters(&store).await;
+    let (ada, _) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let now = datetime!(2026-12-02 10:00 UTC);
+    let sent = |id: &str, meter: &str, quantity: u64, value: Option<&str>, at| MeterEvent {
+        source: "inference-api".into(),
+        event_id: id.into(),
+        user_id: ada.clone(),
+        meter: meter.into(),
+        quantity,
+        value: value.map(str::to_owned),
+        created_at: at,
+    };
+    let late = datetime!(2026-11-30 23:59:59 UTC);
+    let batch = vec![
+        sent("e1", "tokens", 1_000, None, now),
+        sent("e2", "tokens", 234, None, now),
+        sent("e1", "tokens", 999, None, now),
+        sent("e3", "tokens", 50, None, late),
+        sent("e4", "seats", 0, Some("alice"), now),
+        sent("e5", "seats", 0, Some("bob"), now),
+        sent("e6", "seats", 0, Some("alice"), now + Duration::hours(24)),
+        sent("e7", "images", 40, None, now),
+    ];
+    let outcome = store.record_meter_events(&batch, now).await.unwrap();
+    assert_eq!((outcome.accepted, outcome.duplicates), (7, 1));
+    let december = BillingPeriod::containing(now).start();
+    let november = BillingPeriod::containing(late).start();
+    let owned = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|(m, q)| ((*m).to_owned(), *q))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store.meter_usage(&ada, december).await.unwrap(),
+        owned(&[("images", 1), ("seats", 2), ("tokens", 1_234)]),
+        "the first of a batch's twins is kept; alice counts once"
+    );
+    assert_eq!(
+        store.meter_usage(&ada, november).await.unwrap(),
+        owned(&[("tokens", 50)]),
+        "a late event counts in its own period"
+    );
+    assert_eq!(
+        store
+            .meter_history(&ada, "seats", now.date(), now.date() + Duration::days(1))
+            .await
+            .unwrap(),
+        vec![(now.date(), 2)],
+        "a value counts on the day it is first seen"
+    );
+    let again = store
+        .record_meter_events(&batch[..2], now + Duration::days(3))
+        .await
+        .unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 2));
+    // Another source may use the same ids.
+    let mut other = sent("e1", "tokens", 1, None, now);
+    other.source = "batch-jobs".into();
+    assert_eq!(
+        store
+            .record_meter_events(&[other], now)
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
+    // Unknown user or meter: nothing of the batch is stored.
+    let mut stranger = sent("s1", "tokens", 5, None, now);
+    stranger.user_id = UserId::generate();
+    assert_eq!(
+        store
+            .record_meter_events(&[sent("s0", "tokens", 5, None, now), stranger], now)
+            .await
+            .unwrap_err(),
+        RepoError::NotFound { entity: "user" }
+    );
+    assert_eq!(
+        store
+            .record_meter_events(&[sent("s2", "bytes", 5, None, now)], now)
+            .await
+            .unwrap_err(),
+        RepoError::NotFound { entity: "meter" }
+    );
+    assert_eq!(
+        store
+            .record_meter_events(&[sent("s0", "tokens", 5, None, now)], now)
+            .await
+            .unwrap()
+            .accepted,
+        1,
+        "s0 was not kept by the refused batch"
+    );
+    assert_eq!(
+        store.meter_usage(&ada, december).await.unwrap()[2],
+        ("tokens".to_owned(), 1_240)
+    );
+
+    // Retention removes old events, not what they added up to, nor their (source, id).
+    let cutoff = datetime!(2026-12-01 00:00 UTC);
+    assert_eq!(
+        store.prune_usage(cutoff, true).await.unwrap().meter_events,
+        1
+    );
+    assert_eq!(
+        store.prune_usage(cutoff, false).await.unwrap().meter_events,
+        1
+    );
+    assert_eq!(
+        store.prune_usage(cutoff, true).await.unwrap().meter_events,
+        0
+    );
+    assert_eq!(
+        store.meter_usage(&ada, november).await.unwrap(),
+        owned(&[("tokens", 50)])
+    );
+    let replayed = store
+        .record_meter_events(&[batch[3].clone()], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (replayed.accepted, replayed.duplicates),
+        (0, 1),
+        "stored once, ever"
+    );
 }

@@ -9,15 +9,16 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use usage_core::catalog::{API_CALLS, PlanDefinition, PlanMove};
-use usage_core::meter::{Meter, RouteCost};
+use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
-    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, NewOverageCharge, OverageCharge,
-    OverageChargeRepository, OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion,
-    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
-    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
-    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    EventOutcome, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
+    MeterUsageRepository, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, QuotaCounterRepository,
+    QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription, SubscriptionChange,
+    SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord,
+    UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
     late_write_cutoff, lease_size, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{
@@ -60,6 +61,55 @@ struct State {
     meters: BTreeMap<String, Meter>,
     /// The route costs by (route, meter).
     route_costs: BTreeMap<(String, String), u64>,
+    /// Each user's quantity of each meter by period start.
+    meter_usage: BTreeMap<(UserId, OffsetDateTime, String), u64>,
+    /// The same by UTC day.
+    meter_daily: BTreeMap<(UserId, String, Date), u64>,
+    /// unique_count values seen, by user, period start and meter.
+    meter_values: BTreeSet<(UserId, OffsetDateTime, String, String)>,
+    /// Every (source, id) of an event ever stored.
+    meter_event_ids: HashSet<(String, String)>,
+    /// The events stored.
+    meter_events: Vec<MeterEvent>,
+}
+
+impl State {
+    /// Adds one report to its user's period and day of `meter`, as the meter adds up:
+    /// `distinct` reports are unique_count values seen for the first time (one each).
+    fn add_meter_report(
+        &mut self,
+        user_id: &UserId,
+        meter: &str,
+        at: OffsetDateTime,
+        quantity: u64,
+        distinct: bool,
+    ) {
+        let Some(kind) = self.meters.get(meter).map(|m| m.aggregation) else {
+            return;
+        };
+        if (kind == Aggregation::UniqueCount) != distinct {
+            return;
+        }
+        let merge = |stored: &mut u64| match kind {
+            Aggregation::Max => *stored = (*stored).max(quantity.min(i64::MAX as u64)),
+            Aggregation::Sum => {
+                *stored = stored.saturating_add(quantity).min(i64::MAX as u64);
+            }
+            Aggregation::Count | Aggregation::UniqueCount => *stored += 1,
+        };
+        let at = at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(at);
+        let period = BillingPeriod::containing(at).start();
+        merge(
+            self.meter_usage
+                .entry((user_id.clone(), period, meter.to_owned()))
+                .or_default(),
+        );
+        merge(
+            self.meter_daily
+                .entry((user_id.clone(), meter.to_owned(), at.date()))
+                .or_default(),
+        );
+    }
 }
 
 impl State {
@@ -577,6 +627,9 @@ impl UsageRepository for MemoryStore {
                 late_days.insert(e.created_at.date());
             }
             state.events.push(e.clone());
+            for (meter, quantity) in e.units.iter() {
+                state.add_meter_report(&e.user_id, meter, e.created_at, quantity, false);
+            }
             let period = BillingPeriod::containing(e.created_at);
             *added.entry((e.user_id.clone(), period)).or_default() += 1;
         }
@@ -722,14 +775,22 @@ impl UsageRepository for MemoryStore {
             .filter(|e| e.created_at < before)
             .map(|e| e.event_id)
             .collect();
+        let meter_events = state
+            .meter_events
+            .iter()
+            .filter(|e| e.created_at < before)
+            .count() as u64;
         if !dry_run {
             state.events.retain(|e| e.created_at >= before);
             for id in &expired {
                 state.event_ids.remove(id);
             }
+            // Their (source, id) stays: an event is stored once, ever.
+            state.meter_events.retain(|e| e.created_at >= before);
             state.pruned_before = state.pruned_before.max(Some(before));
         }
         Ok(UsagePrune {
+            meter_events,
             before,
             rows: expired.len() as u64,
             partitions: Vec::new(),
@@ -1585,6 +1646,102 @@ fn with_archived(mut version: PlanVersion, archived_at: Option<OffsetDateTime>) 
 const PLAN_NOT_FOUND: RepoError = RepoError::NotFound { entity: "plan" };
 
 #[async_trait]
+impl MeterUsageRepository for MemoryStore {
+    async fn record_meter_events(
+        &self,
+        events: &[MeterEvent],
+        _now: OffsetDateTime,
+    ) -> Result<EventOutcome, RepoError> {
+        let mut state = self.state();
+        for e in events {
+            if !state.users.contains_key(&e.user_id) {
+                return Err(RepoError::NotFound { entity: "user" });
+            }
+            if !state.meters.contains_key(&e.meter) {
+                return Err(RepoError::NotFound { entity: "meter" });
+            }
+        }
+        let mut outcome = EventOutcome::default();
+        for e in events {
+            if !state
+                .meter_event_ids
+                .insert((e.source.clone(), e.event_id.clone()))
+            {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.accepted += 1;
+            state.meter_events.push(e.clone());
+            state.add_meter_report(&e.user_id, &e.meter, e.created_at, e.quantity, false);
+            if let Some(value) = &e.value {
+                let unique = state
+                    .meters
+                    .get(&e.meter)
+                    .is_some_and(|m| m.aggregation == Aggregation::UniqueCount);
+                let key = (
+                    e.user_id.clone(),
+                    BillingPeriod::containing(e.created_at).start(),
+                    e.meter.clone(),
+                    value.clone(),
+                );
+                if unique && state.meter_values.insert(key) {
+                    state.add_meter_report(&e.user_id, &e.meter, e.created_at, 1, true);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn event_subjects(
+        &self,
+        users: &[UserId],
+        keys: &[ApiKeyId],
+    ) -> Result<(Vec<UserId>, Vec<(ApiKeyId, UserId)>), RepoError> {
+        let state = self.state();
+        Ok((
+            users
+                .iter()
+                .filter(|u| state.users.contains_key(*u))
+                .cloned()
+                .collect(),
+            keys.iter()
+                .filter_map(|k| state.keys.get(k).map(|r| (k.clone(), r.user_id.clone())))
+                .collect(),
+        ))
+    }
+
+    async fn meter_usage(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+    ) -> Result<Vec<(String, u64)>, RepoError> {
+        Ok(self
+            .state()
+            .meter_usage
+            .iter()
+            .filter(|((u, p, _), _)| u == user_id && *p == period_start)
+            .map(|((_, _, meter), q)| (meter.clone(), *q))
+            .collect())
+    }
+
+    async fn meter_history(
+        &self,
+        user_id: &UserId,
+        meter: &str,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<(Date, u64)>, RepoError> {
+        Ok(self
+            .state()
+            .meter_daily
+            .iter()
+            .filter(|((u, m, d), _)| u == user_id && m == meter && (from..=to).contains(d))
+            .map(|((_, _, d), q)| (*d, *q))
+            .collect())
+    }
+}
+
+#[async_trait]
 impl PlanRepository for MemoryStore {
     async fn seed_plans(
         &self,
@@ -1693,6 +1850,18 @@ impl PlanRepository for MemoryStore {
 
     async fn update_meter(&self, meter: &Meter, _at: OffsetDateTime) -> Result<(), RepoError> {
         let mut state = self.state();
+        let used = state.meter_usage.keys().any(|(_, _, m)| *m == meter.key);
+        if used
+            && state
+                .meters
+                .get(&meter.key)
+                .is_some_and(|m| m.aggregation != meter.aggregation)
+        {
+            return Err(RepoError::Conflict {
+                entity: "meter",
+                field: "aggregation",
+            });
+        }
         let stored = state
             .meters
             .get_mut(&meter.key)

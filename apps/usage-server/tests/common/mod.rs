@@ -49,6 +49,8 @@ pub const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 const OUR_VARS: &[&str] = &[
     "DATABASE_URL",
     "JWT_SECRET",
+    "INGEST_SECRET",
+    "LATE_EVENT_DAYS",
     "JWT_AUDIENCE",
     "JWT_ISSUER",
     "BIND_ADDR",

@@ -138,6 +138,7 @@ pub async fn calls(
                 status_code: 200,
                 response_time_ms: 2,
                 created_at: t,
+                units: Default::default(),
             }
         })
         .collect();

@@ -163,23 +163,23 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
     )
 }
 
-/// Inserts a batch as one array per column, eight bind parameters whatever its size;
-/// returns who and when of the rows actually inserted. Rows go in event id order: one
-/// lock order for every writer, so overlapping retries cannot deadlock.
+/// Inserts a batch as one array per column, nine bind parameters whatever its size;
+/// returns who, when and what units of the rows actually inserted. Rows go in event id
+/// order: one lock order for every writer, so overlapping retries cannot deadlock.
 async fn insert_usage_rows(
     conn: &mut Conn,
     events: &[UsageEvent],
-) -> diesel::QueryResult<Vec<(UserId, OffsetDateTime)>> {
+) -> diesel::QueryResult<Vec<InsertedEvent>> {
     let mut events: Vec<&UsageEvent> = events.iter().collect();
     events.sort_by_key(|e| e.event_id);
     let column = |f: fn(&UsageEvent) -> String| events.iter().map(|e| f(e)).collect::<Vec<_>>();
-    let inserted: Vec<InsertedEvent> = diesel::sql_query(
+    diesel::sql_query(
         "INSERT INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, method,
-                                    status_code, response_time_ms, created_at)
+                                    status_code, response_time_ms, created_at, units)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::int4[], $7::int4[], $8::timestamptz[])
+                              $6::int4[], $7::int4[], $8::timestamptz[], $9::text[])
          ON CONFLICT (event_id, created_at) DO NOTHING
-         RETURNING user_id, created_at",
+         RETURNING user_id, created_at, units",
     )
     .bind::<Array<EventId>, _>(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(column(|e| e.user_id.to_string()))
@@ -199,9 +199,14 @@ async fn insert_usage_rows(
             .collect::<Vec<_>>(),
     )
     .bind::<Array<Stamp>, _>(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(
+        events
+            .iter()
+            .map(|e| e.units.to_stored())
+            .collect::<Vec<_>>(),
+    )
     .load(conn)
-    .await?;
-    Ok(inserted.into_iter().map(InsertedEvent::into_pair).collect())
+    .await
 }
 
 /// Counts a batch's users and keys that exist, from one array each.

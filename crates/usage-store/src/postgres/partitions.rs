@@ -195,6 +195,7 @@ pub(crate) async fn prune(
         })
         .fold(before, OffsetDateTime::min);
     let mut outcome = UsagePrune {
+        meter_events: 0,
         before: bound,
         rows: 0,
         partitions: Vec::new(),

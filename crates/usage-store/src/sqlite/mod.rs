@@ -30,10 +30,15 @@ const MAX_SQLITE_CONNECTIONS: u32 = 8;
 /// Rows deleted per statement by retention (each statement a short write transaction).
 const SQLITE_DELETE_BATCH: i64 = 5_000;
 
-/// Rows per INSERT statement: eight bind parameters a row, 32,000 in all, under SQLite's
-/// 32,766. Fewer, larger statements: at 500 rows a statement, ingest of a 1,000-customer
-/// batch was 20% slower (docs/BENCHMARKS.md).
-const SQLITE_INSERT_CHUNK: usize = 4_000;
+/// Bind parameters per INSERT statement, under SQLite's 32,766: eight a row (nine with
+/// units), 4,000 rows of calls without units. Fewer, larger statements: at 500 rows a
+/// statement, ingest of a 1,000-customer batch was 20% slower (docs/BENCHMARKS.md).
+const SQLITE_INSERT_PARAMS: usize = 32_000;
+
+/// The bind parameters of one call's row.
+fn row_params(e: &UsageEvent) -> usize {
+    if e.units.is_empty() { 8 } else { 9 }
+}
 
 /// Page cache of every connection (KiB).
 const CACHE_KIB: u32 = 32 * 1024;
@@ -167,6 +172,7 @@ impl SqliteStore {
         dry_run: bool,
     ) -> Result<UsagePrune, RepoError> {
         let mut outcome = UsagePrune {
+            meter_events: 0,
             before,
             rows: 0,
             partitions: Vec::new(),
@@ -289,8 +295,8 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
 }
 
 /// Inserts a batch in multi-row statements, in the order the calls came (one writer: no
-/// lock order to keep); returns who and when of the rows actually inserted (diesel's batch
-/// insert with RETURNING runs row by row on SQLite).
+/// lock order to keep); returns who, when and what units of the rows actually inserted
+/// (diesel's batch insert with RETURNING runs row by row on SQLite).
 ///
 /// All the statements run in one call on the connection's blocking thread, on the
 /// connection itself: through the async wrapper each statement would be a call of its
@@ -298,14 +304,26 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
 async fn insert_usage_rows(
     conn: &mut Conn,
     events: &[UsageEvent],
-) -> diesel::QueryResult<Vec<(UserId, OffsetDateTime)>> {
+) -> diesel::QueryResult<Vec<InsertedEvent>> {
     let events = events.to_vec();
     conn.spawn_blocking(move |conn| {
         let mut inserted = Vec::with_capacity(events.len());
-        for chunk in events.chunks(SQLITE_INSERT_CHUNK) {
-            let rows: Vec<InsertedEvent> =
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let mut params = 0;
+            let rows = rest
+                .iter()
+                .take_while(|e| {
+                    params += row_params(e);
+                    params <= SQLITE_INSERT_PARAMS
+                })
+                .count()
+                .max(1);
+            let (chunk, after) = rest.split_at(rows);
+            let stored: Vec<InsertedEvent> =
                 diesel::RunQueryDsl::load(insert_usage_chunk(chunk), conn)?;
-            inserted.extend(rows.into_iter().map(InsertedEvent::into_pair));
+            inserted.extend(stored);
+            rest = after;
         }
         Ok(inserted)
     })
@@ -323,13 +341,18 @@ fn insert_usage_chunk(
     // the batch would count them as replays: check such values here instead.
     let mut sql = String::from(
         "INSERT OR IGNORE INTO eco_api_usage (event_id, user_id, api_key_id, endpoint, \
-         method, status_code, response_time_ms, created_at) VALUES ",
+         method, status_code, response_time_ms, created_at, units) VALUES ",
     );
-    for i in 0..chunk.len() {
+    for (i, e) in chunk.iter().enumerate() {
         sql.push_str(if i == 0 { "" } else { ", " });
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+        // Most calls have no units: a literal NULL spares their row a parameter.
+        sql.push_str(if e.units.is_empty() {
+            "(?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+        } else {
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        });
     }
-    sql.push_str(" RETURNING user_id, created_at");
+    sql.push_str(" RETURNING user_id, created_at, units");
     let mut statement = diesel::sql_query(sql).into_boxed::<Sqlite>();
     for e in chunk {
         statement = statement
@@ -341,6 +364,9 @@ fn insert_usage_chunk(
             .bind::<Integer, _>(i32::from(e.status_code))
             .bind::<Integer, _>(i32::try_from(e.response_time_ms).unwrap_or(i32::MAX))
             .bind::<Stamp, _>(e.created_at);
+        if let Some(units) = e.units.to_stored() {
+            statement = statement.bind::<Text, _>(units);
+        }
     }
     statement
 }
