@@ -145,6 +145,9 @@ pub(crate) struct HistoryParams {
     /// Days back, today included.
     #[param(minimum = 1, maximum = 365, default = 30)]
     days: Option<u32>,
+    /// The meter each day's `quantity` counts (`api_calls` by default).
+    #[param(pattern = "^[a-z0-9_-]{1,40}$")]
+    meter: Option<String>,
 }
 
 /// `days` of the endpoint statistics.

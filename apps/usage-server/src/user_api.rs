@@ -61,6 +61,8 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
 pub(crate) struct History {
     /// The window, in days.
     days: u32,
+    /// The meter whose `quantity` each day gives.
+    meter: String,
     /// One item per day, oldest first, days without calls included.
     items: Vec<HistoryDay>,
 }
@@ -91,8 +93,13 @@ pub(crate) async fn history(
     query: QueryParams,
 ) -> Result<HttpResponse, ApiError> {
     let days = parse_days(query.get("days").map(String::as_str), 30, MAX_HISTORY_DAYS)?;
-    let items = state.reports.history(&user.0, days).await?;
-    Ok(HttpResponse::Ok().json(History { days, items }))
+    let meter = query.get("meter").map(String::as_str);
+    let items = state.reports.history(&user.0, days, meter).await?;
+    Ok(HttpResponse::Ok().json(History {
+        days,
+        meter: meter.unwrap_or(usage_core::catalog::API_CALLS).to_owned(),
+        items,
+    }))
 }
 
 /// The caller's calls per route pattern and method.

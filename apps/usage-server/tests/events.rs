@@ -219,6 +219,115 @@ async fn events_are_checked_one_by_one_and_stored_once(backend: Backend) {
             .await,
         8.0
     );
+
+    // What the customer sees: the meters this period, a day's quantity, the events.
+    let me = token(&ada);
+    let current = server.get_json("/api/usage/current", &me).await;
+    let meter = |key: &str| {
+        current["meters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["meter"] == key)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(meter("tokens")["used"], 2_337, "{current}");
+    assert_eq!(meter("tokens")["unit"], "token");
+    assert_eq!(meter("seats")["used"], 2);
+    assert_eq!(meter("api_calls")["used"], 0);
+    let history = server
+        .get_json("/api/usage/history?meter=tokens&days=40", &me)
+        .await;
+    assert_eq!(history["meter"], "tokens");
+    let days = history["items"].as_array().unwrap();
+    assert_eq!(days.last().unwrap()["quantity"], 2_337, "{history}");
+    let total: u64 = days.iter().map(|d| d["quantity"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2_337 + 7, "the late event on its own day");
+    let res = reqwest::Client::new()
+        .get(server.url("/api/usage/history?meter=bytes"))
+        .bearer_auth(&me)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("meter must be one of"),
+        "{body}"
+    );
+
+    // Every event of the period, newest first, two a page.
+    let mut seen = Vec::new();
+    let mut path = "/api/usage/events?limit=2".to_owned();
+    loop {
+        let page = server.get_json(&path, &me).await;
+        for item in page["items"].as_array().unwrap() {
+            assert_eq!(item["kind"], "event", "{item}");
+            seen.push(item["event_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/usage/events?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec!["e1", "exp", "k1", "s1", "s2", "s3", "untimed"],
+        "each event of this period once (the late one is in the last)"
+    );
+    let all = server.get_json("/api/usage/events?limit=10", &me).await;
+    let e1 = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["event_id"] == "e1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            e1["source"].as_str(),
+            e1["meter"].as_str(),
+            e1["quantity"].as_u64()
+        ),
+        (Some("inference-api"), Some("tokens"), Some(1234))
+    );
+
+    // The dashboard has a panel a meter.
+    let token_for_page = db.create(&["token", "--user", &ada]);
+    let res = common::no_redirects()
+        .post(server.url("/dashboard/session"))
+        .header("Origin", &server.base)
+        .form(&[("token", token_for_page.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let cookie = common::session_of(&res).unwrap();
+    let page = server.page("/dashboard", &cookie).await;
+    assert!(page.contains("data-meter=\"tokens\""), "{page}");
+    assert!(
+        page.contains("class=\"used\" data-value=\"2337\""),
+        "{page}"
+    );
+    assert!(page.contains("data-meter=\"seats\""), "{page}");
+
+    // The export has them too, with their columns.
+    let out = db.cli(&[], &["export", "--user", &ada, "--format", "csv"]);
+    assert!(out.status.success());
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "event_id,key_id,endpoint,method,status_code,response_time_ms,created_at,kind,units,source,meter,quantity"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("e1,,,,,,") && l.ends_with(",event,,inference-api,tokens,1234")),
+        "{csv}"
+    );
     let (status, _) = server.stop();
     assert!(status.success());
 }

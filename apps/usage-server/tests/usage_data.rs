@@ -140,12 +140,17 @@ async fn customers_page_through_and_export_their_calls(backend: Backend) {
     assert!(out.status.success(), "{out:?}");
     let csv = String::from_utf8(out.stdout).unwrap();
     let mut rows = csv.lines();
+    // A call's columns first, as before events were exported too; then the kind and
+    // what calls and events add (empty for calls without units).
     assert_eq!(
         rows.next(),
-        Some("event_id,key_id,endpoint,method,status_code,response_time_ms,created_at")
+        Some(
+            "event_id,key_id,endpoint,method,status_code,response_time_ms,created_at,\
+             kind,units,source,meter,quantity"
+        )
     );
     assert_eq!(
-        rows.filter(|r| r.contains(",/api/v1/ping,GET,200,"))
+        rows.filter(|r| r.contains(",/api/v1/ping,GET,200,") && r.ends_with(",call,,,,"))
             .count(),
         23
     );

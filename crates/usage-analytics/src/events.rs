@@ -1,14 +1,17 @@
-//! A customer's recorded calls, one by one: `GET /api/usage/events` (keyset pages, newest
-//! first) and the export (`usage-server export`), both constant in memory.
+//! A customer's recorded calls and the events other services sent for them, one by one:
+//! `GET /api/usage/events` (keyset pages, newest first, both kinds in one order) and the
+//! export (`usage-server export`), both constant in memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use usage_core::clock::caller_instant;
-use usage_core::repo::{UsageRepository, UserRepository};
+use usage_core::repo::{
+    EventsAfter, MeterEvent, MeterUsageRepository, UsageRepository, UserRepository,
+};
 use usage_core::{ApiKeyId, BillingPeriod, Clock, Store, UsageEvent, UserId};
 use uuid::Uuid;
 
@@ -21,10 +24,54 @@ pub const DEFAULT_EVENTS_PAGE: u32 = 100;
 /// Rows read per query by the export.
 pub const EXPORT_PAGE: u32 = 5_000;
 
+/// One item of the list: a recorded call, or an event another service sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum EventItem {
+    /// A metered call.
+    Call(CallItem),
+    /// An event of `POST /api/events`.
+    Event(IngestedItem),
+}
+
+/// An event other services sent, as the API and the export show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IngestedItem {
+    /// Its sender's id (CloudEvents `id`).
+    pub event_id: String,
+    /// Its sender (CloudEvents `source`).
+    pub source: String,
+    /// The meter (CloudEvents `type`).
+    pub meter: String,
+    /// The quantity reported (1 for a unique_count meter's value).
+    pub quantity: u64,
+    /// The value a unique_count meter counts; absent for other meters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Its time (CloudEvents `time`).
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<MeterEvent> for IngestedItem {
+    fn from(e: MeterEvent) -> Self {
+        Self {
+            event_id: e.event_id,
+            source: e.source,
+            meter: e.meter,
+            quantity: e.quantity,
+            value: e.value,
+            created_at: e.created_at,
+        }
+    }
+}
+
 /// One recorded call, as the API and the export show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct EventItem {
+pub struct CallItem {
     /// Unique id of the call.
     pub event_id: Uuid,
     /// The key it came with.
@@ -40,11 +87,16 @@ pub struct EventItem {
     /// When it arrived.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// What it took of meters other than `api_calls` (its route's costs, what its
+    /// handler reported), by meter; empty for most calls.
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, u64>))]
+    pub units: BTreeMap<String, u64>,
 }
 
-impl From<UsageEvent> for EventItem {
+impl From<UsageEvent> for CallItem {
     fn from(e: UsageEvent) -> Self {
         Self {
+            units: e.units.iter().map(|(m, q)| (m.to_string(), q)).collect(),
             event_id: e.event_id,
             key_id: e.api_key_id,
             endpoint: e.endpoint,
@@ -57,22 +109,47 @@ impl From<UsageEvent> for EventItem {
 }
 
 impl EventItem {
-    /// The CSV header of [`Self::csv_row`].
-    pub const CSV_HEADER: &'static str =
-        "event_id,key_id,endpoint,method,status_code,response_time_ms,created_at";
+    /// The CSV header of [`Self::csv_row`]: a call's columns first (as before events
+    /// were listed too), then the kind, a call's units (`tokens=1234;credits=10`) and an
+    /// event's source, meter and quantity.
+    pub const CSV_HEADER: &'static str = "event_id,key_id,endpoint,method,status_code,\
+        response_time_ms,created_at,kind,units,source,meter,quantity";
 
-    /// One CSV line (RFC 4180 quoting), without the line end.
+    /// When it happened.
+    pub fn created_at(&self) -> OffsetDateTime {
+        match self {
+            EventItem::Call(c) => c.created_at,
+            EventItem::Event(e) => e.created_at,
+        }
+    }
+
+    /// One CSV line (RFC 4180 quoting), without the line end; columns that do not apply
+    /// to the kind are empty.
     pub fn csv_row(&self) -> String {
-        format!(
-            "{},{},{},{},{},{},{}",
-            self.event_id,
-            csv_field(self.key_id.as_str()),
-            csv_field(&self.endpoint),
-            csv_field(&self.method),
-            self.status_code,
-            self.response_time_ms,
-            rfc3339(self.created_at)
-        )
+        match self {
+            EventItem::Call(c) => {
+                let units: Vec<String> = c.units.iter().map(|(m, q)| format!("{m}={q}")).collect();
+                format!(
+                    "{},{},{},{},{},{},{},call,{},,,",
+                    c.event_id,
+                    csv_field(c.key_id.as_str()),
+                    csv_field(&c.endpoint),
+                    csv_field(&c.method),
+                    c.status_code,
+                    c.response_time_ms,
+                    rfc3339(c.created_at),
+                    units.join(";")
+                )
+            }
+            EventItem::Event(e) => format!(
+                "{},,,,,,{},event,,{},{},{}",
+                csv_field(&e.event_id),
+                rfc3339(e.created_at),
+                csv_field(&e.source),
+                csv_field(&e.meter),
+                e.quantity
+            ),
+        }
     }
 }
 
@@ -108,8 +185,8 @@ pub struct EventQuery {
     pub to: OffsetDateTime,
     /// Page size.
     pub limit: u32,
-    /// The last call of the previous page.
-    pub after: Option<(OffsetDateTime, Uuid)>,
+    /// The last item of the previous page.
+    pub after: Option<After>,
 }
 
 fn invalid(name: &'static str, message: String) -> AnalyticsError {
@@ -133,20 +210,60 @@ pub fn parse_time(name: &'static str, raw: &str) -> Result<OffsetDateTime, Analy
         })
 }
 
-/// The opaque cursor of the page after `event`.
-fn cursor(event: &EventItem) -> String {
-    format!(
-        "{}.{}",
-        event.created_at.unix_timestamp_nanos(),
-        event.event_id.simple()
-    )
+/// Where a page starts: after this item of the order (newest first; at one instant,
+/// calls before events, each kind by id descending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// After this call.
+    Call(OffsetDateTime, Uuid),
+    /// After this event (time, source, id).
+    Event(OffsetDateTime, String, String),
 }
 
-fn parse_cursor(raw: &str) -> Result<(OffsetDateTime, Uuid), AnalyticsError> {
-    let parsed = raw.split_once('.').and_then(|(nanos, id)| {
+/// The opaque cursor of the page after `item`: `<nanos>.<call id>` for a call (as before
+/// events were listed), `<nanos>.e-<hex source>-<hex id>` for an event.
+fn cursor(item: &EventItem) -> String {
+    match item {
+        EventItem::Call(c) => format!(
+            "{}.{}",
+            c.created_at.unix_timestamp_nanos(),
+            c.event_id.simple()
+        ),
+        EventItem::Event(e) => format!(
+            "{}.e-{}-{}",
+            e.created_at.unix_timestamp_nanos(),
+            hex(&e.source),
+            hex(&e.event_id)
+        ),
+    }
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<String> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn parse_cursor(raw: &str) -> Result<After, AnalyticsError> {
+    let parsed = raw.split_once('.').and_then(|(nanos, rest)| {
         let at = OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?;
         let at = caller_instant(at)?;
-        Some((at, Uuid::try_parse(id).ok()?))
+        match rest.strip_prefix("e-") {
+            Some(event) => {
+                let (source, id) = event.split_once('-')?;
+                Some(After::Event(at, unhex(source)?, unhex(id)?))
+            }
+            None => Some(After::Call(at, Uuid::try_parse(rest).ok()?)),
+        }
     });
     parsed.ok_or_else(|| {
         invalid(
@@ -215,11 +332,12 @@ pub fn parse_event_query(
     })
 }
 
-/// A user's recorded calls over a [`Store`].
+/// A user's recorded calls and events over a [`Store`].
 #[derive(Clone)]
 pub struct UsageEvents {
     users: Arc<dyn UserRepository>,
     usage: Arc<dyn UsageRepository>,
+    meters: Arc<dyn MeterUsageRepository>,
     clock: Arc<dyn Clock>,
 }
 
@@ -234,7 +352,8 @@ impl UsageEvents {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         Self {
             users: store.clone(),
-            usage: store,
+            usage: store.clone(),
+            meters: store,
             clock,
         }
     }
@@ -244,7 +363,7 @@ impl UsageEvents {
         self.clock.now()
     }
 
-    /// One page of `user_id`'s calls.
+    /// One page of `user_id`'s calls and events.
     pub async fn page(
         &self,
         user_id: &UserId,
@@ -253,21 +372,59 @@ impl UsageEvents {
         if self.users.user_by_id(user_id).await?.is_none() {
             return Err(AnalyticsError::UnknownUser(user_id.clone()));
         }
-        // One more than asked: a full page says whether another follows.
-        let mut events = self
-            .usage
-            .usage_events_page(user_id, query.from, query.to, query.after, query.limit + 1)
+        let (items, more) = self
+            .items(
+                user_id,
+                (query.from, query.to),
+                query.after.clone(),
+                query.limit,
+            )
             .await?;
-        let more = events.len() > query.limit as usize;
-        events.truncate(query.limit as usize);
-        let items: Vec<EventItem> = events.into_iter().map(EventItem::from).collect();
         let next_cursor = if more { items.last().map(cursor) } else { None };
         Ok(EventsPage { items, next_cursor })
     }
 
-    /// Every call of `user_id` with `from <= created_at < to`, newest first, handed to
-    /// `sink` one page at a time (memory stays at one page whatever the count). Stops at
-    /// the first error of `sink`. Returns how many calls were handed over.
+    /// The `limit` items after `after` with `from <= created_at < to`, and whether more
+    /// follow: a page of each kind (one more than asked), merged in the list's order.
+    async fn items(
+        &self,
+        user_id: &UserId,
+        (from, to): (OffsetDateTime, OffsetDateTime),
+        after: Option<After>,
+        limit: u32,
+    ) -> Result<(Vec<EventItem>, bool), AnalyticsError> {
+        // At one instant calls come first: after an event, the calls of its instant were
+        // shown; after a call, the events of its instant were not.
+        let (calls_after, events_after) = match after {
+            None => (None, None),
+            Some(After::Call(at, id)) => (Some((at, id)), Some(EventsAfter::Through(at))),
+            Some(After::Event(at, source, id)) => (
+                Some((at, Uuid::nil())),
+                Some(EventsAfter::Event(at, source, id)),
+            ),
+        };
+        let calls = self
+            .usage
+            .usage_events_page(user_id, from, to, calls_after, limit + 1)
+            .await?;
+        let events = self
+            .meters
+            .meter_events_page(user_id, from, to, events_after, limit + 1)
+            .await?;
+        let mut items: Vec<EventItem> = calls
+            .into_iter()
+            .map(|c| EventItem::Call(c.into()))
+            .chain(events.into_iter().map(|e| EventItem::Event(e.into())))
+            .collect();
+        items.sort_by_key(|item| std::cmp::Reverse(order(item)));
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        Ok((items, more))
+    }
+
+    /// Every call and event of `user_id` with `from <= created_at < to`, newest first,
+    /// handed to `sink` one page at a time (memory stays at one page whatever the count).
+    /// Stops at the first error of `sink`. Returns how many items were handed over.
     pub async fn export<E>(
         &self,
         user_id: &UserId,
@@ -281,24 +438,36 @@ impl UsageEvents {
         let mut after = None;
         let mut total = 0;
         loop {
-            let page = self
-                .usage
-                .usage_events_page(user_id, from, to, after, EXPORT_PAGE)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(Ok(total));
-            };
-            after = Some((last.created_at, last.event_id));
-            let full = page.len() == EXPORT_PAGE as usize;
-            let items: Vec<EventItem> = page.into_iter().map(EventItem::from).collect();
+            let (items, more) = self.items(user_id, (from, to), after, EXPORT_PAGE).await?;
+            after = items.last().map(|last| match last {
+                EventItem::Call(c) => After::Call(c.created_at, c.event_id),
+                EventItem::Event(e) => {
+                    After::Event(e.created_at, e.source.clone(), e.event_id.clone())
+                }
+            });
             total += items.len() as u64;
             if let Err(e) = sink(&items) {
                 return Ok(Err(e));
             }
-            if !full {
+            if !more {
                 return Ok(Ok(total));
             }
         }
+    }
+}
+
+/// An item's place in the list, ascending (the list is this order reversed): by time;
+/// at one instant events before calls (so that calls come first, newest first); then by
+/// id.
+fn order(item: &EventItem) -> (OffsetDateTime, u8, String, String) {
+    match item {
+        EventItem::Call(c) => (
+            c.created_at,
+            1,
+            c.event_id.simple().to_string(),
+            String::new(),
+        ),
+        EventItem::Event(e) => (e.created_at, 0, e.source.clone(), e.event_id.clone()),
     }
 }
 
@@ -351,7 +520,7 @@ mod tests {
 
     #[test]
     fn cursors_and_csv_round_trip() {
-        let item = EventItem {
+        let mut call = CallItem {
             event_id: Uuid::from_u128(42),
             key_id: ApiKeyId::from_stored("eco_key_a".to_owned()),
             endpoint: "/api/v1/a,\"b\"".to_owned(),
@@ -359,13 +528,49 @@ mod tests {
             status_code: 200,
             response_time_ms: 3,
             created_at: datetime!(2026-12-01 10:00:00.123456 UTC),
+            units: BTreeMap::new(),
         };
-        let (at, id) = parse_cursor(&cursor(&item)).unwrap();
-        assert_eq!((at, id), (item.created_at, item.event_id));
+        let item = EventItem::Call(call.clone());
+        assert_eq!(
+            parse_cursor(&cursor(&item)).unwrap(),
+            After::Call(call.created_at, call.event_id)
+        );
         assert_eq!(
             item.csv_row(),
             "00000000-0000-0000-0000-00000000002a,eco_key_a,\"/api/v1/a,\"\"b\"\"\",GET,200,3,\
-             2026-12-01T10:00:00.123456Z"
+             2026-12-01T10:00:00.123456Z,call,,,,"
         );
+        call.units = BTreeMap::from([("credits".to_owned(), 10), ("tokens".to_owned(), 1_234)]);
+        assert!(
+            EventItem::Call(call)
+                .csv_row()
+                .ends_with(",call,credits=10;tokens=1234,,,")
+        );
+        let event = EventItem::Event(IngestedItem {
+            event_id: "req-1.2-3".to_owned(),
+            source: "inference api, eu".to_owned(),
+            meter: "tokens".to_owned(),
+            quantity: 7,
+            value: None,
+            created_at: datetime!(2026-12-01 10:00 UTC),
+        });
+        assert_eq!(
+            parse_cursor(&cursor(&event)).unwrap(),
+            After::Event(
+                datetime!(2026-12-01 10:00 UTC),
+                "inference api, eu".to_owned(),
+                "req-1.2-3".to_owned()
+            )
+        );
+        assert_eq!(
+            event.csv_row(),
+            "req-1.2-3,,,,,,2026-12-01T10:00:00Z,event,,\"inference api, eu\",tokens,7"
+        );
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["kind"], "event");
+        assert!(json.get("value").is_none());
+        for bad in ["1.e-zz-00", "1.e-6162", "1.e-6-62"] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
     }
 }

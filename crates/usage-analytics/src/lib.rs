@@ -132,6 +132,50 @@ impl CurrentUsage {
     }
 }
 
+impl CurrentUsage {
+    /// These figures with a line for each other meter the terms limit or the user used
+    /// this period (`used`: the period's quantities by meter), by meter key after
+    /// `api_calls`; names and units from `meters`.
+    pub fn with_meters(
+        mut self,
+        terms: &PlanDefinition,
+        used: &[(String, u64)],
+        meters: &usage_core::meter::Meters,
+    ) -> Self {
+        if let Some(api_calls) = meters.get(API_CALLS) {
+            self.meters[0].name = api_calls.name.clone();
+            self.meters[0].unit = api_calls.unit.clone();
+        }
+        let mut keys: std::collections::BTreeSet<&str> = used
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .chain(terms.limits.iter().map(|l| l.meter.as_str()))
+            .collect();
+        keys.remove(API_CALLS);
+        for key in keys {
+            let quantity = used.iter().find(|(m, _)| m == key).map_or(0, |(_, q)| *q);
+            let limit = terms.limit(key);
+            let line = limit.map_or_else(
+                || usage_core::catalog::QuoteLine::unlimited(key, quantity),
+                |l| l.quote(quantity),
+            );
+            let meter = meters.get(key);
+            self.meters.push(MeterUsage {
+                meter: key.to_owned(),
+                name: meter.map_or_else(|| key.to_owned(), |m| m.name.clone()),
+                unit: meter.map_or_else(String::new, |m| m.unit.clone()),
+                used: quantity,
+                included: line.included,
+                remaining: line.included.map(|i| i.saturating_sub(quantity)),
+                over_limit: limit.map_or(OverLimit::Overage, |l| l.over_limit),
+                overage_units: line.overage_units,
+                overage_cost_cents: line.amount_cents,
+            });
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +242,67 @@ mod tests {
         assert_eq!(now.overage_cost_cents, Cents(65_000));
         assert_eq!(now.plan, "growth");
         assert_eq!(now.meters[0].overage_cost_cents, 65_000);
+    }
+
+    #[test]
+    fn other_meters_get_a_line_each_limited_or_used() {
+        use usage_core::meter::{Aggregation, Meter, Meters};
+        let terms: PlanDefinition = serde_json::from_value(serde_json::json!({
+            "key": "ai", "name": "AI", "price_cents": 0,
+            "limits": [{"meter": "api_calls", "included": 1000, "over_limit": "block"},
+                       {"meter": "tokens", "included": 5000, "over_limit": "block"},
+                       {"meter": "credits", "included": 100, "over_limit": "overage",
+                        "overage": {"model": "per_unit", "unit_price_micros": 10000}}]
+        }))
+        .unwrap();
+        let meter = |key: &str, unit: &str| Meter {
+            key: key.into(),
+            name: key.to_uppercase(),
+            unit: unit.into(),
+            aggregation: Aggregation::Sum,
+        };
+        let meters = Meters::new([
+            meter("tokens", "token"),
+            meter("credits", "credit"),
+            meter("bytes", "byte"),
+        ]);
+        let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
+        let used = vec![
+            ("bytes".to_owned(), 7),
+            ("credits".to_owned(), 250),
+            ("tokens".to_owned(), 6_000),
+        ];
+        let now = CurrentUsage::compute(UserId::generate(), &terms, period, 10)
+            .with_meters(&terms, &used, &meters);
+        type Line<'a> = (&'a str, u64, Option<u64>, Option<u64>, u64, i64);
+        let lines: Vec<Line> = now
+            .meters
+            .iter()
+            .map(|m| {
+                (
+                    m.meter.as_str(),
+                    m.used,
+                    m.included,
+                    m.remaining,
+                    m.overage_units,
+                    m.overage_cost_cents,
+                )
+            })
+            .collect();
+        // credits: 150 past 100 at 10,000 µ$ = 1,500,000 µ$ = 150 ¢; tokens block: none billed.
+        assert_eq!(
+            lines,
+            vec![
+                ("api_calls", 10, Some(1000), Some(990), 0, 0),
+                ("bytes", 7, None, None, 0, 0),
+                ("credits", 250, Some(100), Some(0), 150, 150),
+                ("tokens", 6_000, Some(5_000), Some(0), 0, 0),
+            ]
+        );
+        assert_eq!(
+            (now.meters[3].name.as_str(), now.meters[3].unit.as_str()),
+            ("TOKENS", "token")
+        );
+        assert_eq!(now.meters[3].over_limit, OverLimit::Block);
     }
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use thiserror::Error;
 use time::{Date, Duration, OffsetDateTime};
-use usage_core::catalog::PlanDefinition;
+use usage_core::catalog::{API_CALLS, PlanDefinition};
 use usage_core::quota::QuotaBook;
 use usage_core::repo::{
-    ChargeStatus, DailyUsage, DailyUsageRepository, OverageChargeRepository, UsageRepository, User,
-    UserRepository,
+    ChargeStatus, DailyUsage, DailyUsageRepository, MeterUsageRepository, OverageChargeRepository,
+    UsageRepository, User, UserRepository,
 };
 use usage_core::terms::LiveCatalog;
 use usage_core::{BillingPeriod, Cents, Clock, RepoError, Store, UserId};
@@ -38,6 +38,7 @@ fn history_day(d: &usage_core::repo::DailyUsage) -> HistoryDay {
         api_calls: d.api_calls,
         error_calls: d.error_calls,
         avg_response_time_ms: mean(d.total_response_time_ms, d.api_calls),
+        quantity: 0,
     }
 }
 
@@ -54,6 +55,9 @@ pub struct HistoryDay {
     pub error_calls: u64,
     /// Mean response time (0 without calls).
     pub avg_response_time_ms: f64,
+    /// The meter asked for that day: `api_calls` by default; for a `max` meter the
+    /// day's largest quantity, for a `unique_count` meter the values first seen that day.
+    pub quantity: u64,
 }
 
 /// One route of `GET /api/usage/endpoints`.
@@ -122,6 +126,7 @@ pub struct UsageReports {
     users: Arc<dyn UserRepository>,
     usage: Arc<dyn UsageRepository>,
     daily: Arc<dyn DailyUsageRepository>,
+    meters: Arc<dyn MeterUsageRepository>,
     charges: Arc<dyn OverageChargeRepository>,
     quota: Arc<QuotaBook>,
     catalog: Arc<LiveCatalog>,
@@ -193,6 +198,7 @@ impl UsageReports {
             users: store.clone(),
             usage: store.clone(),
             daily: store.clone(),
+            meters: store.clone(),
             charges: store,
             quota,
             catalog,
@@ -284,7 +290,66 @@ impl UsageReports {
     /// aggregate; every other day (today, a day never aggregated, a day with calls stored
     /// after its aggregation) is counted from the raw events, so a past day always counts
     /// every call stored for it.
+    ///
+    /// `meter` (`api_calls` when `None`) gives each day's `quantity`; one the catalog does
+    /// not have is an error naming `meter`.
     pub async fn history(
+        &self,
+        user_id: &UserId,
+        days: u32,
+        meter: Option<&str>,
+    ) -> Result<Vec<HistoryDay>, AnalyticsError> {
+        let meter = meter.unwrap_or(API_CALLS);
+        if self.catalog.current().meters().get(meter).is_none() {
+            // Made a moment ago on another instance?
+            self.catalog.refresh().await?;
+        }
+        let meters = self.catalog.current().meters().clone();
+        if meters.get(meter).is_none() {
+            return Err(AnalyticsError::InvalidParameter {
+                name: "meter",
+                message: format!("meter must be one of {} (got {meter:?})", meters.key_list()),
+            });
+        }
+        let count = days;
+        let mut days = self.call_history(user_id, count).await?;
+        if meter == API_CALLS {
+            for day in &mut days {
+                day.quantity = day.api_calls;
+            }
+        } else {
+            let quantities = self.meter_days(user_id, meter, count).await?;
+            for (day, (_, quantity)) in days.iter_mut().zip(quantities) {
+                day.quantity = quantity;
+            }
+        }
+        Ok(days)
+    }
+
+    /// A meter other than `api_calls`: its quantity per UTC day of the last `days` (today
+    /// included), oldest first, zero-filled.
+    pub async fn meter_days(
+        &self,
+        user_id: &UserId,
+        meter: &str,
+        days: u32,
+    ) -> Result<Vec<(Date, u64)>, AnalyticsError> {
+        let today = self.clock.now().date();
+        let first = today - Duration::days(i64::from(days) - 1);
+        let stored: HashMap<Date, u64> = self
+            .meters
+            .meter_history(user_id, meter, first, today)
+            .await?
+            .into_iter()
+            .collect();
+        Ok((0..i64::from(days))
+            .map(|i| first + Duration::days(i))
+            .map(|d| (d, stored.get(&d).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    /// The calls of [`Self::history`]'s days.
+    async fn call_history(
         &self,
         user_id: &UserId,
         days: u32,
@@ -353,6 +418,7 @@ impl UsageReports {
                         api_calls: 0,
                         error_calls: 0,
                         avg_response_time_ms: 0.0,
+                        quantity: 0,
                     },
                     |d| history_day(&d),
                 )
@@ -392,7 +458,14 @@ impl UsageReports {
         let terms = self.terms(&user).await?;
         let used = self.quota.used(user_id).await?;
         let period = BillingPeriod::containing(self.clock.now());
-        Ok(CurrentUsage::compute(user.id, &terms, period, used))
+        let meters_used = self.meters.meter_usage(user_id, period.start()).await?;
+        Ok(
+            CurrentUsage::compute(user.id, &terms, period, used).with_meters(
+                &terms,
+                &meters_used,
+                self.catalog.current().meters(),
+            ),
+        )
     }
 }
 
@@ -539,7 +612,7 @@ mod tests {
         ));
         let reports = UsageReports::new(store, quota, live, clock);
 
-        let history = reports.history(&user.id, 4).await.unwrap();
+        let history = reports.history(&user.id, 4, None).await.unwrap();
         let rows: Vec<(String, u64, u64, f64)> = history
             .iter()
             .map(|d| {

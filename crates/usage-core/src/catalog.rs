@@ -507,7 +507,8 @@ pub struct QuoteLine {
 }
 
 impl QuoteLine {
-    fn unlimited(meter: &str, used: u64) -> Self {
+    /// The line of a meter without a limit: everything used, nothing billed.
+    pub fn unlimited(meter: &str, used: u64) -> Self {
         Self {
             meter: meter.to_owned(),
             used,

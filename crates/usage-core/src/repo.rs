@@ -962,6 +962,15 @@ pub struct MeterEvent {
     pub created_at: OffsetDateTime,
 }
 
+/// Where a page of [`MeterUsageRepository::meter_events_page`] starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsAfter {
+    /// The events at or before this instant.
+    Through(OffsetDateTime),
+    /// The events after this one (`created_at`, `source`, `event_id`) in the page order.
+    Event(OffsetDateTime, String, String),
+}
+
 /// What [`MeterUsageRepository::record_meter_events`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EventOutcome {
@@ -994,6 +1003,17 @@ pub trait MeterUsageRepository: Send + Sync {
         users: &[UserId],
         keys: &[ApiKeyId],
     ) -> Result<(Vec<UserId>, Vec<(ApiKeyId, UserId)>), RepoError>;
+    /// A user's events with `from <= created_at < to`, newest first (by `created_at`,
+    /// then `source`, then `event_id`, all descending), from `after` on when given; at
+    /// most `limit`.
+    async fn meter_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<EventsAfter>,
+        limit: u32,
+    ) -> Result<Vec<MeterEvent>, RepoError>;
     /// A user's quantity of each meter used in the period starting at `period_start`,
     /// by meter (`api_calls` is not among them: see [`UsageRepository::usage_record`]).
     async fn meter_usage(

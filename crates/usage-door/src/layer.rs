@@ -24,6 +24,7 @@ use tower_service::Service;
 
 use crate::endpoint::EndpointPatterns;
 use crate::meter::{Admission, Headers, Meter, Refusal};
+use crate::report::Reported;
 
 /// The route pattern of a request, for services that know it better than its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,15 +113,16 @@ where
             let method = req.method().clone();
             req.extensions_mut().insert(call.caller().clone());
 
-            let result = inner.call(req).await;
+            let mut result = inner.call(req).await;
             // A service error has no response: it is recorded as a 500.
-            let status = match &result {
-                Ok(res) => res.status(),
-                Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            let (status, reported) = match &mut result {
+                Ok(res) => (res.status(), res.extensions_mut().remove::<Reported>()),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
             };
             let rate_headers = call.headers();
+            let units = reported.map(Reported::into_units).unwrap_or_default();
             meter
-                .record(call, method.as_str(), endpoint, status.as_u16())
+                .record_units(call, method.as_str(), endpoint, status.as_u16(), units)
                 .await;
             let mut res = result?;
             insert_headers(res.headers_mut(), rate_headers);

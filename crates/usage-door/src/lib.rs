@@ -10,6 +10,8 @@
 //!   is the third, answering a reverse proxy's question (the server's
 //!   `/api/forward-auth`).
 //! - [`endpoint`]: the route patterns calls are recorded under.
+//! - [`report`]: the units a handler reports with its response (tokens, bytes), stored
+//!   with the call.
 #![warn(missing_docs)]
 
 pub mod endpoint;
@@ -20,3 +22,4 @@ pub mod layer;
 pub mod meter;
 #[cfg(feature = "actix")]
 pub mod middleware;
+pub mod report;

@@ -34,7 +34,7 @@ use time::format_description::well_known::Rfc3339;
 use usage_core::caller::ApiKeyAuthenticator;
 use usage_core::catalog::API_CALLS;
 use usage_core::counter::Counter;
-use usage_core::event::new_event_id;
+use usage_core::event::{Units, new_event_id};
 use usage_core::quota::{QuotaBook, QuotaDecision, QuotaStatus};
 use usage_core::rate::{RateDecision, RateLimit, RateLimiter};
 use usage_core::terms::LiveCatalog;
@@ -292,6 +292,26 @@ impl Meter {
     /// Records an admitted call once it finished: its `method`, its route `endpoint` (a
     /// pattern such as `/v1/items/{id}`, never the raw path) and the response `status`.
     pub async fn record(&self, call: Admitted, method: &str, endpoint: String, status: u16) {
+        self.record_units(call, method, endpoint, status, Units::new())
+            .await;
+    }
+
+    /// [`Meter::record`], with the units its handler reported ([`crate::report`]). A unit
+    /// of a meter that cannot take it (unknown, `api_calls`, `unique_count`) is left out
+    /// with a warning naming it; a quantity over 2^53 counts as 2^53.
+    pub async fn record_units(
+        &self,
+        call: Admitted,
+        method: &str,
+        endpoint: String,
+        status: u16,
+        units: Units,
+    ) {
+        let units = if units.is_empty() {
+            units
+        } else {
+            self.checked(units)
+        };
         let included_calls = call.caller.limits.billed_from();
         let tracked = TrackedCall {
             event: UsageEvent {
@@ -304,7 +324,7 @@ impl Meter {
                 response_time_ms: u32::try_from(call.started.elapsed().as_millis())
                     .unwrap_or(u32::MAX),
                 created_at: call.at,
-                units: Default::default(),
+                units,
             },
             included_calls,
         };
@@ -312,6 +332,37 @@ impl Meter {
             // Only after shutdown, when no request should still be running.
             tracing::error!("usage tracker closed; an admitted call was not recorded");
         }
+    }
+}
+
+impl Meter {
+    /// The units a handler reported that its meters can take.
+    fn checked(&self, units: Units) -> Units {
+        let catalog = self.deps.catalog.as_ref().map(|c| c.current());
+        let mut kept = Units::new();
+        for (meter, quantity) in units.iter() {
+            let takes = match &catalog {
+                // Without the catalog, the store drops units of meters it does not have.
+                None => true,
+                Some(catalog) => catalog.meters().get(meter).is_some_and(|m| {
+                    m.key != API_CALLS
+                        && m.aggregation != usage_core::meter::Aggregation::UniqueCount
+                }),
+            };
+            if takes {
+                kept.add(
+                    Arc::clone(meter),
+                    quantity.min(usage_core::meter::MAX_QUANTITY),
+                );
+            } else {
+                tracing::warn!(
+                    meter = %meter,
+                    quantity,
+                    "a handler reported units of a meter that takes none (unknown, api_calls or unique_count): left out"
+                );
+            }
+        }
+        kept
     }
 }
 

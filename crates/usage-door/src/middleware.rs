@@ -24,6 +24,7 @@ use actix_web::{Error, HttpMessage, HttpResponse};
 
 use crate::meter::{Admission, Meter, Refusal};
 pub use crate::meter::{MeterDeps as MeteringDeps, MeteringStats, UNMATCHED_ROUTE};
+use crate::report::Reported;
 
 /// The middleware factory. Cheap to clone: one per worker shares the same [`Meter`].
 #[derive(Clone)]
@@ -122,19 +123,24 @@ where
     let method = req.method().clone();
     req.extensions_mut().insert(call.caller().clone());
 
-    let result = service.call(req).await;
+    let mut result = service.call(req).await;
     // The pattern once routed: actix then reads it from the matched resource's ids;
     // asked before, it matches the path against every pattern again (regex per route).
     // A service that fails with an error instead of a response is one in front of the
     // routing (handlers' errors are responses by now): no route to name.
-    let (status, endpoint) = match &result {
-        Ok(res) => (res.status(), res.request().match_pattern()),
-        Err(e) => (e.as_response_error().status_code(), None),
+    let (status, endpoint, reported) = match &mut result {
+        Ok(res) => (
+            res.status(),
+            res.request().match_pattern(),
+            res.response_mut().extensions_mut().remove::<Reported>(),
+        ),
+        Err(e) => (e.as_response_error().status_code(), None, None),
     };
     let endpoint = endpoint.unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
     let rate_headers = call.headers();
+    let units = reported.map(Reported::into_units).unwrap_or_default();
     meter
-        .record(call, method.as_str(), endpoint, status.as_u16())
+        .record_units(call, method.as_str(), endpoint, status.as_u16(), units)
         .await;
 
     let mut res = result?;

@@ -37,6 +37,7 @@ struct Fixture {
     user: UserId,
     metering: Metering,
     worker: TrackerWorker,
+    catalog: Arc<usage_core::terms::LiveCatalog>,
 }
 
 async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
@@ -87,6 +88,8 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         burst: rate,
     };
     let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
+    // The built-in plans as these variables make them: a refused free user is offered pro.
+    let live = usage_testkit::seeded_catalog(store.clone(), &catalog).await;
     let metering = Metering::new(MeteringDeps {
         authenticator: Arc::new(OneKey(Caller {
             user_id: user.id.clone(),
@@ -102,15 +105,14 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         rate,
         tracker,
         clock,
-        // The built-in plans as these variables make them: a refused free user is offered
-        // pro.
-        catalog: Some(usage_testkit::seeded_catalog(store.clone(), &catalog).await),
+        catalog: Some(live.clone()),
     });
     Fixture {
         store,
         user: user.id,
         metering,
         worker,
+        catalog: live,
     }
 }
 
@@ -122,6 +124,18 @@ async fn broken() -> HttpResponse {
     HttpResponse::InternalServerError().finish()
 }
 
+/// Reports 1,234 tokens, then 6 more, and units of meters that take none.
+async fn generate() -> HttpResponse {
+    use usage_door::report::ReportUnits;
+    HttpResponse::Ok()
+        .finish()
+        .report("tokens", 1_234)
+        .report("tokens", 6)
+        .report("seats", 1)
+        .report("nope", 5)
+        .report("api_calls", 9)
+}
+
 macro_rules! app {
     ($metering:expr) => {
         test::init_service(
@@ -129,7 +143,8 @@ macro_rules! app {
                 web::scope("/api/v1")
                     .wrap($metering.clone())
                     .route("/items/{id}", web::get().to(item))
-                    .route("/broken", web::post().to(broken)),
+                    .route("/broken", web::post().to(broken))
+                    .route("/generate", web::post().to(generate)),
             ),
         )
         .await
@@ -308,4 +323,49 @@ async fn the_short_window_limit_answers_429_rate_limited_when_on() {
         stored, 2,
         "rate-limited calls are neither counted nor recorded"
     );
+}
+
+#[actix_web::test]
+async fn units_a_handler_reports_are_stored_with_its_call() {
+    use usage_core::meter::{Aggregation, Meter};
+    use usage_core::repo::{MeterUsageRepository, PlanRepository};
+    let f = fixture(Plan::enterprise(), None).await;
+    for (key, aggregation) in [
+        ("tokens", Aggregation::Sum),
+        ("seats", Aggregation::UniqueCount),
+    ] {
+        let meter = Meter {
+            key: key.into(),
+            name: key.into(),
+            unit: "unit".into(),
+            aggregation,
+        };
+        f.store
+            .create_meter(&meter, datetime!(2026-11-22 10:00 UTC))
+            .await
+            .unwrap();
+    }
+    f.catalog.refresh().await.unwrap();
+    let app = app!(f.metering);
+    for _ in 0..2 {
+        let call = test::TestRequest::post()
+            .uri("/api/v1/generate")
+            .insert_header(("X-API-Key", KEY));
+        let res = test::call_service(&app, call.to_request()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    f.worker.shutdown().await;
+    let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
+    assert_eq!(
+        f.store.meter_usage(&f.user, period.start()).await.unwrap(),
+        vec![("tokens".to_owned(), 2 * 1_240)],
+        "units of meters that take none are left out"
+    );
+    let calls = f
+        .store
+        .usage_events_page(&f.user, period.start(), period.end(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].units.to_stored().as_deref(), Some("tokens=1240"));
 }

@@ -339,3 +339,50 @@ fn sf_items(field: &str) -> Vec<(String, Vec<(String, i64)>)> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn units_a_handler_reports_are_stored_with_its_call() {
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use usage_core::meter::{Aggregation, Meter as MeterDefinition};
+    use usage_core::repo::{MeterUsageRepository, PlanRepository};
+    use usage_door::report::{ReportUnits, Reported};
+    let f = fixture(None).await;
+    f.store
+        .create_meter(
+            &MeterDefinition {
+                key: "tokens".into(),
+                name: "Tokens".into(),
+                unit: "token".into(),
+                aggregation: Aggregation::Sum,
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    // As a response part, and on the response itself: the two add up.
+    async fn generate() -> impl IntoResponse {
+        (Extension(Reported::units("tokens", 1_000)), "text")
+            .into_response()
+            .report("tokens", 234)
+    }
+    let app = Router::new()
+        .route("/v1/generate", post(generate))
+        .layer(MeteringLayer::new(Arc::clone(&f.meter)));
+    let call = Request::post("/v1/generate")
+        .header("Authorization", format!("Bearer {KEY}"))
+        .body(Body::empty())
+        .unwrap();
+    let res = app.oneshot(call).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.extensions().get::<Reported>().is_none(),
+        "taken by the door"
+    );
+    f.worker.shutdown().await;
+    let period = BillingPeriod::containing(NOW);
+    assert_eq!(
+        f.store.meter_usage(&f.user, period.start()).await.unwrap(),
+        vec![("tokens".to_owned(), 1_234)]
+    );
+}

@@ -4,16 +4,28 @@
 //! cargo run -p usage-embed --features actix --example actix_app
 //! cargo run --release -p usage-server -- keys create --user <USER_ID>   # same database (users create --email .. --plan free)
 //! curl -i -H 'X-API-Key: <key>' http://127.0.0.1:8092/v1/items/42
+//! curl -i -X POST -H 'X-API-Key: <key>' http://127.0.0.1:8092/v1/generate   # reports 1,234 tokens
 //! ```
+//!
+//! Reporting units needs a `tokens` meter in the catalog (`usage-server plans apply
+//! examples/catalog.toml`); a unit of a meter the catalog does not have is left out.
 //!
 //! `DATABASE_URL` (default `sqlite://data/usage.db`) is the database `usage-server` uses:
 //! users and keys made there work here. `BIND_ADDR` defaults to `127.0.0.1:8092`.
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use usage_embed::{Caller, UsageMeter, UsageOptions};
+use usage_embed::{Caller, ReportUnits, UsageMeter, UsageOptions};
 
 async fn item(path: web::Path<u32>, caller: web::ReqData<Caller>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"item": *path, "user_id": caller.user_id}))
+}
+
+/// A handler that reports what it used: 1,234 tokens, stored with the call.
+async fn generate() -> HttpResponse {
+    let tokens = 1_234; // what the model used for this answer
+    HttpResponse::Ok()
+        .json(serde_json::json!({"text": "..."}))
+        .report("tokens", tokens)
 }
 
 #[actix_web::main]
@@ -28,6 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         App::new()
             .wrap(metering.clone())
             .route("/v1/items/{id}", web::get().to(item))
+            .route("/v1/generate", web::post().to(generate))
     })
     .bind(&bind)?
     .run()

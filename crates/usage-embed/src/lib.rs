@@ -35,6 +35,7 @@ use usage_store::{PoolOptions, StoreError};
 
 pub use usage_core::Caller;
 pub use usage_door::endpoint::EndpointPatterns;
+pub use usage_door::report::{ReportUnits, Reported};
 
 /// What can stop metering from starting.
 #[derive(Debug, thiserror::Error)]

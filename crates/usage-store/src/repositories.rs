@@ -30,13 +30,13 @@ use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, EventOutcome,
-    IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent, MeterUsageRepository,
-    NewOverageCharge, OverageCharge, OverageChargeRepository, OverageLedgerEntry, PeriodUsage,
-    PlanRepository, PlanVersion, PoolState, QuotaCounterRepository, QuotaDelta, QuotaTake,
-    RecordOutcome, SessionRepository, Subscription, SubscriptionChange, SubscriptionOutcome,
-    TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord, UsageRepository, User,
-    UserPageQuery, UserRepository, UserSort, UserUsageRow, late_write_cutoff, plan_key_issue,
-    plan_subscription_change,
+    EventsAfter, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
+    MeterUsageRepository, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, PoolState,
+    QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
+    SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
+    UsageRecord, UsageRepository, User, UserPageQuery, UserRepository, UserSort, UserUsageRow,
+    late_write_cutoff, plan_key_issue, plan_subscription_change,
 };
 use usage_core::{ApiKeyId, BillingPeriod, Plan, RepoError, Store, UsageEvent, UserId};
 use uuid::Uuid;
@@ -3103,6 +3103,73 @@ impl MeterUsageRepository for This {
                 .map(|(k, u)| (ApiKeyId::from_stored(k), UserId::from_stored(u)))
                 .collect(),
         ))
+    }
+
+    async fn meter_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<EventsAfter>,
+        limit: u32,
+    ) -> Result<Vec<MeterEvent>, RepoError> {
+        use crate::schema::eco_meter_events::dsl as e;
+        let mut conn = self.conn().await?;
+        let mut events = e::eco_meter_events
+            .filter(e::user_id.eq(user_id.as_str()))
+            .filter(e::created_at.ge(At(from)))
+            .filter(e::created_at.lt(At(to)))
+            .into_boxed();
+        match after {
+            None => {}
+            Some(EventsAfter::Through(at)) => events = events.filter(e::created_at.le(At(at))),
+            Some(EventsAfter::Event(at, source, id)) => {
+                // `<= at` bounds the index scan; the rest orders ties by source, then id.
+                events = events.filter(e::created_at.le(At(at))).filter(
+                    e::created_at
+                        .lt(At(at))
+                        .or(e::source.lt(source.clone()))
+                        .or(e::source.eq(source).and(e::event_id.lt(id))),
+                );
+            }
+        }
+        let rows: Vec<(
+            String,
+            String,
+            String,
+            String,
+            i64,
+            Option<String>,
+            OffsetDateTime,
+        )> = events
+            .select((
+                e::source,
+                e::event_id,
+                e::user_id,
+                e::meter,
+                e::quantity,
+                e::value,
+                e::created_at,
+            ))
+            .order((e::created_at.desc(), e::source.desc(), e::event_id.desc()))
+            .limit(i64::from(limit))
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter event"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(source, event_id, user_id, meter, quantity, value, created_at)| MeterEvent {
+                    source,
+                    event_id,
+                    user_id: UserId::from_stored(user_id),
+                    meter,
+                    quantity: to_u64(quantity),
+                    value,
+                    created_at,
+                },
+            )
+            .collect())
     }
 
     async fn meter_usage(

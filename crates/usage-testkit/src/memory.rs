@@ -13,7 +13,7 @@ use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
-    EventOutcome, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
+    EventOutcome, EventsAfter, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
     MeterUsageRepository, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, QuotaCounterRepository,
     QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription, SubscriptionChange,
@@ -1708,6 +1708,35 @@ impl MeterUsageRepository for MemoryStore {
                 .filter_map(|k| state.keys.get(k).map(|r| (k.clone(), r.user_id.clone())))
                 .collect(),
         ))
+    }
+
+    async fn meter_events_page(
+        &self,
+        user_id: &UserId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        after: Option<EventsAfter>,
+        limit: u32,
+    ) -> Result<Vec<MeterEvent>, RepoError> {
+        let state = self.state();
+        let mut events: Vec<MeterEvent> = state
+            .meter_events
+            .iter()
+            .filter(|e| e.user_id == *user_id && e.created_at >= from && e.created_at < to)
+            .filter(|e| match &after {
+                None => true,
+                Some(EventsAfter::Through(at)) => e.created_at <= *at,
+                Some(EventsAfter::Event(at, source, id)) => {
+                    (e.created_at, &e.source, &e.event_id) < (*at, source, id)
+                }
+            })
+            .cloned()
+            .collect();
+        events.sort_by(|a, b| {
+            (b.created_at, &b.source, &b.event_id).cmp(&(a.created_at, &a.source, &a.event_id))
+        });
+        events.truncate(limit as usize);
+        Ok(events)
     }
 
     async fn meter_usage(

@@ -236,7 +236,7 @@ pub(crate) async fn user(
     admin_page(&req, &dash, String::new(), async |viewer: Viewer| {
         let id = user_id(&path)?;
         let detail = dash.admin.user(&id).await?;
-        let history = dash.reports.history(&id, 30).await?;
+        let history = dash.reports.history(&id, 30, None).await?;
         let keys = dash.keys.list(&id).await?;
         let charges = dash.reports.charges(&id).await?;
         let now = dash.clock.now();

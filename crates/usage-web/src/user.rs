@@ -144,9 +144,23 @@ pub(crate) async fn usage(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpR
         let days = days_of(&req)?;
         let user = &viewer.user.id;
         let current = dash.reports.current(user).await?;
-        let history = dash.reports.history(user, days).await?;
+        let history = dash.reports.history(user, days, None).await?;
         let endpoints = dash.reports.endpoints(user, days).await?;
         let now = dash.clock.now();
+        // One panel a meter besides calls: its figures and its days.
+        let mut meter_days = Vec::new();
+        for line in current.meters.iter().skip(1) {
+            let per_day = dash.reports.meter_days(user, &line.meter, days).await?;
+            let bars: Vec<Bar> = per_day
+                .into_iter()
+                .map(|(date, quantity)| Bar {
+                    label: date.to_string(),
+                    total: quantity,
+                    errors: 0,
+                })
+                .collect();
+            meter_days.push((line, bars));
+        }
 
         let elapsed = (now - current.period_start).whole_seconds().max(1);
         let length = (current.period_end - current.period_start).whole_seconds().max(1);
@@ -187,6 +201,31 @@ pub(crate) async fn usage(req: HttpRequest, dash: web::Data<Dashboard>) -> HttpR
                 @if let Some(limit) = current.limit {
                     label for="quota-used" { (format!("{:.1}", current.usage_percentage)) "% of the included calls used" }
                     progress #quota-used max=(limit) value=(current.api_calls.min(limit)) { (format!("{:.1}", current.usage_percentage)) "%" }
+                }
+            }
+            @for (line, bars) in &meter_days {
+                section.meter aria-labelledby={ "meter-" (line.meter) } data-meter=(line.meter) {
+                    h2 id={ "meter-" (line.meter) } { (line.name) }
+                    dl.figures {
+                        div { dt { "Used" } dd.used data-value=(line.used) { (group(line.used)) " " (line.unit) } }
+                        @match (line.included, line.remaining) {
+                            (Some(included), Some(remaining)) => {
+                                div { dt { "Included" } dd.included data-value=(included) { (group(included)) } }
+                                div { dt { "Remaining" } dd.remaining data-value=(remaining) { (group(remaining)) } }
+                            }
+                            _ => { div { dt { "Included" } dd.included data-value="unlimited" { "Unlimited" } } }
+                        }
+                        @if line.over_limit == usage_core::OverLimit::Overage && line.included.is_some() {
+                            div { dt { "Overage" } dd.overage data-value=(line.overage_units) { (group(line.overage_units)) } }
+                            div { dt { "Overage so far" } dd.overage-cost data-value=(line.overage_cost_cents) { (money(usage_core::Cents(line.overage_cost_cents))) } }
+                        }
+                    }
+                    @if let Some(included) = line.included.filter(|i| *i > 0) {
+                        @let percent = line.used as f64 * 100.0 / included as f64;
+                        label for={ "used-" (line.meter) } { (format!("{percent:.1}")) "% of what is included used" @if line.over_limit == usage_core::OverLimit::Block { "; calls are refused at 100%" } }
+                        progress id={ "used-" (line.meter) } max=(included) value=(line.used.min(included)) { (format!("{percent:.1}")) "%" }
+                    }
+                    (chart::bars(&format!("{} per day, last {days} days", line.name), bars))
                 }
             }
             section aria-labelledby="daily" {
