@@ -2,8 +2,6 @@
 //! the plan catalog ([`crate::plans_api`], [`crate::meters_api`]) and the audit log, each through
 //! [`crate::admin_gate`].
 
-use std::cell::RefCell;
-
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use usage_analytics::admin::{parse_page, parse_user_list, parse_user_patch};
@@ -11,11 +9,11 @@ use usage_core::UserId;
 use usage_core::repo::AdminAuditEntry;
 
 use crate::ApiError;
-use crate::admin_gate::{admin_call, admin_call_noted, no_parameters, not_allowed, unknown};
+use crate::admin_gate::{admin_body_call, admin_call, no_parameters, not_allowed, unknown};
 use crate::api_types::{
     AdminErrors, ErrorResponse, PageParams, Registry, UserListParams, UserPatchBody,
 };
-use crate::state::{AppState, read_body};
+use crate::state::AppState;
 use usage_analytics::admin::{AdminOverview, AdminUserDetail, AdminUserRow, Page};
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, registry: &mut Registry) {
@@ -102,13 +100,7 @@ pub(crate) async fn update_user(
 ) -> Result<HttpResponse, ApiError> {
     let reports = &state.admin_reports;
     let verifier = &state.verifier;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        // Read after the checks: a non-admin's body is never read.
-        let body = read_body(body, MAX_PATCH_BYTES).await?;
-        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PATCH_BYTES, |body| async move {
         let id = path_user_id(&path)?;
         let patch = parse_user_patch(&body)?;
         let updated = reports.update_user(&id, &patch).await?;

@@ -12,7 +12,7 @@ use usage_core::rate::RateDecision;
 use usage_core::repo::AdminAuditEntry;
 
 use crate::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, read_body};
 use crate::user_auth::{current_user, token_user};
 
 /// Longest query string kept in the audit log.
@@ -32,9 +32,34 @@ where
     admin_call_noted(req, state, &RefCell::new(String::new()), handler).await
 }
 
+/// [`admin_call`] for a request with a body of at most `limit` bytes: the body is read
+/// only once the caller is checked (a non-admin's is never read), kept in the audit entry,
+/// and handed to `handler`; the query string must be empty.
+pub(crate) async fn admin_body_call<F, Fut>(
+    req: &HttpRequest,
+    state: &AppState,
+    body: web::Payload,
+    limit: usize,
+    handler: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce(web::Bytes) -> Fut,
+    Fut: Future<Output = Result<HttpResponse, ApiError>>,
+{
+    let note = RefCell::new(String::new());
+    let body_note = &note;
+    admin_call_noted(req, state, &note, |query| async move {
+        let body = read_body(body, limit).await?;
+        *body_note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
+        no_parameters(&query)?;
+        handler(body).await
+    })
+    .await
+}
+
 /// [`admin_call`], with what the handler writes into `note` (a request body) appended to
 /// the audit entry's parameters.
-pub(crate) async fn admin_call_noted<F, Fut>(
+async fn admin_call_noted<F, Fut>(
     req: &HttpRequest,
     state: &AppState,
     note: &RefCell<String>,

@@ -2,16 +2,14 @@
 //! meter renamed, and the route costs read and replaced whole. Each goes through
 //! [`crate::admin_gate`] (audited with its body); the rules are `usage_core::plans`'.
 
-use std::cell::RefCell;
-
 use actix_web::{HttpRequest, HttpResponse, web};
 use usage_core::catalog::from_json;
 use usage_core::meter::{Meter, MeterRevision, RouteCosts};
 
 use crate::ApiError;
-use crate::admin_gate::{admin_call, admin_call_noted, no_parameters, not_allowed};
+use crate::admin_gate::{admin_body_call, admin_call, no_parameters, not_allowed};
 use crate::api_types::{AdminErrors, ErrorResponse, Registry};
-use crate::plans_api::{invalid, read_noted};
+use crate::plans_api::{MAX_PLAN_BYTES, invalid};
 use crate::state::AppState;
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut Registry) {
@@ -102,11 +100,7 @@ pub(crate) async fn create(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let meter: Meter = from_json(&body).map_err(invalid)?;
         Ok(HttpResponse::Created().json(plans.create_meter(&meter).await?))
     })
@@ -131,11 +125,7 @@ pub(crate) async fn update(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let revision: MeterRevision = from_json(&body).map_err(invalid)?;
         Ok(HttpResponse::Ok().json(plans.update_meter(&path, &revision).await?))
     })
@@ -170,11 +160,7 @@ pub(crate) async fn replace_costs(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let costs: RouteCosts = from_json(&body).map_err(invalid)?;
         Ok(HttpResponse::Ok().json(plans.replace_costs(costs).await?))
     })

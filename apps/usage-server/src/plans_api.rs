@@ -2,7 +2,6 @@
 //! a new version, archiving, and the quote of a period's usage. Each goes through
 //! [`crate::admin_gate`] (audited with its body); the rules are `usage_core::plans`'.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use actix_web::http::StatusCode;
@@ -14,12 +13,12 @@ use usage_core::catalog::{
 use usage_core::plans::{PlanDetail, PlanSummary};
 
 use crate::ApiError;
-use crate::admin_gate::{admin_call, admin_call_noted, no_parameters, not_allowed};
+use crate::admin_gate::{admin_body_call, admin_call, no_parameters, not_allowed};
 use crate::api_types::{AdminErrors, ErrorResponse, Registry};
-use crate::state::{AppState, read_body};
+use crate::state::AppState;
 
-/// Largest plan or quote body.
-const MAX_PLAN_BYTES: usize = 64 * 1024;
+/// Largest plan, quote, meter or costs body.
+pub(crate) const MAX_PLAN_BYTES: usize = 64 * 1024;
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut Registry) {
     let plans_path = registry.path_in::<__path_list>(scope);
@@ -57,16 +56,6 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
             .route(web::post().to(quote))
             .default_service(not_allowed(allow(&quote_path))),
     );
-}
-
-/// Reads a body of at most [`MAX_PLAN_BYTES`], noted for the audit log.
-pub(crate) async fn read_noted(
-    body: web::Payload,
-    note: &RefCell<String>,
-) -> Result<web::Bytes, ApiError> {
-    let body = read_body(body, MAX_PLAN_BYTES).await?;
-    *note.borrow_mut() = String::from_utf8_lossy(&body).into_owned();
-    Ok(body)
 }
 
 /// A refused body: which field, and what it accepts.
@@ -121,12 +110,7 @@ pub(crate) async fn create(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        // Read after the checks: a non-admin's body is never read.
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let plan: PlanDefinition = from_json(&body).map_err(invalid)?;
         let created = plans.create(&plan).await?;
         Ok(HttpResponse::Created().json(created.plan))
@@ -191,11 +175,7 @@ pub(crate) async fn revise(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let (plan, existing) = revision_from_json(&path, &body).map_err(invalid)?;
         let revised = plans.revise(&plan, existing.unwrap_or_default()).await?;
         Ok(HttpResponse::Ok().json(revised.plan))
@@ -245,11 +225,7 @@ pub(crate) async fn quote(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let plans = &state.plans;
-    let note = RefCell::new(String::new());
-    let body_note = &note;
-    admin_call_noted(&req, &state, &note, |query| async move {
-        let body = read_noted(body, body_note).await?;
-        no_parameters(&query)?;
+    admin_body_call(&req, &state, body, MAX_PLAN_BYTES, |body| async move {
         let request: QuoteRequest = from_json(&body).map_err(invalid)?;
         Ok(HttpResponse::Ok().json(plans.quote(&path, &request.usage).await?))
     })

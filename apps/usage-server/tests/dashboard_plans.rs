@@ -6,22 +6,9 @@
 #[macro_use]
 mod common;
 
-use common::{Backend, Db, hidden, no_redirects as client, session_of};
+use common::{Backend, Db, hidden, no_redirects as client, sign_in};
 use reqwest::StatusCode;
 use reqwest::header::LOCATION;
-
-/// A signed-in session of `user`: its cookie.
-async fn sign_in(db: &Db, server: &common::Server, user: &str) -> String {
-    let token = db.create(&["token", "--user", user]);
-    let res = client()
-        .post(server.url("/dashboard/session"))
-        .header("Origin", &server.base)
-        .form(&[("token", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    session_of(&res).unwrap()
-}
 
 const GROWTH: &str = r#"{"key": "growth", "name": "Growth", "price_cents": 9900,
   "limits": [{"meter": "api_calls", "included": 250000, "over_limit": "overage",

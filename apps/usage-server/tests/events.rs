@@ -149,6 +149,7 @@ async fn events_are_checked_one_by_one_and_stored_once(backend: Backend) {
         seat("s2", "bob"),                       // 22 accepted
         seat("s3", "alice"),                     // 23 accepted, counts nothing more
         seat("s4", ""),                          // 24 invalid_event
+        event("nul\u{0}id", json!({"quantity": 1})), // 25 invalid_event: a NUL cannot be stored
     ]);
     let (status, answer) = post(&server, INGEST, &batch).await;
     assert_eq!(status, 200, "{answer}");
@@ -177,6 +178,7 @@ async fn events_are_checked_one_by_one_and_stored_once(backend: Backend) {
             (15, "invalid_event"),
             (16, "invalid_event"),
             (24, "invalid_event"),
+            (25, "invalid_event"),
         ],
         "{answer}"
     );
@@ -298,15 +300,7 @@ async fn events_are_checked_one_by_one_and_stored_once(backend: Backend) {
     );
 
     // The dashboard has a panel a meter.
-    let token_for_page = db.create(&["token", "--user", &ada]);
-    let res = common::no_redirects()
-        .post(server.url("/dashboard/session"))
-        .header("Origin", &server.base)
-        .form(&[("token", token_for_page.as_str())])
-        .send()
-        .await
-        .unwrap();
-    let cookie = common::session_of(&res).unwrap();
+    let cookie = common::sign_in(&db, &server, &ada).await;
     let page = server.page("/dashboard", &cookie).await;
     assert!(page.contains("data-meter=\"tokens\""), "{page}");
     assert!(

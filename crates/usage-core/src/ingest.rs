@@ -31,6 +31,12 @@ pub const MAX_AHEAD: time::Duration = time::Duration::minutes(5);
 /// Longest `id`, `source` or `data.value`, in bytes.
 pub const MAX_TEXT_BYTES: usize = 256;
 
+/// Whether `text` may be an `id`, a `source` or a `data.value`: 1 to [`MAX_TEXT_BYTES`]
+/// bytes without control characters (a NUL could not even be stored).
+fn fits(text: &str) -> bool {
+    !text.is_empty() && text.len() <= MAX_TEXT_BYTES && !text.chars().any(char::is_control)
+}
+
 /// Why one event of a batch was refused; the code is the answer's `error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventProblem {
@@ -359,13 +365,11 @@ impl EventIngest {
         let field = |name: &str| data.and_then(|d| d.get(name));
         let (quantity, value) = match meter.aggregation {
             Aggregation::UniqueCount => match field("value") {
-                Some(Value::String(v)) if !v.is_empty() && v.len() <= MAX_TEXT_BYTES => {
-                    (1, Some(v.clone()))
-                }
+                Some(Value::String(v)) if fits(v) => (1, Some(v.clone())),
                 other => {
                     return Err(invalid(format!(
-                        "data.value must be a string of 1 to {MAX_TEXT_BYTES} bytes: {:?} \
-                         counts distinct values (got {})",
+                        "data.value must be a string of 1 to {MAX_TEXT_BYTES} bytes without \
+                         control characters: {:?} counts distinct values (got {})",
                         meter.key,
                         shown(other)
                     )));
@@ -402,11 +406,12 @@ impl EventIngest {
 /// A required string attribute of 1 to [`MAX_TEXT_BYTES`] bytes.
 fn text(event: &Map<String, Value>, name: &str) -> Result<String, (EventProblem, String)> {
     match event.get(name) {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_TEXT_BYTES => Ok(s.clone()),
+        Some(Value::String(s)) if fits(s) => Ok(s.clone()),
         other => Err((
             EventProblem::InvalidEvent,
             format!(
-                "{name} must be a string of 1 to {MAX_TEXT_BYTES} bytes (got {})",
+                "{name} must be a string of 1 to {MAX_TEXT_BYTES} bytes without control \
+                 characters (got {})",
                 shown(other)
             ),
         )),

@@ -508,6 +508,19 @@ pub fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
+/// A dashboard session of `user`, signed in with a token the CLI made: its cookie.
+pub async fn sign_in(db: &Db, server: &Server, user: &str) -> String {
+    let token = db.create(&["token", "--user", user]);
+    let res = no_redirects()
+        .post(server.url("/dashboard/session"))
+        .header("Origin", &server.base)
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    session_of(&res).unwrap()
+}
+
 /// The session cookie a sign-in answered with (`name=value`), if any.
 pub fn session_of(res: &reqwest::Response) -> Option<String> {
     res.headers()
