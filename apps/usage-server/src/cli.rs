@@ -538,9 +538,11 @@ pub enum UsersCommand {
 pub enum PlansCommand {
     /// Print every plan's newest version: key, version, name, price, subscribers.
     List,
-    /// Make the catalog what a TOML catalog file says: new plans are created, changed
-    /// terms make a new version (users move at their next period), `archived` is followed,
-    /// plans the file leaves out stay as they are. Prints what changed; idempotent.
+    /// Make the catalog what a catalog file (TOML, or JSON) says: its meters, then its
+    /// plans (new keys created, changed terms a new version that users move to at their
+    /// next period, `archived` followed), then its route costs (replaced whole when the
+    /// file has them); meters and plans the file leaves out stay as they are. Prints what
+    /// changed; idempotent.
     Apply {
         /// The catalog file.
         file: std::path::PathBuf,
@@ -548,8 +550,13 @@ pub enum PlansCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Print the catalog (every plan's newest version) as a TOML catalog file.
-    Export,
+    /// Print the catalog (meters, every plan's newest version, route costs) as a catalog
+    /// file `apply` reads.
+    Export {
+        /// TOML (the default) or JSON.
+        #[arg(long, value_enum, default_value_t = CatalogFormat::Toml)]
+        format: CatalogFormat,
+    },
 }
 
 /// `keys ...`
@@ -638,6 +645,15 @@ fn parse_plan_key(s: &str) -> Result<String, String> {
 
 fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
     usage_analytics::events::parse_time("time", s).map_err(|e| e.to_string())
+}
+
+/// The form of a catalog file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CatalogFormat {
+    /// TOML, as `examples/catalog.toml`.
+    Toml,
+    /// JSON: the same fields.
+    Json,
 }
 
 /// Output of `export`.

@@ -43,7 +43,7 @@ use usage_core::accounts::Accounts;
 use usage_core::terms::LiveCatalog;
 use usage_core::{Clock, Store, SystemClock};
 
-use crate::cli::{Cli, Command, KeysCommand, PlansCommand, UsersCommand};
+use crate::cli::{CatalogFormat, Cli, Command, KeysCommand, PlansCommand, UsersCommand};
 use crate::config::Config;
 pub use crate::error::{ApiError, ServerError};
 
@@ -301,14 +301,22 @@ async fn plans_command(
                 );
             }
         }
-        PlansCommand::Export => {
+        PlansCommand::Export { format } => {
             let file = CatalogFile {
                 meters: plans.meters().await?.iter().cloned().collect(),
                 plans: plans.list().await?.into_iter().map(|s| s.plan).collect(),
                 costs: Some(plans.costs().await?.items),
             };
-            let text = toml::to_string(&file).map_err(|e| {
-                ServerError::Output(std::io::Error::other(format!("cannot write TOML: {e}")))
+            let text = match format {
+                CatalogFormat::Toml => toml::to_string(&file).map_err(|e| e.to_string()),
+                CatalogFormat::Json => serde_json::to_string_pretty(&file)
+                    .map(|json| json + "\n")
+                    .map_err(|e| e.to_string()),
+            }
+            .map_err(|e| {
+                ServerError::Output(std::io::Error::other(format!(
+                    "cannot write the catalog: {e}"
+                )))
             })?;
             print!("{text}");
         }
@@ -318,8 +326,17 @@ async fn plans_command(
                 reason,
             };
             let text = std::fs::read_to_string(&file).map_err(|e| unreadable(e.to_string()))?;
-            let catalog: CatalogFile =
-                toml::from_str(&text).map_err(|e| unreadable(e.to_string().trim().to_owned()))?;
+            // JSON when the file says so (its extension, or an object first), else TOML.
+            let json = file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+                || text.trim_start().starts_with('{');
+            let catalog: CatalogFile = if json {
+                usage_core::catalog::from_json(text.as_bytes())
+                    .map_err(|e| unreadable(e.to_string()))?
+            } else {
+                toml::from_str(&text).map_err(|e| unreadable(e.to_string().trim().to_owned()))?
+            };
             for (key, change) in plans.apply(&catalog, dry_run).await? {
                 let what = match (change, dry_run) {
                     (Change::Created, false) => "created",

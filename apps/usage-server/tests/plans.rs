@@ -418,6 +418,14 @@ async fn the_catalog_file_is_applied_exported_and_applied_again(backend: Backend
     assert!(applied.contains("pro\tunchanged"), "{applied}");
     let again = run(&["plans", "apply", file.to_str().unwrap()]);
     assert!(again.lines().all(|l| l.ends_with("unchanged")), "{again}");
+    // The same catalog as JSON applies as nothing new.
+    let json = db.dir.0.join("exported.json");
+    std::fs::write(&json, run(&["plans", "export", "--format", "json"])).unwrap();
+    let from_json = run(&["plans", "apply", json.to_str().unwrap()]);
+    assert!(
+        from_json.lines().count() > 4 && from_json.lines().all(|l| l.ends_with("unchanged")),
+        "{from_json}"
+    );
     assert!(run(&["plans", "list"]).contains("growth\tv2\tGrowth\t89.00 usd/month"));
 
     // A bad file changes nothing and says where.
