@@ -28,10 +28,11 @@ const BATCH_TYPES: [&str; 2] = ["application/json", "application/cloudevents-bat
 /// each naming a meter (`type`), a user or API key (`subject`) and a quantity
 /// (`data.quantity`, or `data.value` for unique_count meters). Each event is accepted,
 /// a duplicate (its `(source, id)` was stored before), or rejected with its own error;
-/// one bad event does not stop the others.
+/// one bad event does not stop the others (an item that is not an event object at all is
+/// rejected `invalid_event` too, so the schema takes any item).
 #[utoipa::path(post, path = "/api/events", tag = "events",
     security(("ingest_secret" = [])),
-    request_body(content = Vec<Object>,
+    request_body(content = Vec<serde_json::Value>,
                  description = "CloudEvents 1.0, structured JSON (also taken as `application/cloudevents-batch+json`).",
                  content_type = "application/json"),
     responses(

@@ -150,14 +150,31 @@ pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), Cat
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeterRevision {
     /// The name shown to customers.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 100,
+            pattern = "^[^\\u0000-\\u001F\\u007F]+$"
+        )
+    )]
     pub name: String,
     /// One unit's name.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 40,
+            pattern = "^[^\\u0000-\\u001F\\u007F]+$"
+        )
+    )]
     pub unit: String,
     /// A new aggregation (refused once usage is stored); left out: unchanged.
     #[serde(default)]
     pub aggregation: Option<Aggregation>,
     /// The meter's key, if given: it must be the one in the path.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,40}$"))]
     pub key: Option<String>,
 }
 

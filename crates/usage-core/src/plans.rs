@@ -188,9 +188,40 @@ impl Plans {
             )
             .into());
         }
+        if meter.aggregation != current.aggregation {
+            self.check_unnamed("aggregation", key).await?;
+        }
         self.store_meter(&meter).await?;
         self.changed().await;
         Ok(meter)
+    }
+
+    /// Refuses a change of `key`'s aggregation while a plan's limit or a route cost names
+    /// it: each was checked against the aggregation it has (a `block` limit or a cost only
+    /// on `count` and `sum` meters, a cost of 1 on `count` ones).
+    async fn check_unnamed(&self, field: &str, key: &str) -> Result<(), PlanError> {
+        let in_plans = self
+            .versions()
+            .await?
+            .values()
+            .flatten()
+            .any(|v| v.plan.limit(key).is_some());
+        let in_costs = self.costs().await?.items.iter().any(|c| c.meter == key);
+        if in_plans || in_costs {
+            return Err(CatalogError::new(
+                field,
+                format!(
+                    "is fixed while {} name {key:?}: take the meter out of them first",
+                    match (in_plans, in_costs) {
+                        (true, true) => "plan limits and route costs",
+                        (true, false) => "plan limits",
+                        _ => "route costs",
+                    }
+                ),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     async fn store_meter(&self, meter: &Meter) -> Result<(), PlanError> {
@@ -445,7 +476,19 @@ impl Plans {
                             .await
                             .map_err(PlanError::Repo)?;
                     }
-                    Change::Updated => self.store_meter(meter).await?,
+                    Change::Updated => {
+                        if stored_meters
+                            .get(&meter.key)
+                            .is_some_and(|m| m.aggregation != meter.aggregation)
+                        {
+                            self.check_unnamed(
+                                &format!("meters.{}.aggregation", meter.key),
+                                &meter.key,
+                            )
+                            .await?;
+                        }
+                        self.store_meter(meter).await?;
+                    }
                     _ => {}
                 }
             }

@@ -322,6 +322,13 @@ async fn meters_are_created_renamed_and_limited_by_plans() {
         plans.update_meter("credits", &revision(None, None)).await,
         Err(PlanError::UnknownMeter(k)) if k == "credits"
     ));
+    // A plan limits tokens: its aggregation stays what the limit was checked against.
+    assert!(matches!(
+        plans
+            .update_meter("tokens", &revision(Some(Aggregation::Max), None))
+            .await,
+        Err(PlanError::Invalid(e)) if e.field == "aggregation" && e.message.contains("plan limits")
+    ));
     let usage = BTreeMap::from([("tokens".to_owned(), 6_000_000)]);
     let quote = plans.quote("growth", &usage).await.unwrap();
     assert_eq!(quote.lines[1].meter, "tokens");
