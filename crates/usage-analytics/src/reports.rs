@@ -304,7 +304,8 @@ impl UsageReports {
             // Made a moment ago on another instance?
             self.catalog.refresh().await?;
         }
-        let meters = self.catalog.current().meters().clone();
+        let catalog = self.catalog.current();
+        let meters = catalog.meters();
         if meters.get(meter).is_none() {
             return Err(AnalyticsError::InvalidParameter {
                 name: "meter",
