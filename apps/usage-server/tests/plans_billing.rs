@@ -150,8 +150,8 @@ async fn growth_and_own_terms_are_metered_shown_and_billed_exactly(backend: Back
         "INSERT INTO eco_usage_records (user_id, period_start, period_end, api_calls,
                                         overage_calls, included_calls, updated_at)
          VALUES ('{gina}', '{start}', '{end}', 999990, 749990, 250000, '{start}');
-         INSERT INTO eco_quota_counters (user_id, period_start, admitted)
-         VALUES ('{gina}', '{start}', 999990);"
+         INSERT INTO eco_quota_counters (user_id, period_start, meter, admitted)
+         VALUES ('{gina}', '{start}', 'api_calls', 999990);"
     ));
 
     // Metered and admitted past the limit (overage), by the growth plan's terms.

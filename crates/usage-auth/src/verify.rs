@@ -388,7 +388,7 @@ impl KeyVerifier {
                 user_id: key.user_id,
                 api_key_id: key.id,
                 plan: subscription.plan.clone(),
-                limits: CallLimits::of(&resolved.terms),
+                limits: CallLimits::with_units(&resolved.terms, self.catalog.current().meters()),
             });
             entry.subscription = Some(subscription);
             entry.limits_generation = resolved.generation;
@@ -417,7 +417,8 @@ impl KeyVerifier {
         let resolved = self.catalog.effective(subscription, now).await?;
         let mut fresh = Entry::clone(&entry);
         if let Some(caller) = fresh.caller.as_mut() {
-            caller.limits = CallLimits::of(&resolved.terms);
+            caller.limits =
+                CallLimits::with_units(&resolved.terms, self.catalog.current().meters());
         }
         fresh.limits_generation = resolved.generation;
         fresh.limits_until = resolved.until;

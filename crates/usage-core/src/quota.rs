@@ -11,8 +11,15 @@
 //! counts to the shared counter in batches every `sync_every`, so that every instance's
 //! `X-RateLimit-*` headers include the others' calls.
 //!
+//! Other meters (`tokens`, `credits`) with a limit in the user's plan have a book of their
+//! own, held by the calls' book ([`QuotaBook::meter`]) and synced with it: a route's cost
+//! is taken from leases as a call is, and units reported after admission (by a handler,
+//! or events) are counted as unleased calls are. A blocking meter refuses the next call
+//! once what it counted reaches the limit.
+//!
 //! The design, its worst cases and its costs are in `docs/SCALING.md`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -21,6 +28,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
 use crate::caller::CallLimits;
+use crate::catalog::API_CALLS;
 use crate::repo::{LeaseTerms, QuotaCounterRepository, QuotaDelta};
 use crate::{BillingPeriod, Clock, OverLimit, RepoError, UserId};
 
@@ -172,10 +180,12 @@ impl Slot {
             .store(now.saturating_add(FAILURE_HOLD_MS), Ordering::Release);
     }
 
-    /// Admits one call from the lease, if any is left.
-    fn spend(&self) -> bool {
+    /// Admits `units` from the lease, if as many are left.
+    fn spend(&self, units: u64) -> bool {
         self.unspent
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_sub(1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_sub(units)
+            })
             .is_ok()
     }
 }
@@ -279,9 +289,14 @@ impl SlotMap {
     }
 }
 
-/// Quota decisions for every user of this instance.
+/// Quota decisions for every user of this instance, on one meter (`api_calls`, or one
+/// reached through [`QuotaBook::meter`]).
 pub struct QuotaBook {
+    /// The meter counted.
+    meter: Arc<str>,
     slots: SlotMap,
+    /// The books of other meters (the calls' book only).
+    meters: RwLock<HashMap<Arc<str>, Arc<QuotaBook>>>,
     counters: Arc<dyn QuotaCounterRepository>,
     clock: Arc<dyn Clock>,
     settings: QuotaSettings,
@@ -293,6 +308,7 @@ pub struct QuotaBook {
 impl std::fmt::Debug for QuotaBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuotaBook")
+            .field("meter", &self.meter)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -307,14 +323,25 @@ fn millis(d: Duration) -> i64 {
 }
 
 impl QuotaBook {
-    /// A book over the shared counters of `counters`.
+    /// A book of calls (`api_calls`) over the shared counters of `counters`.
     pub fn new(
         counters: Arc<dyn QuotaCounterRepository>,
         clock: Arc<dyn Clock>,
         settings: QuotaSettings,
     ) -> Self {
+        Self::of_meter(Arc::from(API_CALLS), counters, clock, settings)
+    }
+
+    fn of_meter(
+        meter: Arc<str>,
+        counters: Arc<dyn QuotaCounterRepository>,
+        clock: Arc<dyn Clock>,
+        settings: QuotaSettings,
+    ) -> Self {
         Self {
+            meter,
             slots: SlotMap::new(),
+            meters: RwLock::new(HashMap::new()),
             next_forget: AtomicI64::new(i64::MIN),
             counters,
             clock,
@@ -340,9 +367,26 @@ impl QuotaBook {
         limits: &CallLimits,
         at: OffsetDateTime,
     ) -> Result<QuotaDecision, RepoError> {
+        self.take_at(user_id, limits.included, limits.over_limit, at, 1)
+            .await
+    }
+
+    /// Checks and counts `units` of this book's meter for a call that arrived at `at`,
+    /// under a limit of `included` per period: a blocking limit admits them only if the
+    /// period's count stays within it (taken from leases, as calls are); `units` 0 only
+    /// checks that the count has not reached the limit (units reported after admission
+    /// take it there). Other limits count them, never refuse.
+    pub async fn take_at(
+        &self,
+        user_id: &UserId,
+        included: Option<u64>,
+        over_limit: OverLimit,
+        at: OffsetDateTime,
+        units: u64,
+    ) -> Result<QuotaDecision, RepoError> {
         let period = BillingPeriod::containing(at);
         let status = |used| QuotaStatus {
-            limit: limits.included,
+            limit: included,
             used,
             period_start: period.start(),
             reset_at: period.end(),
@@ -352,15 +396,23 @@ impl QuotaBook {
         // `open` may have waited for the database.
         let now = unix_ms(self.clock.now());
         slot.last_used.fetch_max(now, Ordering::Relaxed);
-        let limit = match (limits.included, limits.over_limit) {
+        let limit = match (included, over_limit) {
             (Some(limit), OverLimit::Block) => limit,
             _ => {
-                slot.pending.fetch_add(1, Ordering::AcqRel);
+                slot.pending.fetch_add(units, Ordering::AcqRel);
                 return Ok(QuotaDecision::Admitted(status(slot.used())));
             }
         };
+        if units == 0 {
+            let used = slot.used();
+            return Ok(if used < limit {
+                QuotaDecision::Admitted(status(used))
+            } else {
+                QuotaDecision::Rejected(status(used))
+            });
+        }
         loop {
-            if slot.spend() {
+            if slot.spend(units) {
                 return Ok(QuotaDecision::Admitted(status(slot.used())));
             }
             if now < slot.exhausted_until.load(Ordering::Acquire) {
@@ -368,29 +420,33 @@ impl QuotaBook {
             }
             slot.check_available(now)?;
             let _leasing = slot.leasing.lock().await;
-            if slot.unspent.load(Ordering::Acquire) > 0 {
+            if slot.unspent.load(Ordering::Acquire) >= units {
                 continue; // another call leased while this one waited
             }
             if now < slot.exhausted_until.load(Ordering::Acquire) {
                 continue;
             }
             slot.check_available(now)?;
-            // Calls admitted while the user was on a plan that does not block go in first,
-            // so that the lease sees them.
+            // Units admitted while the user was on a plan that does not block go in first,
+            // so that the lease sees them; a lease left too small for these units is held
+            // out, and goes with the new one.
             let add = slot.pending.swap(0, Ordering::AcqRel);
+            let held = slot.unspent.swap(0, Ordering::AcqRel);
             let lease = LeaseTerms {
                 cap: Some(limit),
                 max: self.settings.lease_max.max(1),
                 share: self.settings.lease_share.max(1),
+                need: units - held,
             };
             let take = match self
                 .counters
-                .take_quota(user_id, period.start(), add, lease)
+                .take_quota(user_id, &self.meter, period.start(), add, lease)
                 .await
             {
                 Ok(take) => take,
                 Err(e) => {
                     slot.pending.fetch_add(add, Ordering::AcqRel);
+                    slot.unspent.fetch_add(held, Ordering::AcqRel);
                     // From now, not from the call's start: the failure may have taken the
                     // pool's whole connect timeout.
                     slot.failed(unix_ms(self.clock.now()));
@@ -399,14 +455,92 @@ impl QuotaBook {
             };
             slot.counted.store(take.count, Ordering::Release);
             if take.taken == 0 {
-                let until = now.saturating_add(millis(self.settings.sync_every));
-                slot.exhausted_until.store(until, Ordering::Release);
+                slot.unspent.fetch_add(held, Ordering::AcqRel);
+                // Nothing left for anyone: refused without asking again for a while. Some
+                // left, too little for these units: a smaller take may still fit.
+                if take.count >= limit {
+                    let until = now.saturating_add(millis(self.settings.sync_every));
+                    slot.exhausted_until.store(until, Ordering::Release);
+                }
                 return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
             }
-            // This call takes the first leased call.
-            slot.unspent.fetch_add(take.taken - 1, Ordering::AcqRel);
+            // These units take the first leased ones.
+            slot.unspent
+                .fetch_add(held + take.taken - units, Ordering::AcqRel);
             return Ok(QuotaDecision::Admitted(status(slot.used())));
         }
+    }
+
+    /// Gives back `units` a [`QuotaBook::take_at`] admitted at `at` under the same limit,
+    /// for a call refused after all (by another meter's limit): a blocking limit's units
+    /// go back to the lease; others come off the counts not yet pushed (once pushed, the
+    /// shared counter keeps them: the user looks that much busier until the period ends,
+    /// and nobody is admitted past the limit).
+    pub fn give_back(
+        &self,
+        user_id: &UserId,
+        included: Option<u64>,
+        over_limit: OverLimit,
+        at: OffsetDateTime,
+        units: u64,
+    ) {
+        let Some(slot) = self.opened_slot(user_id, BillingPeriod::containing(at)) else {
+            return;
+        };
+        if included.is_some() && over_limit == OverLimit::Block {
+            slot.unspent.fetch_add(units, Ordering::AcqRel);
+        } else {
+            let _ = slot
+                .pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    Some(p.saturating_sub(units))
+                });
+        }
+    }
+
+    /// Counts `units` reported after admission (by the call's handler) for the call of
+    /// `user_id` at `at`, never refusing: the next call sees them. Only a user whose
+    /// counter this instance has open is counted here (admission opened it, for every
+    /// meter the user's plan limits); the others' units reach the counter through
+    /// [`QuotaBook::heal`] or when it is created from the stored usage.
+    pub fn add(&self, user_id: &UserId, at: OffsetDateTime, units: u64) {
+        if let Some(slot) = self.opened_slot(user_id, BillingPeriod::containing(at)) {
+            slot.pending.fetch_add(units, Ordering::AcqRel);
+            slot.last_used
+                .fetch_max(unix_ms(self.clock.now()), Ordering::Relaxed);
+        }
+    }
+
+    /// The book of `meter` (a meter other than `api_calls`, counted beside the calls and
+    /// synced with them), made on first use.
+    pub fn meter(&self, meter: &Arc<str>) -> Arc<QuotaBook> {
+        if let Some(book) = self
+            .meters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(meter)
+        {
+            return Arc::clone(book);
+        }
+        let mut books = self.meters.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(books.entry(Arc::clone(meter)).or_insert_with(|| {
+            Arc::new(QuotaBook::of_meter(
+                Arc::clone(meter),
+                Arc::clone(&self.counters),
+                Arc::clone(&self.clock),
+                self.settings,
+            ))
+        }))
+    }
+
+    /// The books of other meters, made so far.
+    fn meter_books(&self) -> Vec<Arc<QuotaBook>> {
+        self.meters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Admitted calls of `user_id` in the current period, on every instance: the shared
@@ -416,7 +550,10 @@ impl QuotaBook {
     pub async fn used(&self, user_id: &UserId) -> Result<u64, RepoError> {
         let period = BillingPeriod::containing(self.clock.now());
         let slot = self.open(user_id, period).await?;
-        let counted = self.counters.quota_count(user_id, period.start()).await?;
+        let counted = self
+            .counters
+            .quota_count(user_id, &self.meter, period.start())
+            .await?;
         slot.counted.store(counted, Ordering::Release);
         Ok(slot.used())
     }
@@ -425,10 +562,72 @@ impl QuotaBook {
     /// up to [`QuotaSettings::push_within`]; everything with `release_all`), and gives
     /// back leases unused for two sync intervals (or all of them, with `release_all`, at
     /// shutdown). On failure nothing is lost: the counts stay to be pushed next time.
+    /// The books of other meters are synced with it; for those, the counters of users
+    /// active lately are read again too, so that units reported on other instances or
+    /// through events reach this instance's decisions within a sync or two.
     pub async fn sync(&self, release_all: bool) -> Result<SyncReport, RepoError> {
+        let mut report = self.sync_one(release_all).await;
+        for book in self.meter_books() {
+            let theirs = book.sync_one(release_all).await;
+            report = match (report, theirs) {
+                (Ok(a), Ok(b)) => Ok(SyncReport {
+                    pushed: a.pushed + b.pushed,
+                    released: a.released + b.released,
+                }),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        report
+    }
+
+    async fn sync_one(&self, release_all: bool) -> Result<SyncReport, RepoError> {
+        let started = unix_ms(self.clock.now());
         let report = self.push_and_release(release_all).await;
+        if !release_all && self.meter.as_ref() != API_CALLS {
+            self.refresh_active(started).await?;
+        }
         self.forget_idle(unix_ms(self.clock.now()));
         report
+    }
+
+    /// Reads again the counters of the users this book admitted or counted for since two
+    /// syncs ago and did not push to in this sync, which started at `started` (a push
+    /// returns the counter).
+    async fn refresh_active(&self, started: i64) -> Result<(), RepoError> {
+        let now = unix_ms(self.clock.now());
+        let since = now.saturating_sub(2 * millis(self.settings.sync_every));
+        let mut by_period: HashMap<BillingPeriod, Vec<(UserId, Arc<Slot>)>> = HashMap::new();
+        for shard in self.slots.all() {
+            let shard = SlotMap::read(shard);
+            for (user, slots) in shard.iter() {
+                for slot in slots {
+                    let active = slot.opened.get().is_some()
+                        && slot.last_used.load(Ordering::Acquire) >= since
+                        && slot.pushed_at.load(Ordering::Acquire) < started;
+                    if active {
+                        by_period
+                            .entry(slot.period)
+                            .or_default()
+                            .push((user.clone(), Arc::clone(slot)));
+                    }
+                }
+            }
+        }
+        for (period, slots) in by_period {
+            let users: Vec<UserId> = slots.iter().map(|(user, _)| user.clone()).collect();
+            let counts: HashMap<UserId, u64> = self
+                .counters
+                .quota_counts(&self.meter, period.start(), &users)
+                .await?
+                .into_iter()
+                .collect();
+            for (user, slot) in slots {
+                if let Some(count) = counts.get(&user) {
+                    slot.counted.store(*count, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Users this instance holds state for.
@@ -514,6 +713,7 @@ impl QuotaBook {
                 - i64::try_from(released).unwrap_or(i64::MAX);
             deltas.push(QuotaDelta {
                 user_id,
+                meter: Arc::clone(&self.meter),
                 period_start: slot.period.start(),
                 delta,
             });
@@ -578,18 +778,22 @@ impl QuotaBook {
             Some(snapshot) if snapshot.period == period => {
                 raised = self
                     .counters
-                    .raise_quota_counters(period.start(), &snapshot.floors)
+                    .raise_quota_counters(&self.meter, period.start(), &snapshot.floors)
                     .await?;
                 if raised > 0 {
                     tracing::warn!(
                         raised,
+                        meter = %self.meter,
                         "quota counters raised to the calls stored (counts lost, e.g. with a killed instance)"
                     );
                 }
             }
             _ => {}
         }
-        let floors = self.counters.counters_below_stored(period.start()).await?;
+        let floors = self
+            .counters
+            .counters_below_stored(&self.meter, period.start())
+            .await?;
         let next = (!floors.is_empty()).then_some(HealSnapshot {
             at: now,
             period,
@@ -598,15 +802,15 @@ impl QuotaBook {
         Ok((raised, next))
     }
 
-    /// Runs [`QuotaBook::sync`] every `sync_every`, and [`QuotaBook::heal`] every
-    /// `heal_every`, until the returned task is aborted.
+    /// Runs [`QuotaBook::sync`] every `sync_every`, and [`QuotaBook::heal`] of this book
+    /// and every meter's every `heal_every`, until the returned task is aborted.
     pub fn start_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let book = Arc::clone(self);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(book.settings.sync_every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut heal_at = tokio::time::Instant::now();
-            let mut healing: Option<HealSnapshot> = None;
+            let mut healing: HashMap<Arc<str>, HealSnapshot> = HashMap::new();
             loop {
                 ticker.tick().await;
                 if let Err(e) = book.sync(false).await {
@@ -614,9 +818,18 @@ impl QuotaBook {
                 }
                 if tokio::time::Instant::now() >= heal_at {
                     heal_at = tokio::time::Instant::now() + book.settings.heal_every;
-                    match book.heal(healing.take()).await {
-                        Ok((_, next)) => healing = next,
-                        Err(e) => tracing::debug!(error = %e, "quota heal failed; will retry"),
+                    let books = std::iter::once(Arc::clone(&book)).chain(book.meter_books());
+                    for one in books {
+                        let earlier = healing.remove(&one.meter);
+                        match one.heal(earlier).await {
+                            Ok((_, Some(next))) => {
+                                healing.insert(Arc::clone(&one.meter), next);
+                            }
+                            Ok((_, None)) => {}
+                            Err(e) => {
+                                tracing::debug!(error = %e, "quota heal failed; will retry")
+                            }
+                        }
                     }
                 }
             }
@@ -637,7 +850,10 @@ impl QuotaBook {
             .get_or_try_init(|| async {
                 // Callers queued behind a failed attempt fail at once.
                 slot.check_available(now)?;
-                let count = self.counters.quota_count(user_id, period.start()).await?;
+                let count = self
+                    .counters
+                    .quota_count(user_id, &self.meter, period.start())
+                    .await?;
                 slot.counted.store(count, Ordering::Release);
                 Ok::<_, RepoError>(())
             })
@@ -647,6 +863,15 @@ impl QuotaBook {
             return Err(e);
         }
         Ok(slot)
+    }
+
+    /// The slot of `user_id` for `period`, if this instance has it open.
+    fn opened_slot(&self, user_id: &UserId, period: BillingPeriod) -> Option<Arc<Slot>> {
+        SlotMap::read(self.slots.shard(user_id))
+            .get(user_id)?
+            .iter()
+            .find(|s| s.period == period && s.opened.get().is_some())
+            .cloned()
     }
 
     fn slot(&self, user_id: &UserId, period: BillingPeriod) -> Arc<Slot> {

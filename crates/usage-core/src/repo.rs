@@ -5,6 +5,7 @@
 //! (`usage_testkit::conformance`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -772,32 +773,47 @@ pub struct DeletedKeys {
 /// What a quota lease may take: see [`lease_size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseTerms {
-    /// The most calls the counter may reach (the plan's limit); `None`: no cap.
+    /// The most units the counter may reach (the plan's limit); `None`: no cap.
     pub cap: Option<u64>,
     /// The largest lease.
     pub max: u64,
     /// A lease takes at most this fraction (1/share) of what is left under the cap, so
     /// that other instances find some left and what a crashed instance strands is small.
     pub share: u64,
+    /// The fewest units worth taking: what the call being admitted needs (1 for a call,
+    /// a route's cost for a meter). Less left under the cap, nothing is taken.
+    pub need: u64,
 }
 
-/// How many calls a lease takes from a counter standing at `count`: a `1/share` part of
-/// what is left under the cap, at least one and at most `max`; none when nothing is left.
+/// How many units a lease takes from a counter standing at `count`: a `1/share` part of
+/// what is left under the cap, at least `need` and at most `max` (or `need`, if larger);
+/// none when less than `need` is left.
 ///
 /// ```
 /// use usage_core::repo::{LeaseTerms, lease_size};
-/// let terms = LeaseTerms { cap: Some(1_000), max: 100, share: 16 };
+/// let terms = LeaseTerms { cap: Some(1_000), max: 100, share: 16, need: 1 };
 /// assert_eq!(lease_size(0, terms), 62);
 /// assert_eq!(lease_size(990, terms), 1);
 /// assert_eq!(lease_size(1_000, terms), 0);
 /// assert_eq!(lease_size(0, LeaseTerms { cap: None, ..terms }), 100);
+/// let ten = LeaseTerms { need: 10, ..terms };
+/// assert_eq!(lease_size(985, ten), 10);
+/// assert_eq!(lease_size(991, ten), 0);
+/// assert_eq!(lease_size(0, LeaseTerms { max: 5, ..ten }), 10);
 /// ```
 pub fn lease_size(count: u64, terms: LeaseTerms) -> u64 {
+    let need = terms.need.max(1);
     match terms.cap {
-        None => terms.max,
+        None => terms.max.max(need),
         Some(cap) => {
             let left = cap.saturating_sub(count);
-            (left / terms.share.max(1)).max(1).min(terms.max).min(left)
+            if left < need {
+                return 0;
+            }
+            (left / terms.share.max(1))
+                .max(need)
+                .min(terms.max.max(need))
+                .min(left)
         }
     }
 }
@@ -811,37 +827,51 @@ pub struct QuotaTake {
     pub count: u64,
 }
 
-/// A change to one (user, period) admission counter.
+/// A change to one (user, period, meter) admission counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaDelta {
     /// Whose counter.
     pub user_id: UserId,
+    /// Which meter's (`api_calls` for calls).
+    pub meter: Arc<str>,
     /// Start of its period.
     pub period_start: OffsetDateTime,
     /// Calls to add (admitted without a lease) or, negative, to give back (unspent leases).
     pub delta: i64,
 }
 
-/// The admission counters every instance shares (`eco_quota_counters`): per user and
-/// period, the calls admitted or leased to an instance for admission. A counter is
-/// created on first use from the period's stored calls (`eco_usage_records`).
+/// The admission counters every instance shares (`eco_quota_counters`): per user, period
+/// and meter, the units admitted or leased to an instance for admission (calls, for
+/// `api_calls`). A counter is created on first use from the period's stored usage
+/// (`eco_usage_records` for calls, `eco_meter_usage` for other meters); events stored
+/// later add to it as they are stored.
 ///
-/// These count admissions, for quota decisions; billing counts stored events.
+/// These count admissions, for quota decisions; billing counts stored usage.
 #[async_trait]
 pub trait QuotaCounterRepository: Send + Sync {
-    /// The counter of `user_id` for the period starting at `period_start`, created if
-    /// missing.
+    /// The counter of `user_id` on `meter` for the period starting at `period_start`,
+    /// created if missing.
     async fn quota_count(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<u64, RepoError>;
-    /// Adds `add` (calls admitted without a lease), then leases [`lease_size`] more, in
+    /// The counters of `users` on `meter` for the period, as they stand (those that exist,
+    /// in any order): what an instance's view of units reported elsewhere is refreshed from.
+    async fn quota_counts(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, u64)>, RepoError>;
+    /// Adds `add` (units admitted without a lease), then leases [`lease_size`] more, in
     /// one atomic step: concurrent takes by any number of instances never lease past the
     /// cap. Creates the counter if missing.
     async fn take_quota(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
         add: u64,
         lease: LeaseTerms,
@@ -849,18 +879,21 @@ pub trait QuotaCounterRepository: Send + Sync {
     /// Applies many deltas at once (never below zero) and returns each counter after it,
     /// in the order given. Counters that do not exist are created first.
     async fn apply_quota_deltas(&self, deltas: &[QuotaDelta]) -> Result<Vec<u64>, RepoError>;
-    /// The users whose counter of the period stands below the calls stored for them
-    /// (`eco_usage_records`), with those stored calls: counts lost with a killed
-    /// instance, or counts not yet pushed (see [`crate::quota::QuotaBook::heal`]).
+    /// The users whose counter of `meter` for the period stands below the usage stored
+    /// for them, with that stored usage: counts lost with a killed instance, or counts not
+    /// yet pushed (see [`crate::quota::QuotaBook::heal`]).
     async fn counters_below_stored(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<Vec<(UserId, u64)>, RepoError>;
-    /// Raises each user's counter of the period to at least its floor, atomically (a
-    /// counter already higher is left as it is); returns how many were raised. Counters
-    /// that do not exist are left alone: they start from the stored calls when created.
+    /// Raises each user's counter of `meter` for the period to at least its floor,
+    /// atomically (a counter already higher is left as it is); returns how many were
+    /// raised. Counters that do not exist are left alone: they start from the stored
+    /// usage when created.
     async fn raise_quota_counters(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
         floors: &[(UserId, u64)],
     ) -> Result<u64, RepoError>;

@@ -6,13 +6,14 @@
 //! store on every instance.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
 use crate::catalog::{PlanDefinition, PlanMove};
+use crate::event::Units;
 use crate::meter::{Meters, RouteCosts};
 use crate::repo::{PlanRepository, PlanVersion, Subscription};
 use crate::{BillingPeriod, RepoError};
@@ -23,6 +24,8 @@ pub struct Catalog {
     plans: BTreeMap<String, Vec<PlanVersion>>,
     meters: Meters,
     costs: RouteCosts,
+    /// The costs by endpoint, then method: looked up on every call of a catalog with any.
+    by_route: BTreeMap<String, Vec<(String, Units)>>,
 }
 
 impl Catalog {
@@ -42,6 +45,7 @@ impl Catalog {
             plans,
             meters: Meters::builtin(),
             costs: RouteCosts::default(),
+            by_route: BTreeMap::new(),
         }
     }
 
@@ -49,7 +53,36 @@ impl Catalog {
     pub fn with_meters(mut self, meters: Meters, costs: RouteCosts) -> Self {
         self.meters = meters;
         self.costs = costs.sorted();
+        self.by_route = BTreeMap::new();
+        for cost in &self.costs.items {
+            if let Some((method, endpoint)) = cost.method_and_endpoint() {
+                let methods = self.by_route.entry(endpoint.to_owned()).or_default();
+                let at = match methods.iter().position(|(m, _)| m == method) {
+                    Some(at) => at,
+                    None => {
+                        methods.push((method.to_owned(), Units::new()));
+                        methods.len() - 1
+                    }
+                };
+                methods[at].1.add(cost.meter.as_str(), cost.quantity);
+            }
+        }
         self
+    }
+
+    /// What one call of `method` on `endpoint` (as recorded) costs, by meter; `None` for
+    /// a route without costs.
+    pub fn route_cost(&self, method: &str, endpoint: &str) -> Option<&Units> {
+        self.by_route
+            .get(endpoint)?
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, units)| units)
+    }
+
+    /// Whether any route has a cost.
+    pub fn has_route_costs(&self) -> bool {
+        !self.by_route.is_empty()
     }
 
     /// The meters, `api_calls` included.
@@ -160,6 +193,9 @@ pub struct LiveCatalog {
     plans: Arc<dyn PlanRepository>,
     current: RwLock<Arc<Catalog>>,
     generation: AtomicU64,
+    /// Whether the current catalog has route costs: the door asks on every call, and a
+    /// catalog without (most) costs it one atomic load.
+    has_route_costs: AtomicBool,
     loading: tokio::sync::Mutex<()>,
 }
 
@@ -191,6 +227,7 @@ impl LiveCatalog {
             plans,
             current: RwLock::new(Arc::new(Catalog::default())),
             generation: AtomicU64::new(0),
+            has_route_costs: AtomicBool::new(false),
             loading: tokio::sync::Mutex::new(()),
         }
     }
@@ -205,6 +242,19 @@ impl LiveCatalog {
     /// The catalog now.
     pub fn current(&self) -> Arc<Catalog> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// What one call of `method` on `endpoint` costs now, by meter (`None`: nothing).
+    pub fn route_cost(&self, method: &str, endpoint: &str) -> Option<Units> {
+        if !self.has_route_costs.load(Ordering::Acquire) {
+            return None;
+        }
+        self.current().route_cost(method, endpoint).cloned()
+    }
+
+    /// Whether any route has a cost now.
+    pub fn has_route_costs(&self) -> bool {
+        self.has_route_costs.load(Ordering::Acquire)
     }
 
     /// Bumped by every reload that changed something.
@@ -223,6 +273,8 @@ impl LiveCatalog {
             },
         );
         if *self.current() != fresh {
+            self.has_route_costs
+                .store(fresh.has_route_costs(), Ordering::Release);
             *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
             self.generation.fetch_add(1, Ordering::AcqRel);
         }

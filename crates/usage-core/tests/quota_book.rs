@@ -7,14 +7,15 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use time::macros::datetime;
 use usage_core::caller::CallLimits;
+use usage_core::catalog::API_CALLS;
 use usage_core::quota::*;
 use usage_core::repo::{
     ApiKeyRecord, ApiKeyRepository, IncludedCalls, LeaseTerms, QuotaCounterRepository, QuotaDelta,
     UsageRepository as _, User, UserRepository,
 };
 use usage_core::{
-    ApiKeyId, BillingPeriod, Clock, ManualClock, Plan, PlanCatalog, PlanTerms, RepoError,
-    UsageEvent, UserId,
+    ApiKeyId, BillingPeriod, Clock, ManualClock, OverLimit, Plan, PlanCatalog, PlanTerms,
+    RepoError, UsageEvent, UserId,
 };
 use usage_testkit::memory::MemoryStore;
 
@@ -59,6 +60,7 @@ impl Book {
             included: terms.monthly_calls,
             over_limit: terms.over_limit,
             burst: None,
+            units: None,
         }
     }
 
@@ -305,7 +307,10 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
     let (raised, snapshot) = book.heal(None).await.unwrap();
     assert_eq!(raised, 0);
     assert!(snapshot.is_some());
-    assert_eq!(store.quota_count(&user, period).await.unwrap(), 0);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        0
+    );
     // Too soon to tell: kept, nothing raised.
     clock.advance(time::Duration::seconds(5));
     let (raised, snapshot) = book.heal(snapshot).await.unwrap();
@@ -314,6 +319,7 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
     store
         .apply_quota_deltas(&[QuotaDelta {
             user_id: user.clone(),
+            meter: Arc::from(API_CALLS),
             period_start: period,
             delta: 10,
         }])
@@ -323,7 +329,10 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
     clock.advance(time::Duration::seconds(6));
     let (raised, snapshot) = book.heal(snapshot).await.unwrap();
     assert_eq!(raised, 1);
-    assert_eq!(store.quota_count(&user, period).await.unwrap(), 30);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        30
+    );
     assert_eq!(book.used(&user).await.unwrap(), 30);
     assert_eq!(snapshot, None, "nothing left below its stored calls");
     // A snapshot of another period is dropped, not applied.
@@ -334,7 +343,10 @@ async fn lost_counts_are_healed_and_late_pushes_are_not_counted_twice() {
     };
     clock.advance(time::Duration::minutes(5));
     assert_eq!(book.heal(Some(stale)).await.unwrap(), (0, None));
-    assert_eq!(store.quota_count(&user, period).await.unwrap(), 30);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        30
+    );
 }
 
 fn two_instances(
@@ -385,7 +397,11 @@ async fn two_instances_on_one_store_admit_exactly_the_limit() {
     );
     assert_eq!(
         store
-            .quota_count(&user, BillingPeriod::containing(clock.now()).start())
+            .quota_count(
+                &user,
+                API_CALLS,
+                BillingPeriod::containing(clock.now()).start(),
+            )
             .await
             .unwrap(),
         1_000
@@ -606,7 +622,7 @@ async fn shutdown_gives_every_unspent_lease_back() {
     a.admit(&user, Plan::free()).await.unwrap();
     let period = BillingPeriod::containing(clock.now()).start();
     assert_eq!(
-        store.quota_count(&user, period).await.unwrap(),
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
         62,
         "a lease of 62"
     );
@@ -617,7 +633,10 @@ async fn shutdown_gives_every_unspent_lease_back() {
             released: 61
         }
     );
-    assert_eq!(store.quota_count(&user, period).await.unwrap(), 1);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        1
+    );
     assert_eq!(b.used(&user).await.unwrap(), 1);
 }
 
@@ -658,13 +677,23 @@ impl FlakyCounters {
 
 #[async_trait::async_trait]
 impl QuotaCounterRepository for FlakyCounters {
-    async fn quota_count(&self, u: &UserId, p: OffsetDateTime) -> Result<u64, RepoError> {
+    async fn quota_count(&self, u: &UserId, m: &str, p: OffsetDateTime) -> Result<u64, RepoError> {
         self.check()?;
-        self.inner.quota_count(u, p).await
+        self.inner.quota_count(u, m, p).await
+    }
+    async fn quota_counts(
+        &self,
+        m: &str,
+        p: OffsetDateTime,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        self.check()?;
+        self.inner.quota_counts(m, p, users).await
     }
     async fn take_quota(
         &self,
         u: &UserId,
+        m: &str,
         p: OffsetDateTime,
         add: u64,
         lease: LeaseTerms,
@@ -674,7 +703,7 @@ impl QuotaCounterRepository for FlakyCounters {
             self.inside.notify_one();
             self.go.notified().await;
         }
-        self.inner.take_quota(u, p, add, lease).await
+        self.inner.take_quota(u, m, p, add, lease).await
     }
     async fn apply_quota_deltas(&self, d: &[QuotaDelta]) -> Result<Vec<u64>, RepoError> {
         self.check()?;
@@ -686,18 +715,20 @@ impl QuotaCounterRepository for FlakyCounters {
     }
     async fn counters_below_stored(
         &self,
+        m: &str,
         p: OffsetDateTime,
     ) -> Result<Vec<(UserId, u64)>, RepoError> {
         self.check()?;
-        self.inner.counters_below_stored(p).await
+        self.inner.counters_below_stored(m, p).await
     }
     async fn raise_quota_counters(
         &self,
+        m: &str,
         p: OffsetDateTime,
         floors: &[(UserId, u64)],
     ) -> Result<u64, RepoError> {
         self.check()?;
-        self.inner.raise_quota_counters(p, floors).await
+        self.inner.raise_quota_counters(m, p, floors).await
     }
 }
 
@@ -742,7 +773,10 @@ async fn a_downgrade_during_a_sync_counts_each_call_once() {
     counters.go.notify_one();
     last_sync.await.unwrap().unwrap();
     let period = BillingPeriod::containing(clock.now()).start();
-    assert_eq!(store.quota_count(&user, period).await.unwrap(), 51);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        51
+    );
     assert_eq!(book.used(&user).await.unwrap(), 51);
 }
 
@@ -794,11 +828,14 @@ async fn through_a_database_outage_leases_and_counts_carry_on_and_nothing_is_los
     );
     let period = BillingPeriod::containing(clock.now()).start();
     assert_eq!(
-        store.quota_count(&pro, period).await.unwrap(),
+        store.quota_count(&pro, API_CALLS, period).await.unwrap(),
         21,
         "no count lost"
     );
-    assert_eq!(store.quota_count(&free, period).await.unwrap(), 63);
+    assert_eq!(
+        store.quota_count(&free, API_CALLS, period).await.unwrap(),
+        63
+    );
 }
 
 fn flaky_book(
@@ -894,7 +931,7 @@ async fn a_call_that_waited_for_another_calls_lease_spends_it_instead_of_leasing
     }
     let period = BillingPeriod::containing(clock.now()).start();
     assert_eq!(
-        store.quota_count(&user, period).await.unwrap(),
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
         62,
         "one lease of 62 (1,000 / 16), not two"
     );
@@ -974,4 +1011,104 @@ fn the_book_debugs_as_its_settings() {
     let text = format!("{book:?}");
     assert!(text.starts_with("QuotaBook {"), "{text}");
     assert!(text.contains("sync_every: 500ms"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_routes_cost_is_taken_whole_and_never_past_the_limit_across_two_instances() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+    let user = user_with_stored_calls(&store, clock.now(), 0).await;
+    let (a, b) = two_instances(&store, &clock, 1_000, QuotaSettings::default());
+    let credits: Arc<str> = Arc::from("credits");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let book = if i % 2 == 0 {
+            a.meter(&credits)
+        } else {
+            b.meter(&credits)
+        };
+        let (user, clock) = (user.clone(), clock.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..10 {
+                let decision = book
+                    .take_at(&user, Some(1_000), OverLimit::Block, clock.now(), 10)
+                    .await
+                    .unwrap();
+                if let QuotaDecision::Admitted(s) = decision {
+                    assert!(s.used <= 1_000, "{s:?}");
+                    admitted += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    // Each instance may hold fewer than 10 it cannot use; none is admitted past 1,000.
+    assert!((99..=100).contains(&admitted), "{admitted} calls of 10");
+    let period = BillingPeriod::containing(clock.now()).start();
+    assert!(store.quota_count(&user, "credits", period).await.unwrap() <= 1_000);
+    assert_eq!(
+        store.quota_count(&user, API_CALLS, period).await.unwrap(),
+        0,
+        "the calls' counter is another"
+    );
+    // A cost given back (another limit refused the call) is taken again, not leased.
+    let other = user_with_stored_calls(&store, clock.now(), 0).await;
+    let book = a.meter(&credits);
+    let take = async || {
+        book.take_at(&other, Some(1_000), OverLimit::Block, clock.now(), 10)
+            .await
+            .unwrap()
+    };
+    assert!(matches!(take().await, QuotaDecision::Admitted(s) if s.used == 10));
+    let counted = store.quota_count(&other, "credits", period).await.unwrap();
+    book.give_back(&other, Some(1_000), OverLimit::Block, clock.now(), 10);
+    assert!(matches!(take().await, QuotaDecision::Admitted(s) if s.used == 10));
+    assert_eq!(
+        store.quota_count(&other, "credits", period).await.unwrap(),
+        counted,
+        "taken from what was given back"
+    );
+}
+
+#[tokio::test]
+async fn units_reported_after_admission_refuse_the_next_call_on_every_instance() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
+    let user = user_with_stored_calls(&store, clock.now(), 0).await;
+    let (a, b) = two_instances(&store, &clock, 1_000, QuotaSettings::default());
+    let tokens: Arc<str> = Arc::from("tokens");
+    let (ta, tb) = (a.meter(&tokens), b.meter(&tokens));
+    let check = async |book: &QuotaBook| {
+        book.take_at(&user, Some(1_000), OverLimit::Block, clock.now(), 0)
+            .await
+            .unwrap()
+    };
+    assert!(matches!(check(&ta).await, QuotaDecision::Admitted(s) if s.used == 0));
+    assert!(matches!(check(&tb).await, QuotaDecision::Admitted(_)));
+    // A's handler reports 1,200 tokens: stored and counted past the limit.
+    ta.add(&user, clock.now(), 1_200);
+    assert!(
+        matches!(check(&ta).await, QuotaDecision::Rejected(s) if s.used == 1_200 && s.remaining() == Some(0))
+    );
+    // B learns of them once A pushed them and B read its counter again: a sync each.
+    assert!(matches!(check(&tb).await, QuotaDecision::Admitted(_)));
+    a.sync(false).await.unwrap();
+    b.sync(false).await.unwrap();
+    assert!(matches!(check(&tb).await, QuotaDecision::Rejected(s) if s.used == 1_200));
+    let period = BillingPeriod::containing(clock.now()).start();
+    assert_eq!(
+        store.quota_count(&user, "tokens", period).await.unwrap(),
+        1_200
+    );
+    // A plan that does not block counts them, and admits.
+    let over = tb
+        .take_at(&user, Some(1_000), OverLimit::Overage, clock.now(), 0)
+        .await
+        .unwrap();
+    assert!(matches!(over, QuotaDecision::Admitted(s) if s.used == 1_200));
 }

@@ -85,6 +85,7 @@ async fn main() -> std::io::Result<()> {
                 included: Some(1_000),
                 over_limit: OverLimit::Block,
                 burst: None,
+                units: None,
             },
         },
     )]));

@@ -86,6 +86,7 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         included: terms.monthly_calls,
         over_limit: terms.over_limit,
         burst: rate,
+        units: None,
     };
     let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     // The built-in plans as these variables make them: a refused free user is offered pro.

@@ -87,6 +87,7 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         included: terms.monthly_calls,
         over_limit: terms.over_limit,
         burst: rate,
+        units: None,
     };
     let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     let meter = Arc::new(Meter::new(MeterDeps {

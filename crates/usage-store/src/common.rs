@@ -511,13 +511,14 @@ impl QuotaTakeRow {
     }
 }
 
-/// The lease terms as bound to the lease statements: (max, cap, share), with no cap as
-/// `i64::MAX` (the statements compute the same as [`usage_core::repo::lease_size`]).
-pub(crate) fn lease_binds(lease: usage_core::repo::LeaseTerms) -> (i64, i64, i64) {
+/// The lease terms as bound to the lease statements: (max, cap, share, need), with no cap
+/// as `i64::MAX` (the statements compute the same as [`usage_core::repo::lease_size`]).
+pub(crate) fn lease_binds(lease: usage_core::repo::LeaseTerms) -> (i64, i64, i64, i64) {
     (
         to_i64(lease.max),
         lease.cap.map_or(i64::MAX, to_i64),
         to_i64(lease.share.max(1)),
+        to_i64(lease.need.max(1)),
     )
 }
 
@@ -646,12 +647,19 @@ pub(crate) fn deleted_keys(rows: Vec<(i64, String)>, after: i64) -> usage_core::
     }
 }
 
-/// Counters of a period below the calls stored for their user (`$1`: the period's start;
-/// both backends number it so).
+/// Counters of a period and meter below the usage stored for their user (`$1`: the
+/// period's start, `$2`: the meter; both backends number them so): calls for `api_calls`,
+/// the meter's quantity for the others.
 pub(crate) const COUNTERS_BELOW_STORED: &str = "\
-SELECT r.user_id, r.api_calls AS n FROM eco_usage_records r
-JOIN eco_quota_counters q ON q.user_id = r.user_id AND q.period_start = r.period_start
-WHERE r.period_start = $1 AND q.admitted < r.api_calls";
+SELECT s.user_id, s.n FROM (
+    SELECT user_id, api_calls AS n FROM eco_usage_records
+    WHERE period_start = $1 AND $2 = 'api_calls'
+    UNION ALL
+    SELECT user_id, quantity AS n FROM eco_meter_usage
+    WHERE period_start = $1 AND meter = $2
+) s
+JOIN eco_quota_counters q ON q.user_id = s.user_id AND q.period_start = $1 AND q.meter = $2
+WHERE q.admitted < s.n";
 
 /// A user and a count read by [`COUNTERS_BELOW_STORED`].
 #[derive(diesel::QueryableByName)]

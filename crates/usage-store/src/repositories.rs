@@ -25,7 +25,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Date as SqlDate, Integer, Nullable, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use time::{Date, OffsetDateTime};
-use usage_core::catalog::{Overrides, PlanDefinition, PlanMove};
+use usage_core::catalog::{API_CALLS, Overrides, PlanDefinition, PlanMove};
 use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
@@ -743,15 +743,26 @@ fn unit_reports(inserted: &[InsertedEvent]) -> Vec<MeterReport> {
     reports
 }
 
+/// Who brings the admission counters (`eco_quota_counters`) up to reported units.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// The instances that admitted the calls, which push them as they push calls.
+    ByInstances,
+    /// The statement storing them: events, which no instance counted.
+    Here,
+}
+
 /// Adds meter reports to their user's period (`eco_meter_usage`) and day
 /// (`eco_meter_daily`), as each meter's aggregation adds them up: count, sum (saturating
 /// at the largest BIGINT), max. `distinct` reports are unique_count meters' values seen
 /// for the first time in their period (each counts one); the others go to every other
 /// kind of meter. Reports of meters that do not exist are dropped (none is ever deleted).
+/// `Counted::Here`: the existing admission counters of `count` and `sum` meters take them too.
 async fn add_meter_reports(
     conn: &mut Conn,
     reports: &[MeterReport],
     distinct: bool,
+    counted: Counted,
     now: OffsetDateTime,
 ) -> diesel::QueryResult<()> {
     if reports.is_empty() {
@@ -800,10 +811,31 @@ async fn add_meter_reports(
         json_rows("$1", &with_start),
         merged("eco_meter_usage")
     ))
-    .bind::<Text, _>(period_rows)
+    .bind::<Text, _>(&period_rows)
     .bind::<Stamp, _>(now)
     .execute(&mut *conn)
     .await?;
+    if counted == Counted::Here {
+        // The admission counters that exist take the same units (those made later start
+        // from eco_meter_usage, which has them now), locked in the order syncs lock them.
+        let rows = json_rows("$1", &with_start);
+        query(&format!(
+            "UPDATE eco_quota_counters AS c SET admitted =
+                 CASE WHEN c.admitted > {MAX} - {added} THEN {MAX} ELSE c.admitted + {added} END
+             FROM {rows} JOIN eco_meters m ON m.key = d.meter
+             WHERE c.user_id = d.user_id AND c.period_start = d.period_start
+               AND c.meter = d.meter AND m.aggregation IN ('count', 'sum')
+               AND (SELECT count(*) FROM (
+                     SELECT 1 FROM eco_quota_counters l
+                     JOIN {rows} ON l.user_id = d.user_id AND l.period_start = d.period_start
+                                 AND l.meter = d.meter
+                     ORDER BY l.user_id, l.period_start, l.meter {LOCK_ROWS}) locked) >= 0",
+            MAX = i64::MAX
+        ))
+        .bind::<Text, _>(&period_rows)
+        .execute(&mut *conn)
+        .await?;
+    }
     let day_rows = json_array(days.iter().map(|((user, meter, date), t)| {
         serde_json::json!({"user_id": user, "meter": meter, "date": date.to_string(),
                            "reports": t.reports, "total": t.total, "most": t.most})
@@ -875,7 +907,14 @@ impl UsageRepository for This {
                 let inserted = insert_usage_rows(conn, events).await?;
                 mark_late_days(conn, &inserted, now).await?;
                 let count = inserted.len() as u64;
-                add_meter_reports(conn, &unit_reports(&inserted), false, now).await?;
+                add_meter_reports(
+                    conn,
+                    &unit_reports(&inserted),
+                    false,
+                    Counted::ByInstances,
+                    now,
+                )
+                .await?;
                 let deltas = counter_deltas(
                     inserted
                         .into_iter()
@@ -1231,46 +1270,57 @@ impl DeadLetterRow {
     }
 }
 
-/// A (user, period) counter as the quota statements return it.
+/// A (user, period, meter) counter as the quota statements return it.
 #[derive(QueryableByName)]
 struct QuotaCountRow {
     #[diesel(sql_type = Text)]
     user_id: String,
     #[diesel(sql_type = Stamp)]
     period_start: OffsetDateTime,
+    #[diesel(sql_type = Text)]
+    meter: String,
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
 
-/// The (user, period) pairs of quota statements, as JSON rows.
-fn counter_keys(keys: &[(&str, OffsetDateTime)], deltas: Option<&[i64]>) -> String {
-    json_array(keys.iter().enumerate().map(|(i, (user, period))| {
+/// One counter a quota statement names: user, period start, meter.
+type CounterKey<'a> = (&'a str, OffsetDateTime, &'a str);
+
+/// The counters of quota statements, as JSON rows.
+fn counter_keys(keys: &[CounterKey<'_>], deltas: Option<&[i64]>) -> String {
+    json_array(keys.iter().enumerate().map(|(i, (user, period, meter))| {
         serde_json::json!({
             "uid": user,
             "at": utc_text(*period),
+            "mtr": meter,
             "delta": deltas.and_then(|d| d.get(i)),
         })
     }))
 }
 
-/// The columns of [`counter_keys`]: user, period start, delta (named apart from the
-/// counters' own columns, which `RETURNING` names unqualified).
-const COUNTER_KEY_COLUMNS: &[(&str, &str)] =
-    &[("uid", "text"), ("at", "timestamptz"), ("delta", "int8")];
+/// The columns of [`counter_keys`]: user, period start, meter, delta (named apart from
+/// the counters' own columns, which `RETURNING` names unqualified).
+const COUNTER_KEY_COLUMNS: &[(&str, &str)] = &[
+    ("uid", "text"),
+    ("at", "timestamptz"),
+    ("mtr", "text"),
+    ("delta", "int8"),
+];
 
-/// Creates missing counters from the periods' stored calls, in one order for every writer.
-async fn seed_quota_counters(
-    conn: &mut Conn,
-    keys: &[(&str, OffsetDateTime)],
-) -> Result<(), RepoError> {
+/// Creates missing counters from the periods' stored usage (calls for `api_calls`, the
+/// meter's quantity for the others), in one order for every writer.
+async fn seed_quota_counters(conn: &mut Conn, keys: &[CounterKey<'_>]) -> Result<(), RepoError> {
     let sql = format!(
-        "INSERT INTO eco_quota_counters (user_id, period_start, admitted)
-         SELECT d.uid, d.at, COALESCE(r.api_calls, 0)
+        "INSERT INTO eco_quota_counters (user_id, period_start, meter, admitted)
+         SELECT d.uid, d.at, d.mtr, COALESCE(r.api_calls, m.quantity, 0)
          FROM {}
-         LEFT JOIN eco_usage_records r ON r.user_id = d.uid AND r.period_start = d.at
+         LEFT JOIN eco_usage_records r
+                ON d.mtr = '{API_CALLS}' AND r.user_id = d.uid AND r.period_start = d.at
+         LEFT JOIN eco_meter_usage m
+                ON m.user_id = d.uid AND m.period_start = d.at AND m.meter = d.mtr
          WHERE true
-         ORDER BY d.uid, d.at
-         ON CONFLICT (user_id, period_start) DO NOTHING",
+         ORDER BY d.uid, d.at, d.mtr
+         ON CONFLICT (user_id, period_start, meter) DO NOTHING",
         json_rows("$1", COUNTER_KEY_COLUMNS)
     );
     query(&sql)
@@ -1287,19 +1337,19 @@ async fn seed_quota_counters(
 /// not exist yet are not returned.
 async fn apply_counter_deltas(
     conn: &mut Conn,
-    keys: &[(&str, OffsetDateTime)],
+    keys: &[CounterKey<'_>],
     deltas: &[i64],
 ) -> Result<Vec<QuotaCountRow>, RepoError> {
     let rows = json_rows("$1", COUNTER_KEY_COLUMNS);
     let sql = format!(
         "UPDATE eco_quota_counters AS c SET admitted = GREATEST(0, c.admitted + d.delta)
          FROM {rows}
-         WHERE c.user_id = d.uid AND c.period_start = d.at
+         WHERE c.user_id = d.uid AND c.period_start = d.at AND c.meter = d.mtr
            AND (SELECT count(*) FROM (
                  SELECT 1 FROM eco_quota_counters l
-                 JOIN {rows} ON l.user_id = d.uid AND l.period_start = d.at
-                 ORDER BY l.user_id, l.period_start {LOCK_ROWS}) locked) >= 0
-         RETURNING user_id, period_start, admitted AS n"
+                 JOIN {rows} ON l.user_id = d.uid AND l.period_start = d.at AND l.meter = d.mtr
+                 ORDER BY l.user_id, l.period_start, l.meter {LOCK_ROWS}) locked) >= 0
+         RETURNING user_id, period_start, meter, admitted AS n"
     );
     query(&sql)
         .bind::<Text, _>(counter_keys(keys, Some(deltas)))
@@ -1313,50 +1363,84 @@ impl QuotaCounterRepository for This {
     async fn quota_count(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<u64, RepoError> {
         let mut conn = self.conn().await?;
-        seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start)]).await?;
+        seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start, meter)]).await?;
         let row: CountRow = query(
-            "SELECT admitted AS n FROM eco_quota_counters WHERE user_id = $1 AND period_start = $2",
+            "SELECT admitted AS n FROM eco_quota_counters
+             WHERE user_id = $1 AND period_start = $2 AND meter = $3",
         )
         .bind::<Text, _>(user_id.as_str())
         .bind::<Stamp, _>(period_start)
+        .bind::<Text, _>(meter)
         .get_result(&mut *conn)
         .await
         .map_err(db("quota counter"))?;
         Ok(to_u64(row.n))
     }
 
+    async fn quota_counts(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<CounterKey<'_>> = users
+            .iter()
+            .map(|u| (u.as_str(), period_start, meter))
+            .collect();
+        let sql = format!(
+            "SELECT c.user_id, c.admitted AS n FROM eco_quota_counters c
+             JOIN {} ON c.user_id = d.uid AND c.period_start = d.at AND c.meter = d.mtr",
+            json_rows("$1", COUNTER_KEY_COLUMNS)
+        );
+        let mut conn = self.conn().await?;
+        let rows: Vec<StoredCallsRow> = query(&sql)
+            .bind::<Text, _>(counter_keys(&keys, None))
+            .load(&mut *conn)
+            .await
+            .map_err(db("quota counter"))?;
+        Ok(rows.into_iter().map(StoredCallsRow::into_pair).collect())
+    }
+
     async fn take_quota(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
         add: u64,
         lease: LeaseTerms,
     ) -> Result<QuotaTake, RepoError> {
-        // Adds $3, then leases `lease_size` (max $4, cap $5, share $6) in one statement:
-        // the right-hand sides all read the row as it was, so `last_taken` and `admitted`
-        // get the same lease, and the row lock makes concurrent leases queue.
-        const TAKE_QUOTA: &str = "\
-            UPDATE eco_quota_counters SET
-                last_taken = LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6),
-                                   GREATEST(0, $5 - (admitted + $3))),
-                admitted = admitted + $3
-                    + LEAST($4, GREATEST(1, ($5 - (admitted + $3)) / $6),
-                            GREATEST(0, $5 - (admitted + $3)))
-            WHERE user_id = $1 AND period_start = $2
-            RETURNING last_taken AS taken, admitted AS n";
+        // Adds $4, then leases `lease_size` (max $5, cap $6, share $7, need $8) in one
+        // statement: the right-hand sides all read the row as it was, so `last_taken` and
+        // `admitted` get the same lease, and the row lock makes concurrent leases queue.
+        const LEASE: &str = "CASE WHEN $6 - (admitted + $4) < $8 THEN 0
+                 ELSE LEAST(GREATEST($5, $8), GREATEST($8, ($6 - (admitted + $4)) / $7),
+                            $6 - (admitted + $4)) END";
+        let take = format!(
+            "UPDATE eco_quota_counters SET
+                last_taken = {LEASE},
+                admitted = admitted + $4 + {LEASE}
+            WHERE user_id = $1 AND period_start = $2 AND meter = $3
+            RETURNING last_taken AS taken, admitted AS n"
+        );
         let mut conn = self.conn().await?;
-        let (max, cap, share) = lease_binds(lease);
+        let (max, cap, share, need) = lease_binds(lease);
         for attempt in 0..2 {
-            let row: Option<QuotaTakeRow> = query(TAKE_QUOTA)
+            let row: Option<QuotaTakeRow> = query(&take)
                 .bind::<Text, _>(user_id.as_str())
                 .bind::<Stamp, _>(period_start)
+                .bind::<Text, _>(meter)
                 .bind::<BigInt, _>(to_i64(add))
                 .bind::<BigInt, _>(max)
                 .bind::<BigInt, _>(cap)
                 .bind::<BigInt, _>(share)
+                .bind::<BigInt, _>(need)
                 .get_result(&mut *conn)
                 .await
                 .optional()
@@ -1364,7 +1448,8 @@ impl QuotaCounterRepository for This {
             match row {
                 Some(row) => return Ok(row.into_domain()),
                 None if attempt == 0 => {
-                    seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start)]).await?;
+                    seed_quota_counters(&mut conn, &[(user_id.as_str(), period_start, meter)])
+                        .await?;
                 }
                 None => {}
             }
@@ -1376,11 +1461,13 @@ impl QuotaCounterRepository for This {
 
     async fn counters_below_stored(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<Vec<(UserId, u64)>, RepoError> {
         let mut conn = self.conn().await?;
         let rows: Vec<StoredCallsRow> = query(COUNTERS_BELOW_STORED)
             .bind::<Stamp, _>(period_start)
+            .bind::<Text, _>(meter)
             .load(&mut *conn)
             .await
             .map_err(db("quota counter"))?;
@@ -1389,6 +1476,7 @@ impl QuotaCounterRepository for This {
 
     async fn raise_quota_counters(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
         floors: &[(UserId, u64)],
     ) -> Result<u64, RepoError> {
@@ -1396,14 +1484,15 @@ impl QuotaCounterRepository for This {
             return Ok(0);
         }
         let (users, floors) = floor_columns(floors);
-        let rows = json_rows("$2", &[("user_id", "text"), ("floor", "int8")]);
+        let rows = json_rows("$3", &[("user_id", "text"), ("floor", "int8")]);
         let sql = format!(
             "UPDATE eco_quota_counters AS c SET admitted = d.floor
              FROM {rows}
-             WHERE c.user_id = d.user_id AND c.period_start = $1 AND c.admitted < d.floor
+             WHERE c.user_id = d.user_id AND c.period_start = $1 AND c.meter = $2
+               AND c.admitted < d.floor
                AND (SELECT count(*) FROM (
                      SELECT 1 FROM eco_quota_counters l JOIN {rows} ON l.user_id = d.user_id
-                     WHERE l.period_start = $1
+                     WHERE l.period_start = $1 AND l.meter = $2
                      ORDER BY l.user_id {LOCK_ROWS}) locked) >= 0"
         );
         let rows = json_array(
@@ -1415,6 +1504,7 @@ impl QuotaCounterRepository for This {
         let mut conn = self.conn().await?;
         let raised = query(&sql)
             .bind::<Stamp, _>(period_start)
+            .bind::<Text, _>(meter)
             .bind::<Text, _>(rows)
             .execute(&mut *conn)
             .await
@@ -1426,37 +1516,37 @@ impl QuotaCounterRepository for This {
         if deltas.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<(&str, OffsetDateTime)> = deltas
+        let keys: Vec<CounterKey<'_>> = deltas
             .iter()
-            .map(|d| (d.user_id.as_str(), d.period_start))
+            .map(|d| (d.user_id.as_str(), d.period_start, d.meter.as_ref()))
             .collect();
         let amounts: Vec<i64> = deltas.iter().map(|d| d.delta).collect();
         let mut conn = self.conn().await?;
         // Counters exist once a user's first call read them: one statement, as a rule.
         let mut rows = apply_counter_deltas(&mut conn, &keys, &amounts).await?;
         if rows.len() < deltas.len() {
-            let done: std::collections::HashSet<(&str, OffsetDateTime)> = rows
+            let done: std::collections::HashSet<CounterKey<'_>> = rows
                 .iter()
-                .map(|r| (r.user_id.as_str(), r.period_start))
+                .map(|r| (r.user_id.as_str(), r.period_start, r.meter.as_str()))
                 .collect();
             let missing: Vec<usize> = (0..keys.len())
                 .filter(|&i| !done.contains(&keys[i]))
                 .collect();
-            let keys: Vec<(&str, OffsetDateTime)> = missing.iter().map(|&i| keys[i]).collect();
+            let keys: Vec<CounterKey<'_>> = missing.iter().map(|&i| keys[i]).collect();
             let amounts: Vec<i64> = missing.iter().map(|&i| amounts[i]).collect();
             seed_quota_counters(&mut conn, &keys).await?;
             let more = apply_counter_deltas(&mut conn, &keys, &amounts).await?;
             rows.extend(more);
         }
-        let after: std::collections::HashMap<(String, OffsetDateTime), i64> = rows
+        let after: std::collections::HashMap<(String, OffsetDateTime, String), i64> = rows
             .into_iter()
-            .map(|r| ((r.user_id, r.period_start), r.n))
+            .map(|r| ((r.user_id, r.period_start, r.meter), r.n))
             .collect();
         deltas
             .iter()
             .map(|d| {
                 after
-                    .get(&(d.user_id.to_string(), d.period_start))
+                    .get(&(d.user_id.to_string(), d.period_start, d.meter.to_string()))
                     .map(|n| to_u64(*n))
                     .ok_or(RepoError::NotFound {
                         entity: "quota counter",
@@ -3040,7 +3130,7 @@ impl MeterUsageRepository for This {
                         quantity: e.quantity,
                     })
                     .collect();
-                add_meter_reports(conn, &reports, false, now).await?;
+                add_meter_reports(conn, &reports, false, Counted::Here, now).await?;
                 let values: Vec<MeterReport> = first_seen
                     .into_iter()
                     .map(|v| MeterReport {
@@ -3050,7 +3140,7 @@ impl MeterUsageRepository for This {
                         quantity: 1,
                     })
                     .collect();
-                add_meter_reports(conn, &values, true, now).await?;
+                add_meter_reports(conn, &values, true, Counted::Here, now).await?;
                 Ok(stored.len() as u64)
             })
             .await;

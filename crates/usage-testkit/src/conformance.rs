@@ -19,7 +19,7 @@ use std::sync::Arc;
 use time::macros::{date, datetime};
 use time::{Duration, OffsetDateTime};
 
-use usage_core::catalog::{PlanDefinition, PlanMove};
+use usage_core::catalog::{API_CALLS, PlanDefinition, PlanMove};
 use usage_core::event::new_event_id;
 use usage_core::meter::{Aggregation, Meter, RouteCost};
 use usage_core::repo::{
@@ -96,6 +96,7 @@ macro_rules! repository_conformance_tests {
             meters_and_route_costs_are_kept,
             calls_units_add_up_by_each_meters_aggregation,
             meter_events_are_stored_once_ever,
+            meter_counters_start_from_stored_usage_and_take_events,
             users_overrides_are_kept_and_dropped;
             late_writes_are_marked_by_the_store_clock,
         );
@@ -249,7 +250,7 @@ pub async fn counters_below_their_stored_calls_are_found_and_raised(store: Arc<d
     let (carl, carl_key) = caller(&store, "carl@example.com", Plan::pro()).await;
     // Ada's counter exists before her 5 calls are stored (their counts were lost); Bob's
     // starts from his 3; Carl has calls and no counter.
-    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 0);
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 0);
     let store_calls = async |user: &UserId, key: &ApiKeyId, n: usize| {
         store
             .record_usage(&events(user, key, n, T0), &IncludedCalls::new())
@@ -259,43 +260,64 @@ pub async fn counters_below_their_stored_calls_are_found_and_raised(store: Arc<d
     store_calls(&ada, &ada_key, 5).await;
     store_calls(&bob, &bob_key, 3).await;
     store_calls(&carl, &carl_key, 2).await;
-    assert_eq!(store.quota_count(&bob, period).await.unwrap(), 3);
+    assert_eq!(store.quota_count(&bob, API_CALLS, period).await.unwrap(), 3);
     assert_eq!(
-        store.counters_below_stored(period).await.unwrap(),
+        store
+            .counters_below_stored(API_CALLS, period)
+            .await
+            .unwrap(),
         vec![(ada.clone(), 5)]
     );
     let next = BillingPeriod::containing(T0).next().start();
-    assert!(store.counters_below_stored(next).await.unwrap().is_empty());
+    assert!(
+        store
+            .counters_below_stored(API_CALLS, next)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     assert_eq!(
         store
-            .raise_quota_counters(period, &[(ada.clone(), 4)])
+            .raise_quota_counters(API_CALLS, period, &[(ada.clone(), 4)])
             .await
             .unwrap(),
         1
     );
-    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 4);
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 4);
     let floors = [(carl.clone(), 9), (bob.clone(), 1), (ada.clone(), 5)];
     assert_eq!(
-        store.raise_quota_counters(period, &floors).await.unwrap(),
+        store
+            .raise_quota_counters(API_CALLS, period, &floors)
+            .await
+            .unwrap(),
         1
     );
-    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 5);
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 5);
     assert_eq!(
-        store.quota_count(&bob, period).await.unwrap(),
+        store.quota_count(&bob, API_CALLS, period).await.unwrap(),
         3,
         "never lowered"
     );
-    assert_eq!(store.raise_quota_counters(next, &floors).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .raise_quota_counters(API_CALLS, next, &floors)
+            .await
+            .unwrap(),
+        0
+    );
     assert!(
         store
-            .counters_below_stored(period)
+            .counters_below_stored(API_CALLS, period)
             .await
             .unwrap()
             .is_empty()
     );
     // Carl's counter, created now, starts from his stored calls.
-    assert_eq!(store.quota_count(&carl, period).await.unwrap(), 2);
+    assert_eq!(
+        store.quota_count(&carl, API_CALLS, period).await.unwrap(),
+        2
+    );
 }
 
 /// Quota counters start from the period's stored calls; takes lease under the cap, adds
@@ -308,7 +330,7 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(
-        store.quota_count(&ada, period).await.unwrap(),
+        store.quota_count(&ada, API_CALLS, period).await.unwrap(),
         7,
         "seeded from stored calls"
     );
@@ -317,14 +339,18 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         .record_usage(&events(&ada, &key, 2, T0), &IncludedCalls::new())
         .await
         .unwrap();
-    assert_eq!(store.quota_count(&ada, period).await.unwrap(), 7);
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 7);
 
     let terms = LeaseTerms {
         cap: Some(100),
         max: 50,
         share: 4,
+        need: 1,
     };
-    let take = store.take_quota(&ada, period, 3, terms).await.unwrap();
+    let take = store
+        .take_quota(&ada, API_CALLS, period, 3, terms)
+        .await
+        .unwrap();
     // 7 + 3 = 10; a quarter of the 90 left.
     assert_eq!(
         take,
@@ -334,7 +360,7 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         }
     );
     let take = store
-        .take_quota(&ada, period, 0, LeaseTerms { max: 5, ..terms })
+        .take_quota(&ada, API_CALLS, period, 0, LeaseTerms { max: 5, ..terms })
         .await
         .unwrap();
     assert_eq!(
@@ -347,6 +373,7 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
     let counts = store
         .apply_quota_deltas(&[QuotaDelta {
             user_id: ada.clone(),
+            meter: Arc::from(API_CALLS),
             period_start: period,
             delta: 60,
         }])
@@ -354,7 +381,10 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(counts, vec![97]);
     for expected in [98, 99, 100] {
-        let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+        let take = store
+            .take_quota(&ada, API_CALLS, period, 0, terms)
+            .await
+            .unwrap();
         assert_eq!(
             take,
             QuotaTake {
@@ -363,7 +393,10 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
             }
         );
     }
-    let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+    let take = store
+        .take_quota(&ada, API_CALLS, period, 0, terms)
+        .await
+        .unwrap();
     assert_eq!(
         take,
         QuotaTake {
@@ -373,7 +406,10 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         "nothing past the cap"
     );
     // An add is kept even when nothing is left to lease (calls already admitted).
-    let take = store.take_quota(&ada, period, 2, terms).await.unwrap();
+    let take = store
+        .take_quota(&ada, API_CALLS, period, 2, terms)
+        .await
+        .unwrap();
     assert_eq!(
         take,
         QuotaTake {
@@ -383,7 +419,13 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
     );
     // Unlimited: the largest lease.
     let take = store
-        .take_quota(&ada, period, 0, LeaseTerms { cap: None, ..terms })
+        .take_quota(
+            &ada,
+            API_CALLS,
+            period,
+            0,
+            LeaseTerms { cap: None, ..terms },
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -402,16 +444,19 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         .apply_quota_deltas(&[
             QuotaDelta {
                 user_id: ada.clone(),
+                meter: Arc::from(API_CALLS),
                 period_start: period,
                 delta: -52,
             },
             QuotaDelta {
                 user_id: bob.clone(),
+                meter: Arc::from(API_CALLS),
                 period_start: period,
                 delta: 4,
             },
             QuotaDelta {
                 user_id: ada.clone(),
+                meter: Arc::from(API_CALLS),
                 period_start: next,
                 delta: -3,
             },
@@ -420,8 +465,8 @@ pub async fn quota_counters_lease_under_the_cap(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(counts, vec![100, 4, 0]);
     assert!(store.apply_quota_deltas(&[]).await.unwrap().is_empty());
-    assert_eq!(store.quota_count(&ada, next).await.unwrap(), 0);
-    assert_eq!(store.quota_count(&bob, period).await.unwrap(), 4);
+    assert_eq!(store.quota_count(&ada, API_CALLS, next).await.unwrap(), 0);
+    assert_eq!(store.quota_count(&bob, API_CALLS, period).await.unwrap(), 4);
 }
 
 /// Many concurrent takers (as many instances would be) never lease past the cap, and
@@ -434,6 +479,7 @@ pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
         cap: Some(CAP),
         max: 40,
         share: 8,
+        need: 1,
     };
     let mut handles = Vec::new();
     for _ in 0..16 {
@@ -441,7 +487,10 @@ pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
         handles.push(tokio::spawn(async move {
             let mut leased = 0;
             loop {
-                let take = store.take_quota(&ada, period, 0, terms).await.unwrap();
+                let take = store
+                    .take_quota(&ada, API_CALLS, period, 0, terms)
+                    .await
+                    .unwrap();
                 assert!(take.count <= CAP);
                 if take.taken == 0 {
                     return leased;
@@ -455,7 +504,10 @@ pub async fn quota_concurrent_takes_stop_at_the_cap(store: Arc<dyn Store>) {
         leased += h.await.unwrap();
     }
     assert_eq!(leased, CAP);
-    assert_eq!(store.quota_count(&ada, period).await.unwrap(), CAP);
+    assert_eq!(
+        store.quota_count(&ada, API_CALLS, period).await.unwrap(),
+        CAP
+    );
 }
 
 pub async fn api_keys_concurrent_issues_stop_at_the_limit(store: Arc<dyn Store>) {
@@ -3571,4 +3623,162 @@ pub async fn meter_events_are_stored_once_ever(store: Arc<dyn Store>) {
         (0, 1),
         "stored once, ever"
     );
+}
+
+/// A meter's admission counter is its own (per user, period and meter, apart from the
+/// calls'), starts from the meter's stored usage, takes the events stored after it exists
+/// (count meters one per event, sum meters their quantity; max and unique_count meters
+/// have none), leases no less than a call needs, and is healed from the stored usage.
+pub async fn meter_counters_start_from_stored_usage_and_take_events(store: Arc<dyn Store>) {
+    define_meters(&store).await;
+    let (ada, key) = caller(&store, "ada@example.com", Plan::pro()).await;
+    let now = datetime!(2026-12-02 10:00 UTC);
+    let period = BillingPeriod::containing(now).start();
+    let mut call = event(&ada, &key, now);
+    call.units.add("tokens", 700);
+    store
+        .record_usage(&[call], &IncludedCalls::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.quota_count(&ada, "tokens", period).await.unwrap(),
+        700,
+        "seeded from the stored units"
+    );
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 1);
+    assert_eq!(store.quota_count(&ada, "images", period).await.unwrap(), 0);
+    let sent = |id: &str, meter: &str, quantity: u64| MeterEvent {
+        source: "svc".into(),
+        event_id: id.into(),
+        user_id: ada.clone(),
+        meter: meter.into(),
+        quantity,
+        value: None,
+        created_at: now,
+    };
+    let outcome = store
+        .record_meter_events(
+            &[
+                sent("a", "tokens", 300),
+                sent("b", "images", 40),
+                sent("c", "images", 40),
+                sent("d", "peak_gb", 9),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.accepted, 4);
+    assert_eq!(
+        store.quota_count(&ada, "tokens", period).await.unwrap(),
+        1_000
+    );
+    assert_eq!(
+        store.quota_count(&ada, "images", period).await.unwrap(),
+        2,
+        "a count meter counts events"
+    );
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 1);
+    // A replay adds nothing.
+    store
+        .record_meter_events(&[sent("a", "tokens", 300)], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.quota_count(&ada, "tokens", period).await.unwrap(),
+        1_000
+    );
+    assert_eq!(
+        store
+            .quota_counts(
+                "tokens",
+                period,
+                &[ada.clone(), UserId::from_stored("eco_usr_none".into())]
+            )
+            .await
+            .unwrap(),
+        vec![(ada.clone(), 1_000)]
+    );
+
+    // A route costing 10 leases at least 10, and nothing when fewer are left.
+    let terms = LeaseTerms {
+        cap: Some(1_015),
+        max: 4,
+        share: 16,
+        need: 10,
+    };
+    let take = store
+        .take_quota(&ada, "tokens", period, 0, terms)
+        .await
+        .unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 10,
+            count: 1_010
+        }
+    );
+    let take = store
+        .take_quota(&ada, "tokens", period, 0, terms)
+        .await
+        .unwrap();
+    assert_eq!(
+        take,
+        QuotaTake {
+            taken: 0,
+            count: 1_010
+        }
+    );
+    let counts = store
+        .apply_quota_deltas(&[
+            QuotaDelta {
+                user_id: ada.clone(),
+                meter: Arc::from("tokens"),
+                period_start: period,
+                delta: -10,
+            },
+            QuotaDelta {
+                user_id: ada.clone(),
+                meter: Arc::from(API_CALLS),
+                period_start: period,
+                delta: 2,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![1_000, 3]);
+
+    // A counter that lost counts is found below the stored usage and raised to it.
+    store
+        .apply_quota_deltas(&[QuotaDelta {
+            user_id: ada.clone(),
+            meter: Arc::from("tokens"),
+            period_start: period,
+            delta: -400,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.counters_below_stored("tokens", period).await.unwrap(),
+        vec![(ada.clone(), 1_000)]
+    );
+    assert!(
+        store
+            .counters_below_stored("images", period)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .raise_quota_counters("tokens", period, &[(ada.clone(), 1_000)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.quota_count(&ada, "tokens", period).await.unwrap(),
+        1_000
+    );
+    assert_eq!(store.quota_count(&ada, API_CALLS, period).await.unwrap(), 3);
 }

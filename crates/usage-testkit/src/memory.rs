@@ -43,7 +43,8 @@ struct State {
     dead_letters: BTreeMap<Uuid, DeadLetter>,
     charges: Vec<OverageCharge>,
     audit: Vec<AdminAuditEntry>,
-    quota: BTreeMap<(UserId, OffsetDateTime), u64>,
+    /// Admission counters by (user, period start, meter).
+    quota: BTreeMap<(UserId, OffsetDateTime, String), u64>,
     plan_changed: BTreeMap<UserId, OffsetDateTime>,
     /// Retention's bound: events before it were removed.
     pruned_before: Option<OffsetDateTime>,
@@ -76,6 +77,8 @@ struct State {
 impl State {
     /// Adds one report to its user's period and day of `meter`, as the meter adds up:
     /// `distinct` reports are unique_count values seen for the first time (one each).
+    /// `counted_here` (events): an existing admission counter of a `count` or `sum` meter
+    /// takes it too.
     fn add_meter_report(
         &mut self,
         user_id: &UserId,
@@ -83,6 +86,7 @@ impl State {
         at: OffsetDateTime,
         quantity: u64,
         distinct: bool,
+        counted_here: bool,
     ) {
         let Some(kind) = self.meters.get(meter).map(|m| m.aggregation) else {
             return;
@@ -104,6 +108,19 @@ impl State {
                 .entry((user_id.clone(), period, meter.to_owned()))
                 .or_default(),
         );
+        if counted_here
+            && matches!(kind, Aggregation::Count | Aggregation::Sum)
+            && let Some(counter) = self
+                .quota
+                .get_mut(&(user_id.clone(), period, meter.to_owned()))
+        {
+            let added = if kind == Aggregation::Sum {
+                quantity
+            } else {
+                1
+            };
+            *counter = counter.saturating_add(added).min(i64::MAX as u64);
+        }
         merge(
             self.meter_daily
                 .entry((user_id.clone(), meter.to_owned(), at.date()))
@@ -405,7 +422,7 @@ impl UserRepository for MemoryStore {
         state.records.retain(|(user, _), _| user != id);
         state.daily.retain(|(user, _), _| user != id);
         state.charges.retain(|c| &c.user_id != id);
-        state.quota.retain(|(user, _), _| user != id);
+        state.quota.retain(|(user, _, _), _| user != id);
         state.plan_changed.remove(id);
         state.sessions.retain(|_, (user, _)| user != id);
         state.login_links.retain(|_, (user, _, _)| user != id);
@@ -628,7 +645,7 @@ impl UsageRepository for MemoryStore {
             }
             state.events.push(e.clone());
             for (meter, quantity) in e.units.iter() {
-                state.add_meter_report(&e.user_id, meter, e.created_at, quantity, false);
+                state.add_meter_report(&e.user_id, meter, e.created_at, quantity, false, false);
             }
             let period = BillingPeriod::containing(e.created_at);
             *added.entry((e.user_id.clone(), period)).or_default() += 1;
@@ -1414,14 +1431,30 @@ impl State {
     }
 
     /// The counter of (user, period), created from the period's stored calls if missing.
-    fn quota_counter(&mut self, user_id: &UserId, period_start: OffsetDateTime) -> &mut u64 {
-        let stored = self
-            .records
-            .get(&(user_id.clone(), period_start))
-            .map_or(0, |r| r.api_calls);
+    fn quota_counter(
+        &mut self,
+        user_id: &UserId,
+        meter: &str,
+        period_start: OffsetDateTime,
+    ) -> &mut u64 {
+        let stored = self.stored_usage(user_id, meter, period_start);
         self.quota
-            .entry((user_id.clone(), period_start))
+            .entry((user_id.clone(), period_start, meter.to_owned()))
             .or_insert(stored)
+    }
+
+    /// The usage stored for a user's period of `meter`: calls for `api_calls`.
+    fn stored_usage(&self, user_id: &UserId, meter: &str, period_start: OffsetDateTime) -> u64 {
+        if meter == API_CALLS {
+            self.records
+                .get(&(user_id.clone(), period_start))
+                .map_or(0, |r| r.api_calls)
+        } else {
+            self.meter_usage
+                .get(&(user_id.clone(), period_start, meter.to_owned()))
+                .copied()
+                .unwrap_or(0)
+        }
     }
 }
 
@@ -1430,20 +1463,38 @@ impl QuotaCounterRepository for MemoryStore {
     async fn quota_count(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<u64, RepoError> {
-        Ok(*self.state().quota_counter(user_id, period_start))
+        Ok(*self.state().quota_counter(user_id, meter, period_start))
+    }
+
+    async fn quota_counts(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, u64)>, RepoError> {
+        let state = self.state();
+        Ok(users
+            .iter()
+            .filter_map(|user| {
+                let key = (user.clone(), period_start, meter.to_owned());
+                state.quota.get(&key).map(|n| (user.clone(), *n))
+            })
+            .collect())
     }
 
     async fn take_quota(
         &self,
         user_id: &UserId,
+        meter: &str,
         period_start: OffsetDateTime,
         add: u64,
         lease: LeaseTerms,
     ) -> Result<QuotaTake, RepoError> {
         let mut state = self.state();
-        let count = state.quota_counter(user_id, period_start);
+        let count = state.quota_counter(user_id, meter, period_start);
         *count += add;
         let taken = lease_size(*count, lease);
         *count += taken;
@@ -1458,7 +1509,7 @@ impl QuotaCounterRepository for MemoryStore {
         Ok(deltas
             .iter()
             .map(|d| {
-                let count = state.quota_counter(&d.user_id, d.period_start);
+                let count = state.quota_counter(&d.user_id, &d.meter, d.period_start);
                 *count = count.saturating_add_signed(d.delta);
                 *count
             })
@@ -1467,29 +1518,34 @@ impl QuotaCounterRepository for MemoryStore {
 
     async fn counters_below_stored(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
     ) -> Result<Vec<(UserId, u64)>, RepoError> {
         let state = self.state();
         Ok(state
-            .records
+            .quota
             .iter()
-            .filter(|((_, start), _)| *start == period_start)
-            .filter_map(|((user, start), record)| {
-                let counted = state.quota.get(&(user.clone(), *start))?;
-                (*counted < record.api_calls).then(|| (user.clone(), record.api_calls))
+            .filter(|((_, start, m), _)| *start == period_start && m == meter)
+            .filter_map(|((user, _, _), counted)| {
+                let stored = state.stored_usage(user, meter, period_start);
+                (*counted < stored).then(|| (user.clone(), stored))
             })
             .collect())
     }
 
     async fn raise_quota_counters(
         &self,
+        meter: &str,
         period_start: OffsetDateTime,
         floors: &[(UserId, u64)],
     ) -> Result<u64, RepoError> {
         let mut state = self.state();
         let mut raised = 0;
         for (user, floor) in floors {
-            if let Some(count) = state.quota.get_mut(&(user.clone(), period_start))
+            if let Some(count) =
+                state
+                    .quota
+                    .get_mut(&(user.clone(), period_start, meter.to_owned()))
                 && *count < *floor
             {
                 *count = *floor;
@@ -1672,7 +1728,7 @@ impl MeterUsageRepository for MemoryStore {
             }
             outcome.accepted += 1;
             state.meter_events.push(e.clone());
-            state.add_meter_report(&e.user_id, &e.meter, e.created_at, e.quantity, false);
+            state.add_meter_report(&e.user_id, &e.meter, e.created_at, e.quantity, false, true);
             if let Some(value) = &e.value {
                 let unique = state
                     .meters
@@ -1685,7 +1741,7 @@ impl MeterUsageRepository for MemoryStore {
                     value.clone(),
                 );
                 if unique && state.meter_values.insert(key) {
-                    state.add_meter_report(&e.user_id, &e.meter, e.created_at, 1, true);
+                    state.add_meter_report(&e.user_id, &e.meter, e.created_at, 1, true, true);
                 }
             }
         }
