@@ -461,8 +461,9 @@ impl QuotaBook {
                 if take.count >= limit {
                     let until = now.saturating_add(millis(self.settings.sync_every));
                     slot.exhausted_until.store(until, Ordering::Release);
+                    return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
                 }
-                return Ok(QuotaDecision::Rejected(status(slot.used().max(limit))));
+                return Ok(QuotaDecision::Rejected(status(slot.used())));
             }
             // These units take the first leased ones.
             slot.unspent

@@ -55,11 +55,13 @@ impl ForwardAuth {
 
         let admission = self
             .meter
-            .admit(
+            .admit_route(
                 headers
                     .get(header::AUTHORIZATION)
                     .map(HeaderValue::as_bytes),
                 headers.get(X_API_KEY).map(HeaderValue::as_bytes),
+                &method,
+                || Some(endpoint.clone()),
             )
             .await;
         let call = match admission {

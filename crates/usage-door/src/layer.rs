@@ -98,19 +98,21 @@ where
         let meter = Arc::clone(&self.meter);
         let patterns = Arc::clone(&self.patterns);
         Box::pin(async move {
+            let endpoint = endpoint_of(&req, &patterns);
+            let method = req.method().clone();
             let headers = req.headers();
             let admission = meter
-                .admit(
+                .admit_route(
                     headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
                     headers.get(&API_KEY).map(HeaderValue::as_bytes),
+                    method.as_str(),
+                    || Some(endpoint.clone()),
                 )
                 .await;
             let call = match admission {
                 Admission::Admitted(call) => call,
                 Admission::Refused(refusal) => return Ok(refusal_response(refusal)),
             };
-            let endpoint = endpoint_of(&req, &patterns);
-            let method = req.method().clone();
             req.extensions_mut().insert(call.caller().clone());
 
             let mut result = inner.call(req).await;

@@ -31,7 +31,7 @@ use sfv::{ListSerializer, key_ref, string_ref};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use usage_core::caller::ApiKeyAuthenticator;
+use usage_core::caller::{ApiKeyAuthenticator, UnitLimit};
 use usage_core::catalog::API_CALLS;
 use usage_core::counter::Counter;
 use usage_core::event::{Units, new_event_id};
@@ -139,6 +139,24 @@ pub struct Admitted {
     started: Instant,
     quota: QuotaStatus,
     burst: Option<BurstStatus>,
+    /// Limited meters and route costs; `None` for most calls (no allocation).
+    units: Option<Box<CallUnits>>,
+}
+
+/// What an admitted call took of meters other than `api_calls`.
+#[derive(Debug, Default)]
+struct CallUnits {
+    /// Where the call left each limited meter of the caller's plan.
+    meters: Vec<MeterStatus>,
+    /// What the route cost, by meter: taken at admission, stored with the call.
+    cost: Units,
+}
+
+/// Where an admitted or refused call leaves a limited meter other than `api_calls`.
+#[derive(Debug, Clone)]
+struct MeterStatus {
+    meter: Arc<str>,
+    quota: QuotaStatus,
 }
 
 /// The short-window state after an admitted or refused call.
@@ -158,8 +176,26 @@ impl Admitted {
 
     /// The rate-limit headers of the response: `X-RateLimit-*` and the IETF fields.
     pub fn headers(&self) -> Headers {
-        rate_limit_headers(Some(&self.quota), self.burst.as_ref(), self.at)
+        let meters = self.units.as_ref().map_or(&[][..], |u| &u.meters[..]);
+        rate_limit_headers(Some(&self.quota), self.burst.as_ref(), meters, self.at)
     }
+
+    /// What the call's route cost, by meter (empty for most routes).
+    pub fn cost(&self) -> &Units {
+        const NONE: &Units = &Units::new();
+        self.units.as_ref().map_or(NONE, |u| &u.cost)
+    }
+}
+
+/// Why a call's units were not taken.
+enum Untaken {
+    /// The database did not answer.
+    Unavailable,
+    /// `limit` is reached; `meters` ends with its status.
+    Refused {
+        limit: UnitLimit,
+        meters: Vec<MeterStatus>,
+    },
 }
 
 /// The meter's answer to a call.
@@ -199,19 +235,45 @@ impl Meter {
 
     /// Decides a call from its `Authorization` and `X-API-Key` header values (raw bytes,
     /// as any framework has them): the key from `Authorization: Bearer <key>` or, without
-    /// an `Authorization` header, `X-API-Key: <key>`.
+    /// an `Authorization` header, `X-API-Key: <key>`. No route cost is taken: doors that
+    /// know the route use [`Meter::admit_route`].
     pub async fn admit(&self, authorization: Option<&[u8]>, api_key: Option<&[u8]>) -> Admission {
+        self.admit_route(authorization, api_key, "", || None).await
+    }
+
+    /// [`Meter::admit`] for a call of `method` on the route `endpoint` gives (its pattern,
+    /// as recorded; asked only when the catalog has route costs): the route's cost is
+    /// taken at admission, and a call that would take a blocking meter past its limit is
+    /// refused before its handler runs.
+    pub async fn admit_route(
+        &self,
+        authorization: Option<&[u8]>,
+        api_key: Option<&[u8]>,
+        method: &str,
+        endpoint: impl FnOnce() -> Option<String>,
+    ) -> Admission {
         let key = match authorization {
             Some(value) => bearer_credential(value).ok(),
             None => api_key
                 .and_then(|value| std::str::from_utf8(value).ok())
                 .map(str::trim),
         };
-        self.admit_key(key).await
+        let cost = match &self.deps.catalog {
+            Some(catalog) if catalog.has_route_costs() => endpoint()
+                .and_then(|endpoint| catalog.route_cost(method, &endpoint))
+                .unwrap_or_default(),
+            _ => Units::new(),
+        };
+        self.decide(key, cost).await
     }
 
     /// Decides a call that presented `key` (`None`: no credential).
     pub async fn admit_key(&self, key: Option<&str>) -> Admission {
+        self.decide(key, Units::new()).await
+    }
+
+    /// Decides a call that presented `key` and whose route costs `cost`.
+    async fn decide(&self, key: Option<&str>, cost: Units) -> Admission {
         let started = Instant::now();
         let deps = &self.deps;
         let stats = &self.stats;
@@ -255,38 +317,149 @@ impl Meter {
             }
         }
 
-        match deps
+        let quota = match deps
             .quota
             .admit_at(&caller.user_id, &caller.limits, at)
             .await
         {
-            Ok(QuotaDecision::Admitted(quota)) => {
-                stats.admitted.add(1);
-                Admission::Admitted(Admitted {
-                    caller,
-                    at,
-                    started,
-                    quota,
-                    burst,
-                })
-            }
+            Ok(QuotaDecision::Admitted(quota)) => quota,
             Ok(QuotaDecision::Rejected(quota)) => {
                 stats.quota_rejected.add(1);
-                let upgrade = deps.catalog.as_ref().and_then(|catalog| {
-                    let limit = quota.limit?;
-                    catalog
-                        .current()
-                        .upgrade_for(caller.plan.as_str(), limit, API_CALLS)
-                        .map(|plan| plan.name.clone())
-                });
-                Admission::Refused(quota_exceeded(&quota, burst.as_ref(), upgrade, at))
+                let upgrade = self.upgrade(&caller, quota.limit, API_CALLS);
+                return Admission::Refused(quota_exceeded(
+                    &quota,
+                    None,
+                    Some(&quota),
+                    burst.as_ref(),
+                    &[],
+                    upgrade,
+                    at,
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "loading the quota counter failed");
                 stats.unavailable.add(1);
-                Admission::Refused(unavailable())
+                return Admission::Refused(unavailable());
+            }
+        };
+        let meters = match self.take_units(&caller, &cost, at).await {
+            Ok(meters) => meters,
+            Err(refused) => {
+                // Refused after all: the call's count goes back.
+                deps.quota.give_back(
+                    &caller.user_id,
+                    caller.limits.included,
+                    caller.limits.over_limit,
+                    at,
+                    1,
+                );
+                return Admission::Refused(match refused {
+                    Untaken::Unavailable => {
+                        stats.unavailable.add(1);
+                        unavailable()
+                    }
+                    Untaken::Refused { limit, meters } => {
+                        stats.quota_rejected.add(1);
+                        let refused = meters.last().map(|m| m.quota);
+                        let upgrade =
+                            self.upgrade(&caller, refused.and_then(|q| q.limit), &limit.meter);
+                        quota_exceeded(
+                            &refused.unwrap_or(quota),
+                            Some(&limit.meter),
+                            Some(&quota),
+                            burst.as_ref(),
+                            &meters,
+                            upgrade,
+                            at,
+                        )
+                    }
+                });
+            }
+        };
+        stats.admitted.add(1);
+        let units =
+            (!meters.is_empty() || !cost.is_empty()).then(|| Box::new(CallUnits { meters, cost }));
+        Admission::Admitted(Admitted {
+            caller,
+            at,
+            started,
+            quota,
+            burst,
+            units,
+        })
+    }
+
+    /// Takes the route's `cost` on each meter the caller's plan limits (0 where it costs
+    /// nothing: the check that the meter is not used up). A refusal gives back what the
+    /// meters before it took, and carries every status up to the refused one.
+    async fn take_units(
+        &self,
+        caller: &Caller,
+        cost: &Units,
+        at: OffsetDateTime,
+    ) -> Result<Vec<MeterStatus>, Untaken> {
+        let limits = caller.limits.unit_limits();
+        let mut meters = Vec::with_capacity(limits.len());
+        for (i, limit) in limits.iter().enumerate() {
+            let units = cost.get(&limit.meter);
+            let book = self.deps.quota.meter(&limit.meter);
+            let decision = book
+                .take_at(
+                    &caller.user_id,
+                    Some(limit.included),
+                    limit.over_limit,
+                    at,
+                    units,
+                )
+                .await;
+            let (quota, admitted) = match decision {
+                Ok(QuotaDecision::Admitted(quota)) => (quota, true),
+                Ok(QuotaDecision::Rejected(quota)) => (quota, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, meter = %limit.meter, "loading a meter's quota counter failed");
+                    self.give_back(caller, &limits[..i], cost, at);
+                    return Err(Untaken::Unavailable);
+                }
+            };
+            meters.push(MeterStatus {
+                meter: Arc::clone(&limit.meter),
+                quota,
+            });
+            if !admitted {
+                self.give_back(caller, &limits[..i], cost, at);
+                return Err(Untaken::Refused {
+                    limit: limit.clone(),
+                    meters,
+                });
             }
         }
+        Ok(meters)
+    }
+
+    /// Gives back what `limits`' meters took of `cost` for a call refused after all.
+    fn give_back(&self, caller: &Caller, limits: &[UnitLimit], cost: &Units, at: OffsetDateTime) {
+        for limit in limits {
+            let units = cost.get(&limit.meter);
+            if units > 0 {
+                self.deps.quota.meter(&limit.meter).give_back(
+                    &caller.user_id,
+                    Some(limit.included),
+                    limit.over_limit,
+                    at,
+                    units,
+                );
+            }
+        }
+    }
+
+    /// The plan a caller refused at `limit` of `meter` could upgrade to, if any.
+    fn upgrade(&self, caller: &Caller, limit: Option<u64>, meter: &str) -> Option<String> {
+        let catalog = self.deps.catalog.as_ref()?;
+        let limit = limit?;
+        catalog
+            .current()
+            .upgrade_for(caller.plan.as_str(), limit, meter)
+            .map(|plan| plan.name.clone())
     }
 
     /// Records an admitted call once it finished: its `method`, its route `endpoint` (a
@@ -307,11 +480,23 @@ impl Meter {
         status: u16,
         units: Units,
     ) {
-        let units = if units.is_empty() {
+        let mut units = if units.is_empty() {
             units
         } else {
             self.checked(units)
         };
+        // The handler's units count against the meters the plan limits (the route's cost
+        // was taken at admission); both are stored with the call.
+        for limit in call.caller.limits.unit_limits() {
+            let quantity = units.get(&limit.meter);
+            if quantity > 0 {
+                self.deps
+                    .quota
+                    .meter(&limit.meter)
+                    .add(&call.caller.user_id, call.at, quantity);
+            }
+        }
+        units.extend(call.cost());
         let included_calls = call.caller.limits.billed_from();
         let tracked = TrackedCall {
             event: UsageEvent {
@@ -400,21 +585,38 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// The rate-limit headers for a quota state and a short-window state: `X-RateLimit-*`
-/// for the monthly quota (limited plans only), the burst ones, and the IETF fields
-/// listing the `"monthly"` and `"burst"` policies that apply.
+/// The rate-limit headers for a quota state, a short-window state and the limited meters'
+/// states: `X-RateLimit-*` for the monthly quota (limited plans only), the burst ones, and
+/// the IETF fields listing the `"monthly"`, `"burst"` and each meter's policy that apply.
 fn rate_limit_headers(
     quota: Option<&QuotaStatus>,
     burst: Option<&BurstStatus>,
+    meters: &[MeterStatus],
     now: OffsetDateTime,
 ) -> Headers {
     let monthly = quota.and_then(|q| Some((q, q.limit?, q.remaining()?)));
-    if monthly.is_none() && burst.is_none() {
+    if monthly.is_none() && burst.is_none() && meters.is_empty() {
         return Headers::new(); // unlimited, no burst limit: no allocation
     }
     let mut headers = Headers::with_capacity(7);
     let mut policy = ListSerializer::new();
     let mut state = ListSerializer::new();
+    let mut period_item = |name: &str, status: &QuotaStatus, limit: u64, remaining: u64| {
+        let window = status.reset_at - status.period_start;
+        let left = (status.reset_at - now).max(time::Duration::ZERO);
+        sf_item(
+            &mut policy,
+            name,
+            ("q", limit),
+            ("w", u64::try_from(window.whole_seconds()).unwrap_or(0)),
+        );
+        sf_item(
+            &mut state,
+            name,
+            ("r", remaining),
+            ("t", u64::try_from(left.whole_seconds()).unwrap_or(0)),
+        );
+    };
     if let Some((status, limit, remaining)) = monthly {
         headers.push((X_RATELIMIT_LIMIT, limit.to_string()));
         headers.push((X_RATELIMIT_REMAINING, remaining.to_string()));
@@ -422,20 +624,12 @@ fn rate_limit_headers(
             X_RATELIMIT_RESET,
             status.reset_at.unix_timestamp().to_string(),
         ));
-        let window = status.reset_at - status.period_start;
-        let left = (status.reset_at - now).max(time::Duration::ZERO);
-        sf_item(
-            &mut policy,
-            "monthly",
-            ("q", limit),
-            ("w", u64::try_from(window.whole_seconds()).unwrap_or(0)),
-        );
-        sf_item(
-            &mut state,
-            "monthly",
-            ("r", remaining),
-            ("t", u64::try_from(left.whole_seconds()).unwrap_or(0)),
-        );
+        period_item("monthly", status, limit, remaining);
+    }
+    for meter in meters {
+        if let (Some(limit), Some(remaining)) = (meter.quota.limit, meter.quota.remaining()) {
+            period_item(&meter.meter, &meter.quota, limit, remaining);
+        }
     }
     if let Some(burst) = burst {
         headers.push((X_RATELIMIT_BURST_LIMIT, burst.rate.burst.to_string()));
@@ -517,7 +711,7 @@ fn rate_limited(rate: RateLimit, retry_after: Duration, now: OffsetDateTime) -> 
         reset_in: retry_after,
     };
     let mut headers = vec![(RETRY_AFTER, secs.to_string())];
-    headers.extend(rate_limit_headers(None, Some(&burst), now));
+    headers.extend(rate_limit_headers(None, Some(&burst), &[], now));
     refusal(
         RefusalReason::RateLimited,
         429,
@@ -532,10 +726,16 @@ fn rate_limited(rate: RateLimit, retry_after: Duration, now: OffsetDateTime) -> 
     )
 }
 
-/// The 429 of a used-up quota; `upgrade` names the plan that allows more, if any.
+/// The 429 of a used-up quota: the calls' (`meter` `None`) or a meter's, whose `status`
+/// it is; `calls` and `meters` are the states to show in the rate-limit headers (the
+/// refused meter's last);
+/// `upgrade` names the plan that allows more, if any.
 fn quota_exceeded(
     status: &QuotaStatus,
+    meter: Option<&str>,
+    calls: Option<&QuotaStatus>,
     burst: Option<&BurstStatus>,
+    meters: &[MeterStatus],
     upgrade: Option<String>,
     now: OffsetDateTime,
 ) -> Refusal {
@@ -543,23 +743,35 @@ fn quota_exceeded(
     let reset_at = status.reset_at.format(&Rfc3339).unwrap_or_default();
     let retry_after = (status.reset_at - now).whole_seconds().max(1);
     let mut headers = vec![(RETRY_AFTER, retry_after.to_string())];
-    headers.extend(rate_limit_headers(Some(status), burst, now));
+    headers.extend(rate_limit_headers(calls, burst, meters, now));
+    let units = meter.unwrap_or("calls");
     let upgrade = upgrade.map_or_else(String::new, |plan| {
-        format!(" Upgrade to {plan} for more calls.")
+        format!(" Upgrade to {plan} for more {units}.")
     });
-    refusal(
-        RefusalReason::QuotaExceeded,
-        429,
-        headers,
-        json!({
+    let message = match status.remaining() {
+        Some(left) if left > 0 => format!(
+            "The monthly quota of {limit} {units} has {left} left until {reset_at}, fewer than \
+             this call takes.{upgrade}"
+        ),
+        _ => format!("The monthly quota of {limit} {units} is used up until {reset_at}.{upgrade}"),
+    };
+    let body = match meter {
+        None => json!({
             "error": "quota_exceeded",
-            "message": format!(
-                "The monthly quota of {limit} calls is used up until {reset_at}.{upgrade}"
-            ),
+            "message": message,
             "limit": limit,
             "reset_at": reset_at,
         }),
-    )
+        Some(meter) => json!({
+            "error": "quota_exceeded",
+            "message": message,
+            "meter": meter,
+            "limit": limit,
+            "used": status.used,
+            "reset_at": reset_at,
+        }),
+    };
+    refusal(RefusalReason::QuotaExceeded, 429, headers, body)
 }
 
 #[cfg(test)]
@@ -584,7 +796,7 @@ mod tests {
             remaining: 4,
             reset_in: Duration::from_millis(500),
         };
-        let headers = rate_limit_headers(Some(&quota), Some(&burst), now);
+        let headers = rate_limit_headers(Some(&quota), Some(&burst), &[], now);
         let get = |name| {
             headers
                 .iter()
@@ -611,7 +823,7 @@ mod tests {
             period_start: datetime!(2026-11-01 00:00 UTC),
             reset_at: datetime!(2026-12-01 00:00 UTC),
         };
-        assert!(rate_limit_headers(Some(&quota), None, now).is_empty());
+        assert!(rate_limit_headers(Some(&quota), None, &[], now).is_empty());
     }
 
     #[test]
@@ -623,7 +835,7 @@ mod tests {
             period_start: datetime!(2026-11-01 00:00 UTC),
             reset_at: datetime!(2026-12-01 00:00 UTC),
         };
-        let headers = rate_limit_headers(Some(&quota), None, now);
+        let headers = rate_limit_headers(Some(&quota), None, &[], now);
         let policy = &headers
             .iter()
             .find(|(n, _)| *n == RATELIMIT_POLICY)

@@ -104,12 +104,16 @@ where
     B: MessageBody,
 {
     let headers = req.headers();
+    // The route's pattern before routing (for its cost) matches the path against the
+    // app's patterns: asked only when some route has a cost.
     let admission = meter
-        .admit(
+        .admit_route(
             headers
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes),
             headers.get(&API_KEY).map(HeaderValue::as_bytes),
+            req.method().as_str(),
+            || req.match_pattern(),
         )
         .await;
     let call = match admission {

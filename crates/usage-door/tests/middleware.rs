@@ -41,6 +41,15 @@ struct Fixture {
 }
 
 async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
+    fixture_with(plan, rate, None).await
+}
+
+/// The fixture, with limits on meters other than calls.
+async fn fixture_with(
+    plan: Plan,
+    rate: Option<RateLimit>,
+    units: Option<Arc<[usage_core::caller::UnitLimit]>>,
+) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-22 10:00 UTC)));
     let user = User {
@@ -86,7 +95,7 @@ async fn fixture(plan: Plan, rate: Option<RateLimit>) -> Fixture {
         included: terms.monthly_calls,
         over_limit: terms.over_limit,
         burst: rate,
-        units: None,
+        units,
     };
     let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     // The built-in plans as these variables make them: a refused free user is offered pro.
@@ -369,4 +378,85 @@ async fn units_a_handler_reports_are_stored_with_its_call() {
         .unwrap();
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0].units.to_stored().as_deref(), Some("tokens=1240"));
+}
+
+#[actix_web::test]
+async fn a_routes_cost_is_taken_before_the_handler_and_reported_units_refuse_the_next_call() {
+    use usage_core::caller::UnitLimit;
+    use usage_core::meter::{Aggregation, Meter, RouteCost};
+    use usage_core::repo::{MeterUsageRepository, PlanRepository};
+    let limit = |meter: &str, included| UnitLimit {
+        meter: Arc::from(meter),
+        included,
+        over_limit: usage_core::OverLimit::Block,
+    };
+    let units: Arc<[UnitLimit]> = Arc::from(vec![limit("credits", 35), limit("tokens", 2_000)]);
+    let f = fixture_with(Plan::enterprise(), None, Some(units)).await;
+    for key in ["tokens", "credits"] {
+        let meter = Meter {
+            key: key.into(),
+            name: key.into(),
+            unit: "unit".into(),
+            aggregation: Aggregation::Sum,
+        };
+        f.store
+            .create_meter(&meter, datetime!(2026-11-22 10:00 UTC))
+            .await
+            .unwrap();
+    }
+    f.store
+        .replace_route_costs(&[RouteCost {
+            route: "POST /api/v1/generate".into(),
+            meter: "credits".into(),
+            quantity: 10,
+        }])
+        .await
+        .unwrap();
+    f.catalog.refresh().await.unwrap();
+    let app = app!(f.metering);
+    let generate = || {
+        test::TestRequest::post()
+            .uri("/api/v1/generate")
+            .insert_header(("X-API-Key", KEY))
+            .to_request()
+    };
+    let header = |res: &actix_web::dev::ServiceResponse, name: &str| {
+        res.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    // Each call takes 10 credits at admission; its handler reports 1,240 tokens after.
+    let res = test::call_service(&app, generate()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let state = header(&res, "ratelimit");
+    assert!(
+        state.starts_with(r#""credits";r=25;t="#) && state.contains(r#""tokens";r=2000;t="#),
+        "{state}"
+    );
+    let res = test::call_service(&app, generate()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(header(&res, "ratelimit").contains(r#""tokens";r=760;t="#));
+    // 2,480 tokens counted: past the limit, so the next call is refused naming tokens, and
+    // the 10 credits it took go back.
+    let res = test::call_service(&app, generate()).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let state = header(&res, "ratelimit");
+    assert!(state.contains(r#""tokens";r=0;t="#), "{state}");
+    let body: serde_json::Value = test::read_body_json(res).await;
+    assert_eq!(body["meter"], "tokens", "{body}");
+    assert_eq!(body["used"], 2_480, "{body}");
+    let res = test::call_service(&app, get("/api/v1/items/1").to_request()).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a route without a cost too"
+    );
+    f.worker.shutdown().await;
+    let period = BillingPeriod::containing(datetime!(2026-11-22 10:00 UTC));
+    assert_eq!(
+        f.store.meter_usage(&f.user, period.start()).await.unwrap(),
+        vec![("credits".to_owned(), 20), ("tokens".to_owned(), 2_480)],
+        "only the admitted calls' cost and units are stored"
+    );
 }

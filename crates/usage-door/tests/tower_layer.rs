@@ -47,6 +47,15 @@ struct Fixture {
 }
 
 async fn fixture(rate: Option<RateLimit>) -> Fixture {
+    fixture_with(rate, None).await
+}
+
+/// The fixture with limits on meters other than calls, and the plan catalog (meters and
+/// route costs) read from the store.
+async fn fixture_with(
+    rate: Option<RateLimit>,
+    units: Option<Arc<[usage_core::caller::UnitLimit]>>,
+) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(NOW));
     let user = User {
@@ -87,7 +96,7 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         included: terms.monthly_calls,
         over_limit: terms.over_limit,
         burst: rate,
-        units: None,
+        units,
     };
     let rate = Some(Arc::new(RateLimiter::new(clock.clone())));
     let meter = Arc::new(Meter::new(MeterDeps {
@@ -105,7 +114,7 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
         rate,
         tracker,
         clock,
-        catalog: None,
+        catalog: Some(catalog_of(&store, &catalog).await),
     }));
     Fixture {
         store,
@@ -115,6 +124,42 @@ async fn fixture(rate: Option<RateLimit>) -> Fixture {
     }
 }
 
+/// The store's catalog: the built-in plans, meters `tokens` and `credits`, and a cost of
+/// 10 credits on `POST /v1/generate`.
+async fn catalog_of(
+    store: &Arc<MemoryStore>,
+    plans: &PlanCatalog,
+) -> Arc<usage_core::terms::LiveCatalog> {
+    use usage_core::meter::{Aggregation, Meter as MeterDef, RouteCost};
+    use usage_core::repo::PlanRepository;
+    let live = usage_testkit::seeded_catalog(store.clone(), plans).await;
+    for key in ["tokens", "credits"] {
+        let meter = MeterDef {
+            key: key.into(),
+            name: key.into(),
+            unit: "unit".into(),
+            aggregation: Aggregation::Sum,
+        };
+        store.create_meter(&meter, NOW).await.unwrap();
+    }
+    store
+        .replace_route_costs(&[RouteCost {
+            route: "POST /v1/generate".into(),
+            meter: "credits".into(),
+            quantity: 10,
+        }])
+        .await
+        .unwrap();
+    live.refresh().await.unwrap();
+    live
+}
+
+/// Reports 1,240 tokens with its response.
+async fn generate() -> Response {
+    use usage_door::report::ReportUnits;
+    Response::new(Body::from("generated")).report("tokens", 1_240)
+}
+
 async fn item(Path(id): Path<u32>, Extension(caller): Extension<Caller>) -> String {
     format!("item {id} for {}", caller.user_id)
 }
@@ -122,6 +167,7 @@ async fn item(Path(id): Path<u32>, Extension(caller): Extension<Caller>) -> Stri
 fn router(meter: &Arc<Meter>) -> Router {
     Router::new()
         .route("/v1/items/{id}", get(item))
+        .route("/v1/generate", axum::routing::post(generate))
         .layer(MeteringLayer::new(Arc::clone(meter)))
 }
 
@@ -345,22 +391,10 @@ fn sf_items(field: &str) -> Vec<(String, Vec<(String, i64)>)> {
 async fn units_a_handler_reports_are_stored_with_its_call() {
     use axum::response::IntoResponse;
     use axum::routing::post;
-    use usage_core::meter::{Aggregation, Meter as MeterDefinition};
-    use usage_core::repo::{MeterUsageRepository, PlanRepository};
+    use usage_core::repo::MeterUsageRepository;
     use usage_door::report::{ReportUnits, Reported};
+    // The fixture's catalog has the meter `tokens` (and a cost on the route).
     let f = fixture(None).await;
-    f.store
-        .create_meter(
-            &MeterDefinition {
-                key: "tokens".into(),
-                name: "Tokens".into(),
-                unit: "token".into(),
-                aggregation: Aggregation::Sum,
-            },
-            NOW,
-        )
-        .await
-        .unwrap();
     // As a response part, and on the response itself: the two add up.
     async fn generate() -> impl IntoResponse {
         (Extension(Reported::units("tokens", 1_000)), "text")
@@ -384,6 +418,54 @@ async fn units_a_handler_reports_are_stored_with_its_call() {
     let period = BillingPeriod::containing(NOW);
     assert_eq!(
         f.store.meter_usage(&f.user, period.start()).await.unwrap(),
-        vec![("tokens".to_owned(), 1_234)]
+        vec![("credits".to_owned(), 10), ("tokens".to_owned(), 1_234)],
+        "the route's cost beside the handler's units"
+    );
+}
+
+#[tokio::test]
+async fn a_routes_cost_is_taken_before_the_handler_and_reported_units_refuse_the_next_call() {
+    use usage_core::caller::UnitLimit;
+    use usage_core::repo::MeterUsageRepository;
+    let limit = |meter: &str, included| UnitLimit {
+        meter: Arc::from(meter),
+        included,
+        over_limit: usage_core::OverLimit::Block,
+    };
+    let units: Arc<[UnitLimit]> = Arc::from(vec![limit("tokens", 2_000), limit("credits", 25)]);
+    let f = fixture_with(None, Some(units)).await;
+    let app = router(&f.meter);
+    let generate = || {
+        Request::post("/v1/generate")
+            .header("Authorization", format!("Bearer {KEY}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app.clone().oneshot(generate()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let state = header(&res, "ratelimit").unwrap_or_default().to_owned();
+    assert!(
+        state.contains(r#""tokens";r=2000;t="#) && state.contains(r#""credits";r=15;t="#),
+        "{state}"
+    );
+    let res = app.clone().oneshot(generate()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // 2,480 tokens reported: the next call is refused for tokens, whatever its route.
+    let res = app
+        .clone()
+        .oneshot(request("/v1/items/7", Some(KEY)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body = json(res).await;
+    assert_eq!(body["meter"], "tokens", "{body}");
+    let f_user = f.user.clone();
+    let store = f.store.clone();
+    let endpoints = recorded(f).await;
+    assert_eq!(endpoints, vec!["/v1/generate"; 2]);
+    let period = BillingPeriod::containing(NOW);
+    assert_eq!(
+        store.meter_usage(&f_user, period.start()).await.unwrap(),
+        vec![("credits".to_owned(), 20), ("tokens".to_owned(), 2_480)]
     );
 }
