@@ -432,6 +432,7 @@ async fn overage_shows_accrued_and_invoiced(backend: Backend) {
         .create_overage_charge(&usage_core::repo::NewOverageCharge {
             user_id: user_id.clone(),
             period_start: period.start(),
+            meter: "api_calls".to_owned(),
             calls_from: 0,
             calls_to: 4,
             amount_cents: 0,

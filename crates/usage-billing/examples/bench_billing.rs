@@ -88,6 +88,8 @@ async fn main() {
                 user_id: UserId::generate(),
                 period_start: datetime!(2026-11-01 00:00 UTC),
                 period_end: datetime!(2026-12-01 00:00 UTC),
+                meter: "api_calls".to_owned(),
+                quantity: 5,
                 overage_calls: 5,
                 calls_from: 0,
                 calls_to: 5,

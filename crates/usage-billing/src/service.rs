@@ -12,14 +12,13 @@
 //! item once. Two runs at once cannot both record a live charge starting at the same
 //! `calls_from` (a unique index), so one range is never billed twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::Semaphore;
-use usage_core::caller::CallLimits;
 use usage_core::catalog::{API_CALLS, PlanDefinition};
 use usage_core::repo::{
     ChargeStatus, NewOverageCharge, OverageCharge, OverageLedgerEntry, UninvoicedOverage, User,
@@ -549,15 +548,36 @@ impl OverageService {
             .effective(&subscription, now)
             .is_some_and(|t| bills_calls(&t));
         let customer = user.stripe_customer_id.clone();
-        if customer.is_none() && terms.iter().any(bills_calls) {
+        let billed = |(p, t): (&UninvoicedOverage, &PlanDefinition)| bills(t, &p.meter);
+        if customer.is_none() && work.periods.iter().zip(&terms).any(billed) {
             let calls: u64 = work
                 .periods
                 .iter()
+                .filter(|p| p.meter == API_CALLS)
                 .map(|p| p.overage_calls - p.overage_invoiced_calls)
                 .sum();
+            let meters: BTreeSet<&str> = work
+                .periods
+                .iter()
+                .zip(&terms)
+                .filter(|pair| billed(*pair))
+                .map(|(p, _)| p.meter.as_str())
+                .filter(|m| *m != API_CALLS)
+                .collect();
+            let what = match (calls, meters.is_empty()) {
+                (0, _) => format!(
+                    "usage of {}",
+                    meters.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+                (_, true) => format!("{calls} overage call(s)"),
+                (_, false) => format!(
+                    "{calls} overage call(s) and usage of {}",
+                    meters.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            };
             out.failures.push(Failure::new(
                 FailureCode::NoStripeCustomer,
-                format!("{calls} overage call(s) to bill but the user has no Stripe customer id"),
+                format!("{what} to bill but the user has no Stripe customer id"),
             ));
             return (on_overage_terms, out);
         }
@@ -571,14 +591,14 @@ impl OverageService {
             }
         };
 
-        // Periods with a charge still pending, or refused just now, get no new charge
-        // this run.
+        // Periods (of a meter) with a charge still pending, or refused just now, get no new
+        // charge this run.
         let mut unresolved = HashSet::new();
         for charge in charges
             .iter_mut()
             .filter(|c| c.status == ChargeStatus::Pending)
         {
-            unresolved.insert(charge.period_start);
+            unresolved.insert((charge.period_start, charge.meter.clone()));
             if now - charge.created_at > self.options.idempotency_window {
                 out.failures.push(Failure::new(
                     FailureCode::PendingTooLong,
@@ -620,32 +640,29 @@ impl OverageService {
         for charge in &charges {
             if charge.status == ChargeStatus::Succeeded && charge.updated_at == now {
                 let still_pending = charges.iter().any(|c| {
-                    c.period_start == charge.period_start && c.status == ChargeStatus::Pending
+                    c.period_start == charge.period_start
+                        && c.meter == charge.meter
+                        && c.status == ChargeStatus::Pending
                 });
                 if !still_pending {
-                    unresolved.remove(&charge.period_start);
+                    unresolved.remove(&(charge.period_start, charge.meter.clone()));
                 }
             }
         }
 
         for (period, terms) in work.periods.iter().zip(&terms) {
-            if unresolved.contains(&period.period_start) {
+            let meter = period.meter.as_str();
+            if unresolved.contains(&(period.period_start, period.meter.clone())) {
                 continue;
             }
             // The counters now, then the ledger: a charge that moved the invoiced count
             // before the read is among the charges read after it, so `from` and the cents
             // invoiced agree. (A run that completes one after the read started at this
             // `from` too, and recording this one is then refused.)
-            let record = match self.store.usage_record(user_id, period.period_start).await {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e) => {
-                    out.failures
-                        .push(Failure::database(user_id, "reading usage", &e));
-                    continue;
-                }
+            let (from, to, used) = match self.invoicing(user_id, period, &mut out).await {
+                Some(range) => range,
+                None => continue,
             };
-            let (from, to) = (record.overage_invoiced_calls, record.overage_calls);
             if to <= from {
                 continue;
             }
@@ -661,6 +678,7 @@ impl OverageService {
                 .iter()
                 .filter(|c| {
                     c.period_start == period.period_start
+                        && c.meter == meter
                         && c.status == ChargeStatus::Succeeded
                         && c.calls_to <= from
                 })
@@ -668,7 +686,7 @@ impl OverageService {
                 .sum();
             // The period's cost rounded once, less what its items billed: every item in
             // whole cents, and together the period's total.
-            let cost = terms.calls_line(record.api_calls).amount_cents;
+            let cost = meter_cost(terms, meter, used);
             let amount = cost.saturating_sub(invoiced_cents).max(0);
             let ended = period.period_end <= now;
             if amount == 0 && !ended {
@@ -680,6 +698,7 @@ impl OverageService {
                 .iter()
                 .filter(|c| {
                     c.period_start == period.period_start
+                        && c.meter == meter
                         && c.calls_from == from
                         && c.status == ChargeStatus::Failed
                 })
@@ -687,14 +706,15 @@ impl OverageService {
             let new = NewOverageCharge {
                 user_id: user_id.clone(),
                 period_start: period.period_start,
+                meter: meter.to_owned(),
                 calls_from: from,
                 calls_to: to,
                 amount_cents: amount,
                 idempotency_key: idempotency_key(
                     user_id,
                     period.period_start,
-                    from,
-                    to,
+                    meter,
+                    (from, to),
                     refused_before,
                 ),
                 created_at: now,
@@ -736,6 +756,63 @@ impl OverageService {
         (on_overage_terms, out)
     }
 
+    /// The range a period of a meter has left to invoice, read now: (invoiced before,
+    /// up to, the usage it prices). Calls: overage calls, priced by all the period's
+    /// calls. Another meter: its quantity, priced whole (its `included` inside).
+    async fn invoicing(
+        &self,
+        user_id: &UserId,
+        period: &UninvoicedOverage,
+        out: &mut UserBilling,
+    ) -> Option<(u64, u64, u64)> {
+        if period.meter == API_CALLS {
+            match self.store.usage_record(user_id, period.period_start).await {
+                Ok(Some(r)) => Some((r.overage_invoiced_calls, r.overage_calls, r.api_calls)),
+                Ok(None) => None,
+                Err(e) => {
+                    out.failures
+                        .push(Failure::database(user_id, "reading usage", &e));
+                    None
+                }
+            }
+        } else {
+            match self
+                .store
+                .meter_invoicing(user_id, period.period_start, &period.meter)
+                .await
+            {
+                Ok(Some((quantity, invoiced))) => Some((invoiced, quantity, quantity)),
+                Ok(None) => None,
+                Err(e) => {
+                    out.failures
+                        .push(Failure::database(user_id, "reading metered usage", &e));
+                    None
+                }
+            }
+        }
+    }
+
+    /// The units included in the period of a charge of another meter, under the terms
+    /// that price it (0 when the terms no longer say: the item's quantity is then the
+    /// whole range).
+    async fn included_units(&self, charge: &OverageCharge) -> u64 {
+        let Ok(Some(user)) = self.store.user_by_id(&charge.user_id).await else {
+            return 0;
+        };
+        let at = terms_time(
+            BillingPeriod::containing(charge.period_start),
+            charge.created_at,
+        );
+        match self.catalog.effective(&user.subscription(), at).await {
+            Ok(resolved) => resolved
+                .terms
+                .limit(&charge.meter)
+                .and_then(|l| l.included)
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
     /// Sends one recorded charge to Stripe and records the outcome on it.
     async fn send(
         &self,
@@ -762,15 +839,42 @@ impl OverageService {
             ));
             return;
         };
-        let calls = charge.calls_to - charge.calls_from;
+        let (month, year) = (
+            u8::from(charge.period_start.month()),
+            charge.period_start.year(),
+        );
+        let (quantity, description) = if charge.meter == API_CALLS {
+            let calls = charge.calls_to - charge.calls_from;
+            (
+                calls,
+                format!(
+                    "API overage {year}-{month:02}: {calls} call(s) past the plan's monthly limit"
+                ),
+            )
+        } else {
+            // Units past the limit this item covers (its range is of the whole quantity).
+            let included = self.included_units(charge).await;
+            let past = |q: u64| q.saturating_sub(included);
+            let units = past(charge.calls_to) - past(charge.calls_from);
+            (
+                units,
+                format!(
+                    "{} overage {year}-{month:02}: {units} unit(s) past the plan's monthly limit",
+                    charge.meter
+                ),
+            )
+        };
+        let calls = if charge.meter == API_CALLS {
+            quantity
+        } else {
+            0
+        };
         let item = InvoiceItem {
             customer: customer.to_owned(),
             amount_cents: charge.amount_cents,
-            description: format!(
-                "API overage {}-{:02}: {calls} call(s) past the plan's monthly limit",
-                charge.period_start.year(),
-                u8::from(charge.period_start.month())
-            ),
+            description,
+            meter: charge.meter.clone(),
+            quantity,
             user_id: charge.user_id.clone(),
             period_start: charge.period_start,
             // Stable across retries: the stored creation time, not now.
@@ -850,10 +954,26 @@ fn terms_time(period: BillingPeriod, now: OffsetDateTime) -> OffsetDateTime {
 
 /// Whether `terms` bill calls past their limit.
 fn bills_calls(terms: &PlanDefinition) -> bool {
-    CallLimits::of(terms).billed_from().is_some()
-        && terms
-            .limit(API_CALLS)
-            .is_some_and(|limit| limit.overage.is_some())
+    bills(terms, API_CALLS)
+}
+
+/// Whether `terms` bill units of `meter` past its limit.
+fn bills(terms: &PlanDefinition, meter: &str) -> bool {
+    terms.limit(meter).is_some_and(|limit| {
+        limit.over_limit == usage_core::OverLimit::Overage
+            && limit.included.is_some()
+            && limit.overage.is_some()
+    })
+}
+
+/// What a period with `used` units of `meter` costs under `terms`, in cents: the meter's
+/// line of a quote (nothing for a meter the terms do not price).
+fn meter_cost(terms: &PlanDefinition, meter: &str, used: u64) -> i64 {
+    if meter == API_CALLS {
+        terms.calls_line(used).amount_cents
+    } else {
+        terms.limit(meter).map_or(0, |l| l.quote(used).amount_cents)
+    }
 }
 
 /// What `units` calls past the limit cost under `terms`, rounded half-up to the cent.
@@ -870,18 +990,27 @@ fn overage_cents(terms: &PlanDefinition, units: u64) -> i64 {
 /// that a resent charge is recognised by Stripe. `refused_before` counts charges of the
 /// same start that Stripe refused: a new attempt after a refusal needs a new key, or
 /// Stripe would replay the refusal.
+///
+/// A calls' key keeps the form it had before meters (`overage_<user>_<YYYY-MM>_<from>-<to>`)
+/// so that a charge pending across an upgrade is recognised; another meter's names it
+/// (`overage_<user>_<YYYY-MM>_<meter>_<from>-<to>`).
 pub fn idempotency_key(
     user_id: &UserId,
     period_start: OffsetDateTime,
-    calls_from: u64,
-    calls_to: u64,
+    meter: &str,
+    (from, to): (u64, u64),
     refused_before: usize,
 ) -> String {
-    let base = format!(
-        "overage_{user_id}_{}-{:02}_{calls_from}-{calls_to}",
+    let month = format!(
+        "{}-{:02}",
         period_start.year(),
         u8::from(period_start.month())
     );
+    let base = if meter == API_CALLS {
+        format!("overage_{user_id}_{month}_{from}-{to}")
+    } else {
+        format!("overage_{user_id}_{month}_{meter}_{from}-{to}")
+    };
     if refused_before == 0 {
         base
     } else {
@@ -895,6 +1024,7 @@ fn planned(new: &NewOverageCharge) -> OverageCharge {
         id: 0,
         user_id: new.user_id.clone(),
         period_start: new.period_start,
+        meter: new.meter.clone(),
         calls_from: new.calls_from,
         calls_to: new.calls_to,
         amount_cents: new.amount_cents,
@@ -938,16 +1068,20 @@ mod tests {
         let user = UserId::parse("eco_usr_abc").unwrap();
         let nov = datetime!(2026-11-01 00:00 UTC);
         assert_eq!(
-            idempotency_key(&user, nov, 0, 5000, 0),
+            idempotency_key(&user, nov, API_CALLS, (0, 5000), 0),
             "overage_eco_usr_abc_2026-11_0-5000"
         );
         assert_eq!(
-            idempotency_key(&user, nov, 0, 5000, 0),
-            idempotency_key(&user, nov, 0, 5000, 0)
+            idempotency_key(&user, nov, API_CALLS, (0, 5000), 0),
+            idempotency_key(&user, nov, API_CALLS, (0, 5000), 0)
         );
         assert_eq!(
-            idempotency_key(&user, nov, 0, 5000, 2),
+            idempotency_key(&user, nov, API_CALLS, (0, 5000), 2),
             "overage_eco_usr_abc_2026-11_0-5000_retry2"
+        );
+        assert_eq!(
+            idempotency_key(&user, nov, "tokens", (0, 12_000), 0),
+            "overage_eco_usr_abc_2026-11_tokens_0-12000"
         );
     }
 }

@@ -32,10 +32,16 @@ pub struct InvoiceItem {
     /// When the billed calls end (`period[end]`, Unix seconds): the period's end, or the
     /// charge's creation for a period still running.
     pub period_end: OffsetDateTime,
-    /// Overage calls billed by this item (`metadata[overage_calls]`).
+    /// The meter billed (`metadata[meter]`): `api_calls`, or another.
+    pub meter: String,
+    /// Units past the limit this item bills (`metadata[quantity]`): overage calls, or
+    /// the meter's units.
+    pub quantity: u64,
+    /// Overage calls billed by this item (`metadata[overage_calls]`; 0 for another meter).
     pub overage_calls: u64,
-    /// The range billed: overage calls after `calls_from` up to `calls_to` (metadata too,
-    /// so that an item found in Stripe can be matched to the ledger).
+    /// The range billed: overage calls after `calls_from` up to `calls_to` (another
+    /// meter: its quantity), in the metadata too, so that an item found in Stripe can be
+    /// matched to the ledger.
     pub calls_from: u64,
     /// See `calls_from`.
     pub calls_to: u64,
@@ -56,6 +62,8 @@ impl InvoiceItem {
                     .format(&Rfc3339)
                     .unwrap_or_else(|_| self.period_start.to_string()),
             ),
+            ("metadata[meter]", self.meter.clone()),
+            ("metadata[quantity]", self.quantity.to_string()),
             ("metadata[overage_calls]", self.overage_calls.to_string()),
             ("metadata[calls_from]", self.calls_from.to_string()),
             ("metadata[calls_to]", self.calls_to.to_string()),

@@ -148,7 +148,7 @@ async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
     assert_eq!(a_charges[0].status, ChargeStatus::Succeeded);
     assert_eq!(
         a_charges[0].idempotency_key,
-        idempotency_key(&a.0, nov, 0, 5, 0)
+        idempotency_key(&a.0, nov, "api_calls", (0, 5), 0)
     );
     let a_item = created.iter().find(|c| c.customer == "cus_a").unwrap();
     assert_eq!(a_item.idempotency_key, a_charges[0].idempotency_key);
@@ -194,7 +194,7 @@ async fn one_run_bills_each_user_once_with_exact_amounts(backend: Backend) {
     let e_charges = store.overage_charges_for_user(&e.0).await.unwrap();
     assert_eq!(
         e_charges[1].idempotency_key,
-        idempotency_key(&e.0, nov, 0, 20, 1)
+        idempotency_key(&e.0, nov, "api_calls", (0, 20), 1)
     );
 
     let reconciliation = service.reconcile().await.unwrap();
@@ -525,10 +525,11 @@ async fn a_pending_charge_older_than_stripes_key_window_is_reported_not_resent(b
         .create_overage_charge(&NewOverageCharge {
             user_id: a.0.clone(),
             period_start: nov,
+            meter: "api_calls".to_owned(),
             calls_from: 0,
             calls_to: 5_001,
             amount_cents: 500,
-            idempotency_key: idempotency_key(&a.0, nov, 0, 5_001, 0),
+            idempotency_key: idempotency_key(&a.0, nov, "api_calls", (0, 5_001), 0),
             created_at: NOW - Duration::days(2),
         })
         .await
@@ -562,6 +563,7 @@ async fn reconciliation_flags_drift(backend: Backend) {
         .create_overage_charge(&NewOverageCharge {
             user_id: a.0.clone(),
             period_start: nov,
+            meter: "api_calls".to_owned(),
             calls_from: 0,
             calls_to: 5_001,
             amount_cents: 400,
@@ -595,10 +597,11 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
     let stale = |user: &UserId, to: u64, cents: i64| NewOverageCharge {
         user_id: user.clone(),
         period_start: nov,
+        meter: "api_calls".to_owned(),
         calls_from: 0,
         calls_to: to,
         amount_cents: cents,
-        idempotency_key: idempotency_key(user, nov, 0, to, 0),
+        idempotency_key: idempotency_key(user, nov, "api_calls", (0, to), 0),
         created_at: NOW - Duration::days(2),
     };
     store
@@ -611,7 +614,7 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
         .unwrap();
     let service = billing.service(store).await;
     // Found in Stripe: the charge succeeded, the calls are invoiced.
-    let a_key = idempotency_key(&a.0, nov, 0, 5_001, 0);
+    let a_key = idempotency_key(&a.0, nov, "api_calls", (0, 5_001), 0);
     let done = service
         .resolve_charge(
             &a_key,
@@ -639,7 +642,7 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
         Err(BillingError::UnknownCharge(_))
     ));
     // Not in Stripe: the charge failed, and the next run bills the range under a new key.
-    let b_key = idempotency_key(&b.0, nov, 0, 5, 0);
+    let b_key = idempotency_key(&b.0, nov, "api_calls", (0, 5), 0);
     let failed = service
         .resolve_charge(
             &b_key,
@@ -660,7 +663,7 @@ async fn a_stale_pending_charge_is_resolved_by_hand(backend: Backend) {
     assert_eq!(created.len(), 1);
     assert_eq!(
         created[0].idempotency_key,
-        idempotency_key(&b.0, nov, 0, 5, 1)
+        idempotency_key(&b.0, nov, "api_calls", (0, 5), 1)
     );
     assert!(
         service
@@ -770,6 +773,159 @@ async fn database_failures_are_reported_without_database_text() {
 }
 
 /// A run's summary as (processed, charged, skipped, failed, amount_cents).
+/// Another meter's units are billed as calls are: one item per user, period and meter
+/// (`metadata[meter]`, `metadata[quantity]` the units past the limit it covers), priced by
+/// the meter's model on the period's whole quantity less what was invoiced; a replayed
+/// event changes nothing; a charge left pending by a crash is sent again with its key;
+/// a late event of an ended period is billed by the next run, in that period. A blocking
+/// meter is never billed.
+async fn metered_usage_is_billed_per_meter_once_with_late_events_in_their_period(backend: Backend) {
+    use usage_core::meter::{Aggregation, Meter};
+    use usage_core::repo::MeterEvent;
+    let t = fresh(backend).await;
+    let store = &t.store;
+    let billing = Billing::start().await;
+    catalog(store).await;
+    for key in ["credits", "tokens"] {
+        let meter = Meter {
+            key: key.into(),
+            name: key.into(),
+            unit: "unit".into(),
+            aggregation: Aggregation::Sum,
+        };
+        store
+            .create_meter(&meter, NOV - Duration::days(60))
+            .await
+            .unwrap();
+    }
+    let a = pro_user(store, "a@example.com", Some("cus_a")).await;
+    // 100 credits included, then 50 at 1 ¢ and the rest at 0.5 ¢; tokens blocked at 1,000.
+    let own: Overrides = usage_core::catalog::from_json(
+        br#"{"limits": [
+              {"meter": "credits", "included": 100, "over_limit": "overage",
+               "overage": {"model": "graduated", "tiers": [
+                   {"up_to": 50, "unit_price_micros": 10000},
+                   {"unit_price_micros": 5000}]}},
+              {"meter": "tokens", "included": 1000, "over_limit": "block"}]}"#,
+    )
+    .unwrap();
+    store
+        .set_user_overrides(&a.0, Some(&own), NOV - Duration::days(60))
+        .await
+        .unwrap();
+    let event = |id: &str, meter: &str, quantity: u64, at: OffsetDateTime| MeterEvent {
+        source: "svc".into(),
+        event_id: id.into(),
+        user_id: a.0.clone(),
+        meter: meter.into(),
+        quantity,
+        value: None,
+        created_at: at,
+    };
+    let batch = vec![
+        event("c1", "credits", 120, NOV),
+        event("c2", "credits", 60, NOV + Duration::minutes(1)),
+        event("t1", "tokens", 1_500, NOV),
+    ];
+    store.record_meter_events(&batch, NOV).await.unwrap();
+
+    let service = billing.service(store).await;
+    let run = service.process_all(RunMode::Live).await.unwrap();
+    // 180 credits: 80 past the 100, 50 × 1 ¢ + 30 × 0.5 ¢ = 65 ¢. Tokens block: no item.
+    assert_eq!(
+        (run.charged, run.failed, run.amount_cents),
+        (1, 0, 65),
+        "{run:?}"
+    );
+    let nov = BillingPeriod::containing(NOV).start();
+    let first = &billing.stripe.received()[0];
+    assert_eq!(
+        first.idempotency_key.as_deref(),
+        Some(idempotency_key(&a.0, nov, "credits", (0, 180), 0).as_str())
+    );
+    assert_eq!(first.form["metadata[meter]"], "credits");
+    assert_eq!(first.form["metadata[quantity]"], "80");
+    assert_eq!(first.form["amount"], "65");
+    assert!(
+        first.form["description"].starts_with("credits overage 2026-11: 80 unit(s)"),
+        "{:?}",
+        first.form
+    );
+    assert_eq!(
+        store.meter_invoicing(&a.0, nov, "credits").await.unwrap(),
+        Some((180, 180))
+    );
+
+    // The same events again change nothing, and nothing more is billed.
+    let replay = store.record_meter_events(&batch, NOV).await.unwrap();
+    assert_eq!((replay.accepted, replay.duplicates), (0, 3));
+    billing.clock.advance(Duration::hours(1));
+    let again = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(again.amount_cents, 0, "{again:?}");
+    assert_eq!(billing.stripe.received().len(), 1);
+
+    // 20 credits more, and a run stopped after recording their charge (a crash): the
+    // next run sends it once, with its key, and bills nothing else.
+    store
+        .record_meter_events(&[event("c3", "credits", 20, NOV + Duration::hours(2))], NOV)
+        .await
+        .unwrap();
+    let key = idempotency_key(&a.0, nov, "credits", (180, 200), 0);
+    store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: a.0.clone(),
+            period_start: nov,
+            meter: "credits".to_owned(),
+            calls_from: 180,
+            calls_to: 200,
+            amount_cents: 10,
+            idempotency_key: key.clone(),
+            created_at: NOW + Duration::minutes(50),
+        })
+        .await
+        .unwrap();
+    let resumed = service.process_all(RunMode::Live).await.unwrap();
+    // 100 past the included: 50 ¢ + 25 ¢ = 75 ¢, of which 65 were billed.
+    assert_eq!(
+        (resumed.charged, resumed.amount_cents),
+        (1, 10),
+        "{resumed:?}"
+    );
+    let received = billing.stripe.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].idempotency_key.as_deref(), Some(key.as_str()));
+    assert_eq!(received[1].form["metadata[quantity]"], "20");
+
+    // A late event of October (ended): billed by the next run, in October, once.
+    let oct_at = datetime!(2026-10-15 09:00 UTC);
+    store
+        .record_meter_events(&[event("late", "credits", 150, oct_at)], NOV)
+        .await
+        .unwrap();
+    billing.clock.advance(Duration::hours(1));
+    let late = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!((late.charged, late.amount_cents), (1, 50), "{late:?}");
+    let oct = BillingPeriod::containing(oct_at).start();
+    let received = billing.stripe.received();
+    assert_eq!(received.len(), 3);
+    assert_eq!(
+        received[2].idempotency_key.as_deref(),
+        Some(idempotency_key(&a.0, oct, "credits", (0, 150), 0).as_str())
+    );
+    let charges = store.overage_charges_for_user(&a.0).await.unwrap();
+    assert_eq!(charges.len(), 3);
+    assert!(
+        charges
+            .iter()
+            .all(|c| c.status == ChargeStatus::Succeeded && c.meter == "credits")
+    );
+    assert_eq!(billing.stripe.created().len(), 3);
+    billing.clock.advance(Duration::hours(1));
+    let last = service.process_all(RunMode::Live).await.unwrap();
+    assert_eq!(last.amount_cents, 0, "{last:?}");
+    assert_eq!(billing.stripe.received().len(), 3, "nothing billed twice");
+}
+
 fn tally(run: &usage_billing::BillingSummary) -> (u64, u64, u64, u64, i64) {
     (
         run.processed,
@@ -799,10 +955,11 @@ async fn left_pending_in(
         .create_overage_charge(&NewOverageCharge {
             user_id: user.clone(),
             period_start: period,
+            meter: "api_calls".to_owned(),
             calls_from: 0,
             calls_to,
             amount_cents: 500,
-            idempotency_key: idempotency_key(user, period, 0, calls_to, 0),
+            idempotency_key: idempotency_key(user, period, "api_calls", (0, calls_to), 0),
             created_at: NOW - ago,
         })
         .await
@@ -832,8 +989,8 @@ async fn a_charge_recorded_before_a_crash_is_sent_once_then_the_rest_billed(back
     assert_eq!(
         keys,
         vec![
-            idempotency_key(&a.0, nov, 0, 5_001, 0),
-            idempotency_key(&a.0, nov, 5_001, 5_021, 0)
+            idempotency_key(&a.0, nov, "api_calls", (0, 5_001), 0),
+            idempotency_key(&a.0, nov, "api_calls", (5_001, 5_021), 0)
         ]
     );
     // The second item bills the 20 calls of its range, not the range's ends.
@@ -917,7 +1074,10 @@ async fn the_idempotency_window_is_inclusive(backend: Backend) {
     assert_eq!(run.errors[0].user_id, b.0);
     let nov = BillingPeriod::containing(NOV).start();
     let sent = billing.stripe.idempotency_keys();
-    assert_eq!(sent, vec![idempotency_key(&a.0, nov, 0, 5_001, 0)]);
+    assert_eq!(
+        sent,
+        vec![idempotency_key(&a.0, nov, "api_calls", (0, 5_001), 0)]
+    );
 }
 
 /// A dry run while a charge is pending says what resuming it would bill, sends nothing,
@@ -1234,8 +1394,8 @@ async fn a_charge_in_flight_in_one_period_does_not_hold_back_another(backend: Ba
     assert_eq!(
         sent,
         vec![
-            idempotency_key(&a.0, oct, 0, 5_001, 0),
-            idempotency_key(&a.0, oct, 5_001, 5_021, 0)
+            idempotency_key(&a.0, oct, "api_calls", (0, 5_001), 0),
+            idempotency_key(&a.0, oct, "api_calls", (5_001, 5_021), 0)
         ]
     );
 }
@@ -1268,8 +1428,8 @@ async fn a_refusal_changes_the_key_of_its_own_range_only(backend: Backend) {
     let mut sent = billing.stripe.idempotency_keys();
     sent.sort();
     let mut expected = vec![
-        idempotency_key(&a.0, oct, 0, 5_001, 1),
-        idempotency_key(&a.0, nov, 0, 5_001, 0),
+        idempotency_key(&a.0, oct, "api_calls", (0, 5_001), 1),
+        idempotency_key(&a.0, nov, "api_calls", (0, 5_001), 0),
     ];
     expected.sort();
     assert_eq!(sent, expected);
@@ -1327,4 +1487,5 @@ on_every_store!(
     a_resumed_charge_refused_gets_no_new_attempt_in_the_same_run,
     a_charge_in_flight_in_one_period_does_not_hold_back_another,
     a_refusal_changes_the_key_of_its_own_range_only,
+    metered_usage_is_billed_per_meter_once_with_late_events_in_their_period,
 );

@@ -32,6 +32,8 @@ fn item(customer: &str) -> InvoiceItem {
         user_id: UserId::parse("eco_usr_abcdefghijklmnop").unwrap(),
         period_start: datetime!(2026-11-01 00:00 UTC),
         period_end: datetime!(2026-12-01 00:00 UTC),
+        meter: "api_calls".to_owned(),
+        quantity: 5000,
         overage_calls: 5000,
         calls_from: 0,
         calls_to: 5000,
@@ -72,6 +74,8 @@ async fn sends_the_contracts_form_with_key_and_secret() {
         Some("2026-11-01T00:00:00Z")
     );
     assert_eq!(field("metadata[overage_calls]"), Some("5000"));
+    assert_eq!(field("metadata[meter]"), Some("api_calls"));
+    assert_eq!(field("metadata[quantity]"), Some("5000"));
     // 2026-11-01T00:00:00Z and 2026-12-01T00:00:00Z.
     assert_eq!(field("period[start]"), Some("1793491200"));
     assert_eq!(field("period[end]"), Some("1796083200"));

@@ -254,9 +254,13 @@ pub struct NewOverageCharge {
     pub user_id: UserId,
     /// Which period's overage.
     pub period_start: OffsetDateTime,
-    /// First overage call billed (exclusive lower bound: the invoiced count before).
+    /// The meter billed (`api_calls`, or another).
+    pub meter: String,
+    /// First overage call billed (exclusive lower bound: the invoiced count before). For
+    /// another meter, the quantity of the period invoiced before.
     pub calls_from: u64,
-    /// Overage count up to which this charge bills (inclusive).
+    /// Overage count up to which this charge bills (inclusive). For another meter, the
+    /// period's quantity this charge bills up to.
     pub calls_to: u64,
     /// Amount billed.
     pub amount_cents: i64,
@@ -275,9 +279,11 @@ pub struct OverageCharge {
     pub user_id: UserId,
     /// Which period's overage.
     pub period_start: OffsetDateTime,
-    /// Exclusive lower bound of the billed overage calls.
+    /// The meter billed (`api_calls`, or another).
+    pub meter: String,
+    /// Exclusive lower bound of the billed overage calls (another meter: of its quantity).
     pub calls_from: u64,
-    /// Inclusive upper bound of the billed overage calls.
+    /// Inclusive upper bound of the billed overage calls (another meter: of its quantity).
     pub calls_to: u64,
     /// Amount billed.
     pub amount_cents: i64,
@@ -297,11 +303,15 @@ pub struct OverageCharge {
     pub updated_at: OffsetDateTime,
 }
 
-/// A user's period whose overage is not all invoiced yet.
+/// A user's period whose overage is not all invoiced yet: its calls, or its quantity of
+/// another meter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UninvoicedOverage {
     /// Whose.
     pub user_id: UserId,
+    /// The meter (`api_calls`: `overage_calls` are calls past the limit; another meter:
+    /// they are the period's quantity, `overage_invoiced_calls` the quantity invoiced).
+    pub meter: String,
     /// Their plan now.
     pub plan: Plan,
     /// Their Stripe customer, if any.
@@ -1200,9 +1210,18 @@ pub trait OverageChargeRepository: Send + Sync {
         &self,
         user_id: &UserId,
     ) -> Result<Vec<OverageCharge>, RepoError>;
-    /// Every user and period with `overage_calls > overage_invoiced_calls`, by user then
-    /// period.
+    /// Every user and period with `overage_calls > overage_invoiced_calls`, and every
+    /// user's period of another meter with a quantity not all invoiced, by user, period,
+    /// then meter.
     async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError>;
+    /// A user's period of a meter other than `api_calls`: (its quantity, the quantity
+    /// invoiced); `None` when nothing was reported.
+    async fn meter_invoicing(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        meter: &str,
+    ) -> Result<Option<(u64, u64)>, RepoError>;
     /// Every user and period with overage or charges, by user then period.
     async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError>;
 }

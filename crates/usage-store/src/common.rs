@@ -228,7 +228,7 @@ pub(crate) fn plan_counts(rows: Vec<(String, i64)>) -> Result<Vec<(Plan, u64)>, 
     Ok(counts)
 }
 
-/// Counters beside the charges of every user and period with overage or charges. Plain
+/// Counters beside the calls' charges of every user and period with overage or charges. Plain
 /// SQL understood by both backends (no FILTER, no GREATEST; sums cast back to BIGINT,
 /// which PostgreSQL would otherwise widen to NUMERIC).
 pub(crate) const LEDGER_SQL: &str = "
@@ -243,6 +243,7 @@ pub(crate) const LEDGER_SQL: &str = "
     FROM eco_usage_records r
     LEFT JOIN eco_overage_charges c
            ON c.user_id = r.user_id AND c.period_start = r.period_start
+          AND c.meter = 'api_calls'
     GROUP BY r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls
     HAVING r.overage_calls > 0 OR COUNT(c.id) > 0
     ORDER BY r.user_id, r.period_start";

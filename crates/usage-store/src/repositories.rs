@@ -1805,6 +1805,7 @@ struct ChargeRow {
     id: i64,
     user_id: String,
     period_start: OffsetDateTime,
+    meter: String,
     calls_from: i64,
     calls_to: i64,
     amount_cents: i64,
@@ -1823,6 +1824,7 @@ impl ChargeRow {
             id: self.id,
             user_id: UserId::from_stored(self.user_id),
             period_start: self.period_start,
+            meter: self.meter,
             calls_from: to_u64(self.calls_from),
             calls_to: to_u64(self.calls_to),
             amount_cents: self.amount_cents,
@@ -1850,6 +1852,7 @@ impl OverageChargeRepository for This {
             .values((
                 eco_overage_charges::user_id.eq(charge.user_id.as_str()),
                 eco_overage_charges::period_start.eq(At(charge.period_start)),
+                eco_overage_charges::meter.eq(&charge.meter),
                 eco_overage_charges::calls_from.eq(to_i64(charge.calls_from)),
                 eco_overage_charges::calls_to.eq(to_i64(charge.calls_to)),
                 eco_overage_charges::amount_cents.eq(charge.amount_cents),
@@ -1901,17 +1904,25 @@ impl OverageChargeRepository for This {
                 .returning(ChargeRow::as_returning())
                 .get_result(conn)
                 .await?;
-            query(
+            // The calls' period counts invoiced overage calls; another meter's, invoiced
+            // quantity.
+            let invoiced = if charge.meter == API_CALLS {
                 "UPDATE eco_usage_records
                  SET overage_invoiced_calls = GREATEST(overage_invoiced_calls, $3), updated_at = $4
-                 WHERE user_id = $1 AND period_start = $2",
-            )
-            .bind::<Text, _>(&charge.user_id)
-            .bind::<Stamp, _>(charge.period_start)
-            .bind::<BigInt, _>(charge.calls_to)
-            .bind::<Stamp, _>(at)
-            .execute(conn)
-            .await?;
+                 WHERE user_id = $1 AND period_start = $2 AND $5 = 'api_calls'"
+            } else {
+                "UPDATE eco_meter_usage
+                 SET invoiced_quantity = GREATEST(invoiced_quantity, $3), updated_at = $4
+                 WHERE user_id = $1 AND period_start = $2 AND meter = $5"
+            };
+            query(invoiced)
+                .bind::<Text, _>(&charge.user_id)
+                .bind::<Stamp, _>(charge.period_start)
+                .bind::<BigInt, _>(charge.calls_to)
+                .bind::<Stamp, _>(at)
+                .bind::<Text, _>(&charge.meter)
+                .execute(conn)
+                .await?;
             Ok(charge)
         })
         .await
@@ -1979,17 +1990,59 @@ impl OverageChargeRepository for This {
 
     async fn uninvoiced_overage(&self) -> Result<Vec<UninvoicedOverage>, RepoError> {
         let mut conn = self.conn().await?;
-        let rows: Vec<UninvoicedRow> = query(
-            "SELECT r.user_id, u.plan, u.stripe_customer_id, r.period_start, r.period_end,
-                    r.overage_calls, r.overage_invoiced_calls
+        let mut rows: Vec<UninvoicedRow> = query(
+            "SELECT r.user_id, 'api_calls' AS meter, u.plan, u.stripe_customer_id,
+                    r.period_start, r.period_end, r.overage_calls, r.overage_invoiced_calls
              FROM eco_usage_records r JOIN eco_users u ON u.id = r.user_id
-             WHERE r.overage_calls > r.overage_invoiced_calls
-             ORDER BY r.user_id, r.period_start",
+             WHERE r.overage_calls > r.overage_invoiced_calls",
         )
         .load(&mut *conn)
         .await
         .map_err(db("usage record"))?;
+        // Other meters: the whole quantity is priced (its limit's `included` inside), so
+        // a period is listed while its quantity is not all invoiced. Its end is the
+        // calendar month's.
+        let meters: Vec<UninvoicedRow> = query(
+            "SELECT m.user_id, m.meter, u.plan, u.stripe_customer_id,
+                    m.period_start, m.period_start AS period_end,
+                    m.quantity AS overage_calls, m.invoiced_quantity AS overage_invoiced_calls
+             FROM eco_meter_usage m JOIN eco_users u ON u.id = m.user_id
+             JOIN eco_meters k ON k.key = m.meter
+             WHERE m.quantity > m.invoiced_quantity",
+        )
+        .load(&mut *conn)
+        .await
+        .map_err(db("meter usage"))?;
+        rows.extend(meters.into_iter().map(|mut row| {
+            row.period_end = BillingPeriod::containing(row.period_start).end();
+            row
+        }));
+        rows.sort_by(|a, b| {
+            (&a.user_id, a.period_start, &a.meter).cmp(&(&b.user_id, b.period_start, &b.meter))
+        });
         rows.into_iter().map(UninvoicedRow::into_domain).collect()
+    }
+
+    async fn meter_invoicing(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        meter: &str,
+    ) -> Result<Option<(u64, u64)>, RepoError> {
+        let mut conn = self.conn().await?;
+        let row: Option<(i64, i64)> = eco_meter_usage::table
+            .filter(eco_meter_usage::user_id.eq(user_id.as_str()))
+            .filter(eco_meter_usage::period_start.eq(At(period_start)))
+            .filter(eco_meter_usage::meter.eq(meter))
+            .select((
+                eco_meter_usage::quantity,
+                eco_meter_usage::invoiced_quantity,
+            ))
+            .first(&mut *conn)
+            .await
+            .optional()
+            .map_err(db("meter usage"))?;
+        Ok(row.map(|(quantity, invoiced)| (to_u64(quantity), to_u64(invoiced))))
     }
 
     async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
@@ -2036,6 +2089,8 @@ struct UninvoicedRow {
     #[diesel(sql_type = Text)]
     user_id: String,
     #[diesel(sql_type = Text)]
+    meter: String,
+    #[diesel(sql_type = Text)]
     plan: String,
     #[diesel(sql_type = Nullable<Text>)]
     stripe_customer_id: Option<String>,
@@ -2053,6 +2108,7 @@ impl UninvoicedRow {
     fn into_domain(self) -> Result<UninvoicedOverage, RepoError> {
         Ok(UninvoicedOverage {
             user_id: UserId::from_stored(self.user_id),
+            meter: self.meter,
             plan: Plan::from_stored(self.plan),
             stripe_customer_id: self.stripe_customer_id,
             period_start: self.period_start,

@@ -130,6 +130,7 @@ diesel::table! {
         meter -> Text,
         quantity -> BigInt,
         updated_at -> Stamp,
+        invoiced_quantity -> BigInt,
     }
 }
 
@@ -195,6 +196,7 @@ diesel::table! {
         last_error -> Nullable<Text>,
         created_at -> Stamp,
         updated_at -> Stamp,
+        meter -> Text,
     }
 }
 

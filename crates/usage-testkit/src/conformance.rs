@@ -2051,6 +2051,7 @@ pub async fn overage_charge_ledger(store: Arc<dyn Store>) {
     let new = NewOverageCharge {
         user_id: ada.clone(),
         period_start: period.start(),
+        meter: API_CALLS.to_owned(),
         calls_from: 0,
         calls_to: 15,
         amount_cents: 2,
@@ -2186,6 +2187,7 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
         vec![
             UninvoicedOverage {
                 user_id: ada.clone(),
+                meter: API_CALLS.to_owned(),
                 plan: Plan::pro(),
                 stripe_customer_id: None,
                 period_start: oct.start(),
@@ -2195,6 +2197,7 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
             },
             UninvoicedOverage {
                 user_id: ada.clone(),
+                meter: API_CALLS.to_owned(),
                 plan: Plan::pro(),
                 stripe_customer_id: None,
                 period_start: nov.start(),
@@ -2209,6 +2212,7 @@ pub async fn overage_billing_queries(store: Arc<dyn Store>) {
     let charge = |from: u64, to: u64, key: &str| NewOverageCharge {
         user_id: ada.clone(),
         period_start: nov.start(),
+        meter: API_CALLS.to_owned(),
         calls_from: from,
         calls_to: to,
         amount_cents: 1,
@@ -2699,6 +2703,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         .create_overage_charge(&NewOverageCharge {
             user_id: ada.0.clone(),
             period_start: period.start(),
+            meter: API_CALLS.to_owned(),
             calls_from: 0,
             calls_to: 5,
             amount_cents: 1,
@@ -2740,6 +2745,7 @@ pub async fn admin_figures_and_audit(store: Arc<dyn Store>) {
         .create_overage_charge(&NewOverageCharge {
             user_id: dan.0.clone(),
             period_start: period.start(),
+            meter: API_CALLS.to_owned(),
             calls_from: 0,
             calls_to: 20,
             amount_cents: 2,

@@ -64,6 +64,8 @@ struct State {
     route_costs: BTreeMap<(String, String), u64>,
     /// Each user's quantity of each meter by period start.
     meter_usage: BTreeMap<(UserId, OffsetDateTime, String), u64>,
+    /// Of each, the quantity invoiced.
+    meter_invoiced: BTreeMap<(UserId, OffsetDateTime, String), u64>,
     /// The same by UTC day.
     meter_daily: BTreeMap<(UserId, String, Date), u64>,
     /// unique_count values seen, by user, period start and meter.
@@ -1023,6 +1025,7 @@ impl OverageChargeRepository for MemoryStore {
         if state.charges.iter().any(|c| {
             c.user_id == charge.user_id
                 && c.period_start == charge.period_start
+                && c.meter == charge.meter
                 && c.calls_from == charge.calls_from
                 && c.status != ChargeStatus::Failed
         }) {
@@ -1035,6 +1038,7 @@ impl OverageChargeRepository for MemoryStore {
             id: state.charges.len() as i64 + 1,
             user_id: charge.user_id.clone(),
             period_start: charge.period_start,
+            meter: charge.meter.clone(),
             calls_from: charge.calls_from,
             calls_to: charge.calls_to,
             amount_cents: charge.amount_cents,
@@ -1082,7 +1086,17 @@ impl OverageChargeRepository for MemoryStore {
         charge.last_error = None;
         charge.updated_at = at;
         let charge = charge.clone();
-        if let Some(record) = state
+        if charge.meter != API_CALLS {
+            let key = (
+                charge.user_id.clone(),
+                charge.period_start,
+                charge.meter.clone(),
+            );
+            if state.meter_usage.contains_key(&key) {
+                let invoiced = state.meter_invoiced.entry(key).or_default();
+                *invoiced = (*invoiced).max(charge.calls_to);
+            }
+        } else if let Some(record) = state
             .records
             .get_mut(&(charge.user_id.clone(), charge.period_start))
         {
@@ -1152,6 +1166,7 @@ impl OverageChargeRepository for MemoryStore {
                 let user = state.users.get(&r.user_id)?;
                 Some(UninvoicedOverage {
                     user_id: r.user_id.clone(),
+                    meter: API_CALLS.to_owned(),
                     plan: user.plan.clone(),
                     stripe_customer_id: user.stripe_customer_id.clone(),
                     period_start: r.period_start,
@@ -1160,7 +1175,45 @@ impl OverageChargeRepository for MemoryStore {
                     overage_invoiced_calls: r.overage_invoiced_calls,
                 })
             })
-            .collect())
+            .chain(state.meter_usage.iter().filter_map(
+                |(key @ (user_id, period_start, meter), quantity)| {
+                    let invoiced = state.meter_invoiced.get(key).copied().unwrap_or(0);
+                    let user = state.users.get(user_id)?;
+                    (*quantity > invoiced).then(|| UninvoicedOverage {
+                        user_id: user_id.clone(),
+                        meter: meter.clone(),
+                        plan: user.plan.clone(),
+                        stripe_customer_id: user.stripe_customer_id.clone(),
+                        period_start: *period_start,
+                        period_end: BillingPeriod::containing(*period_start).end(),
+                        overage_calls: *quantity,
+                        overage_invoiced_calls: invoiced,
+                    })
+                },
+            ))
+            .collect::<Vec<_>>())
+        .map(|mut rows| {
+            rows.sort_by(|a, b| {
+                (&a.user_id, a.period_start, &a.meter).cmp(&(&b.user_id, b.period_start, &b.meter))
+            });
+            rows
+        })
+    }
+
+    async fn meter_invoicing(
+        &self,
+        user_id: &UserId,
+        period_start: OffsetDateTime,
+        meter: &str,
+    ) -> Result<Option<(u64, u64)>, RepoError> {
+        let state = self.state();
+        let key = (user_id.clone(), period_start, meter.to_owned());
+        Ok(state.meter_usage.get(&key).map(|quantity| {
+            (
+                *quantity,
+                state.meter_invoiced.get(&key).copied().unwrap_or(0),
+            )
+        }))
     }
 
     async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
@@ -1183,7 +1236,7 @@ impl OverageChargeRepository for MemoryStore {
             entry.overage_calls = r.overage_calls;
             entry.overage_invoiced_calls = r.overage_invoiced_calls;
         }
-        for c in &state.charges {
+        for c in state.charges.iter().filter(|c| c.meter == API_CALLS) {
             let entry = entries
                 .entry((c.user_id.clone(), c.period_start))
                 .or_insert_with(|| {
