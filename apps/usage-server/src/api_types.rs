@@ -179,6 +179,16 @@ pub(crate) struct EventParams {
     cursor: Option<String>,
 }
 
+/// How many users `GET /api/admin/meters/{key}/top` lists.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct TopParams {
+    /// Users listed.
+    #[param(minimum = 1, maximum = 100, default = 10)]
+    limit: Option<u32>,
+}
+
 /// A page of an admin list.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -2,13 +2,15 @@
 //! meter renamed, and the route costs read and replaced whole. Each goes through
 //! [`crate::admin_gate`] (audited with its body); the rules are `usage_core::plans`'.
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use usage_analytics::admin::TopMeterUsers;
 use usage_core::catalog::from_json;
 use usage_core::meter::{Meter, MeterRevision, RouteCosts};
 
 use crate::ApiError;
 use crate::admin_gate::{admin_body_call, admin_call, no_parameters, not_allowed};
-use crate::api_types::{AdminErrors, ErrorResponse, Registry};
+use crate::api_types::{AdminErrors, ErrorResponse, Registry, TopParams};
 use crate::plans_api::{MAX_PLAN_BYTES, invalid};
 use crate::state::AppState;
 
@@ -17,6 +19,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
     let created_path = registry.path_in::<__path_create>(scope);
     let meter_path = registry.path_in::<__path_meter>(scope);
     let updated_path = registry.path_in::<__path_update>(scope);
+    let top_path = registry.path_in::<__path_top>(scope);
     let costs_path = registry.path_in::<__path_costs>(scope);
     let replaced_path = registry.path_in::<__path_replace_costs>(scope);
     debug_assert_eq!(
@@ -40,6 +43,11 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, scope: &str, registry: &mut R
             .route(web::get().to(meter))
             .route(web::put().to(update))
             .default_service(not_allowed(allow(&meter_path))),
+    )
+    .service(
+        web::resource(&top_path)
+            .route(web::get().to(top))
+            .default_service(not_allowed(allow(&top_path))),
     )
     .service(
         web::resource(&costs_path)
@@ -83,6 +91,48 @@ pub(crate) async fn meter(
             .get(&path)
             .ok_or_else(|| usage_core::plans::PlanError::UnknownMeter(path.clone()))?;
         Ok(HttpResponse::Ok().json(meter))
+    })
+    .await
+}
+
+/// The users with the most of a meter this period (`api_calls`: calls counted), most
+/// first.
+#[utoipa::path(get, path = "/api/admin/meters/{key}/top", tag = "admin", security(("admin_jwt" = [])),
+    params(("key" = String, Path, description = "The meter's key."), TopParams),
+    responses((status = 200, body = TopMeterUsers),
+              (status = 404, description = "No such meter.", body = ErrorResponse), AdminErrors))]
+pub(crate) async fn top(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let (plans, reports) = (&state.plans, &state.admin_reports);
+    admin_call(&req, &state, |query| async move {
+        if let Some(unknown) = query.keys().find(|k| *k != "limit") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("unknown parameter {unknown:?}; allowed: limit"),
+            ));
+        }
+        let limit = match query.get("limit") {
+            None => 10,
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|l| (1..=100).contains(l))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_parameter",
+                        format!("limit must be a whole number from 1 to 100 (got {raw:?})"),
+                    )
+                })?,
+        };
+        if plans.meters().await?.get(&path).is_none() {
+            return Err(usage_core::plans::PlanError::UnknownMeter(path.clone()).into());
+        }
+        Ok(HttpResponse::Ok().json(reports.top_by_meter(&path, limit).await?))
     })
     .await
 }

@@ -111,6 +111,7 @@ impl Modify for SecuritySchemes {
         crate::meters_api::meter,
         crate::meters_api::create,
         crate::meters_api::update,
+        crate::meters_api::top,
         crate::meters_api::costs,
         crate::meters_api::replace_costs,
         crate::cron_api::process_overage,

@@ -80,7 +80,12 @@ async fn meters_limit_calls_at_the_door(backend: Backend) {
     db.create(&["plans", "apply", catalog.to_str().unwrap()]);
     let (ada, ada_key) = db.user_with_key("ada@example.com", "starter");
     let (bob, bob_key) = db.user_with_key("bob@example.com", "builder");
-    let server = db.start(&[("INGEST_SECRET", INGEST), ("QUOTA_SYNC_MS", "100")]);
+    let (admin, _) = db.user_with_key("admin@example.com", "free");
+    let server = db.start(&[
+        ("INGEST_SECRET", INGEST),
+        ("QUOTA_SYNC_MS", "100"),
+        ("ADMIN_ECO_IDS", admin.as_str()),
+    ]);
 
     // Ada's plan allows 25 credits; each ping costs 10: two are admitted, the third would
     // take 30 and is refused before the handler, naming the meter.
@@ -175,6 +180,36 @@ async fn meters_limit_calls_at_the_door(backend: Backend) {
         .cloned()
         .unwrap_or(Value::Null);
     assert_eq!(credits["used"], 20, "{current}");
+
+    // The admins' view: who used the most of each meter this period.
+    let top = server
+        .get_json("/api/admin/meters/tokens/top", &token(&admin))
+        .await;
+    assert_eq!(top["meter"], "tokens", "{top}");
+    assert_eq!(top["items"][0]["user_id"], bob.as_str(), "{top}");
+    assert_eq!(top["items"][0]["quantity"], 1200, "{top}");
+    assert_eq!(top["items"].as_array().unwrap().len(), 1, "{top}");
+    let top = server
+        .get_json("/api/admin/meters/credits/top?limit=1", &token(&admin))
+        .await;
+    // Ada's 20 credits are the most (Bob has 10 or 20, as his calls before the refusal).
+    assert_eq!(top["items"][0]["quantity"], 20, "{top}");
+    assert_eq!(top["items"].as_array().unwrap().len(), 1, "{top}");
+    let client = reqwest::Client::new();
+    for (path, status) in [
+        ("/api/admin/meters/nope/top", 404),
+        ("/api/admin/meters/tokens/top?limit=0", 400),
+        ("/api/admin/meters/tokens/top?limit=101", 400),
+        ("/api/admin/meters/tokens/top?page=2", 400),
+    ] {
+        let res = client
+            .get(server.url(path))
+            .bearer_auth(token(&admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), status, "{path}");
+    }
 
     let (status, _) = server.stop();
     assert!(status.success());

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
 use usage_core::accounts::{AccountError, Accounts, validate_stripe_customer_id};
-use usage_core::catalog::PlanDefinition;
+use usage_core::catalog::{API_CALLS, PlanDefinition};
 use usage_core::repo::{AdminAuditEntry, User, UserPageQuery, UserSort, UserUsageRow};
 use usage_core::terms::LiveCatalog;
 use usage_core::{BillingPeriod, Clock, Plan, Store, UserId};
@@ -47,6 +47,36 @@ pub struct TopUser {
     pub plan: Plan,
     /// Calls this period.
     pub api_calls: u64,
+}
+
+/// One of the users with the most of a meter this period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TopMeterUser {
+    /// Who.
+    pub user_id: UserId,
+    /// Their email.
+    pub email: String,
+    /// Their plan.
+    pub plan: Plan,
+    /// Their quantity of the meter this period.
+    pub quantity: u64,
+}
+
+/// `GET /api/admin/meters/{key}/top`: the users with the most of a meter this period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TopMeterUsers {
+    /// The meter's key.
+    pub meter: String,
+    /// The period.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    /// Its end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_end: OffsetDateTime,
+    /// Most first (ties by user id); users without any are left out.
+    pub items: Vec<TopMeterUser>,
 }
 
 /// `GET /api/admin/analytics/overview`.
@@ -520,6 +550,57 @@ impl AdminReports {
                 .collect(),
             period_start: period.start(),
             period_end: period.end(),
+        })
+    }
+
+    /// The `limit` users with the most of `meter` this period (`api_calls`: calls counted).
+    /// The meter is the caller's to check against the catalog.
+    pub async fn top_by_meter(
+        &self,
+        meter: &str,
+        limit: u32,
+    ) -> Result<TopMeterUsers, AnalyticsError> {
+        let period = BillingPeriod::containing(self.clock.now());
+        let items = if meter == API_CALLS {
+            let (_, rows) = self
+                .store
+                .users_page(&UserPageQuery {
+                    period_start: period.start(),
+                    plan: None,
+                    search: None,
+                    sort: UserSort::ApiCalls,
+                    descending: true,
+                    offset: 0,
+                    limit,
+                })
+                .await?;
+            rows.into_iter()
+                .filter(|r| r.api_calls > 0)
+                .map(|r| TopMeterUser {
+                    user_id: r.user.id,
+                    email: r.user.email,
+                    plan: r.user.plan,
+                    quantity: r.api_calls,
+                })
+                .collect()
+        } else {
+            self.store
+                .top_meter_users(meter, period.start(), limit)
+                .await?
+                .into_iter()
+                .map(|u| TopMeterUser {
+                    user_id: u.user_id,
+                    email: u.email,
+                    plan: u.plan,
+                    quantity: u.quantity,
+                })
+                .collect()
+        };
+        Ok(TopMeterUsers {
+            meter: meter.to_owned(),
+            period_start: period.start(),
+            period_end: period.end(),
+            items,
         })
     }
 

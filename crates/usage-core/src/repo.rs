@@ -1074,6 +1074,28 @@ pub trait MeterUsageRepository: Send + Sync {
         from: Date,
         to: Date,
     ) -> Result<Vec<(Date, u64)>, RepoError>;
+    /// The `limit` users with the most of `meter` (other than `api_calls`) in the period
+    /// starting at `period_start`, most first (ties by user id); users without any are
+    /// left out.
+    async fn top_meter_users(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<MeterUser>, RepoError>;
+}
+
+/// A user and their quantity of a meter in a period ([`MeterUsageRepository::top_meter_users`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterUser {
+    /// Who.
+    pub user_id: UserId,
+    /// Their email.
+    pub email: String,
+    /// Their plan.
+    pub plan: Plan,
+    /// Their quantity of the meter.
+    pub quantity: u64,
 }
 
 /// What [`UsageRepository::prune_usage`] removed, or would remove.

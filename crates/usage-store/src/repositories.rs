@@ -31,7 +31,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointStats, EventOutcome,
     EventsAfter, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
-    MeterUsageRepository, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    MeterUsageRepository, MeterUser, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, PoolState,
     QuotaCounterRepository, QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription,
     SubscriptionChange, SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune,
@@ -3354,6 +3354,40 @@ impl MeterUsageRepository for This {
             .await
             .map_err(db("meter usage"))?;
         Ok(rows.into_iter().map(|(d, q)| (d, to_u64(q))).collect())
+    }
+
+    async fn top_meter_users(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<MeterUser>, RepoError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, String, String, i64)> = eco_meter_usage::table
+            .inner_join(eco_users::table.on(eco_users::id.eq(eco_meter_usage::user_id)))
+            .filter(eco_meter_usage::meter.eq(meter))
+            .filter(eco_meter_usage::period_start.eq(At(period_start)))
+            .filter(eco_meter_usage::quantity.gt(0))
+            .select((
+                eco_users::id,
+                eco_users::email,
+                eco_users::plan,
+                eco_meter_usage::quantity,
+            ))
+            .order((eco_meter_usage::quantity.desc(), eco_users::id.asc()))
+            .limit(i64::from(limit))
+            .load(&mut *conn)
+            .await
+            .map_err(db("meter usage"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, email, plan, quantity)| MeterUser {
+                user_id: UserId::from_stored(id),
+                email,
+                plan: Plan::from_stored(plan),
+                quantity: to_u64(quantity),
+            })
+            .collect())
     }
 }
 

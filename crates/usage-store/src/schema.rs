@@ -243,3 +243,4 @@ diesel::joinable!(eco_api_keys -> eco_users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(eco_api_keys, eco_users);
 diesel::joinable!(eco_plan_versions -> eco_plans (plan_key));
 diesel::allow_tables_to_appear_in_same_query!(eco_plan_versions, eco_plans);
+diesel::allow_tables_to_appear_in_same_query!(eco_meter_usage, eco_users);

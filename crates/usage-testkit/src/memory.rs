@@ -14,7 +14,7 @@ use usage_core::repo::{
     AdminAuditEntry, AdminRepository, ApiKeyRecord, ApiKeyRepository, ChargeStatus, DailyUsage,
     DailyUsageRepository, DayTotal, DeadLetter, DeletedKeys, EndpointCount, EndpointStats,
     EventOutcome, EventsAfter, IncludedCalls, KeyIssue, KeyRetirement, LeaseTerms, MeterEvent,
-    MeterUsageRepository, NewOverageCharge, OverageCharge, OverageChargeRepository,
+    MeterUsageRepository, MeterUser, NewOverageCharge, OverageCharge, OverageChargeRepository,
     OverageLedgerEntry, PeriodUsage, PlanRepository, PlanVersion, QuotaCounterRepository,
     QuotaDelta, QuotaTake, RecordOutcome, SessionRepository, Subscription, SubscriptionChange,
     SubscriptionOutcome, TOP_ENDPOINTS, UninvoicedOverage, UsagePrune, UsageRecord,
@@ -1876,6 +1876,32 @@ impl MeterUsageRepository for MemoryStore {
             .filter(|((u, m, d), _)| u == user_id && m == meter && (from..=to).contains(d))
             .map(|((_, _, d), q)| (*d, *q))
             .collect())
+    }
+
+    async fn top_meter_users(
+        &self,
+        meter: &str,
+        period_start: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<MeterUser>, RepoError> {
+        let state = self.state();
+        let mut users: Vec<MeterUser> = state
+            .meter_usage
+            .iter()
+            .filter(|((_, start, m), q)| *start == period_start && m == meter && **q > 0)
+            .filter_map(|((user_id, _, _), quantity)| {
+                let user = state.users.get(user_id)?;
+                Some(MeterUser {
+                    user_id: user_id.clone(),
+                    email: user.email.clone(),
+                    plan: user.plan.clone(),
+                    quantity: *quantity,
+                })
+            })
+            .collect();
+        users.sort_by(|a, b| b.quantity.cmp(&a.quantity).then(a.user_id.cmp(&b.user_id)));
+        users.truncate(limit as usize);
+        Ok(users)
     }
 }
 
