@@ -13,6 +13,9 @@
 #   forward   (in BENCH_MODES) forward auth: the same decision and recording asked at
 #             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
 #   forward-alone  (in BENCH_MODES) forward auth, every recorded call dropped
+#   units     (in BENCH_MODES) metered, the handler reporting 1,234 `tokens` with each
+#             response (--bench-report-units; the meter is created first): units checked,
+#             stored with the call, and added to the period's and day's meter usage
 # and prints requests/s, p50, p99, the ratios to bare, the server's own CPU per request
 # (µs, from /proc), and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
@@ -138,6 +141,10 @@ for n in $key_counts; do
       durable) USAGE_SPOOL_DIR="$work/spool" start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       forward) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
       forward-alone) start_server "$work/$mode.log" --bench-discard-usage; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
+      units)
+        printf '[[meters]]\nkey = "tokens"\nname = "Tokens"\nunit = "token"\naggregation = "sum"\n' >"$work/meters.toml"
+        "$bin" plans apply "$work/meters.toml" >/dev/null
+        start_server "$work/$mode.log" --bench-report-units; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
     esac
     stop_server
     rps=$(rps_of "$work/$mode.txt"); p50=$(pct_of "$work/$mode.txt" 50); p99=$(pct_of "$work/$mode.txt" 99)

@@ -275,6 +275,11 @@ pub struct GlobalOptions {
     #[arg(long, hide = true, global = true)]
     pub bench_discard_usage: bool,
 
+    /// Benchmark only: the sample route reports 1,234 units of the meter `tokens` with
+    /// each response, as a handler of a metered AI API would (the meter must exist).
+    #[arg(long, hide = true, global = true)]
+    pub bench_report_units: bool,
+
     /// User ids allowed on the admin endpoints, comma-separated (eco_usr_...).
     #[arg(long, env = "ADMIN_ECO_IDS", default_value = "", global = true,
           value_parser = parse_admin_list)]

@@ -63,6 +63,8 @@ pub struct Config {
     pub bench_unmetered: bool,
     /// Benchmark baseline: recorded calls are dropped, not written.
     pub bench_discard_usage: bool,
+    /// Benchmark: the sample route reports units of `tokens` with each response.
+    pub bench_report_units: bool,
     /// `CRON_SECRET`; the cron endpoints answer 404 without it.
     pub cron_secret: Option<SharedSecret>,
     /// `INGEST_SECRET`; `POST /api/events` answers 404 without it.
@@ -203,6 +205,7 @@ impl Config {
             },
             bench_unmetered: options.bench_unmetered,
             bench_discard_usage: options.bench_discard_usage,
+            bench_report_units: options.bench_report_units,
             cron_secret: shared("CRON_SECRET", &options.cron_secret)?,
             ingest_secret: shared("INGEST_SECRET", &options.ingest_secret)?,
             late_event_days: options.late_event_days,

@@ -172,6 +172,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
     });
     let body_timeout = config.request_body_timeout;
     let unmetered = config.bench_unmetered;
+    let report_units = config.bench_report_units;
     if unmetered {
         tracing::warn!(
             "--bench-unmetered: /api/v1/ping is served WITHOUT key check, quota or tracking"
@@ -202,7 +203,11 @@ pub(crate) async fn serve(config: Config) -> Result<(), ServerError> {
                 // One registry per worker, dropped once the routes are in: the test in
                 // `openapi` reads the same registrations.
                 let metering = (!unmetered).then(|| metering.clone());
-                routes::routes(cfg, &mut Registry::default(), metering, body_timeout)
+                let sample = routes::Sample {
+                    metering,
+                    report_units,
+                };
+                routes::routes(cfg, &mut Registry::default(), sample, body_timeout)
             })
             .default_service(web::to(not_found))
     })

@@ -68,6 +68,12 @@ pub(crate) async fn ping(caller: web::ReqData<Caller>) -> HttpResponse {
     })
 }
 
+/// [`ping`], reporting 1,234 `tokens` with its response (`--bench-report-units`).
+pub(crate) async fn ping_reporting_units(caller: web::ReqData<Caller>) -> HttpResponse {
+    use usage_door::report::ReportUnits;
+    ping(caller).await.report("tokens", 1_234)
+}
+
 pub(crate) async fn ping_unmetered() -> HttpResponse {
     HttpResponse::Ok().json(Ping {
         ok: true,

@@ -7,33 +7,45 @@ use utoipa::Path as _;
 
 use crate::api_types::Registry;
 use crate::body_deadline::BodyDeadline;
-use crate::ops_api::{__path_ping, ping, ping_unmetered};
+use crate::ops_api::{__path_ping, ping, ping_reporting_units, ping_unmetered};
 use crate::state::{method_not_allowed, not_found};
 use crate::{
     admin_api, cron_api, events_api, forward_auth, keys_api, openapi, ops_api, user_api,
     webhooks_api,
 };
 
-/// Every route: the metered API under `/api/v1` (behind `metering`; without it, the bare
-/// route of `--bench-unmetered`), the user, keys, admin, cron and webhook endpoints,
-/// operations and the API description. Each path comes from its handler's OpenAPI
-/// annotation, through `registry`.
+/// How the sample route is served.
+pub(crate) struct Sample {
+    /// The middleware; `None`: the bare route of `--bench-unmetered`.
+    pub(crate) metering: Option<Metering>,
+    /// `--bench-report-units`: the route reports units with each response.
+    pub(crate) report_units: bool,
+}
+
+/// Every route: the metered API under `/api/v1` (as `sample` says), the user, keys, admin,
+/// cron and webhook endpoints, operations and the API description. Each path comes from
+/// its handler's OpenAPI annotation, through `registry`.
 pub(crate) fn routes(
     cfg: &mut web::ServiceConfig,
     registry: &mut Registry,
-    metering: Option<Metering>,
+    sample: Sample,
     body_timeout: std::time::Duration,
 ) {
     // The metered API and forward auth first: they are the hot path, and actix tries the
     // routes in order (a regex for each one with a parameter).
     let ping_path = registry.path_in::<__path_ping>("/api/v1");
-    match metering {
+    let handler = if sample.report_units {
+        web::get().to(ping_reporting_units)
+    } else {
+        web::get().to(ping)
+    };
+    match sample.metering {
         Some(metering) => cfg.service(
             web::scope("/api/v1")
                 .wrap(metering)
                 .service(
                     web::resource(ping_path)
-                        .route(web::get().to(ping))
+                        .route(handler)
                         .default_service(method_not_allowed(registry.allow(&__path_ping::path()))),
                 )
                 .default_service(web::to(not_found)),
@@ -74,7 +86,16 @@ mod tests {
     fn registered_routes_and_documented_operations_are_the_same() {
         let mut registry = Registry::default();
         let _app = actix_web::App::new().configure(|cfg| {
-            routes(cfg, &mut registry, None, std::time::Duration::from_secs(10));
+            let sample = Sample {
+                metering: None,
+                report_units: false,
+            };
+            routes(
+                cfg,
+                &mut registry,
+                sample,
+                std::time::Duration::from_secs(10),
+            );
         });
         let doc = ApiDoc::openapi();
         let mut documented = BTreeSet::new();
