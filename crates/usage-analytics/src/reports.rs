@@ -142,8 +142,13 @@ pub struct ChargeItem {
     /// The period whose overage it bills.
     #[serde(with = "time::serde::rfc3339")]
     pub period_start: OffsetDateTime,
-    /// Overage calls it bills.
+    /// The meter it bills: `api_calls`, or another.
+    pub meter: String,
+    /// Overage calls it bills (0 for another meter).
     pub overage_calls: u64,
+    /// Of the meter's usage in the period, how much it covers: its overage calls, or the
+    /// range of another meter's quantity (included units inside, for the first).
+    pub units: u64,
     /// What it costs.
     pub amount_cents: i64,
     /// `pending` (being sent), `invoiced` (Stripe has the item) or `failed`.
@@ -232,7 +237,13 @@ impl UsageReports {
             .map(|c| ChargeItem {
                 id: c.id,
                 period_start: c.period_start,
-                overage_calls: c.calls_to.saturating_sub(c.calls_from),
+                overage_calls: if c.meter == API_CALLS {
+                    c.calls_to.saturating_sub(c.calls_from)
+                } else {
+                    0
+                },
+                units: c.calls_to.saturating_sub(c.calls_from),
+                meter: c.meter,
                 amount_cents: c.amount_cents,
                 status: charge_status_name(c.status),
                 stripe_invoice_item_id: c.stripe_invoice_item_id,
@@ -260,6 +271,7 @@ impl UsageReports {
             .await?
             .iter()
             .filter(|c| c.period_start == period.start() && c.status == ChargeStatus::Succeeded)
+            .filter(|c| c.meter == API_CALLS)
             .map(|c| c.amount_cents)
             .sum();
         let cost = Cents(line.amount_cents);

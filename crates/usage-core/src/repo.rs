@@ -419,7 +419,8 @@ pub struct PeriodUsage {
     pub api_calls: u64,
     /// Calls stored between the day bounds given.
     pub api_calls_today: u64,
-    /// Cents of the period's succeeded overage charges.
+    /// Cents of the period's succeeded overage charges of calls (other meters' charges
+    /// are not in it).
     pub invoiced_cents: i64,
     /// Each user with at least the calls asked for this period: what they hold and their
     /// calls (the only users whose terms can bill overage, now or at their pace).

@@ -725,17 +725,22 @@ struct InsertedEvent {
     units: Option<String>,
 }
 
-/// The meter reports of the calls of a batch that were stored: one per unit a call took.
-fn unit_reports(inserted: &[InsertedEvent]) -> Vec<MeterReport> {
+/// The meter reports of the calls of a batch that were stored: one per unit a call took,
+/// borrowing the stored text (`tokens=1234;credits=10`) rather than parsing it into owned
+/// units.
+fn unit_reports(inserted: &[InsertedEvent]) -> Vec<MeterReport<'_>> {
     let mut reports = Vec::new();
-    for call in inserted.iter().filter(|c| c.units.is_some()) {
-        let Some(units) = usage_core::event::Units::from_stored(call.units.as_deref()) else {
-            tracing::warn!(user = %call.user_id, units = ?call.units, "unreadable units skipped");
+    for call in inserted {
+        let Some(stored) = call.units.as_deref() else {
             continue;
         };
-        reports.extend(units.iter().map(|(meter, quantity)| MeterReport {
-            user_id: call.user_id.clone(),
-            meter: meter.to_string(),
+        let Some(parsed) = usage_core::event::Units::stored_pairs(stored) else {
+            tracing::warn!(user = %call.user_id, units = stored, "unreadable units skipped");
+            continue;
+        };
+        reports.extend(parsed.into_iter().map(|(meter, quantity)| MeterReport {
+            user_id: &call.user_id,
+            meter,
             at: call.created_at,
             quantity,
         }));
@@ -760,7 +765,7 @@ enum Counted {
 /// `Counted::Here`: the existing admission counters of `count` and `sum` meters take them too.
 async fn add_meter_reports(
     conn: &mut Conn,
-    reports: &[MeterReport],
+    reports: &[MeterReport<'_>],
     distinct: bool,
     counted: Counted,
     now: OffsetDateTime,
@@ -3180,18 +3185,18 @@ impl MeterUsageRepository for This {
                 let reports: Vec<MeterReport> = stored
                     .iter()
                     .map(|e| MeterReport {
-                        user_id: e.user_id.as_str().to_owned(),
-                        meter: e.meter.clone(),
+                        user_id: e.user_id.as_str(),
+                        meter: &e.meter,
                         at: e.created_at,
                         quantity: e.quantity,
                     })
                     .collect();
                 add_meter_reports(conn, &reports, false, Counted::Here, now).await?;
                 let values: Vec<MeterReport> = first_seen
-                    .into_iter()
+                    .iter()
                     .map(|v| MeterReport {
-                        user_id: v.user_id,
-                        meter: v.meter,
+                        user_id: &v.user_id,
+                        meter: &v.meter,
                         at: v.first_seen,
                         quantity: 1,
                     })

@@ -1438,6 +1438,7 @@ impl AdminRepository for MemoryStore {
                 .charges
                 .iter()
                 .filter(|c| c.period_start == period_start && c.status == ChargeStatus::Succeeded)
+                .filter(|c| c.meter == API_CALLS)
                 .map(|c| c.amount_cents)
                 .sum(),
             heavy_users: records()
