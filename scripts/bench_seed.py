@@ -7,6 +7,7 @@ the CLI would start 200,000 processes.
 usage: bench_seed.py URL N [PLAN] > keys.txt
   URL   sqlite://PATH, or postgres://... (loaded with psql's COPY; psql must be on PATH or
         given in $PSQL)
+  SEED_PRINT=users prints the user ids instead of the keys (for the events benchmark).
 """
 
 import hashlib
@@ -92,7 +93,8 @@ def main():
         seed_postgres(url, seeded)
     else:
         sys.exit(f"unsupported URL {url}")
-    sys.stdout.write("".join(r["key"] + "\n" for r in seeded))
+    field = "user" if os.environ.get("SEED_PRINT") == "users" else "key"
+    sys.stdout.write("".join(r[field] + "\n" for r in seeded))
 
 
 if __name__ == "__main__":
