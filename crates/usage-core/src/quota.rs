@@ -430,8 +430,13 @@ impl QuotaBook {
             // Units admitted while the user was on a plan that does not block go in first,
             // so that the lease sees them; a lease left too small for these units is held
             // out, and goes with the new one.
-            let add = slot.pending.swap(0, Ordering::AcqRel);
             let held = slot.unspent.swap(0, Ordering::AcqRel);
+            if held >= units {
+                // Given back since the check above (a call refused by another meter).
+                slot.unspent.fetch_add(held - units, Ordering::AcqRel);
+                return Ok(QuotaDecision::Admitted(status(slot.used())));
+            }
+            let add = slot.pending.swap(0, Ordering::AcqRel);
             let lease = LeaseTerms {
                 cap: Some(limit),
                 max: self.settings.lease_max.max(1),
