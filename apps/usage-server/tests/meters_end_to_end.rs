@@ -5,8 +5,8 @@
 //! the Stripe item) agrees to the unit, a replayed batch changes nothing, and the tokens
 //! limit refuses the next call naming `tokens`.
 //!
-//! Handlers reporting units through the actix middleware and the tower layer are in
-//! `usage-door`'s tests (`middleware.rs`, `tower_layer.rs`).
+//! Handlers report tokens through both embedded doors on the same database: an actix-web
+//! app behind `usage-embed`'s middleware and an axum router behind its tower layer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[macro_use]
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use common::{Backend, Db, eventually, token};
 use serde_json::{Value, json};
+use usage_embed::{ReportUnits, UsageMeter, UsageOptions};
 use usage_fake_stripe::{FakeStripe, SECRET as STRIPE_KEY};
 
 const INGEST: &str = "ingest-secret-ingest-secret-0123456789";
@@ -90,6 +91,82 @@ fn meter_line<'a>(current: &'a Value, meter: &str) -> &'a Value {
         .unwrap()
 }
 
+/// An axum router behind `usage-embed`'s tower layer on `url`, whose `POST /v1/generate`
+/// reports 1,000 tokens; its base URL, and the task ending with the meter's shutdown.
+async fn start_axum(
+    url: &str,
+) -> (
+    String,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    async fn generate() -> axum::response::Response {
+        use axum::response::IntoResponse;
+        "generated".into_response().report("tokens", 1_000)
+    }
+    let usage = UsageMeter::start(url, UsageOptions::default())
+        .await
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/v1/generate", axum::routing::post(generate))
+        .layer(usage.layer());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        usage.shutdown().await;
+    });
+    (base, task, stop)
+}
+
+/// An actix-web app behind `usage-embed`'s middleware on `url`, in its own thread and
+/// runtime, whose `POST /v1/generate` reports 2,000 tokens; its base URL, the thread
+/// (ending with the meter's shutdown) and the server's handle.
+fn start_actix(
+    url: &str,
+) -> (
+    String,
+    std::thread::JoinHandle<()>,
+    actix_web::dev::ServerHandle,
+) {
+    async fn generate() -> actix_web::HttpResponse {
+        actix_web::HttpResponse::Ok()
+            .body("generated")
+            .report("tokens", 2_000)
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let url = url.to_owned();
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let usage = UsageMeter::start(&url, UsageOptions::default())
+                .await
+                .unwrap();
+            let metering = usage.actix();
+            let server = actix_web::HttpServer::new(move || {
+                actix_web::App::new()
+                    .wrap(metering.clone())
+                    .route("/v1/generate", actix_web::web::post().to(generate))
+            })
+            .workers(1)
+            .listen(listener)
+            .unwrap()
+            .run();
+            handle_tx.send(server.handle()).unwrap();
+            server.await.unwrap();
+            usage.shutdown().await;
+        });
+    });
+    (base, thread, handle_rx.recv().unwrap())
+}
+
 async fn every_figure_agrees_to_the_unit(backend: Backend) {
     let db = Db::new(backend);
     let catalog = db.dir.0.join("catalog.toml");
@@ -120,6 +197,29 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
     for _ in 0..CALLS {
         assert_eq!(server.ping(&key).await.status(), 200);
     }
+    // Handlers of the same API in two frameworks report the tokens they used.
+    let (axum_base, axum_task, axum_stop) = start_axum(&db.url).await;
+    let (actix_base, actix_thread, actix_server) = start_actix(&db.url);
+    for base in [&axum_base, &actix_base] {
+        let res = reqwest::Client::new()
+            .post(format!("{base}/v1/generate"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{base}");
+        assert!(
+            res.headers()["ratelimit-policy"]
+                .to_str()
+                .unwrap()
+                .contains(r#""tokens";q=100000"#)
+        );
+    }
+    let _ = axum_stop.send(());
+    axum_task.await.unwrap();
+    actix_server.stop(true).await;
+    actix_thread.join().unwrap();
+    let reported_tokens = 3_000;
     // 10 batches of 1,000 events, then the first 5 again: half of them twice.
     let batches: Vec<Vec<Value>> = (0..10)
         .map(|b| {
@@ -155,6 +255,11 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
         meter_line(&current, "credits")["used"] == credits
     })
     .await;
+    assert_eq!(
+        meter_line(&current, "tokens")["used"],
+        reported_tokens,
+        "{current}"
+    );
     let line = meter_line(&current, "credits");
     // 10,200 credits: 9,200 past the 1,000 included; 2,000 at 0.1 ¢ = 200 ¢, 7,200 at
     // 0.05 ¢ = 360 ¢.
@@ -170,7 +275,7 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
     assert_eq!(summed, credits, "{history}");
 
     // The events list: every call with its 10 credits, every event once.
-    let (mut calls, mut events, mut units) = (0u64, 0u64, 0u64);
+    let (mut calls, mut events, mut units, mut tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut cursor: Option<String> = None;
     loop {
         let path = match &cursor {
@@ -182,7 +287,8 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
             match item["kind"].as_str().unwrap() {
                 "call" => {
                     calls += 1;
-                    units += item["units"]["credits"].as_u64().unwrap();
+                    units += item["units"]["credits"].as_u64().unwrap_or(0);
+                    tokens += item["units"]["tokens"].as_u64().unwrap_or(0);
                 }
                 "event" => {
                     events += 1;
@@ -196,7 +302,10 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
             None => break,
         }
     }
-    assert_eq!((calls, events, units), (CALLS, EVENTS, credits));
+    assert_eq!(
+        (calls, events, units, tokens),
+        (CALLS + 2, EVENTS, credits, reported_tokens)
+    );
 
     // The dashboard's panel.
     let cookie = common::sign_in(&db, &server, &ada).await;
