@@ -195,6 +195,16 @@ async fn meters_limit_calls_at_the_door(backend: Backend) {
     // Ada's 20 credits are the most (Bob has 10 or 20, as his calls before the refusal).
     assert_eq!(top["items"][0]["quantity"], 20, "{top}");
     assert_eq!(top["items"].as_array().unwrap().len(), 1, "{top}");
+    // The same on the admin dashboard's meters page.
+    let cookie = common::sign_in(&db, &server, &admin).await;
+    let page = server.page("/dashboard/admin/meters", &cookie).await;
+    let tokens_top = page
+        .split("data-meter=\"tokens\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .unwrap_or_default();
+    assert!(tokens_top.contains("bob@example.com"), "{page}");
+    assert!(tokens_top.contains("data-value=\"1200\""), "{page}");
     let client = reqwest::Client::new();
     for (path, status) in [
         ("/api/admin/meters/nope/top", 404),

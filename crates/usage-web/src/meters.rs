@@ -10,6 +10,7 @@ use usage_core::catalog::from_json;
 use usage_core::meter::{Aggregation, Meter, MeterRevision, RouteCosts};
 
 use crate::admin::{admin_nav_then, admin_page};
+use crate::chart::group;
 use crate::layout::{Nav, csrf_field, page};
 use crate::plans::form_note;
 use crate::{Dashboard, Viewer, check_form, page_response, see_other};
@@ -26,6 +27,11 @@ pub(crate) async fn meters(req: HttpRequest, dash: web::Data<Dashboard>) -> Http
     admin_page(&req, &dash, String::new(), async |viewer: Viewer| {
         let meters = dash.plans.meters().await?;
         let costs = dash.plans.costs().await?;
+        // Who used the most of each meter this period: five each.
+        let mut tops = Vec::new();
+        for m in meters.iter() {
+            tops.push((m.clone(), dash.admin.top_by_meter(&m.key, 5).await?));
+        }
         let costs_json = serde_json::to_string_pretty(&costs).unwrap_or_default();
         let body = html! {
             div.scroll {
@@ -48,6 +54,27 @@ pub(crate) async fn meters(req: HttpRequest, dash: web::Data<Dashboard>) -> Http
                                         label.visually-hidden for={ "unit-" (m.key) } { "Unit of " (m.key) }
                                         input id={ "unit-" (m.key) } name="unit" value=(m.unit) maxlength="40" required;
                                         button type="submit" { "Save" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            section aria-labelledby="top-users" {
+                h2 #top-users { "Most used this period" }
+                @for (m, top) in &tops {
+                    section.top-meter data-meter=(m.key) aria-labelledby={ "top-" (m.key) } {
+                        h3 id={ "top-" (m.key) } { (m.name) }
+                        @if top.items.is_empty() {
+                            p.empty { "No usage this period." }
+                        } @else {
+                            ol {
+                                @for u in &top.items {
+                                    li {
+                                        a href={ "/dashboard/admin/users/" (u.user_id) } { (u.email) }
+                                        " (" (u.plan) "): "
+                                        span.quantity data-value=(u.quantity) { (group(u.quantity)) " " (m.unit) }
                                     }
                                 }
                             }
