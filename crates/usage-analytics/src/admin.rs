@@ -517,18 +517,7 @@ impl AdminReports {
             accrued_cents = accrued_cents.saturating_add(now_cents);
             forecast_cents = forecast_cents.saturating_add(at_pace_cents.max(now_cents));
         }
-        let (_, top) = self
-            .store
-            .users_page(&UserPageQuery {
-                period_start: period.start(),
-                plan: None,
-                search: None,
-                sort: UserSort::ApiCalls,
-                descending: true,
-                offset: 0,
-                limit: 5,
-            })
-            .await?;
+        let top = self.top_by_meter(API_CALLS, 5).await?.items;
         Ok(AdminOverview {
             users,
             mrr_cents,
@@ -539,13 +528,11 @@ impl AdminReports {
             api_calls_this_month: usage.api_calls,
             top_users: top
                 .into_iter()
-                // A user without calls is not among the heaviest.
-                .filter(|r| r.api_calls > 0)
-                .map(|r| TopUser {
-                    user_id: r.user.id,
-                    email: r.user.email,
-                    plan: r.user.plan,
-                    api_calls: r.api_calls,
+                .map(|u| TopUser {
+                    user_id: u.user_id,
+                    email: u.email,
+                    plan: u.plan,
+                    api_calls: u.quantity,
                 })
                 .collect(),
             period_start: period.start(),
@@ -575,6 +562,7 @@ impl AdminReports {
                 })
                 .await?;
             rows.into_iter()
+                // A user without calls is not among the heaviest.
                 .filter(|r| r.api_calls > 0)
                 .map(|r| TopMeterUser {
                     user_id: r.user.id,
