@@ -52,6 +52,20 @@ fn json_config() -> web::JsonConfig {
         .error_handler(|err, _req| ApiError::from(err).into())
 }
 
+/// A JSON body that must be an object: serde reads a struct from an array as well
+/// (`[null]` was a key named `default`).
+pub(crate) struct Object<T>(T);
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        T::deserialize(serde_json::Value::Object(map))
+            .map(Object)
+            .map_err(D::Error::custom)
+    }
+}
+
 /// `POST /api/keys`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -149,10 +163,11 @@ pub(crate) struct KeyList {
 pub(crate) async fn create(
     user: AuthenticatedUser,
     state: web::Data<AppState>,
-    body: web::Json<CreateKey>,
+    body: web::Json<Object<CreateKey>>,
 ) -> Result<HttpResponse, ApiError> {
     let name = body
         .into_inner()
+        .0
         .name
         .unwrap_or_else(|| "default".to_owned());
     let issued = state.keys.issue(&user.0, &name).await?;
@@ -237,9 +252,9 @@ fn rotation_grace(body: &[u8]) -> Result<u64, ApiError> {
         return Ok(0);
     }
     // `null` is no body too (the body is optional).
-    let parsed: Option<RotateKey> = serde_json::from_slice(body)
+    let parsed: Option<Object<RotateKey>> = serde_json::from_slice(body)
         .map_err(|e| ApiError::from(actix_web::error::JsonPayloadError::Deserialize(e)))?;
-    match parsed.and_then(|p| p.grace_secs) {
+    match parsed.and_then(|p| p.0.grace_secs) {
         None => Ok(0),
         Some(value) => value.as_u64().ok_or_else(|| {
             ApiError::from(usage_auth::AuthError::InvalidGrace {

@@ -358,6 +358,13 @@ async fn key_requests_are_validated(backend: Backend) {
             "invalid type",
         ),
         (
+            "an array, which serde would read as the fields in order",
+            "[null]".into(),
+            "application/json",
+            400,
+            "invalid type",
+        ),
+        (
             "wrong content type",
             r#"{"name":"ci"}"#.into(),
             "text/plain",
@@ -753,6 +760,7 @@ async fn rotation_with_a_grace_period(backend: Backend) {
             "grace_secs must be between 0 and 86400",
         ),
         (r#"{"grace": 10}"#, "unknown field"),
+        ("[3600]", "invalid type"),
         ("not json", "invalid_body"),
     ] {
         let res = rotate(body).await.unwrap();
