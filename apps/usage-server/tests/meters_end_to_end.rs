@@ -192,6 +192,8 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
         ("STRIPE_API_BASE", stripe_base.as_str()),
         ("QUOTA_SYNC_MS", "100"),
         ("USAGE_FLUSH_INTERVAL_MS", "100"),
+        // Ada runs the business too: she reads the overview.
+        ("ADMIN_ECO_IDS", ada.as_str()),
     ]);
 
     for _ in 0..CALLS {
@@ -350,6 +352,44 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
     assert_eq!(stripe.created().len(), 1);
     let current = server.get_json("/api/usage/current", &token(&ada)).await;
     assert_eq!(meter_line(&current, "credits")["used"], credits);
+    // The reconciliation and the overview count the same cents.
+    let reconciliation: Value = reqwest::Client::new()
+        .get(server.url("/api/cron/overage-reconciliation"))
+        .bearer_auth(CRON)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reconciliation["drift"], 0, "{reconciliation}");
+    let items = reconciliation["items"].as_array().unwrap();
+    let line = items
+        .iter()
+        .find(|i| i["meter"] == "credits")
+        .unwrap_or_else(|| panic!("{reconciliation}"));
+    assert_eq!(
+        (
+            line["overage_calls"].clone(),
+            line["charged_calls"].clone(),
+            line["charged_cents"].clone(),
+            line["expected_cents"].clone(),
+            line["status"].clone()
+        ),
+        (
+            json!(credits),
+            json!(credits),
+            json!(560),
+            json!(560),
+            json!("ok")
+        ),
+        "{reconciliation}"
+    );
+    let overview = server
+        .get_json("/api/admin/analytics/overview", &token(&ada))
+        .await;
+    assert_eq!(overview["meter_revenue_cents"], 560, "{overview}");
+    assert_eq!(overview["overage_revenue_cents"], 0, "{overview}");
 
     // 100,000 tokens reported by another service: the next call is refused naming them.
     let tokens: Vec<Value> = (0..4)

@@ -88,8 +88,10 @@ pub struct AdminOverview {
     /// Monthly recurring revenue: every user's effective monthly price (their plan
     /// version's, or their own).
     pub mrr_cents: i64,
-    /// Overage of this period already invoiced.
+    /// Overage calls of this period already invoiced.
     pub overage_revenue_cents: i64,
+    /// Other meters' usage of this period already invoiced.
+    pub meter_revenue_cents: i64,
     /// Overage of this period accrued and not invoiced yet.
     pub overage_uninvoiced_cents: i64,
     /// Overage of this period at its end if each user keeps their pace so far: a user's
@@ -522,6 +524,7 @@ impl AdminReports {
             users,
             mrr_cents,
             overage_revenue_cents: usage.invoiced_cents,
+            meter_revenue_cents: usage.meters_invoiced_cents,
             overage_uninvoiced_cents: accrued_cents.saturating_sub(usage.invoiced_cents).max(0),
             overage_forecast_cents: forecast_cents,
             api_calls_today: usage.api_calls_today,

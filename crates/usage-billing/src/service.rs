@@ -164,7 +164,8 @@ pub struct Reconciliation {
     /// Counters and ledger totals.
     #[serde(flatten)]
     pub entry: OverageLedgerEntry,
-    /// Overage calls not invoiced yet (billed by the next run).
+    /// Overage calls (another meter's units) not invoiced yet: billed by the next run
+    /// (a meter's once they cost more than was billed, or when the period ends).
     pub uninvoiced_calls: u64,
     /// What the invoiced calls cost under the terms the user holds for the period.
     pub expected_cents: i64,
@@ -420,10 +421,12 @@ impl OverageService {
             .collect())
     }
 
-    /// Every user and period with overage or charges, and whatever does not add up:
-    /// invoiced calls that differ from the succeeded charges, invoiced beyond the overage,
-    /// and, for a user whose terms did not change during the period or since, charged cents
-    /// that differ from what the invoiced calls cost under those terms.
+    /// Every user, period and meter with overage or charges, and whatever does not add up:
+    /// invoiced calls (units) that differ from the succeeded charges, invoiced beyond the
+    /// overage (quantity), and, for a user whose terms for the meter did not change during
+    /// the period or since, charged cents that differ from what the invoiced calls (units)
+    /// cost under those terms. A meter the terms do not price is listed only when it has
+    /// cents, a charge pending or failed, or a problem.
     pub async fn reconcile(&self) -> Result<Vec<Reconciliation>, BillingError> {
         let now = self.clock.now();
         let catalog = self.catalog.current();
@@ -445,7 +448,7 @@ impl OverageService {
         }
         Ok(entries
             .into_iter()
-            .map(|entry| {
+            .filter_map(|entry| {
                 let period = BillingPeriod::containing(entry.period_start);
                 let subscription = users
                     .get(&entry.user_id)
@@ -454,57 +457,89 @@ impl OverageService {
                 let held = subscription
                     .as_ref()
                     .and_then(|s| catalog.effective(s, terms_time(period, now)));
-                // Only the calls' limit prices overage: a version that changed anything
-                // else (or a limit the user's own terms replace) changes nothing here.
-                let calls_limit = |terms: &Option<PlanDefinition>| {
-                    terms.as_ref().and_then(|t| t.limit(API_CALLS)).cloned()
+                // Only the meter's limit prices it: a version that changed anything else
+                // (or a limit the user's own terms replace) changes nothing here.
+                let meter_limit = |terms: &Option<PlanDefinition>| {
+                    terms.as_ref().and_then(|t| t.limit(&entry.meter)).cloned()
                 };
                 let terms_changed = subscription.is_none_or(|s| {
                     changed_since[&entry.period_start].contains(&entry.user_id)
-                        || calls_limit(&catalog.effective(&s, period.start())) != calls_limit(&held)
+                        || meter_limit(&catalog.effective(&s, period.start())) != meter_limit(&held)
                 });
-                let expected_cents = held.as_ref().map_or(0, |terms| {
-                    overage_cents(terms, entry.overage_invoiced_calls)
-                });
+                let (expected_cents, (unit, units)) = if entry.meter == API_CALLS {
+                    let cents = held.as_ref().map_or(0, |terms| {
+                        overage_cents(terms, entry.overage_invoiced_calls)
+                    });
+                    (cents, ("call(s)", "calls"))
+                } else {
+                    let cents = held.as_ref().map_or(0, |terms| {
+                        meter_cost(terms, &entry.meter, entry.overage_invoiced_calls)
+                    });
+                    (cents, ("unit(s)", "units"))
+                };
                 let mut problems = Vec::new();
                 if entry.charged_calls != entry.overage_invoiced_calls {
                     problems.push(format!(
-                        "{} call(s) invoiced but succeeded charges cover {}",
+                        "{} {unit} invoiced but succeeded charges cover {}",
                         entry.overage_invoiced_calls, entry.charged_calls
                     ));
                 }
                 if !terms_changed && entry.charged_cents != expected_cents {
                     problems.push(format!(
-                        "charged {} cent(s) where the invoiced calls cost {expected_cents}",
+                        "charged {} cent(s) where the invoiced {units} cost {expected_cents}",
                         entry.charged_cents
                     ));
                 }
                 if entry.overage_invoiced_calls > entry.overage_calls && !terms_changed {
+                    let what = if entry.meter == API_CALLS {
+                        "overage"
+                    } else {
+                        "used"
+                    };
                     problems.push(format!(
-                        "{} call(s) invoiced but only {} overage",
+                        "{} {unit} invoiced but only {} {what}",
                         entry.overage_invoiced_calls, entry.overage_calls
                     ));
                 }
                 let uninvoiced_calls = entry
                     .overage_calls
                     .saturating_sub(entry.overage_invoiced_calls);
+                // A meter's units not invoiced yet are billed by the next run once they
+                // cost more than was billed, or when the period ends.
+                let bills_more = entry.meter == API_CALLS
+                    || period.end() <= now
+                    || held.as_ref().is_some_and(|t| {
+                        meter_cost(t, &entry.meter, entry.overage_calls) > expected_cents
+                    });
+                // A meter the terms do not price, with no cents and nothing wrong, is no
+                // money to reconcile (its period is settled at 0 cents when it ends).
+                let priced = held.as_ref().is_some_and(|t| bills(t, &entry.meter));
+                if entry.meter != API_CALLS
+                    && !priced
+                    && problems.is_empty()
+                    && entry.charged_cents == 0
+                    && entry.pending_charges == 0
+                    && entry.failed_charges == 0
+                {
+                    return None;
+                }
                 let status = if !problems.is_empty() {
                     "drift"
                 } else if entry.pending_charges > 0 {
                     "pending"
-                } else if uninvoiced_calls > 0 {
+                } else if uninvoiced_calls > 0 && bills_more {
                     "uninvoiced"
                 } else {
                     "ok"
                 };
-                Reconciliation {
+                Some(Reconciliation {
                     entry,
                     uninvoiced_calls,
                     expected_cents,
                     terms_changed,
                     status,
                     problems,
-                }
+                })
             })
             .collect())
     }

@@ -924,6 +924,66 @@ async fn metered_usage_is_billed_per_meter_once_with_late_events_in_their_period
     let last = service.process_all(RunMode::Live).await.unwrap();
     assert_eq!(last.amount_cents, 0, "{last:?}");
     assert_eq!(billing.stripe.received().len(), 3, "nothing billed twice");
+
+    // The reconciliation covers the meter: each period of credits adds up; tokens, which
+    // the terms block and do not price, are no money and are left out.
+    let rows = |reconciliation: &[usage_billing::Reconciliation]| {
+        reconciliation
+            .iter()
+            .map(|r| {
+                (
+                    r.entry.meter.clone(),
+                    r.entry.period_start,
+                    r.entry.overage_calls,
+                    r.entry.charged_calls,
+                    r.entry.charged_cents,
+                    r.expected_cents,
+                    r.status,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let reconciliation = service.reconcile().await.unwrap();
+    assert_eq!(
+        rows(&reconciliation),
+        [
+            ("credits".to_owned(), oct, 150, 150, 50, 50, "ok"),
+            ("credits".to_owned(), nov, 200, 200, 75, 75, "ok"),
+        ],
+        "{reconciliation:?}"
+    );
+    // A charge recorded by hand beyond the quantity, at the wrong price: drift, said twice.
+    let stray = store
+        .create_overage_charge(&NewOverageCharge {
+            user_id: a.0.clone(),
+            period_start: nov,
+            meter: "credits".to_owned(),
+            calls_from: 200,
+            calls_to: 210,
+            amount_cents: 9,
+            idempotency_key: "stray".to_owned(),
+            created_at: NOW + Duration::hours(5),
+        })
+        .await
+        .unwrap();
+    store
+        .complete_overage_charge(stray.id, Some("ii_stray"), NOW + Duration::hours(5))
+        .await
+        .unwrap();
+    let reconciliation = service.reconcile().await.unwrap();
+    let drift = reconciliation
+        .iter()
+        .find(|r| r.entry.period_start == nov)
+        .unwrap();
+    assert_eq!(drift.status, "drift", "{drift:?}");
+    // 210 credits: 50 ¢ + 60 × 0.5 ¢ = 80 ¢ expected; 84 charged.
+    assert_eq!(
+        drift.problems,
+        [
+            "charged 84 cent(s) where the invoiced units cost 80",
+            "210 unit(s) invoiced but only 200 used"
+        ]
+    );
 }
 
 fn tally(run: &usage_billing::BillingSummary) -> (u64, u64, u64, u64, i64) {

@@ -326,7 +326,7 @@ pub struct UninvoicedOverage {
     pub overage_invoiced_calls: u64,
 }
 
-/// One user and period: the counters beside what the charge ledger says.
+/// One user, period and meter: the counters beside what the charge ledger says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OverageLedgerEntry {
@@ -335,11 +335,15 @@ pub struct OverageLedgerEntry {
     /// The period.
     #[serde(with = "time::serde::rfc3339")]
     pub period_start: OffsetDateTime,
-    /// Calls past the limit.
+    /// `api_calls`, or the meter whose quantity the other figures count.
+    pub meter: String,
+    /// Calls past the limit; for another meter, the period's whole quantity (priced
+    /// whole, its `included` inside).
     pub overage_calls: u64,
-    /// What `eco_usage_records` says is invoiced.
+    /// What the counters say is invoiced (`eco_usage_records`, or the meter's
+    /// `eco_meter_usage.invoiced_quantity`).
     pub overage_invoiced_calls: u64,
-    /// Calls covered by succeeded charges.
+    /// Calls (units) covered by succeeded charges.
     pub charged_calls: u64,
     /// Cents of succeeded charges.
     pub charged_cents: i64,
@@ -419,9 +423,10 @@ pub struct PeriodUsage {
     pub api_calls: u64,
     /// Calls stored between the day bounds given.
     pub api_calls_today: u64,
-    /// Cents of the period's succeeded overage charges of calls (other meters' charges
-    /// are not in it).
+    /// Cents of the period's succeeded overage charges of calls.
     pub invoiced_cents: i64,
+    /// Cents of the period's succeeded charges of every other meter.
+    pub meters_invoiced_cents: i64,
     /// Each user with at least the calls asked for this period: what they hold and their
     /// calls (the only users whose terms can bill overage, now or at their pace).
     pub heavy_users: Vec<(Subscription, u64)>,

@@ -228,11 +228,13 @@ pub(crate) fn plan_counts(rows: Vec<(String, i64)>) -> Result<Vec<(Plan, u64)>, 
     Ok(counts)
 }
 
-/// Counters beside the calls' charges of every user and period with overage or charges. Plain
-/// SQL understood by both backends (no FILTER, no GREATEST; sums cast back to BIGINT,
-/// which PostgreSQL would otherwise widen to NUMERIC).
+/// Counters beside the charges of every user, period and meter with overage or charges:
+/// calls from `eco_usage_records`, other meters from `eco_meter_usage`. Plain SQL
+/// understood by both backends (no FILTER, no GREATEST; sums cast back to BIGINT, which
+/// PostgreSQL would otherwise widen to NUMERIC).
 pub(crate) const LEDGER_SQL: &str = "
-    SELECT r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls,
+    SELECT r.user_id, r.period_start, 'api_calls' AS meter,
+           r.overage_calls, r.overage_invoiced_calls,
            CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded'
                                   THEN c.calls_to - c.calls_from END), 0) AS BIGINT)
                AS charged_calls,
@@ -246,7 +248,23 @@ pub(crate) const LEDGER_SQL: &str = "
           AND c.meter = 'api_calls'
     GROUP BY r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls
     HAVING r.overage_calls > 0 OR COUNT(c.id) > 0
-    ORDER BY r.user_id, r.period_start";
+    UNION ALL
+    SELECT m.user_id, m.period_start, m.meter,
+           m.quantity AS overage_calls, m.invoiced_quantity AS overage_invoiced_calls,
+           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded'
+                                  THEN c.calls_to - c.calls_from END), 0) AS BIGINT)
+               AS charged_calls,
+           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded' THEN c.amount_cents END), 0)
+                AS BIGINT) AS charged_cents,
+           COUNT(CASE WHEN c.status = 'pending' THEN 1 END) AS pending_charges,
+           COUNT(CASE WHEN c.status = 'failed' THEN 1 END) AS failed_charges
+    FROM eco_meter_usage m
+    LEFT JOIN eco_overage_charges c
+           ON c.user_id = m.user_id AND c.period_start = m.period_start
+          AND c.meter = m.meter
+    GROUP BY m.user_id, m.period_start, m.meter, m.quantity, m.invoiced_quantity
+    HAVING m.quantity > m.invoiced_quantity OR COUNT(c.id) > 0
+    ORDER BY 1, 2, 3";
 
 /// The numeric columns of [`LEDGER_SQL`].
 #[derive(diesel::QueryableByName)]
@@ -270,10 +288,12 @@ impl LedgerCounts {
         self,
         user_id: UserId,
         period_start: time::OffsetDateTime,
+        meter: String,
     ) -> usage_core::repo::OverageLedgerEntry {
         usage_core::repo::OverageLedgerEntry {
             user_id,
             period_start,
+            meter,
             overage_calls: to_u64(self.overage_calls),
             overage_invoiced_calls: to_u64(self.overage_invoiced_calls),
             charged_calls: to_u64(self.charged_calls),
@@ -458,11 +478,15 @@ pub(crate) mod admin_sql {
         SELECT CAST(COALESCE(SUM(api_calls), 0) AS BIGINT) AS n
         FROM eco_usage_records WHERE period_start = $1";
 
-    /// Cents of the period's succeeded overage charges. `$1` period start.
+    /// Cents of the period's succeeded charges: of calls (`calls`) and of every other
+    /// meter (`meters`). `$1` period start.
     pub(crate) const PERIOD_INVOICED_CENTS: &str = "
-        SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) AS n
+        SELECT CAST(COALESCE(SUM(CASE WHEN meter = 'api_calls' THEN amount_cents END), 0)
+                    AS BIGINT) AS calls,
+               CAST(COALESCE(SUM(CASE WHEN meter <> 'api_calls' THEN amount_cents END), 0)
+                    AS BIGINT) AS meters
         FROM eco_overage_charges
-        WHERE period_start = $1 AND status = 'succeeded' AND meter = 'api_calls'";
+        WHERE period_start = $1 AND status = 'succeeded'";
 
     /// The users with at least `$2` calls in the period starting `$1`, with what they hold:
     /// an index range on the records (period, calls).

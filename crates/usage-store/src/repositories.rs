@@ -2130,14 +2130,19 @@ struct LedgerRow {
     user_id: String,
     #[diesel(sql_type = Stamp)]
     period_start: OffsetDateTime,
+    #[diesel(sql_type = Text)]
+    meter: String,
     #[diesel(embed)]
     counts: LedgerCounts,
 }
 
 impl LedgerRow {
     fn into_domain(self) -> OverageLedgerEntry {
-        self.counts
-            .into_entry(UserId::from_stored(self.user_id), self.period_start)
+        self.counts.into_entry(
+            UserId::from_stored(self.user_id),
+            self.period_start,
+            self.meter,
+        )
     }
 }
 
@@ -2407,7 +2412,14 @@ impl AdminRepository for This {
             .get_result(&mut *conn)
             .await
             .map_err(db("usage record"))?;
-        let invoiced: CountRow = query(admin_sql::PERIOD_INVOICED_CENTS)
+        #[derive(QueryableByName)]
+        struct InvoicedRow {
+            #[diesel(sql_type = BigInt)]
+            calls: i64,
+            #[diesel(sql_type = BigInt)]
+            meters: i64,
+        }
+        let invoiced: InvoicedRow = query(admin_sql::PERIOD_INVOICED_CENTS)
             .bind::<Stamp, _>(period_start)
             .get_result(&mut *conn)
             .await
@@ -2421,7 +2433,8 @@ impl AdminRepository for This {
         Ok(PeriodUsage {
             api_calls: to_u64(period_calls.n),
             api_calls_today: to_u64(today_calls.n),
-            invoiced_cents: invoiced.n,
+            invoiced_cents: invoiced.calls,
+            meters_invoiced_cents: invoiced.meters,
             heavy_users: heavy
                 .into_iter()
                 .map(HeavyUserRow::into_domain)

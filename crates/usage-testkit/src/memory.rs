@@ -1218,35 +1218,57 @@ impl OverageChargeRepository for MemoryStore {
 
     async fn overage_ledger(&self) -> Result<Vec<OverageLedgerEntry>, RepoError> {
         let state = self.state();
-        let mut entries: BTreeMap<(UserId, OffsetDateTime), OverageLedgerEntry> = BTreeMap::new();
-        let empty = |user_id: &UserId, period_start| OverageLedgerEntry {
-            user_id: user_id.clone(),
-            period_start,
-            overage_calls: 0,
-            overage_invoiced_calls: 0,
-            charged_calls: 0,
-            charged_cents: 0,
-            pending_charges: 0,
-            failed_charges: 0,
+        let mut entries: BTreeMap<(UserId, OffsetDateTime, String), OverageLedgerEntry> =
+            BTreeMap::new();
+        // The counters of a user, period and meter: (overage or quantity, invoiced).
+        let counters = |user_id: &UserId, period_start: OffsetDateTime, meter: &str| {
+            if meter == API_CALLS {
+                state
+                    .records
+                    .get(&(user_id.clone(), period_start))
+                    .map_or((0, 0), |r| (r.overage_calls, r.overage_invoiced_calls))
+            } else {
+                let key = (user_id.clone(), period_start, meter.to_owned());
+                (
+                    state.meter_usage.get(&key).copied().unwrap_or(0),
+                    state.meter_invoiced.get(&key).copied().unwrap_or(0),
+                )
+            }
         };
-        for r in state.records.values().filter(|r| r.overage_calls > 0) {
-            let entry = entries
-                .entry((r.user_id.clone(), r.period_start))
-                .or_insert_with(|| empty(&r.user_id, r.period_start));
-            entry.overage_calls = r.overage_calls;
-            entry.overage_invoiced_calls = r.overage_invoiced_calls;
+        let empty = |user_id: &UserId, period_start, meter: &str| {
+            let (overage, invoiced) = counters(user_id, period_start, meter);
+            OverageLedgerEntry {
+                user_id: user_id.clone(),
+                period_start,
+                meter: meter.to_owned(),
+                overage_calls: overage,
+                overage_invoiced_calls: invoiced,
+                charged_calls: 0,
+                charged_cents: 0,
+                pending_charges: 0,
+                failed_charges: 0,
+            }
+        };
+        let calls = state
+            .records
+            .values()
+            .filter(|r| r.overage_calls > 0)
+            .map(|r| (r.user_id.clone(), r.period_start, API_CALLS.to_owned()));
+        let meters = state
+            .meter_usage
+            .iter()
+            .filter(|(key, quantity)| {
+                **quantity > state.meter_invoiced.get(*key).copied().unwrap_or(0)
+            })
+            .map(|(key, _)| key.clone());
+        for (user_id, period_start, meter) in calls.chain(meters) {
+            let entry = empty(&user_id, period_start, &meter);
+            entries.insert((user_id, period_start, meter), entry);
         }
-        for c in state.charges.iter().filter(|c| c.meter == API_CALLS) {
+        for c in &state.charges {
             let entry = entries
-                .entry((c.user_id.clone(), c.period_start))
-                .or_insert_with(|| {
-                    let mut entry = empty(&c.user_id, c.period_start);
-                    if let Some(r) = state.records.get(&(c.user_id.clone(), c.period_start)) {
-                        entry.overage_calls = r.overage_calls;
-                        entry.overage_invoiced_calls = r.overage_invoiced_calls;
-                    }
-                    entry
-                });
+                .entry((c.user_id.clone(), c.period_start, c.meter.clone()))
+                .or_insert_with(|| empty(&c.user_id, c.period_start, &c.meter));
             match c.status {
                 ChargeStatus::Succeeded => {
                     entry.charged_calls += c.calls_to - c.calls_from;
@@ -1427,6 +1449,12 @@ impl AdminRepository for MemoryStore {
                 .values()
                 .filter(|r| r.period_start == period_start)
         };
+        let succeeded = || {
+            state
+                .charges
+                .iter()
+                .filter(|c| c.period_start == period_start && c.status == ChargeStatus::Succeeded)
+        };
         Ok(PeriodUsage {
             api_calls: records().map(|r| r.api_calls).sum(),
             api_calls_today: state
@@ -1434,11 +1462,12 @@ impl AdminRepository for MemoryStore {
                 .iter()
                 .filter(|e| e.created_at >= today.0 && e.created_at < today.1)
                 .count() as u64,
-            invoiced_cents: state
-                .charges
-                .iter()
-                .filter(|c| c.period_start == period_start && c.status == ChargeStatus::Succeeded)
+            invoiced_cents: succeeded()
                 .filter(|c| c.meter == API_CALLS)
+                .map(|c| c.amount_cents)
+                .sum(),
+            meters_invoiced_cents: succeeded()
+                .filter(|c| c.meter != API_CALLS)
                 .map(|c| c.amount_cents)
                 .sum(),
             heavy_users: records()

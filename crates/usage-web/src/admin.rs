@@ -97,6 +97,7 @@ pub(crate) async fn overview(req: HttpRequest, dash: web::Data<Dashboard>) -> Ht
                 } }
                 div { dt { "MRR" } dd #mrr data-value=(o.mrr_cents) { (money(Cents(o.mrr_cents))) } }
                 div { dt { "Overage invoiced" } dd { (money(Cents(o.overage_revenue_cents))) } }
+                div { dt { "Metered usage invoiced" } dd #meter-revenue data-value=(o.meter_revenue_cents) { (money(Cents(o.meter_revenue_cents))) } }
                 div { dt { "Overage accrued, not invoiced" } dd { (money(Cents(o.overage_uninvoiced_cents))) } }
                 div { dt { "Overage forecast" } dd { (money(Cents(o.overage_forecast_cents))) } }
                 div { dt { "Calls today" } dd #calls-today data-value=(o.api_calls_today) { (group(o.api_calls_today)) } }
