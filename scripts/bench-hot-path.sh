@@ -14,8 +14,11 @@
 #             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
 #   forward-alone  (in BENCH_MODES) forward auth, every recorded call dropped
 #   units     (in BENCH_MODES) metered, the handler reporting 1,234 `tokens` with each
-#             response (--bench-report-units; the meter is created first): units checked,
-#             stored with the call, and added to the period's and day's meter usage
+#             response (--bench-report-units; the meter is created first, and every user
+#             given their own blocking tokens limit, far above what the run reaches): the
+#             tokens balance checked and taken at the door, a RateLimit item for it,
+#             the units stored with the call and added to the period's and day's usage.
+#             Run it after `metered` (it changes every user's terms).
 # and prints requests/s, p50, p99, the ratios to bare, the server's own CPU per request
 # (µs, from /proc), and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
@@ -92,6 +95,13 @@ stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; }
 metric() { curl -sf "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 # CPU ticks (user + system, every thread) a process has used so far.
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# CPU ticks of every PostgreSQL process so far (0 on SQLite, which runs in the server).
+db_ticks() {
+  if [ "$backend" != postgres ]; then echo 0; return; fi
+  local total=0 pid
+  for pid in $(pgrep -x postgres); do total=$(( total + $(cpu_ticks "$pid" 2>/dev/null || echo 0) )); done
+  echo "$total"
+}
 seconds_of() { awk -v d="$1" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; print n }'; }
 
 run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api/v1/ping)
@@ -108,8 +118,10 @@ run_wrk() { # $1: port, $2: out file, $3: keys file or "" (bare), $4: path (/api
   ( sleep "$half"; metric usage_tracker_queue_depth >"$2.mid" 2>/dev/null || echo 0 >"$2.mid" ) &
   local sampler=$!
   local cpu_before; cpu_before=$(cpu_ticks "$server_pid")
+  local db_before; db_before=$(db_ticks)
   wrk -t"$threads" -c"$connections" -d"$duration" --latency "${script[@]}" "$url" ${3:+-- "$3"} >"$2"
   echo $(( $(cpu_ticks "$server_pid") - cpu_before )) >"$2.cpu"
+  echo $(( $(db_ticks) - db_before )) >"$2.dbcpu"
   wait "$sampler" || true
   metric usage_tracker_queue_depth >"$2.end" 2>/dev/null || echo 0 >"$2.end"
   metric usage_tracker_queue_full_total >"$2.full" 2>/dev/null || echo 0 >"$2.full"
@@ -127,7 +139,7 @@ rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
 pct_of() { to_ms "$(awk -v p="$2%" '$1 == p {print $2}' "$1")"; }
 
 echo "== $backend, $(nproc) cores, wrk -t$threads -c$connections -d$duration, $plan keys rotated per request"
-printf '%-7s %-13s %11s %8s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "srv us" "q mid" "q end" steady
+printf '%-7s %-13s %11s %8s %8s %8s %8s %8s %8s %8s  %s\n' keys mode "requests/s" "x bare" "p50 ms" "p99 ms" "srv us" "db us" "q mid" "q end" steady
 for n in $key_counts; do
   head -n "$n" "$work/keys.all" >"$work/keys"
   for mode in $modes; do
@@ -144,6 +156,13 @@ for n in $key_counts; do
       units)
         printf '[[meters]]\nkey = "tokens"\nname = "Tokens"\nunit = "token"\naggregation = "sum"\n' >"$work/meters.toml"
         "$bin" plans apply "$work/meters.toml" >/dev/null
+        tokens_terms='{"limits": [{"meter": "tokens", "included": 1000000000000, "over_limit": "block"}]}'
+        if [ "$backend" = postgres ]; then
+          "${psql_cmd[@]}" -c "UPDATE eco_users SET overrides = '$tokens_terms'" >/dev/null
+        else
+          python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("UPDATE eco_users SET overrides = ?", (sys.argv[2],)); c.commit()' \
+            "${DATABASE_URL#sqlite://}" "$tokens_terms"
+        fi
         start_server "$work/$mode.log" --bench-report-units; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
     esac
     stop_server
@@ -161,14 +180,18 @@ for n in $key_counts; do
       non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$mode.txt")
       [ -z "$non2xx" ] || { echo "$mode answered $non2xx non-2xx responses" >&2; exit 1; }
     fi
-    # The server's own CPU per request (µs; wrk, the kernel's share for wrk and the
-    # database are not in it): from its ticks during the measured run.
+    # The server's own CPU per request (µs; wrk and the kernel's share for wrk are not in
+    # it), and PostgreSQL's (SQLite's is the server's): from ticks during the measured run.
     requests=$(awk '/requests in/ { print $1 }' "$work/$mode.txt")
-    srv_us=$(awk -v t="$(cat "$work/$mode.txt.cpu")" -v r="$requests" -v hz="$(getconf CLK_TCK)" \
-      'BEGIN { printf "%.2f", (r > 0 ? t / hz * 1e6 / r : 0) }')
-    printf '%-7s %-13s %11.0f %8.2f %8.3f %8.3f %8s %8s %8s  %s\n' "$n" "$mode" "$rps" \
+    per_request() {
+      awk -v t="$1" -v r="$requests" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { printf "%.2f", (r > 0 ? t / hz * 1e6 / r : 0) }'
+    }
+    srv_us=$(per_request "$(cat "$work/$mode.txt.cpu")")
+    db_us=-; [ "$backend" != postgres ] || db_us=$(per_request "$(cat "$work/$mode.txt.dbcpu")")
+    printf '%-7s %-13s %11.0f %8.2f %8.3f %8.3f %8s %8s %8s %8s  %s\n' "$n" "$mode" "$rps" \
       "$(awk -v a="$rps" -v b="${bare_rps:-$rps}" 'BEGIN { print a / b }')" "$p50" "$p99" \
-      "$srv_us" "${mid:--}" "${end:--}" "$steady"
+      "$srv_us" "$db_us" "${mid:--}" "${end:--}" "$steady"
     if [ "$mode" != bare ] && [ -n "${bare_rps:-}" ]; then
       awk -v l="$mode" -v a50="$p50" -v a99="$p99" -v b50="$bare_p50" -v b99="$bare_p99" \
         'BEGIN { printf "                 %s adds p50 %+.3f ms, p99 %+.3f ms\n", l, a50 - b50, a99 - b99 }'

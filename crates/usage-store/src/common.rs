@@ -715,6 +715,74 @@ pub(crate) fn floor_columns(floors: &[(usage_core::UserId, u64)]) -> (Vec<String
         .unzip()
 }
 
+/// Meter quantities to merge into a per-user table (`eco_meter_usage` by period,
+/// `eco_meter_daily` by day), one vector per column: bound as arrays on PostgreSQL, as
+/// one JSON array on SQLite (no row of JSON objects to build or parse).
+pub(crate) struct MeterRows<'a, K> {
+    pub users: Vec<&'a str>,
+    pub meters: Vec<&'a str>,
+    pub keys: Vec<K>,
+    pub quantities: Vec<i64>,
+}
+
+impl<'a, K> MeterRows<'a, K> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            users: Vec::new(),
+            meters: Vec::new(),
+            keys: Vec::new(),
+            quantities: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, user: &'a str, meter: &'a str, key: K, quantity: i64) {
+        self.users.push(user);
+        self.meters.push(meter);
+        self.keys.push(key);
+        self.quantities.push(quantity);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+/// The key of a [`MeterRows`] after user and meter: a period's start or a UTC day.
+pub(crate) trait MeterKey: Copy {
+    /// Its column.
+    const COLUMN: &'static str;
+    /// The keys, typed for binding.
+    fn keys(keys: &[Self]) -> MeterKeys<'_>;
+    /// As SQLite stores it.
+    fn text(self) -> String;
+}
+
+/// [`MeterKey`]s by type.
+pub(crate) enum MeterKeys<'a> {
+    Periods(&'a [OffsetDateTime]),
+    Days(&'a [time::Date]),
+}
+
+impl MeterKey for OffsetDateTime {
+    const COLUMN: &'static str = "period_start";
+    fn keys(keys: &[Self]) -> MeterKeys<'_> {
+        MeterKeys::Periods(keys)
+    }
+    fn text(self) -> String {
+        crate::types::utc_text(self)
+    }
+}
+
+impl MeterKey for time::Date {
+    const COLUMN: &'static str = "date";
+    fn keys(keys: &[Self]) -> MeterKeys<'_> {
+        MeterKeys::Days(keys)
+    }
+    fn text(self) -> String {
+        self.to_string()
+    }
+}
+
 /// One quantity reported to a meter: a unit a stored call took, an event, or a value a
 /// unique_count meter sees for the first time in its period.
 pub(crate) struct MeterReport<'a> {

@@ -43,10 +43,10 @@ use uuid::Uuid;
 
 use crate::common::{
     BatchError, COUNTERS_BELOW_STORED, CountRow, DAILY_TOTALS, DAY_TOTALS, EndpointStatsRow,
-    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, MeterReport, QuotaTakeRow, StoredCallsRow,
-    TRANSACTION_ATTEMPTS, admin_sql, counter_deltas, dead_letters_json, deleted_keys,
-    distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints, plan_counts,
-    raw_day, session_sql, tally_reports, to_i64, to_u64,
+    FOLD_INTO_DAILY, LEDGER_SQL, LedgerCounts, MeterReport, MeterRows, QuotaTakeRow,
+    StoredCallsRow, TRANSACTION_ATTEMPTS, Tally, admin_sql, counter_deltas, dead_letters_json,
+    deleted_keys, distinct_references, floor_columns, foldable, lease_binds, parse_top_endpoints,
+    plan_counts, raw_day, session_sql, tally_reports, to_i64, to_u64,
 };
 use crate::error::{is_retryable, repo_error};
 use crate::schema::{
@@ -714,38 +714,34 @@ fn upsert_counters_sql(rows: &str) -> String {
     )
 }
 
-/// Who, when and what units of a stored call, as `insert_usage_rows` returns them.
+/// A stored call's id, as `insert_usage_rows` returns it: who, when and what units are
+/// read from the batch in memory rather than sent back by the database.
 #[derive(QueryableByName)]
 struct InsertedEvent {
-    #[diesel(sql_type = Text)]
-    user_id: String,
-    #[diesel(sql_type = Stamp)]
-    created_at: OffsetDateTime,
-    #[diesel(sql_type = Nullable<Text>)]
-    units: Option<String>,
+    #[diesel(sql_type = EventId)]
+    event_id: Uuid,
 }
 
-/// The meter reports of the calls of a batch that were stored: one per unit a call took,
-/// borrowing the stored text (`tokens=1234;credits=10`) rather than parsing it into owned
-/// units.
-fn unit_reports(inserted: &[InsertedEvent]) -> Vec<MeterReport<'_>> {
-    let mut reports = Vec::new();
-    for call in inserted {
-        let Some(stored) = call.units.as_deref() else {
-            continue;
-        };
-        let Some(parsed) = usage_core::event::Units::stored_pairs(stored) else {
-            tracing::warn!(user = %call.user_id, units = stored, "unreadable units skipped");
-            continue;
-        };
-        reports.extend(parsed.into_iter().map(|(meter, quantity)| MeterReport {
-            user_id: &call.user_id,
-            meter,
-            at: call.created_at,
-            quantity,
-        }));
-    }
-    reports
+/// The calls of `events` that were stored, each once (a batch may hold an id twice; the
+/// second was not stored).
+fn stored_events<'a>(events: &'a [UsageEvent], inserted: &[InsertedEvent]) -> Vec<&'a UsageEvent> {
+    let mut ids: std::collections::HashSet<Uuid> = inserted.iter().map(|e| e.event_id).collect();
+    events.iter().filter(|e| ids.remove(&e.event_id)).collect()
+}
+
+/// The meter reports of the stored calls of a batch: one per unit a call took.
+fn unit_reports<'a>(stored: &[&'a UsageEvent]) -> Vec<MeterReport<'a>> {
+    stored
+        .iter()
+        .flat_map(|call| {
+            call.units.iter().map(|(meter, quantity)| MeterReport {
+                user_id: call.user_id.as_str(),
+                meter,
+                at: call.created_at,
+                quantity,
+            })
+        })
+        .collect()
 }
 
 /// Who brings the admission counters (`eco_quota_counters`) up to reported units.
@@ -773,93 +769,108 @@ async fn add_meter_reports(
     if reports.is_empty() {
         return Ok(());
     }
-    let kinds = if distinct {
-        "m.aggregation = 'unique_count'"
-    } else {
-        "m.aggregation <> 'unique_count'"
+    // The meters' aggregations, read here once (a handful of rows) so that each row's
+    // quantity and merge are decided before the statements, not per row in them.
+    let aggregations: Vec<(String, String)> = eco_meters::table
+        .select((eco_meters::key, eco_meters::aggregation))
+        .load(&mut *conn)
+        .await?;
+    // What a tally adds to its meter, and whether it merges by GREATEST (max) rather
+    // than by adding; None for a meter that does not exist or is not of this kind.
+    let added = |meter: &str, t: &Tally| -> Option<(i64, bool)> {
+        let (_, aggregation) = aggregations.iter().find(|(key, _)| key == meter)?;
+        match (aggregation.as_str(), distinct) {
+            ("unique_count", true) | ("count", false) => Some((t.reports, false)),
+            ("sum", false) => Some((t.total, false)),
+            ("max", false) => Some((t.most, true)),
+            _ => None,
+        }
     };
     let (periods, days) = tally_reports(reports);
-    let tally = ("reports", "int8");
-    let columns = [
-        tally,
-        ("total", "int8"),
-        ("most", "int8"),
-        ("user_id", "text"),
-        ("meter", "text"),
-    ];
-    let added = "CASE m.aggregation WHEN 'max' THEN d.most WHEN 'sum' THEN d.total \
-                 ELSE d.reports END";
-    let merged = |table: &str| {
-        format!(
-            "CASE WHEN (SELECT aggregation FROM eco_meters WHERE key = excluded.meter) = 'max'
-                      THEN GREATEST({table}.quantity, excluded.quantity)
-                  WHEN {table}.quantity > {MAX} - excluded.quantity THEN {MAX}
-                  ELSE {table}.quantity + excluded.quantity END",
-            MAX = i64::MAX
-        )
+    // [added, greatest] rows of each table, and the admission counters' (count and sum).
+    let mut period_rows = [MeterRows::new(), MeterRows::new()];
+    let mut counter_rows = MeterRows::new();
+    for ((user, meter, start), tally) in &periods {
+        let Some((quantity, greatest)) = added(meter, tally) else {
+            continue;
+        };
+        period_rows[usize::from(greatest)].push(user, meter, *start, quantity);
+        if counted == Counted::Here && !distinct && !greatest {
+            counter_rows.push(user, meter, *start, quantity);
+        }
+    }
+    let mut day_rows = [MeterRows::new(), MeterRows::new()];
+    for ((user, meter, date), tally) in &days {
+        if let Some((quantity, greatest)) = added(meter, tally) {
+            day_rows[usize::from(greatest)].push(user, meter, *date, quantity);
+        }
+    }
+    let merged = |table: &str, greatest: bool| {
+        if greatest {
+            format!("GREATEST({table}.quantity, excluded.quantity)")
+        } else {
+            format!(
+                "CASE WHEN {table}.quantity > {MAX} - excluded.quantity THEN {MAX}
+                      ELSE {table}.quantity + excluded.quantity END",
+                MAX = i64::MAX
+            )
+        }
     };
-    let period_rows = json_array(periods.iter().map(|((user, meter, start), t)| {
-        serde_json::json!({"user_id": user, "meter": meter, "period_start": utc_text(*start),
-                           "reports": t.reports, "total": t.total, "most": t.most})
-    }));
-    let mut with_start = columns.to_vec();
-    with_start.push(("period_start", "timestamptz"));
-    query(&format!(
-        "INSERT INTO eco_meter_usage (user_id, period_start, meter, quantity, updated_at)
-         SELECT d.user_id, d.period_start, d.meter, {added}, $2
-         FROM {} JOIN eco_meters m ON m.key = d.meter
-         WHERE {kinds}
-         ORDER BY d.user_id, d.period_start, d.meter
-         ON CONFLICT (user_id, period_start, meter) DO UPDATE SET
-             quantity = {},
-             updated_at = excluded.updated_at",
-        json_rows("$1", &with_start),
-        merged("eco_meter_usage")
-    ))
-    .bind::<Text, _>(&period_rows)
-    .bind::<Stamp, _>(now)
-    .execute(&mut *conn)
-    .await?;
-    if counted == Counted::Here {
+    for (greatest, rows) in [false, true].into_iter().zip(&period_rows) {
+        if rows.is_empty() {
+            continue;
+        }
+        let sql = |rows: &str| {
+            format!(
+                "INSERT INTO eco_meter_usage (user_id, period_start, meter, quantity, updated_at)
+                 SELECT d.user_id, d.period_start, d.meter, d.quantity, $1
+                 FROM {rows} WHERE true
+                 ORDER BY d.user_id, d.period_start, d.meter
+                 ON CONFLICT (user_id, period_start, meter) DO UPDATE SET
+                     quantity = {},
+                     updated_at = excluded.updated_at",
+                merged("eco_meter_usage", greatest)
+            )
+        };
+        merge_meter_rows(conn, &sql, now, rows).await?;
+    }
+    if !counter_rows.is_empty() {
         // The admission counters that exist take the same units (those made later start
         // from eco_meter_usage, which has them now), locked in the order syncs lock them.
-        let rows = json_rows("$1", &with_start);
-        query(&format!(
-            "UPDATE eco_quota_counters AS c SET admitted =
-                 CASE WHEN c.admitted > {MAX} - {added} THEN {MAX} ELSE c.admitted + {added} END
-             FROM {rows} JOIN eco_meters m ON m.key = d.meter
-             WHERE c.user_id = d.user_id AND c.period_start = d.period_start
-               AND c.meter = d.meter AND m.aggregation IN ('count', 'sum')
-               AND (SELECT count(*) FROM (
-                     SELECT 1 FROM eco_quota_counters l
-                     JOIN {rows} ON l.user_id = d.user_id AND l.period_start = d.period_start
-                                 AND l.meter = d.meter
-                     ORDER BY l.user_id, l.period_start, l.meter {LOCK_ROWS}) locked) >= 0",
-            MAX = i64::MAX
-        ))
-        .bind::<Text, _>(&period_rows)
-        .execute(&mut *conn)
-        .await?;
+        let sql = |rows: &str| {
+            format!(
+                "UPDATE eco_quota_counters AS c SET admitted =
+                     CASE WHEN c.admitted > {MAX} - d.quantity THEN {MAX}
+                          ELSE c.admitted + d.quantity END
+                 FROM {rows}
+                 WHERE c.user_id = d.user_id AND c.period_start = d.period_start
+                   AND c.meter = d.meter
+                   AND (SELECT count(*) FROM (
+                         SELECT 1 FROM eco_quota_counters l
+                         JOIN {rows} ON l.user_id = d.user_id
+                                     AND l.period_start = d.period_start AND l.meter = d.meter
+                         ORDER BY l.user_id, l.period_start, l.meter {LOCK_ROWS}) locked) >= 0",
+                MAX = i64::MAX
+            )
+        };
+        merge_meter_rows(conn, &sql, now, &counter_rows).await?;
     }
-    let day_rows = json_array(days.iter().map(|((user, meter, date), t)| {
-        serde_json::json!({"user_id": user, "meter": meter, "date": date.to_string(),
-                           "reports": t.reports, "total": t.total, "most": t.most})
-    }));
-    let mut with_date = columns.to_vec();
-    with_date.push(("date", "date"));
-    query(&format!(
-        "INSERT INTO eco_meter_daily (user_id, meter, date, quantity)
-         SELECT d.user_id, d.meter, d.date, {added}
-         FROM {} JOIN eco_meters m ON m.key = d.meter
-         WHERE {kinds}
-         ORDER BY d.user_id, d.meter, d.date
-         ON CONFLICT (user_id, meter, date) DO UPDATE SET quantity = {}",
-        json_rows("$1", &with_date),
-        merged("eco_meter_daily")
-    ))
-    .bind::<Text, _>(day_rows)
-    .execute(conn)
-    .await?;
+    for (greatest, rows) in [false, true].into_iter().zip(&day_rows) {
+        if rows.is_empty() {
+            continue;
+        }
+        let sql = |rows: &str| {
+            format!(
+                "INSERT INTO eco_meter_daily (user_id, meter, date, quantity)
+                 SELECT d.user_id, d.meter, d.date, d.quantity
+                 FROM {rows} WHERE true
+                 ORDER BY d.user_id, d.meter, d.date
+                 ON CONFLICT (user_id, meter, date) DO UPDATE SET quantity = {}",
+                merged("eco_meter_daily", greatest)
+            )
+        };
+        merge_meter_rows(conn, &sql, now, rows).await?;
+    }
     Ok(())
 }
 
@@ -867,7 +878,7 @@ async fn add_meter_reports(
 /// `LATE_WRITE_MARGIN` of `now`): their aggregates, if any, are no longer current.
 async fn mark_late_days(
     conn: &mut Conn,
-    inserted: &[InsertedEvent],
+    inserted: &[&UsageEvent],
     now: OffsetDateTime,
 ) -> diesel::QueryResult<()> {
     let cutoff = late_write_cutoff(now);
@@ -909,7 +920,7 @@ impl UsageRepository for This {
                 check_references(conn, users, keys).await?;
                 // RETURNING names the rows actually inserted: replayed events are neither
                 // stored nor counted again.
-                let inserted = insert_usage_rows(conn, events).await?;
+                let inserted = stored_events(events, &insert_usage_rows(conn, events).await?);
                 mark_late_days(conn, &inserted, now).await?;
                 let count = inserted.len() as u64;
                 add_meter_reports(
@@ -921,9 +932,7 @@ impl UsageRepository for This {
                 )
                 .await?;
                 let deltas = counter_deltas(
-                    inserted
-                        .into_iter()
-                        .map(|e| (UserId::from_stored(e.user_id), e.created_at)),
+                    inserted.iter().map(|e| (e.user_id.clone(), e.created_at)),
                     included,
                 );
                 if !deltas.is_empty() {

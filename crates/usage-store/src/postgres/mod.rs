@@ -164,7 +164,7 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
 }
 
 /// Inserts a batch as one array per column, nine bind parameters whatever its size;
-/// returns who, when and what units of the rows actually inserted. Rows go in event id
+/// returns the ids of the rows actually inserted. Rows go in event id
 /// order: one lock order for every writer, so overlapping retries cannot deadlock.
 async fn insert_usage_rows(
     conn: &mut Conn,
@@ -179,7 +179,7 @@ async fn insert_usage_rows(
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                               $6::int4[], $7::int4[], $8::timestamptz[], $9::text[])
          ON CONFLICT (event_id, created_at) DO NOTHING
-         RETURNING user_id, created_at, units",
+         RETURNING event_id",
     )
     .bind::<Array<EventId>, _>(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(column(|e| e.user_id.to_string()))
@@ -248,6 +248,40 @@ async fn upsert_counters(
         .bind::<Array<Nullable<BigInt>>, _>(deltas.iter().map(|d| d.included).collect::<Vec<_>>())
         .execute(conn)
         .await
+}
+
+/// Runs the statement `sql` makes of a rows source: `d(user_id, meter, <key>, quantity)`
+/// over one array per column ($2 to $5, whatever the number of rows); `$1` is `now`.
+async fn merge_meter_rows<K: crate::common::MeterKey>(
+    conn: &mut Conn,
+    sql: &(dyn Fn(&str) -> String + Sync),
+    now: OffsetDateTime,
+    rows: &crate::common::MeterRows<'_, K>,
+) -> diesel::QueryResult<usize> {
+    use crate::common::MeterKeys;
+    let source = |key_type: &str| {
+        sql(&format!(
+            "unnest($2::text[], $3::text[], $4::{key_type}[], $5::int8[])
+             AS d(user_id, meter, {}, quantity)",
+            K::COLUMN
+        ))
+    };
+    macro_rules! run {
+        ($key_type:literal, $sql_type:ty, $keys:expr) => {
+            diesel::sql_query(source($key_type))
+                .bind::<Stamp, _>(now)
+                .bind::<Array<Text>, _>(&rows.users)
+                .bind::<Array<Text>, _>(&rows.meters)
+                .bind::<Array<$sql_type>, _>($keys)
+                .bind::<Array<BigInt>, _>(&rows.quantities)
+                .execute(conn)
+                .await
+        };
+    }
+    match K::keys(&rows.keys) {
+        MeterKeys::Periods(keys) => run!("timestamptz", Stamp, keys),
+        MeterKeys::Days(keys) => run!("date", SqlDate, keys),
+    }
 }
 
 /// Nothing to do: PostgreSQL's page cache is the server's.

@@ -295,8 +295,8 @@ fn json_rows(param: &str, columns: &[(&str, &str)]) -> String {
 }
 
 /// Inserts a batch in multi-row statements, in the order the calls came (one writer: no
-/// lock order to keep); returns who, when and what units of the rows actually inserted
-/// (diesel's batch insert with RETURNING runs row by row on SQLite).
+/// lock order to keep); returns the ids of the rows actually inserted (diesel's batch
+/// insert with RETURNING runs row by row on SQLite).
 ///
 /// All the statements run in one call on the connection's blocking thread, on the
 /// connection itself: through the async wrapper each statement would be a call of its
@@ -330,7 +330,7 @@ async fn insert_usage_rows(
     .await
 }
 
-/// One multi-row INSERT of `chunk`, returning who and when of each row inserted.
+/// One multi-row INSERT of `chunk`, returning the id of each row inserted.
 fn insert_usage_chunk(
     chunk: &[UsageEvent],
 ) -> diesel::query_builder::BoxedSqlQuery<'_, Sqlite, diesel::query_builder::SqlQuery> {
@@ -352,7 +352,7 @@ fn insert_usage_chunk(
             "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
         });
     }
-    sql.push_str(" RETURNING user_id, created_at, units");
+    sql.push_str(" RETURNING event_id");
     let mut statement = diesel::sql_query(sql).into_boxed::<Sqlite>();
     for e in chunk {
         statement = statement
@@ -412,6 +412,39 @@ async fn upsert_counters(
     query(&upsert_counters_sql(rows))
         .bind::<Stamp, _>(now)
         .bind::<Text, _>(deltas)
+        .execute(conn)
+        .await
+}
+
+/// Runs the statement `sql` makes of a rows source: `d(user_id, meter, <key>, quantity)`
+/// over one JSON array of arrays ($2); `$1` is `now`.
+async fn merge_meter_rows<K: crate::common::MeterKey>(
+    conn: &mut Conn,
+    sql: &(dyn Fn(&str) -> String + Sync),
+    now: OffsetDateTime,
+    rows: &crate::common::MeterRows<'_, K>,
+) -> diesel::QueryResult<usize> {
+    let source = format!(
+        "(SELECT value ->> 0 AS user_id, value ->> 1 AS meter, value ->> 2 AS {},
+                 value ->> 3 AS quantity
+          FROM json_each($2)) AS d",
+        K::COLUMN
+    );
+    let entries: Vec<(&str, &str, String, i64)> = (0..rows.users.len())
+        .map(|i| {
+            (
+                rows.users[i],
+                rows.meters[i],
+                rows.keys[i].text(),
+                rows.quantities[i],
+            )
+        })
+        .collect();
+    let json = serde_json::to_string(&entries)
+        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    query(&sql(&source))
+        .bind::<Stamp, _>(now)
+        .bind::<Text, _>(json)
         .execute(conn)
         .await
 }
