@@ -14,13 +14,14 @@
 #             /api/forward-auth, as a proxy would (X-Forwarded-Uri: /v1/items/42)
 #   forward-alone  (in BENCH_MODES) forward auth, every recorded call dropped
 #   units     (in BENCH_MODES) metered, the handler reporting 1,234 `tokens` with each
-#             response (--bench-report-units; the meter is created first, and every user
-#             given their own blocking tokens limit, far above what the run reaches): the
-#             tokens balance checked and taken at the door, a RateLimit item for it,
-#             the units stored with the call and added to the period's and day's usage.
-#             Run it after `metered` (it changes every user's terms).
+#             response (--bench-report-units; the meter is created first): units checked,
+#             stored with the call, added to the period's and day's meter usage
+#   units-limit  (in BENCH_MODES) the same, every user also given their own blocking
+#             tokens limit, far above what the run reaches: the tokens balance checked
+#             and taken at the door and a RateLimit item for it on every response. Run it
+#             after the other modes (it changes every user's terms).
 # and prints requests/s, p50, p99, the ratios to bare, the server's own CPU per request
-# (µs, from /proc), and the tracker's queue depth at
+# (`srv us`, from /proc) and PostgreSQL's (`db us`), and the tracker's queue depth at
 # half time and at the end. A run whose queue is still growing, or whose requests waited
 # for room in the queue, is marked NOT SUSTAINED: its throughput is not one the database
 # keeps up with.
@@ -153,15 +154,17 @@ for n in $key_counts; do
       durable) USAGE_SPOOL_DIR="$work/spool" start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
       forward) start_server "$work/$mode.log"; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
       forward-alone) start_server "$work/$mode.log" --bench-discard-usage; run_wrk "$port" "$work/$mode.txt" "$work/keys" /api/forward-auth ;;
-      units)
+      units|units-limit)
         printf '[[meters]]\nkey = "tokens"\nname = "Tokens"\nunit = "token"\naggregation = "sum"\n' >"$work/meters.toml"
         "$bin" plans apply "$work/meters.toml" >/dev/null
-        tokens_terms='{"limits": [{"meter": "tokens", "included": 1000000000000, "over_limit": "block"}]}'
-        if [ "$backend" = postgres ]; then
-          "${psql_cmd[@]}" -c "UPDATE eco_users SET overrides = '$tokens_terms'" >/dev/null
-        else
-          python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("UPDATE eco_users SET overrides = ?", (sys.argv[2],)); c.commit()' \
-            "${DATABASE_URL#sqlite://}" "$tokens_terms"
+        if [ "$mode" = units-limit ]; then
+          tokens_terms='{"limits": [{"meter": "tokens", "included": 1000000000000, "over_limit": "block"}]}'
+          if [ "$backend" = postgres ]; then
+            "${psql_cmd[@]}" -c "UPDATE eco_users SET overrides = '$tokens_terms'" >/dev/null
+          else
+            python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("UPDATE eco_users SET overrides = ?", (sys.argv[2],)); c.commit()' \
+              "${DATABASE_URL#sqlite://}" "$tokens_terms"
+          fi
         fi
         start_server "$work/$mode.log" --bench-report-units; run_wrk "$port" "$work/$mode.txt" "$work/keys" ;;
     esac

@@ -56,6 +56,11 @@ impl Units {
         }
     }
 
+    /// Keeps the entries `keep` says to, each quantity as `keep` leaves it.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Arc<str>, &mut u64) -> bool) {
+        self.0.retain_mut(|(meter, quantity)| keep(meter, quantity));
+    }
+
     /// Adds every entry of `other`.
     pub fn extend(&mut self, other: &Units) {
         for (meter, quantity) in other.iter() {
@@ -82,14 +87,16 @@ impl Units {
         if self.0.is_empty() {
             return None;
         }
-        let mut text = String::new();
+        use std::fmt::Write as _;
+        // One allocation: each pair is its key, '=' and at most 20 digits.
+        let length: usize = self.0.iter().map(|(meter, _)| meter.len() + 22).sum();
+        let mut text = String::with_capacity(length);
         for (i, (meter, quantity)) in self.0.iter().enumerate() {
             if i > 0 {
                 text.push(';');
             }
             text.push_str(meter);
-            text.push('=');
-            text.push_str(&quantity.to_string());
+            let _ = write!(text, "={quantity}"); // writing to a String cannot fail
         }
         Some(text)
     }
@@ -166,6 +173,12 @@ mod tests {
         max.add("tokens", u64::MAX);
         max.extend(&units);
         assert_eq!(max.get("tokens"), u64::MAX, "saturates");
+        assert_eq!(max.to_stored().unwrap(), format!("tokens={};credits=10", u64::MAX));
+        max.retain(|meter, quantity| {
+            *quantity = (*quantity).min(7);
+            &**meter != "credits"
+        });
+        assert_eq!(max.to_stored().unwrap(), "tokens=7");
     }
 
     #[test]

@@ -521,11 +521,10 @@ impl Meter {
 }
 
 impl Meter {
-    /// The units a handler reported that its meters can take.
-    fn checked(&self, units: Units) -> Units {
+    /// The units a handler reported that its meters can take (in place: no copy).
+    fn checked(&self, mut units: Units) -> Units {
         let catalog = self.deps.catalog.as_ref().map(|c| c.current());
-        let mut kept = Units::new();
-        for (meter, quantity) in units.iter() {
+        units.retain(|meter, quantity| {
             let takes = match &catalog {
                 // Without the catalog, the store drops units of meters it does not have.
                 None => true,
@@ -535,19 +534,17 @@ impl Meter {
                 }),
             };
             if takes {
-                kept.add(
-                    Arc::clone(meter),
-                    quantity.min(usage_core::meter::MAX_QUANTITY),
-                );
+                *quantity = (*quantity).min(usage_core::meter::MAX_QUANTITY);
             } else {
                 tracing::warn!(
                     meter = %meter,
-                    quantity,
+                    quantity = *quantity,
                     "a handler reported units of a meter that takes none (unknown, api_calls or unique_count): left out"
                 );
             }
-        }
-        kept
+            takes
+        });
+        units
     }
 }
 
