@@ -173,7 +173,10 @@ mod tests {
         max.add("tokens", u64::MAX);
         max.extend(&units);
         assert_eq!(max.get("tokens"), u64::MAX, "saturates");
-        assert_eq!(max.to_stored().unwrap(), format!("tokens={};credits=10", u64::MAX));
+        assert_eq!(
+            max.to_stored().unwrap(),
+            format!("tokens={};credits=10", u64::MAX)
+        );
         max.retain(|meter, quantity| {
             *quantity = (*quantity).min(7);
             &**meter != "credits"
