@@ -505,6 +505,8 @@ async fn meters_and_route_costs_are_managed_through_the_admin_api(backend: Backe
             json!({"key": "t2", "name": "T", "unit": "t", "aggregation": "sum", "x": 1}),
             "x",
         ),
+        // Not read by position from an array.
+        (json!(["t2", "T", "t", "sum"]), "body must be a JSON object"),
     ] {
         let (status, body) = a.send("POST", "/api/admin/meters", Some(bad.clone())).await;
         assert_eq!(status, 400, "{bad}: {body}");

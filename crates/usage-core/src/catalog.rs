@@ -167,7 +167,19 @@ impl PlanMove {
 
 /// Reads `T` (a plan, overrides, a quote's usage) from JSON text: a value that does not
 /// fit is refused naming its path (`limits[0].included`), text that is not JSON as `body`.
+/// The text must be a JSON object: serde would read a struct from an array too, by
+/// position (`[null]` would be a plan of defaults).
 pub fn from_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> Result<T, CatalogError> {
+    if let Some(first) = text.iter().find(|b| !b.is_ascii_whitespace())
+        && *first != b'{'
+    {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(text) {
+                Ok(_) => CatalogError::new("body", "must be a JSON object"),
+                Err(e) => CatalogError::new("body", format!("is not valid JSON: {e}")),
+            },
+        );
+    }
     let mut json = serde_json::Deserializer::from_slice(text);
     serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();
@@ -829,6 +841,24 @@ mod tests {
         let err = from_json::<PlanDefinition>(br#"{"key": "x"}"#).unwrap_err();
         assert_eq!(err.field, "body", "a missing field: {err}");
         assert!(err.message.contains("name"), "{err}");
+        // A struct is not read from an array (by position), nor from any other value.
+        for not_object in [
+            &b"[null]"[..],
+            b" [\"k\", \"n\"]",
+            b"null",
+            b"3",
+            b"\"plan\"",
+        ] {
+            let err = from_json::<PlanDefinition>(not_object).unwrap_err();
+            assert_eq!(
+                (err.field.as_str(), err.message.as_str()),
+                ("body", "must be a JSON object"),
+                "{}",
+                String::from_utf8_lossy(not_object)
+            );
+        }
+        let err = from_json::<PlanDefinition>(b"[1,").unwrap_err();
+        assert!(err.message.starts_with("is not valid JSON"), "{err}");
     }
 
     #[test]
