@@ -353,15 +353,9 @@ async fn every_figure_agrees_to_the_unit(backend: Backend) {
     let current = server.get_json("/api/usage/current", &token(&ada)).await;
     assert_eq!(meter_line(&current, "credits")["used"], credits);
     // The reconciliation and the overview count the same cents.
-    let reconciliation: Value = reqwest::Client::new()
-        .get(server.url("/api/cron/overage-reconciliation"))
-        .bearer_auth(CRON)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reconciliation = server
+        .get_json("/api/cron/overage-reconciliation", CRON)
+        .await;
     assert_eq!(reconciliation["drift"], 0, "{reconciliation}");
     let items = reconciliation["items"].as_array().unwrap();
     let line = items

@@ -229,12 +229,11 @@ pub(crate) fn plan_counts(rows: Vec<(String, i64)>) -> Result<Vec<(Plan, u64)>, 
 }
 
 /// Counters beside the charges of every user, period and meter with overage or charges:
-/// calls from `eco_usage_records`, other meters from `eco_meter_usage`. Plain SQL
-/// understood by both backends (no FILTER, no GREATEST; sums cast back to BIGINT, which
-/// PostgreSQL would otherwise widen to NUMERIC).
+/// calls from `eco_usage_records` (their overage), other meters from `eco_meter_usage`
+/// (their whole quantity). Plain SQL understood by both backends (no FILTER, no GREATEST;
+/// sums cast back to BIGINT, which PostgreSQL would otherwise widen to NUMERIC).
 pub(crate) const LEDGER_SQL: &str = "
-    SELECT r.user_id, r.period_start, 'api_calls' AS meter,
-           r.overage_calls, r.overage_invoiced_calls,
+    SELECT k.user_id, k.period_start, k.meter, k.overage_calls, k.overage_invoiced_calls,
            CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded'
                                   THEN c.calls_to - c.calls_from END), 0) AS BIGINT)
                AS charged_calls,
@@ -242,28 +241,16 @@ pub(crate) const LEDGER_SQL: &str = "
                 AS BIGINT) AS charged_cents,
            COUNT(CASE WHEN c.status = 'pending' THEN 1 END) AS pending_charges,
            COUNT(CASE WHEN c.status = 'failed' THEN 1 END) AS failed_charges
-    FROM eco_usage_records r
+    FROM (SELECT user_id, period_start, 'api_calls' AS meter, overage_calls,
+                 overage_invoiced_calls
+          FROM eco_usage_records
+          UNION ALL
+          SELECT user_id, period_start, meter, quantity, invoiced_quantity
+          FROM eco_meter_usage) k
     LEFT JOIN eco_overage_charges c
-           ON c.user_id = r.user_id AND c.period_start = r.period_start
-          AND c.meter = 'api_calls'
-    GROUP BY r.user_id, r.period_start, r.overage_calls, r.overage_invoiced_calls
-    HAVING r.overage_calls > 0 OR COUNT(c.id) > 0
-    UNION ALL
-    SELECT m.user_id, m.period_start, m.meter,
-           m.quantity AS overage_calls, m.invoiced_quantity AS overage_invoiced_calls,
-           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded'
-                                  THEN c.calls_to - c.calls_from END), 0) AS BIGINT)
-               AS charged_calls,
-           CAST(COALESCE(SUM(CASE WHEN c.status = 'succeeded' THEN c.amount_cents END), 0)
-                AS BIGINT) AS charged_cents,
-           COUNT(CASE WHEN c.status = 'pending' THEN 1 END) AS pending_charges,
-           COUNT(CASE WHEN c.status = 'failed' THEN 1 END) AS failed_charges
-    FROM eco_meter_usage m
-    LEFT JOIN eco_overage_charges c
-           ON c.user_id = m.user_id AND c.period_start = m.period_start
-          AND c.meter = m.meter
-    GROUP BY m.user_id, m.period_start, m.meter, m.quantity, m.invoiced_quantity
-    HAVING m.quantity > m.invoiced_quantity OR COUNT(c.id) > 0
+           ON c.user_id = k.user_id AND c.period_start = k.period_start AND c.meter = k.meter
+    GROUP BY k.user_id, k.period_start, k.meter, k.overage_calls, k.overage_invoiced_calls
+    HAVING k.overage_calls > 0 OR COUNT(c.id) > 0
     ORDER BY 1, 2, 3";
 
 /// The numeric columns of [`LEDGER_SQL`].

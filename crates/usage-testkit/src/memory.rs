@@ -1257,9 +1257,7 @@ impl OverageChargeRepository for MemoryStore {
         let meters = state
             .meter_usage
             .iter()
-            .filter(|(key, quantity)| {
-                **quantity > state.meter_invoiced.get(*key).copied().unwrap_or(0)
-            })
+            .filter(|(_, quantity)| **quantity > 0)
             .map(|(key, _)| key.clone());
         for (user_id, period_start, meter) in calls.chain(meters) {
             let entry = empty(&user_id, period_start, &meter);
